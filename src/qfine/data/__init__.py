@@ -1,0 +1,10 @@
+"""Data: read rows → detect their format → render with a template → tokenize with a loss mask.
+
+``build_dataset(path, tokenizer, cfg)`` is the one entry point the trainer uses.
+"""
+
+from .formats import detect_format, to_messages
+from .pipeline import build_dataset, encode_row
+from .readers import read_rows
+
+__all__ = ["build_dataset", "detect_format", "encode_row", "read_rows", "to_messages"]

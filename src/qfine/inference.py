@@ -1,0 +1,127 @@
+"""Generation and streaming chat on a base model (quantized as trained) with an optional adapter."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterator, TextIO
+
+import torch
+
+from . import config as C
+from .adapters import load_adapter
+from .data.pipeline import ensure_chat_template
+from .errors import QfineError
+from .loading import Loaded, load_model
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A qfine run directory has config.yaml and adapter/adapter_config.json."""
+    p = Path(path)
+    return (p / "config.yaml").is_file() and (p / "adapter" / "adapter_config.json").is_file()
+
+
+def load_for_inference(target: str, model_cfg: C.ModelConfig | None = None) -> Loaded:
+    """Load a run directory (its base, quantized as in training, + its adapter) or a model source.
+
+    ``model_cfg`` overrides how a plain model source is loaded (default: nf4 as in training).
+    """
+    if is_run_dir(target):
+        cfg = C.load_yaml(Path(target) / "config.yaml")
+        loaded = load_model(cfg.model)
+        loaded.model = load_adapter(loaded.model, Path(target) / "adapter")
+    else:
+        if Path(target).is_dir() and (Path(target) / "config.yaml").is_file():
+            raise QfineError(f"{target} looks like a qfine run without a finished adapter (adapter/ missing)")
+        mc = model_cfg or C.ModelConfig()
+        mc.source = target
+        loaded = load_model(mc)
+    loaded.model.eval()
+    loaded.model.config.use_cache = True
+    ensure_chat_template(loaded.tokenizer)
+    return loaded
+
+
+def _context_length(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def encode_prompt(tokenizer, messages: list[dict], model=None, max_new_tokens: int = 0) -> torch.Tensor:
+    """Token ids (1, seq) of ``messages`` rendered with the chat template and the generation prompt."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+    ctx = _context_length(model) if model is not None else None
+    if ctx and ids.shape[1] + max_new_tokens > ctx:
+        raise QfineError(f"prompt is {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} it exceeds the "
+                         f"model's context of {ctx} tokens")
+    return ids
+
+
+def _gen_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p: float) -> dict:
+    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if temperature > 0:
+        kw.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kw
+
+
+@torch.no_grad()
+def generate(loaded: Loaded, prompt: str | list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
+             top_p: float = 1.0) -> str:
+    """The completion only (prompt excluded, special tokens skipped); greedy unless temperature > 0."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    ids = encode_prompt(loaded.tokenizer, messages, loaded.model, max_new_tokens).to(loaded.device)
+    out = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                **_gen_kwargs(loaded.tokenizer, max_new_tokens, temperature, top_p))
+    return loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def stream(loaded: Loaded, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
+           top_p: float = 1.0) -> Iterator[str]:
+    """Yield the reply to ``messages`` piece by piece as it is generated."""
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    ids = encode_prompt(loaded.tokenizer, messages, loaded.model, max_new_tokens).to(loaded.device)
+    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+              **_gen_kwargs(loaded.tokenizer, max_new_tokens, temperature, top_p))
+    thread = Thread(target=torch.no_grad()(loaded.model.generate), kwargs=kw, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+
+
+def chat(loaded: Loaded, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+         stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+    """Interactive chat: one user line per turn, the reply streamed; /reset clears, /exit quits."""
+    history: list[dict] = []
+    stdout.write("qfine chat — /reset clears the history, /exit or Ctrl-D quits\n")
+    while True:
+        stdout.write("> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            stdout.write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": text})
+        reply = []
+        try:
+            for piece in stream(loaded, history, max_new_tokens, temperature, top_p):
+                reply.append(piece)
+                stdout.write(piece)
+                stdout.flush()
+        except QfineError as e:
+            history.pop()
+            stdout.write(f"[{e}]\n")
+            continue
+        stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})

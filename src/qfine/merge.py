@@ -1,0 +1,221 @@
+"""Exact merge of LoRA adapters into a 16-bit (or fp32) model, layer by layer.
+
+For every adapted linear layer::
+
+    W_merged = cast(dequant(W4).float() + scaling · (B.float() @ A.float()))
+
+onto the dequantized 4-bit weights the adapter was trained against (``base="dequantized"``), or
+onto the original 16-bit checkpoint weights (``base="pristine"``, a different model: it adds back
+the quantization error the adapter never saw). Nothing is ever requantized silently.
+
+Tensors are produced one module at a time and written to safetensors shards, so peak memory is
+about the 4-bit model + one layer in fp32 + one output shard.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import QfineError
+from .fsutil import atomic_dir
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def dequantize_weight(linear: torch.nn.Module) -> torch.Tensor:
+    """The weight of a plain, 4-bit or 8-bit bitsandbytes linear as fp32, shape (out_features, in_features)."""
+    import bitsandbytes as bnb
+
+    w = linear.weight
+    if isinstance(linear, bnb.nn.Linear4bit):
+        if getattr(w.quant_state, "packing_format_for_cpu", False):
+            raise QfineError("this 4-bit layer was repacked by bitsandbytes' AVX512-BF16 CPU path; "
+                             "load models with qfine.load_model (it disables the repacking)")
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    if isinstance(linear, bnb.nn.Linear8bitLt):
+        scb = getattr(w, "SCB", None)
+        if scb is None:
+            scb = linear.state.SCB
+        return w.data.float() * (scb.float().unsqueeze(1) / 127.0)
+    return w.detach().float()
+
+
+def _is_quantized_linear(module: torch.nn.Module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def lora_delta(layer, adapter: str) -> torch.Tensor:
+    """``scaling · B @ A`` in fp32 for one peft LoRA linear layer: (out_features, in_features)."""
+    a = layer.lora_A[adapter].weight.float()
+    b = layer.lora_B[adapter].weight.float()
+    delta = b @ a
+    if getattr(layer, "fan_in_fan_out", False):
+        delta = delta.T
+    return layer.scaling[adapter] * delta
+
+
+def _active_adapters(layer) -> list[str]:
+    active = layer.active_adapters
+    return [a for a in ([active] if isinstance(active, str) else active) if a in layer.lora_A]
+
+
+def merged_tensors(model: torch.nn.Module, dtype: torch.dtype,
+                   pristine: Callable[[str], torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(state-dict key, tensor in dtype)`` of the merged model, one module at a time.
+
+    ``model`` is a ``PeftModel`` (its active adapters are merged) or a plain model. ``pristine``
+    maps a weight key to the original checkpoint tensor, replacing the dequantized base weight.
+    Keys are the base model's own (no ``base_model.model.`` or ``.base_layer`` infixes).
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tied = bool(getattr(base.config, "tie_word_embeddings", False))
+    out_emb = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    skip_prefixes: list[str] = []
+    for name, module in base.named_modules():
+        if any(name.startswith(p) for p in skip_prefixes):
+            continue
+        prefix = f"{name}." if name else ""
+        if isinstance(module, ModulesToSaveWrapper):
+            inner = module.modules_to_save[module.active_adapter] if module.active_adapter in module.modules_to_save \
+                else module.original_module
+            for pname, p in inner.state_dict().items():
+                yield prefix + pname, p.detach().to(dtype).contiguous()
+            skip_prefixes.append(prefix)
+            continue
+        if isinstance(module, LoraLayer):
+            lin = module.get_base_layer()
+            w = pristine(prefix + "weight").float() if pristine else dequantize_weight(lin)
+            for adapter in _active_adapters(module):
+                w = w + lora_delta(module, adapter).to(w.device)
+            yield prefix + "weight", w.to(dtype).contiguous()
+            if getattr(lin, "bias", None) is not None:
+                yield prefix + "bias", lin.bias.detach().to(dtype).contiguous()
+            skip_prefixes.append(prefix)
+            continue
+        if tied and module is out_emb and name:
+            skip_prefixes.append(prefix)  # tied to the input embedding: saved once, under its key
+            continue
+        if _is_quantized_linear(module):
+            w = pristine(prefix + "weight").float() if pristine else dequantize_weight(module)
+            yield prefix + "weight", w.to(dtype).contiguous()
+            if module.bias is not None:
+                yield prefix + "bias", module.bias.detach().to(dtype).contiguous()
+            skip_prefixes.append(prefix)
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            yield prefix + pname, p.detach().to(dtype).contiguous()
+        for bname, b in module.named_buffers(recurse=False):
+            if bname not in module._non_persistent_buffers_set:
+                yield prefix + bname, b.detach().contiguous()
+
+
+def pristine_reader(source: str) -> Callable[[str], torch.Tensor]:
+    """Read original weights by key from the safetensors files of a local or cached base folder."""
+    from safetensors import safe_open
+
+    folder = Path(source)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]))
+        except Exception as e:  # noqa: BLE001 - any hub failure means the weights are not here
+            raise QfineError(f"--base pristine needs the original weights of {source} on disk ({e})") from None
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise QfineError(f"--base pristine: no .safetensors weights in {folder}")
+    where = {}
+    for f in files:
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                where[k] = f
+
+    def read(key: str) -> torch.Tensor:
+        if key not in where:
+            raise QfineError(f"--base pristine: weight {key} not found in {folder}")
+        with safe_open(where[key], "pt") as h:
+            return h.get_tensor(key)
+
+    return read
+
+
+def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, max_shard_bytes: int = 2 * 2**30) -> int:
+    """Write ``tensors`` as ``model-0000i-of-0000n.safetensors`` + index; returns total bytes.
+
+    Holds at most one shard in memory.
+    """
+    from safetensors.torch import save_file
+
+    shards: list[tuple[str, list[str]]] = []
+    buf: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush():
+        nonlocal buf, size
+        if buf:
+            name = f"shard-{len(shards) + 1:05d}.safetensors"
+            save_file({k: v.cpu() for k, v in buf.items()}, str(out / name), metadata={"format": "pt"})
+            shards.append((name, list(buf)))
+            buf, size = {}, 0
+
+    for key, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if buf and size + nbytes > max_shard_bytes:
+            flush()
+        buf[key] = t
+        size += nbytes
+        total += nbytes
+    flush()
+    n = len(shards)
+    if n == 1:
+        (out / shards[0][0]).rename(out / "model.safetensors")
+        return total
+    weight_map = {}
+    for i, (name, keys) in enumerate(shards, 1):
+        final = f"model-{i:05d}-of-{n:05d}.safetensors"
+        (out / name).rename(out / final)
+        weight_map.update({k: final for k in keys})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return total
+
+
+def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str = "bf16",
+                base: str = "dequantized", source: str | None = None, max_shard_bytes: int = 2 * 2**30,
+                overwrite: bool = False) -> Path:
+    """Merge ``model``'s active adapters and write a plain transformers folder to ``out`` atomically.
+
+    ``base="pristine"`` reads the original weights of ``source`` instead of dequantizing.
+    """
+    if dtype not in DTYPES:
+        raise QfineError(f"--dtype must be bf16, fp16 or fp32, not {dtype!r}")
+    if base not in ("dequantized", "pristine"):
+        raise QfineError(f"--base must be dequantized or pristine, not {base!r}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise QfineError(f"{out} already exists; pass --overwrite to replace it")
+    reader = pristine_reader(source) if base == "pristine" else None
+    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = copy.deepcopy(base_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
+    config.use_cache = True
+    with atomic_dir(out, replace=overwrite) as tmp:
+        write_sharded(merged_tensors(model, DTYPES[dtype], reader), tmp, max_shard_bytes)
+        config.save_pretrained(tmp)
+        if getattr(base_model, "generation_config", None) is not None:
+            base_model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out

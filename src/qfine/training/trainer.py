@@ -1,0 +1,94 @@
+"""Build TRL's SFTTrainer from a :class:`RunConfig`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from ..errors import QfineError
+from .callbacks import MetricsJsonl
+
+_CUDA_OPTIMIZERS = {"paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_bnb_8bit"}
+_OPTIMIZERS = {"adamw_torch", "adamw_torch_fused", "sgd", "adafactor"} | _CUDA_OPTIMIZERS
+_SCHEDULERS = {"cosine", "linear", "constant", "constant_with_warmup"}
+
+
+def resolve_precision(name: str, device: str) -> str:
+    """``auto`` → bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU."""
+    if name == "auto":
+        if device == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if name not in ("bf16", "fp16", "fp32"):
+        raise QfineError(f"train.precision must be auto, bf16, fp16 or fp32, not {name!r}")
+    if name == "fp16" and device == "cpu":
+        raise QfineError("train.precision fp16 needs a CUDA GPU; use fp32 or bf16 on CPU")
+    return name
+
+
+def check_train_config(cfg: RunConfig, device: str) -> None:
+    """Reject settings that cannot work on ``device`` before any model is loaded."""
+    t = cfg.train
+    if t.optimizer not in _OPTIMIZERS:
+        raise QfineError(f"train.optimizer {t.optimizer!r} is not supported; choose one of {', '.join(sorted(_OPTIMIZERS))}")
+    if t.optimizer in _CUDA_OPTIMIZERS and device != "cuda":
+        raise QfineError(f"train.optimizer {t.optimizer} needs a CUDA GPU (bitsandbytes paged/8-bit optimizers); "
+                         "use adamw_torch on CPU")
+    if t.lr_scheduler not in _SCHEDULERS:
+        raise QfineError(f"train.lr_scheduler must be one of {', '.join(sorted(_SCHEDULERS))}, not {t.lr_scheduler!r}")
+    if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
+        raise QfineError("nothing to train: set train.max_steps > 0 or train.epochs > 0")
+    if not 0 <= t.warmup_ratio < 1:
+        raise QfineError(f"train.warmup_ratio must be in [0, 1), not {t.warmup_ratio}")
+    if t.batch_size < 1 or t.grad_accum < 1:
+        raise QfineError("train.batch_size and train.grad_accum must be at least 1")
+    resolve_precision(t.precision, device)
+
+
+def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: Path, device: str,
+                  callbacks=()):
+    """SFTTrainer over pre-tokenized ``input_ids``/``labels`` datasets, logging into ``run_dir``."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+    from trl import SFTConfig, SFTTrainer
+
+    t = cfg.train
+    precision = resolve_precision(t.precision, device)
+    args = SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device == "cpu",
+        # Checkpointing is switched on by qfine.adapters.add_lora (non-reentrant); the Trainer must not redo it.
+        gradient_checkpointing=False,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="no" if eval_ds is None else "steps",
+        eval_steps=t.save_steps if eval_ds is not None else None,
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        max_length=cfg.data.max_seq_len,
+        dataset_num_proc=None,
+        remove_unused_columns=True,
+        disable_tqdm=False,
+    )
+    tb = TensorBoardCallback(tb_writer=SummaryWriter(str(run_dir / "tensorboard")))
+    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tokenizer,
+                      callbacks=[MetricsJsonl(run_dir / "metrics.jsonl"), tb, *callbacks])

@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny random Llama saved as a Hugging Face folder, and data files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import FACT, write_jsonl
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def bundled_dir() -> Path:
+    """The bundled SmolLM2 converted to a safetensors folder (converted once per cache)."""
+    from qfine.loading import bundled_gguf_path, gguf_to_folder
+
+    return gguf_to_folder(bundled_gguf_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, bundled_dir) -> Path:
+    """A 2-layer Llama, hidden 64, random init (seed 0), with the bundled tokenizer, saved to a folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(bundled_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, initializer_range=0.1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def fact_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "fact.jsonl", [{"messages": FACT}] * 8)

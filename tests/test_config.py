@@ -1,0 +1,55 @@
+"""Config: YAML + flag overrides, docstring help, the example recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qfine import config as C
+from qfine.cli import build_parser
+from qfine.errors import QfineError
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_flags_override_yaml(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("model:\n  source: /m\nlora:\n  r: 4\ntrain:\n  max_steps: 7\n  learning_rate: 0.1\n")
+    ns = build_parser().parse_args(["train", str(y), "--lora-r", "32", "--learning-rate", "3e-4",
+                                    "--lora-target-modules", "q_proj,v_proj", "--no-double-quant"])
+    from qfine.cli import _build_config
+    cfg = _build_config(ns)
+    assert cfg.lora.r == 32 and cfg.train.learning_rate == 3e-4 and cfg.train.max_steps == 7
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.model.double_quant is False
+    assert cfg.model.source == "/m"
+    # config.yaml round trip
+    assert C.from_dict(C.to_dict(cfg)) == cfg
+
+
+def test_help_documents_every_field():
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for flag in C.flags():
+        assert f"--{flag.flag}" in text
+        assert flag.help, f"{flag.section}.{flag.name} has no docstring"
+    assert "Gradient clipping norm" in text
+
+
+def test_bad_type_names_field():
+    with pytest.raises(QfineError, match="train.batch_size"):
+        C.from_dict({"train": {"batch_size": "four"}})
+
+
+def test_examples_parse_to_their_recipes():
+    mistral = C.load_yaml(EXAMPLES / "mistral-7b-qlora.yaml")
+    assert (mistral.model.quantization, mistral.model.double_quant) == ("nf4", True)
+    assert (mistral.lora.r, mistral.lora.alpha, mistral.lora.dropout) == (16, 32, 0.05)
+    assert mistral.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert (mistral.train.epochs, mistral.train.batch_size, mistral.train.grad_accum) == (3, 4, 4)
+    assert (mistral.train.learning_rate, mistral.data.max_seq_len) == (2e-4, 512)
+    big = C.load_yaml(EXAMPLES / "llama-70b-memory.yaml")
+    assert (big.lora.r, big.lora.alpha, big.lora.target_modules) == (64, 128, ["all-linear"])
+    assert (big.train.batch_size, big.train.grad_accum, big.train.gradient_checkpointing) == (1, 16, True)
+    assert (big.train.optimizer, big.train.max_grad_norm, big.train.warmup_ratio) == ("paged_adamw_8bit", 0.3, 0.03)
+    assert big.train.lr_scheduler == "cosine"
+    C.load_yaml(EXAMPLES / "chat-sft-default.yaml")
