@@ -70,3 +70,109 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, adapter_name: 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise QfineError(f"no PEFT adapter in {adapter_dir} (adapter_config.json missing)")
     return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)
+
+
+# --- several adapters on one base -------------------------------------------------------------
+
+def add_adapter(model, name: str, cfg: LoraSettings) -> None:
+    """Add a new, freshly initialised LoRA adapter ``name`` to a ``PeftModel`` (not activated)."""
+    from peft import LoraConfig
+
+    validate_targets(model.get_base_model(), cfg.target_modules)
+    targets = "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
+    model.add_adapter(name, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                       target_modules=targets, bias=cfg.bias, task_type="CAUSAL_LM"))
+
+
+def set_active(model, name: str | list[str]) -> None:
+    """Make ``name`` (or several names, whose updates then add up) the active adapter(s)."""
+    names = [name] if isinstance(name, str) else list(name)
+    missing = [n for n in names if n not in model.peft_config]
+    if missing:
+        raise QfineError(f"no adapter named {', '.join(missing)}; loaded: {', '.join(model.peft_config)}")
+    if len(names) == 1:
+        model.set_adapter(names[0])
+    else:
+        model.base_model.set_adapter(names)
+
+
+def combine_adapters(model, names: list[str], weights: list[float], new_name: str,
+                     combination: str = "cat", svd_rank: int | None = None) -> None:
+    """Add adapter ``new_name`` = weighted combination of ``names`` (peft's add_weighted_adapter).
+
+    ``cat`` concatenates the low-rank factors, so its update is exactly ``sum_i w_i · ΔW_i``;
+    ``linear`` mixes A and B separately (exact only when a single weight is non-zero); ``svd``
+    truncates the exact sum to ``svd_rank``.
+    """
+    if combination not in ("cat", "linear", "svd"):
+        raise QfineError(f"combination must be cat, linear or svd, not {combination!r}")
+    if len(names) != len(weights):
+        raise QfineError("give one weight per adapter")
+    kw = {"svd_rank": svd_rank} if combination == "svd" else {}
+    model.add_weighted_adapter(list(names), list(weights), new_name, combination_type=combination, **kw)
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def merge_adapter(model, dtype: torch.dtype | None = None) -> int:
+    """Merge the active adapter(s) into a 16-bit/fp32 copy of every adapted layer, in place.
+
+    Each peft LoRA layer is swapped (instance-level, in its parent) for a plain ``nn.Linear``
+    holding ``cast(dequant(W).float() + ΔW)``; the LoRA layer is kept aside so that
+    :func:`unmerge_adapter` restores it exactly. A 4-bit base is never requantized.
+    ``dtype`` defaults to each layer's compute dtype. Returns the number of layers merged.
+    """
+    from .merge import _active_adapters, dequantize_weight, lora_delta
+
+    if getattr(model, "_qfine_merged", None):
+        raise QfineError("adapters are already merged; unmerge_adapter first")
+    stash = []
+    for name, layer in list(_lora_layers(model)):
+        base = layer.get_base_layer()
+        w = dequantize_weight(base)
+        for adapter in _active_adapters(layer):
+            w = w + lora_delta(layer, adapter).to(w.device)
+        out_dtype = dtype or getattr(base, "compute_dtype", None) or base.weight.dtype
+        if not out_dtype.is_floating_point:
+            out_dtype = torch.float32
+        merged = torch.nn.Linear(w.shape[1], w.shape[0], bias=base.bias is not None, device=w.device, dtype=out_dtype)
+        with torch.no_grad():
+            merged.weight.copy_(w)
+            if base.bias is not None:
+                merged.bias.copy_(base.bias)
+        merged.requires_grad_(False)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, merged)
+        stash.append((parent, attr, layer))
+    model._qfine_merged = stash
+    return len(stash)
+
+
+def unmerge_adapter(model) -> int:
+    """Undo :func:`merge_adapter`: put the original LoRA layers (and 4-bit weights) back."""
+    stash = getattr(model, "_qfine_merged", None) or []
+    for parent, attr, layer in stash:
+        setattr(parent, attr, layer)
+    model._qfine_merged = None
+    return len(stash)
+
+
+def unload(model):
+    """The base model with every LoRA layer removed (adapters discarded, nothing merged)."""
+    if getattr(model, "_qfine_merged", None):
+        unmerge_adapter(model)
+    return model.unload()
+
+
+def delete_adapter(model, name: str) -> None:
+    """Remove adapter ``name`` and its weights."""
+    if name not in model.peft_config:
+        raise QfineError(f"no adapter named {name}; loaded: {', '.join(model.peft_config)}")
+    model.delete_adapter(name)

@@ -2,6 +2,116 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime
+from pathlib import Path
+
+from .errors import QfineError
+
+
+def cmd_merge(ns) -> None:
+    """Exact merge of a run's adapter into a 16-bit model folder (optionally requantized)."""
+    import shutil
+
+    from .inference import is_run_dir, load_for_inference
+    from .merge import requantize, save_merged
+
+    if not is_run_dir(ns.run_dir):
+        raise QfineError(f"{ns.run_dir} is not a finished qfine run (config.yaml and adapter/ expected)")
+    out = Path(ns.out)
+    if out.exists() and not ns.overwrite:
+        raise QfineError(f"{out} already exists; pass --overwrite to replace it")
+    loaded = load_for_inference(ns.run_dir)
+    if ns.base == "pristine":
+        print("[qfine] merging onto the pristine 16-bit weights: this adds back the quantization error the adapter "
+              "never saw during training, so the result differs from the trained model", flush=True)
+    t0 = time.perf_counter()
+    if ns.requantize:
+        tmp16 = out.with_name(f".{out.name}.merged16")
+        save_merged(loaded.model, loaded.tokenizer, tmp16, ns.dtype, ns.base, loaded.source, overwrite=True)
+        try:
+            requantize(tmp16, out, ns.requantize, overwrite=ns.overwrite)
+        finally:
+            shutil.rmtree(tmp16, ignore_errors=True)
+        _report_requantized(loaded, out)
+    else:
+        save_merged(loaded.model, loaded.tokenizer, out, ns.dtype, ns.base, loaded.source, overwrite=ns.overwrite)
+    print(f"[qfine] merged model written to {out} in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def _report_requantized(loaded, out: Path) -> float:
+    """Print (and return) the logit difference of a requantized merge against the unmerged model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .inference import encode_prompt
+    from .loading import guard_cpu_repack
+    from .merge import relative_difference
+
+    ids = encode_prompt(loaded.tokenizer, [{"role": "user", "content": "Tell me about yourself."}]).to(loaded.device)
+    with torch.no_grad():
+        ref = loaded.model(input_ids=ids).logits.float()
+        q = AutoModelForCausalLM.from_pretrained(out, device_map={"": loaded.device})
+        guard_cpu_repack(q)
+        got = q(input_ids=ids).logits.float()
+    diff = relative_difference(got, ref)
+    print(f"[qfine] requantized merge: logits differ from the unmerged trained model by {diff:.3e} "
+          "(relative L2) — lossy by design", flush=True)
+    return diff
+
+
+def cmd_demo(ns) -> None:
+    """Teach the bundled model one fact; show answers before, after, and after merging."""
+    from .probe import SEED_FACT, fact_config, seed_experiment
+
+    out = Path(ns.output_dir or f"runs/demo-{datetime.now():%Y%m%d-%H%M%S}")
+    if out.exists() and any(out.iterdir()):
+        raise QfineError(f"{out} already exists; choose another --output-dir")
+    t0 = time.perf_counter()
+    cfg = fact_config(ns.model, out / "data.jsonl", out / "run", ns.steps, ns.learning_rate)
+    print("qfine demo — teach one fact with QLoRA, then ask before training, after, and after merging\n")
+    print(f"  fact:     {SEED_FACT.question!r} -> {SEED_FACT.reply!r}")
+    print(f"  model:    {cfg.model.source} in 4-bit {cfg.model.quantization} (double quant {cfg.model.double_quant})")
+    print(f"  LoRA:     r={cfg.lora.r} alpha={cfg.lora.alpha} dropout={cfg.lora.dropout} on "
+          f"{','.join(cfg.lora.target_modules)}")
+    print(f"  training: {cfg.train.max_steps} steps, batch {cfg.train.batch_size}, lr {cfg.train.learning_rate} "
+          f"{cfg.train.lr_scheduler}, optimizer {cfg.train.optimizer}")
+    print(f"  output:   {out}\n", flush=True)
+    r = seed_experiment(SEED_FACT, out, source=ns.model, steps=ns.steps, lr=ns.learning_rate,
+                        log=lambda s: print(f"  {s}", flush=True))
+    knows = r.knows(SEED_FACT)
+    print("\ntraining log (loss by logged step): " + ", ".join(f"{x:.4f}" for x in r.losses))
+    print(f"\n{'stage':<44} knows '{SEED_FACT.marker}'?")
+    rows = [("before training (4-bit base)", "before"), ("after training (4-bit base + adapter)", "after"),
+            ("exact merge, bf16, plain transformers", "merged"), ("peft merge_and_unload (requantized 4-bit)",
+                                                                   "peft_merged")]
+    for label, key in rows:
+        print(f"  {label:<42} {'yes' if knows[key] else 'no':<4} {getattr(r, key)[:70]!r}")
+    print(f"\nlogits vs the trained model: exact merge {r.merged_rel_diff:.2e}, peft requantized "
+          f"{r.peft_rel_diff:.2e} (relative L2)")
+    print(f"training took {r.train_seconds:.0f} s; the whole demo {time.perf_counter() - t0:.0f} s")
+    print(f"try it:  qfine generate {r.run_dir} --prompt \"{SEED_FACT.question}\"")
+
 
 def register(sub) -> None:
     """Add this module's subcommands to the CLI's subparsers."""
+    p = sub.add_parser("merge", help="exact merge of a run's adapter into a 16-bit model",
+                       description="W = cast(dequant(W4).float() + scaling * B @ A) per adapted layer, written as "
+                                   "sharded safetensors that plain transformers loads.")
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--out", required=True, help="output folder (written to a temporary sibling, then renamed)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of the merged weights")
+    p.add_argument("--base", default="dequantized", choices=["dequantized", "pristine"],
+                   help="merge onto the dequantized 4-bit weights the adapter was trained against (default), or "
+                        "onto the original 16-bit weights (adds the quantization error the adapter never saw)")
+    p.add_argument("--requantize", choices=["nf4", "fp4"],
+                   help="write a bitsandbytes 4-bit merged model instead (lossy; the logit difference is printed)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("demo", help="teach the bundled model one fact; compare before/after/merged answers")
+    p.add_argument("--model", default="default", help="model source (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--steps", type=int, default=30, help="training steps")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--output-dir", help="where the run goes (default: runs/demo-<timestamp>)")
+    p.set_defaults(func=cmd_demo)

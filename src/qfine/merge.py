@@ -219,3 +219,33 @@ def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str =
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return out
+
+
+def requantize(merged_dir: str | Path, out: str | Path, quant: str = "nf4", double_quant: bool = True,
+               overwrite: bool = False) -> Path:
+    """Write a bitsandbytes 4-bit copy of a merged 16-bit folder — the lossy deployment path.
+
+    The merged weights are quantized afresh, so the result differs from the trained model by the
+    new quantization error; callers report the measured logit difference.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    if quant not in ("nf4", "fp4"):
+        raise QfineError(f"--requantize must be nf4 or fp4, not {quant!r}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise QfineError(f"{out} already exists; pass --overwrite to replace it")
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=double_quant,
+                             bnb_4bit_compute_dtype=torch.float32 if not torch.cuda.is_available() else torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=cfg, device_map={"": device})
+    with atomic_dir(out, replace=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(merged_dir).save_pretrained(tmp)
+    return out
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ over all elements, in fp64."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())

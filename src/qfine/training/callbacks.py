@@ -39,3 +39,9 @@ class MetricsJsonl(TrainerCallback):
             self._last = (now, tokens)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def read_losses(path: str | Path) -> list[float]:
+    """The training losses logged in a metrics.jsonl, in step order."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))]
