@@ -1,0 +1,158 @@
+"""Exact merge on a tiny random Llama: fidelity, sharding, pristine base, requantize, the CPU trap."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from qfine import LoraSettings, add_lora, load_model
+from qfine.errors import QfineError
+from qfine.loading import guard_cpu_repack
+from qfine.merge import dequantize_weight, merged_tensors, relative_difference, requantize, save_merged
+
+IDS = torch.tensor([[1, 17, 42, 99, 1234, 5, 77, 300]])
+
+
+def _trained_like(tiny_dir, seed=1, **lora):
+    """A 4-bit tiny model with LoRA whose B matrices are random (as if trained)."""
+    loaded = load_model(str(tiny_dir))
+    model = add_lora(loaded.model, LoraSettings(r=4, alpha=8, dropout=0.0, **lora))
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return loaded, model.eval()
+
+
+def test_fp32_merge_matches_unmerged_logits(tiny_dir, tmp_path):
+    loaded, model = _trained_like(tiny_dir)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    out = save_merged(model, loaded.tokenizer, tmp_path / "merged", dtype="fp32")
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = plain(IDS).logits
+    assert relative_difference(got, ref) <= 1e-5
+    with torch.no_grad(), model.disable_adapter():
+        base = model(IDS).logits
+    assert relative_difference(base, ref) > 1e-3  # the adapter mattered, so the check above means something
+    # plain transformers folder: config without quantization, tokenizer, generation config
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
+    assert (out / "tokenizer_config.json").is_file() and (out / "generation_config.json").is_file()
+    assert not list(tmp_path.glob(".merged.tmp-*"))
+
+
+def test_bf16_merge_close_and_sharded(tiny_dir, tmp_path):
+    loaded, model = _trained_like(tiny_dir)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    out = save_merged(model, loaded.tokenizer, tmp_path / "m", dtype="bf16", max_shard_bytes=2_000_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) >= 3 and all((out / s).is_file() for s in shards)
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert plain.dtype == torch.bfloat16
+    with torch.no_grad():
+        got = plain(IDS).logits.float()
+    assert relative_difference(got, ref) < 2e-2
+
+
+def test_merge_formula_per_layer(tiny_dir):
+    """W = dequant(W4) + scaling * B @ A for an adapted layer; untouched layers are the dequantized weight."""
+    _, model = _trained_like(tiny_dir, target_modules=["q_proj"])
+    tensors = dict(merged_tensors(model, torch.float32))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    expected = dequantize_weight(layer.base_layer) + layer.scaling["default"] * (
+        layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float())
+    assert torch.equal(tensors["model.layers.0.self_attn.q_proj.weight"], expected)
+    k = model.base_model.model.model.layers[0].self_attn.k_proj
+    assert torch.equal(tensors["model.layers.0.self_attn.k_proj.weight"], dequantize_weight(k))
+    assert not any("lora" in key or "base_layer" in key for key in tensors)
+
+
+def test_pristine_base_uses_original_weights(tiny_dir, tmp_path):
+    from safetensors import safe_open
+
+    loaded, model = _trained_like(tiny_dir, target_modules=["q_proj"])
+    out = save_merged(model, loaded.tokenizer, tmp_path / "p", dtype="fp32", base="pristine", source=str(tiny_dir))
+    layer = model.base_model.model.model.layers[1].self_attn.q_proj
+    with safe_open(tiny_dir / "model.safetensors", "pt") as f:
+        original = f.get_tensor("model.layers.1.self_attn.q_proj.weight").float()
+    with safe_open(out / "model.safetensors", "pt") as f:
+        merged = f.get_tensor("model.layers.1.self_attn.q_proj.weight")
+    delta = layer.scaling["default"] * (layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float())
+    assert torch.allclose(merged, original + delta, atol=1e-6)
+    # and it differs from the dequantized-base merge by the quantization error
+    assert (merged - (dequantize_weight(layer.base_layer) + delta)).abs().max() > 1e-3
+
+
+def test_existing_output_is_not_overwritten(tiny_dir, tmp_path):
+    loaded, model = _trained_like(tiny_dir)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "keep").write_text("x")
+    with pytest.raises(QfineError, match="already exists"):
+        save_merged(model, loaded.tokenizer, tmp_path / "m")
+    assert (tmp_path / "m" / "keep").read_text() == "x"
+
+
+def test_interrupted_merge_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
+    import qfine.merge as M
+
+    loaded, model = _trained_like(tiny_dir)
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(M, "write_sharded", boom)
+    with pytest.raises(RuntimeError):
+        M.save_merged(model, loaded.tokenizer, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_requantize_is_lossy_and_measured(tiny_dir, tmp_path):
+    loaded, model = _trained_like(tiny_dir)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    merged = save_merged(model, loaded.tokenizer, tmp_path / "m16", dtype="fp32")
+    q = requantize(merged, tmp_path / "m4", "nf4")
+    cfg = json.loads((q / "config.json").read_text())
+    assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    model4 = AutoModelForCausalLM.from_pretrained(q)
+    guard_cpu_repack(model4)
+    with torch.no_grad():
+        got = model4(IDS).logits
+    diff = relative_difference(got, ref)
+    assert 1e-4 < diff < 1.0  # requantizing the merged weights is not exact, but the model survives
+
+
+def test_eval_then_train_then_merge_equals_train_then_merge(tiny_dir):
+    """The bitsandbytes AVX512-BF16 trap: a no-grad eval forward must not change what training and merging see."""
+
+    def run(eval_first: bool):
+        loaded = load_model(str(tiny_dir))
+        assert guard_cpu_repack(loaded.model) == 14  # every Linear4bit (7 per layer x 2 layers) is guarded
+        torch.manual_seed(0)
+        model = add_lora(loaded.model, LoraSettings(r=4, alpha=8, dropout=0.0))
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(IDS)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(3):
+            loss = model(input_ids=IDS, labels=IDS).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return dict(merged_tensors(model, torch.float32)), loss.item()
+
+    a, loss_a = run(eval_first=True)
+    b, loss_b = run(eval_first=False)
+    assert loss_a == loss_b
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
