@@ -156,3 +156,22 @@ def test_eval_then_train_then_merge_equals_train_then_merge(tiny_dir):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_modules_to_save_are_merged_from_the_trained_copy(tiny_dir, tmp_path):
+    loaded = load_model(str(tiny_dir))
+    model = add_lora(loaded.model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj"],
+                                                modules_to_save=["lm_head"]))
+    head = model.base_model.model.lm_head
+    with torch.no_grad():
+        head.modules_to_save["default"].weight.add_(0.01)
+    model.eval()
+    with torch.no_grad():
+        ref = model(IDS).logits
+    tensors = dict(merged_tensors(model, torch.float32))
+    assert torch.equal(tensors["lm_head.weight"], head.modules_to_save["default"].weight.float())
+    assert not any("modules_to_save" in k or "original_module" in k for k in tensors)
+    out = save_merged(model, loaded.tokenizer, tmp_path / "m", dtype="fp32")
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(IDS).logits
+    assert relative_difference(got, ref) <= 1e-5

@@ -231,6 +231,7 @@ def load_model(cfg: ModelConfig | str = "default", **overrides) -> Loaded:
             raise QfineError(f"cannot load model from {source}: {e}") from None
         raise _hub_error(cfg.source, e) from None
     guard_cpu_repack(model)
+    model.requires_grad_(False)  # the base is frozen; LoRA adds what trains
     model.config.use_cache = False  # re-enabled for generation
     return Loaded(model, tokenizer, source, device, compute_dtype)
 
