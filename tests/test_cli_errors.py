@@ -48,9 +48,10 @@ def test_malformed_json_line_names_file_and_line(capsys, tmp_path, tiny_dir):
 
 
 def test_rows_without_supported_fields(capsys, tmp_path, tiny_dir):
-    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
+    data = write_jsonl(tmp_path / "d.jsonl", [{"query": "q", "reply": "a"}])
     code, err = run(capsys, *_train(tiny_dir, data, tmp_path / "run"))
-    _assert_error(code, err, f"{data}:1", "Found: answer, question", "messages", "prompt + completion", "text")
+    _assert_error(code, err, f"{data}:1", "Found: query, reply", "messages", "conversations", "instruction + output",
+                  "prompt + completion", "text", "data.columns")
 
 
 def test_empty_dataset(capsys, tmp_path, tiny_dir):

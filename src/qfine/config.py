@@ -56,15 +56,35 @@ class LoraSettings:
 @dataclass
 class DataConfig:
     path: str | None = None
-    """Training data: a .jsonl or .json file of rows with messages, prompt/completion, or text."""
+    """Training data: .jsonl, .json, .csv, .parquet, a glob of them, a save_to_disk folder, or a hub dataset id."""
     eval_path: str | None = None
-    """Optional evaluation data in the same formats."""
-    max_seq_len: int = 512
-    """Sequences are truncated to this many tokens."""
-    loss_on: str = "completion"
-    """completion (assistant/completion tokens only) or all (every token)."""
+    """Separate evaluation data (same kinds as path)."""
+    eval_ratio: float = 0.0
+    """Fraction of the training rows held out for evaluation when no eval_path is given."""
+    split: str = "train"
+    """Split to read from JSON {split: rows} files, DatasetDict folders and hub datasets."""
+    format: str = "auto"
+    """Row format: auto (detected per row), messages, sharegpt, alpaca, dolly, qa, prompt_completion or text."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column mapping {format field: your column}, e.g. {prompt: question, completion: answer}; flag form prompt=question,completion=answer."""
+    template: str = "auto"
+    """Chat template: auto (the tokenizer's, ChatML if it has none), tokenizer, chatml, llama2, alpaca or qa."""
     system_prompt: str | None = None
     """System message prepended to chat rows that have none."""
+    max_seq_len: int = 512
+    """Sequences longer than this many tokens are truncated (or dropped, see too_long)."""
+    too_long: str = "truncate"
+    """What to do with examples over max_seq_len: truncate (keep the start) or drop."""
+    loss_on: str = "completion"
+    """Tokens that carry the loss: completion (every assistant turn + EOS), last_turn (the final assistant turn), or all."""
+    on_bad_rows: str = "error"
+    """Unreadable or invalid rows: error (stop, naming file:line) or skip (count them and go on)."""
+    packing: bool = False
+    """Pack several examples per sequence (padding-free; attention never crosses examples)."""
+    group_by_length: bool = False
+    """Batch examples of similar length together to waste less padding."""
+    streaming: bool = False
+    """Read and tokenize rows lazily while training (bounded memory for huge files; needs max_steps)."""
 
 
 @dataclass
@@ -99,6 +119,8 @@ class TrainConfig:
     """Log loss, lr, grad norm and tokens/s every N steps."""
     save_steps: int = 100
     """Write a checkpoint every N steps."""
+    eval_steps: int = 0
+    """Evaluate on the eval data every N steps (0: at every checkpoint); also once before training."""
     save_total_limit: int = 2
     """Checkpoints kept on disk."""
 
@@ -166,6 +188,15 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         typ = next(a for a in args if a is not type(None))
         origin, args = getattr(typ, "__origin__", None), getattr(typ, "__args__", ())
     try:
+        if origin is dict:
+            if isinstance(value, str):
+                pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+                if any(len(p) != 2 for p in pairs):
+                    raise ValueError
+                value = {k.strip(): v.strip() for k, v in pairs}
+            if not isinstance(value, dict):
+                raise TypeError
+            return {str(k): str(v) for k, v in value.items()}
         if origin is list:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]

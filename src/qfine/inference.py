@@ -30,15 +30,17 @@ def load_for_inference(target: str, model_cfg: C.ModelConfig | None = None) -> L
         cfg = C.load_yaml(Path(target) / "config.yaml")
         loaded = load_model(cfg.model)
         loaded.model = load_adapter(loaded.model, Path(target) / "adapter")
+        template = cfg.data.template
     else:
         if Path(target).is_dir() and (Path(target) / "config.yaml").is_file():
             raise QfineError(f"{target} looks like a qfine run without a finished adapter (adapter/ missing)")
         mc = model_cfg or C.ModelConfig()
         mc.source = target
         loaded = load_model(mc)
+        template = "auto"
     loaded.model.eval()
     loaded.model.config.use_cache = True
-    ensure_chat_template(loaded.tokenizer)
+    ensure_chat_template(loaded.tokenizer, template)
     return loaded
 
 

@@ -4,7 +4,7 @@
 """
 
 from .formats import detect_format, to_messages
-from .pipeline import build_dataset, encode_row
+from .pipeline import build_dataset, build_datasets, encode_row
 from .readers import read_rows
 
-__all__ = ["build_dataset", "detect_format", "encode_row", "read_rows", "to_messages"]
+__all__ = ["build_dataset", "build_datasets", "detect_format", "encode_row", "read_rows", "to_messages"]

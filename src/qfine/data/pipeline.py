@@ -1,35 +1,30 @@
-"""Templating, tokenization and the loss mask.
+"""Templating, tokenization, the loss mask, and dataset assembly.
 
-A conversation is rendered with the tokenizer's chat template and cut into segments: the text the
-template puts around turns (never trained) and each assistant reply followed by EOS (trained by
-default). Each segment is tokenized on its own, so the prompt tokens are exactly what
+A conversation is rendered with the chat template and cut into segments: the text the template
+puts around turns (never trained) and each assistant reply followed by EOS (trained by default).
+Each segment is tokenized on its own, so the prompt tokens are exactly what
 ``apply_chat_template(..., add_generation_prompt=True)`` gives at inference time, and the labels
 decode to exactly the assistant texts plus EOS.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Iterator
 
 from ..config import DataConfig
 from ..errors import QfineError
 from .formats import Messages, to_messages
-from .readers import read_rows
+from .readers import BadRow, read_rows
+from .templates import set_template
 
 IGNORE = -100
-
-# Used when a tokenizer has no chat template of its own.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+LOSS_ON = ("completion", "last_turn", "all")
 
 
-def ensure_chat_template(tokenizer) -> None:
-    """Give ``tokenizer`` the ChatML template when it has none."""
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = CHATML_TEMPLATE
+def ensure_chat_template(tokenizer, name: str = "auto") -> str:
+    """Install the configured template (ChatML when the tokenizer has none); returns its name."""
+    return set_template(tokenizer, name)
 
 
 def render(tokenizer, messages: Messages, add_generation_prompt: bool = False) -> str:
@@ -37,11 +32,11 @@ def render(tokenizer, messages: Messages, add_generation_prompt: bool = False) -
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _segments(tokenizer, messages: Messages, where: str) -> list[tuple[str, bool]]:
+def segments(tokenizer, messages: Messages, where: str = "row") -> list[tuple[str, bool]]:
     """Split the rendered conversation into ``(text, is_assistant_reply)`` pieces.
 
     Assistant pieces hold the reply text alone; the EOS the template writes right after it (if
-    any) is dropped from the following piece because the caller appends EOS as a token.
+    any) is left out of the following piece because the caller appends EOS as a token.
     """
     full = render(tokenizer, messages)
     eos = tokenizer.eos_token or ""
@@ -53,7 +48,7 @@ def _segments(tokenizer, messages: Messages, where: str) -> list[tuple[str, bool
         prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
         if not full.startswith(prefix) or len(prefix) < pos:
             raise QfineError(f"{where}: the chat template does not render turn {i} as a prefix of the conversation; "
-                             "cannot locate the assistant reply for the loss mask")
+                             "cannot locate the assistant reply for the loss mask (try data.template: chatml)")
         content = m["content"]
         start = len(prefix)
         if not full.startswith(content, start):
@@ -79,63 +74,132 @@ class Encoded:
 
 
 def encode_messages(tokenizer, messages: Messages, loss_on: str = "completion", where: str = "row") -> Encoded:
-    """Tokenize one conversation; the loss covers assistant replies + EOS (``completion``) or all tokens."""
-    if loss_on not in ("completion", "all"):
-        raise QfineError(f"data.loss_on must be completion or all, not {loss_on!r}")
+    """Tokenize one conversation with its loss mask (see ``DataConfig.loss_on``)."""
+    if loss_on not in LOSS_ON:
+        raise QfineError(f"data.loss_on must be one of {', '.join(LOSS_ON)}, not {loss_on!r}")
     eos_id = tokenizer.eos_token_id
     if messages[0]["role"] == "text":
         ids = tokenizer.encode(messages[0]["content"], add_special_tokens=False) + [eos_id]
         return Encoded(ids, list(ids))
+    pieces = segments(tokenizer, messages, where)
+    last = max(i for i, (_, trained) in enumerate(pieces) if trained)
     ids: list[int] = []
     labels: list[int] = []
-    for text, trained in _segments(tokenizer, messages, where):
+    for i, (text, trained) in enumerate(pieces):
         piece = tokenizer.encode(text, add_special_tokens=False)
         if trained:
             piece = piece + [eos_id]
+        keep = loss_on == "all" or (trained and (loss_on == "completion" or i == last))
         ids += piece
-        labels += piece if (trained or loss_on == "all") else [IGNORE] * len(piece)
+        labels += piece if keep else [IGNORE] * len(piece)
     return Encoded(ids, labels)
 
 
-def encode_row(row, tokenizer, cfg: DataConfig, where: str = "row") -> Encoded:
-    """Convert, template and tokenize one raw row, adding ``cfg.system_prompt`` where none is given."""
-    messages = to_messages(row, where)
+def row_messages(row, cfg: DataConfig, where: str = "row") -> Messages:
+    """Convert one raw row to messages, adding ``cfg.system_prompt`` where none is given."""
+    messages = to_messages(row, where, cfg.format, cfg.columns)
     if cfg.system_prompt and messages[0]["role"] not in ("system", "text"):
         messages = [{"role": "system", "content": cfg.system_prompt}] + messages
-    return encode_messages(tokenizer, messages, cfg.loss_on, where)
+    return messages
+
+
+def encode_row(row, tokenizer, cfg: DataConfig, where: str = "row") -> Encoded:
+    """Convert, template and tokenize one raw row."""
+    return encode_messages(tokenizer, row_messages(row, cfg, where), cfg.loss_on, where)
 
 
 @dataclass
 class DatasetStats:
+    """What reading a data source found. ``lengths`` are token counts before truncation."""
+
     rows: int = 0
+    skipped: int = 0  # bad rows skipped (on_bad_rows: skip)
     truncated: int = 0
-    dropped: int = 0  # truncation left no loss-bearing token
+    dropped: int = 0  # over max_seq_len with too_long: drop, or left without loss-bearing tokens
     tokens: int = 0
+    lengths: list[int] = field(default_factory=list)
+    first_skip: str = ""
 
 
-def build_dataset(path: str | Path, tokenizer, cfg: DataConfig):
-    """Read ``path`` and return ``(datasets.Dataset with input_ids/labels, DatasetStats)``.
-
-    Sequences longer than ``cfg.max_seq_len`` are truncated at the end; examples left without any
-    loss-bearing token are dropped and counted.
-    """
-    from datasets import Dataset
-
-    ensure_chat_template(tokenizer)
-    stats = DatasetStats()
-    rows = []
-    for where, row in read_rows(path):
-        enc = encode_row(row, tokenizer, cfg, where)
+def encoded_rows(spec, tokenizer, cfg: DataConfig, stats: DatasetStats) -> Iterator[dict]:
+    """Yield ``{"input_ids", "labels"}`` for every usable row of ``spec``, updating ``stats``."""
+    if cfg.on_bad_rows not in ("error", "skip"):
+        raise QfineError(f"data.on_bad_rows must be error or skip, not {cfg.on_bad_rows!r}")
+    if cfg.too_long not in ("truncate", "drop"):
+        raise QfineError(f"data.too_long must be truncate or drop, not {cfg.too_long!r}")
+    for where, row in read_rows(spec, cfg.split):
+        try:
+            if isinstance(row, BadRow):
+                raise QfineError(f"{where}: {row.message}")
+            enc = encode_row(row, tokenizer, cfg, where)
+        except QfineError as e:
+            if cfg.on_bad_rows == "error":
+                raise
+            stats.skipped += 1
+            stats.first_skip = stats.first_skip or str(e)
+            continue
         stats.rows += 1
+        stats.lengths.append(len(enc.input_ids))
         if len(enc.input_ids) > cfg.max_seq_len:
+            if cfg.too_long == "drop":
+                stats.dropped += 1
+                continue
             stats.truncated += 1
             enc = Encoded(enc.input_ids[: cfg.max_seq_len], enc.labels[: cfg.max_seq_len])
             if all(label == IGNORE for label in enc.labels):
                 stats.dropped += 1
                 continue
         stats.tokens += len(enc.input_ids)
-        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+        yield {"input_ids": enc.input_ids, "labels": enc.labels}
+
+
+def _no_rows(spec, stats: DatasetStats, cfg: DataConfig) -> QfineError:
+    why = []
+    if stats.skipped:
+        why.append(f"{stats.skipped} bad rows skipped, first: {stats.first_skip}")
+    if stats.dropped:
+        why.append(f"{stats.dropped} dropped for exceeding max_seq_len={cfg.max_seq_len}")
+    return QfineError(f"{spec}: no usable rows" + (f" ({'; '.join(why)})" if why else ""))
+
+
+def build_dataset(spec, tokenizer, cfg: DataConfig):
+    """Read ``spec`` and return ``(dataset with input_ids/labels, DatasetStats)``.
+
+    With ``cfg.streaming`` the dataset is an ``IterableDataset`` read and tokenized lazily (stats
+    then fill in as training reads it); otherwise an in-memory ``Dataset``.
+    """
+    from datasets import Dataset, IterableDataset
+
+    set_template(tokenizer, cfg.template)
+    stats = DatasetStats()
+    if cfg.streaming:
+        first = next(encoded_rows(spec, tokenizer, cfg, DatasetStats()), None)  # fail fast on bad input
+        if first is None:
+            raise _no_rows(spec, stats, cfg)
+
+        def gen():
+            yield from encoded_rows(spec, tokenizer, cfg, stats)
+
+        return IterableDataset.from_generator(gen), stats
+    rows = list(encoded_rows(spec, tokenizer, cfg, stats))
     if not rows:
-        why = f" ({stats.dropped} dropped: nothing to train on within max_seq_len={cfg.max_seq_len})" if stats.dropped else ""
-        raise QfineError(f"{path}: no usable rows{why}")
+        raise _no_rows(spec, stats, cfg)
     return Dataset.from_list(rows), stats
+
+
+def build_datasets(tokenizer, cfg: DataConfig, seed: int = 42):
+    """Train and eval datasets per ``cfg`` (eval from eval_path, or eval_ratio of the training rows)."""
+    train_ds, stats = build_dataset(cfg.path, tokenizer, cfg)
+    eval_ds = None
+    if cfg.eval_path:
+        eval_ds = build_dataset(cfg.eval_path, tokenizer, cfg)[0]
+    elif cfg.eval_ratio:
+        if not 0 < cfg.eval_ratio < 1:
+            raise QfineError(f"data.eval_ratio must be in (0, 1), not {cfg.eval_ratio}")
+        if cfg.streaming:
+            raise QfineError("data.eval_ratio needs an in-memory dataset; with streaming give data.eval_path")
+        if len(train_ds) < 2:
+            raise QfineError(f"{cfg.path}: too few rows ({len(train_ds)}) to hold out an eval split")
+        parts = train_ds.train_test_split(test_size=cfg.eval_ratio, seed=seed)
+        train_ds, eval_ds = parts["train"], parts["test"]
+    return train_ds, eval_ds, stats

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .. import config as C
 from ..adapters import add_lora
-from ..data import build_dataset
+from ..data import build_datasets
+from ..data.readers import expand
 from ..errors import QfineError
 from ..fsutil import atomic_dir, atomic_write_text
 from ..loading import describe, load_model, resolve_device
@@ -77,17 +78,21 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         raise QfineError("no training data: pass --data FILE or set data.path in the config")
     device = resolve_device(cfg.model.device)
     check_train_config(cfg, device)
-    if not Path(cfg.data.path).is_file():
-        raise QfineError(f"data file not found: {cfg.data.path}")
+    if cfg.data.streaming and cfg.train.max_steps <= 0:
+        raise QfineError("data.streaming needs train.max_steps (a stream has no known length for epochs)")
+    expand(cfg.data.path)  # a missing file or empty glob fails before anything is loaded
     run_dir, ckpt = check_run_dir(cfg, overwrite, resume)
 
     # Everything that can fail on user input (model, data, targets) runs before the run dir is touched.
     loaded = load_model(cfg.model)
     tokenizer = loaded.tokenizer
-    train_ds, stats = build_dataset(cfg.data.path, tokenizer, cfg.data)
-    eval_ds = build_dataset(cfg.data.eval_path, tokenizer, cfg.data)[0] if cfg.data.eval_path else None
-    print(f"[qfine] data: {stats.rows} rows, {stats.tokens} tokens, {stats.truncated} truncated to "
-          f"{cfg.data.max_seq_len}, {stats.dropped} dropped", flush=True)
+    train_ds, eval_ds, stats = build_datasets(tokenizer, cfg.data, cfg.train.seed)
+    if cfg.data.streaming:
+        print(f"[qfine] data: streaming {cfg.data.path}", flush=True)
+    else:
+        held = f", {len(eval_ds)} held out for eval" if eval_ds is not None and not cfg.data.eval_path else ""
+        print(f"[qfine] data: {stats.rows} rows ({stats.tokens} tokens){held}; {stats.truncated} truncated to "
+              f"{cfg.data.max_seq_len}, {stats.dropped} dropped, {stats.skipped} bad rows skipped", flush=True)
 
     model = add_lora(loaded.model, cfg.lora, cfg.train.gradient_checkpointing)
     print(f"[qfine] {cfg.model.source} ({cfg.model.quantization}) on {device}: {describe(model)}", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -47,6 +48,22 @@ def check_train_config(cfg: RunConfig, device: str) -> None:
     resolve_precision(t.precision, device)
 
 
+def _version_compat(config_cls, cfg: RunConfig) -> dict:
+    """Arguments whose names changed across transformers 5.x (warmup ratio, length grouping)."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    kw: dict = {}
+    if "warmup_ratio" in names:
+        kw["warmup_ratio"] = cfg.train.warmup_ratio
+    else:  # newer releases take a float in [0, 1) in warmup_steps as a ratio of the total steps
+        kw["warmup_steps"] = cfg.train.warmup_ratio
+    if cfg.data.group_by_length:
+        if "train_sampling_strategy" in names:
+            kw["train_sampling_strategy"] = "group_by_length"
+        else:
+            kw["group_by_length"] = True
+    return kw
+
+
 def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: Path, device: str,
                   callbacks=()):
     """SFTTrainer over pre-tokenized ``input_ids``/``labels`` datasets, logging into ``run_dir``."""
@@ -56,7 +73,7 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
 
     t = cfg.train
     precision = resolve_precision(t.precision, device)
-    args = SFTConfig(
+    args = SFTConfig(**_version_compat(SFTConfig, cfg), **dict(
         output_dir=str(run_dir / "checkpoints"),
         max_steps=t.max_steps,
         num_train_epochs=t.epochs,
@@ -65,7 +82,6 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
@@ -80,14 +96,20 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         eval_strategy="no" if eval_ds is None else "steps",
-        eval_steps=t.save_steps if eval_ds is not None else None,
+        eval_steps=(t.eval_steps or t.save_steps) if eval_ds is not None else None,
+        eval_on_start=eval_ds is not None,
         report_to="none",
         include_num_input_tokens_seen="non_padding",
         max_length=cfg.data.max_seq_len,
+        # Packing puts several examples in one row with restarting position_ids (TRL's best-fit
+        # decreasing); attention is then confined to each example (padding-free batches).
+        packing=cfg.data.packing,
+        packing_strategy="bfd",
+        shuffle_dataset=not cfg.data.streaming,
         dataset_num_proc=None,
         remove_unused_columns=True,
         disable_tqdm=False,
-    )
+    ))
     tb = TensorBoardCallback(tb_writer=SummaryWriter(str(run_dir / "tensorboard")))
     return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer,
