@@ -32,13 +32,13 @@ def two(tiny_dir):
     _randomize(model, "two", 2)
     model.eval()
     with torch.no_grad(), model.disable_adapter():
-        base = model(IDS).logits
+        base = model(IDS.to(model.device)).logits
     return model, base
 
 
 def _logits(model):
     with torch.no_grad():
-        return model(IDS).logits
+        return model(IDS.to(model.device)).logits
 
 
 def test_switching_adapters(two):
@@ -110,4 +110,4 @@ def test_unload_and_delete(two):
     plain = unload(model)
     assert not any("lora" in n for n, _ in plain.named_modules())
     with torch.no_grad():
-        assert torch.equal(plain(IDS).logits, base)
+        assert torch.equal(plain(IDS.to(plain.device)).logits, base)

@@ -84,7 +84,8 @@ def test_hub_id_while_offline(capsys, tmp_path, fact_file, monkeypatch):
 
 
 def test_paged_optimizer_on_cpu(capsys, tmp_path, tiny_dir, fact_file):
-    code, err = run(capsys, *_train(tiny_dir, fact_file, tmp_path / "run", "--optimizer", "paged_adamw_8bit"))
+    code, err = run(capsys, *_train(tiny_dir, fact_file, tmp_path / "run", "--optimizer", "paged_adamw_8bit",
+                                       "--device", "cpu"))
     _assert_error(code, err, "paged_adamw_8bit needs a CUDA GPU")
 
 

@@ -73,20 +73,21 @@ def test_plain_peft_loads_saved_adapter(tiny_run, tiny_dir):
     assert cfg["base_model_name_or_path"] == str(tiny_dir)
     ids = torch.tensor([[1, 200, 300, 400, 500, 600]])
 
-    ours = load_adapter(load_model(str(tiny_dir)).model, tiny_run / "adapter").eval()
+    loaded = load_model(str(tiny_dir))
+    ours = load_adapter(loaded.model, tiny_run / "adapter").eval()
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
+                             bnb_4bit_compute_dtype=loaded.compute_dtype)
     base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"], quantization_config=bnb,
-                                                dtype=torch.float32, device_map={"": "cpu"})
+                                                dtype=loaded.compute_dtype, device_map={"": loaded.device})
     for m in base.modules():  # the bitsandbytes CPU trap applies to plain peft users too
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
     plain = PeftModel.from_pretrained(base, str(tiny_run / "adapter")).eval()
     with torch.no_grad():
-        a, b = ours(ids).logits, plain(ids).logits
+        a, b = ours(ids.to(ours.device)).logits, plain(ids.to(plain.device)).logits
     assert torch.equal(a, b)
     with torch.no_grad(), plain.disable_adapter():
-        base_logits = plain(ids).logits
+        base_logits = plain(ids.to(plain.device)).logits
     assert (a - base_logits).abs().max() > 1e-3  # the adapter does change the model
 
 
@@ -100,11 +101,11 @@ def test_adapter_roundtrip_identical_logits(tiny_dir, tmp_path):
     ids = torch.tensor([[1, 17, 42, 99, 1234]])
     model.eval()
     with torch.no_grad():
-        expected = model(ids).logits
+        expected = model(ids.to(model.device)).logits
     save_adapter(model, loaded.tokenizer, tmp_path / "adapter", loaded.source)
     fresh = load_adapter(load_model(str(tiny_dir)).model, tmp_path / "adapter").eval()
     with torch.no_grad():
-        got = fresh(ids).logits
+        got = fresh(ids.to(fresh.device)).logits
     assert torch.equal(expected, got)
 
 
