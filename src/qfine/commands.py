@@ -116,6 +116,48 @@ def cmd_data_chitchat(ns) -> None:
     print(f"wrote {n_train} training and {n_eval} eval conversations to {ns.out}/train.jsonl, eval.jsonl")
 
 
+def cmd_eval(ns) -> None:
+    """Perplexity and generation metrics for a run (base / base+adapter / merged) or a model."""
+    import json
+    import sys
+
+    from . import config as C
+    from .evaluation.metrics import parse_metrics
+    from .evaluation.run import compare_run, evaluate_model, format_table, load_examples
+    from .inference import is_run_dir, load_for_inference
+    from .loading import load_model
+
+    metrics = parse_metrics(ns.metrics)
+    data = C.DataConfig(max_seq_len=ns.max_seq_len)
+    rows: dict[str, dict[str, float]] = {}
+    if ns.compare_quant:
+        if is_run_dir(ns.target):
+            raise QfineError("--compare-quant takes a model source, not a run directory")
+        for q in [q.strip() for q in ns.compare_quant.split(",") if q.strip()]:
+            loaded = load_model(C.ModelConfig(source=ns.target, quantization=q))
+            loaded.model.eval()
+            examples = load_examples(ns.data, loaded.tokenizer, data, ns.limit)
+            rows[q] = evaluate_model(loaded, examples, metrics, ns.max_new_tokens)[0]
+            del loaded
+        first = "base precision"
+    elif is_run_dir(ns.target):
+        loaded = load_for_inference(ns.target)
+        examples = load_examples(ns.data, loaded.tokenizer, data, ns.limit)
+        rows = compare_run(loaded, examples, metrics, ns.max_new_tokens)
+        first = "model"
+    else:
+        loaded = load_for_inference(ns.target, C.ModelConfig(quantization=ns.quantization))
+        examples = load_examples(ns.data, loaded.tokenizer, data, ns.limit)
+        rows[ns.target] = evaluate_model(loaded, examples, metrics, ns.max_new_tokens)[0]
+        first = "model"
+    if ns.output == "json":
+        json.dump({"target": ns.target, "data": ns.data, "examples": len(examples), "results": rows}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"{ns.target} on {ns.data} ({len(examples)} examples)")
+        print(format_table(rows, first))
+
+
 def register(sub) -> None:
     """Add this module's subcommands to the CLI's subparsers."""
     data = sub.add_parser("data", help="inspect training data").add_subparsers(dest="data_command", required=True)
@@ -150,6 +192,18 @@ def register(sub) -> None:
                    help="write a bitsandbytes 4-bit merged model instead (lossy; the logit difference is printed)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("eval", help="perplexity and generation metrics; base vs adapter vs merged for a run")
+    p.add_argument("target", help="a run directory, or a model source (folder, .gguf, hub id, default)")
+    p.add_argument("--data", required=True, help="evaluation data (any format qfine train reads)")
+    p.add_argument("--metrics", default="perplexity", help="comma list of perplexity,bleu,chrf,rouge,exact_match,accuracy")
+    p.add_argument("--limit", type=int, help="evaluate the first N rows only")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generation length for the generation metrics")
+    p.add_argument("--max-seq-len", type=int, default=512, help="truncate examples for perplexity")
+    p.add_argument("--quantization", default="nf4", help="how to load a plain model source")
+    p.add_argument("--compare-quant", help="e.g. nf4,fp4,int8,none: one row per base precision of a model source")
+    p.add_argument("--output", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="teach the bundled model one fact; compare before/after/merged answers")
     p.add_argument("--model", default="default", help="model source (default: bundled SmolLM2-135M-Instruct)")

@@ -121,6 +121,14 @@ class TrainConfig:
     """Write a checkpoint every N steps."""
     eval_steps: int = 0
     """Evaluate on the eval data every N steps (0: at every checkpoint); also once before training."""
+    load_best: bool = True
+    """With eval data: keep the checkpoint with the lowest eval loss and save it as the final adapter."""
+    early_stopping_patience: int = 0
+    """With eval data: stop after N evaluations without eval-loss improvement (0: never)."""
+    report_to: list[str] = field(default_factory=list)
+    """Extra trackers passed to transformers (wandb, mlflow, ...); TensorBoard and metrics.jsonl are always written."""
+    report_samples: int = 2
+    """Held-out prompts answered before and after training in report.html (0: no samples)."""
     save_total_limit: int = 2
     """Checkpoints kept on disk."""
 

@@ -1,4 +1,4 @@
-"""Trainer callbacks: metrics.jsonl with tokens/s."""
+"""Trainer callbacks: metrics.jsonl (+ tokens/s, perplexity, peak GPU memory) and the NaN/inf guard."""
 
 from __future__ import annotations
 
@@ -7,41 +7,81 @@ import math
 import time
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 
 class MetricsJsonl(TrainerCallback):
     """Append one JSON line per log event to ``path``: step, loss, lr, grad_norm, tokens_per_s, ...
 
-    tokens/s counts the non-padding input tokens seen (``state.num_input_tokens_seen``) between
-    two log events over the wall time between them.
+    It also adds to the log dict, before TensorBoard (registered after it) writes it:
+    ``tokens_per_s`` — non-padding input tokens seen between two training logs over the wall time
+    between them; ``eval_perplexity`` = exp(eval_loss); ``peak_gpu_mem_gib`` on CUDA.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._last = (None, 0)  # (time, tokens) at the previous log
+        self._last = (None, 0)  # (time, tokens) at the previous training log
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last = (time.perf_counter(), state.num_input_tokens_seen)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
             return
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
         then, seen = self._last
+        if "loss" in logs and then is not None and now > then:
+            logs["tokens_per_s"] = round((tokens - seen) / (now - then), 1)
+            self._last = (now, tokens)
+        if "eval_loss" in logs and math.isfinite(logs["eval_loss"]):
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+        if torch.cuda.is_available():
+            logs["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         row = {"step": state.global_step, "epoch": state.epoch}
         rename = {"learning_rate": "lr"}
         for k, v in logs.items():
             if isinstance(v, (int, float)) and not k.startswith("total_flos"):
                 row[rename.get(k, k)] = v if (not isinstance(v, float) or math.isfinite(v)) else str(v)
-        if "loss" in logs and then is not None and now > then:
-            row["tokens_per_s"] = round((tokens - seen) / (now - then), 1)
-            self._last = (now, tokens)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
 
+class NonFiniteError(RuntimeError):
+    """Raised by :class:`NonFiniteGuard`; ``step`` is the optimizer step (1-based) that went bad."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"non-finite {what} at step {step}")
+        self.step, self.what = step, what
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stop at the first non-finite loss or gradient, before the optimizer applies it.
+
+    Checked in ``on_pre_optimizer_step`` (gradients of the trainable parameters, i.e. the LoRA
+    weights — cheap) and on every logged loss. Raising leaves every checkpoint written so far intact
+    and skips the save that would follow the bad step.
+    """
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        for p in model.parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise NonFiniteError(state.global_step + 1, "gradient")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            v = (logs or {}).get(key)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise NonFiniteError(state.global_step, key.replace("_", " "))
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All rows of a metrics.jsonl."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def read_losses(path: str | Path) -> list[float]:
     """The training losses logged in a metrics.jsonl, in step order."""
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))]
+    return [r["loss"] for r in read_metrics(path) if isinstance(r.get("loss"), (int, float))]

@@ -72,8 +72,49 @@ def save_adapter(model, tokenizer, out: Path, base_source: str) -> None:
         tokenizer.save_pretrained(tmp)
 
 
+def _sample_prompts(cfg: C.RunConfig) -> tuple[list[list[dict]], str]:
+    """Up to ``train.report_samples`` prompts for the report: from the eval data, else the training data."""
+    from ..data.pipeline import row_messages
+    from ..data.readers import BadRow, read_rows
+
+    n = cfg.train.report_samples
+    source = cfg.data.eval_path or cfg.data.path
+    note = ("held-out prompts from " + str(cfg.data.eval_path)) if cfg.data.eval_path else \
+        f"no separate eval file: prompts from the training data {cfg.data.path}"
+    prompts = []
+    for where, row in read_rows(source, cfg.data.split):
+        if len(prompts) >= n:
+            break
+        if isinstance(row, BadRow):
+            continue
+        try:
+            msgs = row_messages(row, cfg.data, where)
+        except QfineError:
+            continue
+        if msgs[0]["role"] != "text":
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            prompts.append(msgs[:last])
+    return prompts, note
+
+
+def _answers(model, tokenizer, device, prompts) -> list[str]:
+    """Greedy replies (48 tokens at most) of ``model`` as it is now."""
+    from ..inference import generate
+    from ..loading import Loaded
+
+    was_training = model.training
+    model.eval()
+    try:
+        return [generate(Loaded(model, tokenizer, "", device, None), p, max_new_tokens=48) for p in prompts]
+    finally:
+        model.train(was_training)
+
+
 def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callbacks=()) -> Path:
     """Fine-tune per ``cfg``; returns the run directory (adapter in ``RUN_DIR/adapter``)."""
+    from .callbacks import NonFiniteError
+    from .report import ReportFacts, render
+
     if not cfg.data.path:
         raise QfineError("no training data: pass --data FILE or set data.path in the config")
     device = resolve_device(cfg.model.device)
@@ -88,19 +129,36 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     tokenizer = loaded.tokenizer
     train_ds, eval_ds, stats = build_datasets(tokenizer, cfg.data, cfg.train.seed)
     if cfg.data.streaming:
-        print(f"[qfine] data: streaming {cfg.data.path}", flush=True)
+        data_line = f"data: streaming {cfg.data.path}"
     else:
         held = f", {len(eval_ds)} held out for eval" if eval_ds is not None and not cfg.data.eval_path else ""
-        print(f"[qfine] data: {stats.rows} rows ({stats.tokens} tokens){held}; {stats.truncated} truncated to "
-              f"{cfg.data.max_seq_len}, {stats.dropped} dropped, {stats.skipped} bad rows skipped", flush=True)
+        data_line = (f"data: {stats.rows} rows ({stats.tokens} tokens){held}; {stats.truncated} truncated to "
+                     f"{cfg.data.max_seq_len}, {stats.dropped} dropped, {stats.skipped} bad rows skipped")
+    print(f"[qfine] {data_line}", flush=True)
 
     model = add_lora(loaded.model, cfg.lora, cfg.train.gradient_checkpointing)
-    print(f"[qfine] {cfg.model.source} ({cfg.model.quantization}) on {device}: {describe(model)}", flush=True)
+    footprint = f"{cfg.model.source} ({cfg.model.quantization}) on {device}: {describe(model)}"
+    print(f"[qfine] {footprint}", flush=True)
+    prompts, note = _sample_prompts(cfg) if cfg.train.report_samples > 0 else ([], "")
+    before = _answers(model, tokenizer, device, prompts)
     start_run_dir(run_dir, resume)
     atomic_write_text(run_dir / "config.yaml", C.to_yaml(cfg))
 
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, cfg, run_dir, device, callbacks)
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    facts = ReportFacts(title=f"qfine run · {run_dir.name}", model=f"{cfg.model.source} · {cfg.model.quantization}",
+                        device=device, footprint=footprint, data=data_line, config_yaml=C.to_yaml(cfg),
+                        samples_note=note)
+    try:
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    except NonFiniteError as e:
+        good = last_checkpoint(run_dir)
+        facts.status = f"stopped: {e}"
+        atomic_write_text(run_dir / "report.html", render(run_dir, facts))
+        raise QfineError(f"training stopped: {e}. No adapter was saved from the bad step; the last good checkpoint "
+                         f"is {good or 'none (no checkpoint was written yet)'}, untouched. Lower the learning rate or "
+                         "check the data, then --resume or start over.") from None
     save_adapter(model, tokenizer, run_dir / "adapter", loaded.source)
-    print(f"[qfine] adapter saved to {run_dir / 'adapter'}", flush=True)
+    facts.samples = list(zip([p[-1]["content"] for p in prompts], before, _answers(model, tokenizer, device, prompts)))
+    atomic_write_text(run_dir / "report.html", render(run_dir, facts))
+    print(f"[qfine] adapter saved to {run_dir / 'adapter'}; report: {run_dir / 'report.html'}", flush=True)
     return run_dir

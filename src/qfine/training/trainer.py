@@ -9,7 +9,7 @@ import torch
 
 from ..config import RunConfig
 from ..errors import QfineError
-from .callbacks import MetricsJsonl
+from .callbacks import MetricsJsonl, NonFiniteGuard
 
 _CUDA_OPTIMIZERS = {"paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_bnb_8bit"}
 _OPTIMIZERS = {"adamw_torch", "adamw_torch_fused", "sgd", "adafactor"} | _CUDA_OPTIMIZERS
@@ -41,6 +41,10 @@ def check_train_config(cfg: RunConfig, device: str) -> None:
         raise QfineError(f"train.lr_scheduler must be one of {', '.join(sorted(_SCHEDULERS))}, not {t.lr_scheduler!r}")
     if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
         raise QfineError("nothing to train: set train.max_steps > 0 or train.epochs > 0")
+    eval_every = t.eval_steps or t.save_steps
+    if (cfg.data.eval_path or cfg.data.eval_ratio) and t.load_best and t.save_steps % eval_every:
+        raise QfineError(f"train.save_steps ({t.save_steps}) must be a multiple of train.eval_steps ({eval_every}) "
+                         "to keep the best checkpoint; or set train.load_best false")
     if not 0 <= t.warmup_ratio < 1:
         raise QfineError(f"train.warmup_ratio must be in [0, 1), not {t.warmup_ratio}")
     if t.batch_size < 1 or t.grad_accum < 1:
@@ -98,7 +102,11 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
         eval_strategy="no" if eval_ds is None else "steps",
         eval_steps=(t.eval_steps or t.save_steps) if eval_ds is not None else None,
         eval_on_start=eval_ds is not None,
-        report_to="none",
+        # the best checkpoint by eval loss is kept and becomes the final adapter
+        load_best_model_at_end=eval_ds is not None and t.load_best,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        report_to=list(t.report_to) or "none",
         include_num_input_tokens_seen="non_padding",
         max_length=cfg.data.max_seq_len,
         # Packing puts several examples in one row with restarting position_ids (TRL's best-fit
@@ -111,6 +119,13 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
         disable_tqdm=False,
     ))
     tb = TensorBoardCallback(tb_writer=SummaryWriter(str(run_dir / "tensorboard")))
+    extra = []
+    if eval_ds is not None and t.early_stopping_patience > 0:
+        from transformers import EarlyStoppingCallback
+
+        extra.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+    # Order matters: the guard raises before anything logs a bad step; MetricsJsonl adds tokens/s
+    # and perplexity to the log dict before TensorBoard writes it.
     return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer,
-                      callbacks=[MetricsJsonl(run_dir / "metrics.jsonl"), tb, *callbacks])
+                      callbacks=[NonFiniteGuard(), MetricsJsonl(run_dir / "metrics.jsonl"), tb, *extra, *callbacks])

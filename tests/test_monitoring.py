@@ -1,0 +1,90 @@
+"""Monitoring: eval during training, best checkpoint, NaN guard, TensorBoard scalars, report.html."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from qfine import LoraSettings, RunConfig
+from qfine.errors import QfineError
+from qfine.training import train
+
+from helpers import FACT, write_jsonl
+
+
+def _cfg(tiny_dir, tmp_path, **train_kw):
+    cfg = RunConfig(output_dir=str(tmp_path / "run"))
+    cfg.model.source = str(tiny_dir)
+    cfg.data.path = str(write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 8))
+    cfg.lora = LoraSettings(r=8, alpha=16, dropout=0.0)
+    cfg.train.max_steps = 12
+    cfg.train.learning_rate = 1e-2
+    cfg.train.lr_scheduler = "constant"
+    cfg.train.save_steps = 4
+    cfg.train.report_samples = 1
+    for k, v in train_kw.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+class PoisonAt(TrainerCallback):
+    """Set one LoRA weight to NaN at the start of step ``step`` (1-based)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+
+
+def test_nan_stops_training_and_keeps_last_good_checkpoint(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = _cfg(tiny_dir, tmp_path)
+    with pytest.raises(QfineError, match=r"non-finite gradient at step 6.*checkpoint-4"):
+        train(cfg, callbacks=[PoisonAt(6)])
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4"]
+    weights = load_file(run / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (run / "adapter").exists()  # no adapter from the bad step
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 5
+    assert "stopped: non-finite gradient at step 6" in (run / "report.html").read_text()
+
+
+def test_eval_best_checkpoint_and_scalars(tiny_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tiny_dir, tmp_path)
+    cfg.data.eval_path = cfg.data.path
+    run = train(cfg)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 4, 8, 12]
+    assert all(abs(r["eval_perplexity"] - torch.tensor(r["eval_loss"]).exp().item()) < 1e-3 * r["eval_perplexity"]
+               for r in evals)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    state = json.loads((run / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text())
+    best = min(evals[1:], key=lambda r: r["eval_loss"])
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{best['step']}")
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s", "eval/loss",
+            "eval/perplexity"} <= tags, tags
+
+
+def test_report_html_is_self_contained(tiny_dir, tmp_path):
+    run = train(_cfg(tiny_dir, tmp_path, max_steps=6, save_steps=6))
+    page = (run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3  # loss, lr, grad norm (+ throughput)
+    assert "src='http" not in page and "<script" not in page and "<link" not in page
+    assert "Sample generations" in page and "What day was I born?" in page
+    assert "trainable parameters" in page and "tokens/s" in page
+    assert "max_steps: 6" in page
