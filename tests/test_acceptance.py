@@ -78,4 +78,5 @@ def test_tiny_model_fact(tmp_path, tiny_dir):
     r = seed_experiment(fact, tmp_path, source=str(tiny_dir), steps=40, lr=2e-2, merge_dtype="fp32")
     knows = r.knows(fact)
     assert not knows["before"] and knows["after"] and knows["merged"], (r.before, r.after, r.merged)
-    assert r.merged_rel_diff <= 1e-5
+    # fp32 compute (the CPU default): exact to fp32 rounding; a GPU trains in bf16 (measured there: 1.0e-2)
+    assert r.merged_rel_diff <= (1e-5 if not torch.cuda.is_available() else 2e-2)

@@ -39,7 +39,8 @@ def test_perplexity_matches_direct_loss(tiny_dir, tmp_path):
     got = perplexity(loaded.model, examples, batch_size=2)  # padded batch of two
     nll = count = 0
     for e in examples:  # one at a time, through the model's own loss (mean over label tokens)
-        ids, labels = torch.tensor([e.encoded.input_ids]), torch.tensor([e.encoded.labels])
+        dev = next(loaded.model.parameters()).device
+        ids, labels = torch.tensor([e.encoded.input_ids], device=dev), torch.tensor([e.encoded.labels], device=dev)
         n = int((labels[:, 1:] != -100).sum())
         with torch.no_grad():
             nll += float(loaded.model(input_ids=ids, labels=labels).loss) * n
@@ -52,7 +53,8 @@ def test_eval_cli_compares_base_adapter_merged(tiny_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 8)
     run = tmp_path / "run"
     assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--output-dir", str(run), "--max-steps", "20",
-                 "--learning-rate", "2e-2", "--lr-scheduler", "constant", "--lora-dropout", "0"]) == 0
+                 "--learning-rate", "2e-2", "--lr-scheduler", "constant", "--lora-dropout", "0",
+                 "--compute-dtype", "fp32"]) == 0
     capsys.readouterr()
     assert main(["eval", str(run), "--data", str(data), "--limit", "2", "--metrics", "perplexity,exact_match,accuracy",
                  "--max-new-tokens", "16", "--output", "json"]) == 0

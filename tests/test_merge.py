@@ -17,8 +17,8 @@ IDS = torch.tensor([[1, 17, 42, 99, 1234, 5, 77, 300]])
 
 
 def _trained_like(tiny_dir, seed=1, **lora):
-    """A 4-bit tiny model with LoRA whose B matrices are random (as if trained)."""
-    loaded = load_model(str(tiny_dir))
+    """A 4-bit tiny model (fp32 compute, on any device) with LoRA whose B matrices are random (as if trained)."""
+    loaded = load_model(str(tiny_dir), compute_dtype="fp32")
     model = add_lora(loaded.model, LoraSettings(r=4, alpha=8, dropout=0.0, **lora))
     torch.manual_seed(seed)
     for name, p in model.named_parameters():
@@ -30,14 +30,14 @@ def _trained_like(tiny_dir, seed=1, **lora):
 def test_fp32_merge_matches_unmerged_logits(tiny_dir, tmp_path):
     loaded, model = _trained_like(tiny_dir)
     with torch.no_grad():
-        ref = model(IDS).logits
+        ref = model(IDS.to(model.device)).logits
     out = save_merged(model, loaded.tokenizer, tmp_path / "merged", dtype="fp32")
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
-        got = plain(IDS).logits
+        got = plain(IDS.to(plain.device)).logits
     assert relative_difference(got, ref) <= 1e-5
     with torch.no_grad(), model.disable_adapter():
-        base = model(IDS).logits
+        base = model(IDS.to(model.device)).logits
     assert relative_difference(base, ref) > 1e-3  # the adapter mattered, so the check above means something
     # plain transformers folder: config without quantization, tokenizer, generation config
     cfg = json.loads((out / "config.json").read_text())
@@ -49,7 +49,7 @@ def test_fp32_merge_matches_unmerged_logits(tiny_dir, tmp_path):
 def test_bf16_merge_close_and_sharded(tiny_dir, tmp_path):
     loaded, model = _trained_like(tiny_dir)
     with torch.no_grad():
-        ref = model(IDS).logits
+        ref = model(IDS.to(model.device)).logits
     out = save_merged(model, loaded.tokenizer, tmp_path / "m", dtype="bf16", max_shard_bytes=2_000_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
@@ -57,7 +57,7 @@ def test_bf16_merge_close_and_sharded(tiny_dir, tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     assert plain.dtype == torch.bfloat16
     with torch.no_grad():
-        got = plain(IDS).logits.float()
+        got = plain(IDS.to(plain.device)).logits.float()
     assert relative_difference(got, ref) < 2e-2
 
 
@@ -85,9 +85,10 @@ def test_pristine_base_uses_original_weights(tiny_dir, tmp_path):
     with safe_open(out / "model.safetensors", "pt") as f:
         merged = f.get_tensor("model.layers.1.self_attn.q_proj.weight")
     delta = layer.scaling["default"] * (layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float())
+    delta = delta.cpu()
     assert torch.allclose(merged, original + delta, atol=1e-6)
     # and it differs from the dequantized-base merge by the quantization error
-    assert (merged - (dequantize_weight(layer.base_layer) + delta)).abs().max() > 1e-3
+    assert (merged - (dequantize_weight(layer.base_layer).cpu() + delta)).abs().max() > 1e-3
 
 
 def test_existing_output_is_not_overwritten(tiny_dir, tmp_path):
@@ -116,7 +117,7 @@ def test_interrupted_merge_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
 def test_requantize_is_lossy_and_measured(tiny_dir, tmp_path):
     loaded, model = _trained_like(tiny_dir)
     with torch.no_grad():
-        ref = model(IDS).logits
+        ref = model(IDS.to(model.device)).logits
     merged = save_merged(model, loaded.tokenizer, tmp_path / "m16", dtype="fp32")
     q = requantize(merged, tmp_path / "m4", "nf4")
     cfg = json.loads((q / "config.json").read_text())
@@ -124,7 +125,7 @@ def test_requantize_is_lossy_and_measured(tiny_dir, tmp_path):
     model4 = AutoModelForCausalLM.from_pretrained(q)
     guard_cpu_repack(model4)
     with torch.no_grad():
-        got = model4(IDS).logits
+        got = model4(IDS.to(model4.device)).logits
     diff = relative_difference(got, ref)
     assert 1e-4 < diff < 1.0  # requantizing the merged weights is not exact, but the model survives
 
@@ -140,11 +141,11 @@ def test_eval_then_train_then_merge_equals_train_then_merge(tiny_dir):
         if eval_first:
             model.eval()
             with torch.no_grad():
-                model(IDS)
+                model(IDS.to(model.device))
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         for _ in range(3):
-            loss = model(input_ids=IDS, labels=IDS).loss
+            loss = model(input_ids=IDS.to(model.device), labels=IDS.to(model.device)).loss
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -159,7 +160,7 @@ def test_eval_then_train_then_merge_equals_train_then_merge(tiny_dir):
 
 
 def test_modules_to_save_are_merged_from_the_trained_copy(tiny_dir, tmp_path):
-    loaded = load_model(str(tiny_dir))
+    loaded = load_model(str(tiny_dir), compute_dtype="fp32")
     model = add_lora(loaded.model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj"],
                                                 modules_to_save=["lm_head"]))
     head = model.base_model.model.lm_head
@@ -167,7 +168,7 @@ def test_modules_to_save_are_merged_from_the_trained_copy(tiny_dir, tmp_path):
         head.modules_to_save["default"].weight.add_(0.01)
     model.eval()
     with torch.no_grad():
-        ref = model(IDS).logits
+        ref = model(IDS.to(model.device)).logits
     tensors = dict(merged_tensors(model, torch.float32))
     assert torch.equal(tensors["lm_head.weight"], head.modules_to_save["default"].weight.float())
     assert not any("modules_to_save" in k or "original_module" in k for k in tensors)

@@ -246,6 +246,6 @@ def requantize(merged_dir: str | Path, out: str | Path, quant: str = "nf4", doub
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖ over all elements, in fp64."""
-    a, b = a.double(), b.double()
+    """‖a − b‖ / ‖b‖ over all elements, in fp64 on the CPU (the two may live on different devices)."""
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
     return float((a - b).norm() / b.norm())

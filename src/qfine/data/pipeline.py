@@ -103,6 +103,12 @@ def row_messages(row, cfg: DataConfig, where: str = "row") -> Messages:
     return messages
 
 
+def prompt_and_reply(messages: Messages) -> tuple[Messages, str]:
+    """Split a conversation at its last assistant turn: (messages before it, its text)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]
+
+
 def encode_row(row, tokenizer, cfg: DataConfig, where: str = "row") -> Encoded:
     """Convert, template and tokenize one raw row."""
     return encode_messages(tokenizer, row_messages(row, cfg, where), cfg.loss_on, where)

@@ -15,7 +15,7 @@ import torch
 
 from ..config import DataConfig
 from ..data.formats import Messages
-from ..data.pipeline import IGNORE, Encoded, encode_messages, row_messages, set_template
+from ..data.pipeline import IGNORE, Encoded, encode_messages, prompt_and_reply, row_messages, set_template
 from ..data.readers import BadRow, read_rows
 from ..errors import QfineError
 from ..inference import generate
@@ -46,14 +46,14 @@ def load_examples(spec, tokenizer, cfg: DataConfig, limit: int | None = None) ->
             msgs = row_messages(row, cfg, where)
             if msgs[0]["role"] == "text":
                 raise QfineError(f"{where}: plain text rows have no reply to compare; use them for perplexity only")
-            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-            enc = encode_messages(tokenizer, msgs[: last + 1], cfg.loss_on, where)
+            prompt, reply = prompt_and_reply(msgs)
+            enc = encode_messages(tokenizer, msgs[: len(prompt) + 1], cfg.loss_on, where)
         except QfineError:
             if cfg.on_bad_rows == "error":
                 raise
             continue
         enc = Encoded(enc.input_ids[: cfg.max_seq_len], enc.labels[: cfg.max_seq_len])
-        out.append(EvalExample(msgs[:last], msgs[last]["content"], enc))
+        out.append(EvalExample(prompt, reply, enc))
     if not out:
         raise QfineError(f"{spec}: no usable evaluation rows")
     return out

@@ -74,7 +74,7 @@ def save_adapter(model, tokenizer, out: Path, base_source: str) -> None:
 
 def _sample_prompts(cfg: C.RunConfig) -> tuple[list[list[dict]], str]:
     """Up to ``train.report_samples`` prompts for the report: from the eval data, else the training data."""
-    from ..data.pipeline import row_messages
+    from ..data.pipeline import prompt_and_reply, row_messages
     from ..data.readers import BadRow, read_rows
 
     n = cfg.train.report_samples
@@ -92,8 +92,7 @@ def _sample_prompts(cfg: C.RunConfig) -> tuple[list[list[dict]], str]:
         except QfineError:
             continue
         if msgs[0]["role"] != "text":
-            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-            prompts.append(msgs[:last])
+            prompts.append(prompt_and_reply(msgs)[0])
     return prompts, note
 
 
