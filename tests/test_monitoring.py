@@ -88,3 +88,13 @@ def test_report_html_is_self_contained(tiny_dir, tmp_path):
     assert "Sample generations" in page and "What day was I born?" in page
     assert "trainable parameters" in page and "tokens/s" in page
     assert "max_steps: 6" in page
+
+
+def test_early_stopping_without_improvement(tiny_dir, tmp_path):
+    cfg = _cfg(tiny_dir, tmp_path, max_steps=20, save_steps=2, eval_steps=2, learning_rate=0.0,
+               early_stopping_patience=2, report_samples=0)
+    cfg.data.eval_path = cfg.data.path
+    run = train(cfg)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # lr 0: the eval loss never improves on the first checkpoint's, so training stops 2 evaluations later
+    assert max(steps) == 6, steps
