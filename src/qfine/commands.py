@@ -1,4 +1,4 @@
-"""Subcommands beyond train/generate/chat: merge and demo."""
+"""Subcommands beyond train/generate/chat: merge, eval, data (preview, chitchat) and demo."""
 
 from __future__ import annotations
 

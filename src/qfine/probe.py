@@ -67,7 +67,7 @@ def fact_config(source: str, data: Path, run_dir: Path, steps: int = 30, lr: flo
     cfg.lora = C.LoraSettings(r=16, alpha=32, dropout=0.0)
     cfg.data.path = str(data)
     cfg.train = C.TrainConfig(max_steps=steps, batch_size=4, learning_rate=lr, lr_scheduler="cosine",
-                              save_steps=steps, logging_steps=max(1, steps // 10))
+                              save_steps=steps, logging_steps=max(1, steps // 10), report_samples=1)
     return cfg
 
 
