@@ -128,6 +128,11 @@ def test_requantize_is_lossy_and_measured(tiny_dir, tmp_path):
         got = model4(IDS.to(model4.device)).logits
     diff = relative_difference(got, ref)
     assert 1e-4 < diff < 1.0  # requantizing the merged weights is not exact, but the model survives
+    # qfine loads the pre-quantized folder with its own quantization, whatever --quantization says
+    again = load_model(str(q), quantization="none", compute_dtype="fp32")
+    assert type(again.model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    with torch.no_grad():
+        assert torch.equal(again.model(IDS.to(again.model.device)).logits.cpu(), got.cpu())
 
 
 def test_eval_then_train_then_merge_equals_train_then_merge(tiny_dir):

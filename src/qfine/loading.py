@@ -221,11 +221,15 @@ def load_model(cfg: ModelConfig | str = "default", **overrides) -> Loaded:
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
     qconfig = quantization_config(cfg, compute_dtype)
     source = resolve_source(cfg.source)
+    if _prequantized(source):
+        qconfig = None  # the checkpoint carries its own (e.g. a `qfine merge --requantize` output)
     try:
         tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+        # quantization_config=None must not be passed: transformers would drop a checkpoint's own
+        quant = {"quantization_config": qconfig} if qconfig is not None else {}
         model = AutoModelForCausalLM.from_pretrained(
-            source, quantization_config=qconfig, dtype=compute_dtype, device_map={"": device},
-            trust_remote_code=cfg.trust_remote_code, attn_implementation="sdpa")
+            source, dtype=compute_dtype, device_map={"": device}, trust_remote_code=cfg.trust_remote_code,
+            attn_implementation="sdpa", **quant)
     except OSError as e:
         if Path(source).is_dir():
             raise QfineError(f"cannot load model from {source}: {e}") from None
@@ -234,6 +238,14 @@ def load_model(cfg: ModelConfig | str = "default", **overrides) -> Loaded:
     model.requires_grad_(False)  # the base is frozen; LoRA adds what trains
     model.config.use_cache = False  # re-enabled for generation
     return Loaded(model, tokenizer, source, device, compute_dtype)
+
+
+def _prequantized(source: str) -> bool:
+    """Whether a local model folder was saved already quantized (its config has quantization_config)."""
+    import json
+
+    cfg = Path(source) / "config.json"
+    return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text(encoding="utf-8"))
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
