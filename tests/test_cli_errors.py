@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 
 from qfine.cli import main
 
-from helpers import FACT, write_jsonl
+from helpers import write_jsonl
 
 
 def run(capsys, *argv) -> tuple[int, str]:

@@ -8,9 +8,3 @@ bug and keeps its traceback.
 
 class QfineError(Exception):
     """A user error: one clear message naming the file, line or field at fault."""
-
-
-def require(condition: bool, message: str) -> None:
-    """Raise :class:`QfineError` with ``message`` unless ``condition`` holds."""
-    if not condition:
-        raise QfineError(message)

@@ -159,9 +159,3 @@ def read_rows(spec: str | Path, split: str = "train") -> Rows:
         else:
             raise QfineError(f"{path}: unsupported data file type '{path.suffix}' "
                              f"(use {', '.join(_BY_SUFFIX)} or a save_to_disk folder)")
-
-
-def total_bytes(spec: str | Path) -> int:
-    """Size on disk of the files ``spec`` names (0 for a hub dataset)."""
-    target = expand(spec)
-    return 0 if isinstance(target, str) else sum(p.stat().st_size for p in target if p.is_file())
