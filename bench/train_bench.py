@@ -1,0 +1,196 @@
+"""QLoRA training-throughput anchor: qfine vs HF (transformers+bnb+peft) vs Unsloth, plain torch loop.
+
+Copied from ../shared/reference-bench/train_bench.py (the harness behind the peers' numbers) with a
+``qfine`` implementation added, so all three are measured by the same loop.
+
+usage: python train_bench.py --impl qfine|hf|unsloth --model DIR --configs 2x2048,1x4096,4x2048
+       [--steps 16] [--deadline EPOCH_S] [--out results.jsonl] [--tag 8b]
+One process loads the model once, then runs each batch config (bs x seq) for --steps steps on
+random token batches (labels = inputs), torch AdamW lr 2e-4 over the LoRA params.
+Step time = wall time of fwd+bwd+opt.step+zero_grad with a cuda sync at the end of each step;
+median over steps 3..steps-1. Peak memory is measured per config after empty_cache +
+reset_peak_memory_stats (so it includes the resident model/optimizer state).
+"""
+import argparse, json, os, statistics, sys, time, traceback
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GiB = 1024 ** 3
+
+
+def load_hf(d, max_seq):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    t0 = time.time()
+    model = AutoModelForCausalLM.from_pretrained(d, quantization_config=bnb, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa", device_map={"": 0})
+    torch.cuda.synchronize()
+    load_s = time.time() - t0
+    t1 = time.time()
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
+                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
+    model.train()
+    model.config.use_cache = False
+    torch.cuda.synchronize()
+    return model, load_s, time.time() - t1
+
+
+def load_qfine(d, max_seq):
+    import torch
+    from qfine import LoraSettings, ModelConfig, add_lora, load_model
+    t0 = time.time()
+    loaded = load_model(ModelConfig(source=d, quantization="nf4", double_quant=True, compute_dtype="bf16",
+                                    device="cuda"))
+    torch.cuda.synchronize()
+    load_s = time.time() - t0
+    t1 = time.time()
+    model = add_lora(loaded.model, LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=TARGETS),
+                     gradient_checkpointing=True)
+    model.train()
+    torch.cuda.synchronize()
+    return model, load_s, time.time() - t1
+
+
+def load_unsloth(d, max_seq):
+    from unsloth import FastLanguageModel
+    import torch
+    t0 = time.time()
+    model, tok = FastLanguageModel.from_pretrained(d, max_seq_length=max_seq, load_in_4bit=True, dtype=None,
+                                                   local_files_only=True)
+    torch.cuda.synchronize()
+    load_s = time.time() - t0
+    t1 = time.time()
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, bias="none",
+                                             target_modules=TARGETS, use_gradient_checkpointing="unsloth",
+                                             random_state=3407, max_seq_length=max_seq)
+    FastLanguageModel.for_training(model)
+    torch.cuda.synchronize()
+    return model, load_s, time.time() - t1
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--impl", required=True, choices=["qfine", "hf", "unsloth"])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--configs", default="2x2048")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--deadline", type=float, default=0.0)
+    ap.add_argument("--out", default="")
+    ap.add_argument("--autocast", action="store_true",
+                    help="wrap forward in torch.autocast(cuda, bf16), as HF Trainer(bf16=True) does")
+    a = ap.parse_args()
+    if a.impl == "unsloth":
+        import unsloth  # noqa: F401  (must come before transformers)
+    import torch
+    configs = [tuple(int(x) for x in c.split("x")) for c in a.configs.split(",")]
+    max_seq = max(s for _, s in configs)
+    base = dict(impl=a.impl + ("_autocast" if a.autocast else ""), tag=a.tag,
+                device=torch.cuda.get_device_name(0))
+    import contextlib
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if a.autocast else contextlib.nullcontext
+
+    def emit(rec):
+        rec = {**base, **rec}
+        print("RESULT " + json.dumps(rec), flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    t_start = time.time()
+    try:
+        loader = {"hf": load_hf, "qfine": load_qfine, "unsloth": load_unsloth}[a.impl]
+        model, load_s, peft_s = loader(a.model, max_seq)
+    except Exception as e:
+        traceback.print_exc()
+        emit(dict(error=f"load: {type(e).__name__}: {str(e)[:300]}"))
+        return 1
+    load_peak_alloc = torch.cuda.max_memory_allocated() / GiB
+    load_peak_res = torch.cuda.max_memory_reserved() / GiB
+    after_load_alloc = torch.cuda.memory_allocated() / GiB
+    ntrain = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dtypes = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            dtypes[str(p.dtype)] = dtypes.get(str(p.dtype), 0) + p.numel()
+    print(f"[{a.impl}] load {load_s:.1f}s peft {peft_s:.1f}s alloc {after_load_alloc:.2f}GiB "
+          f"trainable {ntrain/1e6:.1f}M frozen dtypes {dtypes}", flush=True)
+    probe, hooks = {}, []
+    try:
+        if a.impl != "hf":
+            raise RuntimeError("probe only for hf (hooks would disturb Unsloth's compiled blocks)")
+        lay0 = [m for n, m in model.named_modules() if n.endswith("layers.0")][0]
+        q0 = [m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.q_proj")][0]
+        def hk(name):
+            def f(mod, inp, out):
+                o = out[0] if isinstance(out, tuple) else out
+                i = inp[0] if isinstance(inp, tuple) and inp else None
+                probe.setdefault(name, f"in {getattr(i, 'dtype', None)} out {getattr(o, 'dtype', None)}")
+            return f
+        hooks = [lay0.register_forward_hook(hk("layer0")), q0.register_forward_hook(hk("q_proj0"))]
+    except Exception as e:
+        probe["skipped"] = str(e)[:80]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    V = model.config.vocab_size if hasattr(model, "config") else 128256
+    g = torch.Generator(device="cuda").manual_seed(1234)
+    last_step = last_tokens = None
+    out = loss = ids = None
+    for bs, seq in configs:
+        if a.deadline and last_step is not None:
+            est = (a.steps + 2) * last_step * bs * seq / last_tokens + 20
+            if time.time() + est > a.deadline:
+                emit(dict(bs=bs, seq=seq, skipped=f"deadline (est {est:.0f}s)"))
+                continue
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        times, losses = [], []
+        err = None
+        try:
+            for step in range(a.steps):
+                ids = torch.randint(0, V, (bs, seq), device="cuda", generator=g)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with ctx():
+                    out = model(input_ids=ids, labels=ids, use_cache=False)
+                    loss = out.loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+                losses.append(float(loss.detach()))
+                for h in hooks:
+                    h.remove()
+                hooks = []
+        except Exception as e:
+            traceback.print_exc()
+            err = f"{type(e).__name__}: {str(e)[:300]}"
+        rec = dict(bs=bs, seq=seq, steps_done=len(times),
+                   load_s=round(load_s, 1), peft_s=round(peft_s, 1),
+                   load_peak_alloc_GiB=round(load_peak_alloc, 2), load_peak_res_GiB=round(load_peak_res, 2),
+                   peak_alloc_GiB=round(torch.cuda.max_memory_allocated() / GiB, 2),
+                   peak_res_GiB=round(torch.cuda.max_memory_reserved() / GiB, 2),
+                   step_times=[round(t, 4) for t in times], loss_first=losses[:1], loss_last=losses[-1:])
+        out = loss = ids = None
+        opt.zero_grad(set_to_none=True)
+        if probe:
+            rec["dtype_probe"] = dict(probe)
+            probe.clear()
+        if err:
+            rec["error"] = err
+        if len(times) > 4:
+            med = statistics.median(times[3:])
+            rec.update(step_s=round(med, 4), tok_s=round(bs * seq / med, 1),
+                       step_s_min=round(min(times[3:]), 4), step_s_max=round(max(times[3:]), 4))
+            last_step, last_tokens = med, bs * seq
+        emit(rec)
+        del times
+    print(f"[{a.impl}] total {time.time()-t_start:.1f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
