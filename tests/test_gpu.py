@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-from qfine import LoraSettings, RunConfig, add_lora, load_model
+from qfine import LoraSettings, add_lora, load_model
 from qfine.merge import relative_difference, save_merged
 from qfine.training import train
 
-from helpers import FACT, write_jsonl
+from helpers import FACT, tiny_config, write_jsonl
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -22,15 +22,8 @@ IDS = torch.tensor([[1, 17, 42, 99, 1234, 5, 77, 300]])
 
 
 def test_cuda_training_bf16_paged_optimizer(tiny_dir, tmp_path):
-    cfg = RunConfig(output_dir=str(tmp_path / "run"))
-    cfg.model.source = str(tiny_dir)
-    cfg.data.path = str(write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 8))
-    cfg.lora = LoraSettings(r=8, alpha=16, dropout=0.0)
-    cfg.train.max_steps = 20
-    cfg.train.learning_rate = 1e-2
-    cfg.train.lr_scheduler = "constant"
-    cfg.train.optimizer = "paged_adamw_8bit"
-    cfg.train.gradient_checkpointing = True
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 8)
+    cfg = tiny_config(tiny_dir, data, tmp_path / "run", optimizer="paged_adamw_8bit", gradient_checkpointing=True)
     run = train(cfg)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]

@@ -8,26 +8,16 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from qfine import LoraSettings, RunConfig
 from qfine.errors import QfineError
 from qfine.training import train
 
-from helpers import FACT, write_jsonl
+from helpers import FACT, tiny_config, write_jsonl
 
 
 def _cfg(tiny_dir, tmp_path, **train_kw):
-    cfg = RunConfig(output_dir=str(tmp_path / "run"))
-    cfg.model.source = str(tiny_dir)
-    cfg.data.path = str(write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 8))
-    cfg.lora = LoraSettings(r=8, alpha=16, dropout=0.0)
-    cfg.train.max_steps = 12
-    cfg.train.learning_rate = 1e-2
-    cfg.train.lr_scheduler = "constant"
-    cfg.train.save_steps = 4
-    cfg.train.report_samples = 1
-    for k, v in train_kw.items():
-        setattr(cfg.train, k, v)
-    return cfg
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 8)
+    return tiny_config(tiny_dir, data, tmp_path / "run", **{"max_steps": 12, "save_steps": 4, "report_samples": 1,
+                                                              **train_kw})
 
 
 class PoisonAt(TrainerCallback):

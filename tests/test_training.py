@@ -7,33 +7,18 @@ import json
 import pytest
 import torch
 
-from qfine import LoraSettings, RunConfig, add_lora, load_adapter, load_model
+from qfine import LoraSettings, add_lora, load_adapter, load_model
 from qfine.training import train
 from qfine.training.run import save_adapter
 
-from helpers import FACT, write_jsonl
-
-
-def _cfg(tiny_dir, data, out, **train_kw) -> RunConfig:
-    cfg = RunConfig(output_dir=str(out))
-    cfg.model.source = str(tiny_dir)
-    cfg.data.path = str(data)
-    cfg.lora = LoraSettings(r=8, alpha=16, dropout=0.0)
-    cfg.train.max_steps = 20
-    cfg.train.batch_size = 4
-    cfg.train.learning_rate = 1e-2
-    cfg.train.lr_scheduler = "constant"
-    cfg.train.save_steps = 10
-    for k, v in train_kw.items():
-        setattr(cfg.train, k, v)
-    return cfg
+from helpers import FACT, tiny_config, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_dir):
     tmp = tmp_path_factory.mktemp("run")
     data = write_jsonl(tmp / "fact.jsonl", [{"messages": FACT}] * 8)
-    return train(_cfg(tiny_dir, data, tmp / "run"))
+    return train(tiny_config(tiny_dir, data, tmp / "run"))
 
 
 def _losses(run_dir):
@@ -111,7 +96,7 @@ def test_adapter_roundtrip_identical_logits(tiny_dir, tmp_path):
 
 def test_resume_continues_from_checkpoint(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 4)
-    cfg = _cfg(tiny_dir, data, tmp_path / "run", max_steps=10, save_steps=5)
+    cfg = tiny_config(tiny_dir, data, tmp_path / "run", max_steps=10, save_steps=5)
     run = train(cfg)
     cfg.train.max_steps = 15
     train(cfg, resume=True)

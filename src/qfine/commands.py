@@ -133,10 +133,12 @@ def cmd_eval(ns) -> None:
     if ns.compare_quant:
         if is_run_dir(ns.target):
             raise QfineError("--compare-quant takes a model source, not a run directory")
+        examples = None
         for q in [q.strip() for q in ns.compare_quant.split(",") if q.strip()]:
             loaded = load_model(C.ModelConfig(source=ns.target, quantization=q))
             loaded.model.eval()
-            examples = load_examples(ns.data, loaded.tokenizer, data, ns.limit)
+            if examples is None:  # same tokenizer for every precision: tokenize once
+                examples = load_examples(ns.data, loaded.tokenizer, data, ns.limit)
             rows[q] = evaluate_model(loaded, examples, metrics, ns.max_new_tokens)[0]
             del loaded
         first = "base precision"

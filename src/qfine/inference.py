@@ -10,7 +10,7 @@ import torch
 
 from . import config as C
 from .adapters import load_adapter
-from .data.pipeline import ensure_chat_template
+from .data.templates import set_template
 from .errors import QfineError
 from .loading import Loaded, load_model
 
@@ -40,7 +40,7 @@ def load_for_inference(target: str, model_cfg: C.ModelConfig | None = None) -> L
         template = "auto"
     loaded.model.eval()
     loaded.model.config.use_cache = True
-    ensure_chat_template(loaded.tokenizer, template)
+    set_template(loaded.tokenizer, template)
     return loaded
 
 

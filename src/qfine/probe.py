@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from . import config as C
-from .data.pipeline import ensure_chat_template
+from .data.templates import set_template
 from .inference import generate, load_for_inference
 from .loading import Loaded, load_model
 from .merge import DTYPES, relative_difference, save_merged
@@ -99,7 +99,7 @@ def seed_experiment(fact: Fact, workdir: str | Path, source: str = "default", st
     base = load_model(source)
     base.model.eval()
     base.model.config.use_cache = True
-    ensure_chat_template(base.tokenizer)
+    set_template(base.tokenizer)
     before = generate(base, fact.question, max_new_tokens=40)
     log(f"before training: {before!r}")
     del base

@@ -22,11 +22,6 @@ IGNORE = -100
 LOSS_ON = ("completion", "last_turn", "all")
 
 
-def ensure_chat_template(tokenizer, name: str = "auto") -> str:
-    """Install the configured template (ChatML when the tokenizer has none); returns its name."""
-    return set_template(tokenizer, name)
-
-
 def render(tokenizer, messages: Messages, add_generation_prompt: bool = False) -> str:
     """The chat template applied to ``messages``, as text."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
