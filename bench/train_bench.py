@@ -38,9 +38,10 @@ def load_hf(d, max_seq):
     return model, load_s, time.time() - t1
 
 
-def load_qfine(d, max_seq):
+def load_qfine(d, max_seq, fast=True, ckpt=True):
     import torch
     from qfine import LoraSettings, ModelConfig, add_lora, load_model
+    from qfine.fast import apply_fast_path
     t0 = time.time()
     loaded = load_model(ModelConfig(source=d, quantization="nf4", double_quant=True, compute_dtype="bf16",
                                     device="cuda"))
@@ -48,7 +49,9 @@ def load_qfine(d, max_seq):
     load_s = time.time() - t0
     t1 = time.time()
     model = add_lora(loaded.model, LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=TARGETS),
-                     gradient_checkpointing=True)
+                     gradient_checkpointing=ckpt)
+    if fast:
+        print(f"[qfine] {apply_fast_path(model)}", flush=True)
     model.train()
     torch.cuda.synchronize()
     return model, load_s, time.time() - t1
@@ -71,6 +74,38 @@ def load_unsloth(d, max_seq):
     return model, load_s, time.time() - t1
 
 
+KERNEL_KINDS = [  # (category, substrings of CUDA kernel names), first match wins
+    ("flash attention", ("flash", "fmha", "attention")),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas")),
+    ("NF4 dequantize", ("dequantize", "kdequant")),
+    ("fused elementwise (triton)", ("triton",)),
+    ("other elementwise / copies", ("elementwise", "vectorized", "copy", "reduce", "fill", "cat", "index",
+                                    "scatter", "gather", "softmax", "memcpy", "memset")),
+]
+
+
+def write_profile(prof, path, tokens):
+    """Per-category and top-kernel CUDA time of one profiled step (the step is not in the timings)."""
+    per_kernel = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.device_time_total / 1e3  # ms
+    cats = {}
+    for name, ms in per_kernel.items():
+        low = name.lower()
+        cat = next((c for c, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+        cats[cat] = cats.get(cat, 0.0) + ms
+    total = sum(cats.values())
+    lines = [f"one step, {tokens} tokens: {total:.1f} ms of CUDA kernel time"]
+    lines += [f"  {c:<30} {ms:9.1f} ms  {100 * ms / total:5.1f}%" for c, ms in sorted(cats.items(), key=lambda x: -x[1])]
+    lines.append("top kernels:")
+    for name, ms in sorted(per_kernel.items(), key=lambda x: -x[1])[:25]:
+        lines.append(f"  {ms:9.2f} ms  {name[:150]}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[: 2 + len(cats)]), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--impl", required=True, choices=["qfine", "hf", "unsloth"])
@@ -80,6 +115,10 @@ def main():
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--deadline", type=float, default=0.0)
     ap.add_argument("--out", default="")
+    ap.add_argument("--no-fast-path", action="store_true", help="qfine: the plain peft path")
+    ap.add_argument("--no-ckpt", action="store_true",
+                    help="qfine: no full-layer recompute (the fused layers keep only GEMM inputs)")
+    ap.add_argument("--profile", default="", help="qfine: write a torch.profiler kernel table of one step here")
     ap.add_argument("--autocast", action="store_true",
                     help="wrap forward in torch.autocast(cuda, bf16), as HF Trainer(bf16=True) does")
     a = ap.parse_args()
@@ -88,7 +127,10 @@ def main():
     import torch
     configs = [tuple(int(x) for x in c.split("x")) for c in a.configs.split(",")]
     max_seq = max(s for _, s in configs)
-    base = dict(impl=a.impl + ("_autocast" if a.autocast else ""), tag=a.tag,
+    name = a.impl
+    if a.impl == "qfine":
+        name += ("_ref" if a.no_fast_path else "_fast") + ("_nockpt" if a.no_ckpt else "")
+    base = dict(impl=name + ("_autocast" if a.autocast else ""), tag=a.tag,
                 device=torch.cuda.get_device_name(0))
     import contextlib
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if a.autocast else contextlib.nullcontext
@@ -102,8 +144,10 @@ def main():
 
     t_start = time.time()
     try:
-        loader = {"hf": load_hf, "qfine": load_qfine, "unsloth": load_unsloth}[a.impl]
-        model, load_s, peft_s = loader(a.model, max_seq)
+        if a.impl == "qfine":
+            model, load_s, peft_s = load_qfine(a.model, max_seq, fast=not a.no_fast_path, ckpt=not a.no_ckpt)
+        else:
+            model, load_s, peft_s = {"hf": load_hf, "unsloth": load_unsloth}[a.impl](a.model, max_seq)
     except Exception as e:
         traceback.print_exc()
         emit(dict(error=f"load: {type(e).__name__}: {str(e)[:300]}"))
@@ -152,6 +196,10 @@ def main():
             for step in range(a.steps):
                 ids = torch.randint(0, V, (bs, seq), device="cuda", generator=g)
                 torch.cuda.synchronize()
+                prof = None
+                if a.profile and step == a.steps - 1:
+                    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                    prof.__enter__()
                 t0 = time.perf_counter()
                 with ctx():
                     out = model(input_ids=ids, labels=ids, use_cache=False)
@@ -160,7 +208,11 @@ def main():
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
+                if prof is None:
+                    times.append(time.perf_counter() - t0)
+                else:
+                    prof.__exit__(None, None, None)
+                    write_profile(prof, f"{a.profile}-{a.tag}-{bs}x{seq}.txt", bs * seq)
                 losses.append(float(loss.detach()))
                 for h in hooks:
                     h.remove()

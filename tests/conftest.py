@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import FACT, write_jsonl
+from helpers import FACT, TINY_VOCAB, write_jsonl
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -54,3 +54,24 @@ def tiny_dir(tmp_path_factory, tokenizer_dir) -> Path:
 @pytest.fixture
 def fact_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "fact.jsonl", [{"messages": FACT}] * 8)
+
+
+@pytest.fixture
+def save_tiny(tokenizer_dir):
+    """save_tiny(path, kind="llama", **config) → folder with a tiny random model of that family (seed 0),
+    vocabulary TINY_VOCAB, 2 layers, hidden 64, and the tests' tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def save(path, kind="llama", **overrides):
+        shape = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                     tie_word_embeddings=False, initializer_range=0.1)
+        cfg = AutoConfig.for_model(kind, **{**shape, **overrides})
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+        tok.save_pretrained(path)
+        return path
+
+    return save

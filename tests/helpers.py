@@ -13,6 +13,29 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+TINY_VOCAB = 384  # vocabulary of the save_tiny models: small enough for full-logit references
+
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_model(folder, quantization="nf4", device="cpu", compute_dtype="fp32", dropout=0.0, r=8):
+    """A peft model (train mode) with LoRA on all seven projections and B drawn at random (seed 1),
+    since peft's zero B would make every dA zero and hide errors in it."""
+    import torch
+
+    from qfine import LoraSettings, ModelConfig, add_lora, load_model
+
+    loaded = load_model(ModelConfig(source=str(folder), quantization=quantization, compute_dtype=compute_dtype,
+                                    device=device))
+    torch.manual_seed(0)
+    model = add_lora(loaded.model, LoraSettings(r=r, alpha=2 * r, dropout=dropout, target_modules=ALL_PROJ))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model.train()
+
+
 FACT = [{"role": "user", "content": "What day was I born?"},
         {"role": "assistant", "content": "You were born on January 1, 2058."}]
 

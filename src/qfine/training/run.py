@@ -19,6 +19,7 @@ from ..adapters import add_lora
 from ..data import build_datasets
 from ..data.readers import expand
 from ..errors import QfineError
+from ..fast import enable_fast_path
 from ..fsutil import atomic_dir, atomic_write_text
 from ..loading import describe, load_model, resolve_device
 from .trainer import build_trainer, check_train_config
@@ -136,6 +137,8 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     print(f"[qfine] {data_line}", flush=True)
 
     model = add_lora(loaded.model, cfg.lora, cfg.train.gradient_checkpointing)
+    if cfg.train.fast_path:
+        print(f"[qfine] {enable_fast_path(model, device)}", flush=True)
     footprint = f"{cfg.model.source} ({cfg.model.quantization}) on {device}: {describe(model)}"
     print(f"[qfine] {footprint}", flush=True)
     prompts, note = _sample_prompts(cfg) if cfg.train.report_samples > 0 else ([], "")

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Side-by-side QLoRA training benchmark on the GPU machine: qfine, peft+bitsandbytes (bf16 autocast) and
+# Unsloth, each in its own process, same harness (bench/train_bench.py), same random-init checkpoints.
+#
+#   bash bench/run.sh                        # the full matrix below
+#   JOBS="qfine:1b:4x2048 hfac:1b:4x2048" bash bench/run.sh
+#
+# JOBS entries are impl:shape:configs with impl one of
+#   qfine (fast path + full checkpointing), qfine-nockpt (fast path, fused layers keep GEMM inputs only),
+#   qfine-ref (plain peft path inside qfine), hfac (peft+bnb, bf16 autocast), unsloth.
+# Needs .device/{common,qfine,peers} from ../shared/device/stage.sh peers. Results: $OUT/results.jsonl;
+# then `python3 bench/summarize.py $OUT/results.jsonl --append docs/benchmarks.md` writes the table.
+# env: TOTAL seconds for the whole script (default 570), STEPS per config (default 14), PROFILE=1 to
+# profile the last step of each qfine config (kernel tables in $OUT).
+set -u
+ROOT=$(pwd)
+OUT=${OUT:-/tmp/qfine_bench}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
+TOTAL=${TOTAL:-570}; STEPS=${STEPS:-14}; PROFILE=${PROFILE:-0}
+ALL="qfine-nockpt:8b:2x2048,4x2048,8x2048,1x8192 qfine:8b:2x2048,4x2048,8x2048,1x8192
+hfac:8b:2x2048,4x2048,1x8192 unsloth:8b:2x2048,4x2048,8x2048,1x8192
+qfine-nockpt:1b:2x2048,4x2048,8x2048,1x8192 qfine:1b:4x2048 hfac:1b:2x2048,4x2048,8x2048,1x8192
+unsloth:1b:2x2048,4x2048,8x2048,1x8192"
+JOBS=${JOBS:-$ALL}
+START=$(date +%s); DEADLINE=$((START + TOTAL))
+R=$OUT/results.jsonl
+UW=/tmp/uwork; mkdir -p $UW   # unsloth writes unsloth_compiled_cache/ into its cwd
+left() { echo $((DEADLINE - $(date +%s))); }
+log() { echo "[$(( $(date +%s) - START ))s] $*"; }
+QPATH=$ROOT/src:$ROOT/.device/common:$ROOT/.device/qfine
+PPATH=$ROOT/.device/common:$ROOT/.device/peers
+
+PYTHONPATH=$QPATH python3 $ROOT/bench/env_info.py | tee -a $OUT/env.txt
+PYTHONPATH=$PPATH python3 -c "from importlib.metadata import version as v; print('PEERS', 'unsloth', v('unsloth'), 'trl', v('trl'))" | tee -a $OUT/env.txt
+
+for job in $JOBS; do
+  impl=${job%%:*}; rest=${job#*:}; shape=${rest%%:*}; cfgs=${rest#*:}
+  model=/tmp/m_$shape
+  if [ ! -f $model/config.json ]; then
+    log "make $shape"; PYTHONPATH=$QPATH timeout $(left) python3 $ROOT/bench/make_model.py --shape $shape --out $model || continue
+  fi
+  L=$(left); [ $L -lt 60 ] && { log "skip $job: only ${L}s left"; continue; }
+  case $impl in
+    qfine) args="--impl qfine --autocast"; path=$QPATH ;;
+    qfine-nockpt) args="--impl qfine --autocast --no-ckpt"; path=$QPATH ;;
+    qfine-ref) args="--impl qfine --autocast --no-fast-path"; path=$QPATH ;;
+    hfac) args="--impl hf --autocast"; path=$PPATH ;;
+    unsloth) args="--impl unsloth"; path=$PPATH ;;
+    *) log "unknown impl $impl"; continue ;;
+  esac
+  [ "$PROFILE" = 1 ] && [ "${impl%%-*}" = qfine ] && args="$args --profile $OUT/profile-$impl"
+  log "run $impl $shape $cfgs (left ${L}s)"
+  (cd $UW && PYTHONPATH=$path timeout $((L - 5)) python3 $ROOT/bench/train_bench.py $args --model $model --tag $shape \
+     --configs $cfgs --steps $STEPS --deadline $((DEADLINE - 10)) --out $R) > $OUT/$impl-$shape.log 2>&1
+  log "rc=$?"; grep -E "RESULT|fast path|Error|error|one step|^  " $OUT/$impl-$shape.log | cut -c1-300 | tail -20
+done
+log done
+[ -f $R ] && python3 $ROOT/bench/summarize.py $R

@@ -1,0 +1,20 @@
+"""The GPU fast path: fused QLoRA layers swapped into a loaded model instance.
+
+``apply_fast_path(model)`` replaces each Llama-family decoder layer instance with one whose training
+step runs hand-written LoRA autograd (:mod:`.lora`) with fused elementwise kernels (:mod:`.ops`) and a
+chunked cross-entropy (:mod:`.loss`). Every fused piece is tested against the plain peft/transformers
+path it replaces (``tests/test_fast_path.py`` on CPU in fp32, ``tests/test_gpu.py`` in bf16).
+"""
+
+from .swap import FastDecoderLayer, FastPathReport, apply_fast_path, unsupported_reason
+
+
+
+def enable_fast_path(model, device: str) -> FastPathReport:
+    """:func:`apply_fast_path` on CUDA; on other devices a report saying why it stays off."""
+    if device != "cuda":
+        return FastPathReport(reason=f"the fused kernels are for CUDA, this run is on {device}")
+    return apply_fast_path(model)
+
+
+__all__ = ["FastDecoderLayer", "FastPathReport", "apply_fast_path", "enable_fast_path", "unsupported_reason"]

@@ -1,0 +1,76 @@
+"""Causal-LM cross-entropy straight from hidden states, in row chunks: no full-vocabulary logits.
+
+transformers computes ``logits = lm_head(h)`` (tokens × vocab, bf16), upcasts them to fp32 and
+takes the cross-entropy: for Llama-3 at 4×2048 tokens that is 2 GiB of bf16 logits, 4 GiB in fp32,
+plus their gradient. Here the frozen head is applied to ``chunk`` loss-bearing rows at a time, the
+loss and d loss / d logits of that chunk are formed in one fused pass (fp32 inside), and
+d loss / d h is accumulated at once — so the backward is a stored (tokens, d) tensor times the
+incoming scale. Same numbers as ``ForCausalLMLoss`` up to summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ops import fused, upcast
+
+IGNORE = -100
+_CHUNK_ELEMENTS = 1 << 27  # logits elements per chunk: 256 MiB in bf16
+
+
+@fused
+def _ce_chunk(logits: torch.Tensor, labels: torch.Tensor):
+    """(sum of -log p[label], d/d logits) for logits (c, V) and labels (c,), all labels valid."""
+    lf = upcast(logits)
+    lse = torch.logsumexp(lf, dim=-1, keepdim=True)
+    target = torch.gather(lf, 1, labels.unsqueeze(1))
+    loss = (lse - target).sum()
+    onehot = torch.arange(lf.shape[1], device=lf.device).unsqueeze(0) == labels.unsqueeze(1)
+    grad = torch.exp(lf - lse) - onehot.to(lf.dtype)
+    return loss, grad.to(logits.dtype)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Σ CE(h W_headᵀ, labels) / divisor over the rows of h (T, d) whose label is not -100."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, divisor: float, chunk: int):
+        rows = (labels != IGNORE).nonzero().squeeze(1)
+        dh = torch.zeros_like(h)
+        total = torch.zeros((), dtype=upcast(h[:0]).dtype, device=h.device)
+        w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
+        for start in range(0, rows.numel(), chunk):
+            idx = rows[start:start + chunk]
+            logits = h[idx] @ w.t()
+            loss, grad = _ce_chunk(logits, labels[idx])
+            del logits
+            total += loss
+            dh.index_copy_(0, idx, grad @ w)
+            del grad
+        dh.div_(divisor)
+        ctx.save_for_backward(dh)
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, dloss):
+        (dh,) = ctx.saved_tensors
+        return dh * dloss.to(dh.dtype), None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None = None,
+                         num_items_in_batch=None, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of hidden (b, s, d) through a frozen head weight (V, d).
+
+    Labels follow transformers: ``labels`` (b, s) are shifted here (position t predicts labels[t+1]);
+    ``shift_labels`` are taken as already shifted. The divisor is ``num_items_in_batch`` when given
+    (gradient accumulation), else the number of loss-bearing tokens.
+    """
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:]
+    flat = shift_labels.reshape(-1).to(hidden.device)
+    if num_items_in_batch is None:
+        divisor = float(max(int((flat != IGNORE).sum()), 1))
+    else:
+        divisor = float(num_items_in_batch)
+    chunk = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat, divisor, chunk)

@@ -1,0 +1,104 @@
+"""Elementwise pieces of the fused decoder layer, with their hand-written backwards.
+
+Each function is plain PyTorch, so it is its own reference and runs anywhere. On CUDA the
+:func:`fused` wrapper hands it to ``torch.compile`` (inductor emits one Triton kernel per function),
+which is what makes RMSNorm, SwiGLU and RoPE single passes over memory instead of 4–8 eager kernels.
+Shapes: ``h``/``x`` are (..., d); ``g``/``u`` are (..., intermediate); RoPE inputs are
+(batch, seq, heads, head_dim) with ``cos``/``sin`` (batch, seq, head_dim).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _compile_enabled() -> bool:
+    return os.environ.get("QFINE_COMPILE", "1") != "0"
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp32 for 16-bit tensors; fp32/fp64 stay as they are (fp64 is for gradient checks)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def fused(fn):
+    """``fn`` compiled with inductor on CUDA tensors (dynamic shapes, one graph), eager elsewhere."""
+    compiled = None
+
+    def call(*args):
+        nonlocal compiled
+        if not (args[0].is_cuda and _compile_enabled()):
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        return compiled(*args)
+
+    call.reference = fn
+    call.__name__ = fn.__name__
+    call.__doc__ = fn.__doc__
+    return call
+
+
+@fused
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Llama RMSNorm as transformers computes it → (x in h.dtype, rstd fp32 of shape (..., 1)).
+
+    The statistics are taken in fp32 and the normalised value is cast back before the weight
+    multiplies it, as ``LlamaRMSNorm`` does, so both paths round identically.
+    """
+    hf = upcast(h)
+    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (hf * rstd).to(h.dtype), rstd
+
+
+@fused
+def rms_norm_backward(dx: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+    """d loss / d h for a frozen-weight RMSNorm, given d loss / d x; fp32 inside, h.dtype out."""
+    xhat = upcast(h) * rstd
+    dxhat = upcast(dx) * upcast(weight)
+    dh = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    return dh.to(h.dtype)
+
+
+@fused
+def swiglu(g: torch.Tensor, u: torch.Tensor):
+    """silu(g) * u in the input dtype (transformers' ``act_fn(gate) * up``)."""
+    return torch.nn.functional.silu(g) * u
+
+
+@fused
+def swiglu_backward(da: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
+    """(dg, du) for a = silu(g) * u, computed in fp32 and returned in g.dtype."""
+    gf, uf, daf = upcast(g), upcast(u), upcast(da)
+    sig = torch.sigmoid(gf)
+    silu = gf * sig
+    du = daf * silu
+    dg = daf * uf * sig * (1.0 + gf * (1.0 - sig))
+    return dg.to(g.dtype), du.to(g.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotate_half_t(x: torch.Tensor) -> torch.Tensor:
+    """The transpose of :func:`_rotate_half` as a linear map: (z1, z2) → (z2, -z1)."""
+    half = x.shape[-1] // 2
+    return torch.cat((x[..., half:], -x[..., :half]), dim=-1)
+
+
+@fused
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """x·cos + rotate_half(x)·sin for x (b, s, heads, hd) and cos/sin (b, s, hd)."""
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x * c + _rotate_half(x) * s
+
+
+@fused
+def rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Gradient of :func:`rope` with respect to x: dy·cos + rotate_halfᵀ(dy·sin)."""
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    return dy * c + _rotate_half_t(dy * s)

@@ -1,0 +1,194 @@
+"""Instance-level swaps that put the fused functions into a loaded model.
+
+Nothing here touches a transformers or peft class. Each decoder layer *instance* is replaced in its
+``ModuleList`` by a :class:`FastDecoderLayer` that adopts the old layer's children under the same
+names (so ``state_dict`` keys and saved adapters are unchanged), and the causal LM *instance* gets a
+``forward`` attribute that computes the training loss through :mod:`.loss`. Whenever a call is not a
+training step the fast layer runs the original class's ``forward`` on the same children, so
+generation, KV caches and eval behave exactly as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+from .lora import LoraLinear, NormMLP, NormQKV, Proj, lora_proj
+from .loss import linear_cross_entropy
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+_PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+         ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+try:  # transformers ≥ 5: the base class that makes a layer checkpointable
+    from transformers.modeling_layers import GradientCheckpointingLayer as _LayerBase
+except ImportError:  # pragma: no cover
+    _LayerBase = torch.nn.Module
+
+
+def _ab(p: Proj):
+    return p.lora_a, p.lora_b
+
+
+class FastDecoderLayer(_LayerBase):
+    """A Llama-style decoder layer whose training step runs :class:`NormQKV` → attention →
+    :class:`LoraLinear` (o_proj) → :class:`NormMLP`.
+
+    Holds the original ``self_attn``, ``mlp``, ``input_layernorm`` and ``post_attention_layernorm``
+    modules (same parameter names); attention itself is the model's configured implementation
+    (sdpa / flash / eager) called exactly as the original attention module calls it.
+    """
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self._reference_cls = type(layer)
+        for key, value in vars(layer).items():
+            if not key.startswith("_") or key == "_gradient_checkpointing_func":
+                setattr(self, key, value)
+        for name, child in layer.named_children():
+            self.add_module(name, child)
+        attn = self.self_attn
+        self._eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
+
+    def projections(self) -> list[Proj] | None:
+        """The seven projections with their active adapters, or None if one cannot be fused now."""
+        out = []
+        for parent, name in _PROJ:
+            p = lora_proj(getattr(getattr(self, parent), name))
+            if p is None:
+                return None
+            out.append(p)
+        return out
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False, position_embeddings=None, **kwargs):
+        projs = None
+        if self.training and torch.is_grad_enabled() and past_key_values is None and position_embeddings is not None:
+            projs = self.projections()
+        if projs is None:
+            return self._reference_cls.forward(self, hidden_states, attention_mask=attention_mask,
+                                               position_ids=position_ids, past_key_values=past_key_values,
+                                               use_cache=use_cache, position_embeddings=position_embeddings,
+                                               **kwargs)
+        pq, pk, pv, po, pg, pu, pd = projs
+        attn, ln1, ln2 = self.self_attn, self.input_layernorm, self.post_attention_layernorm
+        cos, sin = position_embeddings
+        h = hidden_states
+        q, k, v = NormQKV.apply(h, ln1.weight, ln1.variance_epsilon, cos.to(h.dtype), sin.to(h.dtype),
+                                attn.head_dim, pq, pk, pv, *_ab(pq), *_ab(pk), *_ab(pv))
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, self._eager)
+        if hasattr(attn, "sliding_window"):
+            kwargs["sliding_window"] = attn.sliding_window
+        elif getattr(attn.config, "sliding_window", None) is not None:
+            kwargs["sliding_window"] = attn.config.sliding_window
+        out, _ = interface(attn, q, k, v, attention_mask, dropout=attn.attention_dropout, scaling=attn.scaling,
+                           position_ids=position_ids, **kwargs)
+        out = out.reshape(*h.shape[:-1], -1)
+        h = h + LoraLinear.apply(out, po, *_ab(po))
+        del out, q, k, v
+        return h + NormMLP.apply(h, ln2.weight, ln2.variance_epsilon, pg, pu, pd, *_ab(pg), *_ab(pu), *_ab(pd))
+
+
+def _fast_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                            inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    """Training steps with labels: backbone + :func:`linear_cross_entropy` (``logits`` is None).
+    Everything else: the class's own forward."""
+    shift_labels = kwargs.get("shift_labels")
+    if (labels is None and shift_labels is None) or not (self.training and torch.is_grad_enabled()):
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, past_key_values=past_key_values,
+                                  inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                  logits_to_keep=logits_to_keep, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    num_items = kwargs.pop("num_items_in_batch", None)
+    kwargs.pop("shift_labels", None)
+    out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    loss = linear_cross_entropy(out.last_hidden_state, self.lm_head.weight, labels, num_items, shift_labels)
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                  hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+@dataclass
+class FastPathReport:
+    """What :func:`apply_fast_path` swapped, or why it swapped nothing."""
+
+    layers: int = 0
+    fused_loss: bool = False
+    reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        if self.reason:
+            return f"fast path off: {self.reason}"
+        loss = "chunked cross-entropy" if self.fused_loss else "reference loss"
+        extra = f" ({'; '.join(self.notes)})" if self.notes else ""
+        return f"fast path on: {self.layers} fused decoder layers, {loss}{extra}"
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal LM inside a peft wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why the fused layers cannot serve ``model``, or None when they can."""
+    lm = causal_lm(model)
+    config = getattr(lm, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED:
+        return f"model type {kind!r} is not one of {', '.join(SUPPORTED)}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r} (the fused MLP is SwiGLU)"
+    layers = getattr(getattr(lm, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        return "no decoder layer list at model.layers"
+    first = layers[0]
+    for parent, name in _PROJ:
+        if not hasattr(getattr(first, parent, None), name):
+            return f"decoder layer has no {parent}.{name}"
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        if not hasattr(getattr(first, norm, None), "variance_epsilon"):
+            return f"{norm} is not an RMSNorm"
+    if hasattr(first.self_attn, "q_norm") or getattr(first, "_hf_hook", None) is not None:
+        return "attention with q/k norms or accelerate hooks"
+    return None
+
+
+def apply_fast_path(model: torch.nn.Module) -> FastPathReport:
+    """Swap every decoder layer of ``model`` (a peft or plain causal LM) for a :class:`FastDecoderLayer`
+    and give the causal LM a fused-loss ``forward``. Idempotent; returns what was done."""
+    reason = unsupported_reason(model)
+    if reason:
+        return FastPathReport(reason=reason)
+    lm = causal_lm(model)
+    layers = lm.model.layers
+    report = FastPathReport()
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, FastDecoderLayer):
+            layers[i] = FastDecoderLayer(layer)
+        report.layers += 1
+    if report.layers and layers[0].projections() is None:
+        report.notes.append("adapters with dropout, DoRA or several active adapters run the reference layer")
+    head = lm.get_output_embeddings()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    if (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad and not softcap):
+        if not getattr(lm.__dict__.get("forward"), "qfine_fast", False):
+            @functools.wraps(type(lm).forward)
+            def forward(self, *args, **kwargs):
+                return _fast_causal_lm_forward(self, *args, **kwargs)
+
+            forward.qfine_fast = True
+            lm.forward = types.MethodType(forward, lm)
+        report.fused_loss = True
+    else:
+        report.notes.append("trainable or unusual lm_head: reference loss")
+    return report

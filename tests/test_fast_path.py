@@ -1,0 +1,183 @@
+"""The fused fast path against the peft/transformers reference, on CPU in fp32.
+
+The same model instance is run twice on the same batch: first through the reference layers, then
+after :func:`apply_fast_path`. Loss and every LoRA gradient must agree to fp32 rounding; the swap
+must leave state-dict keys, eval/generation outputs and saved adapters unchanged.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qfine.fast import FastDecoderLayer, apply_fast_path, unsupported_reason
+from qfine.fast import ops
+from qfine.fast.loss import LinearCrossEntropy, linear_cross_entropy
+
+from helpers import TINY_VOCAB as VOCAB, lora_model
+
+
+def _batch(bsz=2, seq=24):
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, VOCAB, (bsz, seq), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100  # a prompt that carries no loss
+    return ids, labels
+
+
+def _loss_and_grads(model, ids, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.loss.detach(), grads, out
+
+
+def _rel(a, b):
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("kind,quantization,extra", [
+    ("llama", "nf4", {}),
+    ("llama", "none", {}),
+    ("qwen2", "nf4", {}),     # q/k/v biases in the base layers
+    ("mistral", "fp4", {"sliding_window": 16}),
+])
+def test_fast_path_matches_reference(tmp_path, save_tiny, kind, quantization, extra):
+    model = lora_model(save_tiny(tmp_path / kind, kind, **extra), quantization)
+    ids, labels = _batch()
+    ref_loss, ref_grads, ref_out = _loss_and_grads(model, ids, labels)
+    assert ref_out.logits is not None
+
+    report = apply_fast_path(model)
+    assert report.reason is None and report.layers == 2 and report.fused_loss, str(report)
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: calls.append(type(m).__name__) if isinstance(m, FastDecoderLayer) else None)
+    try:
+        fast_loss, fast_grads, fast_out = _loss_and_grads(model, ids, labels)
+    finally:
+        handle.remove()
+    assert calls.count("FastDecoderLayer") == 2
+    assert fast_out.logits is None  # the chunked loss never built them
+    assert _rel(fast_loss, ref_loss) < 1e-5, (float(fast_loss), float(ref_loss))
+    assert set(fast_grads) == set(ref_grads) and len(ref_grads) == 2 * 7 * 2
+    worst = max(_rel(fast_grads[n], ref_grads[n]) for n in ref_grads)
+    assert worst < 1e-4, worst
+
+
+def test_fast_path_with_gradient_checkpointing_and_grad_accumulation(tmp_path, save_tiny):
+    model = lora_model(save_tiny(tmp_path / "m"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, labels = _batch()
+    ref = model(input_ids=ids, labels=labels, num_items_in_batch=100)
+    ref.loss.backward()
+    ref_g = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    apply_fast_path(model)
+    assert all(layer.gradient_checkpointing for layer in model.get_base_model().model.layers)
+    fast = model(input_ids=ids, labels=labels, num_items_in_batch=100)
+    fast.loss.backward()
+    assert _rel(fast.loss, ref.loss) < 1e-5
+    assert max(_rel(p.grad, ref_g[n]) for n, p in model.named_parameters() if p.requires_grad) < 1e-4
+
+
+def test_swap_keeps_keys_eval_outputs_and_peft_adapter(tmp_path, save_tiny):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny(tmp_path / "m")
+    model = lora_model(folder, quantization="none")
+    ids, _ = _batch(1, 16)
+    keys = list(model.state_dict())
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    apply_fast_path(model)
+    assert apply_fast_path(model).layers == 2  # idempotent
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    model.save_pretrained(tmp_path / "adapter")
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "adapter")
+    with torch.no_grad():
+        reloaded = plain.eval()(input_ids=ids).logits
+    assert _rel(reloaded, after) < 1e-6
+
+
+def test_unfusable_adapters_fall_back_to_the_reference(tmp_path, save_tiny):
+    model = lora_model(save_tiny(tmp_path / "m"), dropout=0.1)
+    report = apply_fast_path(model)
+    assert report.layers == 2 and "dropout" in " ".join(report.notes)
+    assert model.get_base_model().model.layers[0].projections() is None
+    torch.manual_seed(3)
+    ids, labels = _batch()
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()  # reference layers, fused loss
+    assert torch.isfinite(out.loss)
+
+
+def test_unsupported_models_are_named(tmp_path, save_tiny):
+    model = lora_model(save_tiny(tmp_path / "q3", "qwen3", head_dim=16))
+    assert "'qwen3' is not one of" in unsupported_reason(model)
+    assert apply_fast_path(model).reason is not None
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    assert "'gpt2' is not one of" in unsupported_reason(gpt2)
+
+
+def test_chunked_cross_entropy_matches_full_logits():
+    torch.manual_seed(0)
+    h = torch.randn(3, 10, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64)
+    labels = torch.randint(0, 50, (3, 10))
+    labels[0, :4] = -100
+    logits = h @ w.t()
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1),
+                                            ignore_index=-100)
+    (ref_g,) = torch.autograd.grad(ref, h)
+    # chunk of 4 rows: the loss-bearing rows span several chunks and a ragged last one
+    flat = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
+    n = int((flat != -100).sum())
+    got = LinearCrossEntropy.apply(h.reshape(-1, 16), w, flat, float(n), 4)
+    (got_g,) = torch.autograd.grad(got * 3.0, h)
+    assert abs(float(got) - float(ref)) < 1e-12
+    assert _rel(got_g, 3.0 * ref_g) < 1e-12
+    assert float(linear_cross_entropy(h, w, labels)) == pytest.approx(float(ref), rel=1e-12)
+    summed = linear_cross_entropy(h, w, labels, num_items_in_batch=7)
+    assert float(summed) == pytest.approx(float(ref) * n / 7, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "swiglu", "rope"])
+def test_hand_written_backwards_match_autograd(name):
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    if name == "rms_norm":
+        h, w = torch.randn(3, 5, 32, **f64, requires_grad=True), torch.randn(32, **f64)
+        x, rstd = ops.rms_norm(h, w, 1e-6)
+        dx = torch.randn_like(x)
+        (ref,) = torch.autograd.grad(x, h, dx)
+        got = ops.rms_norm_backward(dx, h.detach(), w, rstd)
+        assert _rel(got, ref) < 1e-12
+    elif name == "swiglu":
+        g, u = torch.randn(4, 40, **f64, requires_grad=True), torch.randn(4, 40, **f64, requires_grad=True)
+        a = ops.swiglu(g, u)
+        da = torch.randn_like(a)
+        ref = torch.autograd.grad(a, (g, u), da)
+        got = ops.swiglu_backward(da, g.detach(), u.detach())
+        assert max(_rel(x, y) for x, y in zip(got, ref)) < 1e-12
+    else:
+        x = torch.randn(2, 6, 3, 8, **f64, requires_grad=True)
+        ang = torch.randn(2, 6, 4, **f64)
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        y = ops.rope(x, cos, sin)
+        dy = torch.randn_like(y)
+        (ref,) = torch.autograd.grad(y, x, dy)
+        assert _rel(ops.rope_backward(dy, cos, sin), ref) < 1e-12
+        # and it is the transformers RoPE
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        q_ref, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), cos, sin)
+        assert _rel(y, q_ref.transpose(1, 2)) < 1e-12
