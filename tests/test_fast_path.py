@@ -162,22 +162,25 @@ def test_hand_written_backwards_match_autograd(name):
         got = ops.rms_norm_backward(dx, h.detach(), w, rstd)
         assert _rel(got, ref) < 1e-12
     elif name == "swiglu":
-        g, u = torch.randn(4, 40, **f64, requires_grad=True), torch.randn(4, 40, **f64, requires_grad=True)
-        a = ops.swiglu(g, u)
+        gu = torch.randn(4, 80, **f64, requires_grad=True)
+        a = ops.swiglu(gu)
+        g, u = gu[:, :40], gu[:, 40:]
+        assert _rel(a, torch.nn.functional.silu(g) * u) < 1e-15
         da = torch.randn_like(a)
-        ref = torch.autograd.grad(a, (g, u), da)
-        got = ops.swiglu_backward(da, g.detach(), u.detach())
-        assert max(_rel(x, y) for x, y in zip(got, ref)) < 1e-12
+        (ref,) = torch.autograd.grad(a, gu, da)
+        got, act = ops.swiglu_backward(da, gu.detach())
+        assert _rel(got, ref) < 1e-12 and _rel(act, a) < 1e-15
     else:
-        x = torch.randn(2, 6, 3, 8, **f64, requires_grad=True)
+        qkv = torch.randn(2, 6, 3 + 2 * 2, 8, **f64, requires_grad=True)  # 3 query heads, 2 kv heads
         ang = torch.randn(2, 6, 4, **f64)
         cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-        y = ops.rope(x, cos, sin)
-        dy = torch.randn_like(y)
-        (ref,) = torch.autograd.grad(y, x, dy)
-        assert _rel(ops.rope_backward(dy, cos, sin), ref) < 1e-12
-        # and it is the transformers RoPE
+        q, k, v = ops.rope_qkv(qkv, cos, sin, 3, 2)
+        grads = [torch.randn_like(t) for t in (q, k, v)]
+        (ref,) = torch.autograd.grad((q, k, v), qkv, grads)
+        assert _rel(ops.rope_qkv_backward(*grads, cos, sin), ref) < 1e-12
+        assert torch.equal(v, qkv[:, :, 5:]) and v.data_ptr() != qkv.data_ptr()
+        # and q, k are the transformers RoPE
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        q_ref, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), cos, sin)
-        assert _rel(y, q_ref.transpose(1, 2)) < 1e-12
+        q_ref, k_ref = apply_rotary_pos_emb(qkv[:, :, :3].transpose(1, 2), qkv[:, :, 3:5].transpose(1, 2), cos, sin)
+        assert _rel(q, q_ref.transpose(1, 2)) < 1e-15 and _rel(k, k_ref.transpose(1, 2)) < 1e-15

@@ -11,8 +11,10 @@ frozen, no weight gradient of W is needed, so the only activations kept are the 
 gradients and the elementwise backwards need:
 
 * ``NormQKV`` keeps the layer input h (b, s, d) and the RMSNorm rstd (b, s, 1) fp32; the normalised
-  x is recomputed in the backward (one elementwise pass) instead of stored.
-* ``NormMLP`` keeps h, rstd, gate g and up u (b, s, i); silu(g)·u is recomputed.
+  x is recomputed in the backward (one elementwise pass) instead of stored. q, k and v come out of
+  one GEMM against the stacked [Wq; Wk; Wv].
+* ``NormMLP`` keeps h, rstd and the stacked gate/up output [g | u] (b·s, 2i), from one GEMM against
+  [Wg; Wu]; silu(g)·u is recomputed inside the SwiGLU backward kernel.
 * ``LoraLinear`` keeps its input x.
 
 The small (tokens, r) products x Aᵀ are kept too (r = 16 columns). The reference for all of this is
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .nf4 import dequantize
+from .nf4 import dequantize, stacked
 
 
 @dataclass
@@ -84,36 +86,75 @@ def lora_proj(module: torch.nn.Module) -> Proj | None:
     return proj
 
 
-def _forward(x2d: torch.Tensor, p: Proj, a: torch.Tensor | None, b: torch.Tensor | None):
-    """y (T, out) and the LoRA intermediate x Aᵀ (T, r) or None, all in x2d.dtype."""
-    w = p.weight(x2d.dtype)
+def _lora(projs, loras, dtype):
+    """The projections' adapters as one stack: (A (R, in) unscaled, [(out slice, r slice, B, scale)]).
+
+    ``loras`` holds (A, B) parameter pairs, None for a projection without an adapter."""
+    a_parts, pieces, o, r = [], [], 0, 0
+    for p, (a, b) in zip(projs, loras):
+        n = p.base.out_features
+        if a is not None:
+            k = a.shape[0]
+            a_parts.append(a.to(dtype))
+            pieces.append((slice(o, o + n), slice(r, r + k), b.to(dtype), p.scale))
+            r += k
+        o += n
+    return (torch.cat(a_parts) if len(a_parts) > 1 else (a_parts[0] if a_parts else None)), pieces
+
+
+def _forward(x2d: torch.Tensor, projs, loras):
+    """Σ-stacked outputs y (T, Σ out) of projections sharing the input x2d (T, in), and the LoRA
+    intermediate x Aᵀ (T, R) (None without adapters). One GEMM for the stacked frozen weights, one
+    for all the A's, one small one per B."""
+    w = stacked([p.base for p in projs], x2d.dtype)
     y = x2d @ w.t()
     del w
-    if p.bias is not None:
-        y += p.bias.to(y.dtype)
+    o = 0
+    for p in projs:
+        if p.bias is not None:
+            y[:, o:o + p.base.out_features] += p.bias.to(y.dtype)
+        o += p.base.out_features
+    a_all, pieces = _lora(projs, loras, x2d.dtype)
     xa = None
-    if a is not None:
-        xa = x2d @ a.to(x2d.dtype).t()
-        y.addmm_(xa, b.to(x2d.dtype).t(), alpha=p.scale)
+    if a_all is not None:
+        xa = x2d @ a_all.t()
+        for out_sl, r_sl, b, scale in pieces:
+            y[:, out_sl].addmm_(xa[:, r_sl], b.t(), alpha=scale)
     return y, xa
 
 
-def _backward(dy: torch.Tensor, x2d: torch.Tensor, xa, p: Proj, a, b, dx: torch.Tensor | None):
-    """Add dy's contribution to dx (T, in) (allocated when None); return (dx, dA, dB)."""
-    w = p.weight(dy.dtype)
-    if dx is None:
-        dx = dy @ w
-    else:
-        dx.addmm_(dy, w)
+def _backward_input(dy: torch.Tensor, projs, loras):
+    """dx = dy W_stack + Σ s·(dy_i B_i) A_i for dy (T, Σ out) → (dx (T, in), dyB (T, R) or None)."""
+    w = stacked([p.base for p in projs], dy.dtype)
+    dx = dy @ w
     del w
-    da = db = None
-    if a is not None:
-        a_c, b_c = a.to(dy.dtype), b.to(dy.dtype)
-        dyb = dy @ b_c                                       # (T, r)
-        dx.addmm_(dyb, a_c, alpha=p.scale)
-        da = (dyb.t() @ x2d).mul_(p.scale).to(a.dtype)       # (r, in)
-        db = (dy.t() @ xa).mul_(p.scale).to(b.dtype)         # (out, r)
-    return dx, da, db
+    a_all, pieces = _lora(projs, loras, dy.dtype)
+    dyb = None
+    if a_all is not None:
+        dyb = torch.empty(dy.shape[0], a_all.shape[0], dtype=dy.dtype, device=dy.device)
+        for out_sl, r_sl, b, scale in pieces:
+            torch.mm(dy[:, out_sl], b, out=dyb[:, r_sl])
+            dyb[:, r_sl] *= scale
+        dx.addmm_(dyb, a_all)
+    return dx, dyb
+
+
+def _backward_lora(dy, x2d, xa, dyb, projs, loras):
+    """(dA, dB) per projection, as parameter-dtype tensors, from dyB = s·dy B (T, R) and x Aᵀ."""
+    grads = []
+    if dyb is None:
+        return [(None, None)] * len(projs)
+    da_all = dyb.t() @ x2d                                    # (R, in), already scaled
+    _, pieces = _lora(projs, loras, dy.dtype)
+    it = iter(pieces)
+    for a, b in loras:
+        if a is None:
+            grads.append((None, None))
+            continue
+        out_sl, r_sl, _, scale = next(it)
+        db = (dy[:, out_sl].t() @ xa[:, r_sl]).mul_(scale)   # (out, r)
+        grads.append((da_all[r_sl].to(a.dtype), db.to(b.dtype)))
+    return grads
 
 
 class LoraLinear(torch.autograd.Function):
@@ -122,7 +163,7 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, proj: Proj, a, b):
         x2d = x.reshape(-1, x.shape[-1])
-        y, xa = _forward(x2d, proj, a, b)
+        y, xa = _forward(x2d, [proj], [(a, b)])
         ctx.proj = proj
         ctx.save_for_backward(x2d, xa, a, b)
         return y.view(*x.shape[:-1], -1)
@@ -131,12 +172,13 @@ class LoraLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x2d, xa, a, b = ctx.saved_tensors
         dy2d = dy.reshape(-1, dy.shape[-1])
-        dx, da, db = _backward(dy2d, x2d, xa, ctx.proj, a, b, None)
+        dx, dyb = _backward_input(dy2d, [ctx.proj], [(a, b)])
+        ((da, db),) = _backward_lora(dy2d, x2d, xa, dyb, [ctx.proj], [(a, b)])
         return dx.view(*dy.shape[:-1], -1), None, da, db
 
 
 class NormQKV(torch.autograd.Function):
-    """RMSNorm → q, k, v projections (+LoRA) → RoPE on q and k.
+    """RMSNorm → stacked q, k, v projection (+LoRA) → RoPE on q and k.
 
     In: h (b, s, d), the norm weight (d,), cos/sin (b, s, hd). Out: q (b, nh, s, hd), k and v
     (b, nkv, s, hd) as transposed views, the layout the attention kernels take.
@@ -146,72 +188,63 @@ class NormQKV(torch.autograd.Function):
     def forward(ctx, h, norm_w, eps, cos, sin, head_dim, pq: Proj, pk: Proj, pv: Proj,
                 aq, bq, ak, bk, av, bv):
         bsz, seq, d = h.shape
+        projs, loras = [pq, pk, pv], [(aq, bq), (ak, bk), (av, bv)]
         x, rstd = ops.rms_norm(h, norm_w, eps)
-        x2d = x.reshape(-1, d)
-        q, xaq = _forward(x2d, pq, aq, bq)
-        k, xak = _forward(x2d, pk, ak, bk)
-        v, xav = _forward(x2d, pv, av, bv)
-        del x, x2d
-        q = ops.rope(q.view(bsz, seq, -1, head_dim), cos, sin)
-        k = ops.rope(k.view(bsz, seq, -1, head_dim), cos, sin)
-        v = v.view(bsz, seq, -1, head_dim)
-        ctx.meta = (eps, pq, pk, pv)
-        ctx.save_for_backward(h, norm_w, rstd, cos, sin, xaq, xak, xav, aq, bq, ak, bk, av, bv)
+        qkv, xa = _forward(x.view(-1, d), projs, loras)
+        del x
+        n_q, n_kv = pq.base.out_features // head_dim, pk.base.out_features // head_dim
+        q, k, v = ops.rope_qkv(qkv.view(bsz, seq, -1, head_dim), cos, sin, n_q, n_kv)
+        del qkv
+        ctx.meta = (eps, projs)
+        ctx.save_for_backward(h, norm_w, rstd, cos, sin, xa, aq, bq, ak, bk, av, bv)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        h, norm_w, rstd, cos, sin, xaq, xak, xav, aq, bq, ak, bk, av, bv = ctx.saved_tensors
-        eps, pq, pk, pv = ctx.meta
+        h, norm_w, rstd, cos, sin, xa, aq, bq, ak, bk, av, bv = ctx.saved_tensors
+        eps, projs = ctx.meta
+        loras = [(aq, bq), (ak, bk), (av, bv)]
         d = h.shape[-1]
+        dqkv = ops.rope_qkv_backward(dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), cos, sin)
+        dqkv = dqkv.view(-1, dqkv.shape[2] * dqkv.shape[3])
+        dx, dyb = _backward_input(dqkv, projs, loras)
         x, _ = ops.rms_norm(h, norm_w, eps)  # recomputed: cheaper than keeping it
-        x2d = x.reshape(-1, d)
-        dq = ops.rope_backward(dq.transpose(1, 2), cos, sin).reshape(x2d.shape[0], -1)
-        dk = ops.rope_backward(dk.transpose(1, 2), cos, sin).reshape(x2d.shape[0], -1)
-        dv = dv.transpose(1, 2).reshape(x2d.shape[0], -1)
-        dx, daq, dbq = _backward(dq, x2d, xaq, pq, aq, bq, None)
-        del dq
-        dx, dak, dbk = _backward(dk, x2d, xak, pk, ak, bk, dx)
-        dx, dav, dbv = _backward(dv, x2d, xav, pv, av, bv, dx)
-        del x, x2d
+        grads = _backward_lora(dqkv, x.view(-1, d), xa, dyb, projs, loras)
+        del x, dqkv
         dh = ops.rms_norm_backward(dx.view_as(h), h, norm_w, rstd)
-        return (dh, None, None, None, None, None, None, None, None, daq, dbq, dak, dbk, dav, dbv)
+        return (dh, None, None, None, None, None, None, None, None, *[g for pair in grads for g in pair])
 
 
 class NormMLP(torch.autograd.Function):
-    """RMSNorm → gate/up (+LoRA) → silu(g)·u → down (+LoRA): h (b, s, d) → (b, s, d)."""
+    """RMSNorm → stacked gate/up (+LoRA) → silu(g)·u → down (+LoRA): h (b, s, d) → (b, s, d)."""
 
     @staticmethod
     def forward(ctx, h, norm_w, eps, pg: Proj, pu: Proj, pd: Proj, ag, bg, au, bu, ad, bd):
         d = h.shape[-1]
         x, rstd = ops.rms_norm(h, norm_w, eps)
-        x2d = x.reshape(-1, d)
-        g, xag = _forward(x2d, pg, ag, bg)
-        u, xau = _forward(x2d, pu, au, bu)
-        del x, x2d
-        act = ops.swiglu(g, u)
-        y, xad = _forward(act, pd, ad, bd)
+        gu, xa_gu = _forward(x.view(-1, d), [pg, pu], [(ag, bg), (au, bu)])
+        del x
+        act = ops.swiglu(gu)
+        y, xa_d = _forward(act, [pd], [(ad, bd)])
         del act
         ctx.meta = (eps, pg, pu, pd)
-        ctx.save_for_backward(h, norm_w, rstd, g, u, xag, xau, xad, ag, bg, au, bu, ad, bd)
+        ctx.save_for_backward(h, norm_w, rstd, gu, xa_gu, xa_d, ag, bg, au, bu, ad, bd)
         return y.view_as(h)
 
     @staticmethod
     def backward(ctx, dy):
-        h, norm_w, rstd, g, u, xag, xau, xad, ag, bg, au, bu, ad, bd = ctx.saved_tensors
+        h, norm_w, rstd, gu, xa_gu, xa_d, ag, bg, au, bu, ad, bd = ctx.saved_tensors
         eps, pg, pu, pd = ctx.meta
         d = h.shape[-1]
         dy2d = dy.reshape(-1, d)
-        act = ops.swiglu(g, u) if ad is not None else None  # only the down adapter's dA needs it
-        dact, dad, dbd = _backward(dy2d, act, xad, pd, ad, bd, None)
-        del act
-        dg, du = ops.swiglu_backward(dact, g, u)
+        dact, dyb_d = _backward_input(dy2d, [pd], [(ad, bd)])
+        dgu, act = ops.swiglu_backward(dact, gu)
         del dact
+        ((dad, dbd),) = _backward_lora(dy2d, act, xa_d, dyb_d, [pd], [(ad, bd)])
+        del act
+        dx, dyb = _backward_input(dgu, [pg, pu], [(ag, bg), (au, bu)])
         x, _ = ops.rms_norm(h, norm_w, eps)
-        x2d = x.reshape(-1, d)
-        dx, dag, dbg = _backward(dg, x2d, xag, pg, ag, bg, None)
-        del dg
-        dx, dau, dbu = _backward(du, x2d, xau, pu, au, bu, dx)
-        del du, x, x2d
+        (dag, dbg), (dau, dbu) = _backward_lora(dgu, x.view(-1, d), xa_gu, dyb, [pg, pu], [(ag, bg), (au, bu)])
+        del x, dgu
         dh = ops.rms_norm_backward(dx.view_as(h), h, norm_w, rstd)
         return (dh, None, None, None, None, None, dag, dbg, dau, dbu, dad, dbd)

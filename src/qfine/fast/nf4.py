@@ -10,20 +10,44 @@ from __future__ import annotations
 import torch
 
 
-def dequantize(linear: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(linear: torch.nn.Module, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The (out, in) weight of a plain or bitsandbytes 4-bit linear in ``dtype``.
 
-    A 16-bit weight already in ``dtype`` is returned as is (no copy); a 4-bit one is dequantized
-    into a new buffer, which the caller frees right after its GEMM.
+    A 16-bit weight already in ``dtype`` is returned as is (no copy) unless ``out`` is given; a 4-bit
+    one is dequantized into a new buffer (or into ``out``, a contiguous (out, in) tensor such as a
+    row block of a stacked weight), which the caller frees right after its GEMM.
     """
     w = linear.weight
     state = getattr(w, "quant_state", None)
     if state is None:
+        if out is not None:
+            return out.copy_(w)
         return w if w.dtype == dtype else w.to(dtype)
     import bitsandbytes as bnb
 
     if getattr(state, "packing_format_for_cpu", False):
         raise RuntimeError("4-bit weight repacked by bitsandbytes' AVX512-BF16 CPU path; "
                            "load the model with qfine.load_model")
-    out = bnb.functional.dequantize_4bit(w.data, state)
-    return out if out.dtype == dtype else out.to(dtype)
+    if out is not None and out.dtype == state.dtype and w.is_cuda:  # no CPU kernel for .out
+        return bnb.functional.dequantize_4bit(w.data, state, out=out)
+    full = bnb.functional.dequantize_4bit(w.data, state)
+    if out is not None:
+        return out.copy_(full)
+    return full if full.dtype == dtype else full.to(dtype)
+
+
+def stacked(linears, dtype: torch.dtype) -> torch.Tensor:
+    """Weights of linears sharing one input, stacked along the output dim: (Σ out, in) in ``dtype``.
+
+    One GEMM against the stack replaces one per projection (q, k, v → one; gate, up → one).
+    """
+    if len(linears) == 1:
+        return dequantize(linears[0], dtype)
+    rows = [lin.out_features for lin in linears]
+    ref = linears[0].weight
+    w = torch.empty(sum(rows), linears[0].in_features, dtype=dtype, device=ref.device)
+    start = 0
+    for lin, n in zip(linears, rows):
+        dequantize(lin, dtype, out=w[start:start + n])
+        start += n
+    return w

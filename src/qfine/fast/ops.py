@@ -62,21 +62,31 @@ def rms_norm_backward(dx: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, r
     return dh.to(h.dtype)
 
 
+def _halves(gu: torch.Tensor):
+    i = gu.shape[-1] // 2
+    return gu[..., :i], gu[..., i:]
+
+
 @fused
-def swiglu(g: torch.Tensor, u: torch.Tensor):
-    """silu(g) * u in the input dtype (transformers' ``act_fn(gate) * up``)."""
+def swiglu(gu: torch.Tensor):
+    """silu(g) * u for the stacked gate/up output gu = [g | u] (..., 2i) → (..., i), in gu.dtype
+    (transformers' ``act_fn(gate_proj(x)) * up_proj(x)``)."""
+    g, u = _halves(gu)
     return torch.nn.functional.silu(g) * u
 
 
 @fused
-def swiglu_backward(da: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
-    """(dg, du) for a = silu(g) * u, computed in fp32 and returned in g.dtype."""
+def swiglu_backward(da: torch.Tensor, gu: torch.Tensor):
+    """(d gu = [dg | du], a) for a = silu(g)·u: one pass that also recomputes a, which the down
+    projection's LoRA gradient needs. fp32 inside, gu.dtype out."""
+    g, u = _halves(gu)
     gf, uf, daf = upcast(g), upcast(u), upcast(da)
     sig = torch.sigmoid(gf)
     silu = gf * sig
     du = daf * silu
     dg = daf * uf * sig * (1.0 + gf * (1.0 - sig))
-    return dg.to(g.dtype), du.to(g.dtype)
+    act = torch.nn.functional.silu(g) * u
+    return torch.cat((dg, du), dim=-1).to(gu.dtype), act
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -90,15 +100,29 @@ def _rotate_half_t(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((x[..., half:], -x[..., :half]), dim=-1)
 
 
-@fused
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """x·cos + rotate_half(x)·sin for x (b, s, heads, hd) and cos/sin (b, s, hd)."""
     c, s = cos.unsqueeze(2), sin.unsqueeze(2)
     return x * c + _rotate_half(x) * s
 
 
-@fused
 def rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Gradient of :func:`rope` with respect to x: dy·cos + rotate_halfᵀ(dy·sin)."""
     c, s = cos.unsqueeze(2), sin.unsqueeze(2)
     return dy * c + _rotate_half_t(dy * s)
+
+
+@fused
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int):
+    """Split the stacked projection qkv (b, s, n_q + 2·n_kv, hd) into RoPE'd q, RoPE'd k and v,
+    each a new contiguous (b, s, heads, hd) tensor (so the stacked buffer can be freed)."""
+    q = rope(qkv[:, :, :n_q], cos, sin)
+    k = rope(qkv[:, :, n_q:n_q + n_kv], cos, sin)
+    v = qkv[:, :, n_q + n_kv:] * 1  # a copy, not a view of qkv
+    return q, k, v
+
+
+@fused
+def rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """d qkv (b, s, n_q + 2·n_kv, hd), contiguous, from the gradients of :func:`rope_qkv`'s outputs."""
+    return torch.cat((rope_backward(dq, cos, sin), rope_backward(dk, cos, sin), dv), dim=2)
