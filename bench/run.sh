@@ -56,4 +56,7 @@ for job in $JOBS; do
   log "rc=$?"; grep -E "RESULT|fast path|Error|error|one step|^  " $OUT/$impl-$shape.log | cut -c1-300 | tail -20
 done
 log done
+# few files come back from the GPU machine: one log and one profile file
+for f in $OUT/*.log; do [ -f "$f" ] && { echo "=== $f"; cat "$f"; }; done > $OUT/runs.txt && rm -f $OUT/*.log
+for f in $OUT/profile-*; do [ -f "$f" ] && { echo "=== $f"; cat "$f"; }; done > $OUT/profiles.txt && rm -f $OUT/profile-*
 [ -f $R ] && python3 $ROOT/bench/summarize.py $R
