@@ -84,7 +84,7 @@ KERNEL_KINDS = [  # (category, substrings of CUDA kernel names), first match win
 ]
 
 
-def write_profile(prof, path, tokens):
+def write_profile(prof, path, tokens, wall_s):
     """Per-category and top-kernel CUDA time of one profiled step (the step is not in the timings)."""
     per_kernel = {}
     for e in prof.events():
@@ -96,7 +96,8 @@ def write_profile(prof, path, tokens):
         cat = next((c for c, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
         cats[cat] = cats.get(cat, 0.0) + ms
     total = sum(cats.values())
-    lines = [f"one step, {tokens} tokens: {total:.1f} ms of CUDA kernel time"]
+    lines = [f"one step, {tokens} tokens: {total:.1f} ms of CUDA kernel time in {1e3 * wall_s:.1f} ms wall "
+             f"(GPU idle ≥ {max(0.0, 1e3 * wall_s - total):.1f} ms; profiler overhead included)"]
     lines += [f"  {c:<30} {ms:9.1f} ms  {100 * ms / total:5.1f}%" for c, ms in sorted(cats.items(), key=lambda x: -x[1])]
     lines.append("top kernels:")
     for name, ms in sorted(per_kernel.items(), key=lambda x: -x[1])[:25]:
@@ -211,8 +212,9 @@ def main():
                 if prof is None:
                     times.append(time.perf_counter() - t0)
                 else:
+                    wall = time.perf_counter() - t0
                     prof.__exit__(None, None, None)
-                    write_profile(prof, f"{a.profile}-{a.tag}-{bs}x{seq}.txt", bs * seq)
+                    write_profile(prof, f"{a.profile}-{a.tag}-{bs}x{seq}.txt", bs * seq, wall)
                 losses.append(float(loss.detach()))
                 for h in hooks:
                     h.remove()

@@ -59,6 +59,7 @@ def test_compiled_kernels_match_eager_reference():
                                                                                     dtype=torch.bfloat16)
     assert _rel(ops.swiglu(gu), ops.swiglu.reference(gu.float())) < 1e-2
     got, ref = ops.swiglu_backward(da, gu), ops.swiglu_backward.reference(da.float(), gu.float())
+    assert len(got) == 3
     assert max(_rel(a, b) for a, b in zip(got, ref)) < 1e-2
     qkv = torch.randn(2, 300, 12, 64, device="cuda", dtype=torch.bfloat16)  # 8 query + 2 + 2 kv heads
     ang = torch.randn(2, 300, 32, device="cuda")
@@ -93,10 +94,11 @@ def test_fast_step_matches_reference_bf16(save_tiny, tmp_path, kind):
     assert report.layers == SHAPE["num_hidden_layers"] and report.fused_loss
     assert all(isinstance(m, FastDecoderLayer) for m in model.get_base_model().model.layers)
     fast_loss = _step(model, ids)
-    worst = max(_rel(p.grad, ref[n]) for n, p in model.named_parameters() if p.requires_grad)
+    diffs = {n: _rel(p.grad, ref[n]) for n, p in model.named_parameters() if p.requires_grad}
+    worst = max(diffs.values())
     print(f"{kind}: loss {float(ref_loss):.5f} vs {float(fast_loss):.5f}, worst LoRA grad rel. diff {worst:.2e}")
     assert _rel(fast_loss, ref_loss) < 5e-3, (float(fast_loss), float(ref_loss))
-    assert worst < 5e-2, worst
+    assert worst < 5e-2, sorted(diffs.items(), key=lambda kv: -kv[1])[:6]
 
 
 def test_fifty_steps_loss_curve_within_one_percent(save_tiny, tmp_path):

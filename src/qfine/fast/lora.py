@@ -14,7 +14,8 @@ gradients and the elementwise backwards need:
   x is recomputed in the backward (one elementwise pass) instead of stored. q, k and v come out of
   one GEMM against the stacked [Wq; Wk; Wv].
 * ``NormMLP`` keeps h, rstd and the stacked gate/up output [g | u] (b·s, 2i), from one GEMM against
-  [Wg; Wu]; silu(g)·u is recomputed inside the SwiGLU backward kernel.
+  [Wg; Wu]; silu(g)·u is recomputed inside the SwiGLU backward kernel, whose dg and du feed
+  one accumulating GEMM each.
 * ``LoraLinear`` keeps its input x.
 
 The small (tokens, r) products x Aᵀ are kept too (r = 16 columns). The reference for all of this is
@@ -123,37 +124,62 @@ def _forward(x2d: torch.Tensor, projs, loras):
     return y, xa
 
 
-def _backward_input(dy: torch.Tensor, projs, loras):
-    """dx = dy W_stack + Σ s·(dy_i B_i) A_i for dy (T, Σ out) → (dx (T, in), dyB (T, R) or None)."""
-    w = stacked([p.base for p in projs], dy.dtype)
-    dx = dy @ w
-    del w
-    a_all, pieces = _lora(projs, loras, dy.dtype)
+def _per_proj(dy, projs):
+    """Per-projection gradient views: ``dy`` is a list already, or a stacked (T, Σ out) tensor."""
+    if isinstance(dy, (list, tuple)):
+        return list(dy)
+    out, o = [], 0
+    for p in projs:
+        out.append(dy[:, o:o + p.base.out_features])
+        o += p.base.out_features
+    return out
+
+
+def _backward_input(dy, projs, loras):
+    """dx = Σ dy_i W_i + Σ s_i·(dy_i B_i) A_i → (dx (T, in), dyB (T, R) scaled, or None).
+
+    ``dy`` is the stacked (T, Σ out) gradient (one GEMM against the stacked weights) or a list of
+    per-projection gradients (one accumulating GEMM each)."""
+    parts = _per_proj(dy, projs)
+    if isinstance(dy, torch.Tensor):
+        w = stacked([p.base for p in projs], dy.dtype)
+        dx = dy @ w
+        del w
+    else:
+        dx = None
+        for d, p in zip(parts, projs):
+            w = dequantize(p.base, d.dtype)
+            dx = d @ w if dx is None else dx.addmm_(d, w)
+            del w
+    a_all, pieces = _lora(projs, loras, dx.dtype)
     dyb = None
     if a_all is not None:
-        dyb = torch.empty(dy.shape[0], a_all.shape[0], dtype=dy.dtype, device=dy.device)
-        for out_sl, r_sl, b, scale in pieces:
-            torch.mm(dy[:, out_sl], b, out=dyb[:, r_sl])
-            dyb[:, r_sl] *= scale
+        dyb = torch.empty(dx.shape[0], a_all.shape[0], dtype=dx.dtype, device=dx.device)
+        it = iter(pieces)
+        for d, (a, _) in zip(parts, loras):
+            if a is not None:
+                _, r_sl, b, scale = next(it)
+                torch.mm(d, b, out=dyb[:, r_sl])
+                dyb[:, r_sl] *= scale
         dx.addmm_(dyb, a_all)
     return dx, dyb
 
 
 def _backward_lora(dy, x2d, xa, dyb, projs, loras):
     """(dA, dB) per projection, as parameter-dtype tensors, from dyB = s·dy B (T, R) and x Aᵀ."""
-    grads = []
     if dyb is None:
         return [(None, None)] * len(projs)
+    parts = _per_proj(dy, projs)
     da_all = dyb.t() @ x2d                                    # (R, in), already scaled
-    _, pieces = _lora(projs, loras, dy.dtype)
-    it = iter(pieces)
-    for a, b in loras:
+    grads, r = [], 0
+    for d, p, (a, b) in zip(parts, projs, loras):
         if a is None:
             grads.append((None, None))
             continue
-        out_sl, r_sl, _, scale = next(it)
-        db = (dy[:, out_sl].t() @ xa[:, r_sl]).mul_(scale)   # (out, r)
-        grads.append((da_all[r_sl].to(a.dtype), db.to(b.dtype)))
+        k = a.shape[0]
+        db = (d.t() @ xa[:, r:r + k]).mul_(p.scale)          # (out, r)
+        grads.append((da_all[r:r + k].to(a.dtype), db.to(b.dtype)))
+        r += k
     return grads
 
 
@@ -238,13 +264,13 @@ class NormMLP(torch.autograd.Function):
         d = h.shape[-1]
         dy2d = dy.reshape(-1, d)
         dact, dyb_d = _backward_input(dy2d, [pd], [(ad, bd)])
-        dgu, act = ops.swiglu_backward(dact, gu)
+        dg, du, act = ops.swiglu_backward(dact, gu)
         del dact
         ((dad, dbd),) = _backward_lora(dy2d, act, xa_d, dyb_d, [pd], [(ad, bd)])
         del act
-        dx, dyb = _backward_input(dgu, [pg, pu], [(ag, bg), (au, bu)])
+        dx, dyb = _backward_input([dg, du], [pg, pu], [(ag, bg), (au, bu)])
         x, _ = ops.rms_norm(h, norm_w, eps)
-        (dag, dbg), (dau, dbu) = _backward_lora(dgu, x.view(-1, d), xa_gu, dyb, [pg, pu], [(ag, bg), (au, bu)])
-        del x, dgu
+        (dag, dbg), (dau, dbu) = _backward_lora([dg, du], x.view(-1, d), xa_gu, dyb, [pg, pu], [(ag, bg), (au, bu)])
+        del x, dg, du
         dh = ops.rms_norm_backward(dx.view_as(h), h, norm_w, rstd)
         return (dh, None, None, None, None, None, dag, dbg, dau, dbu, dad, dbd)

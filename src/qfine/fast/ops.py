@@ -32,7 +32,10 @@ def fused(fn):
         if not (args[0].is_cuda and _compile_enabled()):
             return fn(*args)
         if compiled is None:
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+            # Shapes are specialised on the first call (static shapes let inductor vectorise and
+            # turn index arithmetic into constants); a later shape change recompiles once with
+            # dynamic sizes (torch's automatic-dynamic), so variable-length batches stay compiled.
+            compiled = torch.compile(fn, fullgraph=True)
         return compiled(*args)
 
     call.reference = fn
@@ -77,8 +80,8 @@ def swiglu(gu: torch.Tensor):
 
 @fused
 def swiglu_backward(da: torch.Tensor, gu: torch.Tensor):
-    """(d gu = [dg | du], a) for a = silu(g)·u: one pass that also recomputes a, which the down
-    projection's LoRA gradient needs. fp32 inside, gu.dtype out."""
+    """(dg, du, a) for a = silu(g)·u with gu = [g | u]: one pass that also recomputes a, which the
+    down projection's LoRA gradient needs. fp32 inside, gu.dtype out, each (..., i) contiguous."""
     g, u = _halves(gu)
     gf, uf, daf = upcast(g), upcast(u), upcast(da)
     sig = torch.sigmoid(gf)
@@ -86,7 +89,7 @@ def swiglu_backward(da: torch.Tensor, gu: torch.Tensor):
     du = daf * silu
     dg = daf * uf * sig * (1.0 + gf * (1.0 - sig))
     act = torch.nn.functional.silu(g) * u
-    return torch.cat((dg, du), dim=-1).to(gu.dtype), act
+    return dg.to(gu.dtype), du.to(gu.dtype), act
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
