@@ -3,7 +3,9 @@
 Tolerances (bf16 operands, fp32 accumulation; the two paths round in different places, so they are
 compared as two bf16 computations of the same function, not bit for bit):
   * compiled elementwise kernels vs their eager fp32 reference: rel. error < 1e-2 (bf16 output rounding);
-  * one training step, loss: rel. difference < 5e-3; each LoRA gradient: rel. difference < 5e-2;
+  * one training step against the same step in fp32: loss within 5e-3; all LoRA gradients together
+    no further from fp32 than the reference bf16 path's (≤ 1.25× its error + 1e-3), and no single
+    gradient tensor more than 2× the reference's error + 5e-3;
   * 50 AdamW steps on the same data and seed: every step's loss within 1% of the reference path.
 Marked ``gpu``; skipped without CUDA.
 """
@@ -85,8 +87,16 @@ def test_compiled_kernels_match_eager_reference():
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_fast_step_matches_reference_bf16(save_tiny, tmp_path, kind):
-    model = _model(save_tiny, tmp_path, kind)
+    """Both bf16 paths against the same step computed in fp32 (fp32 dequantization, no autocast): the
+    fast path may round in other places than the reference, but must not be further from fp32."""
+    folder = save_tiny(tmp_path / kind, kind, **SHAPE)
     (ids,) = _batches(1)
+    exact = lora_model(folder, "nf4", device="cuda", compute_dtype="fp32")
+    exact.float()  # embeddings, norms and head too: every operand in fp32
+    exact_loss = exact(input_ids=ids, labels=ids).loss
+    exact_loss.backward()
+    truth = {n: p.grad for n, p in exact.named_parameters() if p.requires_grad}
+    model = lora_model(folder, "nf4", device="cuda", compute_dtype="bf16")
     ref_loss = _step(model, ids)
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
@@ -94,11 +104,15 @@ def test_fast_step_matches_reference_bf16(save_tiny, tmp_path, kind):
     assert report.layers == SHAPE["num_hidden_layers"] and report.fused_loss
     assert all(isinstance(m, FastDecoderLayer) for m in model.get_base_model().model.layers)
     fast_loss = _step(model, ids)
-    diffs = {n: _rel(p.grad, ref[n]) for n, p in model.named_parameters() if p.requires_grad}
-    worst = max(diffs.values())
-    print(f"{kind}: loss {float(ref_loss):.5f} vs {float(fast_loss):.5f}, worst LoRA grad rel. diff {worst:.2e}")
-    assert _rel(fast_loss, ref_loss) < 5e-3, (float(fast_loss), float(ref_loss))
-    assert worst < 5e-2, sorted(diffs.items(), key=lambda kv: -kv[1])[:6]
+    fast = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    flat = lambda g: torch.cat([g[n].flatten().double() for n in truth])  # noqa: E731
+    err_ref, err_fast = _rel(flat(ref), flat(truth)), _rel(flat(fast), flat(truth))
+    per_tensor = max(_rel(fast[n], truth[n]) - 2 * _rel(ref[n], truth[n]) for n in truth)
+    print(f"{kind}: loss fp32 {float(exact_loss):.5f}, reference {float(ref_loss):.5f}, fast {float(fast_loss):.5f}; "
+          f"LoRA grads vs fp32: reference {err_ref:.2e}, fast {err_fast:.2e}")
+    assert _rel(fast_loss, exact_loss) < 5e-3 and _rel(ref_loss, exact_loss) < 5e-3
+    assert err_fast < 1.25 * err_ref + 1e-3, (err_fast, err_ref)
+    assert per_tensor < 5e-3, per_tensor
 
 
 def test_fifty_steps_loss_curve_within_one_percent(save_tiny, tmp_path):

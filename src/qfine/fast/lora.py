@@ -154,13 +154,10 @@ def _backward_input(dy, projs, loras):
     a_all, pieces = _lora(projs, loras, dx.dtype)
     dyb = None
     if a_all is not None:
-        dyb = torch.empty(dx.shape[0], a_all.shape[0], dtype=dx.dtype, device=dx.device)
         it = iter(pieces)
-        for d, (a, _) in zip(parts, loras):
-            if a is not None:
-                _, r_sl, b, scale = next(it)
-                torch.mm(d, b, out=dyb[:, r_sl])
-                dyb[:, r_sl] *= scale
+        cols = [d @ (piece[2] * piece[3]) for d, (a, _) in zip(parts, loras) if a is not None
+                for piece in (next(it),)]                    # s_i · dy_i B_i, (T, r_i) each
+        dyb = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
         dx.addmm_(dyb, a_all)
     return dx, dyb
 
