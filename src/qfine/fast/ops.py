@@ -10,6 +10,7 @@ Shapes: ``h``/``x`` are (..., d); ``g``/``u`` are (..., intermediate); RoPE inpu
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -24,19 +25,33 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused(fn):
-    """``fn`` compiled with inductor on CUDA tensors (dynamic shapes, one graph), eager elsewhere."""
+    """``fn`` compiled with inductor on CUDA tensors, eager elsewhere.
+
+    The leading token dimensions of each tensor argument — (tokens, …) or (batch, seq, …) — are
+    marked dynamic (they vary with batch size, sequence length and the loss's last chunk) while head
+    and feature dimensions stay static, so one compiled kernel serves every batch shape and still vectorises along features.
+    If compilation fails the function runs eagerly from then on (slower, same numbers).
+    """
     compiled = None
+    broken = False
 
     def call(*args):
-        nonlocal compiled
-        if not (args[0].is_cuda and _compile_enabled()):
+        nonlocal compiled, broken
+        if broken or not (args[0].is_cuda and _compile_enabled()):
             return fn(*args)
         if compiled is None:
-            # Shapes are specialised on the first call (static shapes let inductor vectorise and
-            # turn index arithmetic into constants); a later shape change recompiles once with
-            # dynamic sizes (torch's automatic-dynamic), so variable-length batches stay compiled.
             compiled = torch.compile(fn, fullgraph=True)
-        return compiled(*args)
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                for dim in range(min(a.dim() - 1, 2)):  # (tokens, ...) or (batch, seq, ...)
+                    torch._dynamo.maybe_mark_dynamic(a, dim)
+        try:
+            return compiled(*args)
+        except Exception as e:  # noqa: BLE001 — a compiler failure must not stop training
+            broken = True
+            warnings.warn(f"qfine fast path: torch.compile failed for {fn.__name__} ({type(e).__name__}: "
+                          f"{str(e)[:200]}); running it eagerly")
+            return fn(*args)
 
     call.reference = fn
     call.__name__ = fn.__name__
