@@ -184,3 +184,16 @@ def test_hand_written_backwards_match_autograd(name):
 
         q_ref, k_ref = apply_rotary_pos_emb(qkv[:, :, :3].transpose(1, 2), qkv[:, :, 3:5].transpose(1, 2), cos, sin)
         assert _rel(q, q_ref.transpose(1, 2)) < 1e-15 and _rel(k, k_ref.transpose(1, 2)) < 1e-15
+
+
+def test_no_fast_path_flag_and_cpu_report(tmp_path, save_tiny):
+    from qfine import config as C
+    from qfine.cli import _build_config, build_parser
+    from qfine.fast import enable_fast_path
+
+    ns = build_parser().parse_args(["train", "--no-fast-path"])
+    assert _build_config(ns).train.fast_path is False and C.RunConfig().train.fast_path is True
+    model = lora_model(save_tiny(tmp_path / "m"))
+    report = enable_fast_path(model, "cpu")
+    assert str(report) == "fast path off: the fused kernels are for CUDA, this run is on cpu"
+    assert not any(isinstance(m, FastDecoderLayer) for m in model.modules())

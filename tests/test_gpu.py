@@ -21,10 +21,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 IDS = torch.tensor([[1, 17, 42, 99, 1234, 5, 77, 300]])
 
 
-def test_cuda_training_bf16_paged_optimizer(tiny_dir, tmp_path):
+def test_cuda_training_bf16_paged_optimizer(tiny_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 8)
     cfg = tiny_config(tiny_dir, data, tmp_path / "run", optimizer="paged_adamw_8bit", gradient_checkpointing=True)
     run = train(cfg)
+    assert "fast path on: 2 fused decoder layers" in capsys.readouterr().out  # the default on CUDA
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 20 and losses[-1] < 0.5 * losses[0], losses

@@ -18,7 +18,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         group = p.add_argument_group(title)
         for f in (f for f in C.flags() if f.section == section):
             dest = f"cfg:{f.section}:{f.name}"
-            kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=f.help)
+            kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=f.help.replace("%", "%%"))
             if f.type is bool:
                 kw["action"] = argparse.BooleanOptionalAction
             else:
