@@ -8,8 +8,8 @@
 # JOBS entries are impl:shape:configs with impl one of
 #   qfine (fast path + full checkpointing), qfine-nockpt (fast path, fused layers keep GEMM inputs only),
 #   qfine-ref (plain peft path inside qfine), hfac (peft+bnb, bf16 autocast), unsloth.
-# Needs .device/{common,qfine,peers} from ../shared/device/stage.sh peers. Results: $OUT/results.jsonl;
-# then `python3 bench/summarize.py $OUT/results.jsonl --append docs/benchmarks.md` writes the table.
+# Needs .device/{common,qfine,peers} from ../shared/device/stage.sh peers. Results: $OUT/results.jsonl; the
+# table with device and versions is printed and appended to docs/benchmarks.md (and $OUT/benchmarks-section.md).
 # env: TOTAL seconds for the whole script (default 570), STEPS per config (default 14), PROFILE=1 to
 # profile the last step of each qfine config (kernel tables in $OUT).
 set -u
@@ -59,4 +59,9 @@ log done
 # few files come back from the GPU machine: one log and one profile file
 for f in $OUT/*.log; do [ -f "$f" ] && { echo "=== $f"; cat "$f"; }; done > $OUT/runs.txt && rm -f $OUT/*.log
 for f in $OUT/profile-*; do [ -f "$f" ] && { echo "=== $f"; cat "$f"; }; done > $OUT/profiles.txt && rm -f $OUT/profile-*
-[ -f $R ] && python3 $ROOT/bench/summarize.py $R
+# the table (with device and versions) goes into docs/benchmarks.md here and, since only $OUT comes back
+# from the GPU machine, into $OUT/benchmarks-section.md too
+if [ -f $R ]; then
+  python3 $ROOT/bench/summarize.py $R --env $OUT/env.txt --append $OUT/benchmarks-section.md --title "${TITLE:-Side-by-side QLoRA throughput ($(date +%F))}"
+  cat $OUT/benchmarks-section.md >> $ROOT/docs/benchmarks.md
+fi
