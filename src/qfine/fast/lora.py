@@ -41,10 +41,6 @@ class Proj:
     lora_b: torch.nn.Parameter | None  # (out, r)
     scale: float
 
-    def weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The base weight as a fresh or borrowed (out, in) tensor in ``dtype``."""
-        return dequantize(self.base, dtype)
-
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
