@@ -11,7 +11,8 @@
 # Needs .device/{common,qfine,peers} from ../shared/device/stage.sh peers. Results: $OUT/results.jsonl; the
 # table with device and versions is printed and appended to docs/benchmarks.md (and $OUT/benchmarks-section.md).
 # env: TOTAL seconds for the whole script (default 570), STEPS per config (default 14), PROFILE=1 to
-# profile the last step of each qfine config (kernel tables in $OUT).
+# profile the last step of each qfine config (kernel tables in $OUT; PROFILE=cpu adds host time per op),
+# QFINE_ARGS extra train_bench.py flags for the qfine runs (e.g. --sync-debug).
 set -u
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/qfine_bench}; mkdir -p "$OUT"
@@ -49,11 +50,14 @@ for job in $JOBS; do
     unsloth) args="--impl unsloth"; path=$PPATH ;;
     *) log "unknown impl $impl"; continue ;;
   esac
-  [ "$PROFILE" = 1 ] && [ "${impl%%-*}" = qfine ] && args="$args --profile $OUT/profile-$impl"
+  if [ "$PROFILE" != 0 ] && [ "${impl%%-*}" = qfine ]; then
+    args="$args --profile $OUT/profile-$impl"; [ "$PROFILE" = cpu ] && args="$args --profile-cpu"
+  fi
+  [ "${impl%%-*}" = qfine ] && args="$args ${QFINE_ARGS:-}"
   log "run $impl $shape $cfgs (left ${L}s)"
   (cd $UW && PYTHONPATH=$path timeout $((L - 5)) python3 $ROOT/bench/train_bench.py $args --model $model --tag $shape \
      --configs $cfgs --steps $STEPS --deadline $((DEADLINE - 10)) --out $R) > $OUT/$impl-$shape.log 2>&1
-  log "rc=$?"; grep -E "RESULT|fast path|Error|error|one step|^  " $OUT/$impl-$shape.log | cut -c1-300 | tail -20
+  log "rc=$?"; grep -E "RESULT|fast path|Error|error|one step|SYNC|^  " $OUT/$impl-$shape.log | cut -c1-300 | tail -20
 done
 log done
 # few files come back from the GPU machine: one log and one profile file

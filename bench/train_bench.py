@@ -84,7 +84,7 @@ KERNEL_KINDS = [  # (category, substrings of CUDA kernel names), first match win
 ]
 
 
-def write_profile(prof, path, tokens, wall_s):
+def write_profile(prof, path, tokens, wall_s, cpu_table=False):
     """Per-category and top-kernel CUDA time of one profiled step (the step is not in the timings)."""
     per_kernel = {}
     for e in prof.events():
@@ -102,9 +102,37 @@ def write_profile(prof, path, tokens, wall_s):
     lines.append("top kernels:")
     for name, ms in sorted(per_kernel.items(), key=lambda x: -x[1])[:25]:
         lines.append(f"  {ms:9.2f} ms  {name[:150]}")
+    if cpu_table:  # host-side cost per op: what keeps the GPU waiting when the step is launch-bound
+        lines += ["host (CPU) time per op, one step:", prof.key_averages().table(sort_by="self_cpu_time_total",
+                                                                                row_limit=45, max_name_column_width=60)]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[: 2 + len(cats)]), flush=True)
+
+
+_SYNC_SEEN = {}
+
+
+def sync_debug_start(torch):
+    """Warn on each synchronising CUDA call and print where it came from (first time per call site)."""
+    import traceback as tb
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        stack = [f for f in tb.extract_stack()[:-1] if "warnings" not in f.filename]
+        where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in stack[-6:][::-1])
+        if where not in _SYNC_SEEN:
+            _SYNC_SEEN[where] = 1
+            print(f"SYNC {str(message)[:80]} at {where}", flush=True)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always")
+    torch.cuda.set_sync_debug_mode("warn")
+
+
+def sync_debug_stop(torch):
+    torch.cuda.set_sync_debug_mode("default")
+    print(f"SYNC total call sites: {len(_SYNC_SEEN)}", flush=True)
 
 
 def main():
@@ -120,6 +148,9 @@ def main():
     ap.add_argument("--no-ckpt", action="store_true",
                     help="qfine: no full-layer recompute (the fused layers keep only GEMM inputs)")
     ap.add_argument("--profile", default="", help="qfine: write a torch.profiler kernel table of one step here")
+    ap.add_argument("--profile-cpu", action="store_true", help="with --profile: also profile host-side ops")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="report every host-device synchronisation in step 2 with the Python stack that caused it")
     ap.add_argument("--autocast", action="store_true",
                     help="wrap forward in torch.autocast(cuda, bf16), as HF Trainer(bf16=True) does")
     a = ap.parse_args()
@@ -199,8 +230,14 @@ def main():
                 torch.cuda.synchronize()
                 prof = None
                 if a.profile and step == a.steps - 1:
-                    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                    acts = [torch.profiler.ProfilerActivity.CUDA]
+                    if a.profile_cpu:
+                        acts.append(torch.profiler.ProfilerActivity.CPU)
+                    prof = torch.profiler.profile(activities=acts)
                     prof.__enter__()
+                sync_watch = a.sync_debug and step == 2
+                if sync_watch:
+                    sync_debug_start(torch)
                 t0 = time.perf_counter()
                 with ctx():
                     out = model(input_ids=ids, labels=ids, use_cache=False)
@@ -208,13 +245,15 @@ def main():
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                if sync_watch:
+                    sync_debug_stop(torch)
                 torch.cuda.synchronize()
                 if prof is None:
                     times.append(time.perf_counter() - t0)
                 else:
                     wall = time.perf_counter() - t0
                     prof.__exit__(None, None, None)
-                    write_profile(prof, f"{a.profile}-{a.tag}-{bs}x{seq}.txt", bs * seq, wall)
+                    write_profile(prof, f"{a.profile}-{a.tag}-{bs}x{seq}.txt", bs * seq, wall, a.profile_cpu)
                 losses.append(float(loss.detach()))
                 for h in hooks:
                     h.remove()

@@ -18,8 +18,8 @@ TINY_VOCAB = 384  # vocabulary of the save_tiny models: small enough for full-lo
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def lora_model(folder, quantization="nf4", device="cpu", compute_dtype="fp32", dropout=0.0, r=8):
-    """A peft model (train mode) with LoRA on all seven projections and B drawn at random (seed 1),
+def lora_model(folder, quantization="nf4", device="cpu", compute_dtype="fp32", dropout=0.0, r=8, targets=None):
+    """A peft model (train mode) with LoRA on all seven projections (or ``targets``) and B drawn at random (seed 1),
     since peft's zero B would make every dA zero and hide errors in it."""
     import torch
 
@@ -28,7 +28,7 @@ def lora_model(folder, quantization="nf4", device="cpu", compute_dtype="fp32", d
     loaded = load_model(ModelConfig(source=str(folder), quantization=quantization, compute_dtype=compute_dtype,
                                     device=device))
     torch.manual_seed(0)
-    model = add_lora(loaded.model, LoraSettings(r=r, alpha=2 * r, dropout=dropout, target_modules=ALL_PROJ))
+    model = add_lora(loaded.model, LoraSettings(r=r, alpha=2 * r, dropout=dropout, target_modules=targets or ALL_PROJ))
     torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:

@@ -83,96 +83,100 @@ def lora_proj(module: torch.nn.Module) -> Proj | None:
     return proj
 
 
-def _lora(projs, loras, dtype):
-    """The projections' adapters as one stack: (A (R, in) unscaled, [(out slice, r slice, B, scale)]).
+@dataclass
+class Pack:
+    """The adapters of projections sharing one input, arranged for one GEMM each way.
 
-    ``loras`` holds (A, B) parameter pairs, None for a projection without an adapter."""
-    a_parts, pieces, o, r = [], [], 0, 0
-    for p, (a, b) in zip(projs, loras):
-        n = p.base.out_features
-        if a is not None:
-            k = a.shape[0]
-            a_parts.append(a.to(dtype))
-            pieces.append((slice(o, o + n), slice(r, r + k), b.to(dtype), p.scale))
-            r += k
-        o += n
-    return (torch.cat(a_parts) if len(a_parts) > 1 else (a_parts[0] if a_parts else None)), pieces
+    ``a`` (R, in): the A's stacked (unscaled); ``b`` (Σ out, R): block-diagonal with s_i·B_i in block
+    i (zeros elsewhere); both in the compute dtype. ``blocks`` gives each adapter's (out slice,
+    r slice, scale) and ``None`` for a projection without one; ``bias`` is the stacked base bias or
+    None. Built once per forward from the parameters (casting them there) and kept for the backward.
+    """
+
+    a: torch.Tensor | None
+    b: torch.Tensor | None
+    bias: torch.Tensor | None
+    blocks: list
+
+    def tensors(self):
+        return self.a, self.b, self.bias
+
+    @staticmethod
+    def build(projs, loras, dtype) -> "Pack":
+        """``loras`` holds (A, B) parameter pairs, (None, None) for a projection without adapter."""
+        outs = [p.base.out_features for p in projs]
+        blocks, a_parts, o, r = [], [], 0, 0
+        for p, n, (a, _) in zip(projs, outs, loras):
+            if a is None:
+                blocks.append(None)
+            else:
+                blocks.append((slice(o, o + n), slice(r, r + a.shape[0]), p.scale))
+                a_parts.append(a)
+                r += a.shape[0]
+            o += n
+        a_all = b_all = None
+        device = projs[0].base.weight.device
+        if a_parts:
+            a_all = (torch.cat(a_parts) if len(a_parts) > 1 else a_parts[0]).to(dtype)
+            make = torch.empty if len(projs) == 1 else torch.zeros
+            b_all = make(o, r, dtype=dtype, device=device)
+            for (_, b), blk in zip(loras, blocks):
+                if blk is not None:  # cast and scale in one pass, straight into the block
+                    torch.mul(b, blk[2], out=b_all[blk[0], blk[1]])
+        bias = None
+        if any(p.bias is not None for p in projs):
+            bias = torch.cat([p.bias.to(dtype) if p.bias is not None else torch.zeros(n, dtype=dtype, device=device)
+                              for p, n in zip(projs, outs)])
+        return Pack(a_all, b_all, bias, blocks)
+
+    @staticmethod
+    def restore(tensors, blocks) -> "Pack":
+        return Pack(*tensors, blocks)
 
 
-def _forward(x2d: torch.Tensor, projs, loras):
-    """Σ-stacked outputs y (T, Σ out) of projections sharing the input x2d (T, in), and the LoRA
-    intermediate x Aᵀ (T, R) (None without adapters). One GEMM for the stacked frozen weights, one
-    for all the A's, one small one per B."""
+def _forward(x2d: torch.Tensor, projs, pack: Pack):
+    """Stacked outputs y (T, Σ out) of projections sharing the input x2d (T, in) and the LoRA
+    intermediate x Aᵀ (T, R) (None without adapters): one GEMM against the stacked frozen weights
+    (bias fused), one against the stacked A's, one against the block-diagonal B's."""
     w = stacked([p.base for p in projs], x2d.dtype)
-    y = x2d @ w.t()
+    y = torch.addmm(pack.bias, x2d, w.t()) if pack.bias is not None else x2d @ w.t()
     del w
-    o = 0
-    for p in projs:
-        if p.bias is not None:
-            y[:, o:o + p.base.out_features] += p.bias.to(y.dtype)
-        o += p.base.out_features
-    a_all, pieces = _lora(projs, loras, x2d.dtype)
     xa = None
-    if a_all is not None:
-        xa = x2d @ a_all.t()
-        for out_sl, r_sl, b, scale in pieces:
-            y[:, out_sl].addmm_(xa[:, r_sl], b.t(), alpha=scale)
+    if pack.a is not None:
+        xa = x2d @ pack.a.t()
+        y.addmm_(xa, pack.b.t())
     return y, xa
 
 
-def _per_proj(dy, projs):
-    """Per-projection gradient views: ``dy`` is a list already, or a stacked (T, Σ out) tensor."""
-    if isinstance(dy, (list, tuple)):
-        return list(dy)
-    out, o = [], 0
-    for p in projs:
-        out.append(dy[:, o:o + p.base.out_features])
-        o += p.base.out_features
-    return out
-
-
-def _backward_input(dy, projs, loras):
-    """dx = Σ dy_i W_i + Σ s_i·(dy_i B_i) A_i → (dx (T, in), dyB (T, R) scaled, or None).
-
-    ``dy`` is the stacked (T, Σ out) gradient (one GEMM against the stacked weights) or a list of
-    per-projection gradients (one accumulating GEMM each)."""
-    parts = _per_proj(dy, projs)
-    if isinstance(dy, torch.Tensor):
-        w = stacked([p.base for p in projs], dy.dtype)
-        dx = dy @ w
-        del w
-    else:
-        dx = None
-        for d, p in zip(parts, projs):
-            w = dequantize(p.base, d.dtype)
-            dx = d @ w if dx is None else dx.addmm_(d, w)
-            del w
-    a_all, pieces = _lora(projs, loras, dx.dtype)
+def _backward_input(dy, projs, pack: Pack):
+    """dx = dy W + (dy B_s) A for the stacked gradient dy (T, Σ out) → (dx (T, in), dyB_s (T, R) or None),
+    where B_s is the block-diagonal of s_i·B_i."""
+    w = stacked([p.base for p in projs], dy.dtype)
+    dx = dy @ w
+    del w
     dyb = None
-    if a_all is not None:
-        it = iter(pieces)
-        cols = [d @ (piece[2] * piece[3]) for d, (a, _) in zip(parts, loras) if a is not None
-                for piece in (next(it),)]                    # s_i · dy_i B_i, (T, r_i) each
-        dyb = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
-        dx.addmm_(dyb, a_all)
+    if pack.a is not None:
+        dyb = dy @ pack.b
+        dx.addmm_(dyb, pack.a)
     return dx, dyb
 
 
-def _backward_lora(dy, x2d, xa, dyb, projs, loras):
-    """(dA, dB) per projection, as parameter-dtype tensors, from dyB = s·dy B (T, R) and x Aᵀ."""
+def _backward_lora(dy, x2d, xa, dyb, pack: Pack, loras):
+    """(dA, dB) per projection, in each parameter's dtype: dA_i = (s_i·dy_i B_i)ᵀ x and
+    dB_i = s_i·dy_iᵀ (x A_iᵀ), each stack from one GEMM (the off-diagonal blocks of dyᵀ(xAᵀ) are
+    computed and dropped: with R ≤ a few dozen columns that costs less than one launch per block)."""
     if dyb is None:
-        return [(None, None)] * len(projs)
-    parts = _per_proj(dy, projs)
-    da_all = dyb.t() @ x2d                                    # (R, in), already scaled
-    grads, r = [], 0
-    for d, p, (a, b) in zip(parts, projs, loras):
-        if a is None:
+        return [(None, None)] * len(loras)
+    da_all = dyb.t() @ x2d                                    # (R, in)
+    db_all = dy.t() @ xa                                      # (Σ out, R)
+    grads = []
+    for (a, b), blk in zip(loras, pack.blocks):
+        if blk is None:
             grads.append((None, None))
             continue
-        k = a.shape[0]
-        db = (d.t() @ xa[:, r:r + k]).mul_(p.scale)          # (out, r)
-        grads.append((da_all[r:r + k].to(a.dtype), db.to(b.dtype)))
-        r += k
+        out_sl, r_sl, scale = blk
+        db = db_all[out_sl, r_sl].to(b.dtype).mul_(scale)  # in place on a copy or on db_all's own block
+        grads.append((da_all[r_sl].to(a.dtype), db))
     return grads
 
 
@@ -182,17 +186,20 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, proj: Proj, a, b):
         x2d = x.reshape(-1, x.shape[-1])
-        y, xa = _forward(x2d, [proj], [(a, b)])
-        ctx.proj = proj
-        ctx.save_for_backward(x2d, xa, a, b)
+        pack = Pack.build([proj], [(a, b)], x.dtype)
+        y, xa = _forward(x2d, [proj], pack)
+        ctx.meta = (proj, pack.blocks)
+        ctx.save_for_backward(x2d, xa, a, b, *pack.tensors())
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, xa, a, b = ctx.saved_tensors
+        x2d, xa, a, b, *packed = ctx.saved_tensors
+        proj, blocks = ctx.meta
+        pack = Pack.restore(packed, blocks)
         dy2d = dy.reshape(-1, dy.shape[-1])
-        dx, dyb = _backward_input(dy2d, [ctx.proj], [(a, b)])
-        ((da, db),) = _backward_lora(dy2d, x2d, xa, dyb, [ctx.proj], [(a, b)])
+        dx, dyb = _backward_input(dy2d, [proj], pack)
+        ((da, db),) = _backward_lora(dy2d, x2d, xa, dyb, pack, [(a, b)])
         return dx.view(*dy.shape[:-1], -1), None, da, db
 
 
@@ -208,27 +215,29 @@ class NormQKV(torch.autograd.Function):
                 aq, bq, ak, bk, av, bv):
         bsz, seq, d = h.shape
         projs, loras = [pq, pk, pv], [(aq, bq), (ak, bk), (av, bv)]
+        pack = Pack.build(projs, loras, h.dtype)
         x, rstd = ops.rms_norm(h, norm_w, eps)
-        qkv, xa = _forward(x.view(-1, d), projs, loras)
+        qkv, xa = _forward(x.view(-1, d), projs, pack)
         del x
         n_q, n_kv = pq.base.out_features // head_dim, pk.base.out_features // head_dim
         q, k, v = ops.rope_qkv(qkv.view(bsz, seq, -1, head_dim), cos, sin, n_q, n_kv)
         del qkv
-        ctx.meta = (eps, projs)
-        ctx.save_for_backward(h, norm_w, rstd, cos, sin, xa, aq, bq, ak, bk, av, bv)
+        ctx.meta = (eps, projs, pack.blocks)
+        ctx.save_for_backward(h, norm_w, rstd, cos, sin, xa, aq, bq, ak, bk, av, bv, *pack.tensors())
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        h, norm_w, rstd, cos, sin, xa, aq, bq, ak, bk, av, bv = ctx.saved_tensors
-        eps, projs = ctx.meta
+        h, norm_w, rstd, cos, sin, xa, aq, bq, ak, bk, av, bv, *packed = ctx.saved_tensors
+        eps, projs, blocks = ctx.meta
+        pack = Pack.restore(packed, blocks)
         loras = [(aq, bq), (ak, bk), (av, bv)]
         d = h.shape[-1]
         dqkv = ops.rope_qkv_backward(dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), cos, sin)
         dqkv = dqkv.view(-1, dqkv.shape[2] * dqkv.shape[3])
-        dx, dyb = _backward_input(dqkv, projs, loras)
+        dx, dyb = _backward_input(dqkv, projs, pack)
         x, _ = ops.rms_norm(h, norm_w, eps)  # recomputed: cheaper than keeping it
-        grads = _backward_lora(dqkv, x.view(-1, d), xa, dyb, projs, loras)
+        grads = _backward_lora(dqkv, x.view(-1, d), xa, dyb, pack, loras)
         del x, dqkv
         dh = ops.rms_norm_backward(dx.view_as(h), h, norm_w, rstd)
         return (dh, None, None, None, None, None, None, None, None, *[g for pair in grads for g in pair])
@@ -240,30 +249,34 @@ class NormMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, norm_w, eps, pg: Proj, pu: Proj, pd: Proj, ag, bg, au, bu, ad, bd):
         d = h.shape[-1]
+        gu_pack = Pack.build([pg, pu], [(ag, bg), (au, bu)], h.dtype)
+        d_pack = Pack.build([pd], [(ad, bd)], h.dtype)
         x, rstd = ops.rms_norm(h, norm_w, eps)
-        gu, xa_gu = _forward(x.view(-1, d), [pg, pu], [(ag, bg), (au, bu)])
+        gu, xa_gu = _forward(x.view(-1, d), [pg, pu], gu_pack)
         del x
         act = ops.swiglu(gu)
-        y, xa_d = _forward(act, [pd], [(ad, bd)])
+        y, xa_d = _forward(act, [pd], d_pack)
         del act
-        ctx.meta = (eps, pg, pu, pd)
-        ctx.save_for_backward(h, norm_w, rstd, gu, xa_gu, xa_d, ag, bg, au, bu, ad, bd)
+        ctx.meta = (eps, pg, pu, pd, gu_pack.blocks, d_pack.blocks)
+        ctx.save_for_backward(h, norm_w, rstd, gu, xa_gu, xa_d, ag, bg, au, bu, ad, bd,
+                              *gu_pack.tensors(), *d_pack.tensors())
         return y.view_as(h)
 
     @staticmethod
     def backward(ctx, dy):
-        h, norm_w, rstd, gu, xa_gu, xa_d, ag, bg, au, bu, ad, bd = ctx.saved_tensors
-        eps, pg, pu, pd = ctx.meta
+        h, norm_w, rstd, gu, xa_gu, xa_d, ag, bg, au, bu, ad, bd, *packed = ctx.saved_tensors
+        eps, pg, pu, pd, gu_blocks, d_blocks = ctx.meta
+        gu_pack, d_pack = Pack.restore(packed[:3], gu_blocks), Pack.restore(packed[3:], d_blocks)
         d = h.shape[-1]
         dy2d = dy.reshape(-1, d)
-        dact, dyb_d = _backward_input(dy2d, [pd], [(ad, bd)])
-        dg, du, act = ops.swiglu_backward(dact, gu)
+        dact, dyb_d = _backward_input(dy2d, [pd], d_pack)
+        dgu, act = ops.swiglu_backward(dact, gu)
         del dact
-        ((dad, dbd),) = _backward_lora(dy2d, act, xa_d, dyb_d, [pd], [(ad, bd)])
+        ((dad, dbd),) = _backward_lora(dy2d, act, xa_d, dyb_d, d_pack, [(ad, bd)])
         del act
-        dx, dyb = _backward_input([dg, du], [pg, pu], [(ag, bg), (au, bu)])
+        dx, dyb = _backward_input(dgu, [pg, pu], gu_pack)
         x, _ = ops.rms_norm(h, norm_w, eps)
-        (dag, dbg), (dau, dbu) = _backward_lora([dg, du], x.view(-1, d), xa_gu, dyb, [pg, pu], [(ag, bg), (au, bu)])
-        del x, dg, du
+        (dag, dbg), (dau, dbu) = _backward_lora(dgu, x.view(-1, d), xa_gu, dyb, gu_pack, [(ag, bg), (au, bu)])
+        del x, dgu
         dh = ops.rms_norm_backward(dx.view_as(h), h, norm_w, rstd)
         return (dh, None, None, None, None, None, dag, dbg, dau, dbu, dad, dbd)

@@ -95,8 +95,9 @@ def swiglu(gu: torch.Tensor):
 
 @fused
 def swiglu_backward(da: torch.Tensor, gu: torch.Tensor):
-    """(dg, du, a) for a = silu(g)·u with gu = [g | u]: one pass that also recomputes a, which the
-    down projection's LoRA gradient needs. fp32 inside, gu.dtype out, each (..., i) contiguous."""
+    """(dgu, a) for a = silu(g)·u with gu = [g | u]: one pass that writes the stacked gradient
+    dgu = [dg | du] (..., 2i) — the input of one GEMM against the stacked [Wg; Wu] — and recomputes a,
+    which the down projection's LoRA gradient needs. fp32 inside, gu.dtype out."""
     g, u = _halves(gu)
     gf, uf, daf = upcast(g), upcast(u), upcast(da)
     sig = torch.sigmoid(gf)
@@ -104,7 +105,7 @@ def swiglu_backward(da: torch.Tensor, gu: torch.Tensor):
     du = daf * silu
     dg = daf * uf * sig * (1.0 + gf * (1.0 - sig))
     act = torch.nn.functional.silu(g) * u
-    return dg.to(gu.dtype), du.to(gu.dtype), act
+    return torch.cat((dg, du), dim=-1).to(gu.dtype), act
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
