@@ -20,34 +20,44 @@ _CHUNK_ELEMENTS = 1 << 27  # logits elements per chunk: 256 MiB in bf16
 
 @fused
 def _ce_chunk(logits: torch.Tensor, labels: torch.Tensor):
-    """(sum of -log p[label], d/d logits) for logits (c, V) and labels (c,), all labels valid."""
+    """(sum of -log p[label], d/d logits) for logits (c, V) and labels (c,); rows labelled -100 add
+    nothing and get a zero gradient."""
     lf = upcast(logits)
+    valid = labels != IGNORE
+    safe = torch.where(valid, labels, 0)
     lse = torch.logsumexp(lf, dim=-1, keepdim=True)
-    target = torch.gather(lf, 1, labels.unsqueeze(1))
-    loss = (lse - target).sum()
-    onehot = torch.arange(lf.shape[1], device=lf.device).unsqueeze(0) == labels.unsqueeze(1)
-    grad = torch.exp(lf - lse) - onehot.to(lf.dtype)
+    target = torch.gather(lf, 1, safe.unsqueeze(1))
+    keep = valid.unsqueeze(1).to(lf.dtype)
+    loss = ((lse - target) * keep).sum()
+    onehot = torch.arange(lf.shape[1], device=lf.device).unsqueeze(0) == safe.unsqueeze(1)
+    grad = (torch.exp(lf - lse) - onehot.to(lf.dtype)) * keep
     return loss, grad.to(logits.dtype)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Σ CE(h W_headᵀ, labels) / divisor over the rows of h (T, d) whose label is not -100."""
+    """Σ CE(h W_headᵀ, labels) / divisor over the rows of h (T, d) whose label is not -100.
+
+    Runs over every row in fixed chunks (ignored rows masked inside the kernel) rather than
+    gathering the labelled rows first: picking those rows needs their count on the host, a
+    device→host synchronisation that stalls the launch queue once per step. The price is head
+    FLOPs for prompt rows (the head is ~5% of a step's FLOPs for Llama-3-8B). ``divisor`` is a
+    0-dim tensor on h's device for the same reason.
+    """
 
     @staticmethod
-    def forward(ctx, h, weight, labels, divisor: float, chunk: int):
-        rows = (labels != IGNORE).nonzero().squeeze(1)
-        dh = torch.zeros_like(h)
+    def forward(ctx, h, weight, labels, divisor: torch.Tensor, chunk: int):
+        dh = torch.empty_like(h)
         total = torch.zeros((), dtype=upcast(h[:0]).dtype, device=h.device)
         w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
-        for start in range(0, rows.numel(), chunk):
-            idx = rows[start:start + chunk]
-            logits = h[idx] @ w.t()
-            loss, grad = _ce_chunk(logits, labels[idx])
+        for start in range(0, h.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = h[rows] @ w.t()
+            loss, grad = _ce_chunk(logits, labels[rows])
             del logits
             total += loss
-            dh.index_copy_(0, idx, grad @ w)
+            torch.mm(grad, w, out=dh[rows])
             del grad
-        dh.div_(divisor)
+        dh.div_(divisor)  # a 0-dim fp32 tensor: no promotion of the bf16 dh
         ctx.save_for_backward(dh)
         return total / divisor
 
@@ -69,8 +79,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:]
     flat = shift_labels.reshape(-1).to(hidden.device)
     if num_items_in_batch is None:
-        divisor = float(max(int((flat != IGNORE).sum()), 1))
+        divisor = (flat != IGNORE).sum().clamp_min(1)
     else:
-        divisor = float(num_items_in_batch)
+        divisor = torch.as_tensor(num_items_in_batch, device=hidden.device)
+    divisor = divisor.to(upcast(hidden[:0]).dtype)
     chunk = max(1, _CHUNK_ELEMENTS // weight.shape[0])
     return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat, divisor, chunk)
