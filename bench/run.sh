@@ -6,7 +6,7 @@
 #   JOBS="qfine:1b:4x2048 hfac:1b:4x2048" bash bench/run.sh
 #
 # JOBS entries are impl:shape:configs with impl one of
-#   qfine (fast path + full checkpointing), qfine-nockpt (fast path, fused layers keep GEMM inputs only),
+#   qfine (fast path + full checkpointing), qfine-offload (the same, layer inputs in pinned host memory), qfine-nockpt (fast path, fused layers keep GEMM inputs only),
 #   qfine-ref (plain peft path inside qfine), hfac (peft+bnb, bf16 autocast), unsloth.
 # Needs .device/{common,qfine,peers} from ../shared/device/stage.sh peers. Results: $OUT/results.jsonl; the
 # table with device and versions is printed and appended to docs/benchmarks.md (and $OUT/benchmarks-section.md).
@@ -45,6 +45,7 @@ for job in $JOBS; do
   case $impl in
     qfine) args="--impl qfine --autocast"; path=$QPATH ;;
     qfine-nockpt) args="--impl qfine --autocast --no-ckpt"; path=$QPATH ;;
+    qfine-offload) args="--impl qfine --autocast --offload"; path=$QPATH ;;
     qfine-ref) args="--impl qfine --autocast --no-fast-path"; path=$QPATH ;;
     hfac) args="--impl hf --autocast"; path=$PPATH ;;
     unsloth) args="--impl unsloth"; path=$PPATH ;;

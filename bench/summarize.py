@@ -12,7 +12,8 @@ from pathlib import Path
 
 PEERS = ("hf_autocast", "unsloth")
 NAMES = {"hf_autocast": "peft+bnb autocast", "unsloth": "Unsloth", "qfine_fast_nockpt_autocast": "qfine fast",
-         "qfine_fast_autocast": "qfine fast + ckpt", "qfine_ref_autocast": "qfine plain"}
+         "qfine_fast_autocast": "qfine fast + ckpt", "qfine_fast_offload_autocast": "qfine fast + offloaded ckpt",
+         "qfine_ref_autocast": "qfine plain"}
 
 
 def load(path: Path) -> list[dict]:

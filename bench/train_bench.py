@@ -38,10 +38,10 @@ def load_hf(d, max_seq):
     return model, load_s, time.time() - t1
 
 
-def load_qfine(d, max_seq, fast=True, ckpt=True):
+def load_qfine(d, max_seq, fast=True, ckpt=True, offload=False):
     import torch
     from qfine import LoraSettings, ModelConfig, add_lora, load_model
-    from qfine.fast import apply_fast_path
+    from qfine.fast import apply_fast_path, offload_checkpoints
     t0 = time.time()
     loaded = load_model(ModelConfig(source=d, quantization="nf4", double_quant=True, compute_dtype="bf16",
                                     device="cuda"))
@@ -52,6 +52,8 @@ def load_qfine(d, max_seq, fast=True, ckpt=True):
                      gradient_checkpointing=ckpt)
     if fast:
         print(f"[qfine] {apply_fast_path(model)}", flush=True)
+    if offload:
+        print(f"[qfine] offloaded checkpoints: {offload_checkpoints(model)} layers", flush=True)
     model.train()
     torch.cuda.synchronize()
     return model, load_s, time.time() - t1
@@ -147,6 +149,7 @@ def main():
     ap.add_argument("--no-fast-path", action="store_true", help="qfine: the plain peft path")
     ap.add_argument("--no-ckpt", action="store_true",
                     help="qfine: no full-layer recompute (the fused layers keep only GEMM inputs)")
+    ap.add_argument("--offload", action="store_true", help="qfine: checkpointed layer inputs in pinned host memory")
     ap.add_argument("--profile", default="", help="qfine: write a torch.profiler kernel table of one step here")
     ap.add_argument("--profile-cpu", action="store_true", help="with --profile: also profile host-side ops")
     ap.add_argument("--sync-debug", action="store_true",
@@ -161,7 +164,7 @@ def main():
     max_seq = max(s for _, s in configs)
     name = a.impl
     if a.impl == "qfine":
-        name += ("_ref" if a.no_fast_path else "_fast") + ("_nockpt" if a.no_ckpt else "")
+        name += ("_ref" if a.no_fast_path else "_fast") + ("_nockpt" if a.no_ckpt else "") + ("_offload" if a.offload else "")
     base = dict(impl=name + ("_autocast" if a.autocast else ""), tag=a.tag,
                 device=torch.cuda.get_device_name(0))
     import contextlib
@@ -177,7 +180,8 @@ def main():
     t_start = time.time()
     try:
         if a.impl == "qfine":
-            model, load_s, peft_s = load_qfine(a.model, max_seq, fast=not a.no_fast_path, ckpt=not a.no_ckpt)
+            model, load_s, peft_s = load_qfine(a.model, max_seq, fast=not a.no_fast_path, ckpt=not a.no_ckpt,
+                                                 offload=a.offload)
         else:
             model, load_s, peft_s = {"hf": load_hf, "unsloth": load_unsloth}[a.impl](a.model, max_seq)
     except Exception as e:

@@ -84,6 +84,43 @@ def test_fast_path_with_gradient_checkpointing_and_grad_accumulation(tmp_path, s
     assert max(_rel(p.grad, ref_g[n]) for n, p in model.named_parameters() if p.requires_grad) < 1e-4
 
 
+def _count_nodes(loss, name):
+    seen, stack, n = set(), [loss.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        n += type(node).__name__ == name
+        stack.extend(f for f, _ in node.next_functions)
+    return n
+
+
+@pytest.mark.parametrize("fast,dropout", [(True, 0.0), (False, 0.1)])
+def test_offloaded_checkpointing_matches_the_plain_backward(tmp_path, save_tiny, fast, dropout):
+    """Layer inputs kept off the GPU and layers recomputed in the backward: same loss and grads as no
+    checkpointing at all — with LoRA dropout too, which only holds if the recompute replays the RNG."""
+    from qfine.fast import offload_checkpoints
+
+    model = lora_model(save_tiny(tmp_path / "m"), dropout=dropout)
+    ids, labels = _batch()
+    torch.manual_seed(5)
+    ref_loss, ref_grads, _ = _loss_and_grads(model, ids, labels)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    if fast:
+        assert apply_fast_path(model).layers == 2
+    assert offload_checkpoints(model) == 2
+    torch.manual_seed(5)
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=labels).loss
+    assert _count_nodes(loss, "OffloadedCheckpointBackward") == 2
+    loss.backward()
+    assert _rel(loss, ref_loss) < 1e-6
+    worst = max(_rel(p.grad, ref_grads[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert worst < 1e-5, worst
+
+
 def test_swap_keeps_keys_eval_outputs_and_peft_adapter(tmp_path, save_tiny):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -113,6 +113,10 @@ class TrainConfig:
     """Training arithmetic: auto (bf16 on capable GPUs, fp16 on others, fp32 on CPU), bf16, fp16, fp32."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass: least memory, ~25% more compute."""
+    offload_checkpoints: bool = False
+    """On CUDA, with gradient checkpointing (implied), keep each checkpointed layer input in pinned host
+    memory instead of on the GPU (copied on a side stream, fetched back one layer ahead): the
+    leanest setting, about 1 GiB less at Llama-3-8B 2x2048, a few percent slower."""
     fast_path: bool = True
     """On CUDA, swap in fused QLoRA layers and a chunked loss for Llama, Mistral and Qwen2 models
     (--no-fast-path: the plain peft path). Ignored on CPU and for other models."""

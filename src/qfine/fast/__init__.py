@@ -6,8 +6,10 @@ chunked cross-entropy (:mod:`.loss`). Every fused piece is tested against the pl
 path it replaces (``tests/test_fast_path.py`` on CPU in fp32, ``tests/test_gpu.py`` in bf16).
 """
 
-from .swap import FastDecoderLayer, FastPathReport, apply_fast_path, unsupported_reason
+import torch
 
+from .offload import enable_offloaded_checkpointing
+from .swap import FastDecoderLayer, FastPathReport, apply_fast_path, causal_lm, unsupported_reason
 
 
 def enable_fast_path(model, device: str) -> FastPathReport:
@@ -17,4 +19,12 @@ def enable_fast_path(model, device: str) -> FastPathReport:
     return apply_fast_path(model)
 
 
-__all__ = ["FastDecoderLayer", "FastPathReport", "apply_fast_path", "enable_fast_path", "unsupported_reason"]
+def offload_checkpoints(model) -> int:
+    """Keep the checkpointed decoder-layer inputs of ``model`` (peft or plain causal LM, gradient
+    checkpointing already enabled) in pinned host memory; returns the number of layers doing so."""
+    layers = getattr(getattr(causal_lm(model), "model", None), "layers", None)
+    return enable_offloaded_checkpointing(layers) if isinstance(layers, torch.nn.ModuleList) else 0
+
+
+__all__ = ["FastDecoderLayer", "FastPathReport", "apply_fast_path", "enable_fast_path", "offload_checkpoints",
+           "unsupported_reason"]

@@ -19,6 +19,7 @@ import torch
 
 from .lora import LoraLinear, NormMLP, NormQKV, Proj, lora_proj
 from .loss import linear_cross_entropy
+from .offload import in_offloaded_forward
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 _PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
@@ -67,7 +68,8 @@ class FastDecoderLayer(_LayerBase):
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, position_embeddings=None, **kwargs):
         projs = None
-        if self.training and torch.is_grad_enabled() and past_key_values is None and position_embeddings is not None:
+        graded = torch.is_grad_enabled() or in_offloaded_forward()
+        if self.training and graded and past_key_values is None and position_embeddings is not None:
             projs = self.projections()
         if projs is None:
             return self._reference_cls.forward(self, hidden_states, attention_mask=attention_mask,

@@ -19,7 +19,7 @@ from ..adapters import add_lora
 from ..data import build_datasets
 from ..data.readers import expand
 from ..errors import QfineError
-from ..fast import enable_fast_path
+from ..fast import enable_fast_path, offload_checkpoints
 from ..fsutil import atomic_dir, atomic_write_text
 from ..loading import describe, load_model, resolve_device
 from .trainer import build_trainer, check_train_config
@@ -136,9 +136,16 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
                      f"{cfg.data.max_seq_len}, {stats.dropped} dropped, {stats.skipped} bad rows skipped")
     print(f"[qfine] {data_line}", flush=True)
 
-    model = add_lora(loaded.model, cfg.lora, cfg.train.gradient_checkpointing)
+    offload = cfg.train.offload_checkpoints
+    model = add_lora(loaded.model, cfg.lora, cfg.train.gradient_checkpointing or offload)
     if cfg.train.fast_path:
         print(f"[qfine] {enable_fast_path(model, device)}", flush=True)
+    if offload and device == "cuda":
+        print(f"[qfine] checkpointed inputs of {offload_checkpoints(model)} layers kept in pinned host memory",
+              flush=True)
+    elif offload:
+        print(f"[qfine] offload_checkpoints: nothing to offload to on {device}; plain gradient checkpointing",
+              flush=True)
     footprint = f"{cfg.model.source} ({cfg.model.quantization}) on {device}: {describe(model)}"
     print(f"[qfine] {footprint}", flush=True)
     prompts, note = _sample_prompts(cfg) if cfg.train.report_samples > 0 else ([], "")

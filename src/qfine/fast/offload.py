@@ -1,0 +1,160 @@
+"""Gradient checkpointing with the checkpointed layer inputs kept in pinned host memory.
+
+Full checkpointing keeps one tensor per decoder layer on the GPU — its input hidden state
+(batch, seq, d) — and recomputes the layer in the backward. For Llama-3-8B at 2×2048 tokens that is
+32 × 32 MiB = 1 GiB, the largest activation left. Here each input is copied to pinned CPU memory on
+a side stream as soon as the layer has consumed it (overlapping the next layers' compute) and copied
+back in the backward, one layer ahead of need: while layer i is recomputed and differentiated,
+layer i-1's input is already on its way. At most two layer inputs are on the GPU at any time.
+
+The recompute is reentrant-style (the forward runs without building a graph; the backward reruns the
+layer with grad and back-propagates through it), with the RNG and autocast state of the forward
+restored, as ``torch.utils.checkpoint`` does. It is installed per layer *instance* as the
+``_gradient_checkpointing_func`` that transformers' ``GradientCheckpointingLayer`` calls, so no class
+is touched. On CPU there is nowhere to offload to: the input is kept as is (the same arithmetic,
+which is what the CPU tests check).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+
+import torch
+
+_UNGRADED_FORWARD = contextvars.ContextVar("qfine_offload_forward", default=False)
+
+
+def in_offloaded_forward() -> bool:
+    """True inside the graph-free first forward of an offloaded checkpoint, where a fused layer
+    should still take its training path (the backward will recompute it with grad)."""
+    return _UNGRADED_FORWARD.get()
+
+
+class _Entry:
+    """One layer input: its host copy, and the device copy once fetched back."""
+
+    def __init__(self, x: torch.Tensor, offloader: "Offloader", prev: "_Entry | None"):
+        self.prev = prev
+        self.device = x.device
+        self.offloader = offloader
+        self.gpu = self.ready = None
+        if x.is_cuda:
+            stream = offloader.stream(x.device)
+            stream.wait_stream(torch.cuda.current_stream(x.device))  # x is complete
+            with torch.cuda.stream(stream):
+                self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                self.host.copy_(x, non_blocking=True)
+            x.record_stream(stream)  # x's memory is not reused before the copy has read it
+        else:
+            self.host = x
+
+    def prefetch(self):
+        if self.gpu is not None or self.host is None:
+            return
+        if self.device.type != "cuda":
+            self.gpu = self.host
+            return
+        stream = self.offloader.stream(self.device)
+        with torch.cuda.stream(stream):
+            self.gpu = self.host.to(self.device, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+
+    def fetch(self) -> torch.Tensor:
+        """The input back on its device (waiting for its copy), and the previous layer's on its way."""
+        self.prefetch()
+        x, self.gpu, self.host = self.gpu, None, None
+        if self.ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(self.ready)
+            x.record_stream(current)
+        if self.prev is not None:
+            self.prev.prefetch()
+            self.prev = None
+        return x
+
+
+class Offloader:
+    """The side streams and the chain of saved inputs of one model's decoder layers."""
+
+    def __init__(self):
+        self._streams = {}
+        self.last: _Entry | None = None
+
+    def stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def save(self, x: torch.Tensor, index: int) -> _Entry:
+        entry = _Entry(x, self, self.last if index > 0 else None)
+        self.last = entry
+        return entry
+
+
+def _autocast_state():
+    return [(dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) for dev in ("cuda", "cpu")]
+
+
+class OffloadedCheckpoint(torch.autograd.Function):
+    """out = run(x) without keeping anything of the layer but a host copy of x; the backward
+    recomputes run(x) with grad and back-propagates dy through it (parameter grads accumulate into
+    ``.grad`` directly, as in reentrant checkpointing)."""
+
+    @staticmethod
+    def forward(ctx, run, offloader: Offloader, index: int, x):
+        ctx.run = run
+        ctx.autocast = _autocast_state()
+        ctx.rng_cpu = torch.get_rng_state()
+        ctx.rng_cuda = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        token = _UNGRADED_FORWARD.set(True)
+        try:
+            out = run(x)
+        finally:
+            _UNGRADED_FORWARD.reset(token)
+        ctx.entry = offloader.save(x, index)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x = ctx.entry.fetch().detach().requires_grad_(True)
+        ctx.entry = None
+        devices = [x.device] if x.is_cuda else []
+        with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
+            torch.set_rng_state(ctx.rng_cpu)
+            if ctx.rng_cuda is not None:
+                torch.cuda.set_rng_state(ctx.rng_cuda, x.device)
+            for dev, enabled, dtype in ctx.autocast:
+                stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
+            with torch.enable_grad():
+                out = ctx.run(x)
+        torch.autograd.backward(out, dy)
+        return None, None, None, x.grad
+
+
+def _offloaded_checkpoint(offloader: Offloader, index: int, fallback, run, *args):
+    """The ``_gradient_checkpointing_func`` of layer ``index``: ``run`` is the layer call with its
+    keyword arguments bound, ``args`` its positional ones (the hidden state)."""
+    x = args[0] if len(args) == 1 else None
+    if not (isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()):
+        return fallback(run, *args)  # nothing would flow back through x: the stock checkpoint copes
+    return OffloadedCheckpoint.apply(run, offloader, index, x)
+
+
+def enable_offloaded_checkpointing(layers) -> int:
+    """Give every checkpointing decoder layer in ``layers`` (a ModuleList) the offloading
+    checkpoint function. Returns how many layers now offload (0 if checkpointing is off)."""
+    offloader = Offloader()
+    count = 0
+    for i, layer in enumerate(layers):
+        if not getattr(layer, "gradient_checkpointing", False):
+            continue
+        current = getattr(layer, "_gradient_checkpointing_func", None)
+        fallback = getattr(current, "qfine_fallback", current)
+        func = functools.partial(_offloaded_checkpoint, offloader, i, fallback)
+        func.qfine_fallback = fallback
+        layer._gradient_checkpointing_func = func
+        count += 1
+    return count
