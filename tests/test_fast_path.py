@@ -68,6 +68,18 @@ def test_fast_path_matches_reference(tmp_path, save_tiny, kind, quantization, ex
     assert worst < 1e-4, worst
 
 
+def _count_nodes(loss, name):
+    seen, stack, n = set(), [loss.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        n += type(node).__name__ == name
+        stack.extend(f for f, _ in node.next_functions)
+    return n
+
+
 def test_fast_path_with_gradient_checkpointing_and_grad_accumulation(tmp_path, save_tiny):
     model = lora_model(save_tiny(tmp_path / "m"))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -79,21 +91,10 @@ def test_fast_path_with_gradient_checkpointing_and_grad_accumulation(tmp_path, s
     apply_fast_path(model)
     assert all(layer.gradient_checkpointing for layer in model.get_base_model().model.layers)
     fast = model(input_ids=ids, labels=labels, num_items_in_batch=100)
+    assert _count_nodes(fast.loss, "OffloadedCheckpointBackward") == 2  # qfine's recompute, inputs kept on device
     fast.loss.backward()
     assert _rel(fast.loss, ref.loss) < 1e-5
     assert max(_rel(p.grad, ref_g[n]) for n, p in model.named_parameters() if p.requires_grad) < 1e-4
-
-
-def _count_nodes(loss, name):
-    seen, stack, n = set(), [loss.grad_fn], 0
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        n += type(node).__name__ == name
-        stack.extend(f for f, _ in node.next_functions)
-    return n
 
 
 @pytest.mark.parametrize("fast,dropout", [(True, 0.0), (False, 0.1)])

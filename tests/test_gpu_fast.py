@@ -140,7 +140,7 @@ def test_fifty_steps_loss_curve_within_one_percent(save_tiny, tmp_path):
 def test_offloaded_checkpointing_same_grads_less_memory(save_tiny, tmp_path):
     """Fast path + checkpointing with the layer inputs in pinned host memory: the gradients of the plain
     fast step (bf16 recompute: rel. 1e-2), and a peak lower than on-GPU checkpointing by most of the
-    layers' inputs (at most two of the eight are on the GPU at once in the backward)."""
+    layers' inputs (eight on the GPU vs at most two fetched back, plus the recompute's own input gradient)."""
     from qfine.fast import offload_checkpoints
 
     shape = {**SHAPE, "num_hidden_layers": 8}
@@ -170,4 +170,4 @@ def test_offloaded_checkpointing_same_grads_less_memory(save_tiny, tmp_path):
           f"grad rel. diff ckpt {_rel(grads['ckpt'], grads['plain']):.2e}, offload "
           f"{_rel(grads['offload'], grads['plain']):.2e}")
     assert _rel(grads["offload"], grads["plain"]) < 1e-2
-    assert peaks["ckpt"] - peaks["offload"] >= 5 * layer_input
+    assert peaks["ckpt"] - peaks["offload"] >= 4 * layer_input

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .nf4 import dequantize, stacked
+from .nf4 import stacked
+from .offload import output_discarded
 
 
 @dataclass
@@ -255,7 +256,10 @@ class NormMLP(torch.autograd.Function):
         gu, xa_gu = _forward(x.view(-1, d), [pg, pu], gu_pack)
         del x
         act = ops.swiglu(gu)
-        y, xa_d = _forward(act, [pd], d_pack)
+        if output_discarded():  # recomputed for the backward: y is never read, x Aᵀ is
+            y, xa_d = h.new_empty(h.shape), (act @ d_pack.a.t() if d_pack.a is not None else None)
+        else:
+            y, xa_d = _forward(act, [pd], d_pack)
         del act
         ctx.meta = (eps, pg, pu, pd, gu_pack.blocks, d_pack.blocks)
         ctx.save_for_backward(h, norm_w, rstd, gu, xa_gu, xa_d, ag, bg, au, bu, ad, bd,

@@ -23,13 +23,21 @@ import functools
 
 import torch
 
-_UNGRADED_FORWARD = contextvars.ContextVar("qfine_offload_forward", default=False)
+_UNGRADED_FORWARD = contextvars.ContextVar("qfine_checkpoint_forward", default=False)
+_RECOMPUTE = contextvars.ContextVar("qfine_checkpoint_recompute", default=False)
 
 
 def in_offloaded_forward() -> bool:
-    """True inside the graph-free first forward of an offloaded checkpoint, where a fused layer
+    """True inside the graph-free first forward of a checkpointed layer, where a fused layer
     should still take its training path (the backward will recompute it with grad)."""
     return _UNGRADED_FORWARD.get()
+
+
+def output_discarded() -> bool:
+    """True while a layer is recomputed for its backward: only the tensors it saves matter, its
+    output value is never read (it is just the root the incoming gradient is applied to), so a
+    fused layer may skip work that only feeds the output (the MLP's down-projection GEMM)."""
+    return _RECOMPUTE.get()
 
 
 class _Entry:
@@ -40,7 +48,7 @@ class _Entry:
         self.device = x.device
         self.offloader = offloader
         self.gpu = self.ready = None
-        if x.is_cuda:
+        if x.is_cuda and offloader.offload:
             stream = offloader.stream(x.device)
             stream.wait_stream(torch.cuda.current_stream(x.device))  # x is complete
             with torch.cuda.stream(stream):
@@ -53,7 +61,7 @@ class _Entry:
     def prefetch(self):
         if self.gpu is not None or self.host is None:
             return
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or not self.offloader.offload:
             self.gpu = self.host
             return
         stream = self.offloader.stream(self.device)
@@ -77,9 +85,11 @@ class _Entry:
 
 
 class Offloader:
-    """The side streams and the chain of saved inputs of one model's decoder layers."""
+    """The side streams and the chain of saved inputs of one model's decoder layers (kept on
+    the device as they are when ``offload`` is False: plain checkpointing)."""
 
-    def __init__(self):
+    def __init__(self, offload: bool = True):
+        self.offload = offload
         self._streams = {}
         self.last: _Entry | None = None
 
@@ -128,8 +138,12 @@ class OffloadedCheckpoint(torch.autograd.Function):
                 torch.cuda.set_rng_state(ctx.rng_cuda, x.device)
             for dev, enabled, dtype in ctx.autocast:
                 stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
-            with torch.enable_grad():
-                out = ctx.run(x)
+            token = _RECOMPUTE.set(True)
+            try:
+                with torch.enable_grad():
+                    out = ctx.run(x)
+            finally:
+                _RECOMPUTE.reset(token)
         torch.autograd.backward(out, dy)
         return None, None, None, x.grad
 
@@ -143,10 +157,11 @@ def _offloaded_checkpoint(offloader: Offloader, index: int, fallback, run, *args
     return OffloadedCheckpoint.apply(run, offloader, index, x)
 
 
-def enable_offloaded_checkpointing(layers) -> int:
-    """Give every checkpointing decoder layer in ``layers`` (a ModuleList) the offloading
-    checkpoint function. Returns how many layers now offload (0 if checkpointing is off)."""
-    offloader = Offloader()
+def enable_offloaded_checkpointing(layers, offload: bool = True) -> int:
+    """Give every checkpointing decoder layer in ``layers`` (a ModuleList) this module's checkpoint
+    function, with the inputs in host memory (``offload``) or left on the device. Returns how many
+    layers use it (0 if checkpointing is off)."""
+    offloader = Offloader(offload)
     count = 0
     for i, layer in enumerate(layers):
         if not getattr(layer, "gradient_checkpointing", False):
