@@ -1,13 +1,26 @@
 """Dequantize a frozen base weight for one GEMM.
 
-``dequantize`` is the one entry point the fused functions use. For bitsandbytes 4-bit weights it
-calls bitsandbytes' own ``dequantize_4bit`` (the reference); a single-kernel Triton replacement
-belongs here, behind the same signature, with a test against it.
+``dequantize`` is the one entry point the fused functions use. NF4 weights on CUDA go through the
+one-launch Triton kernel of :mod:`.nf4_kernel` (double quantization included); everything else —
+FP4, CPU, or ``QFINE_TRITON_NF4=0`` — through bitsandbytes' own ``dequantize_4bit``, which is also
+the reference the kernel is tested against.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+def _triton_nf4(w: torch.Tensor, state, dtype: torch.dtype) -> bool:
+    if not (w.is_cuda and state.quant_type == "nf4" and state.dtype == dtype and state.blocksize % 2 == 0):
+        return False
+    if os.environ.get("QFINE_TRITON_NF4", "1") == "0" or state.shape[0] * state.shape[1] % 2:
+        return False
+    tensors = [state.code, state.absmax] + ([state.offset, state.state2.code, state.state2.absmax]
+                                            if state.nested else [])
+    return all(isinstance(t, torch.Tensor) and t.device == w.device for t in tensors)
 
 
 def dequantize(linear: torch.nn.Module, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,6 +41,10 @@ def dequantize(linear: torch.nn.Module, dtype: torch.dtype, out: torch.Tensor | 
     if getattr(state, "packing_format_for_cpu", False):
         raise RuntimeError("4-bit weight repacked by bitsandbytes' AVX512-BF16 CPU path; "
                            "load the model with qfine.load_model")
+    if _triton_nf4(w, state, dtype) and (out is None or out.dtype == dtype):
+        from .nf4_kernel import dequantize_nf4
+
+        return dequantize_nf4(w.data, state, out=out)
     if out is not None and out.dtype == state.dtype and w.is_cuda:  # no CPU kernel for .out
         return bnb.functional.dequantize_4bit(w.data, state, out=out)
     full = bnb.functional.dequantize_4bit(w.data, state)
