@@ -116,7 +116,8 @@ class TrainConfig:
     offload_checkpoints: bool = False
     """On CUDA, with gradient checkpointing (implied), keep each checkpointed layer input in pinned host
     memory instead of on the GPU (copied on a side stream, fetched back one layer ahead): the
-    leanest setting, about 1 GiB less at Llama-3-8B 2x2048, a few percent slower."""
+    leanest setting: Llama-3-8B at 2x2048 in 6.95 GiB instead of 7.7 GiB, as fast as on-GPU checkpointing
+    from 4x2048 on (see docs/benchmarks.md)."""
     fast_path: bool = True
     """On CUDA, swap in fused QLoRA layers and a chunked loss for Llama, Mistral and Qwen2 models
     (--no-fast-path: the plain peft path). Ignored on CPU and for other models."""
