@@ -235,6 +235,8 @@ def test_no_fast_path_flag_and_cpu_report(tmp_path, save_tiny):
 
     ns = build_parser().parse_args(["train", "--no-fast-path"])
     assert _build_config(ns).train.fast_path is False and C.RunConfig().train.fast_path is True
+    ns = build_parser().parse_args(["train", "--offload-checkpoints"])
+    assert _build_config(ns).train.offload_checkpoints is True and C.RunConfig().train.offload_checkpoints is False
     model = lora_model(save_tiny(tmp_path / "m"))
     report = enable_fast_path(model, "cpu")
     assert str(report) == "fast path off: the fused kernels are for CUDA, this run is on cpu"
