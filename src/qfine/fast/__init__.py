@@ -2,7 +2,9 @@
 
 ``apply_fast_path(model)`` replaces each Llama-family decoder layer instance with one whose training
 step runs hand-written LoRA autograd (:mod:`.lora`) with fused elementwise kernels (:mod:`.ops`) and a
-chunked cross-entropy (:mod:`.loss`). Every fused piece is tested against the plain peft/transformers
+chunked cross-entropy (:mod:`.loss`); NF4 weights are dequantized by one Triton kernel
+(:mod:`.nf4_kernel`) and checkpointed layers recompute through :mod:`.offload` (inputs optionally in
+pinned host memory: ``offload_checkpoints(model)``). Every fused piece is tested against the plain peft/transformers
 path it replaces (``tests/test_fast_path.py`` on CPU in fp32, ``tests/test_gpu.py`` in bf16).
 """
 
