@@ -228,6 +228,22 @@ def test_hand_written_backwards_match_autograd(name):
         assert _rel(q, q_ref.transpose(1, 2)) < 1e-15 and _rel(k, k_ref.transpose(1, 2)) < 1e-15
 
 
+def test_repacked_4bit_weight_is_refused_by_merge_and_fast_path(tmp_path, save_tiny):
+    """One guard serves the exact merge and the fused layers: a weight bitsandbytes has repacked for
+    its AVX512-BF16 CPU kernel is refused with the same clear message, not dequantized wrongly."""
+    from qfine.errors import QfineError
+    from qfine.fast.nf4 import dequantize
+    from qfine.merge import dequantize_weight
+
+    model = lora_model(save_tiny(tmp_path / "m"))
+    base = model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer()
+    assert torch.equal(dequantize(base, torch.float32), dequantize_weight(base))
+    base.weight.quant_state.packing_format_for_cpu = True
+    for call in (lambda: dequantize(base, torch.float32), lambda: dequantize_weight(base)):
+        with pytest.raises(QfineError, match="repacked by bitsandbytes' AVX512-BF16 CPU path"):
+            call()
+
+
 def test_no_fast_path_flag_and_cpu_report(tmp_path, save_tiny):
     from qfine import config as C
     from qfine.cli import _build_config, build_parser

@@ -184,6 +184,14 @@ def guard_cpu_repack(model: torch.nn.Module) -> int:
     return n
 
 
+def ensure_not_repacked(weight) -> None:
+    """Raise if bitsandbytes' AVX512-BF16 CPU path has repacked this 4-bit weight in place: its
+    dequantization (merges, the fused layers) would then be silently wrong."""
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        raise QfineError("this 4-bit layer was repacked by bitsandbytes' AVX512-BF16 CPU path; "
+                         "load models with qfine.load_model (it disables the repacking)")
+
+
 @dataclass
 class Loaded:
     """A loaded base model with its tokenizer and where it came from."""

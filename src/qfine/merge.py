@@ -23,6 +23,7 @@ import torch
 
 from .errors import QfineError
 from .fsutil import atomic_dir
+from .loading import ensure_not_repacked
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -33,9 +34,7 @@ def dequantize_weight(linear: torch.nn.Module) -> torch.Tensor:
 
     w = linear.weight
     if isinstance(linear, bnb.nn.Linear4bit):
-        if getattr(w.quant_state, "packing_format_for_cpu", False):
-            raise QfineError("this 4-bit layer was repacked by bitsandbytes' AVX512-BF16 CPU path; "
-                             "load models with qfine.load_model (it disables the repacking)")
+        ensure_not_repacked(w)
         return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
     if isinstance(linear, bnb.nn.Linear8bitLt):
         scb = getattr(w, "SCB", None)

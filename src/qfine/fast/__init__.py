@@ -10,7 +10,7 @@ path it replaces (``tests/test_fast_path.py`` on CPU in fp32, ``tests/test_gpu.p
 
 import torch
 
-from .offload import enable_offloaded_checkpointing
+from .offload import install_checkpointing
 from .swap import FastDecoderLayer, FastPathReport, apply_fast_path, causal_lm, unsupported_reason
 
 
@@ -25,7 +25,7 @@ def offload_checkpoints(model) -> int:
     """Keep the checkpointed decoder-layer inputs of ``model`` (peft or plain causal LM, gradient
     checkpointing already enabled) in pinned host memory; returns the number of layers doing so."""
     layers = getattr(getattr(causal_lm(model), "model", None), "layers", None)
-    return enable_offloaded_checkpointing(layers) if isinstance(layers, torch.nn.ModuleList) else 0
+    return install_checkpointing(layers, offload=True) if isinstance(layers, torch.nn.ModuleList) else 0
 
 
 __all__ = ["FastDecoderLayer", "FastPathReport", "apply_fast_path", "enable_fast_path", "offload_checkpoints",

@@ -38,9 +38,9 @@ def dequantize(linear: torch.nn.Module, dtype: torch.dtype, out: torch.Tensor | 
         return w if w.dtype == dtype else w.to(dtype)
     import bitsandbytes as bnb
 
-    if getattr(state, "packing_format_for_cpu", False):
-        raise RuntimeError("4-bit weight repacked by bitsandbytes' AVX512-BF16 CPU path; "
-                           "load the model with qfine.load_model")
+    from ..loading import ensure_not_repacked
+
+    ensure_not_repacked(w)
     if _triton_nf4(w, state, dtype) and (out is None or out.dtype == dtype):
         from .nf4_kernel import dequantize_nf4
 

@@ -48,7 +48,8 @@ class _Entry:
         self.device = x.device
         self.offloader = offloader
         self.gpu = self.ready = None
-        if x.is_cuda and offloader.offload:
+        self.offloaded = x.is_cuda and offloader.offload
+        if self.offloaded:
             stream = offloader.stream(x.device)
             stream.wait_stream(torch.cuda.current_stream(x.device))  # x is complete
             with torch.cuda.stream(stream):
@@ -61,7 +62,7 @@ class _Entry:
     def prefetch(self):
         if self.gpu is not None or self.host is None:
             return
-        if self.device.type != "cuda" or not self.offloader.offload:
+        if not self.offloaded:
             self.gpu = self.host
             return
         stream = self.offloader.stream(self.device)
@@ -157,7 +158,7 @@ def _offloaded_checkpoint(offloader: Offloader, index: int, fallback, run, *args
     return OffloadedCheckpoint.apply(run, offloader, index, x)
 
 
-def enable_offloaded_checkpointing(layers, offload: bool = True) -> int:
+def install_checkpointing(layers, offload: bool) -> int:
     """Give every checkpointing decoder layer in ``layers`` (a ModuleList) this module's checkpoint
     function, with the inputs in host memory (``offload``) or left on the device. Returns how many
     layers use it (0 if checkpointing is off)."""

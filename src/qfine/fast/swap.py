@@ -19,7 +19,7 @@ import torch
 
 from .lora import LoraLinear, NormMLP, NormQKV, Proj, lora_proj
 from .loss import linear_cross_entropy
-from .offload import enable_offloaded_checkpointing, in_offloaded_forward
+from .offload import install_checkpointing, in_offloaded_forward
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 _PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
@@ -180,7 +180,7 @@ def apply_fast_path(model: torch.nn.Module) -> FastPathReport:
         report.layers += 1
     # checkpointing through qfine's reentrant recompute (inputs kept on the device): it lets the fused
     # MLP skip the down projection whose output the recompute never reads
-    if enable_offloaded_checkpointing(layers, offload=False):
+    if install_checkpointing(layers, offload=False):
         report.notes.append("checkpoint recompute skips the down projection")
     if report.layers and layers[0].projections() is None:
         report.notes.append("adapters with dropout, DoRA or several active adapters run the reference layer")
