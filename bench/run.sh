@@ -7,6 +7,7 @@
 #
 # JOBS entries are impl:shape:configs with impl one of
 #   qfine (fast path + full checkpointing), qfine-offload (the same, layer inputs in pinned host memory), qfine-nockpt (fast path, fused layers keep GEMM inputs only),
+#   qfine-graph / qfine-nockpt-graph / qfine-offload-graph (the same, forward+backward replayed as a CUDA graph),
 #   qfine-ref (plain peft path inside qfine), hfac (peft+bnb, bf16 autocast), unsloth.
 # Needs .device/{common,qfine,peers} from ../shared/device/stage.sh peers. Results: $OUT/results.jsonl; the
 # table with device and versions is printed and appended to docs/benchmarks.md (and $OUT/benchmarks-section.md).
@@ -46,6 +47,9 @@ for job in $JOBS; do
     qfine) args="--impl qfine --autocast"; path=$QPATH ;;
     qfine-nockpt) args="--impl qfine --autocast --no-ckpt"; path=$QPATH ;;
     qfine-offload) args="--impl qfine --autocast --offload"; path=$QPATH ;;
+    qfine-graph) args="--impl qfine --autocast --cuda-graph"; path=$QPATH ;;
+    qfine-nockpt-graph) args="--impl qfine --autocast --no-ckpt --cuda-graph"; path=$QPATH ;;
+    qfine-offload-graph) args="--impl qfine --autocast --offload --cuda-graph"; path=$QPATH ;;
     qfine-ref) args="--impl qfine --autocast --no-fast-path"; path=$QPATH ;;
     hfac) args="--impl hf --autocast"; path=$PPATH ;;
     unsloth) args="--impl unsloth"; path=$PPATH ;;

@@ -154,6 +154,8 @@ def main():
     ap.add_argument("--profile-cpu", action="store_true", help="with --profile: also profile host-side ops")
     ap.add_argument("--sync-debug", action="store_true",
                     help="report every host-device synchronisation in step 2 with the Python stack that caused it")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="qfine: capture forward+backward as a CUDA graph per shape (qfine.fast.graphs)")
     ap.add_argument("--autocast", action="store_true",
                     help="wrap forward in torch.autocast(cuda, bf16), as HF Trainer(bf16=True) does")
     a = ap.parse_args()
@@ -164,7 +166,7 @@ def main():
     max_seq = max(s for _, s in configs)
     name = a.impl
     if a.impl == "qfine":
-        name += ("_ref" if a.no_fast_path else "_fast") + ("_nockpt" if a.no_ckpt else "") + ("_offload" if a.offload else "")
+        name += ("_ref" if a.no_fast_path else "_fast") + ("_nockpt" if a.no_ckpt else "") + ("_offload" if a.offload else "") + ("_graph" if a.cuda_graph else "")
     base = dict(impl=name + ("_autocast" if a.autocast else ""), tag=a.tag,
                 device=torch.cuda.get_device_name(0))
     import contextlib
@@ -224,6 +226,19 @@ def main():
             if time.time() + est > a.deadline:
                 emit(dict(bs=bs, seq=seq, skipped=f"deadline (est {est:.0f}s)"))
                 continue
+        graphed = None
+        if a.cuda_graph:
+            from qfine.fast.graphs import GraphedStep
+
+            def fwd_bwd(input_ids, labels):
+                # autocast's weight-cast cache must be off under capture (PyTorch CUDA-graph notes)
+                with (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if a.autocast
+                      else contextlib.nullcontext()):
+                    step_loss = model(input_ids=input_ids, labels=labels, use_cache=False).loss
+                step_loss.backward()
+                return step_loss.detach()
+
+            graphed = GraphedStep(fwd_bwd, model.parameters(), model=model)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         times, losses = [], []
@@ -243,10 +258,13 @@ def main():
                 if sync_watch:
                     sync_debug_start(torch)
                 t0 = time.perf_counter()
-                with ctx():
-                    out = model(input_ids=ids, labels=ids, use_cache=False)
-                    loss = out.loss
-                loss.backward()
+                if graphed is not None:
+                    loss = graphed(input_ids=ids, labels=ids)
+                else:
+                    with ctx():
+                        out = model(input_ids=ids, labels=ids, use_cache=False)
+                        loss = out.loss
+                    loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if sync_watch:
@@ -271,6 +289,18 @@ def main():
                    peak_alloc_GiB=round(torch.cuda.max_memory_allocated() / GiB, 2),
                    peak_res_GiB=round(torch.cuda.max_memory_reserved() / GiB, 2),
                    step_times=[round(t, 4) for t in times], loss_first=losses[:1], loss_last=losses[-1:])
+        if graphed is not None:
+            rec["graphs"] = graphed.graphs
+            rec["graph_reserved_GiB"] = [round(b / GiB, 2) for b in graphed.capture_reserved]
+            from qfine.fast import loss as qloss, ops as qops
+            eager = {f.__name__: f.eager_in_capture for f in [*vars(qops).values(), qloss._ce_chunk]
+                     if getattr(f, "eager_in_capture", 0)}
+            if eager:
+                rec["eager_in_capture"] = eager
+            if graphed.reason:
+                rec["graph_off"] = graphed.reason
+            graphed.reset()
+            graphed = None
         out = loss = ids = None
         opt.zero_grad(set_to_none=True)
         if probe:

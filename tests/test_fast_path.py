@@ -257,3 +257,52 @@ def test_no_fast_path_flag_and_cpu_report(tmp_path, save_tiny):
     report = enable_fast_path(model, "cpu")
     assert str(report) == "fast path off: the fused kernels are for CUDA, this run is on cpu"
     assert not any(isinstance(m, FastDecoderLayer) for m in model.modules())
+
+
+def test_purely_causal_steps_reach_attention_without_a_mask(tmp_path, save_tiny, monkeypatch):
+    """Under a CUDA-graph capture transformers cannot look at the inputs and builds an explicit causal mask,
+    which takes SDPA off flash attention. Emulated here by disabling its mask skip: the fused layers must
+    still call attention with no mask (is_causal) in the forward *and* in the checkpoint recompute, and
+    must keep a real padding mask."""
+    import transformers.masking_utils as mu
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = []
+
+    def probe(module, q, k, v, attention_mask, **kw):
+        seen.append(attention_mask is None)
+        return sdpa_attention_forward(module, q, k, v, attention_mask, **kw)
+
+    AttentionInterface.register("qfine_probe", probe)
+    AttentionMaskInterface.register("qfine_probe", mu.sdpa_mask)
+    model = lora_model(save_tiny(tmp_path / "m"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.get_base_model().set_attn_implementation("qfine_probe")
+    ids, labels = _batch()
+    ref_loss, ref_grads, _ = _loss_and_grads(model, ids, labels)
+    apply_fast_path(model)
+    monkeypatch.setattr(mu, "_ignore_causal_mask_sdpa", lambda *a, **k: False)  # as under capture
+    seen.clear()
+    loss, grads, _ = _loss_and_grads(model, ids, labels)
+    assert seen == [True] * 4  # two layers, forward and recompute
+    assert _rel(loss, ref_loss) < 1e-5 and max(_rel(grads[n], g) for n, g in ref_grads.items()) < 1e-4
+    seen.clear()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding in the first row: a mask that matters
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert seen == [False] * 4
+
+
+@pytest.mark.parametrize("kind,extra,seq,expected", [
+    ("llama", {}, 24, True), ("mistral", {"sliding_window": 16}, 24, False),
+    ("mistral", {"sliding_window": 32}, 24, True), ("qwen2", {"sliding_window": 16}, 24, True)])
+def test_purely_causal_respects_sliding_windows(kind, extra, seq, expected):
+    from transformers import AutoConfig
+
+    from qfine.fast.swap import _purely_causal
+
+    config = AutoConfig.for_model(kind, **extra)  # qwen2: use_sliding_window is off by default
+    ids = torch.zeros(1, seq, dtype=torch.long)
+    assert _purely_causal(config, ids, None, None, None) is expected
+    assert _purely_causal(config, ids, torch.ones_like(ids), None, None) is False

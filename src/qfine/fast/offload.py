@@ -55,6 +55,10 @@ class _Entry:
             with torch.cuda.stream(stream):
                 self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
                 self.host.copy_(x, non_blocking=True)
+            if torch.cuda.is_current_stream_capturing():
+                # a captured graph copies into this buffer at every replay: it must never be freed
+                # back to the pinned-memory cache and handed to anyone else
+                offloader.graph_buffers.append(self.host)
             x.record_stream(stream)  # x's memory is not reused before the copy has read it
         else:
             self.host = x
@@ -92,6 +96,7 @@ class Offloader:
     def __init__(self, offload: bool = True):
         self.offload = offload
         self._streams = {}
+        self.graph_buffers: list[torch.Tensor] = []  # pinned buffers that captured graphs write into
         self.last: _Entry | None = None
 
     def stream(self, device: torch.device) -> torch.cuda.Stream:
@@ -117,9 +122,15 @@ class OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, offloader: Offloader, index: int, x):
         ctx.run = run
+        # the recompute runs in the forward's context variables too (e.g. the fused layers'
+        # causal-only flag in fast/swap.py, set by the model's forward and gone by the backward)
+        ctx.context = contextvars.copy_context()
         ctx.autocast = _autocast_state()
         ctx.rng_cpu = torch.get_rng_state()
-        ctx.rng_cuda = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        # a CUDA graph capture cannot read the generator's state; captured steps are refused when
+        # anything draws random numbers (fast/graphs.py), so there is nothing to replay then
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        ctx.rng_cuda = torch.cuda.get_rng_state(x.device) if x.is_cuda and not capturing else None
         token = _UNGRADED_FORWARD.set(True)
         try:
             out = run(x)
@@ -132,21 +143,26 @@ class OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, dy):
         x = ctx.entry.fetch().detach().requires_grad_(True)
         ctx.entry = None
-        devices = [x.device] if x.is_cuda else []
+        devices = [x.device] if ctx.rng_cuda is not None else []
         with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
             torch.set_rng_state(ctx.rng_cpu)
             if ctx.rng_cuda is not None:
                 torch.cuda.set_rng_state(ctx.rng_cuda, x.device)
             for dev, enabled, dtype in ctx.autocast:
                 stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
-            token = _RECOMPUTE.set(True)
-            try:
-                with torch.enable_grad():
-                    out = ctx.run(x)
-            finally:
-                _RECOMPUTE.reset(token)
+            out = ctx.context.run(_recompute, ctx.run, x)
+        ctx.context = None
         torch.autograd.backward(out, dy)
         return None, None, None, x.grad
+
+
+def _recompute(run, x):
+    token = _RECOMPUTE.set(True)
+    try:
+        with torch.enable_grad():
+            return run(x)
+    finally:
+        _RECOMPUTE.reset(token)
 
 
 def _offloaded_checkpoint(offloader: Offloader, index: int, fallback, run, *args):

@@ -45,6 +45,17 @@ def fused(fn):
             if isinstance(a, torch.Tensor):
                 for dim in range(min(a.dim() - 1, 2)):  # (tokens, ...) or (batch, seq, ...)
                     torch._dynamo.maybe_mark_dynamic(a, dim)
+        if torch.cuda.is_current_stream_capturing():
+            # inside a CUDA-graph capture (fast/graphs.py) a recompilation would benchmark kernels,
+            # which a capture forbids: take the compiled kernel only if its guards pass as they are,
+            # else record the eager version (same numbers, more kernels in the graph)
+            try:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    return compiled(*args)
+            except Exception as e:  # noqa: BLE001
+                call.eager_in_capture += 1
+                call.capture_error = call.capture_error or f"{type(e).__name__}: {e}"
+                return fn(*args)
         try:
             return compiled(*args)
         except Exception as e:  # noqa: BLE001 — a compiler failure must not stop training
@@ -54,6 +65,8 @@ def fused(fn):
             return fn(*args)
 
     call.reference = fn
+    call.eager_in_capture = 0  # calls recorded eagerly into a CUDA graph (see above)
+    call.capture_error = None
     call.__name__ = fn.__name__
     call.__doc__ = fn.__doc__
     return call

@@ -10,6 +10,7 @@ generation, KV caches and eval behave exactly as before.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import sys
 import types
@@ -22,6 +23,13 @@ from .loss import linear_cross_entropy
 from .offload import install_checkpointing, in_offloaded_forward
 
 SUPPORTED = ("llama", "mistral", "qwen2")
+
+# True while the causal LM runs a training step whose attention is purely causal (no attention mask,
+# no packed position ids, no sliding window shorter than the sequence). transformers then skips the
+# mask eagerly, but under a CUDA-graph capture it cannot look at the inputs and builds an explicit
+# (b, 1, s, s) mask instead, which takes SDPA off flash attention (slower, and a different gradient
+# layout); the fused layers pass no mask in that case, as the eager path does.
+_CAUSAL_ONLY = contextvars.ContextVar("qfine_causal_only", default=False)
 _PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
          ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
@@ -85,6 +93,8 @@ class FastDecoderLayer(_LayerBase):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, self._eager)
+        if _CAUSAL_ONLY.get():
+            attention_mask = None
         if hasattr(attn, "sliding_window"):
             kwargs["sliding_window"] = attn.sliding_window
         elif getattr(attn.config, "sliding_window", None) is not None:
@@ -95,6 +105,17 @@ class FastDecoderLayer(_LayerBase):
         h = h + LoraLinear.apply(out, po, *_ab(po))
         del out, q, k, v
         return h + NormMLP.apply(h, ln2.weight, ln2.variance_epsilon, pg, pu, pd, *_ab(pg), *_ab(pu), *_ab(pd))
+
+
+def _purely_causal(config, tokens, attention_mask, position_ids, past_key_values) -> bool:
+    """Whether a training forward attends causally over the whole sequence and nothing else."""
+    if attention_mask is not None or position_ids is not None or past_key_values is not None or tokens is None:
+        return False
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        window = getattr(config, "sliding_window", None)
+        return window is None or tokens.shape[1] <= window
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return window is None or tokens.shape[1] <= window
 
 
 def _fast_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -111,8 +132,14 @@ def _fast_causal_lm_forward(self, input_ids=None, attention_mask=None, position_
 
     num_items = kwargs.pop("num_items_in_batch", None)
     kwargs.pop("shift_labels", None)
-    out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    token = _CAUSAL_ONLY.set(_purely_causal(self.config, input_ids if input_ids is not None else inputs_embeds,
+                                            attention_mask, position_ids, past_key_values))
+    try:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         **kwargs)
+    finally:
+        _CAUSAL_ONLY.reset(token)
     loss = linear_cross_entropy(out.last_hidden_state, self.lm_head.weight, labels, num_items, shift_labels)
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
                                   hidden_states=out.hidden_states, attentions=out.attentions)
