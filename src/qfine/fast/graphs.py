@@ -115,6 +115,10 @@ class GraphedStep:
         (cuBLAS workspaces) exists before capturing, as the CUDA-graph notes advise."""
         if self._stream is None:
             self._stream = torch.cuda.Stream()
+        # cached blocks belong to the stream that freed them: hand the default stream's back first, or
+        # this step would reserve a second copy of the step's working memory
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
             loss = self.fn(**batch)
