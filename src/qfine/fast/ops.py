@@ -32,44 +32,51 @@ def fused(fn):
     and feature dimensions stay static, so one compiled kernel serves every batch shape and still vectorises along features.
     If compilation fails the function runs eagerly from then on (slower, same numbers).
     """
-    compiled = None
-    broken = False
+    state = {"compiled": None, "broken": False}
 
     def call(*args):
-        nonlocal compiled, broken
-        if broken or not (args[0].is_cuda and _compile_enabled()):
+        if state["broken"] or not (args[0].is_cuda and _compile_enabled()):
             return fn(*args)
-        if compiled is None:
-            compiled = torch.compile(fn, fullgraph=True)
+        if state["compiled"] is None:
+            state["compiled"] = torch.compile(fn, fullgraph=True)
+        # detached inputs under one fixed autocast state: these functions run inside autograd Functions
+        # and upcast explicitly, so requires_grad and autocast would only multiply dynamo's guard variants
+        # (a recompile each, up to its recompile limit, after which the function would run eagerly)
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         for a in args:
             if isinstance(a, torch.Tensor):
                 for dim in range(min(a.dim() - 1, 2)):  # (tokens, ...) or (batch, seq, ...)
                     torch._dynamo.maybe_mark_dynamic(a, dim)
-        if torch.cuda.is_current_stream_capturing():
-            # inside a CUDA-graph capture (fast/graphs.py) a recompilation would benchmark kernels,
-            # which a capture forbids: take the compiled kernel only if its guards pass as they are,
-            # else record the eager version (same numbers, more kernels in the graph)
+        with torch.autocast("cuda", enabled=False, cache_enabled=False):
+            if torch.cuda.is_current_stream_capturing():
+                return _call_in_capture(call, state["compiled"], fn, args)
             try:
-                with torch.compiler.set_stance("fail_on_recompile"):
-                    return compiled(*args)
-            except Exception as e:  # noqa: BLE001
-                call.eager_in_capture += 1
-                call.capture_error = call.capture_error or f"{type(e).__name__}: {e}"
+                return state["compiled"](*args)
+            except Exception as e:  # noqa: BLE001 — a compiler failure must not stop training
+                state["broken"] = True
+                warnings.warn(f"qfine fast path: torch.compile failed for {fn.__name__} ({type(e).__name__}: "
+                              f"{str(e)[:200]}); running it eagerly")
                 return fn(*args)
-        try:
-            return compiled(*args)
-        except Exception as e:  # noqa: BLE001 — a compiler failure must not stop training
-            broken = True
-            warnings.warn(f"qfine fast path: torch.compile failed for {fn.__name__} ({type(e).__name__}: "
-                          f"{str(e)[:200]}); running it eagerly")
-            return fn(*args)
 
     call.reference = fn
-    call.eager_in_capture = 0  # calls recorded eagerly into a CUDA graph (see above)
+    call.eager_in_capture = 0  # calls recorded eagerly into a CUDA graph (see _call_in_capture)
     call.capture_error = None
     call.__name__ = fn.__name__
     call.__doc__ = fn.__doc__
     return call
+
+
+def _call_in_capture(call, compiled, fn, args):
+    """Inside a CUDA-graph capture (fast/graphs.py) a recompilation would benchmark kernels, which a
+    capture forbids: take the compiled kernel only if its guards pass as they are, else record the
+    eager version (same numbers, more kernels in the graph) and keep the reason for diagnostics."""
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return compiled(*args)
+    except Exception as e:  # noqa: BLE001
+        call.eager_in_capture += 1
+        call.capture_error = call.capture_error or f"{type(e).__name__}: {e}"
+        return fn(*args)
 
 
 @fused
