@@ -292,9 +292,8 @@ def main():
         if graphed is not None:
             rec["graphs"] = graphed.graphs
             rec["graph_reserved_GiB"] = [round(b / GiB, 2) for b in graphed.capture_reserved]
-            from qfine.fast import loss as qloss, ops as qops
-            eager = {f.__name__: f.eager_in_capture for f in [*vars(qops).values(), qloss._ce_chunk]
-                     if getattr(f, "eager_in_capture", 0)}
+            from qfine.fast.ops import eager_in_capture
+            eager = eager_in_capture()
             if eager:
                 rec["eager_in_capture"] = eager
             if graphed.reason:

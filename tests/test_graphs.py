@@ -36,11 +36,12 @@ def test_dropout_refuses_capture_with_the_module_named():
 def test_bind_grads_rebinds_zeroes_dropped_and_copies_replaced():
     """Replays add into fixed buffers: after zero_grad(set_to_none=True) the buffer must come back zeroed,
     after a user replaced .grad its values must be copied in, and an untouched .grad must be kept as is."""
-    a, b, c = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
+    a, b, c, d = (torch.nn.Parameter(torch.ones(3)) for _ in range(4))
     for p in (a, b, c):
         p.grad = torch.full((3,), 5.0)
-    step = GraphedStep(lambda: None, [a, b, c])
+    step = GraphedStep(lambda: None, [a, b, c, d])
     step._bind_grads()
+    assert d.grad.tolist() == [0.0] * 3  # no gradient yet: its buffer starts at zero
     bufs = [a.grad, b.grad, c.grad]
     a.grad = None
     b.grad = torch.full((3,), 7.0)

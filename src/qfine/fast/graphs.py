@@ -110,29 +110,31 @@ class GraphedStep:
         entry.graph.replay()
         return entry.loss.clone()  # the static output is overwritten by the next replay
 
+    def _capture_stream(self) -> "torch.cuda.Stream":
+        """The side stream warm-up and capture run on, after handing every cached block back: cached
+        blocks belong to the stream that freed them, so without this the side stream (and then the
+        graph's pool) would reserve a second copy of the step's working memory."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return self._stream
+
     def _eager_on_capture_stream(self, batch):
         """The last warm-up step runs on the stream the capture will use, so per-stream lazy state
         (cuBLAS workspaces) exists before capturing, as the CUDA-graph notes advise."""
-        if self._stream is None:
-            self._stream = torch.cuda.Stream()
-        # cached blocks belong to the stream that freed them: hand the default stream's back first, or
-        # this step would reserve a second copy of the step's working memory
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        self._stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._stream):
+        stream = self._capture_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
             loss = self.fn(**batch)
-        torch.cuda.current_stream().wait_stream(self._stream)
+        torch.cuda.current_stream().wait_stream(stream)
         return loss
 
     def _bind_grads(self):
         """Point every ``.grad`` at the buffer the graphs accumulate into; zero the ones that were
         dropped (set to None), copy in any gradient that was replaced by another tensor."""
-        if self._grads is None:
-            self._grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            for p, g in zip(self.params, self._grads):
-                p.grad = g
-            return
+        if self._grads is None:  # the first binding adopts existing gradients; missing ones are zeroed below
+            self._grads = [p.grad if p.grad is not None else torch.empty_like(p) for p in self.params]
         dropped = []
         for p, g in zip(self.params, self._grads):
             if p.grad is g:
@@ -148,17 +150,13 @@ class GraphedStep:
     def _capture(self, key, batch) -> _Graph | None:
         inputs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         self._bind_grads()
-        torch.cuda.synchronize()
-        # the warm-up steps' cached blocks go back to the device, so the graph's pool can take them
-        torch.cuda.empty_cache()
+        stream = self._capture_stream()
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        if self._stream is None:
-            self._stream = torch.cuda.Stream()
         reserved = torch.cuda.memory_reserved()
         try:
-            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
                 loss = self.fn(**inputs)
         except Exception as e:  # noqa: BLE001 — an uncapturable step still trains, eagerly
             self.reason = f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"

@@ -129,8 +129,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
         ctx.rng_cpu = torch.get_rng_state()
         # a CUDA graph capture cannot read the generator's state; captured steps are refused when
         # anything draws random numbers (fast/graphs.py), so there is nothing to replay then
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        ctx.rng_cuda = torch.cuda.get_rng_state(x.device) if x.is_cuda and not capturing else None
+        ctx.rng_cuda = (torch.cuda.get_rng_state(x.device)
+                        if x.is_cuda and not torch.cuda.is_current_stream_capturing() else None)
         token = _UNGRADED_FORWARD.set(True)
         try:
             out = run(x)

@@ -32,13 +32,15 @@ def fused(fn):
     and feature dimensions stay static, so one compiled kernel serves every batch shape and still vectorises along features.
     If compilation fails the function runs eagerly from then on (slower, same numbers).
     """
-    state = {"compiled": None, "broken": False}
+    compiled = None
+    broken = False
 
     def call(*args):
-        if state["broken"] or not (args[0].is_cuda and _compile_enabled()):
+        nonlocal compiled, broken
+        if broken or not (args[0].is_cuda and _compile_enabled()):
             return fn(*args)
-        if state["compiled"] is None:
-            state["compiled"] = torch.compile(fn, fullgraph=True)
+        if compiled is None:
+            compiled = torch.compile(fn, fullgraph=True)
         # detached inputs under one fixed autocast state: these functions run inside autograd Functions
         # and upcast explicitly, so requires_grad and autocast would only multiply dynamo's guard variants
         # (a recompile each, up to its recompile limit, after which the function would run eagerly)
@@ -49,11 +51,11 @@ def fused(fn):
                     torch._dynamo.maybe_mark_dynamic(a, dim)
         with torch.autocast("cuda", enabled=False, cache_enabled=False):
             if torch.cuda.is_current_stream_capturing():
-                return _call_in_capture(call, state["compiled"], fn, args)
+                return _call_in_capture(call, compiled, fn, args)
             try:
-                return state["compiled"](*args)
+                return compiled(*args)
             except Exception as e:  # noqa: BLE001 — a compiler failure must not stop training
-                state["broken"] = True
+                broken = True
                 warnings.warn(f"qfine fast path: torch.compile failed for {fn.__name__} ({type(e).__name__}: "
                               f"{str(e)[:200]}); running it eagerly")
                 return fn(*args)
@@ -63,7 +65,16 @@ def fused(fn):
     call.capture_error = None
     call.__name__ = fn.__name__
     call.__doc__ = fn.__doc__
+    _FUSED.append(call)
     return call
+
+
+_FUSED: list = []  # every function wrapped by fused(), here and in loss.py
+
+
+def eager_in_capture() -> dict[str, int]:
+    """Fused functions recorded eagerly into CUDA graphs so far, with how often (see _call_in_capture)."""
+    return {f.__name__: f.eager_in_capture for f in _FUSED if f.eager_in_capture}
 
 
 def _call_in_capture(call, compiled, fn, args):

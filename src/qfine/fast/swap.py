@@ -111,10 +111,9 @@ def _purely_causal(config, tokens, attention_mask, position_ids, past_key_values
     """Whether a training forward attends causally over the whole sequence and nothing else."""
     if attention_mask is not None or position_ids is not None or past_key_values is not None or tokens is None:
         return False
-    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
-        window = getattr(config, "sliding_window", None)
-        return window is None or tokens.shape[1] <= window
-    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    sliding = (any(t != "full_attention" for t in getattr(config, "layer_types", None) or ())
+               or getattr(config, "use_sliding_window", True))  # Qwen2 keeps a window it does not use
+    window = getattr(config, "sliding_window", None) if sliding else None
     return window is None or tokens.shape[1] <= window
 
 
