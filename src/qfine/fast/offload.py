@@ -27,6 +27,22 @@ _UNGRADED_FORWARD = contextvars.ContextVar("qfine_checkpoint_forward", default=F
 _RECOMPUTE = contextvars.ContextVar("qfine_checkpoint_recompute", default=False)
 
 
+# Set by whoever captures a CUDA graph (qfine.fast.graphs.GraphedStep): the list that keeps the pinned
+# buffers the graph writes alive exactly as long as the graph. Captures by others fall back to the
+# offloader's own list, which lives as long as the model.
+_GRAPH_KEEP: contextvars.ContextVar[list | None] = contextvars.ContextVar("qfine_graph_keep", default=None)
+
+
+@contextlib.contextmanager
+def graph_keeps(buffers: list):
+    """While capturing inside this block, pinned host buffers the graph writes are appended to ``buffers``."""
+    token = _GRAPH_KEEP.set(buffers)
+    try:
+        yield buffers
+    finally:
+        _GRAPH_KEEP.reset(token)
+
+
 def in_offloaded_forward() -> bool:
     """True inside the graph-free first forward of a checkpointed layer, where a fused layer
     should still take its training path (the backward will recompute it with grad)."""
@@ -57,8 +73,9 @@ class _Entry:
                 self.host.copy_(x, non_blocking=True)
             if torch.cuda.is_current_stream_capturing():
                 # a captured graph copies into this buffer at every replay: it must never be freed
-                # back to the pinned-memory cache and handed to anyone else
-                offloader.graph_buffers.append(self.host)
+                # back to the pinned-memory cache and handed to anyone else while the graph lives
+                keep = _GRAPH_KEEP.get()
+                (offloader.graph_buffers if keep is None else keep).append(self.host)
             x.record_stream(stream)  # x's memory is not reused before the copy has read it
         else:
             self.host = x
@@ -96,7 +113,7 @@ class Offloader:
     def __init__(self, offload: bool = True):
         self.offload = offload
         self._streams = {}
-        self.graph_buffers: list[torch.Tensor] = []  # pinned buffers that captured graphs write into
+        self.graph_buffers: list[torch.Tensor] = []  # pinned buffers written by graphs others captured
         self.last: _Entry | None = None
 
     def stream(self, device: torch.device) -> torch.cuda.Stream:

@@ -138,8 +138,9 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
 
     offload = cfg.train.offload_checkpoints
     model = add_lora(loaded.model, cfg.lora, cfg.train.gradient_checkpointing or offload)
-    if cfg.train.fast_path:
-        print(f"[qfine] {enable_fast_path(model, device)}", flush=True)
+    fast = enable_fast_path(model, device) if cfg.train.fast_path else None
+    if fast is not None:
+        print(f"[qfine] {fast}", flush=True)
     if offload and device == "cuda":
         print(f"[qfine] checkpointed inputs of {offload_checkpoints(model)} layers kept in pinned host memory",
               flush=True)
@@ -154,6 +155,8 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     atomic_write_text(run_dir / "config.yaml", C.to_yaml(cfg))
 
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, cfg, run_dir, device, callbacks)
+    if cfg.train.cuda_graphs and fast is not None and fast.layers:
+        print(f"[qfine] {trainer.enable_cuda_graphs(cfg.data.max_seq_len)}", flush=True)
     facts = ReportFacts(title=f"qfine run · {run_dir.name}", model=f"{cfg.model.source} · {cfg.model.quantization}",
                         device=device, footprint=footprint, data=data_line, config_yaml=C.to_yaml(cfg),
                         samples_note=note)
@@ -166,6 +169,8 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         raise QfineError(f"training stopped: {e}. No adapter was saved from the bad step; the last good checkpoint "
                          f"is {good or 'none (no checkpoint was written yet)'}, untouched. Lower the learning rate or "
                          "check the data, then --resume or start over.") from None
+    if trainer.graphed is not None:
+        print(f"[qfine] {trainer.graphed.summary()}", flush=True)
     save_adapter(model, tokenizer, run_dir / "adapter", loaded.source)
     facts.samples = list(zip([p[-1]["content"] for p in prompts], before, _answers(model, tokenizer, device, prompts)))
     atomic_write_text(run_dir / "report.html", render(run_dir, facts))

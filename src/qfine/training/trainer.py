@@ -70,10 +70,13 @@ def _version_compat(config_cls, cfg: RunConfig) -> dict:
 
 def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: Path, device: str,
                   callbacks=()):
-    """SFTTrainer over pre-tokenized ``input_ids``/``labels`` datasets, logging into ``run_dir``."""
+    """SFTTrainer over pre-tokenized ``input_ids``/``labels`` datasets, logging into ``run_dir``
+    (CUDA graphs for the training step are switched on separately: ``enable_cuda_graphs``)."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from .graphed import QfineSFTTrainer
 
     t = cfg.train
     precision = resolve_precision(t.precision, device)
@@ -126,6 +129,16 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
         extra.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     # Order matters: the guard raises before anything logs a bad step; MetricsJsonl adds tokens/s
     # and perplexity to the log dict before TensorBoard writes it.
-    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tokenizer,
-                      callbacks=[NonFiniteGuard(), MetricsJsonl(run_dir / "metrics.jsonl"), tb, *extra, *callbacks])
+    dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    trainer = QfineSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                              processing_class=tokenizer,
+                              callbacks=[NonFiniteGuard(), MetricsJsonl(run_dir / "metrics.jsonl"), tb, *extra,
+                                         *callbacks])
+    # TRL casts the adapters of a quantized model to bf16. qfine keeps peft's fp32 adapters: with bf16
+    # weights (and so bf16 AdamW moments) an update under half a bf16 ulp (~0.2% of the weight) rounds
+    # away, so low-learning-rate steps late in a schedule stop moving the adapter. The arithmetic is
+    # bf16 either way (autocast, and the fast path casts per GEMM).
+    for name, p in model.named_parameters():
+        if name in dtypes and p.dtype != dtypes[name]:
+            p.data = p.data.to(dtypes[name])
+    return trainer
