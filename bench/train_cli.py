@@ -24,6 +24,28 @@ import time
 from pathlib import Path
 
 
+def _host_profile_callback():
+    from transformers import TrainerCallback
+
+    class HostProfile(TrainerCallback):
+        """cProfile over the steady-state optimizer steps ``first``..``last`` only (no load, compile, capture)."""
+
+        def __init__(self, first: int, last: int):
+            import cProfile
+
+            self.first, self.last, self.profiler = first, last, cProfile.Profile()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == self.first:
+                self.profiler.enable()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.last:
+                self.profiler.disable()
+
+    return HostProfile
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -43,6 +65,8 @@ def main():
     from qfine.config import LoraSettings
     from qfine.training import train
 
+    HostProfile = _host_profile_callback()
+
     tmp = Path(tempfile.mkdtemp(prefix="qfine_cli_bench_"))
     rng = random.Random(0)
     rows = a.bs * (a.steps + 2)
@@ -61,22 +85,15 @@ def main():
     t.cuda_graphs = not a.no_cuda_graphs
     printed = io.StringIO()
     start = time.time()
-    profiler = None
-    if a.host_profile:
-        import cProfile
-
-        profiler = cProfile.Profile()
+    callbacks = [HostProfile(first=6, last=min(a.steps - 1, 16))] if a.host_profile else []
     with contextlib.redirect_stdout(printed):
-        if profiler:
-            profiler.enable()
-        run = train(cfg)
-        if profiler:
-            profiler.disable()
+        run = train(cfg, callbacks=callbacks)
     wall = time.time() - start
-    if profiler:
+    if callbacks:
         import pstats
 
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(a.host_profile)
+        print(f"host profile of optimizer steps {callbacks[0].first}..{callbacks[0].last}:")
+        pstats.Stats(callbacks[0].profiler).sort_stats("tottime").print_stats(a.host_profile)
     lines = printed.getvalue().splitlines()
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m and "tokens_per_s" in m]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import TrainerCallback
+from trl import SFTTrainer
 
 from qfine import add_lora, load_model
 from qfine.data import build_datasets
@@ -95,6 +96,8 @@ def _run(tiny_dir, data, out, graphed: bool):
     train_ds, _, _ = build_datasets(loaded.tokenizer, cfg.data, cfg.train.seed)
     grads = GradsAtStep()
     trainer = build_trainer(model, loaded.tokenizer, train_ds, None, cfg, out, "cpu", callbacks=[grads])
+    probe = {"input_ids": torch.ones(2, 5, dtype=torch.long)}  # the cached parameter count gives Trainer's flops
+    assert trainer.floating_point_ops(probe) == SFTTrainer.floating_point_ops(trainer, probe) > 0
     # TRL casts a quantized model's adapters to bf16; build_trainer keeps them in fp32
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     seen = []

@@ -65,8 +65,16 @@ class NonFiniteGuard(TrainerCallback):
     and skips the save that would follow the bad step.
     """
 
+    _params: list | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # the trainable parameters, listed once: walking the model's ~1,000s of modules every step
+        # costs milliseconds of host time the GPU waits for
+        self._params = [p for p in model.parameters() if p.requires_grad] if model is not None else None
+
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        params = self._params if self._params is not None else list(model.parameters())
+        grads = [p.grad for p in params if p.grad is not None]
         # one device→host read for all gradients (one per tensor stalled the GPU ~200 times a step);
         # a gradient's norm is finite exactly when all its entries are
         if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():

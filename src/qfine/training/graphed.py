@@ -62,6 +62,18 @@ class QfineSFTTrainer(SFTTrainer):
     :meth:`enable_cuda_graphs`); evaluation, logging and checkpoints are TRL's."""
 
     graphed: GraphedStep | None = None
+    _param_count: int | None = None
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        """Trainer's estimate, 6 × tokens × non-embedding parameters, with the parameters counted once:
+        counting walks every module and every 4-bit weight's subclass hooks — 12 ms a step for a 1B
+        model, 24 ms for 8B, with the GPU idle behind it (Trainer calls this every micro-batch)."""
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if main not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._param_count is None:
+            self._param_count = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main].numel() * self._param_count
 
     def enable_cuda_graphs(self, max_len: int) -> str:
         """Route training steps through a :class:`GraphedStep` for rows up to ``max_len`` tokens;
@@ -112,7 +124,8 @@ class QfineSFTTrainer(SFTTrainer):
         batch = self._graph_batch(inputs) if self.graphed is not None else None
         if batch is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        model.train()
+        if not model.training:  # Trainer calls train() every step: a walk over ~1,300 modules, 13 ms for 1B
+            model.train()
         if callable(getattr(self.optimizer, "train", None)):
             self.optimizer.train()
         self._step_model = model
