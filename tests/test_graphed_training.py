@@ -106,7 +106,9 @@ def _run(tiny_dir, data, out, graphed: bool):
         fn = trainer.graphed.fn
         trainer.graphed.fn = lambda **b: seen.append({k: tuple(v.shape) if torch.is_tensor(v) else v
                                                        for k, v in b.items()}) or fn(**b)
-    trainer.train()
+    # the reference is TRL's own loop and step (with Module.zero_grad); the graphed run is qfine's
+    trainer.train() if graphed else SFTTrainer.train(trainer)
+    assert "zero_grad" not in vars(model)  # qfine's per-run zero_grad is gone with the run
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     weights = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     return losses, grads.first, weights, seen

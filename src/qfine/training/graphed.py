@@ -20,6 +20,8 @@ drop its attention mask and keep SDPA on flash attention, as an unpadded batch d
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from trl import SFTTrainer
 
@@ -55,6 +57,16 @@ def pad_batch(batch: dict, length: int, pad_id: int, drop_mask: bool) -> dict:
             continue
         out[name] = torch.nn.functional.pad(value, (0, extra), value=fill[name]) if extra else value
     return out
+
+
+def _zero_grads(params: list, set_to_none: bool = True) -> None:
+    """``Module.zero_grad`` over ``params`` only."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if set_to_none:
+        for p in params:
+            p.grad = None
+    elif grads:
+        torch._foreach_zero_(grads)
 
 
 class QfineSFTTrainer(SFTTrainer):
@@ -103,6 +115,21 @@ class QfineSFTTrainer(SFTTrainer):
         self.graphed = step
         return (f"CUDA graphs on: each training micro-batch padded to one of 4 lengths up to {self._top} tokens "
                 "and replayed as one graph after two warm-up steps")
+
+    def train(self, *args, **kwargs):
+        # Trainer zeroes gradients with model.zero_grad() after every optimizer step: a walk over every
+        # module and every 4-bit weight (12 ms a step for a 1B model, GPU idle). Only the trainable
+        # parameters can hold gradients, so for this run the model instance zeroes just those.
+        model = self.model
+        params = [p for p in model.parameters() if p.requires_grad]
+        had = "zero_grad" in vars(model)
+        if not had:
+            model.zero_grad = functools.partial(_zero_grads, params)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if not had:
+                del model.zero_grad
 
     def _graph_batch(self, inputs: dict) -> dict | None:
         """The step's model inputs padded to their bucket, or None when the batch has something the
