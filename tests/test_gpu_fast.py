@@ -226,7 +226,8 @@ def test_cuda_graph_step_equals_eager_step(save_tiny, tmp_path, mode, seqs):
     from qfine.fast.graphs import GraphedStep
 
     shape = {**SHAPE, "num_hidden_layers": 4}
-    data = [b[:, :seq] for b, seq in zip(_batches(3, bsz=2, seq=512) * 3, seqs * 9)][:max(6, len(seqs))]
+    batches = _batches(3, bsz=2, seq=512)
+    data = [batches[i % 3][:, :seqs[i % len(seqs)]] for i in range(max(6, len(seqs)))]
     path = save_tiny(tmp_path / "m", "llama", **shape)
     runs = {}
     for graphed in (False, True):

@@ -6,17 +6,17 @@ Functions, ``torch.compile`` guards, transformers' module calls) takes longer, s
 Replaying a captured graph issues the whole forward + backward with one call.
 
 :class:`GraphedStep` wraps a callable that runs forward and backward for one batch and returns the
-loss. Per batch *shape* it runs the first ``warmup`` calls eagerly (compiling and autotuning every
+loss. For the first batch shape it runs ``warmup`` calls eagerly (compiling and autotuning every
 kernel; these are real training steps), then captures one call into a graph — on a private memory
 pool shared by all shapes — and replays it for every later batch of that shape, after copying the
-batch into the graph's static input tensors. Later shapes are captured at first sight
-(``warmup_later=0``): the compiled kernels take dynamic token counts, and an eager warm-up would
-hold a second copy of the step's working memory beside the pool the first graph keeps (for
-Llama-3-8B at 2×2048 that would add ≈12 GiB); a kernel that would recompile for the new shape is
-recorded unfused instead (``ops.eager_in_capture`` counts them), which is slower but the same math. Gradients accumulate into the trainable parameters'
-``.grad`` exactly as eagerly: the graph adds into fixed gradient buffers, which are re-attached (and
-zeroed) whenever the optimizer's ``zero_grad(set_to_none=True)`` dropped them, so gradient
-accumulation and any optimizer work unchanged.
+batch into the graph's static input tensors. Later shapes are captured at first sight: the compiled
+kernels take dynamic token counts, and an eager warm-up would hold a second copy of the step's
+working memory beside the pool the first graph keeps (for Llama-3-8B at 2×2048 that would add
+≈12 GiB); a kernel that would recompile for the new shape is recorded unfused instead
+(``ops.eager_in_capture`` counts them), which is slower but the same math. Gradients accumulate into
+the trainable parameters' ``.grad`` exactly as eagerly: the graph adds into fixed gradient buffers,
+which are re-attached (and zeroed) whenever the optimizer's ``zero_grad(set_to_none=True)`` dropped
+them, so gradient accumulation and any optimizer work unchanged.
 
 What a captured step must be (checked where it can be, else the capture fails and the step runs
 eagerly from then on, with one warning): no host synchronisation (``.item()``, data-dependent
@@ -62,11 +62,10 @@ class GraphedStep:
     """
 
     def __init__(self, fn, params, warmup: int = 2, max_shapes: int = 4, enabled: bool = True,
-                 model: torch.nn.Module | None = None, warmup_later: int = 0):
+                 model: torch.nn.Module | None = None):
         self.fn = fn
         self.params = [p for p in params if p.requires_grad]
         self.warmup = warmup
-        self.warmup_later = warmup_later
         self.max_shapes = max_shapes
         self.reason: str | None = None if enabled else "disabled"
         if self.reason is None and model is not None and (rnd := random_modules(model)):
@@ -115,7 +114,7 @@ class GraphedStep:
         entry = self._graphs.get(key)
         if entry is None:
             seen = self._seen[key] = self._seen.get(key, 0) + 1
-            warmup = self.warmup_later if self._graphs else self.warmup
+            warmup = 0 if self._graphs else self.warmup  # later shapes: see the module docstring
             if seen <= warmup or len(self._graphs) >= self.max_shapes:
                 return self._eager_on_capture_stream(batch) if seen == warmup else self.fn(**batch)
             entry = self._capture(key, batch)

@@ -61,11 +61,10 @@ def pad_batch(batch: dict, length: int, pad_id: int, drop_mask: bool) -> dict:
 
 def _zero_grads(params: list, set_to_none: bool = True) -> None:
     """``Module.zero_grad`` over ``params`` only."""
-    grads = [p.grad for p in params if p.grad is not None]
     if set_to_none:
         for p in params:
             p.grad = None
-    elif grads:
+    elif grads := [p.grad for p in params if p.grad is not None]:
         torch._foreach_zero_(grads)
 
 
