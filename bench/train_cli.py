@@ -1,6 +1,6 @@
 """End-to-end `qfine train` throughput: the CLI's own trainer (TRL + qfine's step), not the bench loop.
 
-usage: python bench/train_cli.py --model DIR --bs 2 --seq 2048 --steps 24 [--no-cuda-graphs] [--ckpt]
+usage: python bench/train_cli.py --model DIR --bs 2 --seq 2048 --steps 24 [--no-cuda-graphs] [--no-fast-path] [--ckpt]
        [--offload] [--packing] [--out RESULTS.jsonl] [--host-profile N]
 
 Writes text rows of random words longer than --seq (each is truncated to exactly --seq tokens, so every
@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--no-fast-path", action="store_true", help="the plain peft layers (reference path)")
     ap.add_argument("--ckpt", action="store_true", help="gradient checkpointing")
     ap.add_argument("--offload", action="store_true", help="checkpointed inputs in pinned host memory")
     ap.add_argument("--packing", action="store_true")
@@ -82,7 +83,7 @@ def main():
     t.max_steps, t.batch_size, t.grad_accum, t.learning_rate = a.steps, a.bs, 1, 2e-4
     t.lr_scheduler, t.logging_steps, t.save_steps, t.report_samples = "constant", 1, 10**6, 0
     t.gradient_checkpointing, t.offload_checkpoints = a.ckpt, a.offload
-    t.cuda_graphs = not a.no_cuda_graphs
+    t.cuda_graphs, t.fast_path = not a.no_cuda_graphs, not a.no_fast_path
     printed = io.StringIO()
     start = time.time()
     callbacks = [HostProfile(first=6, last=min(a.steps - 1, 16))] if a.host_profile else []
@@ -100,7 +101,7 @@ def main():
     rates = [m["tokens_per_s"] for m in steps[5:]]
     result = dict(
         bench="qfine-train-cli", model=Path(a.model).name, bs=a.bs, seq=a.seq, steps=a.steps,
-        cuda_graphs=t.cuda_graphs, ckpt=a.ckpt, offload=a.offload, packing=a.packing,
+        fast_path=t.fast_path, cuda_graphs=t.cuda_graphs, ckpt=a.ckpt, offload=a.offload, packing=a.packing,
         tok_s=round(statistics.median(rates), 1) if rates else None,
         peak_alloc_gib=max((m.get("peak_gpu_mem_gib", 0) for m in steps), default=None),
         loss_first=steps[0]["loss"] if steps else None, loss_last=steps[-1]["loss"] if steps else None,

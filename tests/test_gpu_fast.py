@@ -59,10 +59,16 @@ def test_compiled_kernels_match_eager_reference():
                                                                                      w.float(), rr)) < 1e-2
     gu, da = torch.randn(600, 2800, device="cuda", dtype=torch.bfloat16), torch.randn(600, 1400, device="cuda",
                                                                                     dtype=torch.bfloat16)
-    assert _rel(ops.swiglu(gu), ops.swiglu.reference(gu.float())) < 1e-2
-    got, ref = ops.swiglu_backward(da, gu), ops.swiglu_backward.reference(da.float(), gu.float())
-    assert len(got) == 2 and got[0].shape == gu.shape
-    assert max(_rel(a, b) for a, b in zip(got, ref)) < 1e-2
+    for act in ("silu", "gelu_tanh"):
+        assert _rel(ops.gated_act(gu, act), ops.gated_act.reference(gu.float(), act)) < 1e-2
+        got, ref = ops.gated_act_backward(da, gu, act), ops.gated_act_backward.reference(da.float(), gu.float(), act)
+        assert len(got) == 2 and got[0].shape == gu.shape
+        assert max(_rel(a, b) for a, b in zip(got, ref)) < 1e-2
+    # Gemma's (1 + w) norm
+    x, rstd = ops.rms_norm(h, w, 1e-5, 1.0)
+    xr, rr = ops.rms_norm.reference(h.float(), w.float(), 1e-5, 1.0)
+    assert _rel(x, xr) < 1e-2 and _rel(ops.rms_norm_backward(dx, h, w, rstd, 1.0),
+                                        ops.rms_norm_backward.reference(dx.float(), h.float(), w.float(), rr, 1.0)) < 1e-2
     qkv = torch.randn(2, 300, 12, 64, device="cuda", dtype=torch.bfloat16)  # 8 query + 2 + 2 kv heads
     ang = torch.randn(2, 300, 32, device="cuda")
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
@@ -72,6 +78,14 @@ def test_compiled_kernels_match_eager_reference():
     grads = [t.float().neg() for t in ref]
     assert _rel(ops.rope_qkv_backward(*[g.bfloat16() for g in grads], cos.bfloat16(), sin.bfloat16()),
                 ops.rope_qkv_backward.reference(*grads, cos, sin)) < 1e-2
+    # Qwen3: per-head q/k norms before RoPE
+    qw, kw = 1 + 0.3 * torch.randn(64, device="cuda"), 1 + 0.3 * torch.randn(64, device="cuda")
+    got = ops.qk_norm_rope_qkv(qkv, qw.bfloat16(), kw.bfloat16(), 1e-6, 0.0, cos.bfloat16(), sin.bfloat16(), 8, 2)
+    ref = ops.qk_norm_rope_qkv.reference(qkv.float(), qw, kw, 1e-6, 0.0, cos, sin, 8, 2)
+    assert max(_rel(a, b) for a, b in zip(got, ref)) < 1e-2
+    assert _rel(ops.qk_norm_rope_qkv_backward(*[g.bfloat16() for g in grads], qkv, qw.bfloat16(), kw.bfloat16(),
+                                              1e-6, 0.0, cos.bfloat16(), sin.bfloat16()),
+                ops.qk_norm_rope_qkv_backward.reference(*grads, qkv.float(), qw, kw, 1e-6, 0.0, cos, sin)) < 1e-2
     # chunked loss from bf16 hidden states vs full fp32 logits
     hid = torch.randn(2, 300, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     head = (torch.randn(5000, 512, device="cuda") * 0.05).bfloat16()
@@ -85,11 +99,23 @@ def test_compiled_kernels_match_eager_reference():
     assert _rel(loss, ref) < 1e-3 and _rel(g_fast, g_ref) < 2e-2
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma"])
 def test_fast_step_matches_reference_bf16(save_tiny, tmp_path, kind):
     """Both bf16 paths against the same step computed in fp32 (fp32 dequantization, no autocast): the
-    fast path may round in other places than the reference, but must not be further from fp32."""
-    folder = save_tiny(tmp_path / kind, kind, **SHAPE)
+    fast path may round in other places than the reference, but must not be further from fp32.
+    Qwen3 (q/k norms) and Gemma ((1 + w) norms, GeGLU) run with head_dim 32 and random norm weights."""
+    extra = {"head_dim": 32} if kind in ("qwen3", "gemma") else {}
+    folder = save_tiny(tmp_path / kind, kind, **SHAPE, **extra)
+    if kind in ("qwen3", "gemma"):
+        from transformers import AutoModelForCausalLM
+
+        plain = AutoModelForCausalLM.from_pretrained(folder)
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for n, p in plain.named_parameters():
+                if "norm" in n:
+                    p.add_(0.3 * torch.randn(p.shape, generator=g))
+        plain.save_pretrained(folder)
     (ids,) = _batches(1)
     exact = lora_model(folder, "nf4", device="cuda", compute_dtype="fp32")
     exact.float()  # embeddings, norms and head too: every operand in fp32

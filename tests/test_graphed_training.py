@@ -8,6 +8,8 @@ TRL's own step's losses and weights. The capture itself is checked on the GPU
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -106,12 +108,16 @@ def _run(tiny_dir, data, out, graphed: bool):
         fn = trainer.graphed.fn
         trainer.graphed.fn = lambda **b: seen.append({k: tuple(v.shape) if torch.is_tensor(v) else v
                                                        for k, v in b.items()}) or fn(**b)
+    else:  # the reference clips, measures and counts tokens as Trainer itself does
+        for name in ("_clip_grad_norm", "_get_grad_norm", "_track_num_input_tokens"):
+            setattr(trainer, name, functools.partial(getattr(SFTTrainer, name), trainer))
     # the reference is TRL's own loop and step (with Module.zero_grad); the graphed run is qfine's
     trainer.train() if graphed else SFTTrainer.train(trainer)
     assert "zero_grad" not in vars(model)  # qfine's per-run zero_grad is gone with the run
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     weights = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    return losses, grads.first, weights, seen
+    logged = [(r["grad_norm"], r["num_input_tokens_seen"]) for r in trainer.state.log_history if "loss" in r]
+    return losses, grads.first, weights, seen, logged + [trainer.state.num_input_tokens_seen]
 
 
 class GradsAtStep(TrainerCallback):
@@ -132,8 +138,8 @@ def test_graphable_step_trains_like_trls_step(tmp_path, tiny_dir):
     rows = [{"messages": [FACT[0], {"role": "assistant", "content": "Day " + "and night " * (i % 5)}]}
             for i in range(8)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    ref_losses, ref_grads, ref_weights, _ = _run(tiny_dir, data, tmp_path / "ref", graphed=False)
-    losses, grads, weights, seen = _run(tiny_dir, data, tmp_path / "graphed", graphed=True)
+    ref_losses, ref_grads, ref_weights, _, ref_logged = _run(tiny_dir, data, tmp_path / "ref", graphed=False)
+    losses, grads, weights, seen, logged = _run(tiny_dir, data, tmp_path / "graphed", graphed=True)
     assert len(seen) == 8  # every micro-batch went through the graphable step
     assert all(set(s) == {"input_ids", "labels", "num_items", "accumulation"} for s in seen)
     assert {s["input_ids"][1] for s in seen} <= {bucket_length(n, 96) for n in range(1, 97)}
@@ -141,3 +147,7 @@ def test_graphable_step_trains_like_trls_step(tmp_path, tiny_dir):
     assert max(abs(a - b) / b for a, b in zip(losses, ref_losses)) < 1e-5, (losses, ref_losses)
     assert max(_rel(a, b) for a, b in zip(grads, ref_grads)) < 1e-5
     assert max(_rel(a, b) for a, b in zip(weights, ref_weights)) < 1e-5
+    # clipping/norm over the trainable list and the device-side token count log what Trainer's own do
+    assert len(logged) == 5 and logged[-1] == ref_logged[-1] == logged[-2][1] > 0
+    assert [t for _, t in logged[:-1]] == [t for _, t in ref_logged[:-1]]
+    assert max(abs(g - r) / r for (g, _), (r, _) in zip(logged[:-1], ref_logged[:-1])) < 1e-5

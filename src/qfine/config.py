@@ -120,7 +120,7 @@ class TrainConfig:
     leanest setting: Llama-3-8B at 2x2048 in 6.95 GiB instead of 7.7 GiB, as fast as on-GPU checkpointing
     from 4x2048 on (see docs/benchmarks.md)."""
     fast_path: bool = True
-    """On CUDA, swap in fused QLoRA layers and a chunked loss for Llama, Mistral and Qwen2 models
+    """On CUDA, swap in fused QLoRA layers and a chunked loss for Llama, Mistral, Qwen2/3 and Gemma models
     (--no-fast-path: the plain peft path). Ignored on CPU and for other models."""
     cuda_graphs: bool = True
     """With the fast path on (bf16 or fp32, LoRA dropout 0): pad each training micro-batch to one of 4

@@ -235,9 +235,10 @@ def load_model(cfg: ModelConfig | str = "default", **overrides) -> Loaded:
         tokenizer = load_tokenizer(source, cfg.trust_remote_code)
         # quantization_config=None must not be passed: transformers would drop a checkpoint's own
         quant = {"quantization_config": qconfig} if qconfig is not None else {}
+        # no attn_implementation: transformers picks SDPA where the architecture supports it and eager
+        # attention otherwise (asking for "sdpa" outright fails to load e.g. Gemma 2)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=compute_dtype, device_map={"": device}, trust_remote_code=cfg.trust_remote_code,
-            attn_implementation="sdpa", **quant)
+            source, dtype=compute_dtype, device_map={"": device}, trust_remote_code=cfg.trust_remote_code, **quant)
     except OSError as e:
         if Path(source).is_dir():
             raise QfineError(f"cannot load model from {source}: {e}") from None

@@ -1,4 +1,4 @@
-"""Fused LoRA autograd for a frozen (4-bit or 16-bit) base: QKV, O and the SwiGLU MLP.
+"""Fused LoRA autograd for a frozen (4-bit or 16-bit) base: QKV, O and the gated (SwiGLU/GeGLU) MLP.
 
 For a projection with frozen weight W (out, in) and adapter A (r, in), B (out, r), scale s:
 
@@ -14,7 +14,7 @@ gradients and the elementwise backwards need:
   x is recomputed in the backward (one elementwise pass) instead of stored. q, k and v come out of
   one GEMM against the stacked [Wq; Wk; Wv].
 * ``NormMLP`` keeps h, rstd and the stacked gate/up output [g | u] (b·s, 2i), from one GEMM against
-  [Wg; Wu]; silu(g)·u is recomputed inside the SwiGLU backward kernel, whose dg and du feed
+  [Wg; Wu]; act(g)·u is recomputed inside the gated-activation backward kernel, whose dg and du feed
   one accumulating GEMM each.
 * ``LoraLinear`` keeps its input x.
 
@@ -82,6 +82,22 @@ def lora_proj(module: torch.nn.Module) -> Proj | None:
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return None
     return proj
+
+
+@dataclass
+class Norm:
+    """A frozen RMSNorm as the fused functions apply it: scale ``offset + weight`` (offset 1 for
+    Gemma's norms, 0 for Llama's; see :func:`ops.rms_norm` for how each rounds)."""
+
+    weight: torch.Tensor  # (d,)
+    eps: float
+    offset: float = 0.0
+
+    def __call__(self, h):
+        return ops.rms_norm(h, self.weight, self.eps, self.offset)
+
+    def backward(self, dx, h, rstd):
+        return ops.rms_norm_backward(dx, h, self.weight, rstd, self.offset)
 
 
 @dataclass
@@ -205,82 +221,96 @@ class LoraLinear(torch.autograd.Function):
 
 
 class NormQKV(torch.autograd.Function):
-    """RMSNorm → stacked q, k, v projection (+LoRA) → RoPE on q and k.
+    """RMSNorm → stacked q, k, v projection (+LoRA) → [per-head q/k RMSNorm] → RoPE on q and k.
 
-    In: h (b, s, d), the norm weight (d,), cos/sin (b, s, hd). Out: q (b, nh, s, hd), k and v
-    (b, nkv, s, hd) as transposed views, the layout the attention kernels take.
+    In: h (b, s, d), the layer's input :class:`Norm`, ``qk_norms`` (q_norm, k_norm) over the head
+    dimension (Qwen3) or None, cos/sin (b, s, hd). Out: q (b, nh, s, hd), k and v (b, nkv, s, hd) as
+    transposed views, the layout the attention kernels take. With q/k norms the projection output
+    (b, s, nh + 2·nkv, hd) is kept for their backward (recomputing it would cost a GEMM).
     """
 
     @staticmethod
-    def forward(ctx, h, norm_w, eps, cos, sin, head_dim, pq: Proj, pk: Proj, pv: Proj,
+    def forward(ctx, h, norm: Norm, qk_norms, cos, sin, head_dim, pq: Proj, pk: Proj, pv: Proj,
                 aq, bq, ak, bk, av, bv):
         bsz, seq, d = h.shape
         projs, loras = [pq, pk, pv], [(aq, bq), (ak, bk), (av, bv)]
         pack = Pack.build(projs, loras, h.dtype)
-        x, rstd = ops.rms_norm(h, norm_w, eps)
+        x, rstd = norm(h)
         qkv, xa = _forward(x.view(-1, d), projs, pack)
         del x
         n_q, n_kv = pq.base.out_features // head_dim, pk.base.out_features // head_dim
-        q, k, v = ops.rope_qkv(qkv.view(bsz, seq, -1, head_dim), cos, sin, n_q, n_kv)
-        del qkv
-        ctx.meta = (eps, projs, pack.blocks)
-        ctx.save_for_backward(h, norm_w, rstd, cos, sin, xa, aq, bq, ak, bk, av, bv, *pack.tensors())
+        qkv = qkv.view(bsz, seq, -1, head_dim)
+        if qk_norms is None:
+            q, k, v = ops.rope_qkv(qkv, cos, sin, n_q, n_kv)
+            qkv = None
+        else:
+            qn, kn = qk_norms  # same eps and offset (FastDecoderLayer.norms checks)
+            q, k, v = ops.qk_norm_rope_qkv(qkv, qn.weight, kn.weight, qn.eps, qn.offset, cos, sin, n_q, n_kv)
+        ctx.meta = (norm, qk_norms, projs, pack.blocks)
+        ctx.save_for_backward(h, rstd, cos, sin, xa, qkv, aq, bq, ak, bk, av, bv, *pack.tensors())
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        h, norm_w, rstd, cos, sin, xa, aq, bq, ak, bk, av, bv, *packed = ctx.saved_tensors
-        eps, projs, blocks = ctx.meta
+        h, rstd, cos, sin, xa, qkv, aq, bq, ak, bk, av, bv, *packed = ctx.saved_tensors
+        norm, qk_norms, projs, blocks = ctx.meta
         pack = Pack.restore(packed, blocks)
         loras = [(aq, bq), (ak, bk), (av, bv)]
         d = h.shape[-1]
-        dqkv = ops.rope_qkv_backward(dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), cos, sin)
+        dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+        if qk_norms is None:
+            dqkv = ops.rope_qkv_backward(dq, dk, dv, cos, sin)
+        else:
+            qn, kn = qk_norms
+            dqkv = ops.qk_norm_rope_qkv_backward(dq, dk, dv, qkv, qn.weight, kn.weight, qn.eps, qn.offset, cos, sin)
+            del qkv
         dqkv = dqkv.view(-1, dqkv.shape[2] * dqkv.shape[3])
         dx, dyb = _backward_input(dqkv, projs, pack)
-        x, _ = ops.rms_norm(h, norm_w, eps)  # recomputed: cheaper than keeping it
+        x, _ = norm(h)  # recomputed: cheaper than keeping it
         grads = _backward_lora(dqkv, x.view(-1, d), xa, dyb, pack, loras)
         del x, dqkv
-        dh = ops.rms_norm_backward(dx.view_as(h), h, norm_w, rstd)
+        dh = norm.backward(dx.view_as(h), h, rstd)
         return (dh, None, None, None, None, None, None, None, None, *[g for pair in grads for g in pair])
 
 
 class NormMLP(torch.autograd.Function):
-    """RMSNorm → stacked gate/up (+LoRA) → silu(g)·u → down (+LoRA): h (b, s, d) → (b, s, d)."""
+    """RMSNorm → stacked gate/up (+LoRA) → act(g)·u → down (+LoRA): h (b, s, d) → (b, s, d).
+
+    ``act`` is a value of :data:`ops.GATED_ACTS` ("silu": SwiGLU; "gelu_tanh": Gemma's GeGLU)."""
 
     @staticmethod
-    def forward(ctx, h, norm_w, eps, pg: Proj, pu: Proj, pd: Proj, ag, bg, au, bu, ad, bd):
+    def forward(ctx, h, norm: Norm, act_kind: str, pg: Proj, pu: Proj, pd: Proj, ag, bg, au, bu, ad, bd):
         d = h.shape[-1]
         gu_pack = Pack.build([pg, pu], [(ag, bg), (au, bu)], h.dtype)
         d_pack = Pack.build([pd], [(ad, bd)], h.dtype)
-        x, rstd = ops.rms_norm(h, norm_w, eps)
+        x, rstd = norm(h)
         gu, xa_gu = _forward(x.view(-1, d), [pg, pu], gu_pack)
         del x
-        act = ops.swiglu(gu)
+        act = ops.gated_act(gu, act_kind)
         if output_discarded():  # recomputed for the backward: y is never read, x Aᵀ is
             y, xa_d = h.new_empty(h.shape), (act @ d_pack.a.t() if d_pack.a is not None else None)
         else:
             y, xa_d = _forward(act, [pd], d_pack)
         del act
-        ctx.meta = (eps, pg, pu, pd, gu_pack.blocks, d_pack.blocks)
-        ctx.save_for_backward(h, norm_w, rstd, gu, xa_gu, xa_d, ag, bg, au, bu, ad, bd,
-                              *gu_pack.tensors(), *d_pack.tensors())
+        ctx.meta = (norm, act_kind, pg, pu, pd, gu_pack.blocks, d_pack.blocks)
+        ctx.save_for_backward(h, rstd, gu, xa_gu, xa_d, ag, bg, au, bu, ad, bd, *gu_pack.tensors(), *d_pack.tensors())
         return y.view_as(h)
 
     @staticmethod
     def backward(ctx, dy):
-        h, norm_w, rstd, gu, xa_gu, xa_d, ag, bg, au, bu, ad, bd, *packed = ctx.saved_tensors
-        eps, pg, pu, pd, gu_blocks, d_blocks = ctx.meta
+        h, rstd, gu, xa_gu, xa_d, ag, bg, au, bu, ad, bd, *packed = ctx.saved_tensors
+        norm, act_kind, pg, pu, pd, gu_blocks, d_blocks = ctx.meta
         gu_pack, d_pack = Pack.restore(packed[:3], gu_blocks), Pack.restore(packed[3:], d_blocks)
         d = h.shape[-1]
         dy2d = dy.reshape(-1, d)
         dact, dyb_d = _backward_input(dy2d, [pd], d_pack)
-        dgu, act = ops.swiglu_backward(dact, gu)
+        dgu, act = ops.gated_act_backward(dact, gu, act_kind)
         del dact
         ((dad, dbd),) = _backward_lora(dy2d, act, xa_d, dyb_d, d_pack, [(ad, bd)])
         del act
         dx, dyb = _backward_input(dgu, [pg, pu], gu_pack)
-        x, _ = ops.rms_norm(h, norm_w, eps)
+        x, _ = norm(h)
         (dag, dbg), (dau, dbu) = _backward_lora(dgu, x.view(-1, d), xa_gu, dyb, gu_pack, [(ag, bg), (au, bu)])
         del x, dgu
-        dh = ops.rms_norm_backward(dx.view_as(h), h, norm_w, rstd)
+        dh = norm.backward(dx.view_as(h), h, rstd)
         return (dh, None, None, None, None, None, dag, dbg, dau, dbu, dad, dbd)

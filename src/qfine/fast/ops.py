@@ -91,24 +91,38 @@ def _call_in_capture(call, compiled, fn, args):
 
 
 @fused
-def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float):
-    """Llama RMSNorm as transformers computes it → (x in h.dtype, rstd fp32 of shape (..., 1)).
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0):
+    """RMSNorm as transformers computes it → (x in h.dtype, rstd fp32 of shape (..., 1)).
 
-    The statistics are taken in fp32 and the normalised value is cast back before the weight
-    multiplies it, as ``LlamaRMSNorm`` does, so both paths round identically.
+    ``offset == 0`` is Llama's norm (also Mistral's and Qwen's): statistics in fp32, the normalised
+    value cast back to h.dtype *before* the weight multiplies it. ``offset != 0`` is Gemma's
+    ``x̂ · (offset + w)`` taken entirely in fp32 and cast at the end. Each branch rounds exactly as its
+    transformers module does, so the fused and reference layers agree bit for bit in fp32.
     """
+    return _rms(h, weight, eps, offset)
+
+
+def _rms(h, weight, eps, offset):
     hf = upcast(h)
     rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (hf * rstd * (offset + upcast(weight))).to(h.dtype), rstd
     return weight * (hf * rstd).to(h.dtype), rstd
 
 
 @fused
-def rms_norm_backward(dx: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
-    """d loss / d h for a frozen-weight RMSNorm, given d loss / d x; fp32 inside, h.dtype out."""
-    xhat = upcast(h) * rstd
-    dxhat = upcast(dx) * upcast(weight)
-    dh = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
-    return dh.to(h.dtype)
+def rms_norm_backward(dx: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                      offset: float = 0.0):
+    """d loss / d h for a frozen-weight RMSNorm (scale ``offset + weight``), given d loss / d x;
+    fp32 inside, h.dtype out."""
+    return _norm_grad(upcast(dx), upcast(h), upcast(weight) + offset, rstd).to(h.dtype)
+
+
+def _norm_grad(dx, hf, scale, rstd):
+    """fp32 gradient of x = x̂·scale, x̂ = h·rstd, with respect to h."""
+    xhat = hf * rstd
+    dxhat = dx * scale
+    return rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
 
 
 def _halves(gu: torch.Tensor):
@@ -116,27 +130,49 @@ def _halves(gu: torch.Tensor):
     return gu[..., :i], gu[..., i:]
 
 
+# Activations of the gated MLP: transformers' hidden_act names → how the fused kernels compute them.
+GATED_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+_SQRT_2_OVER_PI = 0.7978845608028654
+_INV_SQRT_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def _act(g: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "silu":
+        return torch.nn.functional.silu(g)
+    return torch.nn.functional.gelu(g, approximate="tanh" if act == "gelu_tanh" else "none")
+
+
+def _act_grad(gf: torch.Tensor, act: str) -> torch.Tensor:
+    """d act(g) / d g in fp32."""
+    if act == "silu":
+        sig = torch.sigmoid(gf)
+        return sig * (1.0 + gf * (1.0 - sig))
+    if act == "gelu_tanh":  # 0.5·(1 + t) + 0.5·g·(1 − t²)·k·(1 + 3·0.044715·g²), t = tanh(k·(g + 0.044715·g³))
+        t = torch.tanh(_SQRT_2_OVER_PI * (gf + 0.044715 * gf * gf * gf))
+        return 0.5 * (1.0 + t) + 0.5 * gf * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * gf * gf)
+    return 0.5 * (1.0 + torch.erf(gf * _INV_SQRT_2)) + gf * torch.exp(-0.5 * gf * gf) * _INV_SQRT_2PI
+
+
 @fused
-def swiglu(gu: torch.Tensor):
-    """silu(g) * u for the stacked gate/up output gu = [g | u] (..., 2i) → (..., i), in gu.dtype
-    (transformers' ``act_fn(gate_proj(x)) * up_proj(x)``)."""
+def gated_act(gu: torch.Tensor, act: str = "silu"):
+    """act(g) * u for the stacked gate/up output gu = [g | u] (..., 2i) → (..., i), in gu.dtype
+    (transformers' ``act_fn(gate_proj(x)) * up_proj(x)``; ``act`` a value of :data:`GATED_ACTS`:
+    SwiGLU for Llama/Mistral/Qwen, GeGLU with the tanh GELU for Gemma)."""
     g, u = _halves(gu)
-    return torch.nn.functional.silu(g) * u
+    return _act(g, act) * u
 
 
 @fused
-def swiglu_backward(da: torch.Tensor, gu: torch.Tensor):
-    """(dgu, a) for a = silu(g)·u with gu = [g | u]: one pass that writes the stacked gradient
+def gated_act_backward(da: torch.Tensor, gu: torch.Tensor, act: str = "silu"):
+    """(dgu, a) for a = act(g)·u with gu = [g | u]: one pass that writes the stacked gradient
     dgu = [dg | du] (..., 2i) — the input of one GEMM against the stacked [Wg; Wu] — and recomputes a,
     which the down projection's LoRA gradient needs. fp32 inside, gu.dtype out."""
     g, u = _halves(gu)
     gf, uf, daf = upcast(g), upcast(u), upcast(da)
-    sig = torch.sigmoid(gf)
-    silu = gf * sig
-    du = daf * silu
-    dg = daf * uf * sig * (1.0 + gf * (1.0 - sig))
-    act = torch.nn.functional.silu(g) * u
-    return torch.cat((dg, du), dim=-1).to(gu.dtype), act
+    du = daf * upcast(_act(gf, act))
+    dg = daf * uf * _act_grad(gf, act)
+    return torch.cat((dg, du), dim=-1).to(gu.dtype), _act(g, act) * u
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -170,6 +206,32 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, 
     k = rope(qkv[:, :, n_q:n_q + n_kv], cos, sin)
     v = qkv[:, :, n_q + n_kv:] * 1  # a copy, not a view of qkv
     return q, k, v
+
+
+@fused
+def qk_norm_rope_qkv(qkv: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tensor, eps: float, offset: float,
+                     cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int):
+    """:func:`rope_qkv` with a per-head RMSNorm on q and k before RoPE (Qwen3's ``q_norm``/``k_norm``,
+    weights (hd,)): the norm of each head vector of the stacked projection, as :func:`rms_norm`."""
+    q = _rms(qkv[:, :, :n_q], q_w, eps, offset)[0]
+    k = _rms(qkv[:, :, n_q:n_q + n_kv], k_w, eps, offset)[0]
+    return rope(q, cos, sin), rope(k, cos, sin), qkv[:, :, n_q + n_kv:] * 1
+
+
+@fused
+def qk_norm_rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor,
+                              q_w: torch.Tensor, k_w: torch.Tensor, eps: float, offset: float,
+                              cos: torch.Tensor, sin: torch.Tensor):
+    """d qkv (b, s, n_q + 2·n_kv, hd) for :func:`qk_norm_rope_qkv`, from the kept projection ``qkv``
+    (the per-head rstd is recomputed from it: one reduction over hd instead of a kept tensor)."""
+    n_q, n_kv = dq.shape[2], dk.shape[2]
+    cf, sf = upcast(cos), upcast(sin)
+    out = [rope_backward(upcast(dq), cf, sf), rope_backward(upcast(dk), cf, sf)]
+    for i, (pre, w) in enumerate(((qkv[:, :, :n_q], q_w), (qkv[:, :, n_q:n_q + n_kv], k_w))):
+        hf = upcast(pre)
+        rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+        out[i] = _norm_grad(out[i], hf, upcast(w) + offset, rstd).to(qkv.dtype)
+    return torch.cat((out[0], out[1], dv), dim=2)
 
 
 @fused

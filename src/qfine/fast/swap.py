@@ -18,11 +18,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .lora import LoraLinear, NormMLP, NormQKV, Proj, lora_proj
+from .lora import LoraLinear, Norm, NormMLP, NormQKV, Proj, lora_proj
 from .loss import linear_cross_entropy
 from .offload import install_checkpointing, in_offloaded_forward
+from .ops import GATED_ACTS
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+# model_type → the offset of its RMSNorm scale (Gemma normalises with 1 + w, the others with w). Each
+# family's decoder layer is norm → attention → residual → norm → gated MLP → residual; Qwen3 adds
+# per-head q/k norms before RoPE; Gemma's embedding scale lives in the model's forward, not the layer.
+NORM_OFFSET = {"llama": 0.0, "mistral": 0.0, "qwen2": 0.0, "qwen3": 0.0, "gemma": 1.0}
+SUPPORTED = tuple(NORM_OFFSET)
+# the children a supported layer may have: anything else (Gemma2's extra feed-forward norms, say)
+# would be skipped by the fused forward, so such a layer is refused
+_LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+_ATTN_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}
+_MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 
 # True while the causal LM runs a training step whose attention is purely causal (no attention mask,
 # no packed position ids, no sliding window shorter than the sequence). transformers then skips the
@@ -43,18 +53,27 @@ def _ab(p: Proj):
     return p.lora_a, p.lora_b
 
 
+def _eps(norm: torch.nn.Module) -> float | None:
+    """The epsilon of an RMSNorm module (Llama-style ``variance_epsilon`` or Gemma-style ``eps``)."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    ok = isinstance(eps, float) and isinstance(getattr(norm, "weight", None), torch.Tensor)
+    return eps if ok and "RMSNorm" in type(norm).__name__ else None
+
+
 class FastDecoderLayer(_LayerBase):
     """A Llama-style decoder layer whose training step runs :class:`NormQKV` → attention →
     :class:`LoraLinear` (o_proj) → :class:`NormMLP`.
 
     Holds the original ``self_attn``, ``mlp``, ``input_layernorm`` and ``post_attention_layernorm``
     modules (same parameter names); attention itself is the model's configured implementation
-    (sdpa / flash / eager) called exactly as the original attention module calls it.
+    (sdpa / flash / eager) called exactly as the original attention module calls it. ``norm_offset``
+    and ``act`` describe the family (see :data:`NORM_OFFSET`, :data:`ops.GATED_ACTS`).
     """
 
-    def __init__(self, layer: torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module, norm_offset: float = 0.0, act: str = "silu"):
         super().__init__()
         self._reference_cls = type(layer)
+        self._norm_offset, self._act = norm_offset, act
         for key, value in vars(layer).items():
             if not key.startswith("_") or key == "_gradient_checkpointing_func":
                 setattr(self, key, value)
@@ -73,23 +92,36 @@ class FastDecoderLayer(_LayerBase):
             out.append(p)
         return out
 
+    def norms(self) -> tuple[Norm, Norm, tuple[Norm, Norm] | None] | None:
+        """The input and post-attention norms and Qwen3's (q_norm, k_norm) or None; None if one is
+        trainable (the fused backward returns no gradient for a norm weight)."""
+        attn = self.self_attn
+        modules = [self.input_layernorm, self.post_attention_layernorm]
+        if hasattr(attn, "q_norm"):
+            modules += [attn.q_norm, attn.k_norm]
+        if any(m.weight.requires_grad for m in modules):
+            return None
+        out = [Norm(m.weight, _eps(m), self._norm_offset) for m in modules]
+        qk = (out[2], out[3]) if len(out) == 4 else None
+        return out[0], out[1], qk
+
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, position_embeddings=None, **kwargs):
-        projs = None
+        projs = norms = None
         graded = torch.is_grad_enabled() or in_offloaded_forward()
         if self.training and graded and past_key_values is None and position_embeddings is not None:
-            projs = self.projections()
-        if projs is None:
+            projs, norms = self.projections(), self.norms()
+        if projs is None or norms is None:
             return self._reference_cls.forward(self, hidden_states, attention_mask=attention_mask,
                                                position_ids=position_ids, past_key_values=past_key_values,
                                                use_cache=use_cache, position_embeddings=position_embeddings,
                                                **kwargs)
         pq, pk, pv, po, pg, pu, pd = projs
-        attn, ln1, ln2 = self.self_attn, self.input_layernorm, self.post_attention_layernorm
+        attn, (ln1, ln2, qk_norms) = self.self_attn, norms
         cos, sin = position_embeddings
         h = hidden_states
-        q, k, v = NormQKV.apply(h, ln1.weight, ln1.variance_epsilon, cos.to(h.dtype), sin.to(h.dtype),
-                                attn.head_dim, pq, pk, pv, *_ab(pq), *_ab(pk), *_ab(pv))
+        q, k, v = NormQKV.apply(h, ln1, qk_norms, cos.to(h.dtype), sin.to(h.dtype), attn.head_dim,
+                                pq, pk, pv, *_ab(pq), *_ab(pk), *_ab(pv))
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, self._eager)
@@ -104,7 +136,7 @@ class FastDecoderLayer(_LayerBase):
         out = out.reshape(*h.shape[:-1], -1)
         h = h + LoraLinear.apply(out, po, *_ab(po))
         del out, q, k, v
-        return h + NormMLP.apply(h, ln2.weight, ln2.variance_epsilon, pg, pu, pd, *_ab(pg), *_ab(pu), *_ab(pd))
+        return h + NormMLP.apply(h, ln2, self._act, pg, pu, pd, *_ab(pg), *_ab(pu), *_ab(pd))
 
 
 def _purely_causal(config, tokens, attention_mask, position_ids, past_key_values) -> bool:
@@ -174,8 +206,8 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     kind = getattr(config, "model_type", None)
     if kind not in SUPPORTED:
         return f"model type {kind!r} is not one of {', '.join(SUPPORTED)}"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"activation {config.hidden_act!r} (the fused MLP is SwiGLU)"
+    if getattr(config, "hidden_act", "silu") not in GATED_ACTS:
+        return f"activation {config.hidden_act!r} (the fused MLP takes {', '.join(GATED_ACTS)})"
     layers = getattr(getattr(lm, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
         return "no decoder layer list at model.layers"
@@ -183,11 +215,22 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     for parent, name in _PROJ:
         if not hasattr(getattr(first, parent, None), name):
             return f"decoder layer has no {parent}.{name}"
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-        if not hasattr(getattr(first, norm, None), "variance_epsilon"):
-            return f"{norm} is not an RMSNorm"
-    if hasattr(first.self_attn, "q_norm") or getattr(first, "_hf_hook", None) is not None:
-        return "attention with q/k norms or accelerate hooks"
+    for parent, allowed in ((first, _LAYER_CHILDREN), (first.self_attn, _ATTN_CHILDREN), (first.mlp, _MLP_CHILDREN)):
+        extra = sorted(n for n, _ in parent.named_children() if n not in allowed)
+        if extra:
+            return f"decoder layer has modules the fused layer would skip: {', '.join(extra)}"
+    norms = [first.input_layernorm, first.post_attention_layernorm]
+    if hasattr(first.self_attn, "q_norm") != hasattr(first.self_attn, "k_norm"):
+        return "attention with only one of q_norm / k_norm"
+    if hasattr(first.self_attn, "q_norm"):
+        norms += [first.self_attn.q_norm, first.self_attn.k_norm]
+        if _eps(norms[2]) != _eps(norms[3]):
+            return "q_norm and k_norm with different epsilons"
+    for norm in norms:
+        if _eps(norm) is None:
+            return f"{type(norm).__name__} is not an RMSNorm"
+    if getattr(first, "_hf_hook", None) is not None:
+        return "decoder layers with accelerate hooks (device_map offloading)"
     return None
 
 
@@ -200,9 +243,10 @@ def apply_fast_path(model: torch.nn.Module) -> FastPathReport:
     lm = causal_lm(model)
     layers = lm.model.layers
     report = FastPathReport()
+    offset, act = NORM_OFFSET[lm.config.model_type], GATED_ACTS[getattr(lm.config, "hidden_act", "silu")]
     for i, layer in enumerate(layers):
         if not isinstance(layer, FastDecoderLayer):
-            layers[i] = FastDecoderLayer(layer)
+            layers[i] = FastDecoderLayer(layer, offset, act)
         report.layers += 1
     # checkpointing through qfine's reentrant recompute (inputs kept on the device): it lets the fused
     # MLP skip the down projection whose output the recompute never reads
@@ -210,6 +254,8 @@ def apply_fast_path(model: torch.nn.Module) -> FastPathReport:
         report.notes.append("checkpoint recompute skips the down projection")
     if report.layers and layers[0].projections() is None:
         report.notes.append("adapters with dropout, DoRA or several active adapters run the reference layer")
+    if report.layers and layers[0].norms() is None:
+        report.notes.append("trainable norm weights run the reference layer")
     head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     if (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad and not softcap):

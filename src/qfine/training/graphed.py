@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from ..fast import GraphedStep
@@ -68,12 +69,76 @@ def _zero_grads(params: list, set_to_none: bool = True) -> None:
         torch._foreach_zero_(grads)
 
 
+class _FlushTokens(TrainerCallback):
+    """Brings the trainer's device-side token count into ``state`` at the end of each epoch (Trainer
+    computes the run's final speed metrics right after)."""
+
+    def __init__(self, trainer: "QfineSFTTrainer"):
+        self.trainer = trainer
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.trainer._flush_tokens()
+
+
 class QfineSFTTrainer(SFTTrainer):
     """TRL's SFTTrainer whose training micro-batches can run as CUDA graphs (off until
-    :meth:`enable_cuda_graphs`); evaluation, logging and checkpoints are TRL's."""
+    :meth:`enable_cuda_graphs`); evaluation, logging and checkpoints are TRL's.
+
+    Also takes per-step host work out of Trainer's loop, which the GPU waits for once a step is one
+    graph (each host sync lets the queue run dry): gradients are zeroed, clipped and measured over the
+    trainable parameters only (Trainer walks ``model.parameters()``, every 4-bit weight included), and
+    the non-padding token count is summed on the device and read when logging or saving instead of
+    with one ``.item()`` per micro-batch.
+    """
 
     graphed: GraphedStep | None = None
     _param_count: int | None = None
+    _trainable: list | None = None  # set for the duration of train()
+    _tokens_pending: torch.Tensor | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(_FlushTokens(self))
+
+    def _single_process(self) -> bool:
+        return (self.args.world_size == 1 and not self.is_deepspeed_enabled
+                and not getattr(self, "is_fsdp_enabled", False))
+
+    def _clip_grad_norm(self, model):
+        if self._trainable is None or not self._single_process():
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None and self._trainable is not None and self._single_process():
+            grad_norm = self.accelerator.clip_grad_norm_(self._trainable, float("inf"))
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def _track_num_input_tokens(self, inputs):
+        ids = inputs.get("input_ids")
+        if (self.args.include_num_input_tokens_seen != "non_padding" or not self._single_process()
+                or getattr(self.model, "main_input_name", "input_ids") != "input_ids"
+                or not isinstance(ids, torch.Tensor)):
+            return super()._track_num_input_tokens(inputs)
+        # Trainer's non-padding rule: the attention mask, else tokens other than the pad id
+        pad = getattr(self.processing_class, "pad_token_id", None)
+        if "attention_mask" in inputs:
+            n = inputs["attention_mask"].sum()
+        elif pad is not None:
+            n = (ids != pad).sum()
+        else:
+            n = torch.tensor(ids.numel(), device=ids.device)
+        self._tokens_pending = n if self._tokens_pending is None else self._tokens_pending + n
+
+    def _flush_tokens(self) -> None:
+        """Add the device-side token count to ``state.num_input_tokens_seen`` (one host read)."""
+        if self._tokens_pending is not None:
+            self.state.num_input_tokens_seen += int(self._tokens_pending)
+            self._tokens_pending = None
+
+    def _save_checkpoint(self, model, trial):
+        self._flush_tokens()  # the saved trainer state carries the count
+        return super()._save_checkpoint(model, trial)
 
     def floating_point_ops(self, inputs: dict) -> int:
         """Trainer's estimate, 6 × tokens × non-embedding parameters, with the parameters counted once:
@@ -124,9 +189,12 @@ class QfineSFTTrainer(SFTTrainer):
         had = "zero_grad" in vars(model)
         if not had:
             model.zero_grad = functools.partial(_zero_grads, params)
+        self._trainable = params
         try:
             return super().train(*args, **kwargs)
         finally:
+            self._trainable = None
+            self._flush_tokens()
             if not had:
                 del model.zero_grad
 
@@ -163,6 +231,7 @@ class QfineSFTTrainer(SFTTrainer):
         return self.graphed(num_items=num_items.clamp_min(1), accumulation=accumulation, **batch)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
+        self._flush_tokens()
         # TRL's own step counts the tokens it trained on; graphed steps leave that to Trainer's
         # non-padding count (the same number without a host sync inside the step)
         metrics = getattr(self, "_metrics", None)

@@ -111,6 +111,9 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
         greater_is_better=False,
         report_to=list(t.report_to) or "none",
         include_num_input_tokens_seen="non_padding",
+        # Trainer's filter tests every micro-batch's loss on the host (a GPU sync per micro-batch) to
+        # log an average instead of a NaN; NonFiniteGuard stops the run at the first one anyway
+        logging_nan_inf_filter=False,
         max_length=cfg.data.max_seq_len,
         # Packing puts several examples in one row with restarting position_ids (TRL's best-fit
         # decreasing); attention is then confined to each example (padding-free batches).
