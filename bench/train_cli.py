@@ -1,7 +1,8 @@
 """End-to-end `qfine train` throughput: the CLI's own trainer (TRL + qfine's step), not the bench loop.
 
-usage: python bench/train_cli.py --model DIR --bs 2 --seq 2048 --steps 24 [--no-cuda-graphs] [--no-fast-path] [--ckpt]
-       [--offload] [--packing] [--out RESULTS.jsonl] [--host-profile N]
+usage: python bench/train_cli.py --model DIR --bs 2 --seq 2048 --steps 24 [--no-cuda-graphs]
+       [--no-fast-path] [--ckpt] [--offload] [--packing] [--logging-steps N] [--out RESULTS.jsonl]
+       [--host-profile N] [--gpu-profile] [--sync-debug]
 
 Writes text rows of random words longer than --seq (each is truncated to exactly --seq tokens, so every
 batch is bs×seq), trains NF4 + double quant, LoRA r=16 on all seven projections, dropout 0, bf16,
@@ -46,6 +47,101 @@ def _host_profile_callback():
     return HostProfile
 
 
+def _gpu_profile_callback():
+    from transformers import TrainerCallback
+
+    class GpuProfile(TrainerCallback):
+        """torch.profiler over optimizer steps ``first``..``last``: how much of the wall time the GPU
+        was busy, its longest idle gaps, and the kernels that took the most GPU time."""
+
+        def __init__(self, first: int, last: int):
+            self.first, self.last, self.prof = first, last, None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == self.first:
+                import torch
+
+                acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.last and self.prof is not None:
+                import torch
+
+                torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+
+        def report(self, top: int = 12) -> dict:
+            from torch.autograd import DeviceType
+
+            kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in self.prof.events()
+                             if e.device_type == DeviceType.CUDA)
+            busy, gaps, end = 0.0, [], None
+            for s, e, name in kernels:
+                if end is not None and s > end:
+                    gaps.append((s - end, name))
+                busy += max(0.0, e - max(s, end if end is not None else s))
+                end = e if end is None else max(end, e)
+            span = end - kernels[0][0]
+            steps = self.last - self.first
+            by_kernel = {}
+            for s, e, name in kernels:
+                by_kernel[name] = by_kernel.get(name, 0.0) + (e - s)
+            return dict(steps=steps, wall_ms_per_step=round(span / steps / 1e3, 2),
+                        gpu_busy_ms_per_step=round(busy / steps / 1e3, 2),
+                        idle_gaps_ms_top=[(round(g / 1e3, 2), n[:60]) for g, n in sorted(gaps, reverse=True)[:top]],
+                        kernels_ms_per_step_top=[(round(t / steps / 1e3, 2), n[:80]) for n, t in
+                                                 sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]])
+
+    return GpuProfile
+
+
+def _sync_debug_callback():
+    from transformers import TrainerCallback
+
+    class SyncDebug(TrainerCallback):
+        """Every host↔GPU synchronisation during optimizer steps ``first``..``last``, with the caller
+        (torch's sync debug mode, warnings recorded with their Python stack)."""
+
+        def __init__(self, first: int, last: int):
+            self.first, self.last, self.seen, self._old = first, last, {}, None
+
+        def _record(self, message, category, filename, lineno, file=None, line=None):
+            import traceback
+
+            frames = [f for f in traceback.extract_stack()[:-1] if "site-packages/torch/" not in f.filename
+                      and "warnings" not in f.filename][-4:]
+            key = " <- ".join(f"{Path(f.filename).name}:{f.lineno}({f.name})" for f in reversed(frames))
+            self.seen[key] = self.seen.get(key, 0) + 1
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == self.first:
+                import warnings
+
+                import torch
+
+                self._old = warnings.showwarning
+                warnings.showwarning = self._record
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.last and self._old is not None:
+                import warnings
+
+                import torch
+
+                torch.cuda.set_sync_debug_mode(0)
+                warnings.showwarning = self._old
+
+        def report(self) -> dict:
+            steps = self.last - self.first
+            return {k: round(n / steps, 2) for k, n in sorted(self.seen.items(), key=lambda kv: -kv[1])}
+
+    return SyncDebug
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -57,7 +153,12 @@ def main():
     ap.add_argument("--ckpt", action="store_true", help="gradient checkpointing")
     ap.add_argument("--offload", action="store_true", help="checkpointed inputs in pinned host memory")
     ap.add_argument("--packing", action="store_true")
+    ap.add_argument("--logging-steps", type=int, default=1, help="log (and so sync with the GPU) every N steps")
     ap.add_argument("--out", default=None, help="append the JSON line here too")
+    ap.add_argument("--gpu-profile", action="store_true",
+                    help="torch.profiler over steady-state steps: GPU busy vs wall time, idle gaps, top kernels")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="count host-GPU syncs per steady-state step, by caller")
     ap.add_argument("--host-profile", type=int, default=0, metavar="N",
                     help="run under cProfile and print the N functions with the most own host time")
     a = ap.parse_args()
@@ -81,15 +182,21 @@ def main():
     cfg.data.path, cfg.data.max_seq_len, cfg.data.packing = str(tmp / "data.jsonl"), a.seq, a.packing
     t = cfg.train
     t.max_steps, t.batch_size, t.grad_accum, t.learning_rate = a.steps, a.bs, 1, 2e-4
-    t.lr_scheduler, t.logging_steps, t.save_steps, t.report_samples = "constant", 1, 10**6, 0
+    t.lr_scheduler, t.logging_steps, t.save_steps, t.report_samples = "constant", a.logging_steps, 10**6, 0
     t.gradient_checkpointing, t.offload_checkpoints = a.ckpt, a.offload
     t.cuda_graphs, t.fast_path = not a.no_cuda_graphs, not a.no_fast_path
     printed = io.StringIO()
     start = time.time()
     callbacks = [HostProfile(first=6, last=min(a.steps - 1, 16))] if a.host_profile else []
+    if a.gpu_profile:
+        callbacks.append(_gpu_profile_callback()(first=8, last=min(a.steps - 1, 12)))
+    sync = _sync_debug_callback()(first=8, last=min(a.steps - 1, 12)) if a.sync_debug else None
+    callbacks += [sync] if sync else []
     with contextlib.redirect_stdout(printed):
         run = train(cfg, callbacks=callbacks)
     wall = time.time() - start
+    syncs = callbacks.pop().report() if sync else None
+    gpu_profile = callbacks.pop().report() if a.gpu_profile else None
     if callbacks:
         import pstats
 
@@ -98,14 +205,16 @@ def main():
     lines = printed.getvalue().splitlines()
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m and "tokens_per_s" in m]
-    rates = [m["tokens_per_s"] for m in steps[5:]]
+    # logs whose window starts after step 5 (warm-up, compile, capture)
+    rates = [m["tokens_per_s"] for m in steps if m["step"] - a.logging_steps >= 5]
     result = dict(
         bench="qfine-train-cli", model=Path(a.model).name, bs=a.bs, seq=a.seq, steps=a.steps,
+        logging_steps=a.logging_steps,
         fast_path=t.fast_path, cuda_graphs=t.cuda_graphs, ckpt=a.ckpt, offload=a.offload, packing=a.packing,
         tok_s=round(statistics.median(rates), 1) if rates else None,
         peak_alloc_gib=max((m.get("peak_gpu_mem_gib", 0) for m in steps), default=None),
         loss_first=steps[0]["loss"] if steps else None, loss_last=steps[-1]["loss"] if steps else None,
-        wall_s=round(wall, 1), qfine_lines=[x for x in lines if x.startswith("[qfine]")],
+        wall_s=round(wall, 1), gpu_profile=gpu_profile, syncs_per_step=syncs, qfine_lines=[x for x in lines if x.startswith("[qfine]")],
     )
     print(json.dumps(result))
     if a.out:

@@ -48,6 +48,33 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(tiny_dir, tmp_path):
     assert "stopped: non-finite gradient at step 6" in (run / "report.html").read_text()
 
 
+@pytest.mark.parametrize("logging_steps", [1, 100])
+def test_deferred_nan_verdict_still_stops_before_any_log_or_save(tiny_dir, tmp_path, monkeypatch, logging_steps):
+    """As on CUDA, the guard reads each step's verdict late (before the next log/save/step): the run
+    still stops naming step 6, with no log line or checkpoint written from it."""
+    from qfine.training.callbacks import NonFiniteGuard
+
+    monkeypatch.setattr(NonFiniteGuard, "defer", True)
+    seen = []
+
+    class Steps(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seen.append(state.global_step + 1)
+
+    cfg = _cfg(tiny_dir, tmp_path, logging_steps=logging_steps)  # checkpoints every 4 steps
+    cfg.data.path = str(write_jsonl(tmp_path / "d48.jsonl", [{"messages": FACT}] * 48))  # one epoch: no epoch end
+    with pytest.raises(QfineError, match=r"non-finite gradient at step 6.*checkpoint-4"):
+        train(cfg, callbacks=[PoisonAt(6), Steps()])
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4"]
+    assert not (run / "adapter").exists()
+    metrics = (run / "metrics.jsonl")
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    # logging every step: read before step 6's log line; otherwise once step 7 has run (at its optimizer step)
+    assert max(steps, default=0) == (5 if logging_steps == 1 else 0)
+    assert max(seen) == (6 if logging_steps == 1 else 7)
+
+
 def test_eval_best_checkpoint_and_scalars(tiny_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
