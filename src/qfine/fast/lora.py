@@ -244,7 +244,7 @@ class NormQKV(torch.autograd.Function):
             q, k, v = ops.rope_qkv(qkv, cos, sin, n_q, n_kv)
             qkv = None
         else:
-            qn, kn = qk_norms  # same eps and offset (FastDecoderLayer.norms checks)
+            qn, kn = qk_norms  # one eps (unsupported_reason checks) and the family's offset
             q, k, v = ops.qk_norm_rope_qkv(qkv, qn.weight, kn.weight, qn.eps, qn.offset, cos, sin, n_q, n_kv)
         ctx.meta = (norm, qk_norms, projs, pack.blocks)
         ctx.save_for_backward(h, rstd, cos, sin, xa, qkv, aq, bq, ak, bk, av, bv, *pack.tensors())
@@ -276,7 +276,7 @@ class NormQKV(torch.autograd.Function):
 class NormMLP(torch.autograd.Function):
     """RMSNorm → stacked gate/up (+LoRA) → act(g)·u → down (+LoRA): h (b, s, d) → (b, s, d).
 
-    ``act`` is a value of :data:`ops.GATED_ACTS` ("silu": SwiGLU; "gelu_tanh": Gemma's GeGLU)."""
+    ``act_kind`` is a value of :data:`ops.GATED_ACTS` ("silu": SwiGLU; "gelu_tanh": Gemma's GeGLU)."""
 
     @staticmethod
     def forward(ctx, h, norm: Norm, act_kind: str, pg: Proj, pu: Proj, pd: Proj, ag, bg, au, bu, ad, bd):

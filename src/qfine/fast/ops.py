@@ -102,9 +102,14 @@ def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     return _rms(h, weight, eps, offset)
 
 
+def _rstd(hf: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(h²) + eps) over the last dimension of the fp32 ``hf`` → (..., 1)."""
+    return torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+
+
 def _rms(h, weight, eps, offset):
     hf = upcast(h)
-    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    rstd = _rstd(hf, eps)
     if offset:
         return (hf * rstd * (offset + upcast(weight))).to(h.dtype), rstd
     return weight * (hf * rstd).to(h.dtype), rstd
@@ -170,7 +175,7 @@ def gated_act_backward(da: torch.Tensor, gu: torch.Tensor, act: str = "silu"):
     which the down projection's LoRA gradient needs. fp32 inside, gu.dtype out."""
     g, u = _halves(gu)
     gf, uf, daf = upcast(g), upcast(u), upcast(da)
-    du = daf * upcast(_act(gf, act))
+    du = daf * _act(gf, act)
     dg = daf * uf * _act_grad(gf, act)
     return torch.cat((dg, du), dim=-1).to(gu.dtype), _act(g, act) * u
 
@@ -229,8 +234,7 @@ def qk_norm_rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tens
     out = [rope_backward(upcast(dq), cf, sf), rope_backward(upcast(dk), cf, sf)]
     for i, (pre, w) in enumerate(((qkv[:, :, :n_q], q_w), (qkv[:, :, n_q:n_q + n_kv], k_w))):
         hf = upcast(pre)
-        rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-        out[i] = _norm_grad(out[i], hf, upcast(w) + offset, rstd).to(qkv.dtype)
+        out[i] = _norm_grad(out[i], hf, upcast(w) + offset, _rstd(hf, eps)).to(qkv.dtype)
     return torch.cat((out[0], out[1], dv), dim=2)
 
 

@@ -63,11 +63,11 @@ class NonFiniteGuard(TrainerCallback):
     The gradients of the trainable parameters (the LoRA weights — cheap) are tested on the device in
     ``on_pre_optimizer_step``; the host reads the verdict only when it must: before a step that logs,
     saves, evaluates or ends the run (``on_step_end``, epoch and train end), and otherwise at the next
-    optimizer step, once that step's forward and backward are already queued. Reading it at once would
-    drain the GPU's queue every step (the host then prepares the next step while the GPU idles: ~10 %
-    of a CUDA-graphed step). A bad step's update may therefore reach the weights in memory, but never a
-    log line, a checkpoint or the adapter: the run stops with that step's number, and every checkpoint
-    written so far is intact. On CPU the verdict is read at once (there is no queue to keep full).
+    optimizer step, once that step's forward and backward are already queued. Reading it at once
+    drains the GPU's queue every step, and the GPU then idles while the host prepares the next step
+    (H100, 1B 4x2048 through ``qfine train``: 66,913 tok/s reading at once, 67,430-68,819 late). A bad
+    step's update may therefore reach the weights in memory, but never a log line, a checkpoint or the
+    adapter: the run stops with that step's number, and every checkpoint written so far is intact. On CPU the verdict is read at once (there is no queue to keep full).
     """
 
     _params: list | None = None

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 
 import torch
-from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from ..fast import GraphedStep
@@ -69,17 +68,6 @@ def _zero_grads(params: list, set_to_none: bool = True) -> None:
         torch._foreach_zero_(grads)
 
 
-class _FlushTokens(TrainerCallback):
-    """Brings the trainer's device-side token count into ``state`` at the end of each epoch (Trainer
-    computes the run's final speed metrics right after)."""
-
-    def __init__(self, trainer: "QfineSFTTrainer"):
-        self.trainer = trainer
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self.trainer._flush_tokens()
-
-
 class QfineSFTTrainer(SFTTrainer):
     """TRL's SFTTrainer whose training micro-batches can run as CUDA graphs (off until
     :meth:`enable_cuda_graphs`); evaluation, logging and checkpoints are TRL's.
@@ -87,18 +75,15 @@ class QfineSFTTrainer(SFTTrainer):
     Also takes per-step host work out of Trainer's loop, which the GPU waits for once a step is one
     graph (each host sync lets the queue run dry): gradients are zeroed, clipped and measured over the
     trainable parameters only (Trainer walks ``model.parameters()``, every 4-bit weight included), and
-    the non-padding token count is summed on the device and read when logging or saving instead of
-    with one ``.item()`` per micro-batch.
+    the non-padding token count is summed on the device and read when logging, saving a checkpoint or
+    ending the run (the only places ``state.num_input_tokens_seen`` is read) instead of with one
+    ``.item()`` per micro-batch.
     """
 
     graphed: GraphedStep | None = None
     _param_count: int | None = None
     _trainable: list | None = None  # set for the duration of train()
     _tokens_pending: torch.Tensor | None = None
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.add_callback(_FlushTokens(self))
 
     def _single_process(self) -> bool:
         return (self.args.world_size == 1 and not self.is_deepspeed_enabled
