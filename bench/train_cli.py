@@ -2,7 +2,7 @@
 
 usage: python bench/train_cli.py --model DIR --bs 2 --seq 2048 --steps 24 [--no-cuda-graphs]
        [--no-fast-path] [--ckpt] [--offload] [--packing] [--logging-steps N] [--out RESULTS.jsonl]
-       [--host-profile N] [--gpu-profile] [--sync-debug]
+       [--host-profile N] [--gpu-profile [--profile-stack]] [--sync-debug]
 
 Writes text rows of random words longer than --seq (each is truncated to exactly --seq tokens, so every
 batch is bs×seq), trains NF4 + double quant, LoRA r=16 on all seven projections, dropout 0, bf16,
@@ -54,15 +54,16 @@ def _gpu_profile_callback():
         """torch.profiler over optimizer steps ``first``..``last``: how much of the wall time the GPU
         was busy, its longest idle gaps, and the kernels that took the most GPU time."""
 
-        def __init__(self, first: int, last: int):
-            self.first, self.last, self.prof = first, last, None
+        def __init__(self, first: int, last: int, stack: bool = False):
+            self.first, self.last, self.prof, self.stack = first, last, None, stack
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == self.first:
                 import torch
 
                 acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-                self.prof = torch.profiler.profile(activities=acts)
+                # with_stack: Python frames appear as host events, so an idle gap names what the host did
+                self.prof = torch.profiler.profile(activities=acts, with_stack=self.stack)
                 self.prof.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -80,7 +81,7 @@ def _gpu_profile_callback():
             busy, gaps, end = 0.0, [], None
             for s, e, name in kernels:
                 if end is not None and s > end:
-                    gaps.append((s - end, name))
+                    gaps.append((s - end, end, name))
                 busy += max(0.0, e - max(s, end if end is not None else s))
                 end = e if end is None else max(end, e)
             span = end - kernels[0][0]
@@ -88,11 +89,20 @@ def _gpu_profile_callback():
             by_kernel = {}
             for s, e, name in kernels:
                 by_kernel[name] = by_kernel.get(name, 0.0) + (e - s)
-            return dict(steps=steps, wall_ms_per_step=round(span / steps / 1e3, 2),
-                        gpu_busy_ms_per_step=round(busy / steps / 1e3, 2),
-                        idle_gaps_ms_top=[(round(g / 1e3, 2), n[:60]) for g, n in sorted(gaps, reverse=True)[:top]],
-                        kernels_ms_per_step_top=[(round(t / steps / 1e3, 2), n[:80]) for n, t in
-                                                 sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]])
+            gaps.sort(reverse=True)
+            out = dict(steps=steps, wall_ms_per_step=round(span / steps / 1e3, 2),
+                       gpu_busy_ms_per_step=round(busy / steps / 1e3, 2),
+                       idle_gaps_ms_top=[(round(g / 1e3, 2), n[:60]) for g, _, n in gaps[:top]],
+                       kernels_ms_per_step_top=[(round(t / steps / 1e3, 2), n[:80]) for n, t in
+                                                sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]])
+            if self.stack:  # the host events spanning most of each of the longest gaps, innermost first
+                host = [(e.time_range.start, e.time_range.end, e.name) for e in self.prof.events()
+                        if e.device_type == DeviceType.CPU]
+                out["idle_gaps_host"] = []
+                for g, g0, _ in gaps[:6]:
+                    cover = sorted((e - s, n) for s, e, n in host if min(e, g0 + g) - max(s, g0) > 0.5 * g)
+                    out["idle_gaps_host"].append((round(g / 1e3, 2), [(round(d / 1e3, 2), n[:70]) for d, n in cover[:8]]))
+            return out
 
     return GpuProfile
 
@@ -157,6 +167,8 @@ def main():
     ap.add_argument("--out", default=None, help="append the JSON line here too")
     ap.add_argument("--gpu-profile", action="store_true",
                     help="torch.profiler over steady-state steps: GPU busy vs wall time, idle gaps, top kernels")
+    ap.add_argument("--profile-stack", action="store_true",
+                    help="with --gpu-profile: record Python frames and name the host work under the longest idle gaps")
     ap.add_argument("--sync-debug", action="store_true",
                     help="count host-GPU syncs per steady-state step, by caller")
     ap.add_argument("--host-profile", type=int, default=0, metavar="N",
@@ -189,7 +201,7 @@ def main():
     start = time.time()
     callbacks = [HostProfile(first=6, last=min(a.steps - 1, 16))] if a.host_profile else []
     if a.gpu_profile:
-        callbacks.append(_gpu_profile_callback()(first=8, last=min(a.steps - 1, 12)))
+        callbacks.append(_gpu_profile_callback()(first=8, last=min(a.steps - 1, 12), stack=a.profile_stack))
     sync = _sync_debug_callback()(first=8, last=min(a.steps - 1, 12)) if a.sync_debug else None
     callbacks += [sync] if sync else []
     with contextlib.redirect_stdout(printed):

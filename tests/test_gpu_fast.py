@@ -296,7 +296,10 @@ def test_cuda_graph_step_equals_eager_step(save_tiny, tmp_path, mode, seqs):
 @pytest.mark.parametrize("packing", [False, True])
 def test_qfine_train_with_cuda_graphs_matches_eager(tiny_dir, tmp_path, capsys, packing):
     """`qfine train` with its CUDA-graph step (the default) against TRL's eager step, rows of many lengths
-    (so several padded shapes): the graphs serve most micro-batches and every logged loss stays within 2%."""
+    (so several padded shapes): the graphs serve most micro-batches, the first step's loss (same weights,
+    same batch) agrees to 1e-3, the last to 1.5% and every logged loss to 3%. The later bounds are loose
+    because TRL's eager step alone is not reproducible at this learning rate: two eager runs of the same
+    code (H100) ended at 5.2170 and 5.2336, and graph-vs-eager worst steps measured 0.8–2.0%."""
     import json
 
     from qfine.training import train
@@ -324,4 +327,6 @@ def test_qfine_train_with_cuda_graphs_matches_eager(tiny_dir, tmp_path, capsys, 
     print(f"packing={packing}: losses eager {losses[False][0]:.4f}…{losses[False][-1]:.4f}, graphs "
           f"{losses[True][0]:.4f}…{losses[True][-1]:.4f}; worst step rel. diff {worst:.2e}")
     assert losses[True][-1] < 0.7 * losses[True][0]
-    assert worst < 2e-2
+    assert abs(losses[True][0] - losses[False][0]) < 1e-3 * losses[False][0]
+    assert abs(losses[True][-1] - losses[False][-1]) < 1.5e-2 * losses[False][-1]
+    assert worst < 3e-2

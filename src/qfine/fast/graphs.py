@@ -175,7 +175,10 @@ class GraphedStep:
         reserved = torch.cuda.memory_reserved()
         keep: list = []
         try:
-            with graph_keeps(keep), torch.cuda.graph(graph, pool=self._pool, stream=stream):
+            # thread_local: other threads may go on with calls a capture forbids — the data loader's
+            # pin-memory thread allocates pinned memory while a step is being captured
+            with graph_keeps(keep), torch.cuda.graph(graph, pool=self._pool, stream=stream,
+                                                     capture_error_mode="thread_local"):
                 loss = self.fn(**inputs)
         except Exception as e:  # noqa: BLE001 — an uncapturable step still trains, eagerly
             self.reason = f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"

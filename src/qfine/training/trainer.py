@@ -80,6 +80,8 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
 
     t = cfg.train
     precision = resolve_precision(t.precision, device)
+    cuda = str(device).startswith("cuda")
+    workers = 2 if cuda and not cfg.data.streaming else 0
     args = SFTConfig(**_version_compat(SFTConfig, cfg), **dict(
         output_dir=str(run_dir / "checkpoints"),
         max_steps=t.max_steps,
@@ -114,6 +116,15 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
         # Trainer's filter tests every micro-batch's loss on the host (a GPU sync per micro-batch) to
         # log an average instead of a NaN; NonFiniteGuard stops the run at the first one anyway
         logging_nan_inf_filter=False,
+        # On CUDA the host must never make the GPU wait for data. Each batch's host→device copy is
+        # asynchronous (Trainer's blocking copy waited for the GPU's whole queue, then the GPU idled
+        # while the host prepared the step), and batches are collated by worker processes and pinned
+        # in a thread ahead of time: collating 4×2048 tokens in the loop took ~6 ms with the GPU idle
+        # after each host read of the logged loss (H100, 1B 4×2048: 68,893 → 72,534 tok/s). A stream
+        # keeps one reader (workers would each need their own shard of it).
+        accelerator_config={"non_blocking": cuda},
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,
         max_length=cfg.data.max_seq_len,
         # Packing puts several examples in one row with restarting position_ids (TRL's best-fit
         # decreasing); attention is then confined to each example (padding-free batches).
