@@ -7,7 +7,9 @@ already dequantized (bf16):
 * ``separate`` (qfine's layers up to stop 12): plus x Aᵀ, y += (x Aᵀ) B_sᵀ (a read-modify-write of y),
   dy B_s, dx += (dy B_s) A, dA, dB;
 * ``folded``: the LoRA terms ride in the base GEMMs along K — forward y = [x | x Aᵀ] [W | B_s]ᵀ,
-  backward dx = [dy | dy B_s] [W ; A] — plus the same small GEMMs for x Aᵀ, dy B_s, dA, dB.
+  backward dx = [dy | dy B_s] [W ; A] — plus the same small GEMMs for x Aᵀ, dy B_s, dA, dB;
+* ``folded_n``: forward as ``folded``; backward [dx | dy B_s] = dy [W | B_s] (the forward's weight, dy read
+  once), then dx += (dy B_s) A, dA, dB.
 
     python bench/lora_gemm.py --shape 8b            # prints one JSON line per group and a total
 """
@@ -72,11 +74,24 @@ def group(t: int, d_in: int, d_out: int, r: int, dev="cuda", dt=torch.bfloat16) 
         dy_cat[:, d_out:].t() @ x_cat[:, :d_in]
         dy_cat[:, :d_out].t() @ x_cat[:, d_in:]
 
+    def folded_n():  # backward along N: [dx | dy B_s] = dy [W | B_s] (one read of dy), then dx += (dy B_s) A
+        torch.mm(x_cat[:, :d_in], a.t(), out=x_cat[:, d_in:])
+        x_cat @ w_k.t()
+        g = dy @ w_k
+        dx, dyb = g[:, :d_in], g[:, d_in:]
+        dx.addmm_(dyb, a)
+        dyb.t() @ x_cat[:, :d_in]
+        dy.t() @ x_cat[:, d_in:]
+
     # the folded products equal the separate ones (bf16 rounding aside)
     torch.mm(x_cat[:, :d_in], a.t(), out=x_cat[:, d_in:])
     err = ((x_cat @ w_k.t()) - (x @ w.t() + (x @ a.t()) @ b.t())).abs().max().item()
-    out = dict(t=t, d_in=d_in, d_out=d_out, r=r, max_abs_diff=err)
-    for name, fn in (("base", base), ("separate", separate), ("folded", folded)):
+    out = dict(t=t, d_in=d_in, d_out=d_out, r=r, max_abs_diff=err)  # noqa: C408
+    g = dy @ w_k
+    ref = dy @ w + (dy @ b) @ a
+    g[:, :d_in].addmm_(g[:, d_in:], a)
+    out["max_abs_diff_bwd"] = (g[:, :d_in] - ref).abs().max().item()
+    for name, fn in (("base", base), ("separate", separate), ("folded", folded), ("folded_n", folded_n)):
         out[name + "_ms"] = round(timed(fn), 4)
     return out
 
@@ -86,16 +101,18 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="8b")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--round-r", type=int, default=1, help="pad each group's stacked rank up to a multiple of this")
     a = ap.parse_args()
     h, i, q, kv = SHAPES[a.shape]
-    rows = {"qkv": group(a.tokens, h, q + 2 * kv, 3 * a.r), "o": group(a.tokens, q, h, a.r),
-            "gate_up": group(a.tokens, h, 2 * i, 2 * a.r), "down": group(a.tokens, i, h, a.r)}
+    rr = lambda n: -(-n // a.round_r) * a.round_r  # noqa: E731
+    rows = {"qkv": group(a.tokens, h, q + 2 * kv, rr(3 * a.r)), "o": group(a.tokens, q, h, rr(a.r)),
+            "gate_up": group(a.tokens, h, 2 * i, rr(2 * a.r)), "down": group(a.tokens, i, h, rr(a.r))}
     for k, v in rows.items():
         print(json.dumps(dict(group=k, **v)))
-    tot = {k: round(sum(v[k] for v in rows.values()), 3) for k in ("base_ms", "separate_ms", "folded_ms")}
+    names = ("base_ms", "separate_ms", "folded_ms", "folded_n_ms")
+    tot = {k: round(sum(v[k] for v in rows.values()), 3) for k in names}
     print(json.dumps(dict(group="layer", shape=a.shape, **tot,
-                          lora_overhead_separate_ms=round(tot["separate_ms"] - tot["base_ms"], 3),
-                          lora_overhead_folded_ms=round(tot["folded_ms"] - tot["base_ms"], 3))))
+                          **{f"lora_overhead_{k[:-3]}_ms": round(tot[k] - tot["base_ms"], 3) for k in names[1:]})))
 
 
 if __name__ == "__main__":

@@ -220,6 +220,9 @@ def test_triton_nf4_dequantize_matches_bitsandbytes(double_quant):
     out = torch.empty(2 * 14336, 4096, device="cuda", dtype=torch.bfloat16)
     dequantize_nf4(packed, state, out=out[14336:])  # a row block of a stacked buffer
     assert torch.equal(out[14336:], got)
+    wide = torch.full((14336, 4096 + 48), 7.0, device="cuda", dtype=torch.bfloat16)
+    dequantize_nf4(packed, state, out=wide[:, :4096])  # the leading columns of [W | B] (row stride 4144)
+    assert torch.equal(wide[:, :4096], got) and bool((wide[:, 4096:] == 7.0).all())
 
     def timed(fn):
         for _ in range(3):

@@ -18,7 +18,16 @@ gradients and the elementwise backwards need:
   one accumulating GEMM each.
 * ``LoraLinear`` keeps its input x.
 
-The small (tokens, r) products x Aᵀ are kept too (r = 16 columns). The reference for all of this is
+The small (tokens, r) products x Aᵀ are kept too (r = 16 columns).
+
+Where the input comes from the norm (QKV, gate/up), the LoRA terms ride inside the base GEMMs: the
+norm writes x with R spare columns that receive x Aᵀ, so y = [x | x Aᵀ] [W | B_s]ᵀ is one GEMM
+along K, and the backward's dy [W | B_s] = [dy W | dy B_s] is one GEMM along N. That saves a full
+read-modify-write of y and a second read of dy per projection group — the largest LoRA costs (H100,
+``bench/lora_gemm.py``). O and down keep the separate form: their inputs (attention output, act(g)·u)
+would need a copy into a wider buffer, which costs as much as it saves.
+
+The reference for all of this is
 peft's own ``Linear4bit``/``Linear`` forward with autograd; tests compare values and gradients.
 """
 
@@ -93,8 +102,9 @@ class Norm:
     eps: float
     offset: float = 0.0
 
-    def __call__(self, h):
-        return ops.rms_norm(h, self.weight, self.eps, self.offset)
+    def __call__(self, h, extra: int = 0):
+        """(x, rstd); x with ``extra`` zero columns appended when asked (see :func:`ops.rms_norm`)."""
+        return ops.rms_norm(h, self.weight, self.eps, self.offset, extra)
 
     def backward(self, dx, h, rstd):
         return ops.rms_norm_backward(dx, h, self.weight, rstd, self.offset)
@@ -178,6 +188,55 @@ def _backward_input(dy, projs, pack: Pack):
     return dx, dyb
 
 
+def _folded_weight(projs, pack: Pack, dtype) -> torch.Tensor:
+    """[W | B_s] (Σ out, in + R): the stacked frozen weights with the block-diagonal B_s as R more
+    columns, dequantized straight into the wider buffer."""
+    r = pack.b.shape[1]
+    w = stacked([p.base for p in projs], dtype, extra_cols=r)
+    w[:, w.shape[1] - r:].copy_(pack.b)
+    return w
+
+
+def _forward_folded(xcat: torch.Tensor, projs, pack: Pack):
+    """:func:`_forward` for xcat (T, in + R) = [x | R spare columns] (the norm writes x so): x Aᵀ is
+    written into the spare columns and one GEMM against [W | B_s] gives y = x Wᵀ + (x Aᵀ) B_sᵀ, the
+    LoRA term accumulated in fp32 with the base product. y is written once; the separate form reads
+    and rewrites it to add the LoRA term (470 MB of traffic for an 8B layer's gate/up at 4096 tokens)."""
+    d = xcat.shape[1] - pack.a.shape[0]
+    xa = xcat[:, :d] @ pack.a.t()
+    xcat[:, d:].copy_(xa)
+    w = _folded_weight(projs, pack, xcat.dtype)
+    y = torch.addmm(pack.bias, xcat, w.t()) if pack.bias is not None else xcat @ w.t()
+    return y, xa
+
+
+def _backward_input_folded(dy, projs, pack: Pack):
+    """:func:`_backward_input` with dy read once: one GEMM dy [W | B_s] = [dy W | dy B_s], then
+    dx += (dy B_s) A. dx is a (T, in) view with row stride in + R; dyB_s the view of the last R columns."""
+    w = _folded_weight(projs, pack, dy.dtype)
+    g = dy @ w
+    del w
+    d = g.shape[1] - pack.a.shape[0]
+    dx, dyb = g[:, :d], g[:, d:]
+    dx.addmm_(dyb, pack.a)
+    return dx, dyb
+
+
+def _norm_forward(h, norm: Norm, projs, pack: Pack):
+    """Norm then the stacked projections of ``projs`` → (y (T, Σ out), x Aᵀ or None, rstd); folded
+    (:func:`_forward_folded`) when there are adapters."""
+    if pack.a is None:
+        x, rstd = norm(h)
+        return (*_forward(x.view(-1, x.shape[-1]), projs, pack), rstd)
+    xcat, rstd = norm(h, pack.a.shape[0])
+    return (*_forward_folded(xcat.view(-1, xcat.shape[-1]), projs, pack), rstd)
+
+
+def _norm_backward_input(dy, projs, pack: Pack):
+    """The backward counterpart of :func:`_norm_forward`'s GEMMs → (dx, dyB_s or None)."""
+    return (_backward_input if pack.a is None else _backward_input_folded)(dy, projs, pack)
+
+
 def _backward_lora(dy, x2d, xa, dyb, pack: Pack, loras):
     """(dA, dB) per projection, in each parameter's dtype: dA_i = (s_i·dy_i B_i)ᵀ x and
     dB_i = s_i·dy_iᵀ (x A_iᵀ), each stack from one GEMM (the off-diagonal blocks of dyᵀ(xAᵀ) are
@@ -235,9 +294,7 @@ class NormQKV(torch.autograd.Function):
         bsz, seq, d = h.shape
         projs, loras = [pq, pk, pv], [(aq, bq), (ak, bk), (av, bv)]
         pack = Pack.build(projs, loras, h.dtype)
-        x, rstd = norm(h)
-        qkv, xa = _forward(x.view(-1, d), projs, pack)
-        del x
+        qkv, xa, rstd = _norm_forward(h, norm, projs, pack)
         n_q, n_kv = pq.base.out_features // head_dim, pk.base.out_features // head_dim
         qkv = qkv.view(bsz, seq, -1, head_dim)
         if qk_norms is None:
@@ -265,7 +322,7 @@ class NormQKV(torch.autograd.Function):
             dqkv = ops.qk_norm_rope_qkv_backward(dq, dk, dv, qkv, qn.weight, kn.weight, qn.eps, qn.offset, cos, sin)
             del qkv
         dqkv = dqkv.view(-1, dqkv.shape[2] * dqkv.shape[3])
-        dx, dyb = _backward_input(dqkv, projs, pack)
+        dx, dyb = _norm_backward_input(dqkv, projs, pack)
         x, _ = norm(h)  # recomputed: cheaper than keeping it
         grads = _backward_lora(dqkv, x.view(-1, d), xa, dyb, pack, loras)
         del x, dqkv
@@ -280,12 +337,9 @@ class NormMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, norm: Norm, act_kind: str, pg: Proj, pu: Proj, pd: Proj, ag, bg, au, bu, ad, bd):
-        d = h.shape[-1]
         gu_pack = Pack.build([pg, pu], [(ag, bg), (au, bu)], h.dtype)
         d_pack = Pack.build([pd], [(ad, bd)], h.dtype)
-        x, rstd = norm(h)
-        gu, xa_gu = _forward(x.view(-1, d), [pg, pu], gu_pack)
-        del x
+        gu, xa_gu, rstd = _norm_forward(h, norm, [pg, pu], gu_pack)
         act = ops.gated_act(gu, act_kind)
         if output_discarded():  # recomputed for the backward: y is never read, x Aᵀ is
             y, xa_d = h.new_empty(h.shape), (act @ d_pack.a.t() if d_pack.a is not None else None)
@@ -308,7 +362,7 @@ class NormMLP(torch.autograd.Function):
         del dact
         ((dad, dbd),) = _backward_lora(dy2d, act, xa_d, dyb_d, d_pack, [(ad, bd)])
         del act
-        dx, dyb = _backward_input(dgu, [pg, pu], gu_pack)
+        dx, dyb = _norm_backward_input(dgu, [pg, pu], gu_pack)
         x, _ = norm(h)
         (dag, dbg), (dau, dbu) = _backward_lora(dgu, x.view(-1, d), xa_gu, dyb, gu_pack, [(ag, bg), (au, bu)])
         del x, dgu

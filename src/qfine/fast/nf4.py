@@ -27,8 +27,9 @@ def dequantize(linear: torch.nn.Module, dtype: torch.dtype, out: torch.Tensor | 
     """The (out, in) weight of a plain or bitsandbytes 4-bit linear in ``dtype``.
 
     A 16-bit weight already in ``dtype`` is returned as is (no copy) unless ``out`` is given; a 4-bit
-    one is dequantized into a new buffer (or into ``out``, a contiguous (out, in) tensor such as a
-    row block of a stacked weight), which the caller frees right after its GEMM.
+    one is dequantized into a new buffer, or into ``out``: an (out, in) tensor with contiguous rows
+    such as a row block of a stacked weight or the leading columns of a wider one. The caller frees
+    the buffer right after its GEMM.
     """
     w = linear.weight
     state = getattr(w, "quant_state", None)
@@ -41,11 +42,11 @@ def dequantize(linear: torch.nn.Module, dtype: torch.dtype, out: torch.Tensor | 
     from ..loading import ensure_not_repacked
 
     ensure_not_repacked(w)
-    if _triton_nf4(w, state, dtype) and (out is None or out.dtype == dtype):
+    if _triton_nf4(w, state, dtype) and (out is None or (out.dtype == dtype and out.stride(1) == 1)):
         from .nf4_kernel import dequantize_nf4
 
         return dequantize_nf4(w.data, state, out=out)
-    if out is not None and out.dtype == state.dtype and w.is_cuda:  # no CPU kernel for .out
+    if out is not None and out.dtype == state.dtype and w.is_cuda and out.is_contiguous():  # no CPU kernel for .out
         return bnb.functional.dequantize_4bit(w.data, state, out=out)
     full = bnb.functional.dequantize_4bit(w.data, state)
     if out is not None:
@@ -53,18 +54,20 @@ def dequantize(linear: torch.nn.Module, dtype: torch.dtype, out: torch.Tensor | 
     return full if full.dtype == dtype else full.to(dtype)
 
 
-def stacked(linears, dtype: torch.dtype) -> torch.Tensor:
-    """Weights of linears sharing one input, stacked along the output dim: (Σ out, in) in ``dtype``.
+def stacked(linears, dtype: torch.dtype, extra_cols: int = 0) -> torch.Tensor:
+    """Weights of linears sharing one input, stacked along the output dim: (Σ out, in) in ``dtype``,
+    or (Σ out, in + extra_cols) with the extra columns left for the caller to fill.
 
     One GEMM against the stack replaces one per projection (q, k, v → one; gate, up → one).
     """
-    if len(linears) == 1:
+    if len(linears) == 1 and not extra_cols:
         return dequantize(linears[0], dtype)
     rows = [lin.out_features for lin in linears]
     ref = linears[0].weight
-    w = torch.empty(sum(rows), linears[0].in_features, dtype=dtype, device=ref.device)
+    cols = linears[0].in_features
+    w = torch.empty(sum(rows), cols + extra_cols, dtype=dtype, device=ref.device)
     start = 0
     for lin, n in zip(linears, rows):
-        dequantize(lin, dtype, out=w[start:start + n])
+        dequantize(lin, dtype, out=w[start:start + n, :cols])
         start += n
     return w

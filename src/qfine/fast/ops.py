@@ -91,15 +91,18 @@ def _call_in_capture(call, compiled, fn, args):
 
 
 @fused
-def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0):
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0, extra: int = 0):
     """RMSNorm as transformers computes it → (x in h.dtype, rstd fp32 of shape (..., 1)).
 
     ``offset == 0`` is Llama's norm (also Mistral's and Qwen's): statistics in fp32, the normalised
     value cast back to h.dtype *before* the weight multiplies it. ``offset != 0`` is Gemma's
     ``x̂ · (offset + w)`` taken entirely in fp32 and cast at the end. Each branch rounds exactly as its
     transformers module does, so the fused and reference layers agree bit for bit in fp32.
+    With ``extra > 0`` x comes with that many zero columns appended, (..., d + extra): room for the
+    LoRA product x Aᵀ, so that one GEMM takes [x | x Aᵀ] along K (see lora.py) without a copy of x.
     """
-    return _rms(h, weight, eps, offset)
+    x, rstd = _rms(h, weight, eps, offset)
+    return (torch.nn.functional.pad(x, (0, extra)) if extra else x), rstd
 
 
 def _rstd(hf: torch.Tensor, eps: float) -> torch.Tensor:
