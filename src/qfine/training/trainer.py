@@ -80,7 +80,7 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
 
     t = cfg.train
     precision = resolve_precision(t.precision, device)
-    cuda = str(device).startswith("cuda")
+    cuda = device == "cuda"  # resolve_device gives "cuda" or "cpu"
     workers = 2 if cuda and not cfg.data.streaming else 0
     args = SFTConfig(**_version_compat(SFTConfig, cfg), **dict(
         output_dir=str(run_dir / "checkpoints"),
