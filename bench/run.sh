@@ -8,7 +8,9 @@
 # JOBS entries are impl:shape:configs with impl one of
 #   qfine (fast path + full checkpointing), qfine-offload (the same, layer inputs in pinned host memory), qfine-nockpt (fast path, fused layers keep GEMM inputs only),
 #   qfine-graph / qfine-nockpt-graph / qfine-offload-graph (the same, forward+backward replayed as a CUDA graph),
-#   qfine-ref (plain peft path inside qfine), hfac (peft+bnb, bf16 autocast), unsloth.
+#   qfine-nockpt-graph-res (qfine-nockpt-graph with the first layers' weights kept dequantized in $RESIDENT_GIB,
+#   default 4 GiB: train.resident_weights_gib), qfine-ref (plain peft path inside qfine), hfac (peft+bnb, bf16
+#   autocast), unsloth.
 # Needs .device/{common,qfine,peers} from ../shared/device/stage.sh peers. Results: $OUT/results.jsonl; the
 # table with device and versions is printed and appended to docs/benchmarks.md (and $OUT/benchmarks-section.md).
 # env: TOTAL seconds for the whole script (default 570), STEPS per config (default 14), PROFILE=1 to
@@ -49,6 +51,7 @@ for job in $JOBS; do
     qfine-offload) args="--impl qfine --autocast --offload"; path=$QPATH ;;
     qfine-graph) args="--impl qfine --autocast --cuda-graph"; path=$QPATH ;;
     qfine-nockpt-graph) args="--impl qfine --autocast --no-ckpt --cuda-graph"; path=$QPATH ;;
+    qfine-nockpt-graph-res) args="--impl qfine --autocast --no-ckpt --cuda-graph --resident-gib ${RESIDENT_GIB:-4}"; path=$QPATH ;;
     qfine-offload-graph) args="--impl qfine --autocast --offload --cuda-graph"; path=$QPATH ;;
     qfine-ref) args="--impl qfine --autocast --no-fast-path"; path=$QPATH ;;
     hfac) args="--impl hf --autocast"; path=$PPATH ;;

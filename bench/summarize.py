@@ -13,7 +13,9 @@ from pathlib import Path
 PEERS = ("hf_autocast", "unsloth")
 NAMES = {"hf_autocast": "peft+bnb autocast", "unsloth": "Unsloth", "qfine_fast_nockpt_autocast": "qfine fast",
          "qfine_fast_autocast": "qfine fast + ckpt", "qfine_fast_offload_autocast": "qfine fast + offloaded ckpt",
-         "qfine_ref_autocast": "qfine plain"}
+         "qfine_ref_autocast": "qfine plain", "qfine_fast_nockpt_graph_autocast": "qfine fast + graph",
+         "qfine_fast_nockpt_graph_res4_autocast": "qfine fast + graph + 4 GiB resident weights",
+         "qfine_fast_offload_graph_autocast": "qfine offloaded ckpt + graph"}
 
 
 def load(path: Path) -> list[dict]:

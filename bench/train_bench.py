@@ -38,10 +38,10 @@ def load_hf(d, max_seq):
     return model, load_s, time.time() - t1
 
 
-def load_qfine(d, max_seq, fast=True, ckpt=True, offload=False):
+def load_qfine(d, max_seq, fast=True, ckpt=True, offload=False, resident_gib=0.0):
     import torch
     from qfine import LoraSettings, ModelConfig, add_lora, load_model
-    from qfine.fast import apply_fast_path, offload_checkpoints
+    from qfine.fast import apply_fast_path, keep_dequantized, offload_checkpoints
     t0 = time.time()
     loaded = load_model(ModelConfig(source=d, quantization="nf4", double_quant=True, compute_dtype="bf16",
                                     device="cuda"))
@@ -54,6 +54,9 @@ def load_qfine(d, max_seq, fast=True, ckpt=True, offload=False):
         print(f"[qfine] {apply_fast_path(model)}", flush=True)
     if offload:
         print(f"[qfine] offloaded checkpoints: {offload_checkpoints(model)} layers", flush=True)
+    if fast and resident_gib > 0:
+        n, gib = keep_dequantized(model, resident_gib, torch.bfloat16)
+        print(f"[qfine] resident weights: {n} layers, {gib:.2f} GiB", flush=True)
     model.train()
     torch.cuda.synchronize()
     return model, load_s, time.time() - t1
@@ -150,6 +153,8 @@ def main():
     ap.add_argument("--no-ckpt", action="store_true",
                     help="qfine: no full-layer recompute (the fused layers keep only GEMM inputs)")
     ap.add_argument("--offload", action="store_true", help="qfine: checkpointed layer inputs in pinned host memory")
+    ap.add_argument("--resident-gib", type=float, default=0.0,
+                    help="qfine: keep the first layers' weights dequantized within this many GiB")
     ap.add_argument("--profile", default="", help="qfine: write a torch.profiler kernel table of one step here")
     ap.add_argument("--profile-cpu", action="store_true", help="with --profile: also profile host-side ops")
     ap.add_argument("--sync-debug", action="store_true",
@@ -167,6 +172,7 @@ def main():
     name = a.impl
     if a.impl == "qfine":
         name += ("_ref" if a.no_fast_path else "_fast") + ("_nockpt" if a.no_ckpt else "") + ("_offload" if a.offload else "") + ("_graph" if a.cuda_graph else "")
+        name += f"_res{a.resident_gib:g}" if a.resident_gib > 0 else ""
     base = dict(impl=name + ("_autocast" if a.autocast else ""), tag=a.tag,
                 device=torch.cuda.get_device_name(0))
     import contextlib
@@ -183,7 +189,7 @@ def main():
     try:
         if a.impl == "qfine":
             model, load_s, peft_s = load_qfine(a.model, max_seq, fast=not a.no_fast_path, ckpt=not a.no_ckpt,
-                                                 offload=a.offload)
+                                                 offload=a.offload, resident_gib=a.resident_gib)
         else:
             model, load_s, peft_s = {"hf": load_hf, "unsloth": load_unsloth}[a.impl](a.model, max_seq)
     except Exception as e:

@@ -47,6 +47,24 @@ def _host_profile_callback():
     return HostProfile
 
 
+def _kernel_kind(name: str) -> str:
+    """A coarse class of a CUDA kernel by its name, for the per-step time split."""
+    low = name.lower()
+    if "sdpa" in low or "flash" in low or "fmha" in low or "attention" in low:
+        return "attention"
+    if "nvjet" in low or "gemm" in low or "cutlass" in low or "xmma" in low:
+        return "gemm"
+    if "_nf4_kernel" in low or "dequantize" in low:
+        return "nf4 dequantize"
+    if low.startswith("triton_") or low.startswith("_"):  # inductor's fused kernels, qfine's own Triton ones
+        return "fused elementwise (triton)"
+    if "multi_tensor_apply" in low:
+        return "optimizer"
+    if "memcpy" in low or "memset" in low:
+        return "copies"
+    return "other torch kernels"
+
+
 def _gpu_profile_callback():
     from transformers import TrainerCallback
 
@@ -73,7 +91,7 @@ def _gpu_profile_callback():
                 torch.cuda.synchronize()
                 self.prof.__exit__(None, None, None)
 
-        def report(self, top: int = 12) -> dict:
+        def report(self, top: int = 16) -> dict:
             from torch.autograd import DeviceType
 
             kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in self.prof.events()
@@ -90,7 +108,12 @@ def _gpu_profile_callback():
             for s, e, name in kernels:
                 by_kernel[name] = by_kernel.get(name, 0.0) + (e - s)
             gaps.sort(reverse=True)
+            kinds = {}
+            for name, t in by_kernel.items():
+                kinds[_kernel_kind(name)] = kinds.get(_kernel_kind(name), 0.0) + t
             out = dict(steps=steps, wall_ms_per_step=round(span / steps / 1e3, 2),
+                       kernels_ms_per_step_by_kind={k: round(t / steps / 1e3, 2) for k, t in
+                                                    sorted(kinds.items(), key=lambda kv: -kv[1])},
                        gpu_busy_ms_per_step=round(busy / steps / 1e3, 2),
                        idle_gaps_ms_top=[(round(g / 1e3, 2), n[:60]) for g, _, n in gaps[:top]],
                        kernels_ms_per_step_top=[(round(t / steps / 1e3, 2), n[:80]) for n, t in
@@ -164,6 +187,8 @@ def main():
     ap.add_argument("--offload", action="store_true", help="checkpointed inputs in pinned host memory")
     ap.add_argument("--packing", action="store_true")
     ap.add_argument("--logging-steps", type=int, default=1, help="log (and so sync with the GPU) every N steps")
+    ap.add_argument("--resident-gib", type=float, default=0.0, help="train.resident_weights_gib")
+    ap.add_argument("--optim", default=None, help="train.optimizer (default: qfine's)")
     ap.add_argument("--out", default=None, help="append the JSON line here too")
     ap.add_argument("--gpu-profile", action="store_true",
                     help="torch.profiler over steady-state steps: GPU busy vs wall time, idle gaps, top kernels")
@@ -197,6 +222,9 @@ def main():
     t.lr_scheduler, t.logging_steps, t.save_steps, t.report_samples = "constant", a.logging_steps, 10**6, 0
     t.gradient_checkpointing, t.offload_checkpoints = a.ckpt, a.offload
     t.cuda_graphs, t.fast_path = not a.no_cuda_graphs, not a.no_fast_path
+    if a.optim:
+        t.optimizer = a.optim
+    t.resident_weights_gib = a.resident_gib
     printed = io.StringIO()
     start = time.time()
     callbacks = [HostProfile(first=6, last=min(a.steps - 1, 16))] if a.host_profile else []
@@ -221,7 +249,7 @@ def main():
     rates = [m["tokens_per_s"] for m in steps if m["step"] - a.logging_steps >= 5]
     result = dict(
         bench="qfine-train-cli", model=Path(a.model).name, bs=a.bs, seq=a.seq, steps=a.steps,
-        logging_steps=a.logging_steps,
+        logging_steps=a.logging_steps, optimizer=t.optimizer, resident_weights_gib=a.resident_gib,
         fast_path=t.fast_path, cuda_graphs=t.cuda_graphs, ckpt=a.ckpt, offload=a.offload, packing=a.packing,
         tok_s=round(statistics.median(rates), 1) if rates else None,
         peak_alloc_gib=max((m.get("peak_gpu_mem_gib", 0) for m in steps), default=None),

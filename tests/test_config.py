@@ -53,3 +53,11 @@ def test_examples_parse_to_their_recipes():
     assert (big.train.optimizer, big.train.max_grad_norm, big.train.warmup_ratio) == ("paged_adamw_8bit", 0.3, 0.03)
     assert big.train.lr_scheduler == "cosine"
     C.load_yaml(EXAMPLES / "chat-sft-default.yaml")
+
+
+def test_negative_resident_weights_budget_is_refused_before_loading():
+    from qfine.training.trainer import check_train_config
+
+    cfg = C.from_dict({"train": {"resident_weights_gib": -1}})
+    with pytest.raises(QfineError, match="train.resident_weights_gib must be 0 or more"):
+        check_train_config(cfg, "cpu")

@@ -122,6 +122,11 @@ class TrainConfig:
     fast_path: bool = True
     """On CUDA, swap in fused QLoRA layers and a chunked loss for Llama, Mistral, Qwen2/3 and Gemma models
     (--no-fast-path: the plain peft path). Ignored on CPU and for other models."""
+    resident_weights_gib: float = 0.0
+    """With the fast path on CUDA: GiB of GPU memory in which the first decoder layers' frozen 4-bit
+    weights stay dequantized, so those layers skip the dequantize in every forward and backward
+    (Llama-3-8B: 0.41 GiB and ~0.5 ms a step per layer on an H100). 0: dequantize every time, the
+    least memory. Peak memory grows by about this much."""
     cuda_graphs: bool = True
     """With the fast path on (bf16 or fp32, LoRA dropout 0): pad each training micro-batch to one of 4
     lengths up to max_seq_len and replay its forward + backward as one CUDA graph after two warm-up

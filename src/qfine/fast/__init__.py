@@ -4,7 +4,8 @@
 step runs hand-written LoRA autograd (:mod:`.lora`) with fused elementwise kernels (:mod:`.ops`) and a
 chunked cross-entropy (:mod:`.loss`); NF4 weights are dequantized by one Triton kernel
 (:mod:`.nf4_kernel`) and checkpointed layers recompute through :mod:`.offload` (inputs optionally in
-pinned host memory: ``offload_checkpoints(model)``). :class:`.graphs.GraphedStep` replays a whole
+pinned host memory: ``offload_checkpoints(model)``); ``keep_dequantized(model, gib, dtype)`` keeps some layers'
+weights dequantized within a memory budget (:mod:`.resident`). :class:`.graphs.GraphedStep` replays a whole
 forward + backward as one CUDA graph per batch shape. Every fused piece is tested against the plain peft/transformers
 path it replaces (``tests/test_fast_path.py`` on CPU in fp32, ``tests/test_gpu.py`` in bf16).
 """
@@ -13,6 +14,7 @@ import torch
 
 from .graphs import GraphedStep
 from .offload import install_checkpointing
+from .resident import keep_dequantized, release_dequantized
 from .swap import FastDecoderLayer, FastPathReport, apply_fast_path, causal_lm, unsupported_reason
 
 
@@ -30,5 +32,6 @@ def offload_checkpoints(model) -> int:
     return install_checkpointing(layers, offload=True) if isinstance(layers, torch.nn.ModuleList) else 0
 
 
-__all__ = ["FastDecoderLayer", "FastPathReport", "GraphedStep", "apply_fast_path", "enable_fast_path", "offload_checkpoints",
+__all__ = ["FastDecoderLayer", "FastPathReport", "GraphedStep", "apply_fast_path", "enable_fast_path", "keep_dequantized",
+           "offload_checkpoints", "release_dequantized",
            "unsupported_reason"]

@@ -232,6 +232,19 @@ def _norm_forward(h, norm: Norm, projs, pack: Pack):
     return (*_forward_folded(xcat.view(-1, xcat.shape[-1]), projs, pack), rstd)
 
 
+def weight_groups(projs) -> list[tuple[list, int]]:
+    """The weights a fused layer asks :func:`stacked` for, as (base linears, extra columns), for the
+    seven projections q, k, v, o, gate, up, down: q/k/v and gate/up stacked, with R extra columns
+    when folded (R: their adapters' summed rank, see :func:`_norm_forward`), o and down alone."""
+    pq, pk, pv, po, pg, pu, pd = projs
+
+    def rank(group):
+        return sum(p.lora_a.shape[0] for p in group if p.lora_a is not None)
+
+    return [([pq.base, pk.base, pv.base], rank((pq, pk, pv))), ([po.base], 0),
+            ([pg.base, pu.base], rank((pg, pu))), ([pd.base], 0)]
+
+
 def _norm_backward_input(dy, projs, pack: Pack):
     """The backward counterpart of :func:`_norm_forward`'s GEMMs → (dx, dyB_s or None)."""
     return (_backward_input if pack.a is None else _backward_input_folded)(dy, projs, pack)

@@ -1,14 +1,19 @@
 """Dequantize a frozen base weight for one GEMM.
 
-``dequantize`` is the one entry point the fused functions use. NF4 weights on CUDA go through the
+``stacked`` is the one entry point the fused functions use. NF4 weights on CUDA go through the
 one-launch Triton kernel of :mod:`.nf4_kernel` (double quantization included); everything else —
 FP4, CPU, or ``QFINE_TRITON_NF4=0`` — through bitsandbytes' own ``dequantize_4bit``, which is also
 the reference the kernel is tested against.
+
+A group of weights can instead be kept dequantized (:func:`keep`, chosen per layer by
+:mod:`.resident`): ``stacked`` then hands out the kept buffer, and no dequantize runs for that group.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -54,12 +59,51 @@ def dequantize(linear: torch.nn.Module, dtype: torch.dtype, out: torch.Tensor | 
     return full if full.dtype == dtype else full.to(dtype)
 
 
+@dataclass
+class _Kept:
+    """A group's weight kept dequantized: the linears it was built from (weakly), its layout, the buffer."""
+
+    group: tuple          # weakref.ref to each linear, in stacking order
+    dtype: torch.dtype
+    extra_cols: int
+    weight: torch.Tensor  # (Σ out, in + extra_cols)
+
+    def serves(self, linears, dtype, extra_cols) -> bool:
+        return (dtype == self.dtype and extra_cols == self.extra_cols and len(linears) == len(self.group)
+                and all(ref() is lin for ref, lin in zip(self.group, linears)))
+
+
+# first linear of a kept group → its _Kept; weak keys, so a dropped model takes its buffers along
+_KEPT: "weakref.WeakKeyDictionary[torch.nn.Module, _Kept]" = weakref.WeakKeyDictionary()
+
+
+def keep(linears, dtype: torch.dtype, extra_cols: int = 0) -> int:
+    """Dequantize the group once and have :func:`stacked` return that buffer from now on (frozen
+    weights only: nothing refreshes it). Returns the bytes it holds; 0, keeping nothing, for a lone
+    16-bit weight already in ``dtype`` (``stacked`` returns the weight itself then)."""
+    w = stacked(linears, dtype, extra_cols)
+    if w is linears[0].weight:
+        return 0
+    _KEPT[linears[0]] = _Kept(tuple(weakref.ref(lin) for lin in linears), dtype, extra_cols, w)
+    return w.numel() * w.element_size()
+
+
+def release(linears) -> None:
+    """Forget the kept buffer of the group starting with ``linears[0]``, if any."""
+    _KEPT.pop(linears[0], None)
+
+
 def stacked(linears, dtype: torch.dtype, extra_cols: int = 0) -> torch.Tensor:
     """Weights of linears sharing one input, stacked along the output dim: (Σ out, in) in ``dtype``,
     or (Σ out, in + extra_cols) with the extra columns left for the caller to fill.
 
-    One GEMM against the stack replaces one per projection (q, k, v → one; gate, up → one).
+    One GEMM against the stack replaces one per projection (q, k, v → one; gate, up → one). A kept
+    group (:func:`keep`) returns its kept buffer: the caller may overwrite the extra columns, never
+    the weights.
     """
+    kept = _KEPT.get(linears[0]) if _KEPT else None
+    if kept is not None and kept.serves(linears, dtype, extra_cols):
+        return kept.weight
     if len(linears) == 1 and not extra_cols:
         return dequantize(linears[0], dtype)
     rows = [lin.out_features for lin in linears]

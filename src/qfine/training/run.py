@@ -19,7 +19,7 @@ from ..adapters import add_lora
 from ..data import build_datasets
 from ..data.readers import expand
 from ..errors import QfineError
-from ..fast import enable_fast_path, offload_checkpoints
+from ..fast import enable_fast_path, keep_dequantized, offload_checkpoints, release_dequantized
 from ..fsutil import atomic_dir, atomic_write_text
 from ..loading import describe, load_model, resolve_device
 from .trainer import build_trainer, check_train_config
@@ -160,6 +160,11 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     facts = ReportFacts(title=f"qfine run · {run_dir.name}", model=f"{cfg.model.source} · {cfg.model.quantization}",
                         device=device, footprint=footprint, data=data_line, config_yaml=C.to_yaml(cfg),
                         samples_note=note)
+    if fast is not None and fast.layers and cfg.train.resident_weights_gib > 0:
+        dtype = model.get_input_embeddings().weight.dtype  # the dtype the fused layers compute in
+        n, gib = keep_dequantized(model, cfg.train.resident_weights_gib, dtype)
+        print(f"[qfine] resident weights: {n} of {fast.layers} layers kept dequantized ({gib:.2f} GiB of "
+              f"{cfg.train.resident_weights_gib:g})", flush=True)
     try:
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     except NonFiniteError as e:
@@ -169,6 +174,8 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         raise QfineError(f"training stopped: {e}. No adapter was saved from the bad step; the last good checkpoint "
                          f"is {good or 'none (no checkpoint was written yet)'}, untouched. Lower the learning rate or "
                          "check the data, then --resume or start over.") from None
+    finally:
+        release_dequantized(model)
     if trainer.graphed is not None:
         print(f"[qfine] {trainer.graphed.summary()}", flush=True)
     save_adapter(model, tokenizer, run_dir / "adapter", loaded.source)

@@ -47,6 +47,8 @@ def check_train_config(cfg: RunConfig, device: str) -> None:
                          "to keep the best checkpoint; or set train.load_best false")
     if not 0 <= t.warmup_ratio < 1:
         raise QfineError(f"train.warmup_ratio must be in [0, 1), not {t.warmup_ratio}")
+    if t.resident_weights_gib < 0:
+        raise QfineError(f"train.resident_weights_gib must be 0 or more, not {t.resident_weights_gib}")
     if t.batch_size < 1 or t.grad_accum < 1:
         raise QfineError("train.batch_size and train.grad_accum must be at least 1")
     resolve_precision(t.precision, device)
