@@ -130,7 +130,8 @@ class TrainConfig:
     cuda_graphs: bool = True
     """With the fast path on (bf16 or fp32, LoRA dropout 0): pad each training micro-batch to one of 4
     lengths up to max_seq_len and replay its forward + backward as one CUDA graph after two warm-up
-    steps (H100, qfine train: Llama-3-8B 2x2048 14.4-14.6k vs 12.7k tok/s eager; 1B 4x2048 67-69k vs 54k).
+    steps (H100, qfine train at stop 12: Llama-3-8B 2x2048 14.4-14.6k vs 12.7k tok/s eager; 1B 4x2048 67-69k
+    vs 54k; docs/benchmarks.md has the later numbers).
     TRL's mean_token_accuracy and entropy are then not logged."""
     seed: int = 42
     """Random seed for LoRA initialisation, dropout and data order."""
