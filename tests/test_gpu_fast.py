@@ -99,6 +99,34 @@ def test_compiled_kernels_match_eager_reference():
     assert _rel(loss, ref) < 1e-3 and _rel(g_fast, g_ref) < 2e-2
 
 
+def test_resident_weights_give_the_same_step(save_tiny, tmp_path):
+    """Two layers of three kept dequantized (Triton NF4 into the folded layout, CUDA): the same loss and
+    LoRA gradients as dequantizing every time (same values, same GEMM shapes: equal up to cuBLAS's
+    choice of kernel; a stale or misplaced kept buffer is off by far more)."""
+    from qfine.fast import keep_dequantized, release_dequantized
+
+    model = _model(save_tiny, tmp_path)
+    apply_fast_path(model)
+    (ids,) = _batches(1)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = _step(model, ids)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fresh_loss, fresh = step()
+    per_layer = keep_dequantized(model, 100.0, torch.bfloat16)[1] / 3
+    release_dequantized(model)
+    assert keep_dequantized(model, 2.5 * per_layer, torch.bfloat16)[0] == 2
+    kept_loss, kept = step()
+    release_dequantized(model)
+    print(f"[resident] bit-identical loss: {torch.equal(kept_loss, fresh_loss)}, gradients: "
+          f"{all(torch.equal(kept[n], g) for n, g in fresh.items())}")
+    torch.testing.assert_close(kept_loss, fresh_loss, rtol=1e-4, atol=0)
+    for n, g in fresh.items():
+        torch.testing.assert_close(kept[n], g, rtol=1e-3, atol=1e-6, msg=n)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma"])
 def test_fast_step_matches_reference_bf16(save_tiny, tmp_path, kind):
     """Both bf16 paths against the same step computed in fp32 (fp32 dequantization, no autocast): the
