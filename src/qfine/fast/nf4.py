@@ -77,6 +77,15 @@ class _Kept:
 _KEPT: "weakref.WeakKeyDictionary[torch.nn.Module, _Kept]" = weakref.WeakKeyDictionary()
 
 
+def kept_bytes(linears, dtype: torch.dtype, extra_cols: int = 0) -> int:
+    """What :func:`keep` would hold for the group, without building it: 0 for a lone 16-bit weight
+    already in ``dtype`` (``stacked`` hands out the weight itself)."""
+    w = linears[0].weight
+    if len(linears) == 1 and not extra_cols and getattr(w, "quant_state", None) is None and w.dtype == dtype:
+        return 0
+    return sum(lin.out_features for lin in linears) * (linears[0].in_features + extra_cols) * dtype.itemsize
+
+
 def keep(linears, dtype: torch.dtype, extra_cols: int = 0) -> int:
     """Dequantize the group once and have :func:`stacked` return that buffer from now on (frozen
     weights only: nothing refreshes it). Returns the bytes it holds; 0, keeping nothing, for a lone

@@ -25,11 +25,6 @@ def _layers(model) -> list:
     return [layer for layer in layers if isinstance(layer, FastDecoderLayer)] if layers is not None else []
 
 
-def _group_bytes(linears, extra_cols: int, dtype: torch.dtype) -> int:
-    rows = sum(lin.out_features for lin in linears)
-    return rows * (linears[0].in_features + extra_cols) * torch.empty((), dtype=dtype).element_size()
-
-
 def keep_dequantized(model, budget_gib: float, dtype: torch.dtype) -> tuple[int, float]:
     """Dequantize the frozen weights of the fused decoder layers of ``model`` into ``dtype`` and keep
     them, first layer first, while their total stays within ``budget_gib``. Returns (layers kept, GiB
@@ -41,7 +36,7 @@ def keep_dequantized(model, budget_gib: float, dtype: torch.dtype) -> tuple[int,
         if projs is None:
             break
         groups = weight_groups(projs)
-        need = sum(_group_bytes(linears, extra, dtype) for linears, extra in groups)
+        need = sum(nf4.kept_bytes(linears, dtype, extra) for linears, extra in groups)
         if used + need > budget:
             break
         for linears, extra in groups:
