@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
 
 from qfine.cli import main
 
@@ -103,3 +106,94 @@ def test_unknown_yaml_key(capsys, tmp_path):
 def test_prompt_too_long(capsys, tiny_dir):
     code, err = run(capsys, "generate", str(tiny_dir), "--prompt", "word " * 300, "--max-new-tokens", "8")
     _assert_error(code, err, "exceeds the model's context of 256 tokens")
+
+
+def test_target_that_is_not_a_linear_layer(capsys, tmp_path, tiny_dir, fact_file):
+    code, err = run(capsys, *_train(tiny_dir, fact_file, tmp_path / "run", "--lora-target-modules", "mlp"))
+    _assert_error(code, err, "lora.target_modules: 'mlp' names LlamaMLP modules (e.g. model.layers.0.mlp)",
+                  "q_proj", "all-linear")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--lora-r", "0", "lora.r must be a whole number of at least 1, not 0"),
+    ("--lora-alpha", "0", "lora.alpha must be greater than 0"),
+    ("--lora-dropout", "1.5", "lora.dropout must be in [0, 1)"),
+    ("--lora-bias", "some", "lora.bias must be one of none, all, lora_only"),
+])
+def test_lora_settings_out_of_range(capsys, tmp_path, tiny_dir, fact_file, flag, value, needle):
+    code, err = run(capsys, *_train(tiny_dir, fact_file, tmp_path / "run", flag, value))
+    _assert_error(code, err, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_csv_row_with_a_nul_names_file_line_and_column(capsys, tmp_path, tiny_dir):
+    data = tmp_path / "d.csv"
+    data.write_text("prompt,completion\nhi,there\nbad\x00cell,x\nfine,yes\n", encoding="utf-8")
+    code, err = run(capsys, *_train(tiny_dir, data, tmp_path / "run"))
+    _assert_error(code, err, f"{data}:3", "column 'prompt' contains a NUL character")
+    assert not (tmp_path / "run").exists()
+    # with on_bad_rows skip the row is counted and training goes on
+    code = main(list(_train(tiny_dir, data, tmp_path / "run", "--on-bad-rows", "skip", "--report-samples", "0")))
+    assert code == 0 and "1 bad rows skipped" in capsys.readouterr().out
+
+
+def test_csv_field_longer_than_pythons_default_limit_is_read(tmp_path):
+    from qfine.data.readers import read_rows
+
+    data = tmp_path / "d.csv"
+    long = "word " * 40_000  # 200,000 characters; the csv module refuses over 131,072 by default
+    data.write_text(f'prompt,completion\n"{long}",yes\nshort,no\n', encoding="utf-8")
+    rows = list(read_rows(data))
+    assert [w for w, _ in rows] == [f"{data}:2", f"{data}:3"]
+    assert rows[0][1]["prompt"] == long and rows[1][1] == {"prompt": "short", "completion": "no"}
+
+
+# Gemma's template, in short: it refuses a system turn and any order but user/assistant alternation
+STRICT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture
+def strict_model(tmp_path, tiny_dir):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "strict"
+    shutil.copytree(tiny_dir, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = STRICT_TEMPLATE
+    tok.save_pretrained(out)
+    return out
+
+
+def test_chat_template_that_rejects_a_row_names_the_row(capsys, tmp_path, strict_model):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                          {"role": "assistant", "content": "c"}]}] * 2
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    code, err = run(capsys, *_train(strict_model, data, tmp_path / "run"))
+    _assert_error(code, err, f"{data}:2: the chat template rejects this conversation (user/user/assistant)",
+                  "Conversation roles must alternate")
+    code = main(list(_train(strict_model, data, tmp_path / "run", "--on-bad-rows", "skip", "--report-samples", "0")))
+    assert code == 0 and "2 rows" in capsys.readouterr().out
+    # a system prompt this template refuses: every row is bad, and the message says so
+    code, err = run(capsys, *_train(strict_model, data, tmp_path / "run2", "--on-bad-rows", "skip",
+                                    "--system-prompt", "Be brief."))
+    _assert_error(code, err, "no usable rows", "4 bad rows skipped", "System role not supported")
+
+
+def test_rows_with_no_token_to_predict(capsys, tmp_path, tiny_dir):
+    # max_seq_len 1 leaves one token: nothing before it to predict it from
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello world"}] * 3)
+    code, err = run(capsys, *_train(tiny_dir, data, tmp_path / "run", "--max-seq-len", "1"))
+    _assert_error(code, err, "no usable rows")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_and_overwrite_together(capsys, tmp_path, tiny_dir, fact_file):
+    code, err = run(capsys, *_train(tiny_dir, fact_file, tmp_path / "run", "--resume", "--overwrite"))
+    _assert_error(code, err, "--resume and --overwrite")

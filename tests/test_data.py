@@ -155,3 +155,17 @@ def test_too_long_truncate_or_drop(tmp_path, tok):
     ds, stats = build_dataset(f, tok, DataConfig(max_seq_len=48, too_long="drop"))
     assert (len(ds), stats.dropped) == (1, 1)
     assert max(stats.lengths) > 80
+
+
+def test_rows_left_without_a_token_to_predict_stop_with_a_message(tmp_path):
+    """A tokenizer that makes every row a single token (here: nothing but the EOS qfine appends)
+    would train with loss 0.0 forever; no such row is used, and none left is an error naming why."""
+    class OneTokenTokenizer:
+        eos_token, eos_token_id, chat_template = "</s>", 2, None
+
+        def encode(self, text, add_special_tokens=False):
+            return []
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}, {"text": "world"}])
+    with pytest.raises(QfineError, match=r"no usable rows \(2 with no token to predict"):
+        build_dataset(data, OneTokenTokenizer(), DataConfig(path=str(data)))

@@ -168,7 +168,9 @@ def test_unfusable_adapters_fall_back_to_the_reference(tmp_path, save_tiny):
     torch.manual_seed(3)
     ref = model(input_ids=ids, labels=labels).loss  # peft layers, transformers loss
     report = apply_fast_path(model)
-    assert report.layers == 2 and "dropout" in " ".join(report.notes)
+    assert report.layers == 2 and report.fused == 0
+    assert "0 of 2 decoder layers fused; peft's reference layer for 2 with LoRA dropout 0.1 (self_attn.q_proj)" \
+        in str(report)
     assert model.get_base_model().model.layers[0].projections() is None
     torch.manual_seed(3)  # the same dropout masks
     out = model(input_ids=ids, labels=labels)
@@ -199,7 +201,7 @@ def test_trainable_norms_run_the_reference_layer(tmp_path, save_tiny):
             p.requires_grad_(True)
     ref_loss, ref_grads, _ = _loss_and_grads(model, ids, labels)
     report = apply_fast_path(model)
-    assert "trainable norm weights" in " ".join(report.notes)
+    assert report.fused == 0 and "2 with trainable norm weights" in str(report)
     loss, grads, _ = _loss_and_grads(model, ids, labels)
     assert _rel(loss, ref_loss) < 1e-5
     name = next(n for n in ref_grads if "q_norm" in n)
@@ -367,3 +369,75 @@ def test_purely_causal_respects_sliding_windows(kind, extra, seq, expected):
     ids = torch.zeros(1, seq, dtype=torch.long)
     assert _purely_causal(config, ids, None, None, None) is expected
     assert _purely_causal(config, ids, torch.ones_like(ids), None, None) is False
+
+
+@pytest.mark.parametrize("settings,why", [
+    (dict(use_dora=True), "LoRA variant DoraLinearVariant"),
+    (dict(lora_bias=True), "lora_bias"),
+])
+def test_lora_forms_the_kernels_do_not_implement_run_the_reference(tmp_path, save_tiny, settings, why):
+    """An allow-list: DoRA, LoRA biases (and any form added to peft later) are never computed as plain LoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    from qfine import load_model
+
+    loaded = load_model(str(save_tiny(tmp_path / "m")), compute_dtype="fp32")
+    model = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **settings)).train()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    ids, labels = _batch()
+    ref_loss, ref_grads, _ = _loss_and_grads(model, ids, labels)
+    report = apply_fast_path(model)
+    assert report.fused == 0 and f"2 with {why} (self_attn.q_proj)" in str(report), str(report)
+    loss, grads, _ = _loss_and_grads(model, ids, labels)
+    assert _rel(loss, ref_loss) < 1e-5
+    assert max(_rel(grads[n], ref_grads[n]) for n in ref_grads) < 1e-4
+
+
+def test_a_subclass_of_a_peft_layer_is_not_taken_for_plain_lora(tmp_path, save_tiny):
+    from peft.tuners.lora.bnb import Linear4bit
+
+    from qfine.fast.lora import describe_proj
+
+    model = lora_model(save_tiny(tmp_path / "m"))
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert type(layer) is Linear4bit and not isinstance(describe_proj(layer), str)
+    layer.__class__ = type("SomeNewVariant", (Linear4bit,), {})
+    assert describe_proj(layer) == "peft layer SomeNewVariant is not a plain LoRA linear"
+
+
+def test_fp32_model_under_bf16_autocast(tmp_path, save_tiny):
+    """--compute-dtype fp32 with bf16 mixed precision: the fused layers and loss compute in bf16 (as a
+    bf16 model's would) and hand fp32 back; they agree with fp32 arithmetic as well as peft's own
+    autocast path does (measured: 1.9 % worst gradient for peft, 2.1 % fused)."""
+    model = lora_model(save_tiny(tmp_path / "m"), "nf4")
+    ids, labels = _batch()
+
+    def step(autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return _loss_and_grads(model, ids, labels)[:2]
+
+    exact_loss, exact = step(False)
+    ref_loss, ref = step(True)
+    apply_fast_path(model)
+    loss, grads = step(True)
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    ref_err = max(_rel(ref[n], exact[n]) for n in exact)
+    fast_err = max(_rel(grads[n], exact[n]) for n in exact)
+    assert _rel(loss, exact_loss) < 1e-3 and _rel(ref_loss, exact_loss) < 1e-3
+    assert 1e-4 < ref_err and fast_err < 2 * ref_err, (fast_err, ref_err)
+
+
+def test_fused_kernels_are_compiled_per_signature():
+    """A new model shape or dtype gets a compiled copy of its own (dynamo would otherwise pile
+    variants onto one code object until its recompile limit sends the kernel back to eager code)."""
+    a = torch.zeros(5, 64)
+    sig = ops.signature
+    assert sig((a, 1e-6)) == sig((torch.zeros(9, 64), 1e-6))  # token counts are dynamic
+    assert sig((a, 1e-6)) != sig((torch.zeros(5, 128), 1e-6))
+    assert sig((a, 1e-6)) != sig((a.to(torch.bfloat16), 1e-6))
+    assert sig((a, 1e-6)) != sig((a, 1e-5))
+    copy = ops._fresh_copy(ops._rstd)
+    assert copy.__code__ is not ops._rstd.__code__ and torch.equal(copy(a + 1, 1e-6), ops._rstd(a + 1, 1e-6))

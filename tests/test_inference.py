@@ -43,3 +43,56 @@ def test_sampling_is_seeded_and_differs_from_greedy(tiny_dir):
     b = generate(loaded, "Hi", max_new_tokens=12, temperature=1.5, top_p=1.0)
     assert a == b
     assert a != generate(loaded, "Hi", max_new_tokens=12)
+
+
+def test_chat_survives_a_generation_that_raises(tiny_dir):
+    """Generation runs in a thread feeding a streamer; if it raises, chat must neither hang waiting
+    for text nor end the session: the turn reports the error and the next one works."""
+    import threading
+
+    loaded = load_for_inference(str(tiny_dir))
+    real = loaded.model.generate
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    loaded.model.generate = flaky
+    out = io.StringIO()
+    t = threading.Thread(target=chat, args=(loaded, 6), kwargs=dict(stdin=io.StringIO("Hi\nHi\n/exit\n"), stdout=out),
+                         daemon=True)
+    t.start()
+    t.join(timeout=120)
+    assert not t.is_alive(), "chat hung after a failed generation"
+    text = out.getvalue()
+    assert "[generation failed: RuntimeError: CUDA out of memory (simulated)]" in text
+    del loaded.model.generate
+    assert text.endswith(generate(loaded, "Hi", max_new_tokens=6) + "\n> \n")
+
+
+def test_a_run_is_served_and_scored_with_its_own_data_settings(tiny_dir, tmp_path):
+    """A run trained with a system prompt and the alpaca template answers and is scored with them."""
+    from qfine.data.pipeline import row_messages
+    from qfine.evaluation.run import load_examples
+    from qfine.training import train
+
+    from helpers import FACT, tiny_config, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 4)
+    cfg = tiny_config(tiny_dir, data, tmp_path / "run", max_steps=2, report_samples=0)
+    cfg.data.system_prompt, cfg.data.template = "You are a calendar.", "alpaca"
+    run = train(cfg)
+    loaded = load_for_inference(str(run))
+    assert loaded.data.system_prompt == "You are a calendar."
+    with_system = [{"role": "system", "content": "You are a calendar."}, FACT[0]]
+    got = generate(loaded, FACT[0]["content"], max_new_tokens=8)
+    loaded.data = None  # the same model served without the run's settings
+    assert got == generate(loaded, with_system, max_new_tokens=8)
+    assert "You are a calendar." in loaded.tokenizer.apply_chat_template(with_system, tokenize=False)
+    # qfine eval reads rows as training did: same system prompt, same token ids
+    examples = load_examples(data, loaded.tokenizer, cfg.data)
+    assert examples[0].prompt[0] == {"role": "system", "content": "You are a calendar."}
+    assert row_messages({"messages": FACT}, cfg.data)[0]["role"] == "system"

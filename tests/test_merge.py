@@ -181,3 +181,35 @@ def test_modules_to_save_are_merged_from_the_trained_copy(tiny_dir, tmp_path):
     with torch.no_grad():
         got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(IDS).logits
     assert relative_difference(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("lora,trained", [
+    (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "lm_head"),
+    (dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]), "embed_tokens"),
+    (dict(target_modules=["all-linear", "lm_head"]), "lm_head"),
+])
+def test_merge_of_a_tied_model_whose_head_or_embedding_was_trained(tmp_path, save_tiny, lora, trained):
+    """SmolLM2 ties lm_head to embed_tokens. Training one of them on its own (a full copy in
+    modules_to_save, or LoRA on the head) unties them in effect: the merge must write both and untie
+    the config, or a reload re-ties them and one side's training is gone."""
+    folder = save_tiny(tmp_path / "tied", tie_word_embeddings=True)
+    loaded = load_model(str(folder), compute_dtype="fp32")
+    model = add_lora(loaded.model, LoraSettings(r=4, alpha=8, **lora), seed=0)
+    torch.manual_seed(2)
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # as if trained: every trainable tensor moved (zero B, copies equal to the base)
+            with torch.no_grad():
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    ids = IDS.clamp_max(300).to(model.device)
+    with torch.no_grad():
+        ref = model(ids).logits
+    out = save_merged(model, loaded.tokenizer, tmp_path / "merged", dtype="fp32")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = plain(ids).logits
+    assert relative_difference(got, ref) <= 1e-5
+    emb, head = plain.get_input_embeddings().weight, plain.get_output_embeddings().weight
+    assert emb.data_ptr() != head.data_ptr() and not torch.equal(emb, head)

@@ -115,3 +115,35 @@ def test_early_stopping_without_improvement(tiny_dir, tmp_path):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     # lr 0: the eval loss never improves on the first checkpoint's, so training stops 2 evaluations later
     assert max(steps) == 6, steps
+
+
+def test_fp16_overflow_steps_are_skipped_not_fatal():
+    """With fp16's loss scaler a non-finite gradient is an overflow the scaler skips: counted, and
+    fatal only after `patience` in a row; without a scaler the first one stops the run."""
+    from transformers import TrainerControl, TrainerState
+
+    from qfine.training.callbacks import NonFiniteError, NonFiniteGuard
+
+    model = torch.nn.Linear(3, 2)
+    state, control = TrainerState(), TrainerControl()
+
+    def step(guard, finite):
+        model.weight.grad = torch.full_like(model.weight, 1.0 if finite else float("inf"))
+        guard.on_pre_optimizer_step(None, state, control, model=model)
+        state.global_step += 1
+
+    scaled = NonFiniteGuard(loss_scaled=True, patience=3)
+    scaled.defer = False
+    scaled.on_train_begin(None, state, control, model=model)
+    for finite in (True, False, False, True, False, False):
+        step(scaled, finite)
+    assert scaled.skipped == [2, 3, 5, 6]
+    scaled.on_log(None, state, control, logs={"loss": float("inf")})  # an overflowed step's log is no stop
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient \(3 consecutive steps skipped by the fp16 loss scaler.*at step 7"):
+        step(scaled, False)
+
+    plain = NonFiniteGuard()
+    plain.defer = False
+    plain.on_train_begin(None, state, control, model=model)
+    with pytest.raises(NonFiniteError, match="non-finite gradient at step 7"):
+        step(plain, False)

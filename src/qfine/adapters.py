@@ -6,6 +6,7 @@ whose ``base_model_name_or_path`` names the folder or hub id the base was loaded
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -13,52 +14,118 @@ import torch
 from .config import LoraSettings
 from .errors import QfineError
 
+_BIASES = ("none", "all", "lora_only")
 
-def _is_linear(module: torch.nn.Module) -> bool:
-    """nn.Linear and the bitsandbytes 4/8-bit linears (which subclass it)."""
-    return isinstance(module, torch.nn.Linear)
+
+def _adaptable(module: torch.nn.Module) -> bool:
+    """Layers peft's LoRA can wrap: nn.Linear (bitsandbytes 4/8-bit linears subclass it), nn.Embedding,
+    transformers' Conv1D (GPT-2 style) and nn.Conv1d/2d/3d."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, torch.nn.Embedding, Conv1D, torch.nn.Conv1d, torch.nn.Conv2d,
+                               torch.nn.Conv3d))
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Sorted distinct short names (last path component) of the model's linear layers."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and _is_linear(m)})
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if name and isinstance(m, torch.nn.Linear)})
 
 
-def validate_targets(model: torch.nn.Module, targets: list[str]) -> None:
-    """Raise QfineError naming the unknown targets and listing the model's linear module names."""
+def _output_layer_names(model: torch.nn.Module) -> set[str]:
+    """Short names of the output embedding (lm_head, score, ...), which all-linear leaves out as peft does."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if head is not None and m is head}
+
+
+def resolve_targets(model: torch.nn.Module, targets: list[str]) -> str | list[str]:
+    """The ``target_modules`` to give peft for ``targets``; raise QfineError for names it cannot adapt.
+
+    ``all-linear`` alone is passed through (peft's rule: every linear but the output layer);
+    ``all-linear`` with more names (``all-linear,lm_head``) becomes the model's linear names (output
+    layer excluded) plus those names. Each other name must match a module by its full path or its
+    last component, and every module it matches must be a layer LoRA can wrap (:func:`_adaptable`).
+    """
+    if not targets:
+        raise QfineError("lora.target_modules is empty; name the modules to adapt (e.g. q_proj,v_proj) or all-linear")
     if targets == ["all-linear"]:
-        return
-    names = {name for name, _ in model.named_modules()}
-    short = {n.rsplit(".", 1)[-1] for n in names}
-    unknown = [t for t in targets if t not in short and t not in names]
+        return "all-linear"
+    names = list(targets)
+    if "all-linear" in names:
+        names.remove("all-linear")
+        heads = _output_layer_names(model)
+        names = [n for n in linear_module_names(model) if n not in heads] + [n for n in names if n]
+    modules = dict(model.named_modules())
+    linear = ", ".join(linear_module_names(model))
+    unknown = []
+    for t in dict.fromkeys(names):
+        matched = [(n, m) for n, m in modules.items() if n and (n == t or n.endswith("." + t))]
+        if not matched:
+            unknown.append(t)
+            continue
+        wrong = [(n, m) for n, m in matched if not _adaptable(m)]
+        if wrong:
+            n, m = wrong[0]
+            raise QfineError(f"lora.target_modules: {t!r} names {type(m).__name__} modules (e.g. {n}), which LoRA "
+                             f"cannot wrap; name linear layers instead: {linear} (or all-linear)")
     if unknown:
         raise QfineError(f"unknown LoRA target module(s) {', '.join(unknown)}; this model's linear modules are: "
-                         f"{', '.join(linear_module_names(model))} (or use all-linear)")
+                         f"{linear} (or use all-linear)")
+    return list(dict.fromkeys(names))
+
+
+def check_lora_settings(cfg: LoraSettings) -> None:
+    """Reject LoRA settings peft would accept and then fail on (or silently misuse) later."""
+    if not isinstance(cfg.r, int) or cfg.r < 1:
+        raise QfineError(f"lora.r must be a whole number of at least 1, not {cfg.r!r}")
+    if not cfg.alpha > 0:
+        raise QfineError(f"lora.alpha must be greater than 0, not {cfg.alpha!r}")
+    if not 0 <= cfg.dropout < 1:
+        raise QfineError(f"lora.dropout must be in [0, 1), not {cfg.dropout!r}")
+    if cfg.bias not in _BIASES:
+        raise QfineError(f"lora.bias must be one of {', '.join(_BIASES)}, not {cfg.bias!r}")
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None):
+    """Run the block with torch's RNGs (CPU and every CUDA device) seeded with ``seed``, then put the
+    caller's RNG state back, so what is drawn inside depends on ``seed`` alone. ``None``: unchanged."""
+    if seed is None:
+        yield
+        return
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def add_lora(model: torch.nn.Module, cfg: LoraSettings, gradient_checkpointing: bool = False,
-             adapter_name: str = "default"):
+             adapter_name: str = "default", seed: int | None = None, task_type: str = "CAUSAL_LM"):
     """Wrap ``model`` with trainable LoRA adapters per ``cfg``; returns the ``PeftModel``.
 
-    The base stays frozen. With gradient checkpointing, input embeddings are marked as requiring
-    grad so that checkpointed blocks (whose inputs would otherwise not require grad) still
-    back-propagate into the adapters.
+    The base stays frozen. With ``seed`` the adapters' random initialisation (A, Kaiming-uniform) is
+    drawn from torch's RNG seeded with it, so the same seed gives the same starting adapter however
+    many models were built before in the process (``qfine train`` passes ``train.seed``). With
+    gradient checkpointing, input embeddings are marked as requiring grad so that checkpointed
+    blocks (whose inputs would otherwise not require grad) still back-propagate into the adapters.
     """
     from peft import LoraConfig, get_peft_model
 
-    validate_targets(model, cfg.target_modules)
+    check_lora_settings(cfg)
+    targets = resolve_targets(model, cfg.target_modules)
     for name in cfg.modules_to_save:
         if not any(n == name or n.endswith("." + name) for n, _ in model.named_modules()):
             raise QfineError(f"lora.modules_to_save: no module named {name!r} in this model")
-    targets = "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                      bias=cfg.bias, modules_to_save=list(cfg.modules_to_save) or None, task_type="CAUSAL_LM")
+                      bias=cfg.bias, modules_to_save=list(cfg.modules_to_save) or None, task_type=task_type)
     for p in model.parameters():
         p.requires_grad_(False)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return get_peft_model(model, lcfg, adapter_name=adapter_name)
+    with seeded(seed):
+        return get_peft_model(model, lcfg, adapter_name=adapter_name)
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, adapter_name: str = "default",
@@ -74,14 +141,16 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, adapter_name: 
 
 # --- several adapters on one base -------------------------------------------------------------
 
-def add_adapter(model, name: str, cfg: LoraSettings) -> None:
-    """Add a new, freshly initialised LoRA adapter ``name`` to a ``PeftModel`` (not activated)."""
+def add_adapter(model, name: str, cfg: LoraSettings, seed: int | None = None) -> None:
+    """Add a new, freshly initialised LoRA adapter ``name`` to a ``PeftModel`` (not activated);
+    ``seed`` as in :func:`add_lora`."""
     from peft import LoraConfig
 
-    validate_targets(model.get_base_model(), cfg.target_modules)
-    targets = "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
-    model.add_adapter(name, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                       target_modules=targets, bias=cfg.bias, task_type="CAUSAL_LM"))
+    check_lora_settings(cfg)
+    targets = resolve_targets(model.get_base_model(), cfg.target_modules)
+    with seeded(seed):
+        model.add_adapter(name, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                           target_modules=targets, bias=cfg.bias, task_type=next(iter(model.peft_config.values())).task_type))
 
 
 def set_active(model, name: str | list[str]) -> None:

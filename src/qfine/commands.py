@@ -118,6 +118,7 @@ def cmd_data_chitchat(ns) -> None:
 
 def cmd_eval(ns) -> None:
     """Perplexity and generation metrics for a run (base / base+adapter / merged) or a model."""
+    import dataclasses
     import json
     import sys
 
@@ -128,7 +129,7 @@ def cmd_eval(ns) -> None:
     from .loading import load_model
 
     metrics = parse_metrics(ns.metrics)
-    data = C.DataConfig(max_seq_len=ns.max_seq_len)
+    data = C.DataConfig(max_seq_len=ns.max_seq_len or 512)
     rows: dict[str, dict[str, float]] = {}
     if ns.compare_quant:
         if is_run_dir(ns.target):
@@ -144,6 +145,10 @@ def cmd_eval(ns) -> None:
         first = "base precision"
     elif is_run_dir(ns.target):
         loaded = load_for_inference(ns.target)
+        # rows are read, templated and masked as the run's training data were (system prompt, format,
+        # columns, template, loss_on); only the length limit follows the flag when it is given
+        data = dataclasses.replace(loaded.data, path=ns.data, eval_path=None, streaming=False, packing=False,
+                                   max_seq_len=ns.max_seq_len or loaded.data.max_seq_len)
         examples = load_examples(ns.data, loaded.tokenizer, data, ns.limit)
         rows = compare_run(loaded, examples, metrics, ns.max_new_tokens)
         first = "model"
@@ -201,7 +206,8 @@ def register(sub) -> None:
     p.add_argument("--metrics", default="perplexity", help="comma list of perplexity,bleu,chrf,rouge,exact_match,accuracy")
     p.add_argument("--limit", type=int, help="evaluate the first N rows only")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation length for the generation metrics")
-    p.add_argument("--max-seq-len", type=int, default=512, help="truncate examples for perplexity")
+    p.add_argument("--max-seq-len", type=int,
+                   help="truncate examples for perplexity (default: the run's data.max_seq_len, else 512)")
     p.add_argument("--quantization", default="nf4", help="how to load a plain model source")
     p.add_argument("--compare-quant", help="e.g. nf4,fp4,int8,none: one row per base precision of a model source")
     p.add_argument("--output", choices=["table", "json"], default="table")

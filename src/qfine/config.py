@@ -111,7 +111,7 @@ class TrainConfig:
     optimizer: str = "adamw_torch"
     """adamw_torch, or on CUDA paged_adamw_8bit / paged_adamw_32bit / adamw_8bit."""
     precision: str = "auto"
-    """Training arithmetic: auto (bf16 on capable GPUs, fp16 on others, fp32 on CPU), bf16, fp16, fp32."""
+    """Training arithmetic: auto (on a GPU the model.compute_dtype when set, else bf16 where supported and fp16 elsewhere; fp32 on CPU), bf16, fp16, fp32 (bf16/fp16 over fp32 weights run as autocast)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass: least memory, ~25% more compute."""
     offload_checkpoints: bool = False

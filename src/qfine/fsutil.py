@@ -1,6 +1,9 @@
 """Atomic output helpers: write to a temporary sibling, then rename into place.
 
 An interrupted save therefore leaves either the previous good output or nothing, never half a file.
+The temporary files are created private (0600/0700, so nobody reads a half-written one); before the
+rename they get the mode a plain ``open``/``mkdir`` would have given (0666/0777 less the umask), so
+outputs are as readable as ``save_pretrained``'s, e.g. by a serving user on a shared machine.
 """
 
 from __future__ import annotations
@@ -11,6 +14,16 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _plain_mode(path: Path, directory: bool) -> None:
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 @contextlib.contextmanager
@@ -27,6 +40,7 @@ def atomic_dir(target: str | os.PathLike, replace: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        _plain_mode(tmp, directory=True)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -47,6 +61,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        _plain_mode(Path(tmp), directory=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

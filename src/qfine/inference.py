@@ -30,6 +30,7 @@ def load_for_inference(target: str, model_cfg: C.ModelConfig | None = None) -> L
         cfg = C.load_yaml(Path(target) / "config.yaml")
         loaded = load_model(cfg.model)
         loaded.model = load_adapter(loaded.model, Path(target) / "adapter")
+        loaded.data = cfg.data
         template = cfg.data.template
     else:
         if Path(target).is_dir() and (Path(target) / "config.yaml").is_file():
@@ -48,9 +49,18 @@ def _context_length(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+def with_system_prompt(messages: list[dict], data: C.DataConfig | None) -> list[dict]:
+    """``messages`` with the run's system prompt in front when it has one and they have none (as in training)."""
+    if data is not None and data.system_prompt and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": data.system_prompt}, *messages]
+    return messages
+
+
 def encode_prompt(tokenizer, messages: list[dict], model=None, max_new_tokens: int = 0) -> torch.Tensor:
     """Token ids (1, seq) of ``messages`` rendered with the chat template and the generation prompt."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    from .data.pipeline import render
+
+    text = render(tokenizer, messages, add_generation_prompt=True, where="prompt")
     ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
     ctx = _context_length(model) if model is not None else None
     if ctx and ids.shape[1] + max_new_tokens > ctx:
@@ -73,6 +83,7 @@ def generate(loaded: Loaded, prompt: str | list[dict], max_new_tokens: int = 128
              top_p: float = 1.0) -> str:
     """The completion only (prompt excluded, special tokens skipped); greedy unless temperature > 0."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    messages = with_system_prompt(messages, loaded.data)
     ids = encode_prompt(loaded.tokenizer, messages, loaded.model, max_new_tokens).to(loaded.device)
     out = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                 **_gen_kwargs(loaded.tokenizer, max_new_tokens, temperature, top_p))
@@ -81,19 +92,36 @@ def generate(loaded: Loaded, prompt: str | list[dict], max_new_tokens: int = 128
 
 def stream(loaded: Loaded, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
            top_p: float = 1.0) -> Iterator[str]:
-    """Yield the reply to ``messages`` piece by piece as it is generated."""
+    """Yield the reply to ``messages`` piece by piece as it is generated.
+
+    Generation runs in a thread that feeds a streamer. If it raises, the streamer is ended all the
+    same (else the reader would wait for text forever) and the error is raised here, in the caller.
+    """
     from threading import Thread
 
     from transformers import TextIteratorStreamer
 
+    messages = with_system_prompt(messages, loaded.data)
     ids = encode_prompt(loaded.tokenizer, messages, loaded.model, max_new_tokens).to(loaded.device)
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
               **_gen_kwargs(loaded.tokenizer, max_new_tokens, temperature, top_p))
-    thread = Thread(target=torch.no_grad()(loaded.model.generate), kwargs=kw, daemon=True)
+    failed: list[BaseException] = []
+
+    def run():
+        try:
+            with torch.no_grad():
+                loaded.model.generate(**kw)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
+            failed.append(e)
+            streamer.end()
+
+    thread = Thread(target=run, daemon=True)
     thread.start()
     yield from streamer
     thread.join()
+    if failed:
+        raise failed[0]
 
 
 def chat(loaded: Loaded, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -124,6 +152,10 @@ def chat(loaded: Loaded, max_new_tokens: int = 256, temperature: float = 0.0, to
         except QfineError as e:
             history.pop()
             stdout.write(f"[{e}]\n")
+            continue
+        except Exception as e:  # noqa: BLE001 - a failed reply (out of memory, say) ends the turn, not the session
+            history.pop()
+            stdout.write(f"\n[generation failed: {type(e).__name__}: {e}]\n")
             continue
         stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(reply)})

@@ -201,6 +201,9 @@ class Loaded:
     source: str  # local folder or hub id that from_pretrained read
     device: str
     compute_dtype: torch.dtype
+    # the data settings of the run the adapter was trained in (system prompt, template, format,
+    # columns, loss_on), so that serving and scoring see prompts as training did; None for a bare model
+    data: object = None
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):

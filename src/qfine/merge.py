@@ -65,6 +65,26 @@ def _active_adapters(layer) -> list[str]:
     return [a for a in ([active] if isinstance(active, str) else active) if a in layer.lora_A]
 
 
+def _adapted(module) -> bool:
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    return isinstance(module, (LoraLayer, ModulesToSaveWrapper))
+
+
+def unties_embeddings(base: torch.nn.Module) -> bool:
+    """Whether a model with tied input/output embeddings trained one of them on its own (LoRA on it,
+    or a full copy in ``modules_to_save``): the two then differ, and the merge must write both and
+    untie them in the config, or a reload would re-tie them and drop one side's training."""
+    if not getattr(base.config, "tie_word_embeddings", False):
+        return False
+    heads = [getattr(base, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
+    wrapped = [m for _, m in base.named_modules() if _adapted(m)]
+    return any(h is not None and (h in wrapped or any(h is getattr(w, "base_layer", None) or
+                                                      h is getattr(w, "original_module", None) for w in wrapped))
+               for h in heads)
+
+
 def merged_tensors(model: torch.nn.Module, dtype: torch.dtype,
                    pristine: Callable[[str], torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(state-dict key, tensor in dtype)`` of the merged model, one module at a time.
@@ -77,7 +97,7 @@ def merged_tensors(model: torch.nn.Module, dtype: torch.dtype,
     from peft.utils import ModulesToSaveWrapper
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    tied = bool(getattr(base.config, "tie_word_embeddings", False))
+    tied = bool(getattr(base.config, "tie_word_embeddings", False)) and not unties_embeddings(base)
     out_emb = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     skip_prefixes: list[str] = []
     for name, module in base.named_modules():
@@ -208,6 +228,10 @@ def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str =
     config = copy.deepcopy(base_model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    if unties_embeddings(base_model):
+        # both embeddings are written (see merged_tensors); a tied config would make a reload drop one
+        for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+            c.tie_word_embeddings = False
     config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
     config.use_cache = True
     with atomic_dir(out, replace=overwrite) as tmp:

@@ -22,9 +22,17 @@ IGNORE = -100
 LOSS_ON = ("completion", "last_turn", "all")
 
 
-def render(tokenizer, messages: Messages, add_generation_prompt: bool = False) -> str:
-    """The chat template applied to ``messages``, as text."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render(tokenizer, messages: Messages, add_generation_prompt: bool = False, where: str = "row") -> str:
+    """The chat template applied to ``messages``, as text. A template that rejects the conversation
+    (Gemma's refuses a system turn, strict ones demand alternating user/assistant turns) raises
+    QfineError naming ``where`` and the template's own message."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        roles = "/".join(m["role"] for m in messages)
+        raise QfineError(f"{where}: the chat template rejects this conversation ({roles}): {e}") from None
 
 
 def segments(tokenizer, messages: Messages, where: str = "row") -> list[tuple[str, bool]]:
@@ -33,14 +41,14 @@ def segments(tokenizer, messages: Messages, where: str = "row") -> list[tuple[st
     Assistant pieces hold the reply text alone; the EOS the template writes right after it (if
     any) is left out of the following piece because the caller appends EOS as a token.
     """
-    full = render(tokenizer, messages)
+    full = render(tokenizer, messages, where=where)
     eos = tokenizer.eos_token or ""
     pieces: list[tuple[str, bool]] = []
     pos = 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True, where=where)
         if not full.startswith(prefix) or len(prefix) < pos:
             raise QfineError(f"{where}: the chat template does not render turn {i} as a prefix of the conversation; "
                              "cannot locate the assistant reply for the loss mask (try data.template: chatml)")
@@ -73,6 +81,9 @@ def encode_messages(tokenizer, messages: Messages, loss_on: str = "completion", 
     if loss_on not in LOSS_ON:
         raise QfineError(f"data.loss_on must be one of {', '.join(LOSS_ON)}, not {loss_on!r}")
     eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise QfineError("the tokenizer has no EOS token, so a trained reply could never end; use a tokenizer "
+                         "that defines eos_token")
     if messages[0]["role"] == "text":
         ids = tokenizer.encode(messages[0]["content"], add_special_tokens=False) + [eos_id]
         return Encoded(ids, list(ids))
@@ -116,10 +127,16 @@ class DatasetStats:
     rows: int = 0
     skipped: int = 0  # bad rows skipped (on_bad_rows: skip)
     truncated: int = 0
-    dropped: int = 0  # over max_seq_len with too_long: drop, or left without loss-bearing tokens
+    dropped: int = 0  # over max_seq_len with too_long: drop, or truncated to no loss-bearing token
+    no_target: int = 0  # rows with no token to predict (every label after the first is -100)
     tokens: int = 0
     lengths: list[int] = field(default_factory=list)
     first_skip: str = ""
+
+
+def has_target(labels: list[int]) -> bool:
+    """Whether a row has a token to predict: a label other than -100 after the first position."""
+    return any(label != IGNORE for label in labels[1:])
 
 
 def encoded_rows(spec, tokenizer, cfg: DataConfig, stats: DatasetStats) -> Iterator[dict]:
@@ -147,9 +164,13 @@ def encoded_rows(spec, tokenizer, cfg: DataConfig, stats: DatasetStats) -> Itera
                 continue
             stats.truncated += 1
             enc = Encoded(enc.input_ids[: cfg.max_seq_len], enc.labels[: cfg.max_seq_len])
-            if all(label == IGNORE for label in enc.labels):
+            if not has_target(enc.labels):
                 stats.dropped += 1
                 continue
+        elif not has_target(enc.labels):
+            # the first token is never predicted (nothing comes before it): such a row adds no loss
+            stats.no_target += 1
+            continue
         stats.tokens += len(enc.input_ids)
         yield {"input_ids": enc.input_ids, "labels": enc.labels}
 
@@ -160,6 +181,9 @@ def _no_rows(spec, stats: DatasetStats, cfg: DataConfig) -> QfineError:
         why.append(f"{stats.skipped} bad rows skipped, first: {stats.first_skip}")
     if stats.dropped:
         why.append(f"{stats.dropped} dropped for exceeding max_seq_len={cfg.max_seq_len}")
+    if stats.no_target:
+        why.append(f"{stats.no_target} with no token to predict (loss_on={cfg.loss_on}: every loss-bearing token "
+                   "is the row's first, or there is none; check the tokenizer and the columns)")
     return QfineError(f"{spec}: no usable rows" + (f" ({'; '.join(why)})" if why else ""))
 
 

@@ -69,11 +69,31 @@ def _iter_json(path: Path, split: str) -> Rows:
 
 
 def _iter_csv(path: Path, split: str) -> Rows:
+    # Python's csv refuses fields over 131,072 characters by default; a long document is a valid row
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     try:
         with path.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
-            for row in reader:
-                yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
+            try:
+                reader.fieldnames  # reads the header line, so line_num counts from it
+            except csv.Error as e:
+                raise QfineError(f"{path}:1: malformed CSV header ({e})") from None
+            while True:
+                start = reader.line_num + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    yield f"{path}:{start}", BadRow(f"malformed CSV row ({e})")
+                    continue
+                where = f"{path}:{start}"
+                cells = {k: v for k, v in row.items() if k is not None}
+                bad = next((k for k, v in cells.items() if isinstance(v, str) and "\x00" in v), None)
+                if bad is not None:
+                    yield where, BadRow(f"column {bad!r} contains a NUL character (a binary or UTF-16 file?)")
+                    continue
+                yield where, cells
     except UnicodeDecodeError as e:
         raise QfineError(f"{path}: not valid UTF-8 (byte {e.start})") from None
 

@@ -56,41 +56,72 @@ class Proj:
         return self.base.bias
 
 
-def lora_proj(module: torch.nn.Module) -> Proj | None:
-    """A :class:`Proj` for a peft LoRA linear or a bare linear; None when the fast path cannot take it.
+def _plain_lora_types() -> tuple[type, ...]:
+    """The peft layer classes whose forward is exactly y = base(x) + s · B(A(dropout(x)))."""
+    from peft.tuners.lora.layer import Linear
 
-    Declined: several active adapters, dropout > 0, DoRA, merged or disabled adapters, fan_in_fan_out,
-    8-bit bases, trainable base weights or biases.
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # pragma: no cover - bitsandbytes without 4-bit support
+        return (Linear,)
+    return (Linear, Linear4bit)
+
+
+def describe_proj(module: torch.nn.Module) -> Proj | str:
+    """A :class:`Proj` for a module the fused layers compute exactly, else why they cannot (a phrase).
+
+    An allow-list, so that a LoRA form the kernels do not implement is never computed as plain LoRA:
+    the module is a bare ``nn.Linear`` / bitsandbytes ``Linear4bit`` with a frozen weight and bias,
+    or one of peft's plain LoRA linears on such a base (exact class) with at most one active adapter
+    that has no LoRA variant (DoRA, aLoRA, ...), no LoRA bias, no dropout, plain bias-free A and B,
+    and that is neither merged, disabled nor fan_in_fan_out.
     """
     import bitsandbytes as bnb
 
     from peft.tuners.lora import LoraLayer
 
     if isinstance(module, LoraLayer):
+        if type(module) not in _plain_lora_types():
+            return f"peft layer {type(module).__name__} is not a plain LoRA linear"
         base = module.get_base_layer()
-        if module.merged or module.disable_adapters or getattr(module, "fan_in_fan_out", False):
-            return None
+        if module.merged or module.disable_adapters:
+            return "adapter merged or disabled"
+        if getattr(module, "fan_in_fan_out", False):
+            return "fan_in_fan_out"
         active = [a for a in module.active_adapters if a in module.lora_A]
-        if len(active) > 1 or any(module.use_dora.get(a, False) for a in active):
-            return None
+        if len(active) > 1:
+            return "several active adapters"
         if active:
             name = active[0]
+            if getattr(module, "lora_variant", {}).get(name) is not None:
+                return f"LoRA variant {type(module.lora_variant[name]).__name__}"
+            if name in module.lora_magnitude_vector or module.use_dora.get(name, False):
+                return "DoRA"
+            if getattr(module, "lora_bias", {}).get(name, False):
+                return "lora_bias"
             if not isinstance(module.lora_dropout[name], torch.nn.Identity):
-                return None
+                p = getattr(module.lora_dropout[name], "p", "?")
+                return f"LoRA dropout {p}"
             a, b = module.lora_A[name], module.lora_B[name]
             if not (type(a) is torch.nn.Linear and type(b) is torch.nn.Linear) or a.bias is not None or b.bias is not None:
-                return None
+                return "LoRA A/B are not bias-free linears"
             proj = Proj(base, a.weight, b.weight, float(module.scaling[name]))
         else:
             proj = Proj(base, None, None, 0.0)
     else:
         base = module
         proj = Proj(base, None, None, 0.0)
-    if isinstance(base, bnb.nn.Linear8bitLt) or not isinstance(base, torch.nn.Linear):
-        return None
+    if not (type(base) is torch.nn.Linear or isinstance(base, bnb.nn.Linear4bit)):
+        return f"{type(base).__name__} base (the kernels take 16-bit and 4-bit linears)"
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return None
+        return "trainable base weight or bias"
     return proj
+
+
+def lora_proj(module: torch.nn.Module) -> Proj | None:
+    """:func:`describe_proj`'s :class:`Proj`, or None when the fast path cannot take the module."""
+    got = describe_proj(module)
+    return None if isinstance(got, str) else got
 
 
 @dataclass

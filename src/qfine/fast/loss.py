@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import fused, upcast
+from .ops import fused, step_dtype, upcast
 
 IGNORE = -100
 _CHUNK_ELEMENTS = 1 << 27  # logits elements per chunk: 256 MiB in bf16
@@ -83,6 +83,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     else:
         # clamped like TRL's loss: a group with no loss-bearing token gives a zero loss, not 0/0
         divisor = torch.as_tensor(num_items_in_batch, device=hidden.device).clamp_min(1)
-    divisor = divisor.to(upcast(hidden[:0]).dtype)
+    dtype = step_dtype(hidden)
+    divisor = divisor.to(upcast(hidden[:0].to(dtype)).dtype)
     chunk = max(1, _CHUNK_ELEMENTS // weight.shape[0])
-    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat, divisor, chunk)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    if dtype == hidden.dtype:
+        return LinearCrossEntropy.apply(h, weight, flat, divisor, chunk)
+    # an fp32 model under mixed precision: the head GEMMs in the autocast dtype, as autocast runs lm_head
+    with torch.autocast(hidden.device.type, enabled=False):
+        return LinearCrossEntropy.apply(h.to(dtype), weight.to(dtype), flat, divisor, chunk)

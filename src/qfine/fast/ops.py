@@ -10,6 +10,7 @@ Shapes: ``h``/``x`` are (..., d); ``g``/``u`` are (..., intermediate); RoPE inpu
 from __future__ import annotations
 
 import os
+import types
 import warnings
 
 import torch
@@ -24,26 +25,68 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def step_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype a fused training function computes in for input ``h``: autocast's when autocast is
+    on for ``h``'s device and ``h`` is fp32 (an fp32 model under bf16/fp16 mixed precision), else
+    ``h``'s own. The fused functions take one dtype throughout, so callers cast to it and run them
+    with autocast off, as a model stored in that dtype would run."""
+    kind = h.device.type
+    if h.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return h.dtype
+
+
+def _static_dims(t: torch.Tensor) -> range:
+    """The dims of ``t`` compiled as fixed sizes: all but the leading token dims — (tokens, …) or
+    (batch, seq, …) — which :func:`fused` marks dynamic."""
+    return range(min(t.dim() - 1, 2), t.dim())
+
+
+def signature(args: tuple) -> tuple:
+    """What a compiled kernel of a :func:`fused` function is specialised on: each tensor's dtype,
+    device, rank and fixed (feature) sizes, every other argument's value, and the CPU thread count
+    (a dynamo guard reads it: the data loader's pin-memory thread sets 1)."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.device, a.dim(), tuple(a.shape[d] for d in _static_dims(a))))
+        else:
+            key.append(a)
+    return (*key, torch.get_num_threads())
+
+
+def _fresh_copy(fn):
+    """``fn`` with a code object of its own. dynamo keeps compiled variants per code object and
+    falls back to eager code (other rounding, more kernels) once one collects more than
+    ``recompile_limit`` (8) of them; a copy per :func:`signature` keeps every model shape, dtype and
+    thread count a process meets (a test session, a sweep, several runs in a notebook) compiled."""
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 def fused(fn):
     """``fn`` compiled with inductor on CUDA tensors, eager elsewhere.
 
     The leading token dimensions of each tensor argument — (tokens, …) or (batch, seq, …) — are
     marked dynamic (they vary with batch size, sequence length and the loss's last chunk) while head
-    and feature dimensions stay static, so one compiled kernel serves every batch shape and still vectorises along features.
+    and feature dimensions stay static, so one compiled kernel serves every batch shape and still
+    vectorises along features. Each :func:`signature` gets its own compiled copy of ``fn``, so
+    models of other shapes or dtypes in the same process never push a kernel back to eager code.
     If compilation fails the function runs eagerly from then on (slower, same numbers).
     """
-    compiled = None
+    compiled: dict = {}
     broken = False
 
     def call(*args):
-        nonlocal compiled, broken
+        nonlocal broken
         if broken or not (args[0].is_cuda and _compile_enabled()):
             return fn(*args)
-        if compiled is None:
-            compiled = torch.compile(fn, fullgraph=True)
+        key = signature(args)
+        kernel = compiled.get(key)
+        if kernel is None:
+            kernel = compiled[key] = torch.compile(_fresh_copy(fn), fullgraph=True)
         # detached inputs under one fixed autocast state: these functions run inside autograd Functions
         # and upcast explicitly, so requires_grad and autocast would only multiply dynamo's guard variants
-        # (a recompile each, up to its recompile limit, after which the function would run eagerly)
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         for a in args:
             if isinstance(a, torch.Tensor):
@@ -51,9 +94,9 @@ def fused(fn):
                     torch._dynamo.maybe_mark_dynamic(a, dim)
         with torch.autocast("cuda", enabled=False, cache_enabled=False):
             if torch.cuda.is_current_stream_capturing():
-                return _call_in_capture(call, compiled, fn, args)
+                return _call_in_capture(call, kernel, fn, args)
             try:
-                return compiled(*args)
+                return kernel(*args)
             except Exception as e:  # noqa: BLE001 — a compiler failure must not stop training
                 broken = True
                 warnings.warn(f"qfine fast path: torch.compile failed for {fn.__name__} ({type(e).__name__}: "
@@ -61,6 +104,7 @@ def fused(fn):
                 return fn(*args)
 
     call.reference = fn
+    call.kernels = compiled  # signature → compiled copy (for tests and diagnostics)
     call.eager_in_capture = 0  # calls recorded eagerly into a CUDA graph (see _call_in_capture)
     call.capture_error = None
     call.__name__ = fn.__name__

@@ -11,6 +11,7 @@ generation, KV caches and eval behave exactly as before.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import sys
 import types
@@ -18,9 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .lora import LoraLinear, Norm, NormMLP, NormQKV, Proj, lora_proj
+from .lora import LoraLinear, Norm, NormMLP, NormQKV, Proj, describe_proj, lora_proj
 from .loss import linear_cross_entropy
 from .offload import install_checkpointing, in_offloaded_forward
+from . import ops
 from .ops import GATED_ACTS
 
 # model_type → the offset of its RMSNorm scale (Gemma normalises with 1 + w, the others with w). Each
@@ -92,6 +94,17 @@ class FastDecoderLayer(_LayerBase):
             out.append(p)
         return out
 
+    def reference_reason(self) -> str | None:
+        """Why a training step of this layer would run the reference layer instead of the fused one
+        (naming the first module at fault), or None when it runs fused."""
+        for parent, name in _PROJ:
+            got = describe_proj(getattr(getattr(self, parent), name))
+            if isinstance(got, str):
+                return f"{got} ({parent}.{name})"
+        if self.norms() is None:
+            return "trainable norm weights"
+        return None
+
     def norms(self) -> tuple[Norm, Norm, tuple[Norm, Norm] | None] | None:
         """The input and post-attention norms and Qwen3's (q_norm, k_norm) or None; None if one is
         trainable (the fused backward returns no gradient for a norm weight)."""
@@ -116,10 +129,24 @@ class FastDecoderLayer(_LayerBase):
                                                position_ids=position_ids, past_key_values=past_key_values,
                                                use_cache=use_cache, position_embeddings=position_embeddings,
                                                **kwargs)
+        h = hidden_states
+        dtype = ops.step_dtype(h)
+        if dtype != h.dtype:
+            # autocast over wider weights (an fp32 model under bf16 mixed precision): the fused
+            # functions compute in one dtype, so the layer runs in the autocast dtype with autocast
+            # off (as a bf16 model's layer does) and hands the residual stream back in its own dtype
+            norms = _cast_norms(norms, dtype)
+            with torch.autocast(h.device.type, enabled=False):
+                out = self._fused(h.to(dtype), projs, norms, position_embeddings, attention_mask, position_ids,
+                                  kwargs)
+            return out.to(h.dtype)
+        return self._fused(h, projs, norms, position_embeddings, attention_mask, position_ids, kwargs)
+
+    def _fused(self, h, projs, norms, position_embeddings, attention_mask, position_ids, kwargs):
+        """The fused training step of the layer on ``h`` (b, s, d), all in ``h.dtype``."""
         pq, pk, pv, po, pg, pu, pd = projs
         attn, (ln1, ln2, qk_norms) = self.self_attn, norms
         cos, sin = position_embeddings
-        h = hidden_states
         q, k, v = NormQKV.apply(h, ln1, qk_norms, cos.to(h.dtype), sin.to(h.dtype), attn.head_dim,
                                 pq, pk, pv, *_ab(pq), *_ab(pk), *_ab(pv))
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -137,6 +164,15 @@ class FastDecoderLayer(_LayerBase):
         h = h + LoraLinear.apply(out, po, *_ab(po))
         del out, q, k, v
         return h + NormMLP.apply(h, ln2, self._act, pg, pu, pd, *_ab(pg), *_ab(pu), *_ab(pd))
+
+
+def _cast_norms(norms, dtype: torch.dtype):
+    """:meth:`FastDecoderLayer.norms`' tuple with every norm weight cast to ``dtype``."""
+    def cast(n: Norm) -> Norm:
+        return dataclasses.replace(n, weight=n.weight.to(dtype))
+
+    ln1, ln2, qk = norms
+    return cast(ln1), cast(ln2), (tuple(cast(n) for n in qk) if qk is not None else None)
 
 
 def _purely_causal(config, tokens, attention_mask, position_ids, past_key_values) -> bool:
@@ -184,13 +220,18 @@ class FastPathReport:
     fused_loss: bool = False
     reason: str | None = None
     notes: list[str] = field(default_factory=list)
+    fused: int = 0  # swapped layers whose training step runs the fused functions (the others: reference)
+    reference: dict[str, int] = field(default_factory=dict)  # why the others do not → how many layers
 
     def __str__(self) -> str:
         if self.reason:
             return f"fast path off: {self.reason}"
         loss = "chunked cross-entropy" if self.fused_loss else "reference loss"
         extra = f" ({'; '.join(self.notes)})" if self.notes else ""
-        return f"fast path on: {self.layers} fused decoder layers, {loss}{extra}"
+        ref = ""
+        if self.reference:
+            ref = "; peft's reference layer for " + ", ".join(f"{n} with {why}" for why, n in self.reference.items())
+        return f"fast path on: {self.fused} of {self.layers} decoder layers fused{ref}; {loss}{extra}"
 
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -248,14 +289,15 @@ def apply_fast_path(model: torch.nn.Module) -> FastPathReport:
         if not isinstance(layer, FastDecoderLayer):
             layers[i] = FastDecoderLayer(layer, offset, act)
         report.layers += 1
+        why = layers[i].reference_reason()
+        if why is None:
+            report.fused += 1
+        else:
+            report.reference[why] = report.reference.get(why, 0) + 1
     # checkpointing through qfine's reentrant recompute (inputs kept on the device): it lets the fused
     # MLP skip the down projection whose output the recompute never reads
     if install_checkpointing(layers, offload=False):
         report.notes.append("checkpoint recompute skips the down projection")
-    if report.layers and layers[0].projections() is None:
-        report.notes.append("adapters with dropout, DoRA or several active adapters run the reference layer")
-    if report.layers and layers[0].norms() is None:
-        report.notes.append("trainable norm weights run the reference layer")
     head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     if (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad and not softcap):

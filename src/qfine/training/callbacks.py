@@ -65,14 +65,25 @@ class NonFiniteGuard(TrainerCallback):
     saves, evaluates or ends the run (``on_step_end``, epoch and train end), and otherwise at the next
     optimizer step, once that step's forward and backward are already queued. Reading it at once
     drains the GPU's queue every step, and the GPU then idles while the host prepares the next step
-    (H100, 1B 4x2048 through ``qfine train``: 66,913 tok/s reading at once, 67,430-68,819 late). A bad
-    step's update may therefore reach the weights in memory, but never a log line, a checkpoint or the
-    adapter: the run stops with that step's number, and every checkpoint written so far is intact. On CPU the verdict is read at once (there is no queue to keep full).
+    (see docs/benchmarks.md). So on CUDA a bad step's update may reach the weights in memory, but
+    never a log line, a checkpoint or the adapter: the run stops with that step's number, and every
+    checkpoint written so far is intact. On CPU the verdict is read at once, before the optimizer
+    applies the step (there is no queue to keep full).
+
+    With fp16's loss scaler (``loss_scaled``) a non-finite gradient is an overflow of the scaled loss:
+    the scaler skips that optimizer step and lowers the scale, which is how fp16 training is meant to
+    go, so such a step is counted (``skipped``), not fatal. The run stops only after ``patience``
+    consecutive skipped steps (the scale then keeps falling and nothing trains).
     """
 
     _params: list | None = None
     _pending: tuple[int, torch.Tensor] | None = None  # (1-based step, all gradients finite) not yet read
     defer: bool | None = None  # read verdicts late: None = on CUDA only
+
+    def __init__(self, loss_scaled: bool = False, patience: int = 10):
+        self.loss_scaled, self.patience = loss_scaled, patience
+        self.skipped: list[int] = []  # steps the loss scaler skipped (fp16 overflow)
+        self._run = 0  # consecutive skipped steps
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # the trainable parameters, listed once: walking the model's ~1,000s of modules every step
@@ -92,11 +103,20 @@ class NonFiniteGuard(TrainerCallback):
 
     def check(self) -> None:
         """Read the pending verdict (a host sync on CUDA); raise :class:`NonFiniteError` if it is bad."""
-        if self._pending is not None:
-            step, ok = self._pending
-            self._pending = None
-            if not bool(ok):
-                raise NonFiniteError(step, "gradient")
+        if self._pending is None:
+            return
+        step, ok = self._pending
+        self._pending = None
+        if bool(ok):
+            self._run = 0
+            return
+        if not self.loss_scaled:
+            raise NonFiniteError(step, "gradient")
+        self.skipped.append(step)
+        self._run += 1
+        if self._run >= self.patience:
+            raise NonFiniteError(step, f"gradient ({self._run} consecutive steps skipped by the fp16 loss scaler: "
+                                       "the loss itself overflows or diverges)")
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
@@ -110,6 +130,8 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.check()
+        if self.loss_scaled:  # an overflowed step logs inf; check() has judged it already
+            return
         for key in ("loss", "grad_norm"):
             v = (logs or {}).get(key)
             if isinstance(v, float) and not math.isfinite(v):

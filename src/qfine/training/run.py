@@ -15,38 +15,46 @@ import shutil
 from pathlib import Path
 
 from .. import config as C
-from ..adapters import add_lora
+from ..adapters import add_lora, check_lora_settings
 from ..data import build_datasets
 from ..data.readers import expand
 from ..errors import QfineError
 from ..fast import enable_fast_path, keep_dequantized, offload_checkpoints, release_dequantized
 from ..fsutil import atomic_dir, atomic_write_text
 from ..loading import describe, load_model, resolve_device
+from .resume import (DATA_RECORD, check_resume_config, check_resume_data, data_record, resume_point, step_of,
+                     truncate_metrics, write_data_record)
 from .trainer import build_trainer, check_train_config
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest ``checkpoint-N`` folder under ``run_dir/checkpoints``, if any."""
-    ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return ckpts[-1] if ckpts else None
+    """The newest whole ``checkpoint-N`` folder under ``run_dir/checkpoints``, if any."""
+    return resume_point(run_dir)[0]
 
 
-def check_run_dir(cfg: C.RunConfig, overwrite: bool, resume: bool) -> tuple[Path, Path | None]:
+def check_run_dir(cfg: C.RunConfig, overwrite: bool, resume: bool) -> tuple[Path, Path | None, list[str]]:
     """Apply the run-directory rules without touching anything.
 
-    Returns ``(run_dir, checkpoint to resume from or None)``. An existing non-empty directory is
-    never reused silently: ``--resume`` continues it from its last checkpoint, ``--overwrite``
-    replaces it (only if it is a qfine run), anything else is an error.
+    Returns ``(run_dir, checkpoint to resume from or None, lines to print)``. An existing non-empty
+    directory is never reused silently: ``--resume`` continues it from its newest whole checkpoint
+    (newer half-written ones are skipped and named) if the config still describes the same run,
+    ``--overwrite`` replaces it (only if it is a qfine run), anything else is an error.
     """
     run_dir = Path(cfg.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise QfineError(f"output dir {run_dir} exists and is not a directory")
     used = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume and overwrite:
+        raise QfineError("--resume and --overwrite contradict each other; pass one")
     if resume:
-        ckpt = last_checkpoint(run_dir) if used else None
+        ckpt, notes = resume_point(run_dir) if used else (None, [])
         if ckpt is None:
-            raise QfineError(f"--resume: no checkpoint to resume from in {run_dir / 'checkpoints'}")
-        return run_dir, ckpt
+            why = f" ({'; '.join(notes)})" if notes else ""
+            raise QfineError(f"--resume: no whole checkpoint to resume from in {run_dir / 'checkpoints'}{why}")
+        changed = check_resume_config(run_dir, cfg)
+        notes.append(f"resuming from {ckpt} (step {step_of(ckpt)})" +
+                     (f"; changed: {'; '.join(changed)}" if changed else ""))
+        return run_dir, ckpt, notes
     if used:
         if not overwrite:
             what = "a previous qfine run" if (run_dir / "config.yaml").exists() else "other files"
@@ -54,7 +62,7 @@ def check_run_dir(cfg: C.RunConfig, overwrite: bool, resume: bool) -> tuple[Path
                              "or --resume to continue it")
         if not (run_dir / "config.yaml").exists() and not (run_dir / "adapter").exists():
             raise QfineError(f"output dir {run_dir} is not a qfine run; refusing to delete it even with --overwrite")
-    return run_dir, None
+    return run_dir, None, []
 
 
 def start_run_dir(run_dir: Path, resume: bool) -> None:
@@ -119,10 +127,13 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         raise QfineError("no training data: pass --data FILE or set data.path in the config")
     device = resolve_device(cfg.model.device)
     check_train_config(cfg, device)
+    check_lora_settings(cfg.lora)
     if cfg.data.streaming and cfg.train.max_steps <= 0:
         raise QfineError("data.streaming needs train.max_steps (a stream has no known length for epochs)")
     expand(cfg.data.path)  # a missing file or empty glob fails before anything is loaded
-    run_dir, ckpt = check_run_dir(cfg, overwrite, resume)
+    run_dir, ckpt, notes = check_run_dir(cfg, overwrite, resume)
+    for line in notes:
+        print(f"[qfine] {line}", flush=True)
 
     # Everything that can fail on user input (model, data, targets) runs before the run dir is touched.
     loaded = load_model(cfg.model)
@@ -133,11 +144,15 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     else:
         held = f", {len(eval_ds)} held out for eval" if eval_ds is not None and not cfg.data.eval_path else ""
         data_line = (f"data: {stats.rows} rows ({stats.tokens} tokens){held}; {stats.truncated} truncated to "
-                     f"{cfg.data.max_seq_len}, {stats.dropped} dropped, {stats.skipped} bad rows skipped")
+                     f"{cfg.data.max_seq_len}, {stats.dropped} dropped, {stats.skipped} bad rows skipped"
+                     + (f", {stats.no_target} with no token to predict left out" if stats.no_target else ""))
     print(f"[qfine] {data_line}", flush=True)
+    data = data_record(train_ds)
+    if ckpt is not None:
+        check_resume_data(run_dir, data, cfg.data.path)
 
     offload = cfg.train.offload_checkpoints
-    model = add_lora(loaded.model, cfg.lora, cfg.train.gradient_checkpointing or offload)
+    model = add_lora(loaded.model, cfg.lora, cfg.train.gradient_checkpointing or offload, seed=cfg.train.seed)
     fast = enable_fast_path(model, device) if cfg.train.fast_path else None
     if fast is not None:
         print(f"[qfine] {fast}", flush=True)
@@ -153,8 +168,13 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     before = _answers(model, tokenizer, device, prompts)
     start_run_dir(run_dir, resume)
     atomic_write_text(run_dir / "config.yaml", C.to_yaml(cfg))
+    if ckpt is None or not (run_dir / DATA_RECORD).is_file():
+        write_data_record(run_dir, data)
+    resume_step = step_of(ckpt) if ckpt is not None else None
+    if resume_step is not None:
+        truncate_metrics(run_dir / "metrics.jsonl", resume_step)  # the resumed run logs later steps again
 
-    trainer = build_trainer(model, tokenizer, train_ds, eval_ds, cfg, run_dir, device, callbacks)
+    trainer = build_trainer(model, tokenizer, train_ds, eval_ds, cfg, run_dir, device, callbacks, resume_step)
     if cfg.train.cuda_graphs and fast is not None and fast.layers:
         print(f"[qfine] {trainer.enable_cuda_graphs(cfg.data.max_seq_len)}", flush=True)
     facts = ReportFacts(title=f"qfine run · {run_dir.name}", model=f"{cfg.model.source} · {cfg.model.quantization}",

@@ -10,16 +10,20 @@ import torch
 from ..config import RunConfig
 from ..errors import QfineError
 from .callbacks import MetricsJsonl, NonFiniteGuard
+from .resume import CheckpointSeal
 
 _CUDA_OPTIMIZERS = {"paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_bnb_8bit"}
 _OPTIMIZERS = {"adamw_torch", "adamw_torch_fused", "sgd", "adafactor"} | _CUDA_OPTIMIZERS
 _SCHEDULERS = {"cosine", "linear", "constant", "constant_with_warmup"}
 
 
-def resolve_precision(name: str, device: str) -> str:
-    """``auto`` → bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU."""
+def resolve_precision(name: str, device: str, compute_dtype: str = "auto") -> str:
+    """``auto`` → on CUDA the model's compute dtype when one is set (fp32 weights train in fp32, not
+    under bf16 autocast), else bf16 on GPUs that support it and fp16 on others; fp32 on CPU."""
     if name == "auto":
         if device == "cuda":
+            if compute_dtype in ("bf16", "fp16", "fp32"):
+                return compute_dtype
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
     if name not in ("bf16", "fp16", "fp32"):
@@ -51,7 +55,7 @@ def check_train_config(cfg: RunConfig, device: str) -> None:
         raise QfineError(f"train.resident_weights_gib must be 0 or more, not {t.resident_weights_gib}")
     if t.batch_size < 1 or t.grad_accum < 1:
         raise QfineError("train.batch_size and train.grad_accum must be at least 1")
-    resolve_precision(t.precision, device)
+    resolve_precision(t.precision, device, cfg.model.compute_dtype)
 
 
 def _version_compat(config_cls, cfg: RunConfig) -> dict:
@@ -71,9 +75,11 @@ def _version_compat(config_cls, cfg: RunConfig) -> dict:
 
 
 def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: Path, device: str,
-                  callbacks=()):
+                  callbacks=(), resume_step: int | None = None):
     """SFTTrainer over pre-tokenized ``input_ids``/``labels`` datasets, logging into ``run_dir``
-    (CUDA graphs for the training step are switched on separately: ``enable_cuda_graphs``)."""
+    (CUDA graphs for the training step are switched on separately: ``enable_cuda_graphs``).
+    ``resume_step``: the step of the checkpoint a resumed run continues from (TensorBoard then
+    drops the events the killed run logged after it)."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
     from trl import SFTConfig
@@ -81,7 +87,7 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
     from .graphed import QfineSFTTrainer
 
     t = cfg.train
-    precision = resolve_precision(t.precision, device)
+    precision = resolve_precision(t.precision, device, cfg.model.compute_dtype)
     cuda = device == "cuda"  # resolve_device gives "cuda" or "cpu"
     workers = 2 if cuda and not cfg.data.streaming else 0
     args = SFTConfig(**_version_compat(SFTConfig, cfg), **dict(
@@ -137,7 +143,8 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
         remove_unused_columns=True,
         disable_tqdm=False,
     ))
-    tb = TensorBoardCallback(tb_writer=SummaryWriter(str(run_dir / "tensorboard")))
+    purge = resume_step + 1 if resume_step is not None else None
+    tb = TensorBoardCallback(tb_writer=SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge))
     extra = []
     if eval_ds is not None and t.early_stopping_patience > 0:
         from transformers import EarlyStoppingCallback
@@ -148,7 +155,8 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
     dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
     trainer = QfineSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                               processing_class=tokenizer,
-                              callbacks=[NonFiniteGuard(), MetricsJsonl(run_dir / "metrics.jsonl"), tb, *extra,
+                              callbacks=[NonFiniteGuard(loss_scaled=precision == "fp16"),
+                                         MetricsJsonl(run_dir / "metrics.jsonl"), tb, CheckpointSeal(), *extra,
                                          *callbacks])
     # TRL casts the adapters of a quantized model to bf16. qfine keeps peft's fp32 adapters: with bf16
     # weights (and so bf16 AdamW moments) an update under half a bf16 ulp (~0.2% of the weight) rounds
