@@ -209,7 +209,7 @@ def test_merge_of_a_tied_model_whose_head_or_embedding_was_trained(tmp_path, sav
     assert cfg["tie_word_embeddings"] is False
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
-        got = plain(ids).logits
+        got = plain(ids.to(plain.device)).logits
     assert relative_difference(got, ref) <= 1e-5
     emb, head = plain.get_input_embeddings().weight, plain.get_output_embeddings().weight
     assert emb.data_ptr() != head.data_ptr() and not torch.equal(emb, head)

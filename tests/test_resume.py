@@ -40,9 +40,29 @@ def _curve(run_dir) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
+# On CPU the arithmetic is deterministic: a resumed step is the uninterrupted step. On CUDA the first
+# steps after a resume run eagerly while CUDA graphs warm up (the uninterrupted run replays graphs
+# there) and reductions may be ordered differently: the bound there is measured and printed.
+RESUME_TOL = 1e-2 if torch.cuda.is_available() else 1e-6
+
+
+def _worst(resumed, full) -> float:
+    worst = max(abs(x - y) / abs(y) for (_, x), (_, y) in zip(resumed, full))
+    print(f"\n[resume] worst per-step loss rel. diff against the uninterrupted run: {worst:.2e}")
+    return worst
+
+
 def _cfg(tiny_dir, data, out, **kw):
     base = dict(max_steps=24, save_steps=6, learning_rate=5e-3, lr_scheduler="cosine", report_samples=0)
     return tiny_config(tiny_dir, data, out, **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dir, tmp_path_factory):
+    """The data and the loss curve of the 24-step run (checkpoints every 6) the resumed runs must follow."""
+    tmp = tmp_path_factory.mktemp("full")
+    data = _sums(tmp / "sums.jsonl")
+    return data, _curve(train(_cfg(tiny_dir, data, tmp / "full")))
 
 
 def test_same_config_and_seed_give_the_same_curve_in_one_process(tiny_dir, tmp_path):
@@ -81,9 +101,9 @@ class StopAt(TrainerCallback):
             raise KeyboardInterrupt
 
 
-def test_interrupted_run_resumes_on_the_same_curve_and_skips_a_half_written_checkpoint(tiny_dir, tmp_path, capsys):
-    data = _sums(tmp_path / "sums.jsonl")
-    full = _curve(train(_cfg(tiny_dir, data, tmp_path / "full")))
+def test_interrupted_run_resumes_on_the_same_curve_and_skips_a_half_written_checkpoint(tiny_dir, tmp_path, capsys,
+                                                                                          uninterrupted):
+    data, full = uninterrupted
 
     cfg = _cfg(tiny_dir, data, tmp_path / "part")
     with pytest.raises(KeyboardInterrupt):
@@ -103,8 +123,7 @@ def test_interrupted_run_resumes_on_the_same_curve_and_skips_a_half_written_chec
     assert "resuming from" in out and "checkpoint-12 (step 12)" in out
     resumed = _curve(run)
     assert [s for s, _ in resumed] == list(range(1, 25))  # no step twice
-    worst = max(abs(x - y) / abs(y) for (_, x), (_, y) in zip(resumed, full))
-    assert worst <= 1e-6, worst
+    assert _worst(resumed, full) <= RESUME_TOL
 
 
 def test_checkpoint_with_a_truncated_file_is_skipped(tiny_dir, tmp_path, capsys):
@@ -154,11 +173,10 @@ def test_truncate_metrics_keeps_rows_up_to_the_step_and_drops_a_cut_line(tmp_pat
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
 
 
-def test_kill_9_then_resume_from_the_command_line(tiny_dir, tmp_path):
+def test_kill_9_then_resume_from_the_command_line(tiny_dir, tmp_path, uninterrupted):
     """The real thing: SIGKILL a `qfine train` process once checkpoint-12 is sealed (wherever it is
     then: training, logging, writing checkpoint-18), resume, and land on the uninterrupted curve."""
-    data = _sums(tmp_path / "sums.jsonl")
-    full = _curve(train(_cfg(tiny_dir, data, tmp_path / "full")))
+    data, full = uninterrupted
     args = [sys.executable, "-m", "qfine.cli", "train", "--model", str(tiny_dir), "--data", str(data),
             "--output-dir", str(tmp_path / "part"), "--max-steps", "24", "--save-steps", "6", "--batch-size", "4",
             "--learning-rate", "5e-3", "--lr-scheduler", "cosine", "--lora-r", "8", "--lora-alpha", "16",
@@ -176,4 +194,25 @@ def test_kill_9_then_resume_from_the_command_line(tiny_dir, tmp_path):
     assert subprocess.run(args + ["--resume"], env=env, capture_output=True).returncode == 0
     resumed = _curve(tmp_path / "part")
     assert [s for s, _ in resumed] == list(range(1, 25))
-    assert max(abs(x - y) / abs(y) for (_, x), (_, y) in zip(resumed, full)) <= 1e-6
+    assert _worst(resumed, full) <= RESUME_TOL
+
+
+def test_killed_after_its_last_checkpoint_trains_no_extra_step(tiny_dir, tmp_path, capsys):
+    """A run killed after its last checkpoint (while saving the adapter or the report): resuming
+    trains nothing more (Trainer alone would run a step past max_steps) and saves that checkpoint's
+    adapter."""
+    from safetensors.torch import load_file
+
+    data = _sums(tmp_path / "sums.jsonl", 24)  # 6 steps an epoch: the last step ends mid-epoch
+    cfg = _cfg(tiny_dir, data, tmp_path / "run", max_steps=4, save_steps=2)
+    run = train(cfg)
+    shutil.rmtree(run / "adapter")
+    (run / "report.html").unlink()
+    capsys.readouterr()
+    train(cfg, resume=True)
+    assert "checkpoint-4 is the run's last step: nothing left to train" in capsys.readouterr().out
+    assert [s for s, _ in _curve(run)] == [1, 2, 3, 4]
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    kept = load_file(run / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
+    assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in kept)
+    assert (run / "report.html").is_file()

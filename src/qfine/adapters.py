@@ -19,17 +19,36 @@ _BIASES = ("none", "all", "lora_only")
 
 def _adaptable(module: torch.nn.Module) -> bool:
     """Layers peft's LoRA can wrap: nn.Linear (bitsandbytes 4/8-bit linears subclass it), nn.Embedding,
-    transformers' Conv1D (GPT-2 style) and nn.Conv1d/2d/3d."""
+    transformers' Conv1D (GPT-2 style), nn.Conv1d/2d/3d, and a layer peft already wraps (another
+    adapter goes beside the first)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, (torch.nn.Linear, torch.nn.Embedding, Conv1D, torch.nn.Conv1d, torch.nn.Conv2d,
-                               torch.nn.Conv3d))
+                               torch.nn.Conv3d, BaseTunerLayer))
+
+
+def _model_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """``named_modules`` without the insides of peft's wrapped layers (base_layer, lora_A.<name>, ...)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out, inside = {}, []
+    for name, m in model.named_modules():
+        if any(name.startswith(p) for p in inside):
+            continue
+        out[name] = m
+        if isinstance(m, BaseTunerLayer):
+            inside.append(name + ".")
+    return out
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
-    """Sorted distinct short names (last path component) of the model's linear layers."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                   if name and isinstance(m, torch.nn.Linear)})
+    """Sorted distinct short names (last path component) of the model's linear layers (a layer peft
+    already wraps counts as the linear it wraps)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in _model_modules(model).items()
+                   if name and isinstance(m, (torch.nn.Linear, BaseTunerLayer))})
 
 
 def _output_layer_names(model: torch.nn.Module) -> set[str]:
@@ -56,7 +75,7 @@ def resolve_targets(model: torch.nn.Module, targets: list[str]) -> str | list[st
         names.remove("all-linear")
         heads = _output_layer_names(model)
         names = [n for n in linear_module_names(model) if n not in heads] + [n for n in names if n]
-    modules = dict(model.named_modules())
+    modules = _model_modules(model)
     linear = ", ".join(linear_module_names(model))
     unknown = []
     for t in dict.fromkeys(names):

@@ -36,30 +36,20 @@ def step_dtype(h: torch.Tensor) -> torch.dtype:
     return h.dtype
 
 
-def _static_dims(t: torch.Tensor) -> range:
-    """The dims of ``t`` compiled as fixed sizes: all but the leading token dims — (tokens, …) or
-    (batch, seq, …) — which :func:`fused` marks dynamic."""
-    return range(min(t.dim() - 1, 2), t.dim())
-
-
 def signature(args: tuple) -> tuple:
-    """What a compiled kernel of a :func:`fused` function is specialised on: each tensor's dtype,
-    device, rank and fixed (feature) sizes, every other argument's value, and the CPU thread count
-    (a dynamo guard reads it: the data loader's pin-memory thread sets 1)."""
-    key = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.device, a.dim(), tuple(a.shape[d] for d in _static_dims(a))))
-        else:
-            key.append(a)
+    """What a compiled copy of a :func:`fused` function is kept for: each tensor's dtype, device and
+    rank, every other argument's value, and the CPU thread count (a dynamo guard reads it, and the
+    data loader's pin-memory thread sets 1). Feature sizes are left to dynamo: a second model shape
+    costs one recompile with those sizes symbolic, after which any shape is served."""
+    key = [(a.dtype, a.device, a.dim()) if isinstance(a, torch.Tensor) else a for a in args]
     return (*key, torch.get_num_threads())
 
 
 def _fresh_copy(fn):
     """``fn`` with a code object of its own. dynamo keeps compiled variants per code object and
     falls back to eager code (other rounding, more kernels) once one collects more than
-    ``recompile_limit`` (8) of them; a copy per :func:`signature` keeps every model shape, dtype and
-    thread count a process meets (a test session, a sweep, several runs in a notebook) compiled."""
+    ``recompile_limit`` (8) of them; a copy per :func:`signature` keeps every dtype, flag and thread
+    count a process meets (a test session, a sweep, several runs in a notebook) compiled."""
     code = fn.__code__.replace()
     return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
@@ -71,7 +61,7 @@ def fused(fn):
     marked dynamic (they vary with batch size, sequence length and the loss's last chunk) while head
     and feature dimensions stay static, so one compiled kernel serves every batch shape and still
     vectorises along features. Each :func:`signature` gets its own compiled copy of ``fn``, so
-    models of other shapes or dtypes in the same process never push a kernel back to eager code.
+    other dtypes, flags or thread counts in the same process never push a kernel back to eager code.
     If compilation fails the function runs eagerly from then on (slower, same numbers).
     """
     compiled: dict = {}

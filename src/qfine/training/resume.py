@@ -96,6 +96,29 @@ def resume_point(run_dir: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
+def finished_adapter(ckpt: Path, load_best: bool) -> Path:
+    """The checkpoint whose adapter a run that already reached its last step ends with: the best one
+    by eval loss when the run keeps the best (and it is still there), else ``ckpt``."""
+    state = ckpt / "trainer_state.json"
+    if load_best and state.is_file():
+        best = json.loads(state.read_text(encoding="utf-8")).get("best_model_checkpoint")
+        if best and Path(best).is_dir() and why_incomplete(Path(best)) is None:
+            return Path(best)
+    return ckpt
+
+
+def load_checkpoint_adapter(model, ckpt: Path) -> None:
+    """Put the adapter weights saved in checkpoint ``ckpt`` into ``model`` (a PeftModel)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ckpt / "adapter_model.safetensors"), device=str(next(model.parameters()).device))
+    result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if missing:
+        raise QfineError(f"{ckpt}: adapter weights {', '.join(missing[:3])} do not fit this model")
+
+
 class CheckpointSeal(TrainerCallback):
     """Seal each checkpoint once the Trainer has written all of it (see :func:`seal`)."""
 

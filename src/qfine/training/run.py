@@ -22,8 +22,8 @@ from ..errors import QfineError
 from ..fast import enable_fast_path, keep_dequantized, offload_checkpoints, release_dequantized
 from ..fsutil import atomic_dir, atomic_write_text
 from ..loading import describe, load_model, resolve_device
-from .resume import (DATA_RECORD, check_resume_config, check_resume_data, data_record, resume_point, step_of,
-                     truncate_metrics, write_data_record)
+from .resume import (DATA_RECORD, check_resume_config, check_resume_data, data_record, finished_adapter,
+                     load_checkpoint_adapter, resume_point, step_of, truncate_metrics, write_data_record)
 from .trainer import build_trainer, check_train_config
 
 
@@ -186,7 +186,14 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         print(f"[qfine] resident weights: {n} of {fast.layers} layers kept dequantized ({gib:.2f} GiB of "
               f"{cfg.train.resident_weights_gib:g})", flush=True)
     try:
-        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        if resume_step is not None and 0 < cfg.train.max_steps <= resume_step:
+            # killed after its last checkpoint: Trainer would run one more step before it checks the limit
+            done = finished_adapter(ckpt, cfg.train.load_best)
+            load_checkpoint_adapter(model, done)
+            print(f"[qfine] {ckpt.name} is the run's last step: nothing left to train; the adapter comes from "
+                  f"{done.name}", flush=True)
+        else:
+            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     except NonFiniteError as e:
         good = last_checkpoint(run_dir)
         facts.status = f"stopped: {e}"
