@@ -4,7 +4,7 @@ For each projection group of a shape (T tokens, r = 16 per adapter) it times, on
 already dequantized (bf16):
 
 * ``base``: the frozen GEMMs alone — forward y = x Wᵀ, backward dx = dy W;
-* ``separate`` (qfine's layers up to stop 12): plus x Aᵀ, y += (x Aᵀ) B_sᵀ (a read-modify-write of y),
+* ``separate`` (qfine's layers up to commit cc0315a): plus x Aᵀ, y += (x Aᵀ) B_sᵀ (a read-modify-write of y),
   dy B_s, dx += (dy B_s) A, dA, dB;
 * ``folded``: the LoRA terms ride in the base GEMMs along K — forward y = [x | x Aᵀ] [W | B_s]ᵀ,
   backward dx = [dy | dy B_s] [W ; A] — plus the same small GEMMs for x Aᵀ, dy B_s, dA, dB;

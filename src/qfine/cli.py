@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Read when CUDA first allocates (after this). Growing segments in place instead of caching fixed
     # blocks: Llama-3-8B at 1x131072 reserved 55.9 GiB for 35.6 allocated with it, 66.5 without
-    # (docs/benchmarks.md, stop 11); the CUDA-graph tests pass under it. A user's own setting wins.
+    # (docs/benchmarks.md, commit d8e57f7); the CUDA-graph tests pass under it. A user's own setting wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     quiet_libraries()
     ns = build_parser().parse_args(argv)

@@ -117,24 +117,23 @@ class TrainConfig:
     offload_checkpoints: bool = False
     """On CUDA, with gradient checkpointing (implied), keep each checkpointed layer input in pinned host
     memory instead of on the GPU (copied on a side stream, fetched back one layer ahead): the
-    leanest setting: Llama-3-8B at 2x2048 in 6.95 GiB instead of 7.7 GiB, as fast as on-GPU checkpointing
-    from 4x2048 on (see docs/benchmarks.md)."""
+    leanest setting, about as fast as on-GPU checkpointing at larger batches (docs/benchmarks.md)."""
     fast_path: bool = True
     """On CUDA, swap in fused QLoRA layers and a chunked loss for Llama, Mistral, Qwen2/3 and Gemma models
     (--no-fast-path: the plain peft path). Ignored on CPU and for other models."""
     resident_weights_gib: float = 0.0
     """With the fast path on CUDA: GiB of GPU memory in which the first decoder layers' frozen 4-bit
     weights stay dequantized, so those layers skip the dequantize in every forward and backward
-    (Llama-3-8B: 0.41 GiB and ~0.5 ms a step per layer on an H100). 0: dequantize every time, the
-    least memory. Peak memory grows by about this much."""
+    (docs/benchmarks.md: the cost per layer and the speed-up). 0: dequantize every time, the least
+    memory. Peak memory grows by about this much."""
     cuda_graphs: bool = True
     """With the fast path on (bf16 or fp32, LoRA dropout 0): pad each training micro-batch to one of 4
     lengths up to max_seq_len and replay its forward + backward as one CUDA graph after two warm-up
-    steps (H100, qfine train at stop 12: Llama-3-8B 2x2048 14.4-14.6k vs 12.7k tok/s eager; 1B 4x2048 67-69k
-    vs 54k; docs/benchmarks.md has the later numbers).
+    steps; this removes the Python launch cost that bounds small batches (docs/benchmarks.md).
     TRL's mean_token_accuracy and entropy are then not logged."""
     seed: int = 42
-    """Random seed for LoRA initialisation, dropout and data order."""
+    """Random seed for LoRA initialisation, dropout and data order: the same config and seed give the
+    same loss curve (bit for bit on CPU; docs/benchmarks.md gives the GPU tolerance)."""
     logging_steps: int = 1
     """Log loss, lr, grad norm and tokens/s every N steps."""
     save_steps: int = 100
