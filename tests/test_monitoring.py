@@ -102,7 +102,7 @@ def test_report_html_is_self_contained(tiny_dir, tmp_path):
     page = (run / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3  # loss, lr, grad norm (+ throughput)
     assert "src='http" not in page and "<script" not in page and "<link" not in page
-    assert "Sample generations" in page and "What day was I born?" in page
+    assert "Sample answers" in page and "What day was I born?" in page
     assert "trainable parameters" in page and "tokens/s" in page
     assert "max_steps: 6" in page
 

@@ -54,7 +54,17 @@ def cmd_generate(ns):
     from .inference import generate, load_for_inference
 
     loaded = load_for_inference(ns.target, _model_cfg(ns))
-    text = generate(loaded, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p)
+    if loaded.task == "seq-cls":
+        raise QfineError(f"{ns.target} is a seq-cls run: it predicts labels; use qfine predict {ns.target} --text ...")
+    if loaded.task == "seq2seq":  # the prompt is the source text, no chat template
+        import dataclasses
+
+        from .tasks.seq2seq import generate as generate_target
+
+        gen = dataclasses.replace(loaded.generation, max_new_tokens=ns.max_new_tokens)
+        text = generate_target(loaded.model, loaded.tokenizer, [ns.prompt], gen, loaded.data.max_seq_len)[0]
+    else:
+        text = generate(loaded, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p)
     sys.stdout.write(text + "\n")
 
 

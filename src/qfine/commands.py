@@ -21,6 +21,11 @@ def cmd_merge(ns) -> None:
     out = Path(ns.out)
     if out.exists() and not ns.overwrite:
         raise QfineError(f"{out} already exists; pass --overwrite to replace it")
+    from . import config as C
+
+    task = C.load_yaml(Path(ns.run_dir) / "config.yaml").model.task
+    if ns.requantize and task != "causal-lm":
+        raise QfineError(f"--requantize serves causal-lm runs; this is a {task} run: merge it to 16-bit instead")
     loaded = load_for_inference(ns.run_dir)
     if ns.base == "pristine":
         print("[qfine] merging onto the pristine 16-bit weights: this adds back the quantization error the adapter "
@@ -116,6 +121,15 @@ def cmd_data_chitchat(ns) -> None:
     print(f"wrote {n_train} training and {n_eval} eval conversations to {ns.out}/train.jsonl, eval.jsonl")
 
 
+def cmd_data_sentiment(ns) -> None:
+    """Write the lexicon-based sentiment task (train.jsonl + eval.jsonl, eval words unseen in training)."""
+    from .data.sentiment import build
+
+    n_train, n_eval = build(ns.out, ns.words)
+    print(f"wrote {n_train} training and {n_eval} eval rows to {ns.out}/train.jsonl, eval.jsonl "
+          "(the eval rows' sentiment words never occur in training)")
+
+
 def cmd_eval(ns) -> None:
     """Perplexity and generation metrics for a run (base / base+adapter / merged) or a model."""
     import dataclasses
@@ -128,8 +142,9 @@ def cmd_eval(ns) -> None:
     from .inference import is_run_dir, load_for_inference
     from .loading import load_model
 
-    metrics = parse_metrics(ns.metrics)
+    metrics = parse_metrics(ns.metrics or "perplexity")
     data = C.DataConfig(max_seq_len=ns.max_seq_len or 512)
+    max_new = ns.max_new_tokens or 64
     rows: dict[str, dict[str, float]] = {}
     if ns.compare_quant:
         if is_run_dir(ns.target):
@@ -140,7 +155,7 @@ def cmd_eval(ns) -> None:
             loaded.model.eval()
             if examples is None:  # same tokenizer for every precision: tokenize once
                 examples = load_examples(ns.data, loaded.tokenizer, data, ns.limit)
-            rows[q] = evaluate_model(loaded, examples, metrics, ns.max_new_tokens)[0]
+            rows[q] = evaluate_model(loaded, examples, metrics, max_new)[0]
             del loaded
         first = "base precision"
     elif is_run_dir(ns.target):
@@ -149,13 +164,15 @@ def cmd_eval(ns) -> None:
         # columns, template, loss_on); only the length limit follows the flag when it is given
         data = dataclasses.replace(loaded.data, path=ns.data, eval_path=None, streaming=False, packing=False,
                                    max_seq_len=ns.max_seq_len or loaded.data.max_seq_len)
+        if loaded.task != "causal-lm":
+            return _eval_task_run(ns, loaded, data)
         examples = load_examples(ns.data, loaded.tokenizer, data, ns.limit)
-        rows = compare_run(loaded, examples, metrics, ns.max_new_tokens)
+        rows = compare_run(loaded, examples, metrics, max_new)
         first = "model"
     else:
         loaded = load_for_inference(ns.target, C.ModelConfig(quantization=ns.quantization))
         examples = load_examples(ns.data, loaded.tokenizer, data, ns.limit)
-        rows[ns.target] = evaluate_model(loaded, examples, metrics, ns.max_new_tokens)[0]
+        rows[ns.target] = evaluate_model(loaded, examples, metrics, max_new)[0]
         first = "model"
     if ns.output == "json":
         json.dump({"target": ns.target, "data": ns.data, "examples": len(examples), "results": rows}, sys.stdout, indent=2)
@@ -163,6 +180,92 @@ def cmd_eval(ns) -> None:
     else:
         print(f"{ns.target} on {ns.data} ({len(examples)} examples)")
         print(format_table(rows, first))
+
+
+def _generation_overrides(ns, gen):
+    """The run's generation settings with the command line's --num-beams etc. applied."""
+    import dataclasses
+
+    given = {k: getattr(ns, k, None) for k in ("num_beams", "length_penalty", "min_new_tokens", "max_new_tokens")}
+    return dataclasses.replace(gen, **{k: v for k, v in given.items() if v is not None})
+
+
+def _eval_task_run(ns, loaded, data) -> None:
+    """qfine eval for a seq-cls run (accuracy, macro-F1, confusion matrix) or a seq2seq run (ROUGE/BLEU)."""
+    import json
+    import sys
+
+    from .evaluation.metrics import parse_metrics
+    from .evaluation.run import format_table
+    from .evaluation.tasks import compare_classifier, compare_seq2seq
+
+    confusion = None
+    if loaded.task == "seq-cls":
+        rows, confusion, n = compare_classifier(loaded, ns.data, data, ns.limit)
+    else:
+        loaded.generation = _generation_overrides(ns, loaded.generation)
+        rows, n = compare_seq2seq(loaded, ns.data, data, parse_metrics(ns.metrics or "rouge,bleu"), ns.limit)
+    if ns.output == "json":
+        out = {"target": ns.target, "data": ns.data, "examples": n, "results": rows}
+        if confusion is not None:
+            out.update(labels=loaded.labels, confusion=confusion)
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    print(f"{ns.target} on {ns.data} ({n} examples)")
+    print(format_table(rows, "model"))
+    if confusion is not None:
+        from .tasks.classify import confusion_table
+
+        print("\nconfusion matrix of base+adapter (rows: true label, columns: predicted)")
+        print(confusion_table(confusion, loaded.labels))
+
+
+def cmd_predict(ns) -> None:
+    """Labels with probabilities (seq-cls runs) or generated targets (seq2seq runs), one line per input."""
+    import json
+    import sys
+
+    from .inference import generate, is_run_dir, load_for_inference
+
+    if not is_run_dir(ns.run_dir):
+        raise QfineError(f"{ns.run_dir} is not a finished qfine run (config.yaml and adapter/ expected)")
+    if not ns.text and not ns.data:
+        raise QfineError("give --text TEXT (repeatable) or --data FILE")
+    loaded = load_for_inference(ns.run_dir)
+    field = {"seq-cls": "text", "seq2seq": "source"}.get(loaded.task, "prompt")
+    texts = list(ns.text or [])
+    if ns.data:
+        from .tasks.rows import RowStats, read_fields
+
+        texts += [v[0] for _, v in read_fields(ns.data, loaded.data, ("text" if field == "prompt" else field,),
+                                               RowStats())]
+    if loaded.task == "seq-cls":
+        from .tasks.classify import predict
+
+        results = predict(loaded.model, loaded.tokenizer, texts, loaded.labels, loaded.data.max_seq_len)
+    elif loaded.task == "seq2seq":
+        from .tasks.seq2seq import generate as generate_targets
+
+        gen = _generation_overrides(ns, loaded.generation)
+        results = [{"output": t} for t in generate_targets(loaded.model, loaded.tokenizer, texts, gen,
+                                                          loaded.data.max_seq_len)]
+    else:
+        results = [{"output": generate(loaded, t, max_new_tokens=ns.max_new_tokens or 128)} for t in texts]
+    for text, r in zip(texts, results):
+        if ns.output == "json":
+            sys.stdout.write(json.dumps({"input": text, **r}, ensure_ascii=False) + "\n")
+        elif "label" in r:
+            probs = " ".join(f"{k}={v:.3f}" for k, v in r["probabilities"].items())
+            sys.stdout.write(f"{r['label']}\t{probs}\t{text}\n")
+        else:
+            sys.stdout.write(r["output"] + "\n")
+
+
+def _add_generation_settings(p) -> None:
+    p.add_argument("--num-beams", type=int, help="beams (default: the run's generation.num_beams)")
+    p.add_argument("--length-penalty", type=float, help="beam-search length penalty (default: the run's)")
+    p.add_argument("--min-new-tokens", type=int, help="generate at least this many tokens (default: the run's)")
 
 
 def register(sub) -> None:
@@ -185,6 +288,10 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, help="conversations to convert (default: all ~7k)")
     p.add_argument("--max-turns", type=int, default=8, help="turns kept per conversation")
     p.set_defaults(func=cmd_data_chitchat)
+    p = data.add_parser("sentiment", help="a sentiment task from the VADER lexicon's human ratings (vaderSentiment, MIT)")
+    p.add_argument("--out", default="data/sentiment", help="folder for train.jsonl and eval.jsonl")
+    p.add_argument("--words", type=int, default=200, help="positive words (and as many negative) to use")
+    p.set_defaults(func=cmd_data_sentiment)
 
     p = sub.add_parser("merge", help="exact merge of a run's adapter into a 16-bit model",
                        description="W = cast(dequant(W4).float() + scaling * B @ A) per adapted layer, written as "
@@ -203,15 +310,27 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="perplexity and generation metrics; base vs adapter vs merged for a run")
     p.add_argument("target", help="a run directory, or a model source (folder, .gguf, hub id, default)")
     p.add_argument("--data", required=True, help="evaluation data (any format qfine train reads)")
-    p.add_argument("--metrics", default="perplexity", help="comma list of perplexity,bleu,chrf,rouge,exact_match,accuracy")
+    p.add_argument("--metrics", help="comma list of perplexity,bleu,chrf,rouge,exact_match,accuracy (default: "
+                                      "perplexity; seq2seq runs rouge,bleu; seq-cls runs always accuracy and macro-F1)")
     p.add_argument("--limit", type=int, help="evaluate the first N rows only")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generation length for the generation metrics")
+    p.add_argument("--max-new-tokens", type=int, help="generation length for the generation metrics (default 64, "
+                                                      "or a seq2seq run's generation.max_new_tokens)")
+    _add_generation_settings(p)
     p.add_argument("--max-seq-len", type=int,
                    help="truncate examples for perplexity (default: the run's data.max_seq_len, else 512)")
     p.add_argument("--quantization", default="nf4", help="how to load a plain model source")
     p.add_argument("--compare-quant", help="e.g. nf4,fp4,int8,none: one row per base precision of a model source")
     p.add_argument("--output", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="labels with probabilities (seq-cls runs) or outputs (seq2seq runs)")
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--text", action="append", help="an input text (repeat for several)")
+    p.add_argument("--data", help="a data file: its text (seq-cls) or source (seq2seq) column is read")
+    p.add_argument("--max-new-tokens", type=int, help="seq2seq/causal-lm: generate at most this many tokens")
+    _add_generation_settings(p)
+    p.add_argument("--output", choices=["text", "json"], default="text", help="text lines or JSON lines")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="teach the bundled model one fact; compare before/after/merged answers")
     p.add_argument("--model", default="default", help="model source (default: bundled SmolLM2-135M-Instruct)")

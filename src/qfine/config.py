@@ -35,6 +35,10 @@ class ModelConfig:
     """auto (cuda when available, else cpu), cpu or cuda."""
     trust_remote_code: bool = False
     """Run modelling code shipped with a hub model. Off unless asked for."""
+    task: str = "causal-lm"
+    """What the model learns: causal-lm (chat/instruction replies), seq-cls (a label per text: the base
+    gets a classification head, trained in full and never quantized) or seq2seq (an encoder-decoder
+    such as T5 or BART maps a source text to a target text)."""
 
 
 @dataclass
@@ -86,6 +90,8 @@ class DataConfig:
     """Batch examples of similar length together to waste less padding."""
     streaming: bool = False
     """Read and tokenize rows lazily while training (bounded memory for huge files; needs max_steps)."""
+    max_target_len: int = 128
+    """seq2seq: target texts longer than this many tokens are truncated (sources follow max_seq_len)."""
 
 
 @dataclass
@@ -153,6 +159,18 @@ class TrainConfig:
 
 
 @dataclass
+class GenerationSettings:
+    num_beams: int = 1
+    """Beams for generation (1: greedy, or sampling when --temperature > 0 where offered)."""
+    length_penalty: float = 1.0
+    """Beam search: > 1 favours longer outputs, < 1 shorter ones (exponent on the length)."""
+    min_new_tokens: int = 0
+    """Generate at least this many tokens."""
+    max_new_tokens: int = 128
+    """Generate at most this many tokens."""
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/qfine"
     """Run directory: adapter/, checkpoints/, metrics.jsonl, tensorboard/, config.yaml."""
@@ -160,12 +178,15 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    """How the run's model generates for report samples, eval and generate (seq2seq summaries above all)."""
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraSettings, "data": DataConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraSettings, "data": DataConfig, "train": TrainConfig,
+                             "generation": GenerationSettings}
 
 # Flag names: a section prefix plus the field name, with a few short names the README promises.
-_FLAG_PREFIX = {"model": "", "lora": "lora-", "data": "", "train": ""}
+_FLAG_PREFIX = {"model": "", "lora": "lora-", "data": "", "train": "", "generation": ""}
 _FLAG_OVERRIDE = {("model", "source"): "model", ("data", "path"): "data", ("data", "eval_path"): "eval-data"}
 
 

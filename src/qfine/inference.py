@@ -28,9 +28,14 @@ def load_for_inference(target: str, model_cfg: C.ModelConfig | None = None) -> L
     """
     if is_run_dir(target):
         cfg = C.load_yaml(Path(target) / "config.yaml")
-        loaded = load_model(cfg.model)
+        labels = None
+        if cfg.model.task == "seq-cls":
+            from .tasks.classify import read_labels
+
+            labels = read_labels(Path(target))
+        loaded = load_model(cfg.model, labels)
         loaded.model = load_adapter(loaded.model, Path(target) / "adapter")
-        loaded.data = cfg.data
+        loaded.data, loaded.generation = cfg.data, cfg.generation
         template = cfg.data.template
     else:
         if Path(target).is_dir() and (Path(target) / "config.yaml").is_file():
@@ -41,7 +46,8 @@ def load_for_inference(target: str, model_cfg: C.ModelConfig | None = None) -> L
         template = "auto"
     loaded.model.eval()
     loaded.model.config.use_cache = True
-    set_template(loaded.tokenizer, template)
+    if loaded.task == "causal-lm":
+        set_template(loaded.tokenizer, template)
     return loaded
 
 

@@ -153,17 +153,19 @@ def _hub_error(source: str, err: Exception | None) -> QfineError:
                       "Download it while online, or pass a local folder or .gguf file.")
 
 
-def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
-    """The bitsandbytes config for ``cfg.quantization``, or None for ``none``."""
+def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, keep: tuple[str, ...] = ()):
+    """The bitsandbytes config for ``cfg.quantization``, or None for ``none``. ``keep``: module names
+    left unquantized (a task's head); empty keeps transformers' default (the output embedding)."""
     from transformers import BitsAndBytesConfig
 
     q = cfg.quantization
+    skip = {"llm_int8_skip_modules": list(keep)} if keep else {}
     if q in ("nf4", "fp4"):
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q,
                                   bnb_4bit_use_double_quant=cfg.double_quant,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype, **skip)
     if q == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     if q == "none":
         return None
     raise QfineError(f"model.quantization must be nf4, fp4, int8 or none, not {q!r}")
@@ -204,6 +206,9 @@ class Loaded:
     # the data settings of the run the adapter was trained in (system prompt, template, format,
     # columns, loss_on), so that serving and scoring see prompts as training did; None for a bare model
     data: object = None
+    task: str = "causal-lm"
+    labels: list | None = None  # seq-cls: class names in label-id order
+    generation: object = None  # the run's GenerationSettings, when loaded from a run
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):
@@ -216,21 +221,30 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(cfg: ModelConfig | str = "default", **overrides) -> Loaded:
-    """Load a causal LM, quantized per ``cfg``, on the resolved device.
+def load_model(cfg: ModelConfig | str = "default", labels: list[str] | None = None, **overrides) -> Loaded:
+    """Load the model of ``cfg.task`` (a causal LM by default), quantized per ``cfg``, on the resolved device.
 
     ``cfg`` may be a :class:`ModelConfig` or just a source string; keyword ``overrides`` set
-    ModelConfig fields (``load_model("default", quantization="fp4")``).
+    ModelConfig fields (``load_model("default", quantization="fp4")``). ``labels``: the class names
+    of a ``seq-cls`` model, in label-id order (its head gets one output per label and is kept out
+    of quantization).
     """
-    from transformers import AutoModelForCausalLM
+    from .tasks import auto_class, task_spec
 
     if isinstance(cfg, str):
         cfg = ModelConfig(source=cfg)
     for k, v in overrides.items():
         setattr(cfg, k, v)
+    spec = task_spec(cfg.task)
+    head: dict = {}
+    if cfg.task == "seq-cls":
+        if not labels or len(labels) < 2:
+            raise QfineError("a seq-cls model needs at least two labels")
+        head = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                    label2id={name: i for i, name in enumerate(labels)})
     device = resolve_device(cfg.device)
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
-    qconfig = quantization_config(cfg, compute_dtype)
+    qconfig = quantization_config(cfg, compute_dtype, spec.heads)
     source = resolve_source(cfg.source)
     if _prequantized(source):
         qconfig = None  # the checkpoint carries its own (e.g. a `qfine merge --requantize` output)
@@ -240,16 +254,25 @@ def load_model(cfg: ModelConfig | str = "default", **overrides) -> Loaded:
         quant = {"quantization_config": qconfig} if qconfig is not None else {}
         # no attn_implementation: transformers picks SDPA where the architecture supports it and eager
         # attention otherwise (asking for "sdpa" outright fails to load e.g. Gemma 2)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=compute_dtype, device_map={"": device}, trust_remote_code=cfg.trust_remote_code, **quant)
+        model = auto_class(cfg.task).from_pretrained(
+            source, dtype=compute_dtype, device_map={"": device}, trust_remote_code=cfg.trust_remote_code,
+            **quant, **head)
     except OSError as e:
         if Path(source).is_dir():
             raise QfineError(f"cannot load model from {source}: {e}") from None
         raise _hub_error(cfg.source, e) from None
+    except ValueError as e:  # e.g. a decoder-only model asked for as seq2seq
+        if "Unrecognized configuration class" in str(e):
+            raise QfineError(f"{cfg.source} cannot be loaded for model.task {cfg.task}: "
+                             f"{str(e).splitlines()[0]}") from None
+        raise
     guard_cpu_repack(model)
+    if cfg.task == "seq-cls" and model.config.pad_token_id is None:
+        # the head pools the last non-pad token of each row: it must know which id pads
+        model.config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)  # the base is frozen; LoRA adds what trains
     model.config.use_cache = False  # re-enabled for generation
-    return Loaded(model, tokenizer, source, device, compute_dtype)
+    return Loaded(model, tokenizer, source, device, compute_dtype, task=cfg.task, labels=labels)
 
 
 def _prequantized(source: str) -> bool:

@@ -100,6 +100,7 @@ def merged_tensors(model: torch.nn.Module, dtype: torch.dtype,
     tied = bool(getattr(base.config, "tie_word_embeddings", False)) and not unties_embeddings(base)
     out_emb = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     skip_prefixes: list[str] = []
+    written: set[int] = set()  # ids of the parameters yielded so far
     for name, module in base.named_modules():
         if any(name.startswith(p) for p in skip_prefixes):
             continue
@@ -132,7 +133,11 @@ def merged_tensors(model: torch.nn.Module, dtype: torch.dtype,
             skip_prefixes.append(prefix)
             continue
         for pname, p in module.named_parameters(recurse=False):
-            yield prefix + pname, p.detach().to(dtype).contiguous()
+            if id(p) in written and module is not out_emb:
+                continue  # one tensor shared by several modules (T5/BART's embeddings): once, re-tied on load
+            t = p.detach().to(dtype)
+            yield prefix + pname, (t.clone() if id(p) in written else t).contiguous()
+            written.add(id(p))
         for bname, b in module.named_buffers(recurse=False):
             if bname not in module._non_persistent_buffers_set:
                 yield prefix + bname, b.detach().contiguous()

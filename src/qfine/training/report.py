@@ -29,6 +29,7 @@ class ReportFacts:
     samples: list[tuple[str, str, str]] = field(default_factory=list)  # (prompt, before, after)
     samples_note: str = ""
     status: str = "finished"
+    confusion: tuple[list[str], list[list[int]]] | None = None  # seq-cls: (labels, counts[true][predicted]) on eval
 
 
 def _png(fig) -> str:
@@ -135,9 +136,18 @@ def render(run_dir: Path, facts: ReportFacts) -> str:
                   for c, b64 in _plots(rows)]
         parts.append("</div>")
     if facts.samples:
-        parts.append(f"<h2>Sample generations</h2><p class=note>{e(facts.samples_note)}</p>")
-        parts.append("<table><tr><th style='width:26%'>prompt</th><th>before training</th><th>after training</th></tr>")
+        parts.append(f"<h2>Sample answers</h2><p class=note>{e(facts.samples_note)}</p>")
+        parts.append("<table><tr><th style='width:26%'>input</th><th>before training</th><th>after training</th></tr>")
         parts += [f"<tr><td>{e(p)}</td><td>{e(b)}</td><td>{e(a)}</td></tr>" for p, b, a in facts.samples]
+        parts.append("</table>")
+    if facts.confusion is not None:
+        labels, counts = facts.confusion
+        right, total = sum(counts[i][i] for i in range(len(labels))), sum(map(sum, counts))
+        parts.append(f"<h2>Confusion matrix (eval data)</h2><p class=note>rows: true label, columns: predicted; "
+                     f"accuracy {100.0 * right / max(total, 1):.1f}% of {total}</p><table><tr><th>true \\ predicted</th>"
+                     + "".join(f"<th>{e(n)}</th>" for n in labels) + "</tr>")
+        parts += ["<tr><th>" + e(labels[g]) + "</th>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>"
+                  for g, row in enumerate(counts)]
         parts.append("</table>")
     parts.append(f"<h2>Configuration</h2><pre>{e(facts.config_yaml)}</pre>")
     parts.append("</main></body></html>")

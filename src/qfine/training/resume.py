@@ -172,10 +172,14 @@ def data_record(train_ds) -> dict | None:
     for batch in train_ds.iter(batch_size=4096):
         for name in ("input_ids", "labels"):
             rows = batch[name]
+            if rows and not isinstance(rows[0], list):  # one label per row (seq-cls)
+                h.update(np.asarray(rows, dtype=np.int64).tobytes())
+                continue
             lengths = np.fromiter(map(len, rows), dtype=np.int64)
             h.update(lengths.tobytes())
             h.update(np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64).tobytes())
-        tokens += int(lengths.sum())
+            if name == "input_ids":
+                tokens += int(lengths.sum())
     return {"rows": len(train_ds), "tokens": tokens, "sha256": h.hexdigest()}
 
 

@@ -24,7 +24,11 @@ from ..fsutil import atomic_dir, atomic_write_text
 from ..loading import describe, load_model, resolve_device
 from .resume import (DATA_RECORD, check_resume_config, check_resume_data, data_record, finished_adapter,
                      load_checkpoint_adapter, resume_point, step_of, truncate_metrics, write_data_record)
-from .trainer import build_trainer, check_train_config
+from ..tasks import task_spec
+from ..tasks.classify import build_datasets as classify_datasets, dataset_scores, label_set, save_labels
+from ..tasks.seq2seq import build_datasets as seq2seq_datasets, safe_precision
+from .samples import Samples
+from .trainer import build_trainer, check_train_config, resolve_precision
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -81,41 +85,29 @@ def save_adapter(model, tokenizer, out: Path, base_source: str) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def _sample_prompts(cfg: C.RunConfig) -> tuple[list[list[dict]], str]:
-    """Up to ``train.report_samples`` prompts for the report: from the eval data, else the training data."""
-    from ..data.pipeline import prompt_and_reply, row_messages
-    from ..data.readers import BadRow, read_rows
-
-    n = cfg.train.report_samples
-    source = cfg.data.eval_path or cfg.data.path
-    note = ("held-out prompts from " + str(cfg.data.eval_path)) if cfg.data.eval_path else \
-        f"no separate eval file: prompts from the training data {cfg.data.path}"
-    prompts = []
-    for where, row in read_rows(source, cfg.data.split):
-        if len(prompts) >= n:
-            break
-        if isinstance(row, BadRow):
-            continue
-        try:
-            msgs = row_messages(row, cfg.data, where)
-        except QfineError:
-            continue
-        if msgs[0]["role"] != "text":
-            prompts.append(prompt_and_reply(msgs)[0])
-    return prompts, note
-
-
-def _answers(model, tokenizer, device, prompts) -> list[str]:
-    """Greedy replies (48 tokens at most) of ``model`` as it is now."""
-    from ..inference import generate
-    from ..loading import Loaded
-
-    was_training = model.training
-    model.eval()
-    try:
-        return [generate(Loaded(model, tokenizer, "", device, None), p, max_new_tokens=48) for p in prompts]
-    finally:
-        model.train(was_training)
+def _model_and_data(cfg: C.RunConfig):
+    """Load the model of ``cfg.model.task`` and tokenize its data →
+    ``(loaded, train_ds, eval_ds, data line, labels or None)``. A seq-cls label set is read from the
+    training rows first: the model's head is built with one output per label."""
+    task = task_spec(cfg.model.task).name
+    labels = label_set(cfg.data) if task == "seq-cls" else None
+    loaded = load_model(cfg.model, labels)
+    tok = loaded.tokenizer
+    if task == "causal-lm":
+        train_ds, eval_ds, stats = build_datasets(tok, cfg.data, cfg.train.seed)
+    else:
+        build = classify_datasets if task == "seq-cls" else seq2seq_datasets
+        train_ds, eval_ds, stats = (build(tok, cfg.data, labels, cfg.train.seed) if labels else
+                                    build(tok, cfg.data, cfg.train.seed))
+    if cfg.data.streaming:
+        return loaded, train_ds, eval_ds, f"data: streaming {cfg.data.path}", labels
+    held = f", {len(eval_ds)} held out for eval" if eval_ds is not None and not cfg.data.eval_path else ""
+    line = (f"data: {stats.rows} rows ({stats.tokens} tokens){held}; {stats.truncated} truncated to "
+            f"{cfg.data.max_seq_len}, {getattr(stats, 'dropped', 0)} dropped, {stats.skipped} bad rows skipped"
+            + (f", {stats.no_target} with no token to predict left out" if getattr(stats, "no_target", 0) else ""))
+    if labels:
+        line += f"; labels: {', '.join(labels)}"
+    return loaded, train_ds, eval_ds, line, labels
 
 
 def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callbacks=()) -> Path:
@@ -136,24 +128,29 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         print(f"[qfine] {line}", flush=True)
 
     # Everything that can fail on user input (model, data, targets) runs before the run dir is touched.
-    loaded = load_model(cfg.model)
+    loaded, train_ds, eval_ds, data_line, labels = _model_and_data(cfg)
     tokenizer = loaded.tokenizer
-    train_ds, eval_ds, stats = build_datasets(tokenizer, cfg.data, cfg.train.seed)
-    if cfg.data.streaming:
-        data_line = f"data: streaming {cfg.data.path}"
-    else:
-        held = f", {len(eval_ds)} held out for eval" if eval_ds is not None and not cfg.data.eval_path else ""
-        data_line = (f"data: {stats.rows} rows ({stats.tokens} tokens){held}; {stats.truncated} truncated to "
-                     f"{cfg.data.max_seq_len}, {stats.dropped} dropped, {stats.skipped} bad rows skipped"
-                     + (f", {stats.no_target} with no token to predict left out" if stats.no_target else ""))
     print(f"[qfine] {data_line}", flush=True)
+    if cfg.model.task == "seq2seq":
+        import torch
+
+        bf16_ok = device == "cuda" and torch.cuda.is_bf16_supported()
+        precision = resolve_precision(cfg.train.precision, device, cfg.model.compute_dtype)
+        cfg.train.precision, why = safe_precision(precision, loaded.model.config.model_type, bf16_ok)
+        if why:
+            print(f"[qfine] {why}", flush=True)
     data = data_record(train_ds)
     if ckpt is not None:
         check_resume_data(run_dir, data, cfg.data.path)
 
     offload = cfg.train.offload_checkpoints
-    model = add_lora(loaded.model, cfg.lora, cfg.train.gradient_checkpointing or offload, seed=cfg.train.seed)
-    fast = enable_fast_path(model, device) if cfg.train.fast_path else None
+    model = add_lora(loaded.model, cfg.lora, cfg.train.gradient_checkpointing or offload, seed=cfg.train.seed,
+                     task_type=task_spec(cfg.model.task).peft_type)
+    fast = None
+    if cfg.train.fast_path and cfg.model.task == "causal-lm":
+        fast = enable_fast_path(model, device)
+    elif cfg.train.fast_path and device == "cuda":
+        print(f"[qfine] fast path off: the fused layers serve causal LMs, not model.task {cfg.model.task}", flush=True)
     if fast is not None:
         print(f"[qfine] {fast}", flush=True)
     if offload and device == "cuda":
@@ -164,10 +161,12 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
               flush=True)
     footprint = f"{cfg.model.source} ({cfg.model.quantization}) on {device}: {describe(model)}"
     print(f"[qfine] {footprint}", flush=True)
-    prompts, note = _sample_prompts(cfg) if cfg.train.report_samples > 0 else ([], "")
-    before = _answers(model, tokenizer, device, prompts)
+    samples = Samples(cfg, labels)
+    before = samples.answers(model, tokenizer, device)
     start_run_dir(run_dir, resume)
     atomic_write_text(run_dir / "config.yaml", C.to_yaml(cfg))
+    if labels:
+        save_labels(run_dir, labels)
     if ckpt is None or not (run_dir / DATA_RECORD).is_file():
         write_data_record(run_dir, data)
     resume_step = step_of(ckpt) if ckpt is not None else None
@@ -179,7 +178,7 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         print(f"[qfine] {trainer.enable_cuda_graphs(cfg.data.max_seq_len)}", flush=True)
     facts = ReportFacts(title=f"qfine run · {run_dir.name}", model=f"{cfg.model.source} · {cfg.model.quantization}",
                         device=device, footprint=footprint, data=data_line, config_yaml=C.to_yaml(cfg),
-                        samples_note=note)
+                        samples_note=samples.note)
     if fast is not None and fast.layers and cfg.train.resident_weights_gib > 0:
         dtype = model.get_input_embeddings().weight.dtype  # the dtype the fused layers compute in
         n, gib = keep_dequantized(model, cfg.train.resident_weights_gib, dtype)
@@ -203,10 +202,12 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
                          "check the data, then --resume or start over.") from None
     finally:
         release_dequantized(model)
-    if trainer.graphed is not None:
+    if getattr(trainer, "graphed", None) is not None:
         print(f"[qfine] {trainer.graphed.summary()}", flush=True)
     save_adapter(model, tokenizer, run_dir / "adapter", loaded.source)
-    facts.samples = list(zip([p[-1]["content"] for p in prompts], before, _answers(model, tokenizer, device, prompts)))
+    facts.samples = list(zip(samples.shown(), before, samples.answers(model, tokenizer, device)))
+    if labels and eval_ds is not None:
+        facts.confusion = (labels, dataset_scores(model, tokenizer, eval_ds, len(labels))["confusion"])
     atomic_write_text(run_dir / "report.html", render(run_dir, facts))
     print(f"[qfine] adapter saved to {run_dir / 'adapter'}; report: {run_dir / 'report.html'}", flush=True)
     return run_dir

@@ -74,23 +74,13 @@ def _version_compat(config_cls, cfg: RunConfig) -> dict:
     return kw
 
 
-def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: Path, device: str,
-                  callbacks=(), resume_step: int | None = None):
-    """SFTTrainer over pre-tokenized ``input_ids``/``labels`` datasets, logging into ``run_dir``
-    (CUDA graphs for the training step are switched on separately: ``enable_cuda_graphs``).
-    ``resume_step``: the step of the checkpoint a resumed run continues from (TensorBoard then
-    drops the events the killed run logged after it)."""
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers.integrations import TensorBoardCallback
-    from trl import SFTConfig
-
-    from .graphed import QfineSFTTrainer
-
+def _arguments(args_cls, cfg: RunConfig, run_dir: Path, device: str, eval_ds, **task_args):
+    """``args_cls`` (TrainingArguments or a subclass) from the config: what every task shares."""
     t = cfg.train
     precision = resolve_precision(t.precision, device, cfg.model.compute_dtype)
     cuda = device == "cuda"  # resolve_device gives "cuda" or "cpu"
     workers = 2 if cuda and not cfg.data.streaming else 0
-    args = SFTConfig(**_version_compat(SFTConfig, cfg), **dict(
+    return args_cls(**_version_compat(args_cls, cfg), **dict(
         output_dir=str(run_dir / "checkpoints"),
         max_steps=t.max_steps,
         num_train_epochs=t.epochs,
@@ -127,37 +117,59 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
         # On CUDA the host must never make the GPU wait for data. Each batch's host→device copy is
         # asynchronous (Trainer's blocking copy waited for the GPU's whole queue, then the GPU idled
         # while the host prepared the step), and batches are collated by worker processes and pinned
-        # in a thread ahead of time: collating 4×2048 tokens in the loop took ~6 ms with the GPU idle
-        # after each host read of the logged loss (H100, 1B 4×2048: 68,893 → 72,534 tok/s). A stream
-        # keeps one reader (workers would each need their own shard of it).
+        # in a thread ahead of time (docs/benchmarks.md: the GPU sat idle ~6 ms a step collating
+        # 4×2048 tokens). A stream keeps one reader (workers would each need their own shard of it).
         accelerator_config={"non_blocking": cuda},
         dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0,
-        max_length=cfg.data.max_seq_len,
-        # Packing puts several examples in one row with restarting position_ids (TRL's best-fit
-        # decreasing); attention is then confined to each example (padding-free batches).
-        packing=cfg.data.packing,
-        packing_strategy="bfd",
-        shuffle_dataset=not cfg.data.streaming,
-        dataset_num_proc=None,
-        remove_unused_columns=True,
         disable_tqdm=False,
+        **task_args,
     ))
+
+
+def _callbacks(cfg: RunConfig, run_dir: Path, eval_ds, resume_step: int | None, args, callbacks) -> list:
+    """qfine's callbacks, in the order they must run: the guard raises before anything logs a bad
+    step; MetricsJsonl adds tokens/s and perplexity to the log dict before TensorBoard writes it.
+    ``resume_step``: the step a resumed run continues from (TensorBoard drops later events)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
     purge = resume_step + 1 if resume_step is not None else None
     tb = TensorBoardCallback(tb_writer=SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge))
     extra = []
-    if eval_ds is not None and t.early_stopping_patience > 0:
+    if eval_ds is not None and cfg.train.early_stopping_patience > 0:
         from transformers import EarlyStoppingCallback
 
-        extra.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-    # Order matters: the guard raises before anything logs a bad step; MetricsJsonl adds tokens/s
-    # and perplexity to the log dict before TensorBoard writes it.
+        extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    return [NonFiniteGuard(loss_scaled=bool(args.fp16)), MetricsJsonl(run_dir / "metrics.jsonl"), tb,
+            CheckpointSeal(), *extra, *callbacks]
+
+
+def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: Path, device: str,
+                  callbacks=(), resume_step: int | None = None):
+    """The trainer of ``cfg.model.task`` over pre-tokenized ``input_ids``/``labels`` datasets, logging
+    into ``run_dir``: TRL's SFTTrainer for causal-lm (CUDA graphs for its training step are switched
+    on separately: ``enable_cuda_graphs``), transformers' Trainer for seq-cls and Seq2SeqTrainer for
+    seq2seq. ``resume_step``: the step of the checkpoint a resumed run continues from."""
+    if cfg.model.task != "causal-lm":
+        return _task_trainer(model, tokenizer, train_ds, eval_ds, cfg, run_dir, device, callbacks, resume_step)
+    from trl import SFTConfig
+
+    from .graphed import QfineSFTTrainer
+
+    args = _arguments(SFTConfig, cfg, run_dir, device, eval_ds,
+                      max_length=cfg.data.max_seq_len,
+                      # Packing puts several examples in one row with restarting position_ids (TRL's
+                      # best-fit decreasing); attention is then confined to each example (padding-free batches).
+                      packing=cfg.data.packing,
+                      packing_strategy="bfd",
+                      shuffle_dataset=not cfg.data.streaming,
+                      dataset_num_proc=None,
+                      remove_unused_columns=True)
     dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
     trainer = QfineSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                               processing_class=tokenizer,
-                              callbacks=[NonFiniteGuard(loss_scaled=precision == "fp16"),
-                                         MetricsJsonl(run_dir / "metrics.jsonl"), tb, CheckpointSeal(), *extra,
-                                         *callbacks])
+                              callbacks=_callbacks(cfg, run_dir, eval_ds, resume_step, args, callbacks))
     # TRL casts the adapters of a quantized model to bf16. qfine keeps peft's fp32 adapters: with bf16
     # weights (and so bf16 AdamW moments) an update under half a bf16 ulp (~0.2% of the weight) rounds
     # away, so low-learning-rate steps late in a schedule stop moving the adapter. The arithmetic is
@@ -166,3 +178,24 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
         if name in dtypes and p.dtype != dtypes[name]:
             p.data = p.data.to(dtypes[name])
     return trainer
+
+
+def _task_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: Path, device: str, callbacks,
+                  resume_step):
+    """transformers' Trainer (seq-cls: padded batches, accuracy and macro-F1 at each evaluation) or
+    Seq2SeqTrainer (seq2seq: targets padded with -100) — same arguments and callbacks as causal-lm."""
+    import transformers
+
+    if cfg.model.task == "seq-cls":
+        from ..tasks.classify import trainer_metrics
+
+        args = _arguments(transformers.TrainingArguments, cfg, run_dir, device, eval_ds)
+        collator = transformers.DataCollatorWithPadding(tokenizer)
+        trainer_cls, extra = transformers.Trainer, {"compute_metrics": trainer_metrics}
+    else:
+        args = _arguments(transformers.Seq2SeqTrainingArguments, cfg, run_dir, device, eval_ds)
+        collator = transformers.DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+        trainer_cls, extra = transformers.Seq2SeqTrainer, {}
+    return trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                       processing_class=tokenizer, data_collator=collator,
+                       callbacks=_callbacks(cfg, run_dir, eval_ds, resume_step, args, callbacks), **extra)

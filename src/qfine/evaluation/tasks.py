@@ -1,0 +1,79 @@
+"""``qfine eval`` for seq-cls and seq2seq runs: the same three rows as for chat models — the base
+(adapter and trained head switched off), base + adapter, and the exact merge — from one load.
+
+seq-cls scores accuracy and macro-F1 (0–100) and gives the confusion matrix of base + adapter;
+seq2seq generates with the run's generation settings and scores ROUGE-L / BLEU / chrF.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+from ..errors import QfineError
+from ..loading import Loaded
+from .metrics import GENERATION_METRICS, score_generations
+
+
+@contextmanager
+def _merged(model):
+    from ..adapters import merge_adapter, unmerge_adapter
+
+    merge_adapter(model)
+    try:
+        yield
+    finally:
+        unmerge_adapter(model)
+
+
+def _three_rows(model, score) -> dict[str, dict]:
+    """``score()`` with the adapter off, on, and merged."""
+    rows = {}
+    with model.disable_adapter():
+        rows["base"] = score()
+    rows["base+adapter"] = score()
+    with _merged(model):
+        rows["merged"] = score()
+    return rows
+
+
+def compare_classifier(loaded: Loaded, spec, data, limit: int | None = None):
+    """``(rows, confusion of base + adapter)`` on the labelled rows of ``spec``."""
+    from ..tasks.classify import dataset_scores, encoded
+
+    rows, _ = encoded(spec, loaded.tokenizer, data, loaded.labels)
+    rows = rows[:limit] if limit else rows
+    n = len(loaded.labels)
+
+    def score():
+        t0 = time.perf_counter()
+        got = dataset_scores(loaded.model, loaded.tokenizer, rows, n)
+        return {"accuracy": got["accuracy"], "macro_f1": got["macro_f1"], "seconds": time.perf_counter() - t0,
+                "_confusion": got["confusion"]}
+
+    table = _three_rows(loaded.model, score)
+    adapter_confusion = table["base+adapter"]["_confusion"]
+    for r in table.values():
+        r.pop("_confusion")
+    return table, adapter_confusion, len(rows)
+
+
+def compare_seq2seq(loaded: Loaded, spec, data, metrics: list[str], limit: int | None = None):
+    """``(rows, number of examples)``: generation metrics of base / base + adapter / merged."""
+    from ..tasks.rows import RowStats, read_fields
+    from ..tasks.seq2seq import generate
+
+    unknown = [m for m in metrics if m not in GENERATION_METRICS]
+    if unknown:
+        raise QfineError(f"seq2seq runs are scored on generations: {', '.join(GENERATION_METRICS)} "
+                         f"(not {', '.join(unknown)})")
+    pairs = [v for _, v in read_fields(spec, data, ("source", "target"), RowStats())]
+    pairs = pairs[:limit] if limit else pairs
+    sources, targets = [s for s, _ in pairs], [t for _, t in pairs]
+
+    def score():
+        t0 = time.perf_counter()
+        outputs = generate(loaded.model, loaded.tokenizer, sources, loaded.generation, data.max_seq_len)
+        return {**score_generations(outputs, targets, metrics), "seconds": time.perf_counter() - t0}
+
+    return _three_rows(loaded.model, score), len(pairs)

@@ -1,0 +1,97 @@
+"""Sequence to sequence (``model.task: seq2seq``): encoder-decoder models (T5, BART families) that map
+a source text to a target text (summaries, translations), in 4-bit, 8-bit or 16-bit.
+
+Sources are cut at ``data.max_seq_len`` tokens, targets at ``data.max_target_len``; the loss covers
+the target tokens. Generation follows the run's ``generation`` settings (beams, length penalty,
+minimum and maximum new tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import DataConfig, GenerationSettings
+from ..errors import QfineError
+from .rows import RowStats, no_rows, read_fields
+
+# T5's feed-forward activations overflow fp16 (transformers keeps its ``wo`` in fp32 for that reason,
+# which bitsandbytes cannot do for a quantized ``wo``): such models train in bf16 or fp32 instead
+FP16_UNSAFE = ("t5", "mt5", "umt5", "longt5", "switch_transformers")
+
+
+def encoded(spec, tokenizer, cfg: DataConfig) -> tuple[list[dict], RowStats]:
+    """``{"input_ids", "labels"}`` per usable row of ``spec``."""
+    stats = RowStats()
+    out = []
+    for _, (source, target) in read_fields(spec, cfg, ("source", "target"), stats):
+        ids = tokenizer(source, truncation=False)["input_ids"]
+        stats.lengths.append(len(ids))
+        if len(ids) > cfg.max_seq_len:
+            stats.truncated += 1
+            ids = ids[: cfg.max_seq_len]
+        labels = tokenizer(text_target=target, truncation=True, max_length=cfg.max_target_len)["input_ids"]
+        stats.tokens += len(ids) + len(labels)
+        out.append({"input_ids": ids, "labels": labels})
+    if not out:
+        raise no_rows(spec, stats)
+    return out, stats
+
+
+def build_datasets(tokenizer, cfg: DataConfig, seed: int = 42):
+    """(train, eval or None, stats of the training rows) as ``datasets.Dataset``s."""
+    from datasets import Dataset
+
+    if cfg.streaming or cfg.packing:
+        raise QfineError("model.task seq2seq reads its data into memory; data.streaming and data.packing are for "
+                         "causal-lm")
+    rows, stats = encoded(cfg.path, tokenizer, cfg)
+    train_ds, eval_ds = Dataset.from_list(rows), None
+    if cfg.eval_path:
+        eval_ds = Dataset.from_list(encoded(cfg.eval_path, tokenizer, cfg)[0])
+    elif cfg.eval_ratio:
+        if not 0 < cfg.eval_ratio < 1:
+            raise QfineError(f"data.eval_ratio must be in (0, 1), not {cfg.eval_ratio}")
+        parts = train_ds.train_test_split(test_size=cfg.eval_ratio, seed=seed)
+        train_ds, eval_ds = parts["train"], parts["test"]
+    return train_ds, eval_ds, stats
+
+
+def safe_precision(precision: str, model_type: str, bf16_ok: bool) -> tuple[str, str | None]:
+    """``precision`` unless fp16 would overflow this architecture: then bf16 where the device has it,
+    else fp32, with a line saying why."""
+    if precision != "fp16" or model_type not in FP16_UNSAFE:
+        return precision, None
+    chosen = "bf16" if bf16_ok else "fp32"
+    return chosen, (f"train.precision fp16 → {chosen}: {model_type} activations overflow fp16 (transformers "
+                    "keeps its feed-forward output in fp32, which a quantized layer cannot be)")
+
+
+def generation_kwargs(gen: GenerationSettings, tokenizer) -> dict:
+    """``model.generate`` keyword arguments for ``gen`` (beam search when num_beams > 1)."""
+    if gen.num_beams < 1 or gen.max_new_tokens < 1 or gen.min_new_tokens < 0:
+        raise QfineError("generation: num_beams and max_new_tokens must be at least 1, min_new_tokens at least 0")
+    kw = dict(num_beams=gen.num_beams, max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens,
+              do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    if gen.num_beams > 1:
+        kw.update(length_penalty=gen.length_penalty, early_stopping=True)
+    return kw
+
+
+@torch.no_grad()
+def generate(model, tokenizer, sources: list[str], gen: GenerationSettings, max_len: int = 512,
+             batch_size: int = 8) -> list[str]:
+    """The model's output text for each source (special tokens dropped)."""
+    device = next(model.parameters()).device
+    out = []
+    kw = generation_kwargs(gen, tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(sources), batch_size):
+            enc = tokenizer(sources[i: i + batch_size], padding=True, truncation=True, max_length=max_len,
+                            return_tensors="pt").to(device)
+            ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **kw)
+            out += tokenizer.batch_decode(ids, skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return [t.strip() for t in out]
