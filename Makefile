@@ -7,13 +7,18 @@ VENV   ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test test-slow install clean
 
 demo: $(VENV)/.installed
 	$(BIN)/qfine demo
 
+# The everyday suite: every test but the end-to-end runs of the bundled 135M model (marked slow).
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+# The bundled-model end-to-end tests (seed fact, own fact, chitchat, sentiment): ~10 minutes on 2 cores.
+test-slow: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
 
 install: $(VENV)/.installed
 

@@ -53,6 +53,15 @@ def test_examples_parse_to_their_recipes():
     assert (big.train.optimizer, big.train.max_grad_norm, big.train.warmup_ratio) == ("paged_adamw_8bit", 0.3, 0.03)
     assert big.train.lr_scheduler == "cosine"
     C.load_yaml(EXAMPLES / "chat-sft-default.yaml")
+    imdb = C.load_yaml(EXAMPLES / "imdb-deberta-int8.yaml")
+    assert (imdb.model.task, imdb.model.quantization, imdb.lora.target_modules) == \
+        ("seq-cls", "int8", ["query_proj", "value_proj"])
+    cnn = C.load_yaml(EXAMPLES / "cnn-bart-int8.yaml")
+    assert (cnn.model.task, cnn.data.columns, cnn.data.max_target_len) == \
+        ("seq2seq", {"source": "article", "target": "highlights"}, 128)
+    g = cnn.generation
+    assert (g.num_beams, g.length_penalty, g.min_new_tokens, g.max_new_tokens) == (4, 2.0, 40, 150)
+    assert C.load_yaml(EXAMPLES / "sentiment-default.yaml").model.task == "seq-cls"
 
 
 def test_negative_resident_weights_budget_is_refused_before_loading():

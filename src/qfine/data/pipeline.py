@@ -134,6 +134,14 @@ class DatasetStats:
     first_skip: str = ""
 
 
+def skip_bad_row(error: QfineError, cfg: DataConfig, stats) -> None:
+    """``data.on_bad_rows``: re-raise ``error`` (error), or count the row and keep the first reason (skip)."""
+    if cfg.on_bad_rows == "error":
+        raise error
+    stats.skipped += 1
+    stats.first_skip = stats.first_skip or str(error)
+
+
 def has_target(labels: list[int]) -> bool:
     """Whether a row has a token to predict: a label other than -100 after the first position."""
     return any(label != IGNORE for label in labels[1:])
@@ -151,10 +159,7 @@ def encoded_rows(spec, tokenizer, cfg: DataConfig, stats: DatasetStats) -> Itera
                 raise QfineError(f"{where}: {row.message}")
             enc = encode_row(row, tokenizer, cfg, where)
         except QfineError as e:
-            if cfg.on_bad_rows == "error":
-                raise
-            stats.skipped += 1
-            stats.first_skip = stats.first_skip or str(e)
+            skip_bad_row(e, cfg, stats)
             continue
         stats.rows += 1
         stats.lengths.append(len(enc.input_ids))

@@ -130,8 +130,9 @@ def _iter_hub(name: str, split: str) -> Rows:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"} or \
             os.environ.get("HF_DATASETS_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
         raise QfineError(f"data '{name}' is not a local file and the Hugging Face Hub is switched off (offline)")
+    repo, _, subset = name.partition(":")  # owner/name:config, e.g. abisee/cnn_dailymail:3.0.0
     try:
-        ds = load_dataset(name, split=split, streaming=True)
+        ds = load_dataset(repo, subset or None, split=split, streaming=True)
     except Exception as e:  # noqa: BLE001 - network and not-found errors come in many types
         raise QfineError(f"data '{name}' is not a local file and the hub did not provide it ({e})") from None
     for i, row in enumerate(ds):

@@ -16,7 +16,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import QfineError
-from .rows import RowStats, column, no_rows, read_fields
+from .rows import RowStats, column, in_memory_datasets, no_rows, read_fields
 
 LABELS_FILE = "labels.json"
 
@@ -82,21 +82,8 @@ def encoded(spec, tokenizer, cfg: DataConfig, labels: list[str]) -> tuple[list[d
 
 def build_datasets(tokenizer, cfg: DataConfig, labels: list[str], seed: int = 42):
     """(train, eval or None, stats of the training rows) as ``datasets.Dataset``s."""
-    from datasets import Dataset
+    return in_memory_datasets(lambda spec: encoded(spec, tokenizer, cfg, labels), cfg, seed, "seq-cls")
 
-    if cfg.streaming or cfg.packing:
-        raise QfineError("model.task seq-cls reads its data into memory; data.streaming and data.packing are for "
-                         "causal-lm")
-    rows, stats = encoded(cfg.path, tokenizer, cfg, labels)
-    train_ds, eval_ds = Dataset.from_list(rows), None
-    if cfg.eval_path:
-        eval_ds = Dataset.from_list(encoded(cfg.eval_path, tokenizer, cfg, labels)[0])
-    elif cfg.eval_ratio:
-        if not 0 < cfg.eval_ratio < 1:
-            raise QfineError(f"data.eval_ratio must be in (0, 1), not {cfg.eval_ratio}")
-        parts = train_ds.train_test_split(test_size=cfg.eval_ratio, seed=seed)
-        train_ds, eval_ds = parts["train"], parts["test"]
-    return train_ds, eval_ds, stats
 
 
 def scores(predicted: list[int], gold: list[int], n: int) -> dict:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from ..config import DataConfig
+from ..data.pipeline import skip_bad_row
 from ..data.readers import BadRow, read_rows
 from ..errors import QfineError
 
@@ -76,10 +77,7 @@ def read_fields(spec, cfg: DataConfig, fields: tuple[str, ...], stats: RowStats,
                 raise QfineError(f"{where}: expected an object with named columns, got {type(row).__name__}")
             values = tuple(convert[f](row, where) if f in convert else text_of(row, f, cfg, where) for f in fields)
         except QfineError as e:
-            if cfg.on_bad_rows == "error":
-                raise
-            stats.skipped += 1
-            stats.first_skip = stats.first_skip or str(e)
+            skip_bad_row(e, cfg, stats)
             continue
         stats.rows += 1
         yield where, values
@@ -88,3 +86,24 @@ def read_fields(spec, cfg: DataConfig, fields: tuple[str, ...], stats: RowStats,
 def no_rows(spec, stats: RowStats) -> QfineError:
     why = f" ({stats.skipped} bad rows skipped, first: {stats.first_skip})" if stats.skipped else ""
     return QfineError(f"{spec}: no usable rows{why}")
+
+
+def in_memory_datasets(encode, cfg: DataConfig, seed: int, task: str):
+    """``(train, eval or None, stats of the training rows)`` as ``datasets.Dataset``s, from
+    ``encode(spec) -> (rows, stats)``: eval rows from ``data.eval_path`` or a seeded
+    ``data.eval_ratio`` share of the training rows."""
+    from datasets import Dataset
+
+    if cfg.streaming or cfg.packing:
+        raise QfineError(f"model.task {task} reads its data into memory; data.streaming and data.packing are for "
+                         "causal-lm")
+    rows, stats = encode(cfg.path)
+    train_ds, eval_ds = Dataset.from_list(rows), None
+    if cfg.eval_path:
+        eval_ds = Dataset.from_list(encode(cfg.eval_path)[0])
+    elif cfg.eval_ratio:
+        if not 0 < cfg.eval_ratio < 1:
+            raise QfineError(f"data.eval_ratio must be in (0, 1), not {cfg.eval_ratio}")
+        parts = train_ds.train_test_split(test_size=cfg.eval_ratio, seed=seed)
+        train_ds, eval_ds = parts["train"], parts["test"]
+    return train_ds, eval_ds, stats

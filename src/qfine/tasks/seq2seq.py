@@ -12,7 +12,7 @@ import torch
 
 from ..config import DataConfig, GenerationSettings
 from ..errors import QfineError
-from .rows import RowStats, no_rows, read_fields
+from .rows import RowStats, in_memory_datasets, no_rows, read_fields
 
 # T5's feed-forward activations overflow fp16 (transformers keeps its ``wo`` in fp32 for that reason,
 # which bitsandbytes cannot do for a quantized ``wo``): such models train in bf16 or fp32 instead
@@ -39,21 +39,8 @@ def encoded(spec, tokenizer, cfg: DataConfig) -> tuple[list[dict], RowStats]:
 
 def build_datasets(tokenizer, cfg: DataConfig, seed: int = 42):
     """(train, eval or None, stats of the training rows) as ``datasets.Dataset``s."""
-    from datasets import Dataset
+    return in_memory_datasets(lambda spec: encoded(spec, tokenizer, cfg), cfg, seed, "seq2seq")
 
-    if cfg.streaming or cfg.packing:
-        raise QfineError("model.task seq2seq reads its data into memory; data.streaming and data.packing are for "
-                         "causal-lm")
-    rows, stats = encoded(cfg.path, tokenizer, cfg)
-    train_ds, eval_ds = Dataset.from_list(rows), None
-    if cfg.eval_path:
-        eval_ds = Dataset.from_list(encoded(cfg.eval_path, tokenizer, cfg)[0])
-    elif cfg.eval_ratio:
-        if not 0 < cfg.eval_ratio < 1:
-            raise QfineError(f"data.eval_ratio must be in (0, 1), not {cfg.eval_ratio}")
-        parts = train_ds.train_test_split(test_size=cfg.eval_ratio, seed=seed)
-        train_ds, eval_ds = parts["train"], parts["test"]
-    return train_ds, eval_ds, stats
 
 
 def safe_precision(precision: str, model_type: str, bf16_ok: bool) -> tuple[str, str | None]:

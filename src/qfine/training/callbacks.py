@@ -19,8 +19,8 @@ class MetricsJsonl(TrainerCallback):
     between them; ``eval_perplexity`` = exp(eval_loss); ``peak_gpu_mem_gib`` on CUDA.
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, perplexity: bool = True):
+        self.path, self.perplexity = Path(path), perplexity  # perplexity: off where the loss is per row (seq-cls)
         self._last = (None, 0)  # (time, tokens) at the previous training log
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -36,7 +36,7 @@ class MetricsJsonl(TrainerCallback):
         if "loss" in logs and then is not None and now > then:
             logs["tokens_per_s"] = round((tokens - seen) / (now - then), 1)
             self._last = (now, tokens)
-        if "eval_loss" in logs and math.isfinite(logs["eval_loss"]):
+        if self.perplexity and "eval_loss" in logs and math.isfinite(logs["eval_loss"]):
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         if torch.cuda.is_available():
             logs["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)

@@ -141,7 +141,8 @@ def _callbacks(cfg: RunConfig, run_dir: Path, eval_ds, resume_step: int | None, 
         from transformers import EarlyStoppingCallback
 
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    return [NonFiniteGuard(loss_scaled=bool(args.fp16)), MetricsJsonl(run_dir / "metrics.jsonl"), tb,
+    return [NonFiniteGuard(loss_scaled=bool(args.fp16)),
+            MetricsJsonl(run_dir / "metrics.jsonl", perplexity=cfg.model.task != "seq-cls"), tb,
             CheckpointSeal(), *extra, *callbacks]
 
 
