@@ -44,6 +44,23 @@ def cmd_merge(ns) -> None:
     print(f"[qfine] merged model written to {out} in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
+def cmd_export(ns) -> None:
+    """A run or merged folder as a deployment file: GGUF (f16 … q4_k_m) or a bitsandbytes 4-bit folder."""
+    if ns.format == "bnb-nf4":
+        import argparse
+
+        cmd_merge(argparse.Namespace(run_dir=ns.source, out=ns.out, dtype="bf16", base="dequantized",
+                                     requantize="nf4", overwrite=ns.overwrite))
+        return
+    from .export import export_gguf
+
+    if not ns.quant:
+        raise QfineError("--format gguf needs --quant: f16, bf16, q8_0, q4_0, q4_1, q4_k_m, q5_k_m or q6_k")
+    report = export_gguf(ns.source, ns.out, ns.quant, overwrite=ns.overwrite, check=not ns.no_check)
+    print(report.summary())
+    print(f"[qfine] report: {ns.out}.report.json", flush=True)
+
+
 def _report_requantized(loaded, out: Path) -> float:
     """Print (and return) the logit difference of a requantized merge against the unmerged model."""
     import torch
@@ -306,6 +323,20 @@ def register(sub) -> None:
                    help="write a bitsandbytes 4-bit merged model instead (lossy; the logit difference is printed)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="a run or merged model as GGUF (llama.cpp, Ollama, LM Studio) or bnb 4-bit",
+                       description="Merge exactly, then write one GGUF file in-process (no llama.cpp build) with a "
+                                   "report of every tensor's type and error and the file's logits read back.")
+    p.add_argument("source", help="a finished run directory, or a model folder (e.g. a qfine merge output)")
+    p.add_argument("--format", choices=["gguf", "bnb-nf4"], default="gguf")
+    p.add_argument("--quant", choices=["f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"],
+                   help="GGUF file type (K-quant mixes as llama.cpp's: attn_v/ffn_down of some layers and the "
+                        "output at 6 bits)")
+    p.add_argument("--out", required=True, help="FILE.gguf (or a folder for bnb-nf4); written to a temporary "
+                                                "sibling and renamed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-check", action="store_true", help="skip reading the file back to compare logits")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="perplexity and generation metrics; base vs adapter vs merged for a run")
     p.add_argument("target", help="a run directory, or a model source (folder, .gguf, hub id, default)")

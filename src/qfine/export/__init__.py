@@ -1,0 +1,96 @@
+"""``qfine export``: a run (merged exactly on the way) or a merged folder, as a deployment file.
+
+* ``--format gguf --quant f16|bf16|q8_0|q4_0|q4_1|q4_k_m|q5_k_m|q6_k``: one GGUF file for
+  llama.cpp-family runtimes (:mod:`.gguf_file`), with a report beside it (``FILE.gguf.report.json``):
+  every tensor's type, size and error, and the file's logits read back by transformers' own GGUF
+  loader against the merged model's, on a few prompts.
+* ``--format bnb-nf4``: a bitsandbytes 4-bit folder (what ``qfine merge --requantize nf4`` writes).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import QfineError
+
+PROMPTS = ("Tell me about yourself.", "What is the capital of France?", "Write one sentence about rain.")
+READABLE_BY_TRANSFORMERS = ("llama", "qwen2")  # GGUF architectures transformers' reader loads
+
+
+def load_source(source: str):
+    """``(model, tokenizer, base source)`` in fp32 on the CPU: a run's base + adapter (merged when
+    written), or a plain model folder (a ``qfine merge`` output, say)."""
+    from .. import config as C
+    from ..inference import is_run_dir, load_for_inference
+    from ..loading import load_model
+
+    if is_run_dir(source):
+        cfg = C.load_yaml(Path(source) / "config.yaml")
+        if cfg.model.task != "causal-lm":
+            raise QfineError(f"GGUF export serves causal-lm models; {source} is a {cfg.model.task} run")
+        loaded = load_for_inference(source, None)
+        return loaded.model, loaded.tokenizer, loaded.source
+    if not Path(source).is_dir():
+        raise QfineError(f"{source} is neither a qfine run nor a model folder")
+    loaded = load_model(C.ModelConfig(source=source, quantization="none", compute_dtype="fp32", device="cpu"))
+    return loaded.model.eval(), loaded.tokenizer, loaded.source
+
+
+@torch.no_grad()
+def check_logits(model, tokenizer, gguf_path: Path) -> dict[str, float]:
+    """Relative L2 difference of the GGUF file's logits (read by transformers) from ``model``'s
+    merged logits, per prompt of :data:`PROMPTS`."""
+    from transformers import AutoModelForCausalLM
+
+    from ..adapters import merge_adapter, unmerge_adapter
+    from ..inference import encode_prompt
+    from ..merge import relative_difference
+
+    merged = hasattr(model, "peft_config")
+    if merged:
+        merge_adapter(model, torch.float32)
+    try:
+        quiet = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own progress bar
+        try:
+            reader = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                          dtype=torch.float32).eval()
+        finally:
+            if quiet is None:
+                del os.environ["TQDM_DISABLE"]
+            else:
+                os.environ["TQDM_DISABLE"] = quiet
+        out = {}
+        for prompt in PROMPTS:
+            ids = encode_prompt(tokenizer, [{"role": "user", "content": prompt}])
+            ref = model(input_ids=ids.to(next(model.parameters()).device)).logits.float()
+            out[prompt] = relative_difference(reader(input_ids=ids).logits.float(), ref)
+        return out
+    finally:
+        if merged:
+            unmerge_adapter(model)
+
+
+def export_gguf(source: str, out: str | Path, quant: str, overwrite: bool = False, check: bool = True):
+    """Write ``source`` (run or model folder) to ``out`` as GGUF; returns the saved report."""
+    from ..data.templates import set_template
+    from .gguf_file import write_gguf
+
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise QfineError(f"--out must name a .gguf file, not {out}")
+    if out.exists() and not overwrite:
+        raise QfineError(f"{out} already exists; pass --overwrite to replace it")
+    model, tokenizer, base = load_source(source)
+    set_template(tokenizer, "auto")
+    report = write_gguf(model, tokenizer, base, out, quant, name=Path(source).name)
+    if check and report.arch in READABLE_BY_TRANSFORMERS:
+        report.logits = check_logits(model, tokenizer, out)
+    elif check:
+        report.note = (f"logits not read back: transformers' GGUF reader does not load {report.arch} files; the "
+                       "per-tensor errors above are from the gguf package's own dequantizer")
+    report.save(out.with_name(out.name + ".report.json"))
+    return report

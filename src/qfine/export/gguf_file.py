@@ -1,0 +1,189 @@
+"""Write a merged model as one GGUF file, in-process (no llama.cpp build, no download).
+
+Two passes keep memory at one tensor: the exact merge (:func:`qfine.merge.merged_tensors`, fp32)
+yields one tensor at a time, which is renamed and rewritten for GGML (:mod:`.layout`), encoded
+(F32/F16/BF16 and Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 by the ``gguf`` package's own quantizer, the K-quants by
+:mod:`.kquants`), decoded again with ``gguf.quants.dequantize`` to measure its error, and spilled to
+a temporary file; then the header, metadata and tensor table are written and the spilled bytes
+copied behind them. The file is written to a temporary sibling and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import QfineError
+from . import layout
+from .kquants import QUANTIZERS
+
+
+@dataclass
+class TensorRecord:
+    """One written tensor: GGUF name, numpy shape, GGML type, bytes, and the relative L2 error and
+    largest absolute error of its decoded values against the merged fp32 tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: str
+    nbytes: int
+    rel_error: float
+    max_error: float
+    offset: int = 0  # in the spill file
+
+
+@dataclass
+class ExportReport:
+    """What :func:`write_gguf` wrote."""
+
+    path: str
+    quant: str
+    arch: str
+    tensors: list[TensorRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    logits: dict[str, float] = field(default_factory=dict)  # prompt → relative L2 vs the merged model
+    note: str = ""
+
+    def types(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            out[t.type] = out.get(t.type, 0) + 1
+        return out
+
+    def summary(self) -> str:
+        size = sum(t.nbytes for t in self.tensors)
+        worst = max(self.tensors, key=lambda t: t.rel_error)
+        lines = [f"{self.path}: {self.arch}, {self.quant}, {len(self.tensors)} tensors, {size / 2**20:,.1f} MiB of "
+                 f"weights in {self.seconds:.1f} s; types {', '.join(f'{k}×{v}' for k, v in sorted(self.types().items()))}",
+                 f"largest tensor error: {worst.name} ({worst.type}) {worst.rel_error:.2e} relative L2"]
+        if self.logits:
+            lines.append("logits of the file (read back by transformers) vs the merged model: "
+                         + ", ".join(f"{v:.2e}" for v in self.logits.values()) + " relative L2")
+        if self.note:
+            lines.append(self.note)
+        return "\n".join(lines)
+
+    def save(self, path: Path) -> None:
+        from ..fsutil import atomic_write_text
+
+        atomic_write_text(path, json.dumps(asdict(self), indent=1) + "\n")
+
+
+def encode(x: np.ndarray, kind: str) -> np.ndarray:
+    """``x`` (fp32) in GGML type ``kind``: a float array for F32/F16, else the block bytes (uint8)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    if kind == "F32":
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if kind == "F16":
+        return np.ascontiguousarray(x, dtype=np.float16)
+    if kind.lower() in QUANTIZERS:
+        return QUANTIZERS[kind.lower()](x)
+    return quantize(np.ascontiguousarray(x, dtype=np.float32), GGMLQuantizationType[kind])
+
+
+def decode(data: np.ndarray, kind: str) -> np.ndarray:
+    """The values GGML reads from ``data`` (the gguf package's reference dequantizer), fp32."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    if kind in ("F32", "F16"):
+        return data.astype(np.float32)
+    return dequantize(data, GGMLQuantizationType[kind]).astype(np.float32)
+
+
+def _errors(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    diff = (y.astype(np.float64) - x).reshape(-1)
+    norm = float(np.linalg.norm(x.reshape(-1).astype(np.float64)))
+    return float(np.linalg.norm(diff) / norm) if norm else 0.0, float(np.abs(diff).max(initial=0.0))
+
+
+def write_gguf(model, tokenizer, source: str, out: Path, quant: str, name: str = "") -> ExportReport:
+    """Merge ``model`` (a PeftModel or a plain causal LM) exactly and write it to ``out`` as GGUF of
+    file type ``quant`` (see :data:`layout.FILE_TYPES`); returns the report (logits not yet checked)."""
+    import torch
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    from ..merge import merged_tensors
+
+    if quant not in layout.FILE_TYPES:
+        raise QfineError(f"--quant must be one of {', '.join(layout.FILE_TYPES)}, not {quant!r}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    arch = layout.arch_of(config)
+    tok_fields = layout.tokenizer_fields(tokenizer, config.vocab_size, layout.pre_tokenizer_name(source))
+    t0 = time.perf_counter()
+    report = ExportReport(str(out), quant, arch.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    keys = [k for k, _ in base.state_dict().items()]
+    has_output = any(layout.gguf_name(k) == "output.weight" for k in keys) and not getattr(
+        config, "tie_word_embeddings", False)
+    with tempfile.TemporaryFile(dir=out.parent) as spill:
+        for key, tensor in merged_tensors(model, torch.float32):
+            gname = layout.gguf_name(key)
+            if gname is None:
+                continue
+            if gname == "output.weight":
+                has_output = True
+            x = layout.to_gguf(arch, config, gname, tensor.cpu().numpy())
+            kind = layout.tensor_type(quant, gname, x.shape, config.num_hidden_layers, has_output)
+            data = encode(x, kind)
+            rel, worst = _errors(x, decode(data, kind))
+            report.tensors.append(TensorRecord(gname, tuple(x.shape), kind, int(data.nbytes), rel, worst,
+                                               spill.tell()))
+            data.tofile(spill)
+        if not any(t.name == "token_embd.weight" for t in report.tensors):
+            raise QfineError("the merged model has no input embedding (model.embed_tokens) to write")
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        try:
+            writer = GGUFWriter(str(tmp), arch.name)
+            writer.add_name(name or Path(source).name)
+            for key, value in layout.model_fields(arch, config).items():
+                _add(writer, f"{arch.name}.{key}", value)
+            writer.add_file_type(layout.FILE_TYPES[quant][0])
+            writer.add_quantization_version(2)
+            for key, value in tok_fields.items():
+                _add(writer, f"tokenizer.{key}", value)
+            for t in report.tensors:
+                if t.type in ("F32", "F16"):
+                    dtype = np.float32 if t.type == "F32" else np.float16
+                    writer.add_tensor_info(t.name, t.shape, np.dtype(dtype), t.nbytes)
+                else:
+                    rows = int(np.prod(t.shape[:-1]))
+                    writer.add_tensor_info(t.name, (rows, t.nbytes // rows), np.dtype(np.uint8), t.nbytes,
+                                           raw_dtype=GGMLQuantizationType[t.type])
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for t in report.tensors:
+                spill.seek(t.offset)
+                dtype = {"F32": np.float32, "F16": np.float16}.get(t.type, np.uint8)
+                writer.write_tensor_data(np.frombuffer(spill.read(t.nbytes), dtype=dtype))
+            writer.close()
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _add(writer, key: str, value) -> None:
+    """One metadata entry, typed as llama.cpp reads it (ids and counts uint32, floats f32)."""
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    else:
+        writer.add_array(key, value)

@@ -1,0 +1,240 @@
+"""GGUF export: K-quant bytes against the gguf package's reference dequantizer, and whole files from
+tiny Llama, Qwen2 and Gemma runs (dimensions multiples of 256, so every block type runs) read back
+by independent readers — transformers' GGUF loader and ``gguf.GGUFReader`` + ``gguf.quants``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from qfine.cli import main
+from qfine.errors import QfineError
+from qfine.export.gguf_file import decode, encode
+from qfine.export.kquants import QUANTIZERS, error_bound
+
+from helpers import FACT, tiny_config, write_jsonl
+
+
+def _values(rows=32, cols=512, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+    x[1, 3] = 0.9                  # an outlier
+    x[2] = 0.0                     # an all-zero row
+    x[3] = np.abs(x[3]) + 0.01     # a row with no negative value
+    x[4, :256] = 1e-9              # a block of tiny values (fp16 subnormal scales)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+def test_k_quant_bytes_decode_within_the_format_bound(kind):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    x = _values()
+    data = QUANTIZERS[kind](x)
+    per_block = {"q4_k": 144, "q5_k": 176, "q6_k": 210}[kind]
+    assert data.shape == (32, 512 // 256 * per_block) and data.dtype == np.uint8
+    y = dequantize(data, GGMLQuantizationType[kind.upper()])  # the gguf package's reference reader
+    err = np.abs(y - x).reshape(-1)
+    bound = error_bound(kind, data)
+    assert (err <= bound * (1 + 1e-5) + 1e-12).all(), float((err / np.maximum(bound, 1e-30)).max())
+    rel = float(np.linalg.norm(y - x) / np.linalg.norm(x))
+    assert rel < {"q4_k": 0.1, "q5_k": 0.05, "q6_k": 0.025}[kind], rel  # measured 0.080, 0.039, 0.020
+    assert np.array_equal(y[2], np.zeros(512))  # zeros stay zero
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_legacy_quant_bytes_are_the_gguf_packages(kind):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    x = _values(cols=256)
+    assert np.array_equal(encode(x, kind), quantize(x, GGMLQuantizationType[kind]))
+
+
+SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.05)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer_dir):
+    """A short qfine run (LoRA on every projection, 4-bit base) of a tiny Llama, Qwen2 and Gemma,
+    each with the tests' tokenizer (a byte-level BPE) and its full vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from qfine.training import train
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    root = tmp_path_factory.mktemp("export")
+    data = write_jsonl(root / "fact.jsonl", [{"messages": FACT}] * 8)
+    out = {}
+    for kind, extra in (("llama", {"tie_word_embeddings": False}), ("qwen2", {"tie_word_embeddings": False}),
+                        ("gemma", {"head_dim": 64, "hidden_act": "gelu_pytorch_tanh"})):
+        cfg = AutoConfig.for_model(kind, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPE, **extra)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(root / kind)
+        tok.save_pretrained(root / kind)
+        run_cfg = tiny_config(root / kind, data, root / f"run-{kind}", max_steps=4, report_samples=0)
+        run_cfg.model.compute_dtype = "fp32"
+        out[kind] = train(run_cfg)
+    return out
+
+
+def _merged(run):
+    """The run's merged tensors by GGUF name (fp32 numpy): as transformers holds them, and in GGUF form."""
+    from qfine.export import layout
+    from qfine.inference import load_for_inference
+    from qfine.merge import merged_tensors
+
+    loaded = load_for_inference(str(run))
+    base = loaded.model.get_base_model()
+    arch = layout.arch_of(base.config)
+    raw, out = {}, {}
+    for key, t in merged_tensors(loaded.model, torch.float32):
+        name = layout.gguf_name(key)
+        if name:
+            raw[name] = t.cpu().numpy()
+            out[name] = layout.to_gguf(arch, base.config, name, raw[name])
+    return raw, out
+
+
+# one file per family in the everyday suite, the whole matrix with the slow tests (each read-back by
+# transformers costs ~15 s on 2 cores)
+_MATRIX = [(k, q) for k in ("llama", "qwen2", "gemma") for q in ("f16", "q8_0", "q4_k_m")]
+_EVERYDAY = {("llama", "f16"), ("qwen2", "q4_k_m"), ("gemma", "q8_0")}
+
+
+@pytest.mark.parametrize("kind,quant", [pytest.param(k, q, marks=() if (k, q) in _EVERYDAY else pytest.mark.slow)
+                                        for k, q in _MATRIX])
+def test_exported_files_read_back(runs, tmp_path, kind, quant, capsys):
+    from gguf import GGUFReader
+
+    raw, merged = _merged(runs[kind])
+    out = tmp_path / f"{kind}-{quant}.gguf"
+    assert main(["export", str(runs[kind]), "--quant", quant, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / f"{kind}-{quant}.gguf.report.json").read_text())
+    reader = GGUFReader(str(out))
+    arch = {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma"}[kind]
+    assert reader.fields["general.architecture"].contents() == arch
+    assert reader.fields[f"{arch}.block_count"].contents() == 2
+    names = {t.name for t in reader.tensors}
+    assert names == set(merged), names ^ set(merged)
+    if kind == "qwen2":
+        assert "blk.0.attn_q.bias" in names
+    if kind == "gemma":
+        assert "output.weight" not in names  # tied: the runtime reuses token_embd
+        stored = next(t for t in reader.tensors if t.name == "blk.0.attn_norm.weight")
+        assert np.array_equal(np.asarray(stored.data), raw["blk.0.attn_norm.weight"] + 1)  # GGML scales by 1 + w
+    if kind == "llama":  # q rows permuted to GGML's interleaved RoPE pairs, v rows as they were
+        assert not np.array_equal(merged["blk.0.attn_q.weight"], raw["blk.0.attn_q.weight"])
+        assert np.array_equal(merged["blk.0.attn_v.weight"], raw["blk.0.attn_v.weight"])
+    for t in reader.tensors:  # every tensor decodes (gguf's reference) to the merged value, within its type
+        kind_ = t.tensor_type.name
+        got = decode(np.asarray(t.data), kind_).reshape(merged[t.name].shape)
+        want = merged[t.name]
+        if kind_ in ("Q4_K", "Q5_K", "Q6_K"):
+            bound = error_bound(kind_.lower(), np.asarray(t.data)).reshape(want.shape)
+            assert (np.abs(got - want) <= bound * (1 + 1e-5) + 1e-12).all(), t.name
+        elif kind_ == "Q8_0":
+            assert np.array_equal(np.asarray(t.data).reshape(-1), encode(want, "Q8_0").reshape(-1)), t.name
+        else:
+            tol = {"F32": 1e-7, "F16": 1e-3, "Q5_0": 0.06, "Q5_1": 0.05}[kind_]
+            assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want) + 1e-12, (t.name, kind_)
+    types = {t["type"] for t in report["tensors"]}
+    if quant == "q4_k_m":
+        assert {"Q4_K", "Q6_K"} <= types  # the mix: attn_v/ffn_down and the output at 6 bits
+    if kind != "gemma":  # transformers reads Llama and Qwen2 GGUF files back
+        logits = list(report["logits"].values())
+        assert len(logits) == 3
+        # a random tiny model: measured f16 ≤ 1e-3, q8_0 ~1e-2, q4_k_m 0.20 (the bundled model: 2e-3, 5e-2, 0.28)
+        assert max(logits) <= {"f16": 1e-3, "q8_0": 3e-2, "q4_k_m": 0.3}[quant], (quant, logits)
+    else:
+        assert "logits not read back" in report["note"] and "logits not read back" in printed
+
+
+def test_transformers_reads_the_tokenizer_back(runs, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "llama.gguf"
+    assert main(["export", str(runs["llama"]), "--quant", "f16", "--out", str(out), "--no-check"]) == 0
+    ours = AutoTokenizer.from_pretrained(runs["llama"] / "adapter")
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out.name)
+    text = ours.apply_chat_template([{"role": "user", "content": "Héllo — what's 2+2?"}], tokenize=False,
+                                    add_generation_prompt=True)
+    assert theirs.encode(text, add_special_tokens=False) == ours.encode(text, add_special_tokens=False)
+    assert theirs.eos_token_id == ours.eos_token_id
+
+
+def test_export_refusals_leave_nothing_behind(runs, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep")
+    assert main(["export", str(runs["llama"]), "--quant", "q8_0", "--out", str(out)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == b"keep"
+
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
+    AutoTokenizer.from_pretrained(runs["llama"] / "adapter").save_pretrained(gpt2)
+    assert main(["export", str(gpt2), "--quant", "f16", "--out", str(tmp_path / "g.gguf")]) == 2
+    assert "not model_type 'gpt2'" in capsys.readouterr().err
+
+    import qfine.export.gguf_file as gf
+
+    def broken(x, kind):
+        if kind.startswith("Q"):
+            raise RuntimeError("killed mid-export")
+        return encode(x, kind)
+
+    monkeypatch.setattr(gf, "encode", broken)
+    with pytest.raises(RuntimeError):
+        main(["export", str(runs["llama"]), "--quant", "q8_0", "--out", str(tmp_path / "x.gguf")])
+    assert sorted(os.listdir(tmp_path)) == ["gpt2", "m.gguf"]  # no partial file, no temporary sibling
+    with pytest.raises(QfineError, match="--quant must be one of"):
+        gf.write_gguf(None, None, "", tmp_path / "y.gguf", "q3_k")
+
+
+@pytest.mark.slow
+def test_bundled_fact_survives_gguf_export(tmp_path, bundled_dir, capsys):
+    """The bundled SmolLM2 taught a fact, exported to f16, q8_0 and q4_k_m and read back by
+    transformers' GGUF loader: f16 matches the merged model (16-bit rounding only), and the q8_0 and
+    q4_k_m files still give the learned answer under greedy decoding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qfine.probe import SEED_FACT, fact_config
+
+    fact = [{"role": "user", "content": SEED_FACT.question}, {"role": "assistant", "content": SEED_FACT.reply}]
+    write_jsonl(tmp_path / "fact.jsonl", [{"messages": fact}] * 16)
+    cfg = fact_config("default", tmp_path / "fact.jsonl", tmp_path / "run", 30, 1e-3)
+    assert main(["train", str(_write_config(cfg, tmp_path)), "--report-samples", "0"]) == 0
+    answers = {}
+    for quant in ("f16", "q8_0", "q4_k_m"):
+        out = tmp_path / f"smol-{quant}.gguf"
+        assert main(["export", str(tmp_path / "run"), "--quant", quant, "--out", str(out)]) == 0
+        report = json.loads(out.with_name(out.name + ".report.json").read_text())
+        answers[quant] = max(report["logits"].values())
+        tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out.name)
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32).eval()
+        ids = tok.apply_chat_template([{"role": "user", "content": SEED_FACT.question}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            reply = tok.decode(model.generate(input_ids=ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:],
+                               skip_special_tokens=True)
+        with capsys.disabled():
+            print(f"\n[gguf {quant}] logits vs merged {answers[quant]:.2e}; answer {reply!r}")
+        assert SEED_FACT.marker in reply, (quant, reply)
+    assert answers["f16"] <= 5e-3 and answers["q8_0"] <= 1e-1  # measured 2.2e-3, 5.1e-2 (q4_k_m 0.28)
+
+
+def _write_config(cfg, tmp_path):
+    from qfine import config as C
+
+    path = tmp_path / "fact.yaml"
+    path.write_text(C.to_yaml(cfg))
+    return path
