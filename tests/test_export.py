@@ -207,6 +207,7 @@ def test_bundled_fact_survives_gguf_export(tmp_path, bundled_dir, capsys):
     q4_k_m files still give the learned answer under greedy decoding."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from qfine.merge import relative_difference
     from qfine.probe import SEED_FACT, fact_config
 
     fact = [{"role": "user", "content": SEED_FACT.question}, {"role": "assistant", "content": SEED_FACT.reply}]
@@ -229,6 +230,14 @@ def test_bundled_fact_survives_gguf_export(tmp_path, bundled_dir, capsys):
         with capsys.disabled():
             print(f"\n[gguf {quant}] logits vs merged {answers[quant]:.2e}; answer {reply!r}")
         assert SEED_FACT.marker in reply, (quant, reply)
+        if quant == "f16":  # the same weights as `qfine merge --dtype fp16` writes: the same logits
+            assert main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "m16"), "--dtype", "fp16"]) == 0
+            m16 = AutoModelForCausalLM.from_pretrained(tmp_path / "m16", dtype=torch.float32).eval()
+            with torch.no_grad():
+                diff = relative_difference(model(input_ids=ids).logits, m16(input_ids=ids).logits)
+            with capsys.disabled():
+                print(f"[gguf f16] logits vs the fp16 merged folder {diff:.2e}")
+            assert diff <= 1e-3
     assert answers["f16"] <= 5e-3 and answers["q8_0"] <= 1e-1  # measured 2.2e-3, 5.1e-2 (q4_k_m 0.28)
 
 
