@@ -247,3 +247,46 @@ def _write_config(cfg, tmp_path):
     path = tmp_path / "fact.yaml"
     path.write_text(C.to_yaml(cfg))
     return path
+
+
+def test_llama3_scaled_rope_is_written_as_rope_freqs(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    """Llama 3.1/3.2's scaled RoPE: ``rope_freqs.weight`` holds default/scaled inverse frequencies
+    (checked against transformers' own llama3 RoPE), and the file's logits, with those factors applied
+    the way llama.cpp applies them, match the model's; ignoring them would not."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from qfine.export import layout
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # head_dim 64 → 32 frequencies; an original context of 32 puts the cuts (wavelengths 8 and 32)
+    # among them, so all three regimes (1, blend, factor) occur
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False, rope_parameters=rope, **SHAPE)
+    factors = layout.rope_factors(cfg)
+    default = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    assert np.allclose(factors, (default / scaled.double()).numpy(), rtol=1e-5)
+    assert factors.min() == 1.0 and factors.max() == 8.0 and ((factors > 1) & (factors < 8)).any()
+
+    torch.manual_seed(0)
+    src = tmp_path / "llama3"
+    LlamaForCausalLM(cfg).save_pretrained(src)
+    tok.save_pretrained(src)
+    out = tmp_path / "l3.gguf"
+    assert main(["export", str(src), "--quant", "f16", "--out", str(out)]) == 0
+    report = json.loads((tmp_path / "l3.gguf.report.json").read_text())
+    stored = next(t for t in GGUFReader(str(out)).tensors if t.name == "rope_freqs.weight")
+    assert np.array_equal(np.asarray(stored.data), factors)
+    assert max(report["logits"].values()) <= 1e-3, report["logits"]
+
+    import qfine.export as export
+
+    capsys.readouterr()
+    monkeypatch.setattr(export, "_apply_rope_freqs", lambda reader, path: None)  # a reader ignoring rope_freqs
+    assert main(["export", str(src), "--quant", "f16", "--out", str(out), "--overwrite"]) == 0
+    ignored = json.loads((tmp_path / "l3.gguf.report.json").read_text())["logits"]
+    assert max(ignored.values()) > 10 * max(report["logits"].values()), ignored

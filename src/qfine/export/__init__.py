@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import QfineError
@@ -39,6 +40,23 @@ def load_source(source: str):
     return loaded.model.eval(), loaded.tokenizer, loaded.source
 
 
+def _apply_rope_freqs(reader, gguf_path: Path) -> None:
+    """transformers' GGUF reader ignores ``rope_freqs.weight`` (Llama 3's scaled RoPE) and builds plain
+    RoPE; divide its inverse frequencies by the file's factors, as llama.cpp divides the angles, so
+    the check reads the factors from the file like a runtime does."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
+    if "rope_freqs.weight" not in tensors:
+        return
+    factors = torch.from_numpy(np.array(tensors["rope_freqs.weight"].data, dtype=np.float32))
+    rotary = reader.model.rotary_emb
+    inv = rotary.inv_freq.float().cpu() / factors
+    rotary.inv_freq = inv.to(rotary.inv_freq.device)
+    if hasattr(rotary, "original_inv_freq"):
+        rotary.original_inv_freq = rotary.inv_freq
+
+
 @torch.no_grad()
 def check_logits(model, tokenizer, gguf_path: Path) -> dict[str, float]:
     """Relative L2 difference of the GGUF file's logits (read by transformers) from ``model``'s
@@ -63,6 +81,7 @@ def check_logits(model, tokenizer, gguf_path: Path) -> dict[str, float]:
                 del os.environ["TQDM_DISABLE"]
             else:
                 os.environ["TQDM_DISABLE"] = quiet
+        _apply_rope_freqs(reader, gguf_path)
         out = {}
         for prompt in PROMPTS:
             ids = encode_prompt(tokenizer, [{"role": "user", "content": prompt}])

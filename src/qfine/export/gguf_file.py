@@ -139,6 +139,11 @@ def write_gguf(model, tokenizer, source: str, out: Path, quant: str, name: str =
             report.tensors.append(TensorRecord(gname, tuple(x.shape), kind, int(data.nbytes), rel, worst,
                                                spill.tell()))
             data.tofile(spill)
+        factors = layout.rope_factors(config)
+        if factors is not None:  # Llama 3's scaled RoPE: llama.cpp reads the divisors from this tensor
+            report.tensors.append(TensorRecord("rope_freqs.weight", tuple(factors.shape), "F32",
+                                               int(factors.nbytes), 0.0, 0.0, spill.tell()))
+            factors.tofile(spill)
         if not any(t.name == "token_embd.weight" for t in report.tensors):
             raise QfineError("the merged model has no input embedding (model.embed_tokens) to write")
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

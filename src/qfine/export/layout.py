@@ -9,6 +9,8 @@ Families (``model_type`` → GGUF ``general.architecture``):
 * ``gemma`` → ``gemma``: RMSNorm weights stored as ``1 + w`` (GGML multiplies by the stored value),
   head size written explicitly, embeddings always tied.
 
+RoPE: plain, or Llama 3's frequency-dependent scaling (``rope_type: llama3``, Llama 3.1/3.2), which
+GGUF carries as a ``rope_freqs.weight`` tensor of per-frequency divisors (:func:`rope_factors`).
 Anything else is refused by name (:func:`arch_of`).
 """
 
@@ -49,9 +51,37 @@ def arch_of(config) -> Arch:
         raise QfineError(f"GGUF export knows the {', '.join(sorted(ARCHS))} families, not model_type {kind!r}")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     kind_of_rope = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if kind_of_rope not in ("default", None):
-        raise QfineError(f"GGUF export writes plain RoPE; this model uses rope_type {kind_of_rope!r}")
+    if kind_of_rope not in ("default", None) and not (kind_of_rope == "llama3" and ARCHS[kind].name == "llama"):
+        raise QfineError(f"GGUF export writes plain RoPE and Llama 3's scaled RoPE; this model uses rope_type "
+                         f"{kind_of_rope!r}")
     return ARCHS[kind]
+
+
+def _rope_dict(config) -> dict:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return rope if isinstance(rope, dict) else {}
+
+
+def rope_factors(config) -> np.ndarray | None:
+    """For ``rope_type: llama3``, the (head_dim / 2,) fp32 divisors of RoPE's default inverse
+    frequencies that give Llama 3's scaled ones (GGUF ``rope_freqs.weight``; llama.cpp divides each
+    angle by its factor): 1 above the high-frequency cut, ``factor`` below the low-frequency one, and
+    a smooth blend between, with the wavelength cuts at ``original_max_position_embeddings`` divided
+    by ``high_freq_factor`` / ``low_freq_factor``. None for plain RoPE."""
+    rope = _rope_dict(config)
+    if rope.get("rope_type", rope.get("type")) != "llama3":
+        return None
+    theta = getattr(config, "rope_theta", None) or rope.get("rope_theta") or 10000.0
+    dim = _head_dim(config)
+    inv = 1.0 / (float(theta) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    factor = float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old = float(rope.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * np.pi / inv
+    smooth = (old / wavelen - low) / (high - low)
+    blend = 1.0 / ((1.0 - smooth) / factor + smooth)
+    out = np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, blend))
+    return out.astype(np.float32)
 
 
 def gguf_name(key: str) -> str | None:
