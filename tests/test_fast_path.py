@@ -13,6 +13,7 @@ import torch
 from qfine.fast import FastDecoderLayer, apply_fast_path, unsupported_reason
 from qfine.fast import ops
 from qfine.fast.loss import LinearCrossEntropy, linear_cross_entropy
+from qfine.fast.swap import _PROJ
 
 from helpers import TINY_VOCAB as VOCAB, lora_model
 
@@ -113,14 +114,17 @@ def test_fast_path_with_gradient_checkpointing_and_grad_accumulation(tmp_path, s
     assert max(_rel(p.grad, ref_g[n]) for n, p in model.named_parameters() if p.requires_grad) < 1e-4
 
 
-@pytest.mark.parametrize("fast,dropout", [(True, 0.0), (False, 0.1)])
+@pytest.mark.parametrize("fast,dropout", [(True, 0.0), (False, 0.1), (True, 0.1)])
 def test_offloaded_checkpointing_matches_the_plain_backward(tmp_path, save_tiny, fast, dropout):
     """Layer inputs kept off the GPU and layers recomputed in the backward: same loss and grads as no
-    checkpointing at all — with LoRA dropout too, which only holds if the recompute replays the RNG."""
+    checkpointing at all — with LoRA dropout too, which only holds if the recompute replays the RNG
+    (peft's layers) or reuses the forward's seeds (the fused layers)."""
     from qfine.fast import offload_checkpoints
 
     model = lora_model(save_tiny(tmp_path / "m"), dropout=dropout)
     ids, labels = _batch()
+    if fast:  # the reference is the fused layer without checkpointing (its masks are its own)
+        assert apply_fast_path(model).fused == 2
     torch.manual_seed(5)
     ref_loss, ref_grads, _ = _loss_and_grads(model, ids, labels)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -162,20 +166,83 @@ def test_swap_keeps_keys_eval_outputs_and_peft_adapter(tmp_path, save_tiny):
     assert _rel(reloaded, after) < 1e-6
 
 
-def test_unfusable_adapters_fall_back_to_the_reference(tmp_path, save_tiny):
-    model = lora_model(save_tiny(tmp_path / "m"), dropout=0.1)
+class _SeededDropout(torch.nn.Module):
+    """peft's lora_dropout with the fused path's mask for a given seed (the reference for the fused dropout)."""
+
+    def __init__(self, seed, p):
+        super().__init__()
+        self.seed, self.p = seed, p
+
+    def forward(self, x):
+        return ops.lora_dropout(x.reshape(-1, x.shape[-1]), self.seed, self.p).view_as(x)
+
+
+def _saved_bytes(model, ids, labels):
+    """Bytes autograd keeps for the backward of one training forward (what activation memory is)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=labels).loss
+    return total, loss
+
+
+@pytest.mark.parametrize("kind,quantization", [("llama", "nf4"), ("qwen2", "none")])
+def test_fused_lora_dropout_equals_peft_with_the_same_masks(tmp_path, save_tiny, kind, quantization):
+    """LoRA dropout inside the fused layers: every layer stays fused, each projection has its own mask
+    (one seed per projection, regenerated in the backward), loss and all LoRA gradients equal peft's
+    reference layers run with the same masks, and nothing more is kept for the backward than with
+    dropout 0 (the masks are never stored)."""
+    model = lora_model(save_tiny(tmp_path / kind, kind), quantization, dropout=0.1)
+    _perturb_norms(model)
     ids, labels = _batch()
-    torch.manual_seed(3)
-    ref = model(input_ids=ids, labels=labels).loss  # peft layers, transformers loss
     report = apply_fast_path(model)
-    assert report.layers == 2 and report.fused == 0
-    assert "0 of 2 decoder layers fused; peft's reference layer for 2 with LoRA dropout 0.1 (self_attn.q_proj)" \
-        in str(report)
-    assert model.get_base_model().model.layers[0].projections() is None
-    torch.manual_seed(3)  # the same dropout masks
-    out = model(input_ids=ids, labels=labels)
-    assert out.logits is None  # the chunked loss still serves the reference layers
-    assert _rel(out.loss, ref) < 1e-5, (float(out.loss), float(ref))
+    assert report.fused == 2 and "2 of 2 decoder layers fused; chunked" in str(report), str(report)
+    torch.manual_seed(5)
+    fast_loss, fast_grads, _ = _loss_and_grads(model, ids, labels)
+    layers = model.get_base_model().model.layers
+    seeds = [layer._qfine_seeds.clone() for layer in layers]
+    assert len({int(v) for s_ in seeds for v in s_}) == 14  # 7 projections × 2 layers, each its own mask
+    torch.manual_seed(6)
+    other, _, _ = _loss_and_grads(model, ids, labels)
+    assert float(other) != float(fast_loss)  # the masks really drop something
+
+    dropped_bytes, _ = _saved_bytes(model, ids, labels)
+    for layer, seed in zip(layers, seeds):
+        for i, (parent, name) in enumerate(_PROJ):
+            lora = getattr(getattr(layer, parent), name)
+            lora.lora_dropout["default"] = _SeededDropout(seed[i], 0.1)
+    assert str(apply_fast_path(model)).startswith("fast path on: 0 of 2 decoder layers fused; peft's reference "
+                                                  "layer for 2 with LoRA dropout module _SeededDropout")
+    ref_loss, ref_grads, _ = _loss_and_grads(model, ids, labels)
+    assert _rel(fast_loss, ref_loss) < 1e-5, (float(fast_loss), float(ref_loss))
+    worst = max(_rel(fast_grads[n], ref_grads[n]) for n in ref_grads)
+    assert worst < 1e-4, worst
+
+    plain = lora_model(save_tiny(tmp_path / f"{kind}0", kind), quantization, dropout=0.0)
+    apply_fast_path(plain)
+    plain_bytes, _ = _saved_bytes(plain, ids, labels)
+    assert plain_bytes <= dropped_bytes <= plain_bytes + 2 * 7 * 8, (plain_bytes, dropped_bytes)  # + the seeds
+
+
+def test_dropout_masks_are_independent_and_unbiased():
+    """The hash mask: keep rate 1 − p, two seeds agree as independent masks do ((1−p)² + p²), rows and
+    columns carry no pattern, and E[drop(x)] = x."""
+    p, n = 0.1, 1000
+    a = ops.keep_mask(torch.tensor(123), n, n, p)
+    b = ops.keep_mask(torch.tensor(124), n, n, p)
+    assert abs(1 - a.float().mean() - p) < 2e-3
+    assert abs((a == b).float().mean() - ((1 - p) ** 2 + p ** 2)) < 2e-3
+    assert abs(1 - a.float().mean(0) - p).max() < 0.05 and abs(1 - a.float().mean(1) - p).max() < 0.05
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[:, 0], a[:, 1])
+    x = torch.full((n, n), 2.0)
+    mean = torch.stack([ops.lora_dropout(x, torch.tensor(s), p) for s in range(8)]).mean()
+    assert abs(float(mean) - 2.0) < 0.01
+    assert torch.equal(ops.keep_mask(torch.tensor(123), n, n, p), a)  # regenerated, not stored
 
 
 def test_unsupported_models_are_named(tmp_path, save_tiny):

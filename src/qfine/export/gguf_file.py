@@ -125,14 +125,16 @@ def write_gguf(model, tokenizer, source: str, out: Path, quant: str, name: str =
     keys = [k for k, _ in base.state_dict().items()]
     has_output = any(layout.gguf_name(k) == "output.weight" for k in keys) and not getattr(
         config, "tie_word_embeddings", False)
-    with tempfile.TemporaryFile(dir=out.parent) as spill:
+    # no_grad: a model straight from training has trainable LoRA weights, and the merge must not
+    # build an autograd graph over every layer (nor hand numpy a tensor that requires grad)
+    with tempfile.TemporaryFile(dir=out.parent) as spill, torch.no_grad():
         for key, tensor in merged_tensors(model, torch.float32):
             gname = layout.gguf_name(key)
             if gname is None:
                 continue
             if gname == "output.weight":
                 has_output = True
-            x = layout.to_gguf(arch, config, gname, tensor.cpu().numpy())
+            x = layout.to_gguf(arch, config, gname, tensor.detach().cpu().numpy())
             kind = layout.tensor_type(quant, gname, x.shape, config.num_hidden_layers, has_output)
             data = encode(x, kind)
             rel, worst = _errors(x, decode(data, kind))

@@ -20,8 +20,9 @@ them, so gradient accumulation and any optimizer work unchanged.
 
 What a captured step must be (checked where it can be, else the capture fails and the step runs
 eagerly from then on, with one warning): no host synchronisation (``.item()``, data-dependent
-shapes), no randomness (dropout is refused up front: a replay would reuse the capture's random
-numbers), shapes fixed per input shape. The arithmetic is the eager step's, kernel for kernel; the
+shapes), no randomness drawn by modules (dropout modules are refused up front: a replay would reuse
+the capture's random numbers; the fused layers' LoRA dropout draws its seeds with ``torch.randint`` on
+the device, which a replay draws anew), shapes fixed per input shape. The arithmetic is the eager step's, kernel for kernel; the
 GPU test checks gradients are bit-identical to the eager ones.
 """
 
@@ -36,10 +37,17 @@ from .offload import graph_keeps
 
 
 def random_modules(model: torch.nn.Module) -> list[str]:
-    """Names of modules that draw random numbers in training (dropout with p > 0)."""
+    """Names of modules that draw random numbers in training (dropout with p > 0), leaving out those
+    inside a layer that draws its randomness itself (``draws_fused_randomness()``: the fused layers'
+    LoRA dropout takes its masks from seeds drawn on the device, which a replay draws anew)."""
+    covered: set[int] = set()
+    for module in model.modules():
+        check = getattr(module, "draws_fused_randomness", None)
+        if callable(check) and check():
+            covered.update(id(m) for m in module.modules())
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0 and id(module) not in covered:
             names.append(name or type(module).__name__)
     return names
 

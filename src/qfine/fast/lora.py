@@ -27,6 +27,12 @@ read-modify-write of y and a second read of dy per projection group — the larg
 ``bench/lora_gemm.py``). O and down keep the separate form: their inputs (attention output, act(g)·u)
 would need a copy into a wider buffer, which costs as much as it saves.
 
+LoRA dropout (peft's ``lora_dropout``) touches only the LoRA A input: y = x Wᵀ + s · (drop(x) Aᵀ) Bᵀ,
+dx = dy W + drop'((dy B_s) A), dA = (dy B_s)ᵀ drop(x). Each projection has its own mask (as each peft
+layer has its own ``Dropout``), generated from one seed per projection (:func:`ops.keep_mask`) in the
+forward and again in the backward, so the dropped inputs are never stored: memory is that of dropout 0.
+The seeds are drawn by the decoder layer once per forward (a checkpoint recompute reuses them).
+
 The reference for all of this is
 peft's own ``Linear4bit``/``Linear`` forward with autograd; tests compare values and gradients.
 """
@@ -50,6 +56,7 @@ class Proj:
     lora_a: torch.nn.Parameter | None  # (r, in)
     lora_b: torch.nn.Parameter | None  # (out, r)
     scale: float
+    dropout: float = 0.0  # LoRA dropout probability of the A input (0: none)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -73,8 +80,8 @@ def describe_proj(module: torch.nn.Module) -> Proj | str:
     An allow-list, so that a LoRA form the kernels do not implement is never computed as plain LoRA:
     the module is a bare ``nn.Linear`` / bitsandbytes ``Linear4bit`` with a frozen weight and bias,
     or one of peft's plain LoRA linears on such a base (exact class) with at most one active adapter
-    that has no LoRA variant (DoRA, aLoRA, ...), no LoRA bias, no dropout, plain bias-free A and B,
-    and that is neither merged, disabled nor fan_in_fan_out.
+    that has no LoRA variant (DoRA, aLoRA, ...), no LoRA bias, plain ``nn.Dropout`` (or none),
+    plain bias-free A and B, and that is neither merged, disabled nor fan_in_fan_out.
     """
     import bitsandbytes as bnb
 
@@ -99,13 +106,17 @@ def describe_proj(module: torch.nn.Module) -> Proj | str:
                 return "DoRA"
             if getattr(module, "lora_bias", {}).get(name, False):
                 return "lora_bias"
-            if not isinstance(module.lora_dropout[name], torch.nn.Identity):
-                p = getattr(module.lora_dropout[name], "p", "?")
-                return f"LoRA dropout {p}"
+            drop = module.lora_dropout[name]
+            if type(drop) is torch.nn.Dropout and not drop.inplace:
+                p = float(drop.p)
+            elif isinstance(drop, torch.nn.Identity):
+                p = 0.0
+            else:
+                return f"LoRA dropout module {type(drop).__name__}"
             a, b = module.lora_A[name], module.lora_B[name]
             if not (type(a) is torch.nn.Linear and type(b) is torch.nn.Linear) or a.bias is not None or b.bias is not None:
                 return "LoRA A/B are not bias-free linears"
-            proj = Proj(base, a.weight, b.weight, float(module.scaling[name]))
+            proj = Proj(base, a.weight, b.weight, float(module.scaling[name]), p)
         else:
             proj = Proj(base, None, None, 0.0)
     else:
@@ -147,28 +158,43 @@ class Pack:
 
     ``a`` (R, in): the A's stacked (unscaled); ``b`` (Σ out, R): block-diagonal with s_i·B_i in block
     i (zeros elsewhere); both in the compute dtype. ``blocks`` gives each adapter's (out slice,
-    r slice, scale) and ``None`` for a projection without one; ``bias`` is the stacked base bias or
-    None. Built once per forward from the parameters (casting them there) and kept for the backward.
+    r slice, scale, dropout p, index of its projection) and ``None`` for a projection without one;
+    ``bias`` is the stacked base bias or None; ``seeds`` (one int64 per projection) feed the dropout
+    masks when some adapter has dropout, else None. Built once per forward from the parameters
+    (casting them there) and kept for the backward.
     """
 
     a: torch.Tensor | None
     b: torch.Tensor | None
     bias: torch.Tensor | None
+    seeds: torch.Tensor | None
     blocks: list
 
     def tensors(self):
-        return self.a, self.b, self.bias
+        return self.a, self.b, self.bias, self.seeds
+
+    @property
+    def dropout(self) -> bool:
+        """Whether any adapter of the pack drops its input (then the A GEMMs run per adapter)."""
+        return self.seeds is not None and any(blk is not None and blk[3] for blk in self.blocks)
+
+    def adapters(self):
+        """(A_i (r_i, in), r slice, dropout p, seed) for each projection with an adapter."""
+        for blk in self.blocks:
+            if blk is not None:
+                yield self.a[blk[1]], blk[1], blk[3], (self.seeds[blk[4]] if self.seeds is not None else None)
 
     @staticmethod
-    def build(projs, loras, dtype) -> "Pack":
-        """``loras`` holds (A, B) parameter pairs, (None, None) for a projection without adapter."""
+    def build(projs, loras, dtype, seeds=None) -> "Pack":
+        """``loras`` holds (A, B) parameter pairs, (None, None) for a projection without adapter;
+        ``seeds`` one int64 per projection (only read where a projection has dropout)."""
         outs = [p.base.out_features for p in projs]
         blocks, a_parts, o, r = [], [], 0, 0
-        for p, n, (a, _) in zip(projs, outs, loras):
+        for i, (p, n, (a, _)) in enumerate(zip(projs, outs, loras)):
             if a is None:
                 blocks.append(None)
             else:
-                blocks.append((slice(o, o + n), slice(r, r + a.shape[0]), p.scale))
+                blocks.append((slice(o, o + n), slice(r, r + a.shape[0]), p.scale, p.dropout, i))
                 a_parts.append(a)
                 r += a.shape[0]
             o += n
@@ -185,11 +211,41 @@ class Pack:
         if any(p.bias is not None for p in projs):
             bias = torch.cat([p.bias.to(dtype) if p.bias is not None else torch.zeros(n, dtype=dtype, device=device)
                               for p, n in zip(projs, outs)])
-        return Pack(a_all, b_all, bias, blocks)
+        if not any(blk is not None and blk[3] for blk in blocks):
+            seeds = None
+        return Pack(a_all, b_all, bias, seeds, blocks)
 
     @staticmethod
     def restore(tensors, blocks) -> "Pack":
         return Pack(*tensors, blocks)
+
+
+def _lora_in(x2d: torch.Tensor, pack: Pack) -> torch.Tensor:
+    """x Aᵀ (T, R) for the stacked A's; with dropout, drop_i(x) A_iᵀ per adapter (each its own mask)."""
+    if not pack.dropout:
+        return x2d @ pack.a.t()
+    return torch.cat([(ops.lora_dropout(x2d, seed, p) if p else x2d) @ a.t() for a, _, p, seed in pack.adapters()],
+                     dim=1)
+
+
+def _add_lora_dx(dx: torch.Tensor, dyb: torch.Tensor, pack: Pack) -> torch.Tensor:
+    """dx + Σ_i drop_i'((dy B_s)_i A_i): the LoRA part of the input gradient (in place without dropout)."""
+    if not pack.dropout:
+        return dx.addmm_(dyb, pack.a)
+    for a, r, p, seed in pack.adapters():
+        if p:
+            dx = ops.add_dropout_grad(dx, dyb[:, r] @ a, seed, p)
+        else:
+            dx = dx.addmm_(dyb[:, r], a)
+    return dx
+
+
+def _lora_da(dyb: torch.Tensor, x2d: torch.Tensor, pack: Pack) -> torch.Tensor:
+    """(R, in): the stacked (dy B_s)_iᵀ x_i, x_i the input adapter i saw (dropped with its own mask)."""
+    if not pack.dropout:
+        return dyb.t() @ x2d
+    return torch.cat([dyb[:, r].t() @ (ops.lora_dropout(x2d, seed, p) if p else x2d)
+                      for _, r, p, seed in pack.adapters()])
 
 
 def _forward(x2d: torch.Tensor, projs, pack: Pack):
@@ -201,7 +257,7 @@ def _forward(x2d: torch.Tensor, projs, pack: Pack):
     del w
     xa = None
     if pack.a is not None:
-        xa = x2d @ pack.a.t()
+        xa = _lora_in(x2d, pack)
         y.addmm_(xa, pack.b.t())
     return y, xa
 
@@ -215,7 +271,7 @@ def _backward_input(dy, projs, pack: Pack):
     dyb = None
     if pack.a is not None:
         dyb = dy @ pack.b
-        dx.addmm_(dyb, pack.a)
+        dx = _add_lora_dx(dx, dyb, pack)
     return dx, dyb
 
 
@@ -234,7 +290,7 @@ def _forward_folded(xcat: torch.Tensor, projs, pack: Pack):
     LoRA term accumulated in fp32 with the base product. y is written once; the separate form reads
     and rewrites it to add the LoRA term (470 MB of traffic for an 8B layer's gate/up at 4096 tokens)."""
     d = xcat.shape[1] - pack.a.shape[0]
-    xa = xcat[:, :d] @ pack.a.t()
+    xa = _lora_in(xcat[:, :d], pack)
     xcat[:, d:].copy_(xa)
     w = _folded_weight(projs, pack, xcat.dtype)
     y = torch.addmm(pack.bias, xcat, w.t()) if pack.bias is not None else xcat @ w.t()
@@ -249,8 +305,7 @@ def _backward_input_folded(dy, projs, pack: Pack):
     del w
     d = g.shape[1] - pack.a.shape[0]
     dx, dyb = g[:, :d], g[:, d:]
-    dx.addmm_(dyb, pack.a)
-    return dx, dyb
+    return _add_lora_dx(dx, dyb, pack), dyb
 
 
 def _norm_forward(h, norm: Norm, projs, pack: Pack):
@@ -287,26 +342,27 @@ def _backward_lora(dy, x2d, xa, dyb, pack: Pack, loras):
     computed and dropped: with R ≤ a few dozen columns that costs less than one launch per block)."""
     if dyb is None:
         return [(None, None)] * len(loras)
-    da_all = dyb.t() @ x2d                                    # (R, in)
+    da_all = _lora_da(dyb, x2d, pack)                         # (R, in)
     db_all = dy.t() @ xa                                      # (Σ out, R)
     grads = []
     for (a, b), blk in zip(loras, pack.blocks):
         if blk is None:
             grads.append((None, None))
             continue
-        out_sl, r_sl, scale = blk
+        out_sl, r_sl, scale = blk[:3]
         db = db_all[out_sl, r_sl].to(b.dtype).mul_(scale)  # in place on a copy or on db_all's own block
         grads.append((da_all[r_sl].to(a.dtype), db))
     return grads
 
 
 class LoraLinear(torch.autograd.Function):
-    """y = base(x) + s·B(A(x)) for x (..., in); keeps x and x Aᵀ for the backward."""
+    """y = base(x) + s·B(A(drop(x))) for x (..., in); keeps x and x Aᵀ for the backward.
+    ``seeds`` (1,) int64: the dropout seed (None without dropout)."""
 
     @staticmethod
-    def forward(ctx, x, proj: Proj, a, b):
+    def forward(ctx, x, proj: Proj, seeds, a, b):
         x2d = x.reshape(-1, x.shape[-1])
-        pack = Pack.build([proj], [(a, b)], x.dtype)
+        pack = Pack.build([proj], [(a, b)], x.dtype, seeds)
         y, xa = _forward(x2d, [proj], pack)
         ctx.meta = (proj, pack.blocks)
         ctx.save_for_backward(x2d, xa, a, b, *pack.tensors())
@@ -320,24 +376,24 @@ class LoraLinear(torch.autograd.Function):
         dy2d = dy.reshape(-1, dy.shape[-1])
         dx, dyb = _backward_input(dy2d, [proj], pack)
         ((da, db),) = _backward_lora(dy2d, x2d, xa, dyb, pack, [(a, b)])
-        return dx.view(*dy.shape[:-1], -1), None, da, db
+        return dx.view(*dy.shape[:-1], -1), None, None, da, db
 
 
 class NormQKV(torch.autograd.Function):
     """RMSNorm → stacked q, k, v projection (+LoRA) → [per-head q/k RMSNorm] → RoPE on q and k.
 
     In: h (b, s, d), the layer's input :class:`Norm`, ``qk_norms`` (q_norm, k_norm) over the head
-    dimension (Qwen3) or None, cos/sin (b, s, hd). Out: q (b, nh, s, hd), k and v (b, nkv, s, hd) as
+    dimension (Qwen3) or None, cos/sin (b, s, hd), ``seeds`` (3,) int64 for q/k/v dropout or None. Out: q (b, nh, s, hd), k and v (b, nkv, s, hd) as
     transposed views, the layout the attention kernels take. With q/k norms the projection output
     (b, s, nh + 2·nkv, hd) is kept for their backward (recomputing it would cost a GEMM).
     """
 
     @staticmethod
-    def forward(ctx, h, norm: Norm, qk_norms, cos, sin, head_dim, pq: Proj, pk: Proj, pv: Proj,
+    def forward(ctx, h, norm: Norm, qk_norms, cos, sin, head_dim, pq: Proj, pk: Proj, pv: Proj, seeds,
                 aq, bq, ak, bk, av, bv):
         bsz, seq, d = h.shape
         projs, loras = [pq, pk, pv], [(aq, bq), (ak, bk), (av, bv)]
-        pack = Pack.build(projs, loras, h.dtype)
+        pack = Pack.build(projs, loras, h.dtype, seeds)
         qkv, xa, rstd = _norm_forward(h, norm, projs, pack)
         n_q, n_kv = pq.base.out_features // head_dim, pk.base.out_features // head_dim
         qkv = qkv.view(bsz, seq, -1, head_dim)
@@ -371,22 +427,23 @@ class NormQKV(torch.autograd.Function):
         grads = _backward_lora(dqkv, x.view(-1, d), xa, dyb, pack, loras)
         del x, dqkv
         dh = norm.backward(dx.view_as(h), h, rstd)
-        return (dh, None, None, None, None, None, None, None, None, *[g for pair in grads for g in pair])
+        return (dh, None, None, None, None, None, None, None, None, None, *[g for pair in grads for g in pair])
 
 
 class NormMLP(torch.autograd.Function):
     """RMSNorm → stacked gate/up (+LoRA) → act(g)·u → down (+LoRA): h (b, s, d) → (b, s, d).
 
-    ``act_kind`` is a value of :data:`ops.GATED_ACTS` ("silu": SwiGLU; "gelu_tanh": Gemma's GeGLU)."""
+    ``act_kind`` is a value of :data:`ops.GATED_ACTS` ("silu": SwiGLU; "gelu_tanh": Gemma's GeGLU);
+    ``seeds`` (3,) int64 for gate/up/down dropout or None."""
 
     @staticmethod
-    def forward(ctx, h, norm: Norm, act_kind: str, pg: Proj, pu: Proj, pd: Proj, ag, bg, au, bu, ad, bd):
-        gu_pack = Pack.build([pg, pu], [(ag, bg), (au, bu)], h.dtype)
-        d_pack = Pack.build([pd], [(ad, bd)], h.dtype)
+    def forward(ctx, h, norm: Norm, act_kind: str, pg: Proj, pu: Proj, pd: Proj, seeds, ag, bg, au, bu, ad, bd):
+        gu_pack = Pack.build([pg, pu], [(ag, bg), (au, bu)], h.dtype, seeds[:2] if seeds is not None else None)
+        d_pack = Pack.build([pd], [(ad, bd)], h.dtype, seeds[2:] if seeds is not None else None)
         gu, xa_gu, rstd = _norm_forward(h, norm, [pg, pu], gu_pack)
         act = ops.gated_act(gu, act_kind)
         if output_discarded():  # recomputed for the backward: y is never read, x Aᵀ is
-            y, xa_d = h.new_empty(h.shape), (act @ d_pack.a.t() if d_pack.a is not None else None)
+            y, xa_d = h.new_empty(h.shape), (_lora_in(act, d_pack) if d_pack.a is not None else None)
         else:
             y, xa_d = _forward(act, [pd], d_pack)
         del act
@@ -398,7 +455,7 @@ class NormMLP(torch.autograd.Function):
     def backward(ctx, dy):
         h, rstd, gu, xa_gu, xa_d, ag, bg, au, bu, ad, bd, *packed = ctx.saved_tensors
         norm, act_kind, pg, pu, pd, gu_blocks, d_blocks = ctx.meta
-        gu_pack, d_pack = Pack.restore(packed[:3], gu_blocks), Pack.restore(packed[3:], d_blocks)
+        gu_pack, d_pack = Pack.restore(packed[:4], gu_blocks), Pack.restore(packed[4:], d_blocks)
         d = h.shape[-1]
         dy2d = dy.reshape(-1, d)
         dact, dyb_d = _backward_input(dy2d, [pd], d_pack)
@@ -411,4 +468,4 @@ class NormMLP(torch.autograd.Function):
         (dag, dbg), (dau, dbu) = _backward_lora(dgu, x.view(-1, d), xa_gu, dyb, gu_pack, [(ag, bg), (au, bu)])
         del x, dgu
         dh = norm.backward(dx.view_as(h), h, rstd)
-        return (dh, None, None, None, None, None, dag, dbg, dau, dbu, dad, dbd)
+        return (dh, None, None, None, None, None, None, dag, dbg, dau, dbu, dad, dbd)

@@ -144,8 +144,9 @@ class OffloadedCheckpoint(torch.autograd.Function):
         ctx.context = contextvars.copy_context()
         ctx.autocast = _autocast_state()
         ctx.rng_cpu = torch.get_rng_state()
-        # a CUDA graph capture cannot read the generator's state; captured steps are refused when
-        # anything draws random numbers (fast/graphs.py), so there is nothing to replay then
+        # a CUDA graph capture cannot read the generator's state; captured steps are refused when a
+        # module draws random numbers (fast/graphs.py), and the fused layers' dropout reuses the seeds
+        # of its forward in the recompute (fast/swap.py), so there is nothing to replay then
         ctx.rng_cuda = (torch.cuda.get_rng_state(x.device)
                         if x.is_cuda and not torch.cuda.is_current_stream_capturing() else None)
         token = _UNGRADED_FORWARD.set(True)

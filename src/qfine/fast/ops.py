@@ -279,3 +279,44 @@ def qk_norm_rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tens
 def rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """d qkv (b, s, n_q + 2·n_kv, hd), contiguous, from the gradients of :func:`rope_qkv`'s outputs."""
     return torch.cat((rope_backward(dq, cos, sin), rope_backward(dk, cos, sin), dv), dim=2)
+
+
+# --- LoRA dropout -----------------------------------------------------------------------------------
+# The mask of element (row, col) is a hash of (seed, row, col): the forward draws one int64 seed per
+# projection (torch.randint on the tensor's device, which a CUDA graph replays with fresh values) and
+# the backward regenerates the same mask from it, so no mask or dropped input is kept (the memory of
+# dropout 0). Integer arithmetic in int64 on 32-bit values (products stay below 2^59), the same bits
+# on every device, compiled into the consuming kernel on CUDA.
+_M32 = 0xFFFFFFFF
+_HASH_MUL = 0x45D9F3B
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche hash of each int64 value in [0, 2^32) (two xor-shift-multiply rounds)."""
+    x = (((x >> 16) ^ x) * _HASH_MUL) & _M32
+    x = (((x >> 16) ^ x) * _HASH_MUL) & _M32
+    return (x >> 16) ^ x
+
+
+def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
+    """(rows, cols) bool: True where dropout with probability ``p`` keeps the element, from the 0-d
+    int64 ``seed``; each element is kept with probability 1 − p (to 2⁻³²), independently of the others
+    and of other seeds' masks."""
+    key = _mix32(seed.to(torch.int64) & _M32)
+    row = _mix32((torch.arange(rows, device=seed.device, dtype=torch.int64) ^ key) & _M32)
+    col = torch.arange(cols, device=seed.device, dtype=torch.int64)
+    return _mix32(row[:, None] ^ col[None, :]) >= int(round(p * 2**32))
+
+
+@fused
+def lora_dropout(x: torch.Tensor, seed: torch.Tensor, p: float):
+    """Inverted dropout of x (T, d) with :func:`keep_mask`: x / (1 − p) where kept, 0 elsewhere, in
+    x.dtype (the scaling rounds as ``torch.nn.Dropout``'s does). The input of one LoRA A GEMM."""
+    return torch.where(keep_mask(seed, x.shape[0], x.shape[1], p), x * (1.0 / (1.0 - p)), 0)
+
+
+@fused
+def add_dropout_grad(dx: torch.Tensor, g: torch.Tensor, seed: torch.Tensor, p: float):
+    """dx + lora_dropout's backward of g (T, d): the gradient that reaches x through the dropped input
+    (g = d loss / d dropped x), added to the rest of dx; in dx.dtype."""
+    return dx + torch.where(keep_mask(seed, g.shape[0], g.shape[1], p), g * (1.0 / (1.0 - p)), 0).to(dx.dtype)

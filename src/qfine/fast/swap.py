@@ -21,7 +21,7 @@ import torch
 
 from .lora import LoraLinear, Norm, NormMLP, NormQKV, Proj, describe_proj, lora_proj
 from .loss import linear_cross_entropy
-from .offload import install_checkpointing, in_offloaded_forward
+from .offload import install_checkpointing, in_offloaded_forward, output_discarded
 from . import ops
 from .ops import GATED_ACTS
 
@@ -147,8 +147,10 @@ class FastDecoderLayer(_LayerBase):
         pq, pk, pv, po, pg, pu, pd = projs
         attn, (ln1, ln2, qk_norms) = self.self_attn, norms
         cos, sin = position_embeddings
+        seeds = self._dropout_seeds(projs, h.device)
+        s_qkv, s_o, s_mlp = (None, None, None) if seeds is None else (seeds[:3], seeds[3:4], seeds[4:])
         q, k, v = NormQKV.apply(h, ln1, qk_norms, cos.to(h.dtype), sin.to(h.dtype), attn.head_dim,
-                                pq, pk, pv, *_ab(pq), *_ab(pk), *_ab(pv))
+                                pq, pk, pv, s_qkv, *_ab(pq), *_ab(pk), *_ab(pv))
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, self._eager)
@@ -161,9 +163,28 @@ class FastDecoderLayer(_LayerBase):
         out, _ = interface(attn, q, k, v, attention_mask, dropout=attn.attention_dropout, scaling=attn.scaling,
                            position_ids=position_ids, **kwargs)
         out = out.reshape(*h.shape[:-1], -1)
-        h = h + LoraLinear.apply(out, po, *_ab(po))
+        h = h + LoraLinear.apply(out, po, s_o, *_ab(po))
         del out, q, k, v
-        return h + NormMLP.apply(h, ln2, self._act, pg, pu, pd, *_ab(pg), *_ab(pu), *_ab(pd))
+        return h + NormMLP.apply(h, ln2, self._act, pg, pu, pd, s_mlp, *_ab(pg), *_ab(pu), *_ab(pd))
+
+    def _dropout_seeds(self, projs, device) -> torch.Tensor | None:
+        """One int64 seed per projection (q, k, v, o, gate, up, down) for the fused LoRA dropout, or None
+        when no projection has dropout. Drawn from the device's generator (so a CUDA graph replay draws
+        new ones); a checkpoint recompute of this layer reuses the forward's seeds, so it regenerates
+        the very masks the forward used, also inside a captured graph, where the RNG state cannot be
+        read and restored."""
+        if not any(p.dropout for p in projs):
+            return None
+        if output_discarded() and getattr(self, "_qfine_seeds", None) is not None:
+            return self._qfine_seeds
+        self._qfine_seeds = torch.randint(0, 2**31 - 1, (len(projs),), device=device, dtype=torch.int64)
+        return self._qfine_seeds
+
+    def draws_fused_randomness(self) -> bool:
+        """True when every LoRA dropout of this layer runs inside the fused functions (peft's Dropout
+        modules are then never called in a training step), so a CUDA graph may capture the layer."""
+        projs = self.projections()
+        return projs is not None and self.norms() is not None
 
 
 def _cast_norms(norms, dtype: torch.dtype):
