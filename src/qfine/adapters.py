@@ -119,6 +119,14 @@ def seeded(seed: int | None):
         yield
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Gradient checkpointing (non-reentrant) with the input embeddings' output marked as requiring
+    grad, so checkpointed blocks, whose inputs would otherwise not require grad, still back-propagate
+    into the adapters. Works before or after peft wraps the model."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
 def add_lora(model: torch.nn.Module, cfg: LoraSettings, gradient_checkpointing: bool = False,
              adapter_name: str = "default", seed: int | None = None, task_type: str = "CAUSAL_LM"):
     """Wrap ``model`` with trainable LoRA adapters per ``cfg``; returns the ``PeftModel``.
@@ -141,8 +149,7 @@ def add_lora(model: torch.nn.Module, cfg: LoraSettings, gradient_checkpointing: 
     for p in model.parameters():
         p.requires_grad_(False)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     with seeded(seed):
         return get_peft_model(model, lcfg, adapter_name=adapter_name)
 

@@ -124,6 +124,10 @@ class TrainConfig:
     """On CUDA, with gradient checkpointing (implied), keep each checkpointed layer input in pinned host
     memory instead of on the GPU (copied on a side stream, fetched back one layer ahead): the
     leanest setting, about as fast as on-GPU checkpointing at larger batches (docs/benchmarks.md)."""
+    auto_memory: bool = True
+    """On CUDA, predict the step's peak memory before training (qfine/memory.py) and, when the chosen
+    settings would not fit the GPU's free memory, turn on gradient checkpointing, then offloaded
+    checkpoints, saying what was chosen and why (never turns either off)."""
     fast_path: bool = True
     """On CUDA, swap in fused QLoRA layers and a chunked loss for Llama, Mistral, Qwen2/3 and Gemma models
     (--no-fast-path: the plain peft path). Ignored on CPU and for other models."""
@@ -133,7 +137,7 @@ class TrainConfig:
     (docs/benchmarks.md: the cost per layer and the speed-up). 0: dequantize every time, the least
     memory. Peak memory grows by about this much."""
     cuda_graphs: bool = True
-    """With the fast path on (bf16 or fp32, LoRA dropout 0): pad each training micro-batch to one of 4
+    """With the fast path on (any precision; LoRA dropout runs inside the fused layers): pad each training micro-batch to one of 4
     lengths up to max_seq_len and replay its forward + backward as one CUDA graph after two warm-up
     steps; this removes the Python launch cost that bounds small batches (docs/benchmarks.md).
     TRL's mean_token_accuracy and entropy are then not logged."""

@@ -8,7 +8,10 @@ length. :class:`QfineSFTTrainer` keeps TRL's step for everything it does not tak
     pad the batch to one of a few fixed lengths (:func:`bucket_length`) → forward with the loss
     divisor as a device tensor → backward (the same ``accelerator.backward`` Trainer calls)
 
-through a :class:`GraphedStep`, so after the warm-up each micro-batch is one graph replay. The loss
+through a :class:`GraphedStep`, so after the warm-up each micro-batch is one graph replay. In fp16 the
+graph multiplies the loss by the loss scaler's scale tensor, which the scaler updates in place, so
+every replay uses the current scale; unscaling, the overflow check and the skipped step stay outside
+the graph, in the optimizer step, as eagerly. The loss
 is the model's own (the fast path's chunked cross-entropy, divided by ``num_items_in_batch`` exactly
 as TRL divides), so the numbers match TRL's step up to summation order; what TRL's step also logs
 from the logits (``mean_token_accuracy``, ``entropy``) is not computed for graphed steps.
@@ -145,8 +148,6 @@ class QfineSFTTrainer(SFTTrainer):
         attn = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
         collator = self.data_collator
         self._padding_free = bool(getattr(collator, "padding_free", False))
-        if self.args.fp16:
-            return "CUDA graphs off: fp16 (the gradient scaler's step is not captured yet); bf16 or fp32 use them"
         if self._padding_free and attn not in ("sdpa", "eager"):
             return f"CUDA graphs off: packed batches with {attn} attention need per-batch sequence boundaries"
         step = GraphedStep(self._forward_backward, self.model.parameters(), model=self.model, max_shapes=8)

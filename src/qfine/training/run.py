@@ -110,6 +110,58 @@ def _model_and_data(cfg: C.RunConfig):
     return loaded, train_ds, eval_ds, line, labels
 
 
+def fit_memory(model, cfg: C.RunConfig, fast, offload: bool) -> tuple[str, bool]:
+    """Predict the step's peak (:mod:`qfine.memory`) and turn on checkpointing, then offloading, when it
+    would not fit the GPU's free memory; returns (a line saying what and why, whether to offload).
+    Records the choice in ``cfg.train`` so the run's config.yaml says how it trained."""
+    import torch
+
+    from .. import memory
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        shapes = memory.Shapes.from_config(lm.config)
+    except (AttributeError, TypeError):
+        return "memory estimate: skipped (not a decoder-only config)", offload
+    free, _ = torch.cuda.mem_get_info()
+    budget = free + torch.cuda.memory_allocated()  # the loaded weights are part of the estimate
+    weights = torch.cuda.memory_allocated() + int(cfg.train.resident_weights_gib * memory.GIB)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tokens = cfg.train.batch_size * cfg.data.max_seq_len
+    current = "offload" if offload else ("checkpoint" if cfg.train.gradient_checkpointing else "none")
+    fused = fast is not None and fast.layers > 0 and fast.fused == fast.layers
+    mode, est = memory.fitting_mode(shapes, tokens, budget, weights, trainable, cfg.train.optimizer, fused,
+                                    at_least=current)
+    gib = budget / memory.GIB
+    warning = ""
+    if mode is None:  # the leanest mode gives the best chance; say that it may still not fit
+        mode = list(est)[-1]
+        warning = (f"; even that is more than {memory.FILL:.0%} of the {gib:.1f} GiB free, so training may run out "
+                   "of memory (lower train.batch_size or data.max_seq_len)")
+    if mode == current:
+        return (f"memory estimate: {est[mode].line()}" + (warning or f"; fits the {gib:.1f} GiB free")), offload
+    enable_checkpointing(model)
+    cfg.train.gradient_checkpointing = True
+    if mode == "offload":
+        cfg.train.offload_checkpoints = True
+    why = f"{est[current].line().split(' with')[0]} without would not fit the {gib:.1f} GiB free"
+    return (f"memory: {'offloaded' if mode == 'offload' else 'gradient'} checkpointing turned on — {why}; "
+            f"now {est[mode].line()}{warning} (train.auto_memory: false keeps the settings as given)"), mode == "offload"
+
+
+def enable_checkpointing(model) -> None:
+    """Gradient checkpointing on an adapted model (as :func:`qfine.add_lora` sets it up), through the
+    fast path's recompute where the fused layers are in."""
+    from ..adapters import enable_checkpointing as enable
+    from ..fast import install_checkpointing
+    from ..fast.swap import causal_lm
+
+    enable(model)
+    layers = getattr(getattr(causal_lm(model), "model", None), "layers", None)
+    if layers is not None:
+        install_checkpointing(layers, offload=False)
+
+
 def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callbacks=()) -> Path:
     """Fine-tune per ``cfg``; returns the run directory (adapter in ``RUN_DIR/adapter``)."""
     from .callbacks import NonFiniteError
@@ -153,6 +205,9 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         print(f"[qfine] fast path off: the fused layers serve causal LMs, not model.task {cfg.model.task}", flush=True)
     if fast is not None:
         print(f"[qfine] {fast}", flush=True)
+    if cfg.train.auto_memory and device == "cuda":
+        line, offload = fit_memory(model, cfg, fast, offload)
+        print(f"[qfine] {line}", flush=True)
     if offload and device == "cuda":
         print(f"[qfine] checkpointed inputs of {offload_checkpoints(model)} layers kept in pinned host memory",
               flush=True)
