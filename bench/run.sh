@@ -15,7 +15,7 @@
 # table with device and versions is printed and appended to docs/benchmarks.md (and $OUT/benchmarks-section.md).
 # env: TOTAL seconds for the whole script (default 570), STEPS per config (default 14), PROFILE=1 to
 # profile the last step of each qfine config (kernel tables in $OUT; PROFILE=cpu adds host time per op),
-# QFINE_ARGS extra train_bench.py flags for the qfine runs (e.g. --sync-debug).
+# QFINE_ARGS extra train_bench.py flags for the qfine runs (e.g. --sync-debug); DROPOUT the LoRA dropout of every run (default 0).
 set -u
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/qfine_bench}; mkdir -p "$OUT"
@@ -64,7 +64,7 @@ for job in $JOBS; do
   [ "${impl%%-*}" = qfine ] && args="$args ${QFINE_ARGS:-}"
   log "run $impl $shape $cfgs (left ${L}s)"
   (cd $UW && PYTHONPATH=$path timeout $((L - 5)) python3 $ROOT/bench/train_bench.py $args --model $model --tag $shape \
-     --configs $cfgs --steps $STEPS --deadline $((DEADLINE - 10)) --out $R) > $OUT/$impl-$shape.log 2>&1
+     --configs $cfgs --dropout ${DROPOUT:-0} --steps $STEPS --deadline $((DEADLINE - 10)) --out $R) > $OUT/$impl-$shape.log 2>&1
   log "rc=$?"; grep -E "RESULT|fast path|Error|error|one step|SYNC|^  " $OUT/$impl-$shape.log | cut -c1-300 | tail -20
 done
 log done

@@ -15,6 +15,7 @@ import argparse, json, os, statistics, sys, time, traceback
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GiB = 1024 ** 3
+DROPOUT = 0.0  # LoRA dropout of every implementation (--dropout)
 
 
 def load_hf(d, max_seq):
@@ -30,7 +31,7 @@ def load_hf(d, max_seq):
     load_s = time.time() - t0
     t1 = time.time()
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=DROPOUT, bias="none",
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
     model.train()
     model.config.use_cache = False
@@ -48,7 +49,7 @@ def load_qfine(d, max_seq, fast=True, ckpt=True, offload=False, resident_gib=0.0
     torch.cuda.synchronize()
     load_s = time.time() - t0
     t1 = time.time()
-    model = add_lora(loaded.model, LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=TARGETS),
+    model = add_lora(loaded.model, LoraSettings(r=16, alpha=32, dropout=DROPOUT, target_modules=TARGETS),
                      gradient_checkpointing=ckpt)
     if fast:
         print(f"[qfine] {apply_fast_path(model)}", flush=True)
@@ -71,7 +72,7 @@ def load_unsloth(d, max_seq):
     torch.cuda.synchronize()
     load_s = time.time() - t0
     t1 = time.time()
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, bias="none",
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=DROPOUT, bias="none",
                                              target_modules=TARGETS, use_gradient_checkpointing="unsloth",
                                              random_state=3407, max_seq_length=max_seq)
     FastLanguageModel.for_training(model)
@@ -145,6 +146,7 @@ def main():
     ap.add_argument("--impl", required=True, choices=["qfine", "hf", "unsloth"])
     ap.add_argument("--model", required=True)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout for every implementation")
     ap.add_argument("--configs", default="2x2048")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--deadline", type=float, default=0.0)
@@ -164,6 +166,8 @@ def main():
     ap.add_argument("--autocast", action="store_true",
                     help="wrap forward in torch.autocast(cuda, bf16), as HF Trainer(bf16=True) does")
     a = ap.parse_args()
+    global DROPOUT
+    DROPOUT = a.dropout
     if a.impl == "unsloth":
         import unsloth  # noqa: F401  (must come before transformers)
     import torch
