@@ -5,7 +5,7 @@ usage: python bench/train_cli.py --model DIR --bs 2 --seq 2048 --steps 24 [--no-
        [--host-profile N] [--gpu-profile [--profile-stack]] [--sync-debug]
 
 Writes text rows of random words longer than --seq (each is truncated to exactly --seq tokens, so every
-batch is bs×seq), trains NF4 + double quant, LoRA r=16 on all seven projections, dropout 0, bf16,
+batch is bs×seq), trains NF4 + double quant, LoRA r=16 on all seven projections, dropout 0, bf16 (flags change these),
 through ``qfine.training.train`` (what ``qfine train`` runs), and prints one JSON line: median tokens/s
 over the logged steps after the first five (warm-up, compile, capture), peak allocated GiB as logged,
 first and last loss, and the CUDA-graph summary line.
@@ -189,6 +189,12 @@ def main():
     ap.add_argument("--logging-steps", type=int, default=1, help="log (and so sync with the GPU) every N steps")
     ap.add_argument("--resident-gib", type=float, default=0.0, help="train.resident_weights_gib")
     ap.add_argument("--optim", default=None, help="train.optimizer (default: qfine's)")
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16"],
+                    help="train.precision (model.compute_dtype follows)")
+    ap.add_argument("--dropout", type=float, default=0.0, help="lora.dropout")
+    ap.add_argument("--targets", default="all-linear", help="lora.target_modules, comma-separated")
+    ap.add_argument("--alpha", type=int, default=16, help="lora.alpha (r is 16)")
+    ap.add_argument("--grad-accum", type=int, default=1, help="train.grad_accum")
     ap.add_argument("--out", default=None, help="append the JSON line here too")
     ap.add_argument("--gpu-profile", action="store_true",
                     help="torch.profiler over steady-state steps: GPU busy vs wall time, idle gaps, top kernels")
@@ -215,10 +221,12 @@ def main():
     cfg = RunConfig(output_dir=str(tmp / "run"))
     cfg.model.source = a.model
     cfg.model.quantization, cfg.model.double_quant = "nf4", True
-    cfg.lora = LoraSettings(r=16, alpha=16, dropout=0.0, target_modules=["all-linear"])
+    cfg.lora = LoraSettings(r=16, alpha=a.alpha, dropout=a.dropout, target_modules=a.targets.split(","))
+    cfg.model.compute_dtype = a.precision
     cfg.data.path, cfg.data.max_seq_len, cfg.data.packing = str(tmp / "data.jsonl"), a.seq, a.packing
     t = cfg.train
-    t.max_steps, t.batch_size, t.grad_accum, t.learning_rate = a.steps, a.bs, 1, 2e-4
+    t.max_steps, t.batch_size, t.grad_accum, t.learning_rate = a.steps, a.bs, a.grad_accum, 2e-4
+    t.precision = a.precision
     t.lr_scheduler, t.logging_steps, t.save_steps, t.report_samples = "constant", a.logging_steps, 10**6, 0
     t.gradient_checkpointing, t.offload_checkpoints = a.ckpt, a.offload
     t.cuda_graphs, t.fast_path = not a.no_cuda_graphs, not a.no_fast_path
@@ -249,6 +257,7 @@ def main():
     rates = [m["tokens_per_s"] for m in steps if m["step"] - a.logging_steps >= 5]
     result = dict(
         bench="qfine-train-cli", model=Path(a.model).name, bs=a.bs, seq=a.seq, steps=a.steps,
+        precision=a.precision, dropout=a.dropout, targets=a.targets, grad_accum=a.grad_accum,
         logging_steps=a.logging_steps, optimizer=t.optimizer, resident_weights_gib=a.resident_gib,
         fast_path=t.fast_path, cuda_graphs=t.cuda_graphs, ckpt=a.ckpt, offload=a.offload, packing=a.packing,
         tok_s=round(statistics.median(rates), 1) if rates else None,

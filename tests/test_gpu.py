@@ -189,4 +189,4 @@ def test_auto_memory_turns_on_checkpointing_when_the_estimate_does_not_fit(tiny_
 
     cfg = tiny_config(tiny_dir, data, tmp_path / "run2", max_steps=2, report_samples=0, auto_memory=False)
     train(cfg)
-    assert "memory" not in capsys.readouterr().out.replace("memory footprint", "")
+    assert "[qfine] memory" not in capsys.readouterr().out

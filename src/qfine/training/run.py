@@ -123,8 +123,11 @@ def fit_memory(model, cfg: C.RunConfig, fast, offload: bool) -> tuple[str, bool]
         shapes = memory.Shapes.from_config(lm.config)
     except (AttributeError, TypeError):
         return "memory estimate: skipped (not a decoder-only config)", offload
-    free, _ = torch.cuda.mem_get_info()
+    free, total = torch.cuda.mem_get_info()
     budget = free + torch.cuda.memory_allocated()  # the loaded weights are part of the estimate
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction is not None:  # torch.cuda.set_per_process_memory_fraction caps this process below the card
+        budget = min(budget, int(fraction() * total))
     weights = torch.cuda.memory_allocated() + int(cfg.train.resident_weights_gib * memory.GIB)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tokens = cfg.train.batch_size * cfg.data.max_seq_len
