@@ -195,6 +195,8 @@ def main():
     ap.add_argument("--targets", default="all-linear", help="lora.target_modules, comma-separated")
     ap.add_argument("--alpha", type=int, default=16, help="lora.alpha (r is 16)")
     ap.add_argument("--grad-accum", type=int, default=1, help="train.grad_accum")
+    ap.add_argument("--gpu-memory-gib", type=float, default=0.0,
+                    help="cap this process at this much GPU memory (torch.cuda.set_per_process_memory_fraction)")
     ap.add_argument("--out", default=None, help="append the JSON line here too")
     ap.add_argument("--gpu-profile", action="store_true",
                     help="torch.profiler over steady-state steps: GPU busy vs wall time, idle gaps, top kernels")
@@ -206,6 +208,11 @@ def main():
                     help="run under cProfile and print the N functions with the most own host time")
     a = ap.parse_args()
 
+    if a.gpu_memory_gib:
+        import torch
+
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(a.gpu_memory_gib * 2**30 / total)
     from qfine import RunConfig
     from qfine.config import LoraSettings
     from qfine.training import train

@@ -158,9 +158,9 @@ class Pack:
 
     ``a`` (R, in): the A's stacked (unscaled); ``b`` (Σ out, R): block-diagonal with s_i·B_i in block
     i (zeros elsewhere); both in the compute dtype. ``blocks`` gives each adapter's (out slice,
-    r slice, scale, dropout p, index of its projection) and ``None`` for a projection without one;
-    ``bias`` is the stacked base bias or None; ``seeds`` (one int64 per projection) feed the dropout
-    masks when some adapter has dropout, else None. Built once per forward from the parameters
+    r slice, scale, dropout p, index of its seed in ``seeds``) and ``None`` for a projection without
+    one; ``bias`` is the stacked base bias or None; ``seeds`` (the decoder layer's int64 seeds, one per
+    projection) feed the dropout masks when some adapter has dropout, else None. Built once per forward from the parameters
     (casting them there) and kept for the backward.
     """
 
@@ -179,22 +179,22 @@ class Pack:
         return self.seeds is not None and any(blk is not None and blk[3] for blk in self.blocks)
 
     def adapters(self):
-        """(A_i (r_i, in), r slice, dropout p, seed) for each projection with an adapter."""
+        """(A_i (r_i, in), r slice, dropout p, index of its seed) for each projection with an adapter."""
         for blk in self.blocks:
             if blk is not None:
-                yield self.a[blk[1]], blk[1], blk[3], (self.seeds[blk[4]] if self.seeds is not None else None)
+                yield self.a[blk[1]], blk[1], blk[3], blk[4]
 
     @staticmethod
-    def build(projs, loras, dtype, seeds=None) -> "Pack":
+    def build(projs, loras, dtype, seeds=None, first_seed: int = 0) -> "Pack":
         """``loras`` holds (A, B) parameter pairs, (None, None) for a projection without adapter;
-        ``seeds`` one int64 per projection (only read where a projection has dropout)."""
+        projection i's dropout seed is ``seeds[first_seed + i]`` (read only where it has dropout)."""
         outs = [p.base.out_features for p in projs]
         blocks, a_parts, o, r = [], [], 0, 0
         for i, (p, n, (a, _)) in enumerate(zip(projs, outs, loras)):
             if a is None:
                 blocks.append(None)
             else:
-                blocks.append((slice(o, o + n), slice(r, r + a.shape[0]), p.scale, p.dropout, i))
+                blocks.append((slice(o, o + n), slice(r, r + a.shape[0]), p.scale, p.dropout, first_seed + i))
                 a_parts.append(a)
                 r += a.shape[0]
             o += n
@@ -224,7 +224,8 @@ def _lora_in(x2d: torch.Tensor, pack: Pack) -> torch.Tensor:
     """x Aᵀ (T, R) for the stacked A's; with dropout, drop_i(x) A_iᵀ per adapter (each its own mask)."""
     if not pack.dropout:
         return x2d @ pack.a.t()
-    return torch.cat([(ops.lora_dropout(x2d, seed, p) if p else x2d) @ a.t() for a, _, p, seed in pack.adapters()],
+    s = pack.seeds
+    return torch.cat([(ops.lora_dropout(x2d, s, j, p) if p else x2d) @ a.t() for a, _, p, j in pack.adapters()],
                      dim=1)
 
 
@@ -232,9 +233,9 @@ def _add_lora_dx(dx: torch.Tensor, dyb: torch.Tensor, pack: Pack) -> torch.Tenso
     """dx + Σ_i drop_i'((dy B_s)_i A_i): the LoRA part of the input gradient (in place without dropout)."""
     if not pack.dropout:
         return dx.addmm_(dyb, pack.a)
-    for a, r, p, seed in pack.adapters():
+    for a, r, p, j in pack.adapters():
         if p:
-            dx = ops.add_dropout_grad(dx, dyb[:, r] @ a, seed, p)
+            dx = ops.add_dropout_grad(dx, dyb[:, r] @ a, pack.seeds, j, p)
         else:
             dx = dx.addmm_(dyb[:, r], a)
     return dx
@@ -244,8 +245,8 @@ def _lora_da(dyb: torch.Tensor, x2d: torch.Tensor, pack: Pack) -> torch.Tensor:
     """(R, in): the stacked (dy B_s)_iᵀ x_i, x_i the input adapter i saw (dropped with its own mask)."""
     if not pack.dropout:
         return dyb.t() @ x2d
-    return torch.cat([dyb[:, r].t() @ (ops.lora_dropout(x2d, seed, p) if p else x2d)
-                      for _, r, p, seed in pack.adapters()])
+    return torch.cat([dyb[:, r].t() @ (ops.lora_dropout(x2d, pack.seeds, j, p) if p else x2d)
+                      for _, r, p, j in pack.adapters()])
 
 
 def _forward(x2d: torch.Tensor, projs, pack: Pack):
@@ -357,12 +358,13 @@ def _backward_lora(dy, x2d, xa, dyb, pack: Pack, loras):
 
 class LoraLinear(torch.autograd.Function):
     """y = base(x) + s·B(A(drop(x))) for x (..., in); keeps x and x Aᵀ for the backward.
-    ``seeds`` (1,) int64: the dropout seed (None without dropout)."""
+    ``seeds`` int64: the decoder layer's dropout seeds, this projection's at ``first_seed`` (None
+    without dropout)."""
 
     @staticmethod
-    def forward(ctx, x, proj: Proj, seeds, a, b):
+    def forward(ctx, x, proj: Proj, seeds, a, b, first_seed: int = 0):
         x2d = x.reshape(-1, x.shape[-1])
-        pack = Pack.build([proj], [(a, b)], x.dtype, seeds)
+        pack = Pack.build([proj], [(a, b)], x.dtype, seeds, first_seed)
         y, xa = _forward(x2d, [proj], pack)
         ctx.meta = (proj, pack.blocks)
         ctx.save_for_backward(x2d, xa, a, b, *pack.tensors())
@@ -376,14 +378,15 @@ class LoraLinear(torch.autograd.Function):
         dy2d = dy.reshape(-1, dy.shape[-1])
         dx, dyb = _backward_input(dy2d, [proj], pack)
         ((da, db),) = _backward_lora(dy2d, x2d, xa, dyb, pack, [(a, b)])
-        return dx.view(*dy.shape[:-1], -1), None, None, da, db
+        return dx.view(*dy.shape[:-1], -1), None, None, da, db, None
 
 
 class NormQKV(torch.autograd.Function):
     """RMSNorm → stacked q, k, v projection (+LoRA) → [per-head q/k RMSNorm] → RoPE on q and k.
 
     In: h (b, s, d), the layer's input :class:`Norm`, ``qk_norms`` (q_norm, k_norm) over the head
-    dimension (Qwen3) or None, cos/sin (b, s, hd), ``seeds`` (3,) int64 for q/k/v dropout or None. Out: q (b, nh, s, hd), k and v (b, nkv, s, hd) as
+    dimension (Qwen3) or None, cos/sin (b, s, hd), ``seeds`` the layer's int64 dropout seeds (q, k, v
+    at 0, 1, 2) or None. Out: q (b, nh, s, hd), k and v (b, nkv, s, hd) as
     transposed views, the layout the attention kernels take. With q/k norms the projection output
     (b, s, nh + 2·nkv, hd) is kept for their backward (recomputing it would cost a GEMM).
     """
@@ -434,12 +437,12 @@ class NormMLP(torch.autograd.Function):
     """RMSNorm → stacked gate/up (+LoRA) → act(g)·u → down (+LoRA): h (b, s, d) → (b, s, d).
 
     ``act_kind`` is a value of :data:`ops.GATED_ACTS` ("silu": SwiGLU; "gelu_tanh": Gemma's GeGLU);
-    ``seeds`` (3,) int64 for gate/up/down dropout or None."""
+    ``seeds`` the layer's int64 dropout seeds (gate, up, down at 4, 5, 6) or None."""
 
     @staticmethod
     def forward(ctx, h, norm: Norm, act_kind: str, pg: Proj, pu: Proj, pd: Proj, seeds, ag, bg, au, bu, ad, bd):
-        gu_pack = Pack.build([pg, pu], [(ag, bg), (au, bu)], h.dtype, seeds[:2] if seeds is not None else None)
-        d_pack = Pack.build([pd], [(ad, bd)], h.dtype, seeds[2:] if seeds is not None else None)
+        gu_pack = Pack.build([pg, pu], [(ag, bg), (au, bu)], h.dtype, seeds, 4)
+        d_pack = Pack.build([pd], [(ad, bd)], h.dtype, seeds, 6)
         gu, xa_gu, rstd = _norm_forward(h, norm, [pg, pu], gu_pack)
         act = ops.gated_act(gu, act_kind)
         if output_discarded():  # recomputed for the backward: y is never read, x Aᵀ is

@@ -308,15 +308,20 @@ def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tenso
     return _mix32(row[:, None] ^ col[None, :]) >= int(round(p * 2**32))
 
 
+# The seeds come as the layer's whole (7,) tensor and an index (a python int, part of the compiled
+# copy's key): a 0-d view per projection would differ in storage offset from call to call, and each
+# offset would cost dynamo a recompile until its limit sent the function back to eager code.
 @fused
-def lora_dropout(x: torch.Tensor, seed: torch.Tensor, p: float):
-    """Inverted dropout of x (T, d) with :func:`keep_mask`: x / (1 − p) where kept, 0 elsewhere, in
-    x.dtype (the scaling rounds as ``torch.nn.Dropout``'s does). The input of one LoRA A GEMM."""
-    return torch.where(keep_mask(seed, x.shape[0], x.shape[1], p), x * (1.0 / (1.0 - p)), 0)
+def lora_dropout(x: torch.Tensor, seeds: torch.Tensor, index: int, p: float):
+    """Inverted dropout of x (T, d) with :func:`keep_mask` of ``seeds[index]``: x / (1 − p) where kept,
+    0 elsewhere, in x.dtype (the scaling rounds as ``torch.nn.Dropout``'s does). The input of one
+    LoRA A GEMM."""
+    return torch.where(keep_mask(seeds[index], x.shape[0], x.shape[1], p), x * (1.0 / (1.0 - p)), 0)
 
 
 @fused
-def add_dropout_grad(dx: torch.Tensor, g: torch.Tensor, seed: torch.Tensor, p: float):
+def add_dropout_grad(dx: torch.Tensor, g: torch.Tensor, seeds: torch.Tensor, index: int, p: float):
     """dx + lora_dropout's backward of g (T, d): the gradient that reaches x through the dropped input
     (g = d loss / d dropped x), added to the rest of dx; in dx.dtype."""
-    return dx + torch.where(keep_mask(seed, g.shape[0], g.shape[1], p), g * (1.0 / (1.0 - p)), 0).to(dx.dtype)
+    keep = keep_mask(seeds[index], g.shape[0], g.shape[1], p)
+    return dx + torch.where(keep, g * (1.0 / (1.0 - p)), 0).to(dx.dtype)

@@ -147,10 +147,9 @@ class FastDecoderLayer(_LayerBase):
         pq, pk, pv, po, pg, pu, pd = projs
         attn, (ln1, ln2, qk_norms) = self.self_attn, norms
         cos, sin = position_embeddings
-        seeds = self._dropout_seeds(projs, h.device)
-        s_qkv, s_o, s_mlp = (None, None, None) if seeds is None else (seeds[:3], seeds[3:4], seeds[4:])
+        seeds = self._dropout_seeds(projs, h.device)  # (7,) for q, k, v, o, gate, up, down, or None
         q, k, v = NormQKV.apply(h, ln1, qk_norms, cos.to(h.dtype), sin.to(h.dtype), attn.head_dim,
-                                pq, pk, pv, s_qkv, *_ab(pq), *_ab(pk), *_ab(pv))
+                                pq, pk, pv, seeds, *_ab(pq), *_ab(pk), *_ab(pv))
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, self._eager)
@@ -163,9 +162,9 @@ class FastDecoderLayer(_LayerBase):
         out, _ = interface(attn, q, k, v, attention_mask, dropout=attn.attention_dropout, scaling=attn.scaling,
                            position_ids=position_ids, **kwargs)
         out = out.reshape(*h.shape[:-1], -1)
-        h = h + LoraLinear.apply(out, po, s_o, *_ab(po))
+        h = h + LoraLinear.apply(out, po, seeds, *_ab(po), 3)
         del out, q, k, v
-        return h + NormMLP.apply(h, ln2, self._act, pg, pu, pd, s_mlp, *_ab(pg), *_ab(pu), *_ab(pd))
+        return h + NormMLP.apply(h, ln2, self._act, pg, pu, pd, seeds, *_ab(pg), *_ab(pu), *_ab(pd))
 
     def _dropout_seeds(self, projs, device) -> torch.Tensor | None:
         """One int64 seed per projection (q, k, v, o, gate, up, down) for the fused LoRA dropout, or None
