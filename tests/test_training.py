@@ -105,3 +105,22 @@ def test_resume_continues_from_checkpoint(tiny_dir, tmp_path):
     # resume picks the newest checkpoint (10) and continues with steps 11..15
     assert steps[-5:] == [11, 12, 13, 14, 15]
     assert (run / "checkpoints" / "checkpoint-15").is_dir()
+
+
+def test_every_module_trains_in_training_mode(tiny_dir, tmp_path):
+    """from_pretrained leaves the model in eval mode and peft's fresh wrappers start in training mode;
+    Trainer only calls train() on a model whose top-level flag is off, so without qfine's own
+    ``model.train()`` the inner layers stayed in eval mode when no samples were generated before
+    training: no LoRA dropout, and on CUDA the reference layers and loss instead of the fused ones."""
+    from transformers import TrainerCallback
+
+    class Modes(TrainerCallback):
+        seen: list = []
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self.seen.append(sum(not m.training for m in model.modules()))
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 8)
+    watch = Modes()
+    train(tiny_config(tiny_dir, data, tmp_path / "run", max_steps=2, report_samples=0), callbacks=[watch])
+    assert watch.seen == [0, 0], watch.seen  # modules in eval mode at each step

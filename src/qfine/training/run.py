@@ -231,6 +231,10 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     if resume_step is not None:
         truncate_metrics(run_dir / "metrics.jsonl", resume_step)  # the resumed run logs later steps again
 
+    # the whole tree in training mode: from_pretrained leaves the inner model in eval mode while the
+    # freshly built peft wrappers start in training mode, and Trainer only calls train() on a model whose
+    # top-level flag is off — the fused layers, the fused loss and LoRA dropout all read the inner flags
+    model.train()
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, cfg, run_dir, device, callbacks, resume_step)
     if cfg.train.cuda_graphs and fast is not None and fast.layers:
         print(f"[qfine] {trainer.enable_cuda_graphs(cfg.data.max_seq_len)}", flush=True)
