@@ -99,10 +99,26 @@ def decode(data: np.ndarray, kind: str) -> np.ndarray:
     return dequantize(data, GGMLQuantizationType[kind]).astype(np.float32)
 
 
-def _errors(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    diff = (y.astype(np.float64) - x).reshape(-1)
-    norm = float(np.linalg.norm(x.reshape(-1).astype(np.float64)))
-    return float(np.linalg.norm(diff) / norm) if norm else 0.0, float(np.abs(diff).max(initial=0.0))
+_CHUNK_VALUES = 1 << 23  # rows encoded together: the vectorised K-quant search holds ~20 arrays this size
+
+
+def encode_to(spill, x: np.ndarray, kind: str) -> tuple[int, float, float]:
+    """Encode ``x`` (fp32, rows last-axis) in ``kind`` into the open file ``spill``, a block of rows at a
+    time (every GGML type encodes rows independently, so the bytes equal :func:`encode` of the whole);
+    returns (bytes written, relative L2 error, largest absolute error) of the decoded values."""
+    rows = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
+    step = max(1, _CHUNK_VALUES // rows.shape[1])
+    nbytes, err2, norm2, worst = 0, 0.0, 0.0, 0.0
+    for start in range(0, rows.shape[0], step):
+        part = np.ascontiguousarray(rows[start:start + step])
+        data = encode(part, kind)
+        diff = decode(data, kind).reshape(part.shape).astype(np.float64) - part
+        err2 += float(np.square(diff).sum())
+        norm2 += float(np.square(part, dtype=np.float64).sum())
+        worst = max(worst, float(np.abs(diff).max(initial=0.0)))
+        data.tofile(spill)
+        nbytes += data.nbytes
+    return nbytes, (err2 ** 0.5 / norm2 ** 0.5) if norm2 else 0.0, worst
 
 
 def write_gguf(model, tokenizer, source: str, out: Path, quant: str, name: str = "") -> ExportReport:
@@ -136,11 +152,9 @@ def write_gguf(model, tokenizer, source: str, out: Path, quant: str, name: str =
                 has_output = True
             x = layout.to_gguf(arch, config, gname, tensor.detach().cpu().numpy())
             kind = layout.tensor_type(quant, gname, x.shape, config.num_hidden_layers, has_output)
-            data = encode(x, kind)
-            rel, worst = _errors(x, decode(data, kind))
-            report.tensors.append(TensorRecord(gname, tuple(x.shape), kind, int(data.nbytes), rel, worst,
-                                               spill.tell()))
-            data.tofile(spill)
+            offset = spill.tell()
+            nbytes, rel, worst = encode_to(spill, x, kind)
+            report.tensors.append(TensorRecord(gname, tuple(x.shape), kind, nbytes, rel, worst, offset))
         factors = layout.rope_factors(config)
         if factors is not None:  # Llama 3's scaled RoPE: llama.cpp reads the divisors from this tensor
             report.tensors.append(TensorRecord("rope_freqs.weight", tuple(factors.shape), "F32",
