@@ -388,4 +388,7 @@ def test_cuda_graph_replays_draw_new_dropout_masks(save_tiny, tmp_path):
         layer._dropout_seeds = lambda projs, device, s=s: s  # the eager step with the last replay's masks
     eager = float(_step(model, ids, cache=False))
     print(f"replay losses {losses}; eager with the last replay's seeds {eager:.6f}")
+    x = torch.randn(512, 704, device="cuda", dtype=torch.bfloat16)
+    kept = ops.lora_dropout(x, seeds[0], 6, 0.1) != 0  # the compiled kernel's mask = the CPU hash's
+    assert torch.equal(kept.cpu(), ops.keep_mask(seeds[0][6].cpu(), 512, 704, 0.1) & (x != 0).cpu())
     assert abs(eager - losses[-1]) <= 1e-3 * abs(losses[-1])
