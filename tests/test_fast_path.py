@@ -509,20 +509,3 @@ def test_fused_kernels_are_compiled_per_signature():
     assert sig((a, 1e-6)) != sig((a, 1e-5))
     copy = ops._fresh_copy(ops._rstd)
     assert copy.__code__ is not ops._rstd.__code__ and torch.equal(copy(a + 1, 1e-6), ops._rstd(a + 1, 1e-6))
-
-
-def test_dropout_hash_in_int32_equals_the_unsigned_32_bit_hash():
-    """The int32 hash (wrapping multiplies, masked shifts, sign-flipped compare) is the uint32 hash
-    computed exactly in int64."""
-    m32 = 0xFFFFFFFF
-
-    def mix(x):
-        x = (((x >> 16) ^ x) * 0x45D9F3B) & m32
-        x = (((x >> 16) ^ x) * 0x45D9F3B) & m32
-        return (x >> 16) ^ x
-
-    for seed, p in ((0, 0.1), (2**31 - 2, 0.05), (12345, 0.5)):
-        key = mix(torch.tensor(seed, dtype=torch.int64))
-        row = mix(torch.arange(300, dtype=torch.int64) ^ key)
-        want = mix(row[:, None] ^ torch.arange(700, dtype=torch.int64)[None, :]) >= round(p * 2**32)
-        assert torch.equal(ops.keep_mask(torch.tensor(seed), 300, 700, p), want)

@@ -285,30 +285,29 @@ def rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos:
 # The mask of element (row, col) is a hash of (seed, row, col): the forward draws one int64 seed per
 # projection (torch.randint on the tensor's device, which a CUDA graph replays with fresh values) and
 # the backward regenerates the same mask from it, so no mask or dropped input is kept (the memory of
-# dropout 0). The hash runs in int32 with wrapping multiplies (two's complement, the same bits on
-# every device; int64 arithmetic, emulated on GPUs, made it three times as costly), compiled into
-# the consuming kernel on CUDA.
+# dropout 0). The arithmetic is int64 on 32-bit values whose products stay below 2^59: exact under
+# every backend, so eager CPU code and the compiled CUDA kernel give the same bits. (An int32 version
+# with wrapping multiplies was no faster on an H200 and inductor did not keep its wrap-around: its
+# masks dropped whole rows.)
+_M32 = 0xFFFFFFFF
 _HASH_MUL = 0x45D9F3B
-_INT32_MIN = -(2**31)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit avalanche hash of each int32 value (two xor-shift-multiply rounds; shifts are logical:
-    the arithmetic shift's sign bits are masked off)."""
-    x = (((x >> 16) & 0xFFFF) ^ x) * _HASH_MUL
-    x = (((x >> 16) & 0xFFFF) ^ x) * _HASH_MUL
-    return ((x >> 16) & 0xFFFF) ^ x
+    """A 32-bit avalanche hash of each int64 value in [0, 2^32) (two xor-shift-multiply rounds)."""
+    x = (((x >> 16) ^ x) * _HASH_MUL) & _M32
+    x = (((x >> 16) ^ x) * _HASH_MUL) & _M32
+    return (x >> 16) ^ x
 
 
 def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
     """(rows, cols) bool: True where dropout with probability ``p`` keeps the element, from the 0-d
-    integer ``seed`` (below 2³¹); each element is kept with probability 1 − p (to 2⁻³²), independently
-    of the others and of other seeds' masks."""
-    key = _mix32(seed.to(torch.int32))
-    row = _mix32(torch.arange(rows, device=seed.device, dtype=torch.int32) ^ key)
-    col = torch.arange(cols, device=seed.device, dtype=torch.int32)
-    # keep where the hash, read as unsigned, is ≥ p·2³²: flipping the sign bit maps unsigned order to signed
-    return (_mix32(row[:, None] ^ col[None, :]) ^ _INT32_MIN) >= int(round(p * 2**32)) + _INT32_MIN
+    integer ``seed`` (in [0, 2³²)); each element is kept with probability 1 − p (to 2⁻³²),
+    independently of the others and of other seeds' masks."""
+    key = _mix32(seed.to(torch.int64) & _M32)
+    row = _mix32(torch.arange(rows, device=seed.device, dtype=torch.int64) ^ key)
+    col = torch.arange(cols, device=seed.device, dtype=torch.int64)
+    return _mix32(row[:, None] ^ col[None, :]) >= int(round(p * 2**32))
 
 
 # The seeds come as the layer's whole (7,) tensor and an index (a python int, part of the compiled
