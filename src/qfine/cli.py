@@ -46,6 +46,12 @@ def cmd_train(ns):
     train(_build_config(ns), overwrite=ns.overwrite, resume=ns.resume)
 
 
+def cmd_sweep(ns):
+    from .sweep import sweep
+
+    sweep(_build_config(ns), ns.space, ns.trials, ns.timeout, ns.direction, ns.metric, ns.pruner)
+
+
 def _model_cfg(ns) -> C.ModelConfig:
     return C.ModelConfig(quantization=ns.quantization)
 
@@ -93,6 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="hyperparameter search over config fields (Optuna), resumable",
+                       description="Train one trial per point of the search space (--space SPACE.yaml), scoring "
+                       "each on the eval data; --output-dir is the sweep directory (study, trial runs, best.yaml, "
+                       "report.html). Rerun the same command to continue a killed sweep.")
+    p.add_argument("config", nargs="?", help="YAML config file (flags override its values)")
+    p.add_argument("--space", required=True, help="YAML: config field (section.field) → list of choices or "
+                   "{low, high[, log, step]}")
+    p.add_argument("--trials", type=int, default=10, help="trials to finish (completed or pruned)")
+    p.add_argument("--timeout", type=float, default=0.0, help="stop starting trials after this many seconds")
+    p.add_argument("--direction", choices=["minimize", "maximize"], default=None,
+                   help="default: maximize for accuracy/F1/BLEU/ROUGE metrics, else minimize")
+    p.add_argument("--metric", default="eval_loss", help="what the evaluation reports (eval_loss, eval_accuracy, ...)")
+    p.add_argument("--pruner", choices=["median", "hyperband"], default="median")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("generate", help="print the model's completion of one prompt")
     _add_generation_flags(p, 128)

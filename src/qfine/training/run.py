@@ -85,13 +85,21 @@ def save_adapter(model, tokenizer, out: Path, base_source: str) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def _model_and_data(cfg: C.RunConfig):
+def _model_and_data(cfg: C.RunConfig, base_cache: dict | None = None):
     """Load the model of ``cfg.model.task`` and tokenize its data →
     ``(loaded, train_ds, eval_ds, data line, labels or None)``. A seq-cls label set is read from the
-    training rows first: the model's head is built with one output per label."""
+    training rows first: the model's head is built with one output per label. With ``base_cache`` (a
+    dict kept by the caller across runs, e.g. a sweep's trials) a base loaded with the same model
+    settings is reused instead of loaded again."""
     task = task_spec(cfg.model.task).name
     labels = label_set(cfg.data) if task == "seq-cls" else None
-    loaded = load_model(cfg.model, labels)
+    key = (repr(cfg.model), tuple(labels or ()))
+    if base_cache is not None and base_cache.get("key") == key:
+        loaded = base_cache["loaded"]
+    else:
+        loaded = load_model(cfg.model, labels)
+        if base_cache is not None:
+            base_cache.update(key=key, loaded=loaded)
     tok = loaded.tokenizer
     if task == "causal-lm":
         train_ds, eval_ds, stats = build_datasets(tok, cfg.data, cfg.train.seed)
@@ -165,8 +173,24 @@ def enable_checkpointing(model) -> None:
         install_checkpointing(layers, offload=False)
 
 
-def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callbacks=()) -> Path:
-    """Fine-tune per ``cfg``; returns the run directory (adapter in ``RUN_DIR/adapter``)."""
+def release_adapter(base_cache: dict) -> None:
+    """Take the last run's adapter out of the cached base (peft's ``unload``: the original modules go
+    back in place, unmerged), so the next run adds a fresh one to the same frozen weights."""
+    import gc
+
+    model = base_cache.pop("adapted", None)
+    if model is not None:
+        model.unload()
+        for module in model.modules():
+            vars(module).pop("peft_config", None)
+    gc.collect()
+
+
+def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callbacks=(),
+          base_cache: dict | None = None) -> Path:
+    """Fine-tune per ``cfg``; returns the run directory (adapter in ``RUN_DIR/adapter``). With
+    ``base_cache`` the frozen base is loaded once across calls (see :func:`_model_and_data`); the caller
+    takes each run's adapter out again with :func:`release_adapter`."""
     from .callbacks import NonFiniteError
     from .report import ReportFacts, render
 
@@ -183,7 +207,7 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         print(f"[qfine] {line}", flush=True)
 
     # Everything that can fail on user input (model, data, targets) runs before the run dir is touched.
-    loaded, train_ds, eval_ds, data_line, labels = _model_and_data(cfg)
+    loaded, train_ds, eval_ds, data_line, labels = _model_and_data(cfg, base_cache)
     tokenizer = loaded.tokenizer
     print(f"[qfine] {data_line}", flush=True)
     if cfg.model.task == "seq2seq":
@@ -201,6 +225,8 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     offload = cfg.train.offload_checkpoints
     model = add_lora(loaded.model, cfg.lora, cfg.train.gradient_checkpointing or offload, seed=cfg.train.seed,
                      task_type=task_spec(cfg.model.task).peft_type)
+    if base_cache is not None:
+        base_cache["adapted"] = model
     fast = None
     if cfg.train.fast_path and cfg.model.task == "causal-lm":
         fast = enable_fast_path(model, device)
