@@ -119,3 +119,9 @@ def test_bad_spaces_and_settings_are_named(tmp_path, tiny_dir, capsys):
     assert main(["sweep", "--space", str(space), "--model", str(tiny_dir), "--data", cfg.data.path,
                  "--output-dir", str(tmp_path / "s")]) == 2
     assert "needs eval data" in capsys.readouterr().err
+    # a setting no trial can run with stops the sweep at its first trial, naming the trial and the cause
+    assert main(["sweep", "--space", str(space), "--model", str(tiny_dir), "--data", cfg.data.path,
+                 "--output-dir", str(tmp_path / "s2"), "--eval-ratio", "0.25", "--max-steps", "4",
+                 "--eval-steps", "3", "--save-steps", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "sweep trial 0 (lora.r=" in err and "must be a multiple of train.eval_steps" in err, err

@@ -216,7 +216,9 @@ def sweep(cfg: C.RunConfig, space_path: str, trials: int, timeout: float = 0.0, 
             train(tcfg, overwrite=True, callbacks=[report], base_cache=base_cache)
         except QfineError as e:
             study.tell(trial, state=TrialState.FAIL)
-            print(f"[qfine] sweep: trial {trial.number} failed: {e}", flush=True)
+            if not str(e).startswith("training stopped"):  # the config or data, not these parameters: stop
+                raise QfineError(f"sweep trial {trial.number} ({shown}): {e}") from None
+            print(f"[qfine] sweep: trial {trial.number} failed: {e}", flush=True)  # e.g. diverged at a high lr
             continue
         finally:
             release_adapter(base_cache)
