@@ -13,9 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 
-from merge_memory import PeakSampler, build_4bit_llama, rss_bytes
+from merge_memory import PeakSampler, build_adapted_llama, rss_bytes
 
 
 def main():
@@ -25,7 +24,6 @@ def main():
     ap.add_argument("--quant", nargs="+", default=["q4_k_m"])
     args = ap.parse_args()
 
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
     from qfine.export.gguf_file import write_gguf
@@ -33,13 +31,7 @@ def main():
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_to_folder(bundled_gguf_path()))
     t0 = time.perf_counter()
-    model = build_4bit_llama(args.layers)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.01)
+    model = build_adapted_llama(args.layers)
     gib = 2**30
     print(f"8B-shaped ({args.layers} layers) 4-bit model + LoRA built in {time.perf_counter() - t0:.0f} s; "
           f"footprint {model.get_base_model().get_memory_footprint() / gib:.2f} GiB", flush=True)

@@ -82,6 +82,20 @@ def build_4bit_llama(layers: int):
     return model
 
 
+def build_adapted_llama(layers: int):
+    """:func:`build_4bit_llama` with LoRA r=16 on all 7 projections and random B (a zero B would merge
+    to the base and hide the update's cost)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_4bit_llama(layers), LoraConfig(r=16, lora_alpha=32, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.01)
+    return model
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/qfine-merged-8b")
@@ -89,18 +103,10 @@ def main():
     ap.add_argument("--shard-gib", type=float, default=2.0)
     args = ap.parse_args()
 
-    from peft import LoraConfig, get_peft_model
-
     from qfine.merge import save_merged
 
     t0 = time.perf_counter()
-    model = build_4bit_llama(args.layers)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.01)
+    model = build_adapted_llama(args.layers)
     build_s = time.perf_counter() - t0
     model_bytes = model.get_base_model().get_memory_footprint()
     before = rss_bytes()
