@@ -124,8 +124,8 @@ def test_fp16_overflow_step_is_skipped_by_the_loss_scaler(tiny_dir, tmp_path, ca
     assert not torch.equal(w[1], w[2]) and not torch.equal(w[3], w[4])  # the others trained
 
 
-def test_seed_recipe_fp16_dropout_on_the_fused_path_with_cuda_graphs(tiny_dir, tmp_path, capsys):
-    """The seeds' first recipe (fp16, LoRA dropout 0.05 on q/k/v/o) runs fused and as CUDA graphs: every
+def test_qlora_recipe_fp16_dropout_on_the_fused_path_with_cuda_graphs(tiny_dir, tmp_path, capsys):
+    """The classic QLoRA recipe (fp16, LoRA dropout 0.05 on q/k/v/o) runs fused and as CUDA graphs: every
     layer fused, the steps replayed, the loss falls; a step whose scaled gradients overflow (the loss
     scaler's scale pushed to 2^40 for that step, read by the graph from the scaler's own tensor) is
     skipped — the adapter does not move on it — and the others train."""
