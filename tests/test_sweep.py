@@ -99,12 +99,14 @@ def test_sweep_continues_after_its_process_died_mid_trial(tmp_path, tiny_dir, mo
     assert states == ["COMPLETE", "COMPLETE", "RUNNING"], states
     interrupted = study.get_trials()[2].params
     monkeypatch.setattr(sw, "_pruning_callback", real)
-    sw.sweep(cfg, str(space), trials=3)
+    sw.sweep(cfg, str(space), trials=4)
     study, states = _states(tmp_path / "sweep")
     assert states[:3] == ["COMPLETE", "COMPLETE", "FAIL"], states
     finished = [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(finished) == 3 and finished[-1].params == interrupted  # retried, nothing run twice
-    assert finished[-1].user_attrs["retry_of"] == 2
+    assert len(finished) == 4 and finished[2].params == interrupted  # retried first
+    assert finished[2].user_attrs["retry_of"] == 2
+    # the continued process samples anew: not the first process's start-up points again
+    assert finished[3].params not in [t.params for t in finished[:3]], [t.params for t in finished]
 
 
 def test_bad_spaces_and_settings_are_named(tmp_path, tiny_dir, capsys):

@@ -143,8 +143,12 @@ def _study(sweep_dir: Path, direction: str, seed: int, pruner: str):
     storage = JournalStorage(JournalFileBackend(str(sweep_dir / "study.journal")))
     chosen = (optuna.pruners.HyperbandPruner() if pruner == "hyperband"
               else optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
-    return optuna.create_study(study_name="qfine-sweep", storage=storage, load_if_exists=True, direction=direction,
-                               sampler=optuna.samplers.TPESampler(seed=seed), pruner=chosen)
+    study = optuna.create_study(study_name="qfine-sweep", storage=storage, load_if_exists=True, direction=direction,
+                                pruner=chosen)
+    # seeded by train.seed and by how many trials the study holds: a continued sweep must not replay the
+    # first process's random start-up suggestions (it would run trial 0's parameters again)
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
+    return study
 
 
 def _recover(study) -> list[int]:
