@@ -176,7 +176,7 @@ class Pack:
     @property
     def dropout(self) -> bool:
         """Whether any adapter of the pack drops its input (then the A GEMMs run per adapter)."""
-        return self.seeds is not None and any(blk is not None and blk[3] for blk in self.blocks)
+        return self.seeds is not None  # build() keeps seeds only when some adapter has dropout
 
     def adapters(self):
         """(A_i (r_i, in), r slice, dropout p, index of its seed) for each projection with an adapter."""

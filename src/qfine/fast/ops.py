@@ -318,12 +318,17 @@ def lora_dropout(x: torch.Tensor, seeds: torch.Tensor, index: int, p: float):
     """Inverted dropout of x (T, d) with :func:`keep_mask` of ``seeds[index]``: x / (1 − p) where kept,
     0 elsewhere, in x.dtype (the scaling rounds as ``torch.nn.Dropout``'s does). The input of one
     LoRA A GEMM."""
-    return torch.where(keep_mask(seeds[index], x.shape[0], x.shape[1], p), x * (1.0 / (1.0 - p)), 0)
+    return _dropped(x, seeds[index], p)
 
 
 @fused
 def add_dropout_grad(dx: torch.Tensor, g: torch.Tensor, seeds: torch.Tensor, index: int, p: float):
     """dx + lora_dropout's backward of g (T, d): the gradient that reaches x through the dropped input
-    (g = d loss / d dropped x), added to the rest of dx; in dx.dtype."""
-    keep = keep_mask(seeds[index], g.shape[0], g.shape[1], p)
-    return dx + torch.where(keep, g * (1.0 / (1.0 - p)), 0).to(dx.dtype)
+    (g = d loss / d dropped x), added to the rest of dx; in dx.dtype. The backward of a mask-and-scale
+    is the same mask-and-scale."""
+    return dx + _dropped(g, seeds[index], p).to(dx.dtype)
+
+
+def _dropped(v: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """v (T, d) · keep / (1 − p) with :func:`keep_mask` of ``seed``, in v.dtype."""
+    return torch.where(keep_mask(seed, v.shape[0], v.shape[1], p), v * (1.0 / (1.0 - p)), 0)

@@ -151,26 +151,25 @@ def fit_memory(model, cfg: C.RunConfig, fast, offload: bool) -> tuple[str, bool]
                    "of memory (lower train.batch_size or data.max_seq_len)")
     if mode == current:
         return (f"memory estimate: {est[mode].line()}" + (warning or f"; fits the {gib:.1f} GiB free")), offload
-    enable_checkpointing(model)
+    enable_checkpointing(model, fused_layers=fast is not None and fast.layers > 0)
     cfg.train.gradient_checkpointing = True
     if mode == "offload":
         cfg.train.offload_checkpoints = True
-    why = f"{est[current].line().split(' with')[0]} without would not fit the {gib:.1f} GiB free"
+    why = f"{est[current].total / memory.GIB:.1f} GiB without would not fit the {gib:.1f} GiB free"
     return (f"memory: {'offloaded' if mode == 'offload' else 'gradient'} checkpointing turned on — {why}; "
             f"now {est[mode].line()}{warning} (train.auto_memory: false keeps the settings as given)"), mode == "offload"
 
 
-def enable_checkpointing(model) -> None:
-    """Gradient checkpointing on an adapted model (as :func:`qfine.add_lora` sets it up), through the
-    fast path's recompute where the fused layers are in."""
+def enable_checkpointing(model, fused_layers: bool) -> None:
+    """Gradient checkpointing on an adapted model (as :func:`qfine.add_lora` sets it up); where the fast
+    path swapped the layers, through its recompute (as :func:`qfine.fast.apply_fast_path` installs it)."""
     from ..adapters import enable_checkpointing as enable
     from ..fast import install_checkpointing
     from ..fast.swap import causal_lm
 
     enable(model)
-    layers = getattr(getattr(causal_lm(model), "model", None), "layers", None)
-    if layers is not None:
-        install_checkpointing(layers, offload=False)
+    if fused_layers:
+        install_checkpointing(causal_lm(model).model.layers, offload=False)
 
 
 def release_adapter(base_cache: dict) -> None:
@@ -181,8 +180,6 @@ def release_adapter(base_cache: dict) -> None:
     model = base_cache.pop("adapted", None)
     if model is not None:
         model.unload()
-        for module in model.modules():
-            vars(module).pop("peft_config", None)
     gc.collect()
 
 
