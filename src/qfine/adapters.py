@@ -15,6 +15,8 @@ from .config import LoraSettings
 from .errors import QfineError
 
 _BIASES = ("none", "all", "lora_only")
+VARIANTS = ("lora", "dora")
+INITS = ("default", "gaussian", "loftq", "pissa")
 
 
 def _adaptable(module: torch.nn.Module) -> bool:
@@ -104,6 +106,36 @@ def check_lora_settings(cfg: LoraSettings) -> None:
         raise QfineError(f"lora.dropout must be in [0, 1), not {cfg.dropout!r}")
     if cfg.bias not in _BIASES:
         raise QfineError(f"lora.bias must be one of {', '.join(_BIASES)}, not {cfg.bias!r}")
+    if cfg.variant not in VARIANTS:
+        raise QfineError(f"lora.variant must be one of {', '.join(VARIANTS)}, not {cfg.variant!r}")
+    if cfg.init not in INITS:
+        raise QfineError(f"lora.init must be one of {', '.join(INITS)}, not {cfg.init!r}")
+
+
+def check_init_for_base(cfg: LoraSettings, quantization: str) -> None:
+    """LoftQ corrects a 4-bit quantization error; PiSSA rewrites the frozen base weights, which a
+    quantized base cannot take without requantizing (and the saved adapter would then no longer fit
+    the base it is loaded onto)."""
+    four_bit = quantization in ("nf4", "fp4")
+    if cfg.init == "loftq" and not four_bit:
+        raise QfineError(f"lora.init loftq corrects a 4-bit base's quantization error; this base is "
+                         f"model.quantization {quantization} (use nf4 or fp4, or another lora.init)")
+    if cfg.init == "pissa" and quantization != "none":
+        raise QfineError(f"lora.init pissa moves the top singular directions out of the frozen base weights, which "
+                         f"a {quantization} base cannot take without requantizing; use model.quantization none, or "
+                         f"lora.init loftq for a 4-bit base")
+
+
+def lora_config(cfg: LoraSettings, targets, task_type: str, modules_to_save: bool = True):
+    """The peft ``LoraConfig`` for qfine's LoRA settings (LoftQ is applied after injection, see
+    :func:`loftq_init`, so peft sees the default initialisation for it)."""
+    from peft import LoraConfig
+
+    init = {"default": True, "loftq": True}.get(cfg.init, cfg.init)
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                      bias=cfg.bias, modules_to_save=(list(cfg.modules_to_save) or None) if modules_to_save else None,
+                      use_dora=cfg.variant == "dora", use_rslora=cfg.rslora, init_lora_weights=init,
+                      task_type=task_type)
 
 
 @contextlib.contextmanager
@@ -137,15 +169,14 @@ def add_lora(model: torch.nn.Module, cfg: LoraSettings, gradient_checkpointing: 
     gradient checkpointing, input embeddings are marked as requiring grad so that checkpointed
     blocks (whose inputs would otherwise not require grad) still back-propagate into the adapters.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     check_lora_settings(cfg)
     targets = resolve_targets(model, cfg.target_modules)
     for name in cfg.modules_to_save:
         if not any(n == name or n.endswith("." + name) for n, _ in model.named_modules()):
             raise QfineError(f"lora.modules_to_save: no module named {name!r} in this model")
-    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                      bias=cfg.bias, modules_to_save=list(cfg.modules_to_save) or None, task_type=task_type)
+    lcfg = lora_config(cfg, targets, task_type)
     for p in model.parameters():
         p.requires_grad_(False)
     if gradient_checkpointing:
@@ -170,13 +201,11 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, adapter_name: 
 def add_adapter(model, name: str, cfg: LoraSettings, seed: int | None = None) -> None:
     """Add a new, freshly initialised LoRA adapter ``name`` to a ``PeftModel`` (not activated);
     ``seed`` as in :func:`add_lora`."""
-    from peft import LoraConfig
-
     check_lora_settings(cfg)
     targets = resolve_targets(model.get_base_model(), cfg.target_modules)
     with seeded(seed):
-        model.add_adapter(name, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                           target_modules=targets, bias=cfg.bias, task_type=next(iter(model.peft_config.values())).task_type))
+        model.add_adapter(name, lora_config(cfg, targets, next(iter(model.peft_config.values())).task_type,
+                                            modules_to_save=False))
 
 
 def set_active(model, name: str | list[str]) -> None:
@@ -223,16 +252,14 @@ def merge_adapter(model, dtype: torch.dtype | None = None) -> int:
     :func:`unmerge_adapter` restores it exactly. A 4-bit base is never requantized.
     ``dtype`` defaults to each layer's compute dtype. Returns the number of layers merged.
     """
-    from .merge import _active_adapters, dequantize_weight, lora_delta
+    from .merge import dequantize_weight, merged_weight
 
     if getattr(model, "_qfine_merged", None):
         raise QfineError("adapters are already merged; unmerge_adapter first")
     stash = []
     for name, layer in list(_lora_layers(model)):
         base = layer.get_base_layer()
-        w = dequantize_weight(base)
-        for adapter in _active_adapters(layer):
-            w = w + lora_delta(layer, adapter).to(w.device)
+        w = merged_weight(layer, dequantize_weight(base))
         out_dtype = dtype or getattr(base, "compute_dtype", None) or base.weight.dtype
         if not out_dtype.is_floating_point:
             out_dtype = torch.float32

@@ -56,6 +56,16 @@ class LoraSettings:
     """Which biases to train: none, all or lora_only."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full and saved with the adapter (e.g. lm_head)."""
+    variant: str = "lora"
+    """lora, or dora (weight-decomposed: a trained magnitude per output row times the normalised
+    W + s·BA; merged exactly). DoRA layers run peft's reference code, not the fused GPU layers."""
+    init: str = "default"
+    """Adapter initialisation: default (A Kaiming-uniform, B zero: the model starts unchanged), gaussian
+    (A normal), loftq (4-bit bases: A and B set from the SVD of the quantization error W − dequant(W4),
+    so the model starts closer to the 16-bit one; needs the base's safetensors weights), or pissa
+    (16-bit bases: A and B from the top singular vectors of W, the base keeps the rest)."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r (higher ranks learn at the same pace)."""
 
 
 @dataclass
@@ -191,7 +201,8 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraSettings, "data":
 
 # Flag names: a section prefix plus the field name, with a few short names the README promises.
 _FLAG_PREFIX = {"model": "", "lora": "lora-", "data": "", "train": "", "generation": ""}
-_FLAG_OVERRIDE = {("model", "source"): "model", ("data", "path"): "data", ("data", "eval_path"): "eval-data"}
+_FLAG_OVERRIDE = {("model", "source"): "model", ("data", "path"): "data", ("data", "eval_path"): "eval-data",
+                  ("lora", "rslora"): "rslora"}
 
 
 @functools.cache

@@ -60,6 +60,26 @@ def lora_delta(layer, adapter: str) -> torch.Tensor:
     return layer.scaling[adapter] * delta
 
 
+def merged_weight(layer, w: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight (out, in) that computes what peft's ``layer`` computes (bias aside) over the
+    base weight ``w`` with its active adapters, LoRA and DoRA alike.
+
+    LoRA adds ΔW = s·BA. DoRA (arXiv 2402.09353, as peft runs it) rescales each output row to a
+    trained magnitude m: its output is f ⊙ (W + ΔW) x with f = m / ‖W + ΔW‖ (row norms), written
+    here as the increment (f − 1) ⊙ W + f ⊙ ΔW over W, so several active adapters add up as in
+    peft's forward, where each one's term is computed against the base weight alone.
+    """
+    total = w
+    for adapter in _active_adapters(layer):
+        delta = lora_delta(layer, adapter).to(w.device)
+        if adapter in getattr(layer, "lora_magnitude_vector", {}):
+            f = layer.lora_magnitude_vector[adapter].weight.float().to(w.device) / torch.linalg.norm(w + delta, dim=1)
+            total = total + (f - 1)[:, None] * w + f[:, None] * delta
+        else:
+            total = total + delta
+    return total
+
+
 def _active_adapters(layer) -> list[str]:
     active = layer.active_adapters
     return [a for a in ([active] if isinstance(active, str) else active) if a in layer.lora_A]
@@ -115,9 +135,7 @@ def merged_tensors(model: torch.nn.Module, dtype: torch.dtype,
         if isinstance(module, LoraLayer):
             lin = module.get_base_layer()
             w = pristine(prefix + "weight").float() if pristine else dequantize_weight(lin)
-            for adapter in _active_adapters(module):
-                w = w + lora_delta(module, adapter).to(w.device)
-            yield prefix + "weight", w.to(dtype).contiguous()
+            yield prefix + "weight", merged_weight(module, w).to(dtype).contiguous()
             if getattr(lin, "bias", None) is not None:
                 yield prefix + "bias", lin.bias.detach().to(dtype).contiguous()
             skip_prefixes.append(prefix)
@@ -143,8 +161,9 @@ def merged_tensors(model: torch.nn.Module, dtype: torch.dtype,
                 yield prefix + bname, b.detach().contiguous()
 
 
-def pristine_reader(source: str) -> Callable[[str], torch.Tensor]:
-    """Read original weights by key from the safetensors files of a local or cached base folder."""
+def pristine_reader(source: str, need: str = "--base pristine") -> Callable[[str], torch.Tensor]:
+    """Read original weights by key from the safetensors files of a local or cached base folder;
+    ``need`` names what asked for them in the error messages."""
     from safetensors import safe_open
 
     folder = Path(source)
@@ -154,10 +173,10 @@ def pristine_reader(source: str) -> Callable[[str], torch.Tensor]:
 
             folder = Path(snapshot_download(source, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]))
         except Exception as e:  # noqa: BLE001 - any hub failure means the weights are not here
-            raise QfineError(f"--base pristine needs the original weights of {source} on disk ({e})") from None
+            raise QfineError(f"{need} needs the original weights of {source} on disk ({e})") from None
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise QfineError(f"--base pristine: no .safetensors weights in {folder}")
+        raise QfineError(f"{need}: no .safetensors weights in {folder}")
     where = {}
     for f in files:
         with safe_open(f, "pt") as h:
@@ -166,7 +185,7 @@ def pristine_reader(source: str) -> Callable[[str], torch.Tensor]:
 
     def read(key: str) -> torch.Tensor:
         if key not in where:
-            raise QfineError(f"--base pristine: weight {key} not found in {folder}")
+            raise QfineError(f"{need}: weight {key} not found in {folder}")
         with safe_open(where[key], "pt") as h:
             return h.get_tensor(key)
 

@@ -60,11 +60,13 @@ class ProbeResult:
         return {k: fact.marker in getattr(self, k) for k in ("before", "after", "merged", "peft_merged")}
 
 
-def fact_config(source: str, data: Path, run_dir: Path, steps: int = 30, lr: float = 1e-3) -> C.RunConfig:
-    """The seed's recipe: nf4 + double quant, r=16 on all linear layers, constant-ish lr, batch 4."""
+def fact_config(source: str, data: Path, run_dir: Path, steps: int = 30, lr: float = 1e-3,
+                lora: dict | None = None) -> C.RunConfig:
+    """The seed's recipe: nf4 + double quant, r=16 on all linear layers, constant-ish lr, batch 4;
+    ``lora`` overrides LoRA settings (variant, init, rslora, ...)."""
     cfg = C.RunConfig(output_dir=str(run_dir))
     cfg.model.source = source
-    cfg.lora = C.LoraSettings(r=16, alpha=32, dropout=0.0)
+    cfg.lora = C.LoraSettings(**{"r": 16, "alpha": 32, "dropout": 0.0, **(lora or {})})
     cfg.data.path = str(data)
     cfg.train = C.TrainConfig(max_steps=steps, batch_size=4, learning_rate=lr, lr_scheduler="cosine",
                               save_steps=steps, logging_steps=max(1, steps // 10), report_samples=1)
@@ -83,7 +85,8 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def seed_experiment(fact: Fact, workdir: str | Path, source: str = "default", steps: int = 30, lr: float = 1e-3,
-                    merge_dtype: str = "bf16", repeats: int = 8, log: Callable[[str], None] = print) -> ProbeResult:
+                    merge_dtype: str = "bf16", repeats: int = 8, log: Callable[[str], None] = print,
+                    lora: dict | None = None) -> ProbeResult:
     """Run the experiment in ``workdir`` (data.jsonl, run/, merged/) and return what was seen."""
     from transformers import AutoModelForCausalLM
 
@@ -104,7 +107,7 @@ def seed_experiment(fact: Fact, workdir: str | Path, source: str = "default", st
     log(f"before training: {before!r}")
     del base
 
-    cfg = fact_config(source, data, workdir / "run", steps, lr)
+    cfg = fact_config(source, data, workdir / "run", steps, lr, lora)
     t0 = time.perf_counter()
     run_dir = train(cfg)
     train_seconds = time.perf_counter() - t0

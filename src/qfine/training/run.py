@@ -15,13 +15,14 @@ import shutil
 from pathlib import Path
 
 from .. import config as C
-from ..adapters import add_lora, check_lora_settings
+from ..adapters import add_lora, check_init_for_base, check_lora_settings
 from ..data import build_datasets
 from ..data.readers import expand
 from ..errors import QfineError
 from ..fast import enable_fast_path, keep_dequantized, offload_checkpoints, release_dequantized
 from ..fsutil import atomic_dir, atomic_write_text
 from ..loading import describe, load_model, resolve_device
+from ..loftq import start_loftq
 from .resume import (DATA_RECORD, check_resume_config, check_resume_data, data_record, finished_adapter,
                      load_checkpoint_adapter, resume_point, step_of, truncate_metrics, write_data_record)
 from ..tasks import task_spec
@@ -196,6 +197,7 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     device = resolve_device(cfg.model.device)
     check_train_config(cfg, device)
     check_lora_settings(cfg.lora)
+    check_init_for_base(cfg.lora, cfg.model.quantization)
     if cfg.data.streaming and cfg.train.max_steps <= 0:
         raise QfineError("data.streaming needs train.max_steps (a stream has no known length for epochs)")
     expand(cfg.data.path)  # a missing file or empty glob fails before anything is loaded
@@ -224,6 +226,8 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
                      task_type=task_spec(cfg.model.task).peft_type)
     if base_cache is not None:
         base_cache["adapted"] = model
+    if cfg.lora.init == "loftq" and ckpt is None:  # a resumed run reads its adapter from the checkpoint
+        print(f"[qfine] {start_loftq(model, loaded.source)}", flush=True)
     fast = None
     if cfg.train.fast_path and cfg.model.task == "causal-lm":
         fast = enable_fast_path(model, device)
