@@ -16,6 +16,7 @@ from .errors import QfineError
 
 _BIASES = ("none", "all", "lora_only")
 VARIANTS = ("lora", "dora")
+METHODS = ("lora", "qa-lora")
 INITS = ("default", "gaussian", "loftq", "pissa")
 
 
@@ -26,8 +27,10 @@ def _adaptable(module: torch.nn.Module) -> bool:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers.pytorch_utils import Conv1D
 
+    from .qalora import Int4Linear
+
     return isinstance(module, (torch.nn.Linear, torch.nn.Embedding, Conv1D, torch.nn.Conv1d, torch.nn.Conv2d,
-                               torch.nn.Conv3d, BaseTunerLayer))
+                               torch.nn.Conv3d, BaseTunerLayer, Int4Linear))
 
 
 def _model_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -49,8 +52,10 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     already wraps counts as the linear it wraps)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from .qalora import Int4Linear
+
     return sorted({name.rsplit(".", 1)[-1] for name, m in _model_modules(model).items()
-                   if name and isinstance(m, (torch.nn.Linear, BaseTunerLayer))})
+                   if name and isinstance(m, (torch.nn.Linear, BaseTunerLayer, Int4Linear))})
 
 
 def _output_layer_names(model: torch.nn.Module) -> set[str]:
@@ -70,8 +75,8 @@ def resolve_targets(model: torch.nn.Module, targets: list[str]) -> str | list[st
     """
     if not targets:
         raise QfineError("lora.target_modules is empty; name the modules to adapt (e.g. q_proj,v_proj) or all-linear")
-    if targets == ["all-linear"]:
-        return "all-linear"
+    if targets == ["all-linear"] and int4_group(model) is None:
+        return "all-linear"  # peft's own rule; it does not know INT4 layers, for which the names are listed below
     names = list(targets)
     if "all-linear" in names:
         names.remove("all-linear")
@@ -106,6 +111,11 @@ def check_lora_settings(cfg: LoraSettings) -> None:
         raise QfineError(f"lora.dropout must be in [0, 1), not {cfg.dropout!r}")
     if cfg.bias not in _BIASES:
         raise QfineError(f"lora.bias must be one of {', '.join(_BIASES)}, not {cfg.bias!r}")
+    if cfg.method not in METHODS:
+        raise QfineError(f"lora.method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
+    if cfg.method == "qa-lora" and (cfg.variant != "lora" or cfg.init != "default"):
+        raise QfineError("lora.method qa-lora takes lora.variant lora and lora.init default (its A sees pooled "
+                         "inputs, which DoRA, LoftQ and PiSSA do not model)")
     if cfg.variant not in VARIANTS:
         raise QfineError(f"lora.variant must be one of {', '.join(VARIANTS)}, not {cfg.variant!r}")
     if cfg.init not in INITS:
@@ -126,16 +136,32 @@ def check_init_for_base(cfg: LoraSettings, quantization: str) -> None:
                          f"lora.init loftq for a 4-bit base")
 
 
-def lora_config(cfg: LoraSettings, targets, task_type: str, modules_to_save: bool = True):
+def int4_group(model: torch.nn.Module) -> int | None:
+    """The group size of the model's INT4 (QA-LoRA) layers, or None when it has none."""
+    from .qalora import Int4Linear
+
+    return next((m.group for m in model.modules() if isinstance(m, Int4Linear)), None)
+
+
+def lora_config(cfg: LoraSettings, targets, task_type: str, modules_to_save: bool = True, group: int | None = None):
     """The peft ``LoraConfig`` for qfine's LoRA settings (LoftQ is applied after injection, see
-    :func:`loftq_init`, so peft sees the default initialisation for it)."""
+    :func:`qfine.loftq.loftq_init`, so peft sees the default initialisation for it). ``group``: the
+    base's INT4 group size, whose layers peft then wraps with qfine's layer class."""
     from peft import LoraConfig
 
+    from . import qalora
+
+    if cfg.method == "qa-lora" and group is None:
+        raise QfineError("lora.method qa-lora needs an int4 base (model.quantization int4)")
     init = {"default": True, "loftq": True}.get(cfg.init, cfg.init)
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+    qa = {"use_qalora": True, "qalora_group_size": group} if cfg.method == "qa-lora" else {}
+    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                       bias=cfg.bias, modules_to_save=(list(cfg.modules_to_save) or None) if modules_to_save else None,
                       use_dora=cfg.variant == "dora", use_rslora=cfg.rslora, init_lora_weights=init,
-                      task_type=task_type)
+                      task_type=task_type, **qa)
+    if group is not None:
+        qalora.register(lcfg)
+    return lcfg
 
 
 @contextlib.contextmanager
@@ -176,7 +202,7 @@ def add_lora(model: torch.nn.Module, cfg: LoraSettings, gradient_checkpointing: 
     for name in cfg.modules_to_save:
         if not any(n == name or n.endswith("." + name) for n, _ in model.named_modules()):
             raise QfineError(f"lora.modules_to_save: no module named {name!r} in this model")
-    lcfg = lora_config(cfg, targets, task_type)
+    lcfg = lora_config(cfg, targets, task_type, group=int4_group(model))
     for p in model.parameters():
         p.requires_grad_(False)
     if gradient_checkpointing:
@@ -193,7 +219,16 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, adapter_name: 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise QfineError(f"no PEFT adapter in {adapter_dir} (adapter_config.json missing)")
-    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)
+    config = None
+    if int4_group(model) is not None:  # peft wraps INT4 layers only with qfine's layer class registered
+        from peft import LoraConfig
+
+        from .qalora import register
+
+        config = LoraConfig.from_pretrained(str(adapter_dir))
+        register(config)
+    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable,
+                                     config=config)
 
 
 # --- several adapters on one base -------------------------------------------------------------
@@ -205,7 +240,7 @@ def add_adapter(model, name: str, cfg: LoraSettings, seed: int | None = None) ->
     targets = resolve_targets(model.get_base_model(), cfg.target_modules)
     with seeded(seed):
         model.add_adapter(name, lora_config(cfg, targets, next(iter(model.peft_config.values())).task_type,
-                                            modules_to_save=False))
+                                            modules_to_save=False, group=int4_group(model)))
 
 
 def set_active(model, name: str | list[str]) -> None:

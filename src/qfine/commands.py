@@ -23,7 +23,13 @@ def cmd_merge(ns) -> None:
         raise QfineError(f"{out} already exists; pass --overwrite to replace it")
     from . import config as C
 
-    task = C.load_yaml(Path(ns.run_dir) / "config.yaml").model.task
+    run_cfg = C.load_yaml(Path(ns.run_dir) / "config.yaml")
+    task = run_cfg.model.task
+    fmt = getattr(ns, "format", "auto")
+    int4 = fmt == "int4" or (fmt == "auto" and run_cfg.lora.method == "qa-lora" and not ns.requantize)
+    if int4 and run_cfg.model.quantization != "int4":
+        raise QfineError(f"--format int4 folds a QA-LoRA update into an int4 base; this run's base is "
+                         f"{run_cfg.model.quantization} (merge to 16-bit: --format 16bit)")
     if ns.requantize and task != "causal-lm":
         raise QfineError(f"--requantize serves causal-lm runs; this is a {task} run: merge it to 16-bit instead")
     loaded = load_for_inference(ns.run_dir)
@@ -40,8 +46,10 @@ def cmd_merge(ns) -> None:
             shutil.rmtree(tmp16, ignore_errors=True)
         _report_requantized(loaded, out)
     else:
-        save_merged(loaded.model, loaded.tokenizer, out, ns.dtype, ns.base, loaded.source, overwrite=ns.overwrite)
-    print(f"[qfine] merged model written to {out} in {time.perf_counter() - t0:.1f} s", flush=True)
+        save_merged(loaded.model, loaded.tokenizer, out, ns.dtype, ns.base, loaded.source, overwrite=ns.overwrite,
+                    int4=int4)
+    kind = "4-bit (codes unchanged, the update folded into the zero points)" if int4 else ns.dtype
+    print(f"[qfine] merged model ({kind}) written to {out} in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 def cmd_export(ns) -> None:
@@ -321,6 +329,9 @@ def register(sub) -> None:
                         "onto the original 16-bit weights (adds the quantization error the adapter never saw)")
     p.add_argument("--requantize", choices=["nf4", "fp4"],
                    help="write a bitsandbytes 4-bit merged model instead (lossy; the logit difference is printed)")
+    p.add_argument("--format", default="auto", choices=["auto", "16bit", "int4"],
+                   help="int4: keep a QA-LoRA run's base 4-bit, the update folded into its zero points (lossless); "
+                        "16bit: dequantize and add (--dtype); auto: int4 for QA-LoRA runs, 16bit otherwise")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=cmd_merge)
 

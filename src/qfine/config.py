@@ -26,7 +26,10 @@ class ModelConfig:
     source: str = "default"
     """Base model: 'default' (bundled SmolLM2-135M-Instruct), a local Hugging Face folder, a .gguf file, or a hub id."""
     quantization: str = "nf4"
-    """Storage of the frozen base weights: nf4, fp4 (4-bit bitsandbytes), int8, or none (16/32-bit)."""
+    """Storage of the frozen base weights: nf4, fp4 (4-bit bitsandbytes), int8, int4 (group-wise
+    asymmetric, QA-LoRA's base: a scale and a minimum per group of input columns), or none (16/32-bit)."""
+    group_size: int = 32
+    """int4: input columns per scale and minimum (32: GGUF Q4_1's blocks); QA-LoRA pools LoRA's input over the same groups."""
     double_quant: bool = True
     """Quantize the 4-bit absmax constants again (8-bit, blocks of 256): about 0.37 bits/param saved."""
     compute_dtype: str = "auto"
@@ -56,6 +59,9 @@ class LoraSettings:
     """Which biases to train: none, all or lora_only."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full and saved with the adapter (e.g. lm_head)."""
+    method: str = "lora"
+    """lora, or qa-lora (arXiv 2309.14717: an int4 base, LoRA A over the input averaged per group, so
+    `qfine merge` folds the update into the 4-bit zero points: still 4-bit, codes unchanged)."""
     variant: str = "lora"
     """lora, or dora (weight-decomposed: a trained magnitude per output row times the normalised
     W + s·BA; merged exactly). DoRA layers run peft's reference code, not the fused GPU layers."""
@@ -202,7 +208,7 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraSettings, "data":
 # Flag names: a section prefix plus the field name, with a few short names the README promises.
 _FLAG_PREFIX = {"model": "", "lora": "lora-", "data": "", "train": "", "generation": ""}
 _FLAG_OVERRIDE = {("model", "source"): "model", ("data", "path"): "data", ("data", "eval_path"): "eval-data",
-                  ("lora", "rslora"): "rslora"}
+                  ("lora", "rslora"): "rslora", ("lora", "method"): "method", ("model", "group_size"): "qa-group-size"}
 
 
 @functools.cache

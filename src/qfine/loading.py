@@ -182,9 +182,9 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, keep: tupl
                                   bnb_4bit_compute_dtype=compute_dtype, **skip)
     if q == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, **skip)
-    if q == "none":
+    if q in ("none", "int4"):  # int4 is applied after loading (qfine.qalora.quantize_model)
         return None
-    raise QfineError(f"model.quantization must be nf4, fp4, int8 or none, not {q!r}")
+    raise QfineError(f"model.quantization must be nf4, fp4, int8, int4 or none, not {q!r}")
 
 
 def guard_cpu_repack(model: torch.nn.Module) -> int:
@@ -270,9 +270,14 @@ def load_model(cfg: ModelConfig | str = "default", labels: list[str] | None = No
         quant = {"quantization_config": qconfig} if qconfig is not None else {}
         # no attn_implementation: transformers picks SDPA where the architecture supports it and eager
         # attention otherwise (asking for "sdpa" outright fails to load e.g. Gemma 2)
-        model = auto_class(cfg.task).from_pretrained(
-            source, dtype=compute_dtype, device_map={"": device}, trust_remote_code=cfg.trust_remote_code,
-            **quant, **head)
+        if _int4_folder(source):
+            model = _load_int4_folder(source, cfg, compute_dtype, device, spec.heads, head)
+        else:
+            model = auto_class(cfg.task).from_pretrained(
+                source, dtype=compute_dtype, device_map={"": device}, trust_remote_code=cfg.trust_remote_code,
+                **quant, **head)
+            if cfg.quantization == "int4":
+                _quantize_int4(model, cfg.group_size, spec.heads)
     except OSError as e:
         if Path(source).is_dir():
             raise QfineError(f"cannot load model from {source}: {e}") from None
@@ -289,6 +294,51 @@ def load_model(cfg: ModelConfig | str = "default", labels: list[str] | None = No
     model.requires_grad_(False)  # the base is frozen; LoRA adds what trains
     model.config.use_cache = False  # re-enabled for generation
     return Loaded(model, tokenizer, source, device, compute_dtype, task=cfg.task, labels=labels)
+
+
+def _quantize_int4(model, group: int, heads: tuple[str, ...]) -> None:
+    from .qalora import quantize_model
+
+    try:
+        quantize_model(model, group, heads)
+    except ValueError as e:
+        raise QfineError(f"model.group_size {group}: {e}") from None
+
+
+def _int4_folder(source: str) -> dict | None:
+    """The quantization_config of a qfine INT4 folder (a QA-LoRA merge), or None."""
+    import json
+
+    from .qalora import QUANT_METHOD
+
+    cfg = Path(source) / "config.json"
+    q = json.loads(cfg.read_text(encoding="utf-8")).get("quantization_config") if cfg.is_file() else None
+    return q if isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD else None
+
+
+def _load_int4_folder(source: str, cfg: ModelConfig, compute_dtype, device: str, heads, head: dict):
+    """Build the architecture from config.json, swap its linears for INT4 ones of the saved group size,
+    and read the codes, scales, minimums and the 16-bit rest from the folder's safetensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from .tasks import auto_class
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **head)
+    group = int(config.quantization_config["group_size"])
+    del config.quantization_config
+    model = auto_class(cfg.task).from_config(config, dtype=compute_dtype, trust_remote_code=cfg.trust_remote_code)
+    _quantize_int4(model, group, heads)
+    state = {}
+    for f in sorted(Path(source).glob("*.safetensors")):
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise QfineError(f"{source}: INT4 checkpoint does not fit its config (missing {sorted(set(missing) - tied)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})")
+    model.tie_weights()
+    return model.to(device).eval()
 
 
 def _prequantized(source: str) -> bool:

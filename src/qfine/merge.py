@@ -32,6 +32,10 @@ def dequantize_weight(linear: torch.nn.Module) -> torch.Tensor:
     """The weight of a plain, 4-bit or 8-bit bitsandbytes linear as fp32, shape (out_features, in_features)."""
     import bitsandbytes as bnb
 
+    from .qalora import Int4Linear
+
+    if isinstance(linear, Int4Linear):
+        return linear.dequantize()
     w = linear.weight
     if isinstance(linear, bnb.nn.Linear4bit):
         ensure_not_repacked(w)
@@ -47,11 +51,18 @@ def dequantize_weight(linear: torch.nn.Module) -> torch.Tensor:
 def _is_quantized_linear(module: torch.nn.Module) -> bool:
     import bitsandbytes as bnb
 
-    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    from .qalora import Int4Linear
+
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, Int4Linear))
 
 
 def lora_delta(layer, adapter: str) -> torch.Tensor:
-    """``scaling · B @ A`` in fp32 for one peft LoRA linear layer: (out_features, in_features)."""
+    """``scaling · B @ A`` in fp32 for one peft LoRA linear layer: (out_features, in_features) (for
+    QA-LoRA, the pooled update spread over each group's columns)."""
+    from .qalora import full_delta, is_qalora
+
+    if is_qalora(layer, adapter):
+        return full_delta(layer, adapter)
     a = layer.lora_A[adapter].weight.float()
     b = layer.lora_B[adapter].weight.float()
     delta = b @ a
@@ -106,13 +117,18 @@ def unties_embeddings(base: torch.nn.Module) -> bool:
 
 
 def merged_tensors(model: torch.nn.Module, dtype: torch.dtype,
-                   pristine: Callable[[str], torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                   pristine: Callable[[str], torch.Tensor] | None = None,
+                   int4: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(state-dict key, tensor in dtype)`` of the merged model, one module at a time.
 
     ``model`` is a ``PeftModel`` (its active adapters are merged) or a plain model. ``pristine``
     maps a weight key to the original checkpoint tensor, replacing the dequantized base weight.
-    Keys are the base model's own (no ``base_model.model.`` or ``.base_layer`` infixes).
+    Keys are the base model's own (no ``base_model.model.`` or ``.base_layer`` infixes). ``int4``:
+    INT4 (QA-LoRA) layers stay 4-bit: their codes and scales as they are, the update folded into the
+    minimums (:func:`qfine.qalora.folded_mins`).
     """
+    from .qalora import Int4Linear, folded_mins
+
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
@@ -132,6 +148,16 @@ def merged_tensors(model: torch.nn.Module, dtype: torch.dtype,
                 yield prefix + pname, p.detach().to(dtype).contiguous()
             skip_prefixes.append(prefix)
             continue
+        if int4 and isinstance(module, (LoraLayer, Int4Linear)):
+            lin = module.get_base_layer() if isinstance(module, LoraLayer) else module
+            if isinstance(lin, Int4Linear):
+                mins = folded_mins(module) if isinstance(module, LoraLayer) else lin.mins
+                yield from ((prefix + k, t.contiguous()) for k, t in
+                            (("codes", lin.codes), ("scales", lin.scales), ("mins", mins)))
+                if lin.bias is not None:
+                    yield prefix + "bias", lin.bias.detach().to(dtype).contiguous()
+                skip_prefixes.append(prefix)
+                continue
         if isinstance(module, LoraLayer):
             lin = module.get_base_layer()
             w = pristine(prefix + "weight").float() if pristine else dequantize_weight(lin)
@@ -235,11 +261,16 @@ def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, max_sh
 
 def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str = "bf16",
                 base: str = "dequantized", source: str | None = None, max_shard_bytes: int = 2 * 2**30,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, int4: bool = False) -> Path:
     """Merge ``model``'s active adapters and write a plain transformers folder to ``out`` atomically.
 
-    ``base="pristine"`` reads the original weights of ``source`` instead of dequantizing.
+    ``base="pristine"`` reads the original weights of ``source`` instead of dequantizing. ``int4``:
+    a model over an INT4 (QA-LoRA) base stays 4-bit, its update folded into the zero points (a folder
+    qfine loads and exports; ``dtype`` then applies to the layers that are not INT4).
     """
+    from .adapters import int4_group
+    from .qalora import QUANT_METHOD
+
     if dtype not in DTYPES:
         raise QfineError(f"--dtype must be bf16, fp16 or fp32, not {dtype!r}")
     if base not in ("dequantized", "pristine"):
@@ -249,9 +280,15 @@ def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str =
         raise QfineError(f"{out} already exists; pass --overwrite to replace it")
     reader = pristine_reader(source) if base == "pristine" else None
     base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    group = int4_group(base_model)
+    if int4 and (group is None or base != "dequantized"):
+        raise QfineError("a 4-bit merge needs a run over an int4 (QA-LoRA) base, merged onto its dequantized weights")
     config = copy.deepcopy(base_model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    if int4:
+        config.quantization_config = {"quant_method": QUANT_METHOD, "bits": 4, "group_size": group,
+                                      "layout": "W = d * q + m per group of group_size input columns"}
     if unties_embeddings(base_model):
         # both embeddings are written (see merged_tensors); a tied config would make a reload drop one
         for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
@@ -259,7 +296,7 @@ def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str =
     config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
     config.use_cache = True
     with atomic_dir(out, replace=overwrite) as tmp:
-        write_sharded(merged_tensors(model, DTYPES[dtype], reader), tmp, max_shard_bytes)
+        write_sharded(merged_tensors(model, DTYPES[dtype], reader, int4=int4), tmp, max_shard_bytes)
         config.save_pretrained(tmp)
         if getattr(base_model, "generation_config", None) is not None:
             base_model.generation_config.save_pretrained(tmp)

@@ -197,6 +197,13 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     device = resolve_device(cfg.model.device)
     check_train_config(cfg, device)
     check_lora_settings(cfg.lora)
+    if cfg.lora.method == "qa-lora":
+        if cfg.model.quantization == "nf4":  # the default: QA-LoRA brings its own base
+            cfg.model.quantization = "int4"
+            print(f"[qfine] qa-lora: base quantized to int4, groups of {cfg.model.group_size} input columns", flush=True)
+        elif cfg.model.quantization != "int4":
+            raise QfineError(f"lora.method qa-lora trains over an int4 base, not model.quantization "
+                             f"{cfg.model.quantization}")
     check_init_for_base(cfg.lora, cfg.model.quantization)
     if cfg.data.streaming and cfg.train.max_steps <= 0:
         raise QfineError("data.streaming needs train.max_steps (a stream has no known length for epochs)")
