@@ -123,3 +123,27 @@ def test_a_4bit_merge_of_a_plain_lora_run_is_refused(tiny_dir, tmp_path, capsys)
     train(cfg)
     assert main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "m"), "--format", "int4"]) == 2
     assert "this run's base is nf4" in capsys.readouterr().err
+
+
+def test_the_4bit_merge_exports_to_gguf_q4_1_with_the_same_codes(tiny_dir, tmp_path):
+    """With groups of 32 the INT4 layout is GGUF Q4_1's (x = d·q + m, 32 values a block): the export
+    re-derives exactly the merged codes; only d and m are rounded to fp16 (the file's format)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from qfine.export import export_gguf
+
+    loaded, model = _qa_model(tiny_dir)
+    out = save_merged(model, loaded.tokenizer, tmp_path / "m4", dtype="fp32", int4=True)
+    report = export_gguf(str(out), tmp_path / "m.gguf", "q4_1", check=False)
+    saved = load_file(out / "model.safetensors")
+    tensors = {t.name: t for t in GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    for gname, key, shape in (("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj", (64, 128)),
+                              ("blk.1.attn_v.weight", "model.layers.1.self_attn.v_proj", (32, 64))):
+        blocks = np.asarray(tensors[gname].data).reshape(-1, 20)  # fp16 d, fp16 m, 16 bytes: q[j] | q[j+16] << 4
+        theirs = np.concatenate([blocks[:, 4:] & 15, blocks[:, 4:] >> 4], axis=1).reshape(shape)
+        codes = saved[f"{key}.codes"].numpy()
+        ours = np.stack([codes & 15, codes >> 4], -1).reshape(shape)
+        assert np.array_equal(theirs, ours), gname
+        record = next(t for t in report.tensors if t.name == gname)
+        assert record.type == "Q4_1" and record.rel_error < 2e-3, record  # fp16 d and m

@@ -7,6 +7,7 @@ whose ``base_model_name_or_path`` names the folder or hub id the base was loaded
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -99,6 +100,30 @@ def resolve_targets(model: torch.nn.Module, targets: list[str]) -> str | list[st
         raise QfineError(f"unknown LoRA target module(s) {', '.join(unknown)}; this model's linear modules are: "
                          f"{linear} (or use all-linear)")
     return list(dict.fromkeys(names))
+
+
+TRAINABLE = ("embed", "norm", "head")
+
+
+def trainable_modules(model: torch.nn.Module, parts: list[str]) -> list[str]:
+    """Module names (last path components, as peft's modules_to_save takes them) of ``parts``: embed,
+    norm (every module whose class name ends in Norm) and head."""
+    unknown = [p for p in parts if p not in TRAINABLE]
+    if unknown:
+        raise QfineError(f"lora.trainable: unknown part(s) {', '.join(unknown)}; choose from {', '.join(TRAINABLE)}")
+    names = []
+    modules = dict(model.named_modules())
+    for part in parts:
+        if part == "norm":
+            found = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if n and type(m).__name__.endswith("Norm")})
+        else:
+            get = getattr(model, "get_input_embeddings" if part == "embed" else "get_output_embeddings", None)
+            target = get() if callable(get) else None
+            found = [n.rsplit(".", 1)[-1] for n, m in modules.items() if n and m is target][:1]
+        if not found:
+            raise QfineError(f"lora.trainable: this model has no {part} module")
+        names += found
+    return names
 
 
 def check_lora_settings(cfg: LoraSettings) -> None:
@@ -199,6 +224,9 @@ def add_lora(model: torch.nn.Module, cfg: LoraSettings, gradient_checkpointing: 
 
     check_lora_settings(cfg)
     targets = resolve_targets(model, cfg.target_modules)
+    extra = trainable_modules(model, cfg.trainable)
+    if extra:
+        cfg = dataclasses.replace(cfg, modules_to_save=list(dict.fromkeys([*cfg.modules_to_save, *extra])))
     for name in cfg.modules_to_save:
         if not any(n == name or n.endswith("." + name) for n, _ in model.named_modules()):
             raise QfineError(f"lora.modules_to_save: no module named {name!r} in this model")

@@ -62,6 +62,9 @@ class LoraSettings:
     method: str = "lora"
     """lora, or qa-lora (arXiv 2309.14717: an int4 base, LoRA A over the input averaged per group, so
     `qfine merge` folds the update into the 4-bit zero points: still 4-bit, codes unchanged)."""
+    trainable: list[str] = field(default_factory=list)
+    """Base parts trained in full and saved (and merged) with the adapter: embed (input embeddings),
+    norm (every normalisation layer), head (output layer); LongLoRA trains embed,norm."""
     variant: str = "lora"
     """lora, or dora (weight-decomposed: a trained magnitude per output row times the normalised
     W + s·BA; merged exactly). DoRA layers run peft's reference code, not the fused GPU layers."""
@@ -157,6 +160,12 @@ class TrainConfig:
     lengths up to max_seq_len and replay its forward + backward as one CUDA graph after two warm-up
     steps; this removes the Python launch cost that bounds small batches (docs/benchmarks.md).
     TRL's mean_token_accuracy and entropy are then not logged."""
+    s2_attn: bool = False
+    """LongLoRA's shifted sparse attention while training (causal LMs): attention inside groups of
+    s2_group tokens, half the heads shifted by half a group, no token seeing a later one; full
+    attention in eval and generation. Pair with lora.trainable embed,norm as LongLoRA does."""
+    s2_group: int = 0
+    """S²-Attn group size in tokens (even); 0: a quarter of data.max_seq_len."""
     seed: int = 42
     """Random seed for LoRA initialisation, dropout and data order: the same config and seed give the
     same loss curve (bit for bit on CPU; docs/benchmarks.md gives the GPU tolerance)."""
@@ -208,7 +217,8 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraSettings, "data":
 # Flag names: a section prefix plus the field name, with a few short names the README promises.
 _FLAG_PREFIX = {"model": "", "lora": "lora-", "data": "", "train": "", "generation": ""}
 _FLAG_OVERRIDE = {("model", "source"): "model", ("data", "path"): "data", ("data", "eval_path"): "eval-data",
-                  ("lora", "rslora"): "rslora", ("lora", "method"): "method", ("model", "group_size"): "qa-group-size"}
+                  ("lora", "rslora"): "rslora", ("lora", "method"): "method", ("model", "group_size"): "qa-group-size",
+                  ("lora", "trainable"): "trainable"}
 
 
 @functools.cache

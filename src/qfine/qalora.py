@@ -20,7 +20,6 @@ import warnings
 
 import torch
 
-
 QUANT_METHOD = "qfine_int4"  # config.json quantization_config.quant_method of a 4-bit qfine folder
 # peft warns about any base layer type it does not know, although the layer class registered below serves it
 warnings.filterwarnings("ignore", message=r"Unsupported layer type '<class 'qfine\.qalora\.Int4Linear'>'")

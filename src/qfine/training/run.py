@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from .. import config as C
+from .. import s2attn
 from ..adapters import add_lora, check_init_for_base, check_lora_settings
 from ..data import build_datasets
 from ..data.readers import expand
@@ -269,6 +270,10 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     # freshly built peft wrappers start in training mode, and Trainer only calls train() on a model whose
     # top-level flag is off — the fused layers, the fused loss and LoRA dropout all read the inner flags
     model.train()
+    if cfg.train.s2_attn:
+        group = cfg.train.s2_group or cfg.data.max_seq_len // 4
+        print(f"[qfine] S²-Attn in training: {s2attn.enable(model, group)} attention layers, groups of {group} "
+              f"tokens, half the heads shifted by {group // 2}; full attention in eval and generation", flush=True)
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, cfg, run_dir, device, callbacks, resume_step)
     if cfg.train.cuda_graphs and fast is not None and fast.layers:
         print(f"[qfine] {trainer.enable_cuda_graphs(cfg.data.max_seq_len)}", flush=True)
@@ -298,6 +303,7 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
                          "check the data, then --resume or start over.") from None
     finally:
         release_dequantized(model)
+        s2attn.disable(model)
     if getattr(trainer, "graphed", None) is not None:
         print(f"[qfine] {trainer.graphed.summary()}", flush=True)
     save_adapter(model, tokenizer, run_dir / "adapter", loaded.source)

@@ -55,6 +55,14 @@ def check_train_config(cfg: RunConfig, device: str) -> None:
         raise QfineError(f"train.resident_weights_gib must be 0 or more, not {t.resident_weights_gib}")
     if t.batch_size < 1 or t.grad_accum < 1:
         raise QfineError("train.batch_size and train.grad_accum must be at least 1")
+    if t.s2_attn:
+        group = t.s2_group or cfg.data.max_seq_len // 4
+        if cfg.model.task != "causal-lm":
+            raise QfineError(f"train.s2_attn serves causal LMs, not model.task {cfg.model.task}")
+        if cfg.data.packing:
+            raise QfineError("train.s2_attn with data.packing: a group would mix packed examples; turn one off")
+        if group < 2 or group % 2:
+            raise QfineError(f"train.s2_group must be an even number of tokens of at least 2, not {group}")
     resolve_precision(t.precision, device, cfg.model.compute_dtype)
 
 
