@@ -52,6 +52,24 @@ def cmd_sweep(ns):
     sweep(_build_config(ns), ns.space, ns.trials, ns.timeout, ns.direction, ns.metric, ns.pruner)
 
 
+def cmd_plan(ns):
+    from .plan import load_config, parse_gib, render
+
+    cfg = _build_config(ns)
+    if ns.gpu_memory:
+        budget = parse_gib(ns.gpu_memory)
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise QfineError("no GPU visible: pass --gpu-memory (e.g. 24GiB) to plan for one")
+        budget = torch.cuda.mem_get_info()[1]
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        budget = int(budget * fraction()) if fraction is not None else budget
+    fused = not ns.reference_layers and cfg.lora.variant == "lora" and cfg.lora.method == "lora"
+    print(render(cfg.model.source, load_config(cfg.model.source), cfg, budget, fused))
+
+
 def _model_cfg(ns) -> C.ModelConfig:
     return C.ModelConfig(quantization=ns.quantization)
 
@@ -115,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruner", choices=["median", "hyperband"], default="median")
     _add_config_flags(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("plan", help="predicted peak GPU memory of a training config, and the settings that fit",
+                       description="From the model's config.json alone (a folder holding only it works): the "
+                       "predicted peak of one training step split into weights, adapter + optimizer state, "
+                       "activations, loss/backward working set and slack, for each micro-batch and checkpointing "
+                       "mode, fastest first, and the fastest setting that fits. The same model of memory chooses "
+                       "qfine train's checkpointing when auto_memory is on.")
+    p.add_argument("config", nargs="?", help="YAML config file (flags override its values)")
+    p.add_argument("--gpu-memory", help="memory of the GPU to plan for, e.g. 24GiB (default: the visible GPU's)")
+    p.add_argument("--reference-layers", action="store_true",
+                   help="plan for peft's reference layers (LoRA forms the fused GPU layers do not take)")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("generate", help="print the model's completion of one prompt")
     _add_generation_flags(p, 128)

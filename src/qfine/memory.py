@@ -19,7 +19,9 @@ Peak = weights + trainable state + saved activations + max(loss chunk, backward 
 * **Loss chunk**: the chunked cross-entropy's logits and their gradient, 2 × 256 MiB at most.
 * peft's reference layers (a LoRA form the fused kernels do not take) keep more: measured 2.70× the
   fused set per token (Llama-3.1-8B shape at 2 × 2048 with LoRA dropout on the reference layers,
-  H200, 2026-12-01: 37.7 GiB against 18.4).
+  H200, 2026-12-01: 37.7 GiB against 18.4); without dropout 1.92× (the bytes autograd saves, counted
+  with ``saved_tensors_hooks`` on the CPU in fp32, a 4-layer Llama of hidden 512 at 2 × 256 tokens,
+  2026-12-02; with dropout 0.05 that count gives 2.99×, above the GPU's measured 2.70).
 
 Checked against the measured peaks in docs/benchmarks.md (Llama-3.1-8B and Llama-3.2-1B shapes,
 H100/H200): within a few percent for the fused path without checkpointing, and above the
@@ -34,7 +36,8 @@ GIB = 2**30
 MODES = ("none", "checkpoint", "offload")
 _LOSS_CHUNK_BYTES = 2 * 256 * 2**20  # logits + their gradient for one chunk (qfine/fast/loss.py)
 _SLACK_BYTES = 256 * 2**20           # cuBLAS workspaces, allocator rounding
-REFERENCE_FACTOR = 2.70              # peft's reference layers over the fused set (module docstring)
+REFERENCE_FACTOR = 2.70              # peft's reference layers with LoRA dropout over the fused set (module docstring)
+REFERENCE_FACTOR_NO_DROPOUT = 1.92   # the same without dropout (module docstring)
 # optimizer state bytes per trainable parameter (fp32 master weights and grads are counted apart)
 OPTIMIZER_STATE = {"adamw_torch": 8, "adamw_torch_fused": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2,
                    "paged_adamw_8bit": 2, "sgd": 0, "adafactor": 4}
@@ -102,11 +105,14 @@ def trainable_bytes(params: int, optimizer: str) -> int:
 
 
 def estimate(shapes: Shapes, tokens: int, mode: str, weights_bytes: int, trainable_params: int,
-             optimizer: str = "adamw_torch", fused: bool = True, act_bytes: int = 2) -> Estimate:
-    """The predicted peak of a step over ``tokens`` tokens (micro-batch rows × sequence length)."""
+             optimizer: str = "adamw_torch", fused: bool = True, act_bytes: int = 2,
+             dropout: bool = True) -> Estimate:
+    """The predicted peak of a step over ``tokens`` tokens (micro-batch rows × sequence length);
+    ``dropout``: whether peft's reference layers (``fused`` false) run LoRA dropout."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    per_layer = shapes.saved_per_token() * (1.0 if fused else REFERENCE_FACTOR)
+    factor = 1.0 if fused else (REFERENCE_FACTOR if dropout else REFERENCE_FACTOR_NO_DROPOUT)
+    per_layer = shapes.saved_per_token() * factor
     one_layer = per_layer * tokens * act_bytes
     inputs = shapes.hidden * tokens * act_bytes
     if mode == "none":
@@ -122,11 +128,13 @@ def estimate(shapes: Shapes, tokens: int, mode: str, weights_bytes: int, trainab
 
 
 def fitting_mode(shapes: Shapes, tokens: int, budget: int, weights_bytes: int, trainable_params: int,
-                 optimizer: str, fused: bool, at_least: str = "none", offload_ok: bool = True):
+                 optimizer: str, fused: bool, at_least: str = "none", offload_ok: bool = True,
+                 dropout: bool = True):
     """(mode, estimates by mode) — the first of ``none → checkpoint → offload`` (from ``at_least`` on)
     whose estimate fits ``FILL × budget``; None when none does."""
     order = [m for m in MODES[MODES.index(at_least):] if offload_ok or m != "offload"]
-    estimates = {m: estimate(shapes, tokens, m, weights_bytes, trainable_params, optimizer, fused) for m in order}
+    estimates = {m: estimate(shapes, tokens, m, weights_bytes, trainable_params, optimizer, fused, dropout=dropout)
+                 for m in order}
     for mode in order:
         if estimates[mode].total <= FILL * budget:
             return mode, estimates

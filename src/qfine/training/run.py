@@ -144,7 +144,7 @@ def fit_memory(model, cfg: C.RunConfig, fast, offload: bool) -> tuple[str, bool]
     current = "offload" if offload else ("checkpoint" if cfg.train.gradient_checkpointing else "none")
     fused = fast is not None and fast.layers > 0 and fast.fused == fast.layers
     mode, est = memory.fitting_mode(shapes, tokens, budget, weights, trainable, cfg.train.optimizer, fused,
-                                    at_least=current)
+                                    at_least=current, dropout=cfg.lora.dropout > 0)
     gib = budget / memory.GIB
     warning = ""
     if mode is None:  # the leanest mode gives the best chance; say that it may still not fit

@@ -1,0 +1,151 @@
+"""``qfine plan``: will a training config fit a GPU, and with which settings — from the model's
+config.json alone (no weights are read), through the one memory model of :mod:`qfine.memory`.
+
+The frozen weights' bytes are computed from the shapes as the loaders store them:
+
+* nf4 / fp4 (bitsandbytes): ½ byte per weight + one absmax per 64 weights (fp32; with double quant
+  an 8-bit absmax and one fp32 constant per 256 absmaxes) for every decoder linear; the embeddings,
+  norms and output layer stay in the compute dtype (2 bytes).
+* int8: 1 byte per weight + one fp32 scale per output row.
+* int4 (QA-LoRA): ½ byte per weight + an fp32 scale and minimum per group of ``group_size``.
+* none: 2 bytes per weight.
+
+Trainable parameters: r · (in + out) per adapted linear, plus the parts trained in full.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import memory
+from .config import RunConfig
+from .errors import QfineError
+
+_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def parse_gib(text: str) -> int:
+    """'24GiB', '24 GiB', '24GB' (read as GiB), '80' (GiB) → bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(gib|gb|g)?\s*", str(text).lower())
+    if not m:
+        raise QfineError(f"--gpu-memory {text!r}: give a size such as 24GiB")
+    return int(float(m.group(1)) * memory.GIB)
+
+
+def linear_shapes(s: memory.Shapes) -> dict[str, tuple[int, int]]:
+    """(in, out) of each decoder-layer projection."""
+    d, q, kv, i = s.hidden, s.q_dim, s.kv_dim, s.intermediate
+    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
+
+
+def weight_bytes(config, quantization: str, double_quant: bool = True, group_size: int = 32,
+                 dtype_bytes: int = 2) -> int:
+    """Bytes of the frozen base as loaded (module docstring); ``dtype_bytes``: of the compute dtype, in
+    which the layers that are not quantized are kept (2 on a GPU, 4 with fp32 compute on the CPU)."""
+    s = memory.Shapes.from_config(config)
+    per_layer = sum(a * b for a, b in linear_shapes(s).values())
+    rows = sum(b for _, b in linear_shapes(s).values())
+    n = s.layers * per_layer
+    if quantization in ("nf4", "fp4"):
+        absmax = n / 64 * (1 + 4 / 256) if double_quant else n / 64 * 4
+        linear = n / 2 + absmax
+    elif quantization == "int8":
+        linear = n + 4 * s.layers * rows
+    elif quantization == "int4":
+        linear = n / 2 + 8 * n / group_size
+    elif quantization == "none":
+        linear = dtype_bytes * n
+    else:
+        raise QfineError(f"model.quantization {quantization!r} is not one qfine plan knows")
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    embeddings = s.vocab * s.hidden * (1 if tied else 2)
+    norms = s.layers * 2 * s.hidden + s.hidden
+    return int(linear + dtype_bytes * (embeddings + norms))
+
+
+def trainable_params(config, cfg: RunConfig) -> int:
+    s = memory.Shapes.from_config(config)
+    shapes = linear_shapes(s)
+    targets = cfg.lora.target_modules
+    names = _LINEAR_NAMES if "all-linear" in targets else [t for t in targets if t in shapes]
+    n = s.layers * sum(cfg.lora.r * sum(shapes[t]) for t in names)
+    if cfg.lora.variant == "dora":
+        n += s.layers * sum(shapes[t][1] for t in names)  # one magnitude per output row
+    full = {"embed": s.vocab * s.hidden, "head": s.vocab * s.hidden, "norm": s.layers * 2 * s.hidden + s.hidden}
+    return n + sum(full[p] for p in cfg.lora.trainable if p in full)
+
+
+@dataclass
+class Option:
+    batch: int
+    mode: str
+    estimate: memory.Estimate
+    fits: bool  # estimate ≤ memory.FILL × budget
+
+
+def plan(config, cfg: RunConfig, budget: int, fused: bool = True) -> tuple[int, int, list[Option]]:
+    """(weights bytes, trainable parameters, every option as (batch, mode) from the config's micro-batch
+    down to 1, each checkpoint mode) — the caller filters the fitting ones; ordered fastest first:
+    a larger micro-batch first, and at one batch none, then checkpoint, then offload."""
+    shapes = memory.Shapes.from_config(config)
+    weights = weight_bytes(config, cfg.model.quantization, cfg.model.double_quant, cfg.model.group_size)
+    params = trainable_params(config, cfg)
+    batches = sorted({b for b in (cfg.train.batch_size, cfg.train.batch_size // 2, cfg.train.batch_size // 4, 1) if b},
+                     reverse=True)
+    options = []
+    for b in batches:
+        for mode in memory.MODES:
+            est = memory.estimate(shapes, b * cfg.data.max_seq_len, mode, weights, params, cfg.train.optimizer, fused,
+                                  dropout=cfg.lora.dropout > 0)
+            options.append(Option(b, mode, est, est.total <= memory.FILL * budget))
+    return weights, params, options
+
+
+def render(source: str, config, cfg: RunConfig, budget: int, fused: bool) -> str:
+    weights, params, options = plan(config, cfg, budget, fused)
+    lines = [f"plan for {source}: {config.num_hidden_layers} layers, hidden {config.hidden_size}; "
+             f"{cfg.model.quantization} base {weights / memory.GIB:.2f} GiB; {params:,} trainable parameters; "
+             f"sequence {cfg.data.max_seq_len}, micro-batch {cfg.train.batch_size} × grad_accum {cfg.train.grad_accum}; "
+             f"budget {budget / memory.GIB:.1f} GiB (fills up to {memory.FILL:.0%})",
+             f"{'batch':>5} {'checkpointing':<13} {'peak GiB':>8}  {'weights':>7} {'adapter+opt':>11} "
+             f"{'activations':>11} {'loss/bwd':>8} {'slack':>5}  fits"]
+    for o in options:
+        e = o.estimate
+        lines.append(f"{o.batch:>5} {o.mode:<13} {e.total / memory.GIB:>8.2f}  {e.weights / memory.GIB:>7.2f} "
+                     f"{e.trainable / memory.GIB:>11.2f} {e.activations / memory.GIB:>11.2f} "
+                     f"{e.transient / memory.GIB:>8.2f} {e.slack / memory.GIB:>5.2f}  {'yes' if o.fits else 'no'}")
+    fitting = [o for o in options if o.fits]
+    if not fitting:
+        lines.append("nothing fits: the frozen weights alone take "
+                     f"{weights / memory.GIB:.1f} GiB; use a smaller model, a shorter data.max_seq_len or a bigger GPU")
+    else:
+        best = fitting[0]
+        accum = max(1, cfg.train.batch_size * cfg.train.grad_accum // best.batch)
+        flags = {"none": "", "checkpoint": " --gradient-checkpointing", "offload": " --offload-checkpoints"}[best.mode]
+        lines.append(f"fastest that fits: --batch-size {best.batch} --grad-accum {accum}{flags} "
+                     f"({best.estimate.total / memory.GIB:.2f} GiB); qfine train's auto_memory (on by default) turns "
+                     "checkpointing and offloading on by the same estimate")
+    return "\n".join(lines)
+
+
+def load_config(source: str):
+    """The model's config from a folder (config.json alone is enough), a .gguf file's folder cache, or
+    the hub cache."""
+    from transformers import AutoConfig
+
+    from .loading import _hub_error, _hub_offline, resolve_source
+
+    resolved = resolve_source(source)
+    try:
+        return AutoConfig.from_pretrained(resolved, local_files_only=True)
+    except (OSError, ValueError) as e:
+        if Path(resolved).exists() or _hub_offline():
+            raise (_hub_error(source, e) if not Path(resolved).exists() else
+                   QfineError(f"cannot read the model config in {resolved}: {str(e).splitlines()[0]}")) from None
+    try:  # a hub id not cached yet: config.json alone is fetched
+        return AutoConfig.from_pretrained(resolved)
+    except (OSError, ValueError) as e:
+        raise _hub_error(source, e) from None
