@@ -27,7 +27,13 @@ class ModelConfig:
     """Base model: 'default' (bundled SmolLM2-135M-Instruct), a local Hugging Face folder, a .gguf file, or a hub id."""
     quantization: str = "nf4"
     """Storage of the frozen base weights: nf4, fp4 (4-bit bitsandbytes), int8, int4 (group-wise
-    asymmetric, QA-LoRA's base: a scale and a minimum per group of input columns), or none (16/32-bit)."""
+    asymmetric, QA-LoRA's base: a scale and a minimum per group of input columns), adaptive (int8 for
+    the layers most sensitive to 4-bit within model.memory_budget, NF4 elsewhere), or none (16/32-bit)."""
+    memory_budget: str = "1.15x"
+    """quantization adaptive: weight memory allowed, as a ratio to the all-NF4 model (1.15x) or in GiB (2.5GiB)."""
+    int8_modules: list[str] = field(default_factory=list)
+    """quantization adaptive: the linear layers kept in int8 (full names), chosen by sensitivity at the
+    start of training and recorded here, so that every later load rebuilds the same model."""
     group_size: int = 32
     """int4: input columns per scale and minimum (32: GGUF Q4_1's blocks); QA-LoRA pools LoRA's input over the same groups."""
     double_quant: bool = True

@@ -176,15 +176,15 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, keep: tupl
 
     q = cfg.quantization
     skip = {"llm_int8_skip_modules": list(keep)} if keep else {}
-    if q in ("nf4", "fp4"):
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q,
+    if q in ("nf4", "fp4", "adaptive"):  # adaptive: NF4, then the chosen layers swapped for int8
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4" if q == "adaptive" else q,
                                   bnb_4bit_use_double_quant=cfg.double_quant,
                                   bnb_4bit_compute_dtype=compute_dtype, **skip)
     if q == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, **skip)
     if q in ("none", "int4"):  # int4 is applied after loading (qfine.qalora.quantize_model)
         return None
-    raise QfineError(f"model.quantization must be nf4, fp4, int8, int4 or none, not {q!r}")
+    raise QfineError(f"model.quantization must be nf4, fp4, int8, int4, adaptive or none, not {q!r}")
 
 
 def guard_cpu_repack(model: torch.nn.Module) -> int:
@@ -278,6 +278,11 @@ def load_model(cfg: ModelConfig | str = "default", labels: list[str] | None = No
                 **quant, **head)
             if cfg.quantization == "int4":
                 _quantize_int4(model, cfg.group_size, spec.heads)
+            if cfg.quantization == "adaptive" and cfg.int8_modules:
+                from .adaptive import to_int8
+                from .merge import pristine_reader
+
+                to_int8(model, cfg.int8_modules, pristine_reader(source, need="model.quantization adaptive"))
     except OSError as e:
         if Path(source).is_dir():
             raise QfineError(f"cannot load model from {source}: {e}") from None

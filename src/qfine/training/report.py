@@ -30,6 +30,7 @@ class ReportFacts:
     samples_note: str = ""
     status: str = "finished"
     confusion: tuple[list[str], list[list[int]]] | None = None  # seq-cls: (labels, counts[true][predicted]) on eval
+    sensitivity: tuple[str, list] | None = None  # adaptive quantization: (summary line, LayerSensitivity rows)
 
 
 def _png(fig) -> str:
@@ -148,6 +149,15 @@ def render(run_dir: Path, facts: ReportFacts) -> str:
                      + "".join(f"<th>{e(n)}</th>" for n in labels) + "</tr>")
         parts += ["<tr><th>" + e(labels[g]) + "</th>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>"
                   for g, row in enumerate(counts)]
+        parts.append("</table>")
+    if facts.sensitivity is not None:
+        line, layers = facts.sensitivity
+        parts.append(f"<h2>Adaptive quantization</h2><p class=note>{e(line)}. Sensitivity: the relative output "
+                     "error ‖X(W − Ŵ)ᵀ‖/‖XWᵀ‖ of each linear layer on the calibration rows' activations, most "
+                     "sensitive first.</p><table><tr><th>layer</th><th>weights</th><th>NF4 error</th>"
+                     "<th>int8 error</th><th>kept in</th></tr>")
+        parts += [f"<tr><td>{e(s.name)}</td><td>{s.params:,}</td><td>{s.err_nf4:.4f}</td><td>{s.err_int8:.4f}</td>"
+                  f"<td>{'int8' if s.int8 else 'NF4'}</td></tr>" for s in sorted(layers, key=lambda s: -s.err_nf4)]
         parts.append("</table>")
     parts.append(f"<h2>Configuration</h2><pre>{e(facts.config_yaml)}</pre>")
     parts.append("</main></body></html>")

@@ -87,6 +87,24 @@ def save_adapter(model, tokenizer, out: Path, base_source: str) -> None:
         tokenizer.save_pretrained(tmp)
 
 
+def _choose_int8_layers(cfg: C.RunConfig):
+    """Adaptive quantization's choice (:func:`qfine.adaptive.select`) on the first 16 training rows."""
+    import dataclasses
+    import itertools
+
+    import torch
+
+    from ..adaptive import select
+    from ..loading import load_tokenizer, resolve_source
+
+    if cfg.model.task != "causal-lm":
+        raise QfineError(f"model.quantization adaptive serves causal LMs for now, not model.task {cfg.model.task}")
+    tok = load_tokenizer(resolve_source(cfg.model.source), cfg.model.trust_remote_code)
+    stream = dataclasses.replace(cfg.data, streaming=True, eval_ratio=0.0, eval_path=None)
+    rows = list(itertools.islice(build_datasets(tok, stream, cfg.train.seed)[0], 16))
+    return select(cfg.model, [torch.tensor([r["input_ids"]]) for r in rows])
+
+
 def _model_and_data(cfg: C.RunConfig, base_cache: dict | None = None):
     """Load the model of ``cfg.model.task`` and tokenize its data →
     ``(loaded, train_ds, eval_ds, data line, labels or None)``. A seq-cls label set is read from the
@@ -214,6 +232,11 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         print(f"[qfine] {line}", flush=True)
 
     # Everything that can fail on user input (model, data, targets) runs before the run dir is touched.
+    sensitivity = None
+    if cfg.model.quantization == "adaptive" and not cfg.model.int8_modules:
+        cfg.model.int8_modules, layers, line = _choose_int8_layers(cfg)
+        print(f"[qfine] {line}", flush=True)
+        sensitivity = (line, layers)
     loaded, train_ds, eval_ds, data_line, labels = _model_and_data(cfg, base_cache)
     tokenizer = loaded.tokenizer
     print(f"[qfine] {data_line}", flush=True)
@@ -279,7 +302,7 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         print(f"[qfine] {trainer.enable_cuda_graphs(cfg.data.max_seq_len)}", flush=True)
     facts = ReportFacts(title=f"qfine run · {run_dir.name}", model=f"{cfg.model.source} · {cfg.model.quantization}",
                         device=device, footprint=footprint, data=data_line, config_yaml=C.to_yaml(cfg),
-                        samples_note=samples.note)
+                        samples_note=samples.note, sensitivity=sensitivity)
     if fast is not None and fast.layers and cfg.train.resident_weights_gib > 0:
         dtype = model.get_input_embeddings().weight.dtype  # the dtype the fused layers compute in
         n, gib = keep_dequantized(model, cfg.train.resident_weights_gib, dtype)

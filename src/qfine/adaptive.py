@@ -1,0 +1,155 @@
+"""Adaptive 4/8-bit quantization: int8 where a layer is sensitive to 4-bit, NF4 elsewhere, within a
+memory budget.
+
+Sensitivity of a linear layer, measured on real activations X (the layer's inputs while the 16-bit
+model reads calibration sequences, by default the run's own first training rows)::
+
+    err(layer) = ‖X (W − Ŵ)ᵀ‖ / ‖X Wᵀ‖        Ŵ = dequant(NF4(W)), as bitsandbytes stores it
+
+The layers are taken in order of decreasing err and kept in int8 while the extra bytes fit the
+budget: int8 costs about 1 byte per weight against NF4's 0.52 (``qfine.plan.weight_bytes``' rules).
+The choice is written into the run's config (``model.int8_modules``), so every later load (generate,
+eval, merge, export, resume) rebuilds the same mixed model without measuring again.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import QfineError
+
+_NF4_BYTES = 0.5 + (1 + 4 / 256) / 64   # per weight, with double quantization (qfine/plan.py)
+
+
+@dataclass
+class LayerSensitivity:
+    name: str
+    params: int
+    err_nf4: float
+    err_int8: float
+    int8: bool = False
+
+
+def extra_int8_bytes(params: int, rows: int) -> float:
+    """Bytes an int8 layer takes beyond its NF4 form: 1 byte per weight + an fp32 scale per row."""
+    return params * (1 - _NF4_BYTES) + 4 * rows
+
+
+def _nf4(w: torch.Tensor) -> torch.Tensor:
+    import bitsandbytes.functional as F
+
+    q, state = F.quantize_4bit(w.float().contiguous(), blocksize=64, quant_type="nf4")
+    return F.dequantize_4bit(q, state).float()
+
+
+def _int8(w: torch.Tensor) -> torch.Tensor:
+    scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+    return (w / scale).round().clamp(-127, 127) * scale
+
+
+@torch.no_grad()
+def measure(model: torch.nn.Module, batches: list[torch.Tensor], names: list[str],
+            max_tokens: int = 4096) -> list[LayerSensitivity]:
+    """Each named linear's output error under NF4 (and int8) on the inputs it sees during ``batches``."""
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0].reshape(-1, a[0].shape[-1])))
+             for n in names]
+    try:
+        for ids in batches:
+            model(input_ids=ids.to(model.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for n in names:
+        x = torch.cat(inputs.pop(n))[:max_tokens].float()
+        w = modules[n].weight.float()
+        ref = (x @ w.t()).norm()
+        out.append(LayerSensitivity(n, w.numel(), float((x @ (w - _nf4(w)).t()).norm() / ref),
+                                    float((x @ (w - _int8(w)).t()).norm() / ref)))
+    return out
+
+
+def budget_bytes(spec: str, all_nf4: int) -> int:
+    """'1.15x' (a ratio to the all-NF4 model) or '2.5GiB' → the total weight bytes allowed."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(x|gib|gb)\s*", str(spec).lower())
+    if not m:
+        raise QfineError(f"model.memory_budget {spec!r}: give a ratio to all-NF4 such as 1.15x, or a size such as 2.5GiB")
+    value = float(m.group(1))
+    total = int(value * all_nf4) if m.group(2) == "x" else int(value * 2**30)
+    if total < all_nf4:
+        raise QfineError(f"model.memory_budget {spec} is below the all-NF4 model's {all_nf4 / 2**30:.3f} GiB")
+    return total
+
+
+def choose(layers: list[LayerSensitivity], rows: dict[str, int], spare: float) -> list[LayerSensitivity]:
+    """Mark the most sensitive layers int8 while their extra bytes fit ``spare``; returns ``layers``."""
+    for s in sorted(layers, key=lambda s: -s.err_nf4):
+        cost = extra_int8_bytes(s.params, rows[s.name])
+        if cost <= spare:
+            s.int8, spare = True, spare - cost
+    return layers
+
+
+def to_int8(model: torch.nn.Module, names: list[str], read) -> None:
+    """Swap each named (4-bit) linear of a loaded model for a bitsandbytes int8 linear quantized from the
+    checkpoint's own 16-bit weight (``read(key)``, :func:`qfine.merge.pristine_reader`), not from the
+    4-bit one; instance swap in its parent, state-dict keys unchanged."""
+    import bitsandbytes as bnb
+
+    for name in names:
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise QfineError(f"model.int8_modules: no module {name!r} in this model") from None
+        if not isinstance(lin, torch.nn.Linear):
+            raise QfineError(f"model.int8_modules: {name} is a {type(lin).__name__}, not a linear layer")
+        device = lin.weight.device
+        w = read(f"{name}.weight").to(torch.float16 if device.type == "cuda" else torch.float32)
+        new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  has_fp16_weights=False, threshold=6.0)
+        new.weight = bnb.nn.Int8Params(w.contiguous(), requires_grad=False, has_fp16_weights=False)
+        if lin.bias is not None:
+            new.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        new = new.to(device)  # bitsandbytes quantizes on the move
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+
+
+def select(model_cfg, batches: list[torch.Tensor]) -> tuple[list[str], list[LayerSensitivity], str]:
+    """Measure the 16-bit model of ``model_cfg`` on ``batches`` and choose the int8 layers within
+    ``model_cfg.memory_budget``: (chosen names, every layer's sensitivity, a summary line)."""
+    import dataclasses
+    import gc
+
+    from .loading import load_model
+    from .plan import weight_bytes
+
+    loaded = load_model(dataclasses.replace(model_cfg, quantization="none", int8_modules=[]))
+    model = loaded.model.eval()
+    names = decoder_linears(model)
+    layers = measure(model, batches, names)
+    rows = {n: model.get_submodule(n).out_features for n in names}
+    all_nf4 = weight_bytes(model.config, "nf4", model_cfg.double_quant)
+    spare = budget_bytes(model_cfg.memory_budget, all_nf4) - all_nf4
+    del loaded, model
+    gc.collect()
+    choose(layers, rows, spare)
+    chosen = [s.name for s in layers if s.int8]
+    used = sum(extra_int8_bytes(s.params, rows[s.name]) for s in layers if s.int8)
+    line = (f"adaptive quantization: {len(chosen)} of {len(layers)} linear layers kept in int8 (the most "
+            f"sensitive to NF4: output error {max((s.err_nf4 for s in layers if s.int8), default=0):.4f} down to "
+            f"{min((s.err_nf4 for s in layers if s.int8), default=0):.4f}; the rest ≤ "
+            f"{max((s.err_nf4 for s in layers if not s.int8), default=0):.4f}), +{used / 2**20:.1f} MiB over all-NF4 "
+            f"({(all_nf4 + used) / all_nf4:.3f}× of {all_nf4 / 2**20:.1f} MiB; budget {model_cfg.memory_budget})")
+    return chosen, layers, line
+
+
+def decoder_linears(model: torch.nn.Module) -> list[str]:
+    """Full names of the linears NF4 would quantize (all but the output embedding)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head]
