@@ -103,3 +103,16 @@ def test_plan_reads_a_folder_with_only_config_json(tmp_path, capsys):
     assert fits == {m: "yes" if peaks[m] <= 0.92 * 80 else "no" for m in fits}
     assert "fastest that fits: --batch-size 1" in out
     assert main(["plan", "--model", str(tmp_path / "nothing"), "--gpu-memory", "24GiB"]) == 2
+
+
+def test_weight_bytes_of_the_8b_and_1b_shapes_match_the_gpu_s_measured_allocation():
+    """torch.cuda.memory_allocated after loading NF4 + double quant (the values tests/test_config.py
+    takes from docs/benchmarks.md: Llama-3.1-8B 5.36 GiB, Llama-3.2-1B 0.97 GiB)."""
+    from transformers import LlamaConfig
+
+    common = dict(num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+    c8 = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, tie_word_embeddings=False,
+                     **common)
+    c1 = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, tie_word_embeddings=True, **common)
+    assert weight_bytes(c8, "nf4") / memory.GIB == pytest.approx(5.36, rel=0.02)
+    assert weight_bytes(c1, "nf4") / memory.GIB == pytest.approx(0.97, rel=0.02)
