@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--eval-conversations", type=int, default=60)
     ap.add_argument("--out", default="/tmp/qa-quality")
+    ap.add_argument("--reuse", action="store_true", help="keep finished runs found under --out")
     ns = ap.parse_args()
     out = Path(ns.out)
     data = out / "data"
@@ -81,6 +82,9 @@ def main() -> None:
         row(f"{q} base", load_model(source, quantization=q, compute_dtype="fp32").model, bits)
     runs = {}
     for method in ("lora", "qa-lora"):
+        if ns.reuse and (out / method / "adapter" / "adapter_config.json").is_file():
+            runs[method] = out / method  # a finished run of an earlier call with the same settings
+            continue
         t0 = time.perf_counter()
         runs[method] = train(run_config(source, data, out / method, ns.steps, method), overwrite=True)
         print(json.dumps({"trained": method, "seconds": round(time.perf_counter() - t0, 1)}), flush=True)

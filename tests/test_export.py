@@ -168,7 +168,20 @@ def test_transformers_reads_the_tokenizer_back(runs, tmp_path):
     text = ours.apply_chat_template([{"role": "user", "content": "Héllo — what's 2+2?"}], tokenize=False,
                                     add_generation_prompt=True)
     assert theirs.encode(text, add_special_tokens=False) == ours.encode(text, add_special_tokens=False)
-    assert theirs.eos_token_id == ours.eos_token_id
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(out)).fields
+    assert int(fields["tokenizer.ggml.eos_token_id"].contents()) == ours.eos_token_id
+    assert int(fields["tokenizer.ggml.bos_token_id"].contents()) == ours.bos_token_id
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5.24"):
+        # transformers 5.17's GGUF tokenizer converter swaps BOS and EOS (integrations/ggml.py reads the
+        # EOS token from bos_token_id); the file holds the right ids, checked above
+        assert {theirs.eos_token_id, theirs.bos_token_id} == {ours.eos_token_id, ours.bos_token_id}
+    else:
+        assert theirs.eos_token_id == ours.eos_token_id
 
 
 def test_export_refusals_leave_nothing_behind(runs, tmp_path, capsys, monkeypatch):

@@ -42,9 +42,14 @@ def linear_shapes(s: memory.Shapes) -> dict[str, tuple[int, int]]:
 
 
 def weight_bytes(config, quantization: str, double_quant: bool = True, group_size: int = 32,
-                 dtype_bytes: int = 2) -> int:
+                 dtype_bytes: int = 2, budget: str = "1.15x") -> int:
     """Bytes of the frozen base as loaded (module docstring); ``dtype_bytes``: of the compute dtype, in
-    which the layers that are not quantized are kept (2 on a GPU, 4 with fp32 compute on the CPU)."""
+    which the layers that are not quantized are kept (2 on a GPU, 4 with fp32 compute on the CPU);
+    ``budget``: adaptive quantization's memory budget (its upper bound is planned for)."""
+    if quantization == "adaptive":  # NF4 plus the int8 layers its budget allows, at most
+        from .adaptive import budget_bytes
+
+        return budget_bytes(budget, weight_bytes(config, "nf4", double_quant, dtype_bytes=dtype_bytes))
     s = memory.Shapes.from_config(config)
     per_layer = sum(a * b for a, b in linear_shapes(s).values())
     rows = sum(b for _, b in linear_shapes(s).values())
@@ -91,7 +96,8 @@ def plan(config, cfg: RunConfig, budget: int, fused: bool = True) -> tuple[int, 
     down to 1, each checkpoint mode) — the caller filters the fitting ones; ordered fastest first:
     a larger micro-batch first, and at one batch none, then checkpoint, then offload."""
     shapes = memory.Shapes.from_config(config)
-    weights = weight_bytes(config, cfg.model.quantization, cfg.model.double_quant, cfg.model.group_size)
+    weights = weight_bytes(config, cfg.model.quantization, cfg.model.double_quant, cfg.model.group_size,
+                           budget=cfg.model.memory_budget)
     params = trainable_params(config, cfg)
     batches = sorted({b for b in (cfg.train.batch_size, cfg.train.batch_size // 2, cfg.train.batch_size // 4, 1) if b},
                      reverse=True)
