@@ -50,7 +50,6 @@ def main() -> None:
         print(json.dumps({"model": name, "eval_ppl": round(perplexity(loaded.model, batches), 3), **extra}), flush=True)
         return loaded
 
-    base = C.ModelConfig(source=source, compute_dtype="fp32")
     full = row("16-bit", C.ModelConfig(source=source, compute_dtype="fp32", quantization="none"))
     all_nf4 = weight_bytes(full.model.config, "nf4", True)
     linears = {n: m for n, m in full.model.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"}
@@ -80,7 +79,6 @@ def main() -> None:
             row(f"random at {budget}, seed {seed}", C.ModelConfig(source=source, compute_dtype="fp32",
                                                                   quantization="adaptive", int8_modules=pick),
                 int8_layers=len(pick), weight_ratio=round((all_nf4 + used) / all_nf4, 3))
-    del base
 
 
 if __name__ == "__main__":

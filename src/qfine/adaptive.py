@@ -21,7 +21,6 @@ import torch
 
 from .errors import QfineError
 
-_NF4_BYTES = 0.5 + (1 + 4 / 256) / 64   # per weight, with double quantization (qfine/plan.py)
 
 
 @dataclass
@@ -35,7 +34,9 @@ class LayerSensitivity:
 
 def extra_int8_bytes(params: int, rows: int) -> float:
     """Bytes an int8 layer takes beyond its NF4 form: 1 byte per weight + an fp32 scale per row."""
-    return params * (1 - _NF4_BYTES) + 4 * rows
+    from .plan import nf4_bytes_per_weight
+
+    return params * (1 - nf4_bytes_per_weight()) + 4 * rows
 
 
 def _nf4(w: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,12 @@ def linear_shapes(s: memory.Shapes) -> dict[str, tuple[int, int]]:
             "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
 
 
+def nf4_bytes_per_weight(double_quant: bool = True) -> float:
+    """½ byte per weight + its share of the absmax: one per 64 weights, fp32, or with double quant an
+    8-bit absmax plus one fp32 constant per 256 of them."""
+    return 0.5 + ((1 + 4 / 256) if double_quant else 4) / 64
+
+
 def weight_bytes(config, quantization: str, double_quant: bool = True, group_size: int = 32,
                  dtype_bytes: int = 2, budget: str = "1.15x") -> int:
     """Bytes of the frozen base as loaded (module docstring); ``dtype_bytes``: of the compute dtype, in
@@ -55,8 +61,7 @@ def weight_bytes(config, quantization: str, double_quant: bool = True, group_siz
     rows = sum(b for _, b in linear_shapes(s).values())
     n = s.layers * per_layer
     if quantization in ("nf4", "fp4"):
-        absmax = n / 64 * (1 + 4 / 256) if double_quant else n / 64 * 4
-        linear = n / 2 + absmax
+        linear = n * nf4_bytes_per_weight(double_quant)
     elif quantization == "int8":
         linear = n + 4 * s.layers * rows
     elif quantization == "int4":
