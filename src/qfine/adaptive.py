@@ -22,7 +22,6 @@ import torch
 from .errors import QfineError
 
 
-
 @dataclass
 class LayerSensitivity:
     name: str
