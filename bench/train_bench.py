@@ -39,18 +39,25 @@ def load_hf(d, max_seq):
     return model, load_s, time.time() - t1
 
 
-def load_qfine(d, max_seq, fast=True, ckpt=True, offload=False, resident_gib=0.0):
+def load_qfine(d, max_seq, fast=True, ckpt=True, offload=False, resident_gib=0.0, method="lora", variant="lora",
+               s2_group=0):
     import torch
     from qfine import LoraSettings, ModelConfig, add_lora, load_model
     from qfine.fast import apply_fast_path, keep_dequantized, offload_checkpoints
     t0 = time.time()
-    loaded = load_model(ModelConfig(source=d, quantization="nf4", double_quant=True, compute_dtype="bf16",
+    quant = "int4" if method == "qa-lora" else "nf4"  # QA-LoRA trains over a group-wise INT4 base (groups of 32)
+    loaded = load_model(ModelConfig(source=d, quantization=quant, double_quant=True, compute_dtype="bf16",
                                     device="cuda"))
     torch.cuda.synchronize()
     load_s = time.time() - t0
     t1 = time.time()
-    model = add_lora(loaded.model, LoraSettings(r=16, alpha=32, dropout=DROPOUT, target_modules=TARGETS),
+    model = add_lora(loaded.model, LoraSettings(r=16, alpha=32, dropout=DROPOUT, target_modules=TARGETS,
+                                                method=method, variant=variant),
                      gradient_checkpointing=ckpt)
+    if s2_group:
+        from qfine import s2attn
+        print(f"[qfine] S2-Attn, groups of {s2_group} tokens: {s2attn.enable(model, s2_group)} attention modules",
+              flush=True)
     if fast:
         print(f"[qfine] {apply_fast_path(model)}", flush=True)
     if offload:
@@ -163,6 +170,10 @@ def main():
                     help="report every host-device synchronisation in step 2 with the Python stack that caused it")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="qfine: capture forward+backward as a CUDA graph per shape (qfine.fast.graphs)")
+    ap.add_argument("--method", default="lora", choices=["lora", "qa-lora"],
+                    help="qfine: qa-lora trains over a group-wise INT4 base (groups of 32) instead of NF4")
+    ap.add_argument("--variant", default="lora", choices=["lora", "dora"], help="qfine: the LoRA variant")
+    ap.add_argument("--s2-group", type=int, default=0, help="qfine: LongLoRA S2-Attn over groups of this many tokens")
     ap.add_argument("--autocast", action="store_true",
                     help="wrap forward in torch.autocast(cuda, bf16), as HF Trainer(bf16=True) does")
     a = ap.parse_args()
@@ -177,6 +188,8 @@ def main():
     if a.impl == "qfine":
         name += ("_ref" if a.no_fast_path else "_fast") + ("_nockpt" if a.no_ckpt else "") + ("_offload" if a.offload else "") + ("_graph" if a.cuda_graph else "")
         name += f"_res{a.resident_gib:g}" if a.resident_gib > 0 else ""
+        name += ("_qalora" if a.method == "qa-lora" else "") + ("_dora" if a.variant == "dora" else "")
+        name += f"_s2g{a.s2_group}" if a.s2_group else ""
     base = dict(impl=name + ("_autocast" if a.autocast else ""), tag=a.tag,
                 device=torch.cuda.get_device_name(0))
     import contextlib
@@ -193,7 +206,8 @@ def main():
     try:
         if a.impl == "qfine":
             model, load_s, peft_s = load_qfine(a.model, max_seq, fast=not a.no_fast_path, ckpt=not a.no_ckpt,
-                                                 offload=a.offload, resident_gib=a.resident_gib)
+                                                 offload=a.offload, resident_gib=a.resident_gib,
+                                                 method=a.method, variant=a.variant, s2_group=a.s2_group)
         else:
             model, load_s, peft_s = {"hf": load_hf, "unsloth": load_unsloth}[a.impl](a.model, max_seq)
     except Exception as e:

@@ -28,7 +28,9 @@ def lora_model(folder, quantization="nf4", device="cpu", compute_dtype="fp32", d
     loaded = load_model(ModelConfig(source=str(folder), quantization=quantization, compute_dtype=compute_dtype,
                                     device=device))
     torch.manual_seed(0)
-    model = add_lora(loaded.model, LoraSettings(r=r, alpha=2 * r, dropout=dropout, target_modules=targets or ALL_PROJ))
+    method = "qa-lora" if quantization == "int4" else "lora"  # an INT4 base is QA-LoRA's
+    model = add_lora(loaded.model, LoraSettings(r=r, alpha=2 * r, dropout=dropout, target_modules=targets or ALL_PROJ,
+                                                method=method))
     torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:

@@ -127,11 +127,13 @@ def test_resident_weights_give_the_same_step(save_tiny, tmp_path):
         torch.testing.assert_close(kept[n], g, rtol=1e-3, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma"])
-def test_fast_step_matches_reference_bf16(save_tiny, tmp_path, kind):
+@pytest.mark.parametrize("kind,quantization", [("llama", "nf4"), ("qwen2", "nf4"), ("qwen3", "nf4"), ("gemma", "nf4"),
+                                               ("llama", "int4")])
+def test_fast_step_matches_reference_bf16(save_tiny, tmp_path, kind, quantization):
     """Both bf16 paths against the same step computed in fp32 (fp32 dequantization, no autocast): the
     fast path may round in other places than the reference, but must not be further from fp32.
-    Qwen3 (q/k norms) and Gemma ((1 + w) norms, GeGLU) run with head_dim 32 and random norm weights."""
+    Qwen3 (q/k norms) and Gemma ((1 + w) norms, GeGLU) run with head_dim 32 and random norm weights;
+    int4 is QA-LoRA (the Triton INT4 dequantize and the pooled A inside the fused layers)."""
     extra = {"head_dim": 32} if kind in ("qwen3", "gemma") else {}
     folder = save_tiny(tmp_path / kind, kind, **SHAPE, **extra)
     if kind in ("qwen3", "gemma"):
@@ -145,17 +147,17 @@ def test_fast_step_matches_reference_bf16(save_tiny, tmp_path, kind):
                     p.add_(0.3 * torch.randn(p.shape, generator=g))
         plain.save_pretrained(folder)
     (ids,) = _batches(1)
-    exact = lora_model(folder, "nf4", device="cuda", compute_dtype="fp32")
+    exact = lora_model(folder, quantization, device="cuda", compute_dtype="fp32")
     exact.float()  # embeddings, norms and head too: every operand in fp32
     exact_loss = exact(input_ids=ids, labels=ids).loss
     exact_loss.backward()
     truth = {n: p.grad for n, p in exact.named_parameters() if p.requires_grad}
-    model = lora_model(folder, "nf4", device="cuda", compute_dtype="bf16")
+    model = lora_model(folder, quantization, device="cuda", compute_dtype="bf16")
     ref_loss = _step(model, ids)
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     report = apply_fast_path(model)
-    assert report.layers == SHAPE["num_hidden_layers"] and report.fused_loss
+    assert report.layers == report.fused == SHAPE["num_hidden_layers"] and report.fused_loss, str(report)
     assert all(isinstance(m, FastDecoderLayer) for m in model.get_base_model().model.layers)
     fast_loss = _step(model, ids)
     fast = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -269,6 +271,44 @@ def test_triton_nf4_dequantize_matches_bitsandbytes(double_quant):
     print(f"NF4 dequantize 14336x4096 (double quant {double_quant}): Triton {moved / t_ours / 1e9:,.0f} GB/s, "
           f"bitsandbytes {moved / t_bnb / 1e9:,.0f} GB/s, bf16 copy {2 * w.numel() * 2 / copy / 1e9:,.0f} GB/s; "
           f"{100 * same:.3f}% identical")
+
+
+def test_triton_int4_dequantize_matches_the_reference():
+    """QA-LoRA's INT4 kernel against qalora.dequantize_groups on a Llama-3-8B MLP shape, groups of 32:
+    fp32 output equal to float rounding, bf16 at most one rounding step apart (a contracted
+    multiply-add), row blocks and the leading columns of [W | B] written in place; its bandwidth."""
+    from qfine.fast.int4_kernel import dequantize_int4
+    from qfine.qalora import dequantize_groups, quantize_groups
+
+    torch.manual_seed(0)
+    w = torch.randn(14336, 4096, device="cuda") * 0.02
+    codes, d, m = quantize_groups(w, 32)
+    ref = dequantize_groups(codes, d, m)
+    got32 = dequantize_int4(codes, d, m, torch.float32)
+    torch.testing.assert_close(got32, ref, rtol=1e-6, atol=1e-7)
+    got = dequantize_int4(codes, d, m, torch.bfloat16)
+    ref16 = ref.to(torch.bfloat16)
+    same = (got == ref16).float().mean().item()
+    ulp = (ref16.float().abs() * 2 ** -7).clamp_min(1e-30)
+    assert bool(((got.float() - ref16.float()).abs() <= ulp).all()) and same > 0.999, same
+    out = torch.empty(2 * 14336, 4096, device="cuda", dtype=torch.bfloat16)
+    dequantize_int4(codes, d, m, torch.bfloat16, out=out[14336:])
+    assert torch.equal(out[14336:], got)
+    wide = torch.full((14336, 4096 + 48), 7.0, device="cuda", dtype=torch.bfloat16)
+    dequantize_int4(codes, d, m, torch.bfloat16, out=wide[:, :4096])
+    assert torch.equal(wide[:, :4096], got) and bool((wide[:, 4096:] == 7.0).all())
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        dequantize_int4(codes, d, m, torch.bfloat16, out=out[:14336])
+    start.record()
+    for _ in range(20):
+        dequantize_int4(codes, d, m, torch.bfloat16, out=out[:14336])
+    end.record()
+    torch.cuda.synchronize()
+    t = start.elapsed_time(end) / 20 / 1e3
+    moved = codes.numel() + 2 * d.numel() * 4 + w.numel() * 2
+    print(f"INT4-g32 dequantize 14336x4096: Triton {moved / t / 1e9:,.0f} GB/s ({t * 1e6:.0f} us); "
+          f"{100 * same:.3f}% identical to the reference in bf16")
 
 
 @pytest.mark.parametrize("mode,seqs", [("plain", (512,)), ("ckpt", (512,)), ("offload", (512,)),

@@ -147,3 +147,37 @@ def test_the_4bit_merge_exports_to_gguf_q4_1_with_the_same_codes(tiny_dir, tmp_p
         assert np.array_equal(theirs, ours), gname
         record = next(t for t in report.tensors if t.name == gname)
         assert record.type == "Q4_1" and record.rel_error < 2e-3, record  # fp16 d and m
+
+
+def test_the_fast_path_fuses_qalora_layers_and_matches_peft(tiny_dir):
+    """The fused layers take the INT4 base (dequantized per GEMM) and the pooled A as the equivalent
+    full A; loss and every LoRA gradient equal peft's QA-LoRA forward with autograd."""
+    from qfine.fast import apply_fast_path
+    from qfine.fast.lora import describe_proj
+
+    _, model = _qa_model(tiny_dir)
+    model.train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(3))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_grads = loss_and_grads()
+    report = apply_fast_path(model)
+    assert report.fused == report.layers == 2, str(report)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    proj = describe_proj(layer)
+    assert proj.lora_a.shape == (4, 128) and proj.lora_a.requires_grad
+    loss, grads = loss_and_grads()
+    assert abs(float(loss - ref_loss)) <= 1e-5 * abs(float(ref_loss))
+    assert set(grads) == set(ref_grads) and any("lora_A" in n for n in grads)
+    for n in ref_grads:
+        rel = (grads[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-30)
+        assert rel < 1e-4, (n, float(rel))

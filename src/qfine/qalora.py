@@ -16,6 +16,7 @@ merge adds it to m[o, g]: codes and scales stay byte-identical, nothing is requa
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -116,6 +117,7 @@ def quantize_model(model: torch.nn.Module, group: int, keep: tuple[str, ...] = (
     return swapped
 
 
+@functools.cache
 def lora_layer_class():
     """peft's LoRA layer for :class:`Int4Linear` bases (registered with ``LoraConfig._register_custom_module``)."""
     from peft.tuners.lora import LoraLayer

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .nf4 import stacked
+from .nf4 import device_of, is_int4, stacked
 from .offload import output_discarded
 
 
@@ -52,8 +52,8 @@ from .offload import output_discarded
 class Proj:
     """One linear of the layer as the fused functions see it: frozen base + optional active LoRA."""
 
-    base: torch.nn.Module           # nn.Linear or bitsandbytes Linear4bit (frozen)
-    lora_a: torch.nn.Parameter | None  # (r, in)
+    base: torch.nn.Module           # nn.Linear, bitsandbytes Linear4bit or qalora.Int4Linear (frozen)
+    lora_a: torch.Tensor | None    # (r, in): the parameter, or QA-LoRA's A expanded from it (autograd)
     lora_b: torch.nn.Parameter | None  # (out, r)
     scale: float
     dropout: float = 0.0  # LoRA dropout probability of the A input (0: none)
@@ -64,14 +64,25 @@ class Proj:
 
 
 def _plain_lora_types() -> tuple[type, ...]:
-    """The peft layer classes whose forward is exactly y = base(x) + s · B(A(dropout(x)))."""
+    """The peft layer classes whose forward is exactly y = base(x) + s · B(A(dropout(x))) (QA-LoRA's
+    layer with its pooled A, see :func:`_qalora_a`)."""
     from peft.tuners.lora.layer import Linear
+
+    from ..qalora import lora_layer_class
 
     try:
         from peft.tuners.lora.bnb import Linear4bit
     except ImportError:  # pragma: no cover - bitsandbytes without 4-bit support
-        return (Linear,)
-    return (Linear, Linear4bit)
+        return (Linear, lora_layer_class())
+    return (Linear, Linear4bit, lora_layer_class())
+
+
+def _qalora_a(module, name: str, a: torch.Tensor) -> torch.Tensor:
+    """QA-LoRA's A (r, in/L) over the input pooled per group of L, as the equivalent full A (r, in):
+    p(x) Aᵀ = x Âᵀ with Â[:, j] = A[:, j // L] · (in/L) / L (peft's pooling: the group mean times in/L).
+    Built with autograd each forward (r × in values), so the fused functions' dÂ flows back into A."""
+    group = module.qalora_group_size[name]
+    return a.repeat_interleave(group, dim=1) * (a.shape[1] / group)
 
 
 def describe_proj(module: torch.nn.Module) -> Proj | str:
@@ -100,8 +111,10 @@ def describe_proj(module: torch.nn.Module) -> Proj | str:
             return "several active adapters"
         if active:
             name = active[0]
-            if getattr(module, "lora_variant", {}).get(name) is not None:
-                return f"LoRA variant {type(module.lora_variant[name]).__name__}"
+            variant = getattr(module, "lora_variant", {}).get(name)
+            qalora = type(variant).__name__ == "QALoraLinearVariant"
+            if variant is not None and not qalora:
+                return f"LoRA variant {type(variant).__name__}"
             if name in module.lora_magnitude_vector or module.use_dora.get(name, False):
                 return "DoRA"
             if getattr(module, "lora_bias", {}).get(name, False):
@@ -116,12 +129,17 @@ def describe_proj(module: torch.nn.Module) -> Proj | str:
             a, b = module.lora_A[name], module.lora_B[name]
             if not (type(a) is torch.nn.Linear and type(b) is torch.nn.Linear) or a.bias is not None or b.bias is not None:
                 return "LoRA A/B are not bias-free linears"
-            proj = Proj(base, a.weight, b.weight, float(module.scaling[name]), p)
+            a_weight = _qalora_a(module, name, a.weight) if qalora else a.weight
+            proj = Proj(base, a_weight, b.weight, float(module.scaling[name]), p)
         else:
             proj = Proj(base, None, None, 0.0)
     else:
         base = module
         proj = Proj(base, None, None, 0.0)
+    if is_int4(base):  # buffers only: its weight is frozen by construction
+        if base.bias is not None and base.bias.requires_grad:
+            return "trainable base bias"
+        return proj
     if not (type(base) is torch.nn.Linear or isinstance(base, bnb.nn.Linear4bit)):
         return f"{type(base).__name__} base (the kernels take 16-bit and 4-bit linears)"
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
@@ -199,7 +217,7 @@ class Pack:
                 r += a.shape[0]
             o += n
         a_all = b_all = None
-        device = projs[0].base.weight.device
+        device = device_of(projs[0].base)
         if a_parts:
             a_all = (torch.cat(a_parts) if len(a_parts) > 1 else a_parts[0]).to(dtype)
             make = torch.empty if len(projs) == 1 else torch.zeros

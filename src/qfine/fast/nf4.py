@@ -3,7 +3,9 @@
 ``stacked`` is the one entry point the fused functions use. NF4 weights on CUDA go through the
 one-launch Triton kernel of :mod:`.nf4_kernel` (double quantization included); everything else —
 FP4, CPU, or ``QFINE_TRITON_NF4=0`` — through bitsandbytes' own ``dequantize_4bit``, which is also
-the reference the kernel is tested against.
+the reference the kernel is tested against. QA-LoRA's group-wise INT4 layers
+(:class:`qfine.qalora.Int4Linear`) go through :mod:`.int4_kernel` on CUDA and
+:func:`qfine.qalora.dequantize_groups` elsewhere.
 
 A group of weights can instead be kept dequantized (:func:`keep`, chosen per layer by
 :mod:`.resident`): ``stacked`` then hands out the kept buffer, and no dequantize runs for that group.
@@ -28,6 +30,29 @@ def _triton_nf4(w: torch.Tensor, state, dtype: torch.dtype) -> bool:
     return all(isinstance(t, torch.Tensor) and t.device == w.device for t in tensors)
 
 
+def is_int4(linear: torch.nn.Module) -> bool:
+    """Whether ``linear`` is QA-LoRA's group-wise INT4 layer (its ``weight`` is computed, not stored)."""
+    from ..qalora import Int4Linear
+
+    return isinstance(linear, Int4Linear)
+
+
+def device_of(linear: torch.nn.Module) -> torch.device:
+    """Where a frozen linear's weight lives, without materialising an INT4 layer's weight."""
+    return linear.codes.device if is_int4(linear) else linear.weight.device
+
+
+def _dequantize_int4(linear, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    if linear.codes.is_cuda and os.environ.get("QFINE_TRITON_NF4", "1") != "0" and (out is None or out.stride(1) == 1):
+        from .int4_kernel import dequantize_int4
+
+        return dequantize_int4(linear.codes, linear.scales, linear.mins, dtype, out=out)
+    full = linear.dequantize()
+    if out is not None:
+        return out.copy_(full)
+    return full.to(dtype)
+
+
 def dequantize(linear: torch.nn.Module, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The (out, in) weight of a plain or bitsandbytes 4-bit linear in ``dtype``.
 
@@ -36,6 +61,8 @@ def dequantize(linear: torch.nn.Module, dtype: torch.dtype, out: torch.Tensor | 
     such as a row block of a stacked weight or the leading columns of a wider one. The caller frees
     the buffer right after its GEMM.
     """
+    if is_int4(linear):
+        return _dequantize_int4(linear, dtype, out)
     w = linear.weight
     state = getattr(w, "quant_state", None)
     if state is None:
@@ -77,11 +104,18 @@ class _Kept:
 _KEPT: "weakref.WeakKeyDictionary[torch.nn.Module, _Kept]" = weakref.WeakKeyDictionary()
 
 
+def _plain(linear, dtype: torch.dtype) -> bool:
+    """A 16-bit weight already in ``dtype``: :func:`stacked` hands it out as is."""
+    if is_int4(linear):
+        return False
+    w = linear.weight
+    return getattr(w, "quant_state", None) is None and w.dtype == dtype
+
+
 def kept_bytes(linears, dtype: torch.dtype, extra_cols: int = 0) -> int:
     """What :func:`keep` would hold for the group, without building it: 0 for a lone 16-bit weight
     already in ``dtype`` (``stacked`` hands out the weight itself)."""
-    w = linears[0].weight
-    if len(linears) == 1 and not extra_cols and getattr(w, "quant_state", None) is None and w.dtype == dtype:
+    if len(linears) == 1 and not extra_cols and _plain(linears[0], dtype):
         return 0
     return sum(lin.out_features for lin in linears) * (linears[0].in_features + extra_cols) * dtype.itemsize
 
@@ -90,9 +124,9 @@ def keep(linears, dtype: torch.dtype, extra_cols: int = 0) -> int:
     """Dequantize the group once and have :func:`stacked` return that buffer from now on (frozen
     weights only: nothing refreshes it). Returns the bytes it holds; 0, keeping nothing, for a lone
     16-bit weight already in ``dtype`` (``stacked`` returns the weight itself then)."""
-    w = stacked(linears, dtype, extra_cols)
-    if w is linears[0].weight:
+    if len(linears) == 1 and not extra_cols and _plain(linears[0], dtype):
         return 0
+    w = stacked(linears, dtype, extra_cols)
     _KEPT[linears[0]] = _Kept(tuple(weakref.ref(lin) for lin in linears), dtype, extra_cols, w)
     return w.numel() * w.element_size()
 
@@ -116,9 +150,8 @@ def stacked(linears, dtype: torch.dtype, extra_cols: int = 0) -> torch.Tensor:
     if len(linears) == 1 and not extra_cols:
         return dequantize(linears[0], dtype)
     rows = [lin.out_features for lin in linears]
-    ref = linears[0].weight
     cols = linears[0].in_features
-    w = torch.empty(sum(rows), cols + extra_cols, dtype=dtype, device=ref.device)
+    w = torch.empty(sum(rows), cols + extra_cols, dtype=dtype, device=device_of(linears[0]))
     start = 0
     for lin, n in zip(linears, rows):
         dequantize(lin, dtype, out=w[start:start + n, :cols])
