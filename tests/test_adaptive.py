@@ -78,17 +78,18 @@ def test_adaptive_run_records_its_choice_trains_and_merges_exactly(tiny_dir, tmp
     # (LLM.int8()), so the merge is checked against the same model merged in place, layer by layer
     from qfine.adapters import merge_adapter, unmerge_adapter
 
-    ids = torch.tensor([[1, 17, 42, 99, 123, 5, 77, 300]])
+    ids = torch.tensor([[1, 17, 42, 99, 123, 5, 77, 300]], device=loaded.model.device)
     with torch.no_grad():
         merge_adapter(loaded.model)
-        ref = loaded.model(ids).logits
+        ref = loaded.model(ids).logits.float()
         unmerge_adapter(loaded.model)
     merged = save_merged(loaded.model, loaded.tokenizer, tmp_path / "m", dtype="fp32")
     from transformers import AutoModelForCausalLM
 
-    plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval().to(ids.device)
+    exact = next(loaded.model.parameters()).dtype == torch.float32  # on a GPU the run computes in bf16
     with torch.no_grad():
-        assert relative_difference(plain(ids).logits, ref) <= 1e-5
+        assert relative_difference(plain(ids).logits, ref) <= (1e-5 if exact else 2e-2)
 
 
 def test_a_budget_below_all_nf4_is_refused(tiny_dir, tmp_path, capsys):

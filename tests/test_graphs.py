@@ -33,6 +33,18 @@ def test_dropout_refuses_capture_with_the_module_named():
     assert step.reason.startswith("random modules in training (1)")
 
 
+def test_int8_layers_refuse_capture_with_a_layer_named():
+    """LLM.int8() synchronises with the host; a capture through it fails and leaves the CUDA generator
+    broken for the process (seen on the GPU), so the refusal comes before any capture is tried."""
+    import bitsandbytes as bnb
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False))
+    step = GraphedStep(lambda: None, model.parameters(), model=model)
+    assert step.reason == ("1 bitsandbytes int8 layers (1, ...): their matmul reads outlier columns on the host, "
+                           "which a capture cannot do")
+    assert GraphedStep(lambda: None, model[0].parameters(), model=model[0]).reason is None
+
+
 def test_bind_grads_rebinds_zeroes_dropped_and_copies_replaced():
     """Replays add into fixed buffers: after zero_grad(set_to_none=True) the buffer must come back zeroed,
     after a user replaced .grad its values must be copied in, and an untouched .grad must be kept as is."""

@@ -80,17 +80,18 @@ def test_longlora_run_trains_embed_and_norms_and_merges_them(tiny_dir, tmp_path,
         assert any(part in k and "lora" not in k for k in saved), part
     trained = load_for_inference(str(run))
     assert "January 1, 2058" in generate(trained, FACT[0]["content"], 30)
-    ids = torch.tensor([[1, 17, 42, 99, 123, 5, 77, 300]])
+    ids = torch.tensor([[1, 17, 42, 99, 123, 5, 77, 300]], device=trained.model.device)
     with torch.no_grad():
-        ref = trained.model(ids).logits
+        ref = trained.model(ids).logits.float()
         norm = trained.model.get_base_model().model.norm
         assert not torch.equal(norm.modules_to_save["default"].weight, norm.original_module.weight)
     out = save_merged(trained.model, trained.tokenizer, tmp_path / "m", dtype="fp32")
     from transformers import AutoModelForCausalLM
 
-    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval().to(ids.device)
+    exact = next(trained.model.parameters()).dtype == torch.float32  # on a GPU the run computes in bf16
     with torch.no_grad():
-        assert relative_difference(plain(ids).logits, ref) <= 1e-5
+        assert relative_difference(plain(ids).logits, ref) <= (1e-5 if exact else 2e-2)
 
 
 @pytest.mark.parametrize("flags,message", [

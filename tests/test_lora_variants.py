@@ -86,7 +86,8 @@ def test_loftq_starts_at_the_best_rank_r_correction(tiny_dir):
     # Eckart–Young: what is left of one layer's error is exactly its singular values beyond rank 8
     layer = model.base_model.model.model.layers[1].mlp.up_proj
     w = pristine_reader(str(tiny_dir))("model.layers.1.mlp.up_proj.weight").float()
-    err = w - dequantize_weight(layer.get_base_layer())
+    deq = dequantize_weight(layer.get_base_layer())
+    err = w.to(deq.device) - deq
     with torch.no_grad():
         left = err - layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     tail = torch.linalg.svdvals(err)[8:].square().sum().sqrt()

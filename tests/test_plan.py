@@ -56,7 +56,7 @@ def test_weight_bytes_from_the_config_match_the_loaded_model(mid_dir, quantizati
 def test_trainable_parameters_are_peft_s_count(mid_dir, lora):
     cfg = C.RunConfig()
     cfg.lora = LoraSettings(**lora)
-    loaded = load_model(str(mid_dir), compute_dtype="fp32")
+    loaded = load_model(str(mid_dir), compute_dtype="fp32", device="cpu")
     model = add_lora(loaded.model, cfg.lora)
     assert trainable_params(loaded.model.config, cfg) == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -64,7 +64,7 @@ def test_trainable_parameters_are_peft_s_count(mid_dir, lora):
 def test_reference_layer_activations_match_the_bytes_autograd_saves(mid_dir):
     """peft's reference layers without dropout, fp32 on the CPU: the estimate within 10 % of the bytes the
     forward saves for the backward (the constant was measured on another shape and length)."""
-    loaded = load_model(str(mid_dir), compute_dtype="fp32")
+    loaded = load_model(str(mid_dir), compute_dtype="fp32", device="cpu")
     model = add_lora(loaded.model, LoraSettings(r=16, alpha=32)).train()
     params = {p.data_ptr() for p in model.parameters()}
     saved = {}

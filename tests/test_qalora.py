@@ -32,8 +32,8 @@ def test_int4_groups_round_to_the_nearest_of_16_levels_between_min_and_max():
     assert torch.equal(codes[:, :16] & 15, q[:, 0::2]) and torch.equal(codes[:, :16] >> 4, q[:, 1::2])
 
 
-def _qa_model(tiny_dir, r=4, seed=1):
-    loaded = load_model(str(tiny_dir), quantization="int4", compute_dtype="fp32")
+def _qa_model(tiny_dir, r=4, seed=1, device="cpu"):
+    loaded = load_model(str(tiny_dir), quantization="int4", compute_dtype="fp32", device=device)
     model = add_lora(loaded.model, LoraSettings(r=r, alpha=2 * r, method="qa-lora"))
     torch.manual_seed(seed)
     for name, p in model.named_parameters():
@@ -68,13 +68,13 @@ def test_qalora_merge_stays_4bit_with_the_codes_unchanged(tiny_dir, tmp_path):
     assert torch.equal(saved[f"{key}.codes"], codes_before) and torch.equal(saved[f"{key}.scales"], scales_before)
     assert not torch.equal(saved[f"{key}.mins"], layer.mins)  # the update went into the zero points
     assert not any(k.endswith("proj.weight") for k in saved)  # no 16-bit copy of any projection
-    merged = load_model(str(out), compute_dtype="fp32").model
+    merged = load_model(str(out), compute_dtype="fp32", device="cpu").model
     assert isinstance(merged.model.layers[0].mlp.up_proj, Int4Linear)
     with torch.no_grad():
         assert relative_difference(merged(IDS).logits, ref) <= 1e-5
     # and the 16-bit merge of the same model agrees
     out16 = save_merged(model, loaded.tokenizer, tmp_path / "m16", dtype="fp32")
-    plain = load_model(str(out16), quantization="none", compute_dtype="fp32").model.eval()
+    plain = load_model(str(out16), quantization="none", compute_dtype="fp32", device="cpu").model.eval()
     with torch.no_grad():
         assert relative_difference(plain(IDS).logits, ref) <= 1e-5
 
@@ -99,7 +99,7 @@ def test_qalora_learns_the_fact_and_the_4bit_merge_keeps_it(tiny_dir, tmp_path, 
     saved = load_file(tmp_path / "m" / "model.safetensors")
     for name, m in fresh.named_modules():
         if isinstance(m, Int4Linear):
-            assert torch.equal(saved[f"{name}.codes"], m.codes), name
+            assert torch.equal(saved[f"{name}.codes"], m.codes.cpu()), name
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -151,17 +151,19 @@ def test_the_4bit_merge_exports_to_gguf_q4_1_with_the_same_codes(tiny_dir, tmp_p
 
 def test_the_fast_path_fuses_qalora_layers_and_matches_peft(tiny_dir):
     """The fused layers take the INT4 base (dequantized per GEMM) and the pooled A as the equivalent
-    full A; loss and every LoRA gradient equal peft's QA-LoRA forward with autograd."""
+    full A; loss and every LoRA gradient equal peft's QA-LoRA forward with autograd. On a GPU in fp32
+    through the Triton INT4 kernel."""
     from qfine.fast import apply_fast_path
     from qfine.fast.lora import describe_proj
 
-    _, model = _qa_model(tiny_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _, model = _qa_model(tiny_dir, device=device)
     model.train()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_A" in name:
                 p.add_(0.05 * torch.randn_like(p))
-    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(3)).to(device)
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)

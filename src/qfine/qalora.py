@@ -141,6 +141,7 @@ def lora_layer_class():
             result = self.base_layer(x)
             if self.disable_adapters:
                 return result
+            dtype = result.dtype  # fp32 adapters must not widen a bf16 model's activations (peft casts back too)
             for name in self.active_adapters:
                 if name not in self.lora_A:
                     continue
@@ -150,7 +151,7 @@ def lora_layer_class():
                     result = self.lora_variant[name].forward(self, active_adapter=name, x=xa, result=result)
                 else:
                     result = result + b(a(self.lora_dropout[name](xa))) * self.scaling[name]
-            return result
+            return result.to(dtype)
 
     return Int4LoraLinear
 

@@ -52,6 +52,17 @@ def random_modules(model: torch.nn.Module) -> list[str]:
     return names
 
 
+def host_synchronising_modules(model: torch.nn.Module) -> list[str]:
+    """Names of modules whose forward waits for the host (bitsandbytes ``Linear8bitLt``: LLM.int8() finds
+    outlier columns with a data-dependent nonzero). A capture through one fails, and a failed capture
+    leaves the CUDA generator unusable for the rest of the process, so such models are never captured."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover
+        return []
+    return [name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+
+
 @dataclass
 class _Graph:
     graph: "torch.cuda.CUDAGraph"
@@ -78,6 +89,9 @@ class GraphedStep:
         self.reason: str | None = None if enabled else "disabled"
         if self.reason is None and model is not None and (rnd := random_modules(model)):
             self.reason = f"random modules in training ({', '.join(rnd[:3])}): a replay would repeat their draws"
+        if self.reason is None and model is not None and (sync := host_synchronising_modules(model)):
+            self.reason = (f"{len(sync)} bitsandbytes int8 layers ({sync[0]}, ...): their matmul reads outlier "
+                           "columns on the host, which a capture cannot do")
         self._graphs: dict = {}
         self._seen: dict = {}
         self._grads: list[torch.Tensor] | None = None
