@@ -320,12 +320,17 @@ def merge_adapter(model, dtype: torch.dtype | None = None) -> int:
     if getattr(model, "_qfine_merged", None):
         raise QfineError("adapters are already merged; unmerge_adapter first")
     stash = []
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    # int8 / INT4 bases carry no compute dtype: their layers compute in the model's activation dtype
+    fallback = getattr(getattr(embed, "weight", None), "dtype", torch.float32)
     for name, layer in list(_lora_layers(model)):
         base = layer.get_base_layer()
         w = merged_weight(layer, dequantize_weight(base))
-        out_dtype = dtype or getattr(base, "compute_dtype", None) or base.weight.dtype
-        if not out_dtype.is_floating_point:
-            out_dtype = torch.float32
+        out_dtype = dtype or getattr(base, "compute_dtype", None)
+        if out_dtype is None and type(base) is torch.nn.Linear:
+            out_dtype = base.weight.dtype
+        if out_dtype is None or not out_dtype.is_floating_point:
+            out_dtype = fallback if fallback.is_floating_point else torch.float32
         merged = torch.nn.Linear(w.shape[1], w.shape[0], bias=base.bias is not None, device=w.device, dtype=out_dtype)
         with torch.no_grad():
             merged.weight.copy_(w)
