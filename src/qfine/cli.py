@@ -77,7 +77,7 @@ def _model_cfg(ns) -> C.ModelConfig:
 def cmd_generate(ns):
     from .inference import generate, load_for_inference
 
-    loaded = load_for_inference(ns.target, _model_cfg(ns))
+    loaded = load_for_inference(ns.target, _model_cfg(ns), task=ns.task)
     if loaded.task == "seq-cls":
         raise QfineError(f"{ns.target} is a seq-cls run: it predicts labels; use qfine predict {ns.target} --text ...")
     if loaded.task == "seq2seq":  # the prompt is the source text, no chat template
@@ -95,7 +95,7 @@ def cmd_generate(ns):
 def cmd_chat(ns):
     from .inference import chat, load_for_inference
 
-    chat(load_for_inference(ns.target, _model_cfg(ns)), ns.max_new_tokens, ns.temperature, ns.top_p)
+    chat(load_for_inference(ns.target, _model_cfg(ns), task=ns.task), ns.max_new_tokens, ns.temperature, ns.top_p)
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, max_new: int) -> None:
@@ -104,6 +104,7 @@ def _add_generation_flags(p: argparse.ArgumentParser, max_new: int) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
     p.add_argument("--quantization", default="nf4", help="how to load a plain model source: nf4, fp4, int8, none")
+    p.add_argument("--task", help="a multi-task run: the task whose adapter is active with the shared one")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,7 +32,7 @@ def cmd_merge(ns) -> None:
                          f"{run_cfg.model.quantization} (merge to 16-bit: --format 16bit)")
     if ns.requantize and task != "causal-lm":
         raise QfineError(f"--requantize serves causal-lm runs; this is a {task} run: merge it to 16-bit instead")
-    loaded = load_for_inference(ns.run_dir)
+    loaded = load_for_inference(ns.run_dir, task=getattr(ns, "task", None))
     if ns.base == "pristine":
         print("[qfine] merging onto the pristine 16-bit weights: this adds back the quantization error the adapter "
               "never saw during training, so the result differs from the trained model", flush=True)
@@ -184,18 +184,19 @@ def cmd_eval(ns) -> None:
             del loaded
         first = "base precision"
     elif is_run_dir(ns.target):
-        loaded = load_for_inference(ns.target)
+        loaded = load_for_inference(ns.target, task=ns.task)
         # rows are read, templated and masked as the run's training data were (system prompt, format,
         # columns, template, loss_on); only the length limit follows the flag when it is given
+        # a multi-task run evaluates every row of --data with the --task adapters (give that task's rows)
         data = dataclasses.replace(loaded.data, path=ns.data, eval_path=None, streaming=False, packing=False,
-                                   max_seq_len=ns.max_seq_len or loaded.data.max_seq_len)
+                                   max_seq_len=ns.max_seq_len or loaded.data.max_seq_len, task_column="")
         if loaded.task != "causal-lm":
             return _eval_task_run(ns, loaded, data)
         examples = load_examples(ns.data, loaded.tokenizer, data, ns.limit)
         rows = compare_run(loaded, examples, metrics, max_new)
         first = "model"
     else:
-        loaded = load_for_inference(ns.target, C.ModelConfig(quantization=ns.quantization))
+        loaded = load_for_inference(ns.target, C.ModelConfig(quantization=ns.quantization), task=ns.task)
         examples = load_examples(ns.data, loaded.tokenizer, data, ns.limit)
         rows[ns.target] = evaluate_model(loaded, examples, metrics, max_new)[0]
         first = "model"
@@ -333,6 +334,7 @@ def register(sub) -> None:
                    help="int4: keep a QA-LoRA run's base 4-bit, the update folded into its zero points (lossless); "
                         "16bit: dequantize and add (--dtype); auto: int4 for QA-LoRA runs, 16bit otherwise")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--task", help="a multi-task run: merge the shared adapter and this task's")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="a run or merged model as GGUF (llama.cpp, Ollama, LM Studio) or bnb 4-bit",
@@ -363,6 +365,7 @@ def register(sub) -> None:
     p.add_argument("--quantization", default="nf4", help="how to load a plain model source")
     p.add_argument("--compare-quant", help="e.g. nf4,fp4,int8,none: one row per base precision of a model source")
     p.add_argument("--output", choices=["table", "json"], default="table")
+    p.add_argument("--task", help="a multi-task run: evaluate with the shared adapter and this task's active")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="labels with probabilities (seq-cls runs) or outputs (seq2seq runs)")

@@ -81,6 +81,9 @@ class LoraSettings:
     (16-bit bases: A and B from the top singular vectors of W, the base keeps the rest)."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r (higher ranks learn at the same pace)."""
+    task_r: int = 0
+    """Multi-task runs (data.task_column): the rank of each task's own adapter (0: lora.r); the shared
+    adapter has lora.r."""
 
 
 @dataclass
@@ -117,6 +120,12 @@ class DataConfig:
     """Read and tokenize rows lazily while training (bounded memory for huge files; needs max_steps)."""
     max_target_len: int = 128
     """seq2seq: target texts longer than this many tokens are truncated (sources follow max_seq_len)."""
+    task_column: str = ""
+    """Multi-task training: the column naming each row's task. One shared adapter plus one adapter per
+    task are trained together, each batch holding one task (shared + its adapter active)."""
+    task_weights: dict[str, float] = field(default_factory=dict)
+    """Multi-task: batches per task in proportion to these weights, e.g. chat=1,facts=2 (default: as
+    many as each task's rows fill)."""
 
 
 @dataclass
@@ -281,7 +290,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
                 value = {k.strip(): v.strip() for k, v in pairs}
             if not isinstance(value, dict):
                 raise TypeError
-            return {str(k): str(v) for k, v in value.items()}
+            return {str(k): _coerce(v, args[1], f"{where}.{k}") if args else str(v) for k, v in value.items()}
         if origin is list:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]

@@ -16,16 +16,22 @@ from .loading import Loaded, load_model
 
 
 def is_run_dir(path: str | Path) -> bool:
-    """A qfine run directory has config.yaml and adapter/adapter_config.json."""
+    """A qfine run directory has config.yaml and adapter/adapter_config.json (a multi-task run:
+    adapter/shared/adapter_config.json)."""
     p = Path(path)
-    return (p / "config.yaml").is_file() and (p / "adapter" / "adapter_config.json").is_file()
+    return (p / "config.yaml").is_file() and any((p / "adapter" / sub / "adapter_config.json").is_file()
+                                                 for sub in ("", "shared"))
 
 
-def load_for_inference(target: str, model_cfg: C.ModelConfig | None = None) -> Loaded:
+def load_for_inference(target: str, model_cfg: C.ModelConfig | None = None, task: str | None = None) -> Loaded:
     """Load a run directory (its base, quantized as in training, + its adapter) or a model source.
 
     ``model_cfg`` overrides how a plain model source is loaded (default: nf4 as in training).
+    ``task``: a multi-task run's task, whose adapter is then active with the shared one (required
+    for such a run, refused for any other).
     """
+    from .training.multitask import check_task, load_task, run_tasks
+
     if is_run_dir(target):
         cfg = C.load_yaml(Path(target) / "config.yaml")
         labels = None
@@ -33,11 +39,20 @@ def load_for_inference(target: str, model_cfg: C.ModelConfig | None = None) -> L
             from .tasks.classify import read_labels
 
             labels = read_labels(Path(target))
+        adapter_dir = Path(target) / "adapter"
+        multi = bool(run_tasks(adapter_dir))
+        if task is not None and not multi:
+            raise QfineError(f"--task: {target} is not a multi-task run (it has one adapter)")
+        if multi:
+            check_task(adapter_dir, task)  # before the base is loaded
         loaded = load_model(cfg.model, labels)
-        loaded.model = load_adapter(loaded.model, Path(target) / "adapter")
+        loaded.model = (load_task(loaded.model, adapter_dir, task) if multi
+                        else load_adapter(loaded.model, adapter_dir))
         loaded.data, loaded.generation = cfg.data, cfg.generation
         template = cfg.data.template
     else:
+        if task is not None:
+            raise QfineError(f"--task needs a multi-task run directory, not {target}")
         if Path(target).is_dir() and (Path(target) / "config.yaml").is_file():
             raise QfineError(f"{target} looks like a qfine run without a finished adapter (adapter/ missing)")
         mc = model_cfg or C.ModelConfig()

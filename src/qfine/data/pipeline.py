@@ -158,6 +158,7 @@ def encoded_rows(spec, tokenizer, cfg: DataConfig, stats: DatasetStats) -> Itera
             if isinstance(row, BadRow):
                 raise QfineError(f"{where}: {row.message}")
             enc = encode_row(row, tokenizer, cfg, where)
+            task = row_task(row, cfg, where)
         except QfineError as e:
             skip_bad_row(e, cfg, stats)
             continue
@@ -177,7 +178,20 @@ def encoded_rows(spec, tokenizer, cfg: DataConfig, stats: DatasetStats) -> Itera
             stats.no_target += 1
             continue
         stats.tokens += len(enc.input_ids)
-        yield {"input_ids": enc.input_ids, "labels": enc.labels}
+        if cfg.task_column:
+            yield {"input_ids": enc.input_ids, "labels": enc.labels, "task": task}
+        else:
+            yield {"input_ids": enc.input_ids, "labels": enc.labels}
+
+
+def row_task(row, cfg: DataConfig, where: str) -> str | None:
+    """The row's task name from ``cfg.task_column`` (multi-task runs), None without one."""
+    if not cfg.task_column:
+        return None
+    task = row.get(cfg.task_column) if isinstance(row, dict) else None
+    if not isinstance(task, str) or not task.strip():
+        raise QfineError(f"{where}: no task name in column {cfg.task_column!r} (data.task_column)")
+    return task.strip()
 
 
 def _no_rows(spec, stats: DatasetStats, cfg: DataConfig) -> QfineError:

@@ -27,6 +27,7 @@ from ..loftq import start_loftq
 from .resume import (DATA_RECORD, check_resume_config, check_resume_data, data_record, finished_adapter,
                      load_checkpoint_adapter, resume_point, step_of, truncate_metrics, write_data_record)
 from ..tasks import task_spec
+from . import multitask
 from ..tasks.classify import build_datasets as classify_datasets, dataset_scores, label_set, save_labels
 from ..tasks.seq2seq import build_datasets as seq2seq_datasets, safe_precision
 from .samples import Samples
@@ -237,8 +238,14 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         cfg.model.int8_modules, layers, line = _choose_int8_layers(cfg)
         print(f"[qfine] {line}", flush=True)
         sensitivity = (line, layers)
+    if cfg.data.task_column:
+        multitask.check_config(cfg, resume)
     loaded, train_ds, eval_ds, data_line, labels = _model_and_data(cfg, base_cache)
     tokenizer = loaded.tokenizer
+    tasks = None
+    if cfg.data.task_column:
+        tasks, train_ds, line = multitask.with_task_ids(train_ds, cfg)
+        data_line += f"; {line}"
     print(f"[qfine] {data_line}", flush=True)
     if cfg.model.task == "seq2seq":
         import torch
@@ -254,7 +261,11 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
 
     offload = cfg.train.offload_checkpoints
     model = add_lora(loaded.model, cfg.lora, cfg.train.gradient_checkpointing or offload, seed=cfg.train.seed,
-                     task_type=task_spec(cfg.model.task).peft_type)
+                     task_type=task_spec(cfg.model.task).peft_type,
+                     adapter_name=multitask.SHARED if tasks else "default")
+    if tasks:
+        for line in multitask.add_task_adapters(model, cfg.lora, tasks, cfg.lora.task_r, cfg.train.seed):
+            print(f"[qfine] {line}", flush=True)
     if base_cache is not None:
         base_cache["adapted"] = model
     if cfg.lora.init == "loftq" and ckpt is None:  # a resumed run reads its adapter from the checkpoint
@@ -298,7 +309,11 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         print(f"[qfine] S²-Attn in training: {s2attn.enable(model, group)} attention layers, groups of {group} "
               f"tokens, half the heads shifted by {group // 2}; full attention in eval and generation", flush=True)
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, cfg, run_dir, device, callbacks, resume_step)
-    if cfg.train.cuda_graphs and fast is not None and fast.layers:
+    if tasks:
+        trainer.task_names, trainer.task_weights = tasks, dict(cfg.data.task_weights)
+        if cfg.train.cuda_graphs and device == "cuda":
+            print("[qfine] CUDA graphs off: each multi-task batch switches the active adapters", flush=True)
+    elif cfg.train.cuda_graphs and fast is not None and fast.layers:
         print(f"[qfine] {trainer.enable_cuda_graphs(cfg.data.max_seq_len)}", flush=True)
     facts = ReportFacts(title=f"qfine run · {run_dir.name}", model=f"{cfg.model.source} · {cfg.model.quantization}",
                         device=device, footprint=footprint, data=data_line, config_yaml=C.to_yaml(cfg),
@@ -329,6 +344,8 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         s2attn.disable(model)
     if getattr(trainer, "graphed", None) is not None:
         print(f"[qfine] {trainer.graphed.summary()}", flush=True)
+    if tasks:  # the report's samples and anything after training see shared + the first task
+        multitask.activate(model, tasks, tasks[0], trainable=False)
     save_adapter(model, tokenizer, run_dir / "adapter", loaded.source)
     facts.samples = list(zip(samples.shown(), before, samples.answers(model, tokenizer, device)))
     if labels and eval_ds is not None:

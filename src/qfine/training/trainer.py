@@ -176,7 +176,12 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
                       dataset_num_proc=None,
                       remove_unused_columns=True)
     dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
-    trainer = QfineSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+    trainer_cls = QfineSFTTrainer
+    if cfg.data.task_column:
+        from .multitask import trainer_class
+
+        trainer_cls = trainer_class(QfineSFTTrainer)
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                               processing_class=tokenizer,
                               callbacks=_callbacks(cfg, run_dir, eval_ds, resume_step, args, callbacks))
     # TRL casts the adapters of a quantized model to bf16. qfine keeps peft's fp32 adapters: with bf16
