@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qfine import config as C
-from qfine.adaptive import LayerSensitivity, budget_bytes, choose, extra_int8_bytes, measure
+from qfine.adaptive import LayerSensitivity, budget_bytes, choose, extra_int8_bytes, loss_sensitivity, measure
 from qfine.cli import main
 from qfine.errors import QfineError
 from qfine.merge import relative_difference, save_merged
@@ -41,6 +41,55 @@ def test_sensitivity_is_the_relative_output_error_on_the_layer_inputs():
     expect = float((h @ (w - F.dequantize_4bit(q, st)).t()).norm() / (h @ w.t()).norm())
     assert got["net.1"].err_nf4 == pytest.approx(expect, rel=1e-5)
     assert got["net.1"].err_nf4 > got["net.0"].err_nf4 > got["net.0"].err_int8 > 0
+
+
+class _TinyLM(torch.nn.Module):
+    """Embedding → linear → head with the causal-LM loss (labels shifted inside, mean over tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.mid, self.head = torch.nn.Embedding(50, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 50)
+        self.device = torch.device("cpu")
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, labels):
+        logits = self.head(self.mid(self.embed(input_ids)))
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1))
+        return type("Out", (), {"loss": loss})()
+
+
+def test_loss_sensitivity_is_the_fisher_estimate_from_the_layers_own_inputs_and_output_gradients():
+    from qfine.adaptive import _int8, _nf4
+
+    model = _TinyLM()
+    ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(1))
+    layers = [LayerSensitivity("mid", 64 * 64, 0.0, 0.0)]
+    loss_sensitivity(model, [ids], layers)
+    x = model.embed(ids).reshape(-1, 64)
+    y = model.mid(x).requires_grad_(True)
+    logits = model.head(y)
+    loss = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum")
+    (g,) = torch.autograd.grad(loss, y)
+    w = model.mid.weight
+    for got, q in ((layers[0].loss_nf4, _nf4), (layers[0].loss_int8, _int8)):
+        expect = 0.5 * float(((x @ (q(w) - w).t()) * g).sum(1).square().sum())
+        assert got == pytest.approx(expect, rel=1e-4)
+    assert layers[0].loss_nf4 > layers[0].loss_int8 > 0
+    assert torch.equal(model.mid.weight, w)  # measured, not changed
+
+
+def test_the_choice_is_loss_saved_per_byte():
+    """A layer three times the size must save more than three times the loss to go first."""
+    big, small = LayerSensitivity("big", 3 * 4096, 0.3, 0.0, loss_nf4=2.5, loss_int8=0.1), \
+        LayerSensitivity("small", 4096, 0.1, 0.0, loss_nf4=1.0, loss_int8=0.1)
+    rows = {"big": 64, "small": 64}
+    choose([big, small], rows, spare=extra_int8_bytes(3 * 4096, 64))
+    assert small.int8 and not big.int8  # 0.9 / 1 unit against 2.4 / 3 units; then big no longer fits
 
 
 def test_the_most_sensitive_layers_are_kept_within_the_budget():

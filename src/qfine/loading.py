@@ -260,6 +260,10 @@ def load_model(cfg: ModelConfig | str = "default", labels: list[str] | None = No
                     label2id={name: i for i, name in enumerate(labels)})
     device = resolve_device(cfg.device)
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+    if device == "cuda":
+        from .distributed import cuda_device
+
+        device = cuda_device()  # a launched job's rank loads onto its own GPU
     qconfig = quantization_config(cfg, compute_dtype, spec.heads)
     source = resolve_source(cfg.source)
     if _prequantized(source):

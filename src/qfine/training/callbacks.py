@@ -40,6 +40,8 @@ class MetricsJsonl(TrainerCallback):
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         if torch.cuda.is_available():
             logs["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        if not state.is_world_process_zero:  # a launched job's rank 0 writes the file (logs are all-reduced)
+            return
         row = {"step": state.global_step, "epoch": state.epoch}
         rename = {"learning_rate": "lr"}
         for k, v in logs.items():

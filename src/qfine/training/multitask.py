@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..errors import QfineError
 
 SHARED = "shared"
@@ -219,7 +220,9 @@ def check_config(cfg, resume: bool) -> None:
            "data.eval_path / data.eval_ratio": bool(cfg.data.eval_path or cfg.data.eval_ratio)
            and "evaluate each task after training: qfine eval RUN --task NAME --data ROWS",
            "lora.method qa-lora": cfg.lora.method == "qa-lora" and "one INT4 fold per task is not built",
-           "--resume": resume and "resuming several adapters from a checkpoint is not supported yet"}
+           "--resume": resume and "resuming several adapters from a checkpoint is not supported yet",
+           "a launched job (several ranks)": distributed.world_size() > 1
+           and "the task batches are not sharded across ranks yet"}
     for what, reason in why.items():
         if reason:
             raise QfineError(f"data.task_column (multi-task) does not take {what}: {reason}")

@@ -119,6 +119,10 @@ def _cards(rows: list[dict], facts: ReportFacts) -> list[tuple[str, str]]:
     return cards
 
 
+def _num(x) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
 def render(run_dir: Path, facts: ReportFacts) -> str:
     """The report page for ``run_dir`` as HTML text."""
     rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
@@ -152,12 +156,14 @@ def render(run_dir: Path, facts: ReportFacts) -> str:
         parts.append("</table>")
     if facts.sensitivity is not None:
         line, layers = facts.sensitivity
-        parts.append(f"<h2>Adaptive quantization</h2><p class=note>{e(line)}. Sensitivity: the relative output "
-                     "error ‖X(W − Ŵ)ᵀ‖/‖XWᵀ‖ of each linear layer on the calibration rows' activations, most "
-                     "sensitive first.</p><table><tr><th>layer</th><th>weights</th><th>NF4 error</th>"
-                     "<th>int8 error</th><th>kept in</th></tr>")
+        parts.append(f"<h2>Adaptive quantization</h2><p class=note>{e(line)}. Per linear layer: the relative "
+                     "output error ‖X(W − Ŵ)ᵀ‖/‖XWᵀ‖ on the calibration rows' activations, and the loss increase "
+                     "it alone would cause (second order, empirical Fisher of the outputs), largest NF4 loss "
+                     "increase first.</p><table><tr><th>layer</th><th>weights</th><th>NF4 error</th>"
+                     "<th>int8 error</th><th>NF4 loss +</th><th>int8 loss +</th><th>kept in</th></tr>")
         parts += [f"<tr><td>{e(s.name)}</td><td>{s.params:,}</td><td>{s.err_nf4:.4f}</td><td>{s.err_int8:.4f}</td>"
-                  f"<td>{'int8' if s.int8 else 'NF4'}</td></tr>" for s in sorted(layers, key=lambda s: -s.err_nf4)]
+                  f"<td>{_num(s.loss_nf4)}</td><td>{_num(s.loss_int8)}</td><td>{'int8' if s.int8 else 'NF4'}</td></tr>"
+                  for s in sorted(layers, key=lambda s: -(s.loss_nf4 if s.loss_nf4 is not None else s.err_nf4))]
         parts.append("</table>")
     parts.append(f"<h2>Configuration</h2><pre>{e(facts.config_yaml)}</pre>")
     parts.append("</main></body></html>")

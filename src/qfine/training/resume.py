@@ -124,9 +124,13 @@ class CheckpointSeal(TrainerCallback):
     """Seal each checkpoint once the Trainer has written all of it (see :func:`seal`)."""
 
     def on_save(self, args, state, control, **kwargs):
+        from .. import distributed
+
+        distributed.barrier()  # every rank has written its part (each its own RNG state file)
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
+        if state.is_world_process_zero and folder.is_dir():
             seal(folder, state.global_step)
+        distributed.barrier()
 
 
 def _flat(d: dict, prefix: tuple = ()) -> dict[tuple, Any]:

@@ -26,6 +26,7 @@ from ..loading import describe, load_model, resolve_device
 from ..loftq import start_loftq
 from .resume import (DATA_RECORD, check_resume_config, check_resume_data, data_record, finished_adapter,
                      load_checkpoint_adapter, resume_point, step_of, truncate_metrics, write_data_record)
+from .. import distributed
 from ..tasks import task_spec
 from . import multitask
 from ..tasks.classify import build_datasets as classify_datasets, dataset_scores, label_set, save_labels
@@ -215,6 +216,7 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     if not cfg.data.path:
         raise QfineError("no training data: pass --data FILE or set data.path in the config")
     device = resolve_device(cfg.model.device)
+    distributed.start(device)
     check_train_config(cfg, device)
     check_lora_settings(cfg.lora)
     if cfg.lora.method == "qa-lora":
@@ -289,16 +291,20 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     footprint = f"{cfg.model.source} ({cfg.model.quantization}) on {device}: {describe(model)}"
     print(f"[qfine] {footprint}", flush=True)
     samples = Samples(cfg, labels)
-    before = samples.answers(model, tokenizer, device)
-    start_run_dir(run_dir, resume)
-    atomic_write_text(run_dir / "config.yaml", C.to_yaml(cfg))
-    if labels:
-        save_labels(run_dir, labels)
-    if ckpt is None or not (run_dir / DATA_RECORD).is_file():
-        write_data_record(run_dir, data)
+    main = distributed.is_main()  # a launched job's other ranks train and write nothing
+    before = samples.answers(model, tokenizer, device) if main else []
+    distributed.barrier()  # every rank has checked the run directory before rank 0 empties it
     resume_step = step_of(ckpt) if ckpt is not None else None
-    if resume_step is not None:
-        truncate_metrics(run_dir / "metrics.jsonl", resume_step)  # the resumed run logs later steps again
+    if main:
+        start_run_dir(run_dir, resume)
+        atomic_write_text(run_dir / "config.yaml", C.to_yaml(cfg))
+        if labels:
+            save_labels(run_dir, labels)
+        if ckpt is None or not (run_dir / DATA_RECORD).is_file():
+            write_data_record(run_dir, data)
+        if resume_step is not None:
+            truncate_metrics(run_dir / "metrics.jsonl", resume_step)  # the resumed run logs later steps again
+    distributed.barrier()
 
     # the whole tree in training mode: from_pretrained leaves the inner model in eval mode while the
     # freshly built peft wrappers start in training mode, and Trainer only calls train() on a model whose
@@ -313,6 +319,8 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         trainer.task_names, trainer.task_weights = tasks, dict(cfg.data.task_weights)
         if cfg.train.cuda_graphs and device == "cuda":
             print("[qfine] CUDA graphs off: each multi-task batch switches the active adapters", flush=True)
+    elif cfg.train.cuda_graphs and fast is not None and fast.layers and distributed.world_size() > 1:
+        print("[qfine] CUDA graphs off: not tested under DDP (several ranks); the fused layers still run", flush=True)
     elif cfg.train.cuda_graphs and fast is not None and fast.layers:
         print(f"[qfine] {trainer.enable_cuda_graphs(cfg.data.max_seq_len)}", flush=True)
     facts = ReportFacts(title=f"qfine run · {run_dir.name}", model=f"{cfg.model.source} · {cfg.model.quantization}",
@@ -335,7 +343,8 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     except NonFiniteError as e:
         good = last_checkpoint(run_dir)
         facts.status = f"stopped: {e}"
-        atomic_write_text(run_dir / "report.html", render(run_dir, facts))
+        if main:
+            atomic_write_text(run_dir / "report.html", render(run_dir, facts))
         raise QfineError(f"training stopped: {e}. No adapter was saved from the bad step; the last good checkpoint "
                          f"is {good or 'none (no checkpoint was written yet)'}, untouched. Lower the learning rate or "
                          "check the data, then --resume or start over.") from None
@@ -346,10 +355,14 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         print(f"[qfine] {trainer.graphed.summary()}", flush=True)
     if tasks:  # the report's samples and anything after training see shared + the first task
         multitask.activate(model, tasks, tasks[0], trainable=False)
+    if not main:
+        distributed.barrier()  # rank 0 writes the adapter and the report
+        return run_dir
     save_adapter(model, tokenizer, run_dir / "adapter", loaded.source)
     facts.samples = list(zip(samples.shown(), before, samples.answers(model, tokenizer, device)))
     if labels and eval_ds is not None:
         facts.confusion = (labels, dataset_scores(model, tokenizer, eval_ds, len(labels))["confusion"])
     atomic_write_text(run_dir / "report.html", render(run_dir, facts))
     print(f"[qfine] adapter saved to {run_dir / 'adapter'}; report: {run_dir / 'report.html'}", flush=True)
+    distributed.barrier()
     return run_dir
