@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from qfine.cli import main
 from qfine.errors import QfineError
