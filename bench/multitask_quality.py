@@ -9,14 +9,17 @@ Three tasks, each with a train and an eval file:
 
 Trained with the same rows, rank and learning rate:
 
-(a) one adapter per task, trained alone, `--steps` each;
-(b) one adapter on the mix, 3 × `--steps`;
-(c) multi-task: shared r=16 plus one r=8 adapter per task, 3 × `--steps`.
+(a) one adapter per task, trained alone;
+(b) one adapter on the mix of the three;
+(c) multi-task: shared r=16 plus one r=8 adapter per task, on the same mix.
+
+By default each run trains one epoch of its rows (batch 4), so every layout sees every row once.
+With `--steps N`, the single-task runs train N steps each and the mixes 3N.
 
 Each task's eval perplexity covers the completion tokens only (the training loss mask). One JSON
 line per (layout, task), with each layout's trainable parameter count.
 
-    python bench/multitask_quality.py --steps 60 --out /tmp/mt-quality
+    python bench/multitask_quality.py --rows 120 --out /tmp/mt-epoch
 """
 
 from __future__ import annotations
@@ -96,14 +99,15 @@ def task_perplexity(loaded, path: Path, max_len: int) -> float:
 
 
 def config(source: str, data: Path, out: Path, steps: int, multitask: bool) -> C.RunConfig:
+    """``steps`` ≤ 0: one epoch."""
     cfg = C.RunConfig(output_dir=str(out))
     cfg.model.source = source
     cfg.data.path, cfg.data.max_seq_len = str(data), 128
     if multitask:
         cfg.data.task_column = "task"
     cfg.lora = C.LoraSettings(r=16, alpha=32, task_r=8 if multitask else 0)
-    cfg.train = C.TrainConfig(max_steps=steps, batch_size=4, learning_rate=1e-3, warmup_ratio=0.05, save_steps=steps,
-                              logging_steps=20, report_samples=0, seed=0)
+    cfg.train = C.TrainConfig(max_steps=steps if steps > 0 else -1, epochs=1.0, batch_size=4, learning_rate=1e-3,
+                              warmup_ratio=0.05, save_steps=10_000, logging_steps=20, report_samples=0, seed=0)
     return cfg
 
 
@@ -121,7 +125,8 @@ def trainable(run: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--steps", type=int, default=60, help="steps of each single-task run (the mixes get 3×)")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="steps of each single-task run (the mixes get 3×); 0: one epoch of each run's rows")
     ap.add_argument("--rows", type=int, default=400, help="training rows of chat and of sentiment")
     ap.add_argument("--out", default="/tmp/mt-quality")
     ap.add_argument("--reuse", action="store_true", help="keep finished runs found under --out")
