@@ -38,28 +38,31 @@ def main() -> None:
     ap.add_argument("--budgets", default="1.10x,1.25x")
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--eval-conversations", type=int, default=60)
+    ap.add_argument("--no-bases", action="store_true", help="skip the 16-bit, all-int8 and all-NF4 rows")
     ap.add_argument("--out", default="/tmp/adaptive-quality")
     ns = ap.parse_args()
     data = Path(ns.out) / "data"
     convert(data)
     source = resolve_source(ns.model)
 
-    def row(name, cfg: C.ModelConfig, **extra):
+    def row(name, cfg: C.ModelConfig, base: bool = False, **extra):
         loaded = load_model(cfg)
+        if base and ns.no_bases:
+            return loaded
         batches = eval_batches(loaded.tokenizer, data / "eval.jsonl", ns.eval_conversations, 512)
         print(json.dumps({"model": name, "eval_ppl": round(perplexity(loaded.model, batches), 3), **extra}), flush=True)
         return loaded
 
-    full = row("16-bit", C.ModelConfig(source=source, compute_dtype="fp32", quantization="none"))
+    full = row("16-bit", C.ModelConfig(source=source, compute_dtype="fp32", quantization="none"), base=True)
     all_nf4 = weight_bytes(full.model.config, "nf4", True)
     linears = {n: m for n, m in full.model.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"}
     sizes = {n: (m.weight.numel(), m.out_features) for n, m in linears.items()}
     calib = calibration(full.tokenizer, data)
     del full, linears
     row("all-int8", C.ModelConfig(source=source, compute_dtype="fp32", quantization="adaptive",
-                                  int8_modules=list(sizes)), weight_ratio=round(
+                                  int8_modules=list(sizes)), base=True, weight_ratio=round(
         (all_nf4 + sum(extra_int8_bytes(*s) for s in sizes.values())) / all_nf4, 3))
-    row("all-NF4", C.ModelConfig(source=source, compute_dtype="fp32", quantization="nf4"), weight_ratio=1.0)
+    row("all-NF4", C.ModelConfig(source=source, compute_dtype="fp32", quantization="nf4"), base=True, weight_ratio=1.0)
     for budget in ns.budgets.split(","):
         cfg = C.ModelConfig(source=source, compute_dtype="fp32", quantization="adaptive", memory_budget=budget)
         chosen, layers, line = select(cfg, calib)
