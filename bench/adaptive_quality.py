@@ -59,10 +59,11 @@ def main() -> None:
     sizes = {n: (m.weight.numel(), m.out_features) for n, m in linears.items()}
     calib = calibration(full.tokenizer, data)
     del full, linears
-    row("all-int8", C.ModelConfig(source=source, compute_dtype="fp32", quantization="adaptive",
-                                  int8_modules=list(sizes)), base=True, weight_ratio=round(
-        (all_nf4 + sum(extra_int8_bytes(*s) for s in sizes.values())) / all_nf4, 3))
-    row("all-NF4", C.ModelConfig(source=source, compute_dtype="fp32", quantization="nf4"), base=True, weight_ratio=1.0)
+    if not ns.no_bases:
+        row("all-int8", C.ModelConfig(source=source, compute_dtype="fp32", quantization="adaptive",
+                                      int8_modules=list(sizes)), weight_ratio=round(
+            (all_nf4 + sum(extra_int8_bytes(*s) for s in sizes.values())) / all_nf4, 3))
+        row("all-NF4", C.ModelConfig(source=source, compute_dtype="fp32", quantization="nf4"), weight_ratio=1.0)
     for budget in ns.budgets.split(","):
         cfg = C.ModelConfig(source=source, compute_dtype="fp32", quantization="adaptive", memory_budget=budget)
         chosen, layers, line = select(cfg, calib)

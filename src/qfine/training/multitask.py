@@ -136,17 +136,14 @@ def adapter_params(model) -> dict[str, int]:
     return counts
 
 
-def activate(model, names: list[str], task: str, trainable: bool) -> None:
-    """Make ``shared`` and ``task`` the active adapters; in training only they require gradients."""
+def activate(model, names: list[str], task: str) -> None:
+    """Make ``shared`` and ``task`` the active adapters. peft's ``set_adapter`` also freezes every
+    other adapter's LoRA weights and unfreezes these, so in training only the pair gets gradients."""
     from ..adapters import set_active
 
     if task not in names:
         raise QfineError(f"no task {task!r} in this run; its tasks: {', '.join(names)}")
     set_active(model, [SHARED, task])
-    if trainable:  # peft's set_adapter leaves modules_to_save (trainable embed/norm) as they were
-        for key, p in model.named_parameters():
-            if "lora_" in key:
-                p.requires_grad_(f".{SHARED}." in key or f".{task}." in key)
 
 
 def trainer_class(base):
@@ -175,7 +172,7 @@ def trainer_class(base):
         def training_step(self, model, inputs, num_items_in_batch=None):
             task = int(inputs.pop("task_id")[0])
             if task != self._active_task:
-                activate(self.model, self.task_names, self.task_names[task], trainable=True)
+                activate(self.model, self.task_names, self.task_names[task])
                 self._active_task = task
             return super().training_step(model, inputs, num_items_in_batch)
 
@@ -207,7 +204,7 @@ def load_task(model, adapter_dir: Path, task: str | None):
     check_task(adapter_dir, task)
     peft_model = load_adapter(model, adapter_dir / SHARED, adapter_name=SHARED)
     peft_model.load_adapter(str(adapter_dir / task), adapter_name=task)
-    activate(peft_model, [task], task, trainable=False)
+    activate(peft_model, [task], task)
     return peft_model
 
 

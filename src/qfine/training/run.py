@@ -354,7 +354,7 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     if getattr(trainer, "graphed", None) is not None:
         print(f"[qfine] {trainer.graphed.summary()}", flush=True)
     if tasks:  # the report's samples and anything after training see shared + the first task
-        multitask.activate(model, tasks, tasks[0], trainable=False)
+        multitask.activate(model, tasks, tasks[0])
     if not main:
         distributed.barrier()  # rank 0 writes the adapter and the report
         return run_dir
