@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from qfine.cli import main
 from qfine.training.callbacks import read_metrics
 
 from helpers import FACT, write_jsonl
@@ -33,19 +32,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cpu_env() -> dict:
+    """The environment of a CPU-only child process (GPUs hidden: the gloo ranks run on the CPU, and
+    so must the one-process run they are compared with)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+
+
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc-per-node N -m qfine ARGS`` on the CPU."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
            f"--master-port={_free_port()}", "-m", "qfine", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=_cpu_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_gloo_ranks_follow_the_one_process_curve_and_write_one_run(tiny_dir, tmp_path, capsys):
+def one_process(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m qfine ARGS`` in one CPU process (the reference of the data-parallel runs)."""
+    return subprocess.run([sys.executable, "-m", "qfine", *args], env=_cpu_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_two_gloo_ranks_follow_the_one_process_curve_and_write_one_run(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     one = tmp_path / "one"
-    assert main(_flags(tiny_dir, data, one, 4)) == 0
+    ref_run = one_process(_flags(tiny_dir, data, one, 4))
+    assert ref_run.returncode == 0, ref_run.stderr[-3000:]
     two = tmp_path / "two"
     done = torchrun(_flags(tiny_dir, data, two, 2))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -74,14 +85,13 @@ def test_a_job_killed_on_one_rank_resumes_on_the_uninterrupted_curve(tiny_dir, t
 
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     one = tmp_path / "one"
-    assert main(_flags(tiny_dir, data, one, 4, save=2)) == 0
+    ref_run = one_process(_flags(tiny_dir, data, one, 4, save=2))
+    assert ref_run.returncode == 0, ref_run.stderr[-3000:]
     two = tmp_path / "two"
     flags = _flags(tiny_dir, data, two, 2, save=2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
            f"--master-port={_free_port()}", "-m", "qfine", *flags]
-    job = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(cmd, env=_cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seal = two / "checkpoints" / "checkpoint-4" / "qfine-checkpoint.json"
     deadline = time.time() + 300
     while not seal.is_file() and job.poll() is None and time.time() < deadline:
