@@ -39,6 +39,7 @@ peft's own ``Linear4bit``/``Linear`` forward with autograd; tests compare values
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -238,10 +239,27 @@ class Pack:
         return Pack(*tensors, blocks)
 
 
+# On CUDA the dropout products run as Triton kernels that never write the dropped input
+# (dropout_kernel.py); the PyTorch code below is their reference and the path everywhere else.
+# Tests switch the kernels off to compare the two.
+use_dropout_kernels = True
+
+
+def _dropout_kernels(x2d: torch.Tensor, pack: Pack):
+    """qfine.fast.dropout_kernel where it serves this pack (CUDA; one rank and one p), else None."""
+    if not use_dropout_kernels or not (x2d.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    from . import dropout_kernel
+
+    return dropout_kernel if dropout_kernel.applies(x2d, pack.a, list(pack.adapters())) else None
+
+
 def _lora_in(x2d: torch.Tensor, pack: Pack) -> torch.Tensor:
     """x Aᵀ (T, R) for the stacked A's; with dropout, drop_i(x) A_iᵀ per adapter (each its own mask)."""
     if not pack.dropout:
         return x2d @ pack.a.t()
+    if (k := _dropout_kernels(x2d, pack)) is not None:
+        return k.lora_in(x2d, pack.a, pack.seeds, list(pack.adapters()))
     s = pack.seeds
     return torch.cat([(ops.lora_dropout(x2d, s, j, p) if p else x2d) @ a.t() for a, _, p, j in pack.adapters()],
                      dim=1)
@@ -251,6 +269,8 @@ def _add_lora_dx(dx: torch.Tensor, dyb: torch.Tensor, pack: Pack) -> torch.Tenso
     """dx + Σ_i drop_i'((dy B_s)_i A_i): the LoRA part of the input gradient (in place without dropout)."""
     if not pack.dropout:
         return dx.addmm_(dyb, pack.a)
+    if (k := _dropout_kernels(dx, pack)) is not None:
+        return k.add_lora_dx(dx, dyb, pack.a, pack.seeds, list(pack.adapters()))
     for a, r, p, j in pack.adapters():
         if p:
             dx = ops.add_dropout_grad(dx, dyb[:, r] @ a, pack.seeds, j, p)
@@ -263,6 +283,8 @@ def _lora_da(dyb: torch.Tensor, x2d: torch.Tensor, pack: Pack) -> torch.Tensor:
     """(R, in): the stacked (dy B_s)_iᵀ x_i, x_i the input adapter i saw (dropped with its own mask)."""
     if not pack.dropout:
         return dyb.t() @ x2d
+    if (k := _dropout_kernels(x2d, pack)) is not None:
+        return k.lora_da(dyb, x2d, pack.seeds, list(pack.adapters()))
     return torch.cat([dyb[:, r].t() @ (ops.lora_dropout(x2d, pack.seeds, j, p) if p else x2d)
                       for _, r, p, j in pack.adapters()])
 
