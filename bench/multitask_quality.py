@@ -20,6 +20,10 @@ Each task's eval perplexity covers the completion tokens only (the training loss
 line per (layout, task), with each layout's trainable parameter count.
 
     python bench/multitask_quality.py --rows 120 --out /tmp/mt-epoch
+    python bench/multitask_quality.py --rows 120 --seed 1 --layouts mix,multitask --out /tmp/mt-seed1
+
+``--seed`` sets train.seed (LoRA initialisation and data order); ``--layouts`` trains and evaluates
+only some of the layouts.
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ def task_perplexity(loaded, path: Path, max_len: int) -> float:
     return math.exp(total / count)
 
 
-def config(source: str, data: Path, out: Path, steps: int, multitask: bool) -> C.RunConfig:
+def config(source: str, data: Path, out: Path, steps: int, multitask: bool, seed: int = 0) -> C.RunConfig:
     """``steps`` ≤ 0: one epoch."""
     cfg = C.RunConfig(output_dir=str(out))
     cfg.model.source = source
@@ -107,7 +111,7 @@ def config(source: str, data: Path, out: Path, steps: int, multitask: bool) -> C
         cfg.data.task_column = "task"
     cfg.lora = C.LoraSettings(r=16, alpha=32, task_r=8 if multitask else 0)
     cfg.train = C.TrainConfig(max_steps=steps if steps > 0 else -1, epochs=1.0, batch_size=4, learning_rate=1e-3,
-                              warmup_ratio=0.05, save_steps=10_000, logging_steps=20, report_samples=0, seed=0)
+                              warmup_ratio=0.05, save_steps=10_000, logging_steps=20, report_samples=0, seed=seed)
     return cfg
 
 
@@ -130,7 +134,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=400, help="training rows of chat and of sentiment")
     ap.add_argument("--out", default="/tmp/mt-quality")
     ap.add_argument("--reuse", action="store_true", help="keep finished runs found under --out")
+    ap.add_argument("--seed", type=int, default=0, help="train.seed of every run")
+    ap.add_argument("--layouts", default="alone,mix,multitask", help="which of alone, mix, multitask to run")
     ns = ap.parse_args()
+    wanted = set(ns.layouts.split(","))
+    if not wanted or wanted - {"alone", "mix", "multitask"}:
+        ap.error(f"--layouts takes alone, mix and/or multitask, not {ns.layouts}")
     out = Path(ns.out)
     files = write_tasks(out / "data", ns.rows)
     source = resolve_source(ns.model)
@@ -138,12 +147,16 @@ def main() -> None:
     def run(name, data, steps, multitask):
         path = out / name
         if not (ns.reuse and (path / "adapter").is_dir()):
-            train(config(source, data, path, steps, multitask), overwrite=True)
+            train(config(source, data, path, steps, multitask, ns.seed), overwrite=True)
         return path
 
-    layouts = {f"alone:{t}": run(f"alone-{t}", files[t][0], ns.steps, False) for t in TASKS}
-    layouts["mix"] = run("mix", out / "data" / "mix.train.jsonl", 3 * ns.steps, False)
-    layouts["multitask"] = run("multitask", out / "data" / "mix.train.jsonl", 3 * ns.steps, True)
+    layouts = {}
+    if "alone" in wanted:
+        layouts.update({f"alone:{t}": run(f"alone-{t}", files[t][0], ns.steps, False) for t in TASKS})
+    if "mix" in wanted:
+        layouts["mix"] = run("mix", out / "data" / "mix.train.jsonl", 3 * ns.steps, False)
+    if "multitask" in wanted:
+        layouts["multitask"] = run("multitask", out / "data" / "mix.train.jsonl", 3 * ns.steps, True)
     from qfine.loading import load_model
 
     base = load_model(C.ModelConfig(source=source))
@@ -151,12 +164,15 @@ def main() -> None:
         print(json.dumps({"task": task, "layout": "base (NF4), no adapter",
                           "eval_ppl": round(task_perplexity(base, files[task][1], 128), 3), "trainable_params": 0}),
               flush=True)
-        for layout, path in (("one adapter per task", layouts[f"alone:{task}"]), ("one adapter on the mix", layouts["mix"]),
-                             ("shared + task", layouts["multitask"])):
+        for layout, key in (("one adapter per task", f"alone:{task}"), ("one adapter on the mix", "mix"),
+                            ("shared + task", "multitask")):
+            if key not in layouts:
+                continue
+            path = layouts[key]
             loaded = load_for_inference(str(path), task=task if layout == "shared + task" else None)
             params = (sum(trainable(layouts[f"alone:{t}"]) for t in TASKS) if layout == "one adapter per task"
                       else trainable(path))
-            print(json.dumps({"task": task, "layout": layout, "eval_ppl": round(task_perplexity(loaded, files[task][1], 128), 3),
+            print(json.dumps({"task": task, "layout": layout, "seed": ns.seed, "eval_ppl": round(task_perplexity(loaded, files[task][1], 128), 3),
                               "trainable_params": params}), flush=True)
             del loaded
 
