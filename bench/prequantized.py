@@ -17,6 +17,7 @@ bytes). The output embedding stays 16-bit, as transformers keeps it.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import zlib
@@ -63,7 +64,8 @@ def write_nf4_folder(config, out: str | os.PathLike, make: Callable[[str, tuple]
                      shard_bytes: float = 4e9) -> dict:
     """Write ``config``'s causal LM to ``out`` with every linear but the output embedding in NF4:
     shards ``model-0000i-of-0000n.safetensors``, their index and config.json. ``make(name, shape)``
-    gives each tensor in bf16 (any device). Returns {"params": n, "bytes": total written}."""
+    gives each tensor in bf16 (any device). Returns {"params": n, "bytes": total written}. ``config``
+    itself is left as it is (a copy takes the quantization_config)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
@@ -105,6 +107,7 @@ def write_nf4_folder(config, out: str | os.PathLike, make: Callable[[str, tuple]
         weight_map.update({n: final for n in names})
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8")
+    config = copy.deepcopy(config)
     config.quantization_config = dict(QUANT_CONFIG)
     config.save_pretrained(out)
     return {"params": params, "bytes": total}
