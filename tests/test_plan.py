@@ -92,16 +92,27 @@ def test_plan_reads_a_folder_with_only_config_json(tmp_path, capsys):
     args = ["plan", "--model", str(tmp_path / "70b"), "--lora-r", "64", "--batch-size", "1", "--max-seq-len", "2048"]
     assert main([*args, "--gpu-memory", "24GiB"]) == 0
     out = capsys.readouterr().out
-    assert "nf4 base 36.8" in out and "nothing fits: the frozen weights alone take 36.8 GiB" in out
+    assert "nf4 base 36.8" in out
+    rows = {(r[1], r[2]): r for r in (line.split() for line in out.splitlines() if line.strip().startswith("1 "))}
+    assert list(rows) == [("none", "resident"), ("checkpoint", "resident"), ("offload", "resident"),
+                          ("checkpoint", "streamed"), ("offload", "streamed")]
+    # streamed, the GPU holds the 16-bit embedding and output layer (2 × 128256 × 8192 × 2 bytes) and three
+    # decoder layers' NF4 weights instead of 80
+    layer = (36.8 - 2 * 128256 * 8192 * 2 / 2**30) / 80
+    assert float(rows[("offload", "streamed")][4]) == pytest.approx(36.8 - 77 * layer, abs=0.05)
+    assert [r[-1] for r in rows.values()] == ["no", "no", "no", "yes", "yes"]
+    assert "fastest that fits: --batch-size 1 --grad-accum 1 --gradient-checkpointing --stream-weights on" in out
+    assert main([*args, "--gpu-memory", "6GiB"]) == 0
+    assert "nothing fits: the frozen weights alone take 36.8 GiB" in capsys.readouterr().out
     assert main([*args, "--gpu-memory", "80GiB"]) == 0
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if line.strip().startswith("1 ")]
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("1 ") and "resident" in line]
     assert [r[1] for r in rows] == ["none", "checkpoint", "offload"]
     fits = {r[1]: r[-1] for r in rows}
-    peaks = {r[1]: float(r[2]) for r in rows}
+    peaks = {r[1]: float(r[3]) for r in rows}
     assert peaks["none"] > peaks["checkpoint"] > peaks["offload"]
     assert fits == {m: "yes" if peaks[m] <= 0.92 * 80 else "no" for m in fits}
-    assert "fastest that fits: --batch-size 1" in out
+    assert "fastest that fits: --batch-size 1" in out and "--stream-weights" not in out
     assert main(["plan", "--model", str(tmp_path / "nothing"), "--gpu-memory", "24GiB"]) == 2
 
 

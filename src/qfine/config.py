@@ -170,6 +170,12 @@ class TrainConfig:
     weights stay dequantized, so those layers skip the dequantize in every forward and backward
     (docs/benchmarks.md: the cost per layer and the speed-up). 0: dequantize every time, the least
     memory. Peak memory grows by about this much."""
+    stream_weights: str = "auto"
+    """With the fast path on CUDA: keep the decoder layers' frozen weights in pinned host memory and copy
+    each layer's to the GPU one layer ahead of use (forward and checkpoint recompute), so a base larger
+    than the card trains (a 70B NF4 base on a 24 GiB card). auto: only when qfine's memory estimate says
+    the settings do not fit otherwise (the model is then loaded on the CPU first); on; off. Implies
+    gradient checkpointing; CUDA graphs stay off (docs/benchmarks.md: its cost per step)."""
     cuda_graphs: bool = True
     """With the fast path on (any precision; LoRA dropout runs inside the fused layers): pad each training micro-batch to one of 4
     lengths up to max_seq_len and replay its forward + backward as one CUDA graph after two warm-up

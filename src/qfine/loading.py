@@ -237,13 +237,16 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(cfg: ModelConfig | str = "default", labels: list[str] | None = None, **overrides) -> Loaded:
+def load_model(cfg: ModelConfig | str = "default", labels: list[str] | None = None, stage_on_cpu: bool = False,
+               **overrides) -> Loaded:
     """Load the model of ``cfg.task`` (a causal LM by default), quantized per ``cfg``, on the resolved device.
 
     ``cfg`` may be a :class:`ModelConfig` or just a source string; keyword ``overrides`` set
     ModelConfig fields (``load_model("default", quantization="fp4")``). ``labels``: the class names
     of a ``seq-cls`` model, in label-id order (its head gets one output per label and is kept out
-    of quantization).
+    of quantization). ``stage_on_cpu``: a CUDA model whose weights go to the CPU for now (in the GPU's
+    compute dtype): for weight streaming (:func:`qfine.fast.stream.install` places it afterwards), when the
+    base is larger than the card.
     """
     from .tasks import auto_class, task_spec
 
@@ -264,6 +267,7 @@ def load_model(cfg: ModelConfig | str = "default", labels: list[str] | None = No
         from .distributed import cuda_device
 
         device = cuda_device()  # a launched job's rank loads onto its own GPU
+    place = "cpu" if stage_on_cpu else device
     qconfig = quantization_config(cfg, compute_dtype, spec.heads)
     source = resolve_source(cfg.source)
     if _prequantized(source):
@@ -275,10 +279,10 @@ def load_model(cfg: ModelConfig | str = "default", labels: list[str] | None = No
         # no attn_implementation: transformers picks SDPA where the architecture supports it and eager
         # attention otherwise (asking for "sdpa" outright fails to load e.g. Gemma 2)
         if _int4_folder(source):
-            model = _load_int4_folder(source, cfg, compute_dtype, device, spec.heads, head)
+            model = _load_int4_folder(source, cfg, compute_dtype, place, spec.heads, head)
         else:
             model = auto_class(cfg.task).from_pretrained(
-                source, dtype=compute_dtype, device_map={"": device}, trust_remote_code=cfg.trust_remote_code,
+                source, dtype=compute_dtype, device_map={"": place}, trust_remote_code=cfg.trust_remote_code,
                 **quant, **head)
             if cfg.quantization == "int4":
                 _quantize_int4(model, cfg.group_size, spec.heads)

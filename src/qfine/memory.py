@@ -8,6 +8,10 @@ weights' size given (measured after loading, or computed from the config).
 
 Peak = weights + trainable state + saved activations + max(loss chunk, backward working set) + slack.
 
+* **Weights**: the frozen base on the device; with weight streaming (``qfine/fast/stream.py``) the
+  decoder layers' weights live in host memory and only ``STREAM_WINDOW`` layers' copies are on the
+  device at once (the one computing, the one arriving, the one whose last kernels still read it).
+
 * **Saved activations** per token per decoder layer, in the compute dtype (2 bytes), of the fused
   layers (``qfine/fast/lora.py``): the layer input and the mid-layer residual (2·d), q and the
   attention output (2·q_dim), k and v (2·kv_dim), and the stacked gate/up output (2·i). The LoRA
@@ -41,6 +45,7 @@ REFERENCE_FACTOR_NO_DROPOUT = 1.92   # the same without dropout (module docstrin
 # optimizer state bytes per trainable parameter (fp32 master weights and grads are counted apart)
 OPTIMIZER_STATE = {"adamw_torch": 8, "adamw_torch_fused": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2,
                    "paged_adamw_8bit": 2, "sgd": 0, "adafactor": 4}
+STREAM_WINDOW = 3  # decoder layers whose streamed weights are on the device at once (module docstring)
 # how much of the free memory an estimate may fill: the allocator's pool fragments under changing shapes
 FILL = 0.92
 
@@ -88,13 +93,15 @@ class Estimate:
     transient: int
     slack: int = _SLACK_BYTES
     parts: dict = field(default_factory=dict)
+    stream: bool = False  # decoder-layer weights streamed from host memory
 
     @property
     def total(self) -> int:
         return self.weights + self.trainable + self.activations + self.transient + self.slack
 
     def line(self) -> str:
-        return (f"{self.total / GIB:.1f} GiB with checkpointing {self.mode} (weights {self.weights / GIB:.1f}, "
+        streamed = ", weights streamed" if self.stream else ""
+        return (f"{self.total / GIB:.1f} GiB with checkpointing {self.mode}{streamed} (weights {self.weights / GIB:.1f}, "
                 f"adapters + optimizer {self.trainable / GIB:.2f}, activations {self.activations / GIB:.1f}, "
                 f"loss/backward {self.transient / GIB:.2f}, slack {self.slack / GIB:.2f})")
 
@@ -106,11 +113,17 @@ def trainable_bytes(params: int, optimizer: str) -> int:
 
 def estimate(shapes: Shapes, tokens: int, mode: str, weights_bytes: int, trainable_params: int,
              optimizer: str = "adamw_torch", fused: bool = True, act_bytes: int = 2,
-             dropout: bool = True) -> Estimate:
+             dropout: bool = True, layer_bytes: int = 0) -> Estimate:
     """The predicted peak of a step over ``tokens`` tokens (micro-batch rows × sequence length);
-    ``dropout``: whether peft's reference layers (``fused`` false) run LoRA dropout."""
+    ``dropout``: whether peft's reference layers (``fused`` false) run LoRA dropout; ``layer_bytes``
+    (> 0: weight streaming, checkpointed modes only): one decoder layer's streamed weights, of which
+    ``STREAM_WINDOW`` layers' stay in ``weights_bytes`` instead of all of them."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if layer_bytes and mode == "none":
+        raise ValueError("weight streaming needs a checkpointed mode")
+    if layer_bytes:
+        weights_bytes -= (shapes.layers - min(STREAM_WINDOW, shapes.layers)) * layer_bytes
     factor = 1.0 if fused else (REFERENCE_FACTOR if dropout else REFERENCE_FACTOR_NO_DROPOUT)
     per_layer = shapes.saved_per_token() * factor
     one_layer = per_layer * tokens * act_bytes
@@ -124,7 +137,7 @@ def estimate(shapes: Shapes, tokens: int, mode: str, weights_bytes: int, trainab
     backward = shapes.backward_per_token() * tokens * act_bytes + shapes.largest_weight() * act_bytes
     loss = min(_LOSS_CHUNK_BYTES, 2 * tokens * shapes.vocab * act_bytes)
     return Estimate(mode, int(weights_bytes), trainable_bytes(trainable_params, optimizer), int(acts),
-                    int(max(loss, backward)))
+                    int(max(loss, backward)), stream=bool(layer_bytes))
 
 
 def fitting_mode(shapes: Shapes, tokens: int, budget: int, weights_bytes: int, trainable_params: int,

@@ -56,20 +56,10 @@ def weight_bytes(config, quantization: str, double_quant: bool = True, group_siz
         from .adaptive import budget_bytes
 
         return budget_bytes(budget, weight_bytes(config, "nf4", double_quant, dtype_bytes=dtype_bytes))
-    s = memory.Shapes.from_config(config)
-    per_layer = sum(a * b for a, b in linear_shapes(s).values())
-    rows = sum(b for _, b in linear_shapes(s).values())
-    n = s.layers * per_layer
-    if quantization in ("nf4", "fp4"):
-        linear = n * nf4_bytes_per_weight(double_quant)
-    elif quantization == "int8":
-        linear = n + 4 * s.layers * rows
-    elif quantization == "int4":
-        linear = n / 2 + 8 * n / group_size
-    elif quantization == "none":
-        linear = dtype_bytes * n
-    else:
+    if quantization not in ("nf4", "fp4", "int8", "int4", "none"):
         raise QfineError(f"model.quantization {quantization!r} is not one qfine plan knows")
+    s = memory.Shapes.from_config(config)
+    linear = s.layers * layer_bytes(config, quantization, double_quant, group_size, dtype_bytes)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     embeddings = s.vocab * s.hidden * (1 if tied else 2)
     norms = s.layers * 2 * s.hidden + s.hidden
@@ -88,6 +78,22 @@ def trainable_params(config, cfg: RunConfig) -> int:
     return n + sum(full[p] for p in cfg.lora.trainable if p in full)
 
 
+def layer_bytes(config, quantization: str, double_quant: bool = True, group_size: int = 32,
+                dtype_bytes: int = 2) -> int:
+    """Bytes of one decoder layer's linears as stored (module docstring): what weight streaming moves
+    per layer."""
+    s = memory.Shapes.from_config(config)
+    per_layer = sum(a * b for a, b in linear_shapes(s).values())
+    rows = sum(b for _, b in linear_shapes(s).values())
+    if quantization in ("nf4", "fp4", "adaptive"):  # adaptive: its NF4 layers (the int8 ones are larger)
+        return int(per_layer * nf4_bytes_per_weight(double_quant))
+    if quantization == "int8":
+        return per_layer + 4 * rows
+    if quantization == "int4":
+        return int(per_layer / 2 + 8 * per_layer / group_size)
+    return dtype_bytes * per_layer
+
+
 @dataclass
 class Option:
     batch: int
@@ -95,23 +101,30 @@ class Option:
     estimate: memory.Estimate
     fits: bool  # estimate ≤ memory.FILL × budget
 
+    @property
+    def stream(self) -> bool:
+        return self.estimate.stream
+
 
 def plan(config, cfg: RunConfig, budget: int, fused: bool = True) -> tuple[int, int, list[Option]]:
     """(weights bytes, trainable parameters, every option as (batch, mode) from the config's micro-batch
-    down to 1, each checkpoint mode) — the caller filters the fitting ones; ordered fastest first:
-    a larger micro-batch first, and at one batch none, then checkpoint, then offload."""
+    down to 1, each checkpoint mode, and the checkpointed modes again with the weights streamed) — the
+    caller filters the fitting ones; ordered fastest first: without streaming before with it, then a
+    larger micro-batch first, and at one batch none, then checkpoint, then offload."""
     shapes = memory.Shapes.from_config(config)
     weights = weight_bytes(config, cfg.model.quantization, cfg.model.double_quant, cfg.model.group_size,
                            budget=cfg.model.memory_budget)
     params = trainable_params(config, cfg)
     batches = sorted({b for b in (cfg.train.batch_size, cfg.train.batch_size // 2, cfg.train.batch_size // 4, 1) if b},
                      reverse=True)
+    per_layer = layer_bytes(config, cfg.model.quantization, cfg.model.double_quant, cfg.model.group_size)
     options = []
-    for b in batches:
-        for mode in memory.MODES:
-            est = memory.estimate(shapes, b * cfg.data.max_seq_len, mode, weights, params, cfg.train.optimizer, fused,
-                                  dropout=cfg.lora.dropout > 0)
-            options.append(Option(b, mode, est, est.total <= memory.FILL * budget))
+    for stream in (0, per_layer):
+        for b in batches:
+            for mode in memory.MODES[1:] if stream else memory.MODES:
+                est = memory.estimate(shapes, b * cfg.data.max_seq_len, mode, weights, params, cfg.train.optimizer,
+                                      fused, dropout=cfg.lora.dropout > 0, layer_bytes=stream)
+                options.append(Option(b, mode, est, est.total <= memory.FILL * budget))
     return weights, params, options
 
 
@@ -121,11 +134,12 @@ def render(source: str, config, cfg: RunConfig, budget: int, fused: bool) -> str
              f"{cfg.model.quantization} base {weights / memory.GIB:.2f} GiB; {params:,} trainable parameters; "
              f"sequence {cfg.data.max_seq_len}, micro-batch {cfg.train.batch_size} × grad_accum {cfg.train.grad_accum}; "
              f"budget {budget / memory.GIB:.1f} GiB (fills up to {memory.FILL:.0%})",
-             f"{'batch':>5} {'checkpointing':<13} {'peak GiB':>8}  {'weights':>7} {'adapter+opt':>11} "
+             f"{'batch':>5} {'checkpointing':<13} {'weights':<8} {'peak GiB':>8}  {'on GPU':>7} {'adapter+opt':>11} "
              f"{'activations':>11} {'loss/bwd':>8} {'slack':>5}  fits"]
     for o in options:
         e = o.estimate
-        lines.append(f"{o.batch:>5} {o.mode:<13} {e.total / memory.GIB:>8.2f}  {e.weights / memory.GIB:>7.2f} "
+        lines.append(f"{o.batch:>5} {o.mode:<13} {'streamed' if o.stream else 'resident':<8} "
+                     f"{e.total / memory.GIB:>8.2f}  {e.weights / memory.GIB:>7.2f} "
                      f"{e.trainable / memory.GIB:>11.2f} {e.activations / memory.GIB:>11.2f} "
                      f"{e.transient / memory.GIB:>8.2f} {e.slack / memory.GIB:>5.2f}  {'yes' if o.fits else 'no'}")
     fitting = [o for o in options if o.fits]
@@ -136,9 +150,10 @@ def render(source: str, config, cfg: RunConfig, budget: int, fused: bool) -> str
         best = fitting[0]
         accum = max(1, cfg.train.batch_size * cfg.train.grad_accum // best.batch)
         flags = {"none": "", "checkpoint": " --gradient-checkpointing", "offload": " --offload-checkpoints"}[best.mode]
+        flags += " --stream-weights on" if best.stream else ""
         lines.append(f"fastest that fits: --batch-size {best.batch} --grad-accum {accum}{flags} "
                      f"({best.estimate.total / memory.GIB:.2f} GiB); qfine train's auto_memory (on by default) turns "
-                     "checkpointing and offloading on by the same estimate")
+                     "checkpointing, offloading and weight streaming on by the same estimate")
     return "\n".join(lines)
 
 

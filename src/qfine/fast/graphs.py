@@ -87,6 +87,8 @@ class GraphedStep:
         self.warmup = warmup
         self.max_shapes = max_shapes
         self.reason: str | None = None if enabled else "disabled"
+        if self.reason is None and model is not None and _streamed(model):
+            self.reason = "weight streaming: each layer's weights are swapped in between its kernels"
         if self.reason is None and model is not None and (rnd := random_modules(model)):
             self.reason = f"random modules in training ({', '.join(rnd[:3])}): a replay would repeat their draws"
         if self.reason is None and model is not None and (sync := host_synchronising_modules(model)):
@@ -218,3 +220,9 @@ class GraphedStep:
         self._graphs.clear()
         self._seen.clear()
         self._pool = None
+
+
+def _streamed(model) -> bool:
+    from .stream import stream_of
+
+    return stream_of(model) is not None

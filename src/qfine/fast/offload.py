@@ -115,6 +115,11 @@ class Offloader:
         self._streams = {}
         self.graph_buffers: list[torch.Tensor] = []  # pinned buffers written by graphs others captured
         self.last: _Entry | None = None
+        # the model's qfine.fast.stream.WeightStream when its frozen weights are streamed: a checkpointed
+        # layer's weights are on the device only while it runs forward, and while it is recomputed
+        # and differentiated in the backward (the recompute may run no module hook: transformers ≥
+        # 5.24 checkpoints the layer's forward, not its __call__)
+        self.weights = None
 
     def stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self._streams:
@@ -149,11 +154,17 @@ class OffloadedCheckpoint(torch.autograd.Function):
         # of its forward in the recompute (fast/swap.py), so there is nothing to replay then
         ctx.rng_cuda = (torch.cuda.get_rng_state(x.device)
                         if x.is_cuda and not torch.cuda.is_current_stream_capturing() else None)
+        ctx.weights, ctx.index = offloader.weights, index
+        if ctx.weights is not None:
+            ctx.weights.use(index)
+            ctx.weights.prefetch(index + 1)
         token = _UNGRADED_FORWARD.set(True)
         try:
             out = run(x)
         finally:
             _UNGRADED_FORWARD.reset(token)
+        if ctx.weights is not None:
+            ctx.weights.drop(index)  # the backward recomputes the layer
         ctx.entry = offloader.save(x, index)
         return out
 
@@ -161,6 +172,10 @@ class OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, dy):
         x = ctx.entry.fetch().detach().requires_grad_(True)
         ctx.entry = None
+        weights, ctx.weights = ctx.weights, None
+        if weights is not None:
+            weights.use(ctx.index)
+            weights.prefetch(ctx.index - 1)
         devices = [x.device] if ctx.rng_cuda is not None else []
         with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
             torch.set_rng_state(ctx.rng_cpu)
@@ -171,6 +186,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
             out = ctx.context.run(_recompute, ctx.run, x)
         ctx.context = None
         torch.autograd.backward(out, dy)
+        if weights is not None:
+            weights.drop(ctx.index)
         return None, None, None, x.grad
 
 
@@ -197,6 +214,7 @@ def install_checkpointing(layers, offload: bool) -> int:
     function, with the inputs in host memory (``offload``) or left on the device. Returns how many
     layers use it (0 if checkpointing is off)."""
     offloader = Offloader(offload)
+    offloader.weights = getattr(layers[0], "_qfine_stream", None) if len(layers) else None
     count = 0
     for i, layer in enumerate(layers):
         if not getattr(layer, "gradient_checkpointing", False):

@@ -45,6 +45,7 @@ RESUMABLE = {
     ("train", "resident_weights_gib"): "",
     ("train", "gradient_checkpointing"): "",
     ("train", "offload_checkpoints"): "",
+    ("train", "stream_weights"): "",
     ("train", "auto_memory"): "",
 }
 

@@ -107,7 +107,7 @@ def _choose_int8_layers(cfg: C.RunConfig):
     return select(cfg.model, [torch.tensor([r["input_ids"]]) for r in rows])
 
 
-def _model_and_data(cfg: C.RunConfig, base_cache: dict | None = None):
+def _model_and_data(cfg: C.RunConfig, base_cache: dict | None = None, stage_on_cpu: bool = False):
     """Load the model of ``cfg.model.task`` and tokenize its data →
     ``(loaded, train_ds, eval_ds, data line, labels or None)``. A seq-cls label set is read from the
     training rows first: the model's head is built with one output per label. With ``base_cache`` (a
@@ -115,11 +115,11 @@ def _model_and_data(cfg: C.RunConfig, base_cache: dict | None = None):
     settings is reused instead of loaded again."""
     task = task_spec(cfg.model.task).name
     labels = label_set(cfg.data) if task == "seq-cls" else None
-    key = (repr(cfg.model), tuple(labels or ()))
+    key = (repr(cfg.model), tuple(labels or ()), stage_on_cpu)
     if base_cache is not None and base_cache.get("key") == key:
         loaded = base_cache["loaded"]
     else:
-        loaded = load_model(cfg.model, labels)
+        loaded = load_model(cfg.model, labels, stage_on_cpu=stage_on_cpu)
         if base_cache is not None:
             base_cache.update(key=key, loaded=loaded)
     tok = loaded.tokenizer
@@ -140,10 +140,87 @@ def _model_and_data(cfg: C.RunConfig, base_cache: dict | None = None):
     return loaded, train_ds, eval_ds, line, labels
 
 
-def fit_memory(model, cfg: C.RunConfig, fast, offload: bool) -> tuple[str, bool]:
+def _budget() -> int:
+    """Bytes this process may use on its GPU: free + already allocated, under a per-process cap if set."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    budget = free + torch.cuda.memory_allocated()  # the loaded weights are part of the estimate
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction is not None:  # torch.cuda.set_per_process_memory_fraction caps this process below the card
+        budget = min(budget, int(fraction() * total))
+    return budget
+
+
+def choose_streaming(cfg: C.RunConfig, device: str) -> tuple[bool, str | None]:
+    """Whether to stream the frozen weights (``train.stream_weights``), decided before the model is loaded
+    (a streamed base is loaded on the CPU first), and a line saying why, or None."""
+    from .. import memory, plan
+
+    t = cfg.train
+    if t.stream_weights == "off":
+        return False, None
+    refusal = None
+    if device != "cuda":
+        refusal = f"nothing to stream from on {device}"
+    elif cfg.model.quantization not in ("nf4", "fp4"):
+        refusal = f"it serves 4-bit bases (model.quantization nf4 or fp4), not {cfg.model.quantization}"
+    elif not t.fast_path or cfg.model.task != "causal-lm":
+        refusal = "it runs inside the fast path's fused layers (causal LMs, train.fast_path on)"
+    if refusal:
+        if t.stream_weights == "on":
+            if device != "cuda":
+                return False, f"stream_weights: {refusal}; the weights stay where they are"
+            raise QfineError(f"train.stream_weights on: {refusal}")
+        return False, None
+    if t.stream_weights == "on":
+        return True, "weight streaming on (train.stream_weights)"
+    if t.resident_weights_gib > 0:
+        return False, None
+    try:
+        config = plan.load_config(cfg.model.source)
+        shapes = memory.Shapes.from_config(config)
+    except (QfineError, AttributeError, TypeError, ValueError, OSError):
+        return False, None  # the estimate needs a decoder-only config; without one, nothing is streamed
+    budget = _budget()
+    weights = plan.weight_bytes(config, cfg.model.quantization, cfg.model.double_quant, cfg.model.group_size)
+    params = plan.trainable_params(config, cfg)
+    tokens = t.batch_size * cfg.data.max_seq_len
+    dropout = cfg.lora.dropout > 0
+    mode, est = memory.fitting_mode(shapes, tokens, budget, weights, params, t.optimizer, True, dropout=dropout)
+    if mode is not None:
+        return False, None
+    per_layer = plan.layer_bytes(config, cfg.model.quantization, cfg.model.double_quant, cfg.model.group_size)
+    lean = memory.estimate(shapes, tokens, "offload", weights, params, t.optimizer, True, dropout=dropout,
+                           layer_bytes=per_layer)
+    if lean.total > memory.FILL * budget:
+        return False, None  # streaming would not fit either: the load-time estimate below says so
+    return True, (f"weight streaming on: {est['offload'].total / memory.GIB:.1f} GiB with every weight on the GPU "
+                  f"would not fit the {budget / memory.GIB:.1f} GiB free; streamed: {lean.line()} "
+                  "(train.stream_weights: off keeps the weights on the GPU)")
+
+
+def _stream_weights(model, fast, device: str) -> int:
+    """Install weight streaming on the adapted model (placing the rest of it on the GPU); returns the
+    bytes of the layers' device copies at once, for the memory estimate."""
+    from .. import memory
+    from ..fast import stream as weight_stream
+
+    if fast is None or fast.fused != fast.layers or not fast.layers:
+        why = fast.reason if fast is not None and fast.reason else "some decoder layers run peft's reference layer"
+        raise QfineError(f"train.stream_weights: the weights stream inside the fused layers, and {why}")
+    ws = weight_stream.install(model, device)
+    per_layer = ws.streamed_bytes // max(1, len(ws.layers))
+    print(f"[qfine] weight streaming: {ws.streamed_bytes / memory.GIB:.2f} GiB of frozen weights of {len(ws.layers)} "
+          "decoder layers in pinned host memory, each layer's copied to the GPU one layer ahead of use", flush=True)
+    return memory.STREAM_WINDOW * per_layer
+
+
+def fit_memory(model, cfg: C.RunConfig, fast, offload: bool, streamed_window: int = 0) -> tuple[str, bool]:
     """Predict the step's peak (:mod:`qfine.memory`) and turn on checkpointing, then offloading, when it
     would not fit the GPU's free memory; returns (a line saying what and why, whether to offload).
-    Records the choice in ``cfg.train`` so the run's config.yaml says how it trained."""
+    Records the choice in ``cfg.train`` so the run's config.yaml says how it trained.
+    ``streamed_window``: bytes of the streamed layers' device copies at once (0: no streaming)."""
     import torch
 
     from .. import memory
@@ -153,12 +230,8 @@ def fit_memory(model, cfg: C.RunConfig, fast, offload: bool) -> tuple[str, bool]
         shapes = memory.Shapes.from_config(lm.config)
     except (AttributeError, TypeError):
         return "memory estimate: skipped (not a decoder-only config)", offload
-    free, total = torch.cuda.mem_get_info()
-    budget = free + torch.cuda.memory_allocated()  # the loaded weights are part of the estimate
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    if fraction is not None:  # torch.cuda.set_per_process_memory_fraction caps this process below the card
-        budget = min(budget, int(fraction() * total))
-    weights = torch.cuda.memory_allocated() + int(cfg.train.resident_weights_gib * memory.GIB)
+    budget = _budget()
+    weights = torch.cuda.memory_allocated() + int(cfg.train.resident_weights_gib * memory.GIB) + streamed_window
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tokens = cfg.train.batch_size * cfg.data.max_seq_len
     current = "offload" if offload else ("checkpoint" if cfg.train.gradient_checkpointing else "none")
@@ -242,7 +315,13 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         sensitivity = (line, layers)
     if cfg.data.task_column:
         multitask.check_config(cfg, resume)
-    loaded, train_ds, eval_ds, data_line, labels = _model_and_data(cfg, base_cache)
+    stream, line = choose_streaming(cfg, device)
+    if line:
+        print(f"[qfine] {line}", flush=True)
+    if stream:
+        cfg.train.stream_weights = "on"  # the run's config.yaml says how it trained
+        cfg.train.gradient_checkpointing = True
+    loaded, train_ds, eval_ds, data_line, labels = _model_and_data(cfg, base_cache, stage_on_cpu=stream)
     tokenizer = loaded.tokenizer
     tasks = None
     if cfg.data.task_column:
@@ -279,8 +358,11 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         print(f"[qfine] fast path off: the fused layers serve causal LMs, not model.task {cfg.model.task}", flush=True)
     if fast is not None:
         print(f"[qfine] {fast}", flush=True)
+    window = 0
+    if stream:
+        window = _stream_weights(model, fast, device)
     if cfg.train.auto_memory and device == "cuda":
-        line, offload = fit_memory(model, cfg, fast, offload)
+        line, offload = fit_memory(model, cfg, fast, offload, window)
         print(f"[qfine] {line}", flush=True)
     if offload and device == "cuda":
         print(f"[qfine] checkpointed inputs of {offload_checkpoints(model)} layers kept in pinned host memory",

@@ -53,6 +53,11 @@ def check_train_config(cfg: RunConfig, device: str) -> None:
         raise QfineError(f"train.warmup_ratio must be in [0, 1), not {t.warmup_ratio}")
     if t.resident_weights_gib < 0:
         raise QfineError(f"train.resident_weights_gib must be 0 or more, not {t.resident_weights_gib}")
+    if t.stream_weights not in ("auto", "on", "off"):
+        raise QfineError(f"train.stream_weights must be auto, on or off, not {t.stream_weights!r}")
+    if t.stream_weights == "on" and t.resident_weights_gib > 0:
+        raise QfineError("train.stream_weights on keeps the frozen weights in host memory; "
+                         "train.resident_weights_gib keeps them dequantized on the GPU: choose one")
     if t.batch_size < 1 or t.grad_accum < 1:
         raise QfineError("train.batch_size and train.grad_accum must be at least 1")
     if t.s2_attn:

@@ -1,0 +1,261 @@
+"""Frozen decoder-layer weights kept in pinned host memory and brought to the GPU one layer ahead.
+
+A Llama-3.1-70B base in NF4 is ≈ 37 GiB: more than a 24 GiB card holds, before any activation.
+Training only ever needs the frozen weights of the layer being computed, so with streaming every
+decoder layer's large frozen tensors (4-bit packed weights and their absmax, or 16-bit weights) live
+in pinned host memory, and each layer's are copied to the GPU on a side stream while the previous
+layer computes:
+
+* forward: entering layer i waits for its copy and starts layer i+1's; leaving it frees layer i's
+  copy when nothing will differentiate through it (a checkpointed layer's ungraded forward, eval);
+* backward (checkpointed layers): the recompute of layer i enters the layer again — its copy is
+  fetched, layer i-1's is started — and the copy is freed when the gradient of the layer's input is
+  complete, which is the end of that layer's backward (a hook on the input tensor).
+
+At most three layers' weights are on the GPU at a time (the one computing, the one arriving, the one
+whose last kernels are still reading it). What moves is the tensors' storage only (``param.data``,
+``quant_state.absmax``): the modules, parameters and state-dict keys stay as they are, and the fused
+functions read whatever storage is in place when they run — which is the GPU copy throughout the
+layer's forward, recompute and backward. Without checkpointing every graded forward keeps its
+layers' copies until their backward (correct, but nothing saved): :func:`check_streaming` refuses it.
+
+Small tensors (norm weights, the nested absmax constants) stay on the GPU: copying them would cost
+more launches than the bytes are worth. On the CPU there is nowhere to stream from; the tests run the
+same schedule there with ``poison=True``, where an evicted tensor reads as NaN/zero bytes, so any
+use of a weight outside its window changes the numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .offload import in_offloaded_forward, output_discarded
+
+MIN_BYTES = 1 << 20  # tensors smaller than this stay on the GPU
+
+
+class _Slot:
+    """One streamed tensor: where it is attached (a parameter's ``.data`` or an attribute of an
+    object such as a bitsandbytes ``QuantState``), its host copy, and what sits there when evicted."""
+
+    def __init__(self, owner, attr: str, host: torch.Tensor, evicted: torch.Tensor):
+        self.owner, self.attr, self.host, self.evicted = owner, attr, host, evicted
+
+    def set(self, t: torch.Tensor) -> None:
+        if self.attr == "data":
+            self.owner.data = t
+        else:
+            setattr(self.owner, self.attr, t)
+
+
+def _poisoned(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan")) if t.is_floating_point() else torch.zeros_like(t)
+
+
+class WeightStream:
+    """The streamed tensors of each decoder layer and the copies now on (or on their way to) the GPU.
+
+    ``layers``: the decoder layers in order; ``device``: where they compute. Built by :func:`install`.
+    """
+
+    def __init__(self, layers, device: torch.device, min_bytes: int = MIN_BYTES, poison: bool = False):
+        self.layers = list(layers)
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.poison = poison
+        self.slots: list[list[_Slot]] = [self._collect(layer, min_bytes) for layer in self.layers]
+        self.copies: dict[int, tuple[list[torch.Tensor], object]] = {}  # layer → (tensors, ready event)
+        self.resident: set[int] = set()
+        self.fetches = 0        # copies started (a test and the benchmark read these)
+        self.max_resident = 0   # most layers with a copy at once
+        self._stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.streamed_bytes = sum(s.host.numel() * s.host.element_size() for slots in self.slots for s in slots)
+        self._hooks = []
+        for i, layer in enumerate(self.layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
+            self._hooks.append(layer.register_forward_hook(self._post_hook(i)))
+            layer._qfine_stream = self
+
+    # ---- placement -------------------------------------------------------------------------------
+    def _collect(self, layer: torch.nn.Module, min_bytes: int) -> list[_Slot]:
+        """Move the layer's frozen tensors of at least ``min_bytes`` to host memory; return them."""
+        found, seen = [], set()
+        for module in layer.modules():
+            for param in module.parameters(recurse=False):
+                if param.requires_grad or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                state = getattr(param, "quant_state", None)
+                if param.numel() * param.element_size() >= min_bytes:
+                    found.append((param, "data", param.data))
+                absmax = getattr(state, "absmax", None)
+                if isinstance(absmax, torch.Tensor) and absmax.numel() * absmax.element_size() >= min_bytes:
+                    found.append((state, "absmax", absmax))
+        slots = []
+        for owner, attr, t in found:
+            if self.cuda:  # straight into pinned memory: no pageable copy on the way
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t)
+            else:
+                host = t.detach().to("cpu")
+                if self.poison and host is t:
+                    host = t.clone()  # the poison must not overwrite the only copy
+            slot = _Slot(owner, attr, host, _poisoned(host) if self.poison else host)
+            slot.set(slot.evicted)
+            slots.append(slot)
+        return slots
+
+    # ---- the schedule --------------------------------------------------------------------------
+    def prefetch(self, i: int) -> None:
+        """Start copying layer ``i``'s tensors to the device (no-op if they are there or arriving)."""
+        if not 0 <= i < len(self.layers) or i in self.copies or not self.slots[i]:
+            return
+        self.fetches += 1
+        if not self.cuda:
+            self.copies[i] = ([s.host.clone() for s in self.slots[i]], None)
+        else:
+            with torch.cuda.stream(self._stream):
+                tensors = [s.host.to(self.device, non_blocking=True) for s in self.slots[i]]
+                ready = torch.cuda.Event()
+                ready.record(self._stream)
+            self.copies[i] = (tensors, ready)
+        self.max_resident = max(self.max_resident, len(self.copies))
+
+    def use(self, i: int) -> None:
+        """Make layer ``i``'s copies the tensors its modules read (waiting for them on this stream)."""
+        if i in self.resident or not self.slots[i]:
+            return
+        self.prefetch(i)
+        tensors, ready = self.copies[i]
+        if ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            for t in tensors:
+                t.record_stream(current)  # allocated on the side stream, read on this one
+        for slot, t in zip(self.slots[i], tensors):
+            slot.set(t)
+        self.resident.add(i)
+
+    def drop(self, i: int) -> None:
+        """Put layer ``i``'s host tensors (or poison) back and let its device copies go."""
+        if i not in self.copies:
+            return
+        for slot in self.slots[i]:
+            slot.set(slot.evicted)
+        self.resident.discard(i)
+        del self.copies[i]
+
+    def drop_all(self) -> None:
+        for i in list(self.copies):
+            self.drop(i)
+
+    def _pre_hook(self, i: int):
+        def hook(module, args, kwargs):
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("qfine: streamed weights cannot be captured in a CUDA graph")
+            self.use(i)
+            # a checkpoint recompute runs the layers last to first; everything else first to last
+            self.prefetch(i - 1 if output_discarded() else i + 1)
+            x = args[0] if args else kwargs.get("hidden_states")
+            if _graded(x):
+                # the layer's backward ends when its input's gradient is complete
+                x.register_hook(lambda grad, i=i: self.drop(i))
+        return hook
+
+    def _post_hook(self, i: int):
+        def hook(module, args, output):
+            if not (torch.is_grad_enabled() and not in_offloaded_forward()):
+                self.drop(i)  # nothing will differentiate through this call
+        return hook
+
+    def remove(self) -> None:
+        """Back to ordinary placement: every streamed tensor on the device for good, hooks gone."""
+        for h in self._hooks:
+            h.remove()
+        self.drop_all()
+        for slots in self.slots:
+            for slot in slots:
+                slot.set(slot.host.to(self.device))
+        for layer in self.layers:
+            layer.__dict__.pop("_qfine_stream", None)
+            offloader = _offloader(layer)
+            if offloader is not None and offloader.weights is self:
+                offloader.weights = None
+        self.slots = [[] for _ in self.layers]
+
+
+def _graded(x) -> bool:
+    return (isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
+            and not in_offloaded_forward())
+
+
+def decoder_layers(model) -> torch.nn.ModuleList | None:
+    from .swap import causal_lm
+
+    layers = getattr(getattr(causal_lm(model), "model", None), "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+
+
+def stream_of(model) -> WeightStream | None:
+    """The :class:`WeightStream` installed on ``model``'s decoder layers, or None."""
+    layers = decoder_layers(model)
+    return getattr(layers[0], "_qfine_stream", None) if layers is not None else None
+
+
+def install(model, device, min_bytes: int = MIN_BYTES, poison: bool = False) -> WeightStream:
+    """Stream ``model``'s decoder-layer frozen weights from pinned host memory (module docstring) and
+    put everything else on ``device`` (a model staged on the CPU by :func:`qfine.load_model` moves
+    there now; a model already on the device keeps its other tensors in place). Install after the
+    adapters are added, so they are created next to the weights. Idempotent."""
+    layers = decoder_layers(model)
+    if layers is None:
+        raise ValueError("weight streaming needs a decoder-only model with model.layers")
+    current = stream_of(model)
+    if current is not None:
+        return current
+    stream = WeightStream(layers, device, min_bytes, poison)
+    for layer in layers:  # the checkpoint function drives the schedule of checkpointed layers
+        offloader = _offloader(layer)
+        if offloader is not None:
+            offloader.weights = stream
+    streamed = {id(s.owner) for slots in stream.slots for s in slots if s.attr == "data"}
+    device = torch.device(device)
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if id(param) not in streamed and param.device != device:
+                param.data = param.data.to(device)
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
+        _place_quant_state(module, device, stream)
+    if stream.cuda:
+        torch.cuda.empty_cache()  # the device copies the host took over go back to the card
+    return stream
+
+
+def _offloader(layer):
+    """The :class:`.offload.Offloader` of a layer checkpointed through qfine's recompute, or None."""
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    args = getattr(func, "args", ())
+    from .offload import Offloader
+
+    return args[0] if args and isinstance(args[0], Offloader) else None
+
+
+def _place_quant_state(module, device: torch.device, stream: WeightStream) -> None:
+    """The small tensors of a 4-bit weight's quantization state (code, offset, nested state) on the
+    device; a streamed absmax keeps its host copy."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    if state is None:
+        return
+    for owner in (state, getattr(state, "state2", None)):
+        if owner is None:
+            continue
+        for attr in ("absmax", "code", "offset"):
+            t = getattr(owner, attr, None)
+            if isinstance(t, torch.Tensor) and t.device != device and not _is_slot(stream, owner, attr):
+                setattr(owner, attr, t.to(device))
+
+
+def _is_slot(stream: WeightStream, owner, attr: str) -> bool:
+    return any(s.owner is owner and s.attr == attr for slots in stream.slots for s in slots)
