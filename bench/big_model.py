@@ -23,8 +23,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 GiB = 2**30
 
 
-def predicted(config, rank: int, optim: str, tokens: int, mode: str, streamed: bool) -> float:
-    """qfine plan's peak (GiB) for this step, from the config alone."""
+def predicted(config, rank: int, optim: str, tokens: int, mode: str, streamed: bool, keep: int = 0) -> float:
+    """qfine plan's peak (GiB) for this step, from the config alone (``keep``: streamed, layers kept on
+    the GPU)."""
     from qfine import config as C
     from qfine import memory, plan
 
@@ -33,7 +34,7 @@ def predicted(config, rank: int, optim: str, tokens: int, mode: str, streamed: b
     est = memory.estimate(memory.Shapes.from_config(config), tokens, mode, plan.weight_bytes(config, "nf4"),
                           plan.trainable_params(config, cfg), optim, True, dropout=True,
                           layer_bytes=plan.layer_bytes(config, "nf4") if streamed else 0)
-    return est.total / GiB
+    return (est.total + keep * plan.layer_bytes(config, "nf4")) / GiB
 
 
 def main() -> int:
@@ -45,6 +46,8 @@ def main() -> int:
     ap.add_argument("--phases", default="resident:1x2048;stream:1x2048;stream@24:1x2048")
     ap.add_argument("--offload", action="store_true", help="checkpointed layer inputs in pinned host memory")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--keep-last", default="0", help="stream phases: last layers kept on the GPU, per phase "
+                    "in order (a comma list; the last value serves the rest)")
     ap.add_argument("--deadline", type=float, default=0.0, help="unix time after which no config starts")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
@@ -78,20 +81,29 @@ def main() -> int:
     total = torch.cuda.mem_get_info()[1]
     g = torch.Generator(device="cuda").manual_seed(0)
     stream, rows = None, []
+    keeps = [int(k) for k in a.keep_last.split(",")]
     for phase in a.phases.split(";"):
         name, configs = phase.split(":")
         kind, _, cap = name.partition("@")
+        if kind == "stream":
+            keep = keeps.pop(0) if len(keeps) > 1 else keeps[0]
+            if stream is not None and keep != len(stream.layers) - sum(1 for s in stream.slots if s):
+                torch.cuda.set_per_process_memory_fraction(1.0)  # every weight comes back first
+                stream.remove()
+                stream = None
         if kind == "stream" and stream is None:
             t1 = time.time()
-            stream = install(model, "cuda")
+            stream = install(model, "cuda", keep_last=keep)
             print(f"[bench] streaming {stream.streamed_bytes / GiB:.2f} GiB of {len(stream.layers)} layers "
                   f"(install {time.time() - t1:.1f}s), {torch.cuda.memory_allocated() / GiB:.2f} GiB allocated",
                   flush=True)
         torch.cuda.set_per_process_memory_fraction(float(cap) * GiB / total if cap else 1.0)
         for c in configs.split(","):
             bs, seq = (int(x) for x in c.split("x"))
-            rec = dict(phase=name, bs=bs, seq=seq, rank=a.rank, optim=a.optim, mode=mode, load_s=round(load_s, 1),
-                       plan_GiB=round(predicted(config, a.rank, a.optim, bs * seq, mode, stream is not None), 2))
+            label = name + (f" keep {keep}" if kind == "stream" and keep else "")
+            rec = dict(phase=label, bs=bs, seq=seq, rank=a.rank, optim=a.optim, mode=mode, load_s=round(load_s, 1),
+                       plan_GiB=round(predicted(config, a.rank, a.optim, bs * seq, mode, stream is not None,
+                                                keep if kind == "stream" else 0), 2))
             if a.deadline and time.time() > a.deadline:
                 rec["skipped"] = "deadline"
                 rows.append(rec)

@@ -76,6 +76,21 @@ def test_streamed_checkpointed_training_equals_resident(tmp_path, save_tiny, qua
     assert again == pytest.approx(ref_losses, rel=1e-6, abs=0)
 
 
+def test_the_last_layers_can_stay_on_the_device(tmp_path, save_tiny):
+    model = _model(tmp_path, save_tiny, "nf4")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    apply_fast_path(model)
+    batches = [_batch(4)]
+    ref_losses, ref_grads = _step(model, batches)
+    stream = install(model, "cpu", min_bytes=0, poison=True, keep_last=3)
+    assert [bool(s) for s in stream.slots] == [True, False, False, False]
+    losses, grads = _step(model, batches)
+    assert stream.fetches == 2 and not stream.copies
+    assert losses == pytest.approx(ref_losses, rel=1e-6, abs=0)
+    assert max(float((grads[n] - g).norm() / g.norm()) for n, g in ref_grads.items()) < 1e-6
+
+
 def test_streaming_without_checkpointing_keeps_layers_until_their_backward(tmp_path, save_tiny):
     """Correct but no saving: every graded forward keeps its layer until its input's gradient is done."""
     model = _model(tmp_path, save_tiny, "nf4", layers=3)
