@@ -146,7 +146,7 @@ def main() -> int:
                 with open(a.out, "a") as f:
                     f.write(json.dumps(rec) + "\n")
     torch.cuda.set_per_process_memory_fraction(1.0)
-    print(f"\n| phase | batch × seq | tok/s | peak allocated GiB | peak reserved GiB | plan GiB | plan / measured |")
+    print("\n| phase | batch × seq | tok/s | peak allocated GiB | peak reserved GiB | plan GiB | plan / measured |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         peak = r.get("peak_alloc_GiB")

@@ -176,12 +176,12 @@ def test_transformers_reads_the_tokenizer_back(runs, tmp_path):
     import transformers
     from packaging.version import Version
 
-    if Version(transformers.__version__) < Version("5.24"):
-        # transformers 5.17's GGUF tokenizer converter swaps BOS and EOS (integrations/ggml.py reads the
-        # EOS token from bos_token_id); the file holds the right ids, checked above
-        assert {theirs.eos_token_id, theirs.bos_token_id} == {ours.eos_token_id, ours.bos_token_id}
-    else:
-        assert theirs.eos_token_id == ours.eos_token_id
+    assert theirs.bos_token_id == ours.bos_token_id
+    if theirs.eos_token_id != ours.eos_token_id:
+        # transformers 5.17's GGUF Llama tokenizer converter takes the EOS token from bos_token_id
+        # (integrations/ggml.py: tokens[proto.bos_token_id]); fixed by 5.24. The file holds the right
+        # ids, checked above
+        assert Version(transformers.__version__) < Version("5.24") and theirs.eos_token_id == ours.bos_token_id
 
 
 def test_export_refusals_leave_nothing_behind(runs, tmp_path, capsys, monkeypatch):

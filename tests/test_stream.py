@@ -124,25 +124,32 @@ def test_auto_streams_only_when_the_weights_do_not_fit(tmp_path, monkeypatch):
     from transformers import LlamaConfig
 
     from qfine import config as C
+    from qfine import plan
     from qfine.errors import QfineError
     from qfine.training import run
 
-    LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False).save_pretrained(tmp_path / "70b")
+    c70 = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+    c70.save_pretrained(tmp_path / "70b")
     cfg = C.RunConfig()
     cfg.model.source = str(tmp_path / "70b")
     cfg.lora.r, cfg.data.max_seq_len, cfg.train.batch_size = 64, 2048, 1
     cfg.train.optimizer = "paged_adamw_8bit"
-    for gib, expected in ((80, False), (24, True), (6, False)):  # fits / streamed fits / nothing fits
+    layer = plan.layer_bytes(c70, "nf4")
+    for gib, expected in ((80, False), (24, True), (30, True), (6, False)):  # fits / streamed / streamed / nothing
         monkeypatch.setattr(run, "_budget", lambda gib=gib: gib * 2**30)
-        stream, line = run.choose_streaming(cfg, "cuda")
+        stream, keep, line = run.choose_streaming(cfg, "cuda")
         assert stream is expected, (gib, line)
         assert (line is not None) is expected
-    assert "would not fit the 24.0 GiB free" not in (line or "")
+        if stream:
+            # the layers kept on the GPU fill the room the streamed estimate leaves, less one layer
+            room = 0.92 * gib * 2**30 - float(line.split("streamed: ")[1].split(" GiB")[0]) * 2**30
+            assert keep == pytest.approx(room / layer - 1, abs=1.1), (gib, keep, line)
+            assert f"the last {keep} of 80 layers keep their weights on the GPU" in line
     monkeypatch.setattr(run, "_budget", lambda: 24 * 2**30)
-    assert "would not fit the 24.0 GiB free" in run.choose_streaming(cfg, "cuda")[1]
+    assert "is more than 92% of the 24.0 GiB free" in run.choose_streaming(cfg, "cuda")[2]
     cfg.train.stream_weights = "off"
-    assert run.choose_streaming(cfg, "cuda") == (False, None)
+    assert run.choose_streaming(cfg, "cuda") == (False, 0, None)
     cfg.train.stream_weights = "on"
     assert run.choose_streaming(cfg, "cpu")[0] is False  # nothing to stream from: a note, no error
     cfg.model.quantization = "int8"
@@ -179,3 +186,32 @@ def test_streamed_weights_on_cuda_give_the_same_step(tmp_path, save_tiny, offloa
     assert losses == ref_losses
     assert all(torch.equal(grads[n], g) for n, g in ref_grads.items())
     assert stream.fetches == 2 * 4 * 2 and not stream.copies
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qfine_train_streams_the_weights_on_cuda(tiny_dir, tmp_path, capsys, monkeypatch):
+    """`qfine train` with train.stream_weights on: says so, turns checkpointing on and CUDA graphs off,
+    learns, answers the report's prompts (generation streams too) and records the setting."""
+    import json
+
+    import yaml
+
+    from qfine.fast import stream as stream_module
+    from qfine.training import train
+
+    from helpers import FACT, tiny_config, write_jsonl
+
+    monkeypatch.setattr(stream_module, "MIN_BYTES", 0)  # the tiny model's tensors are all small
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 8)
+    run = train(tiny_config(tiny_dir, data, tmp_path / "run", stream_weights="on"))
+    out = capsys.readouterr().out
+    assert "weight streaming on (train.stream_weights)" in out
+    assert "decoder layers in pinned host memory" in out and "weight streaming: 0.00 MiB" not in out
+    assert "CUDA graphs off: weight streaming" in out
+    losses = [json.loads(line).get("loss") for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [x for x in losses if x is not None]
+    assert len(losses) == 20 and losses[-1] < 0.5 * losses[0], losses
+    saved = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert saved["stream_weights"] == "on" and saved["gradient_checkpointing"] is True
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()

@@ -14,11 +14,12 @@ layer computes:
 
 At most three layers' weights are on the GPU at a time (the one computing, the one arriving, the one
 whose last kernels are still reading it); the copies are allocated in the compute stream's order, so
-that holds on the device too, not only on the host side (:meth:`WeightStream.prefetch`). What moves is the tensors' storage only (``param.data``,
-``quant_state.absmax``): the modules, parameters and state-dict keys stay as they are, and the fused
-functions read whatever storage is in place when they run — which is the GPU copy throughout the
-layer's forward, recompute and backward. Without checkpointing every graded forward keeps its
-layers' copies until their backward (correct, but nothing saved): :func:`check_streaming` refuses it.
+that holds on the device too, not only on the host side (:meth:`WeightStream.prefetch`). What moves
+is the tensors' storage only (``param.data``, ``quant_state.absmax``): the modules, parameters and
+state-dict keys stay as they are, and the fused functions read whatever storage is in place when they
+run — which is the GPU copy throughout the layer's forward, recompute and backward. Without
+checkpointing every graded forward keeps its layers' copies until their backward (correct, but
+nothing saved), so ``qfine train`` turns checkpointing on whenever it streams.
 
 Small tensors (norm weights, the nested absmax constants) stay on the GPU: copying them would cost
 more launches than the bytes are worth. On the CPU there is nowhere to stream from; the tests run the
@@ -220,18 +221,19 @@ def stream_of(model) -> WeightStream | None:
     return getattr(layers[0], "_qfine_stream", None) if layers is not None else None
 
 
-def install(model, device, min_bytes: int = MIN_BYTES, poison: bool = False, keep_last: int = 0) -> WeightStream:
+def install(model, device, min_bytes: int | None = None, poison: bool = False, keep_last: int = 0) -> WeightStream:
     """Stream ``model``'s decoder-layer frozen weights from pinned host memory (module docstring) and
     put everything else on ``device`` (a model staged on the CPU by :func:`qfine.load_model` moves
     there now; a model already on the device keeps its other tensors in place). Install after the
-    adapters are added, so they are created next to the weights. Idempotent."""
+    adapters are added, so they are created next to the weights. ``min_bytes``: smaller tensors stay on
+    the device (default :data:`MIN_BYTES`). Idempotent."""
     layers = decoder_layers(model)
     if layers is None:
         raise ValueError("weight streaming needs a decoder-only model with model.layers")
     current = stream_of(model)
     if current is not None:
         return current
-    stream = WeightStream(layers, device, min_bytes, poison, keep_last)
+    stream = WeightStream(layers, device, MIN_BYTES if min_bytes is None else min_bytes, poison, keep_last)
     for layer in layers:  # the checkpoint function drives the schedule of checkpointed layers
         offloader = _offloader(layer)
         if offloader is not None:

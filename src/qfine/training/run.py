@@ -152,14 +152,16 @@ def _budget() -> int:
     return budget
 
 
-def choose_streaming(cfg: C.RunConfig, device: str) -> tuple[bool, str | None]:
+def choose_streaming(cfg: C.RunConfig, device: str) -> tuple[bool, int, str | None]:
     """Whether to stream the frozen weights (``train.stream_weights``), decided before the model is loaded
-    (a streamed base is loaded on the CPU first), and a line saying why, or None."""
+    (a streamed base is loaded on the CPU first): (stream, how many of the last decoder layers keep their
+    weights on the GPU, a line saying why or None). With ``auto``, the layers that fit beside the
+    streamed estimate stay on the GPU (fewer copies per step: docs/benchmarks.md); ``on`` streams all."""
     from .. import memory, plan
 
     t = cfg.train
     if t.stream_weights == "off":
-        return False, None
+        return False, 0, None
     refusal = None
     if device != "cuda":
         refusal = f"nothing to stream from on {device}"
@@ -170,18 +172,18 @@ def choose_streaming(cfg: C.RunConfig, device: str) -> tuple[bool, str | None]:
     if refusal:
         if t.stream_weights == "on":
             if device != "cuda":
-                return False, f"stream_weights: {refusal}; the weights stay where they are"
+                return False, 0, f"stream_weights: {refusal}; the weights stay where they are"
             raise QfineError(f"train.stream_weights on: {refusal}")
-        return False, None
+        return False, 0, None
     if t.stream_weights == "on":
-        return True, "weight streaming on (train.stream_weights)"
+        return True, 0, "weight streaming on (train.stream_weights)"
     if t.resident_weights_gib > 0:
-        return False, None
+        return False, 0, None
     try:
         config = plan.load_config(cfg.model.source)
         shapes = memory.Shapes.from_config(config)
     except (QfineError, AttributeError, TypeError, ValueError, OSError):
-        return False, None  # the estimate needs a decoder-only config; without one, nothing is streamed
+        return False, 0, None  # the estimate needs a decoder-only config; without one, nothing is streamed
     budget = _budget()
     weights = plan.weight_bytes(config, cfg.model.quantization, cfg.model.double_quant, cfg.model.group_size)
     params = plan.trainable_params(config, cfg)
@@ -189,18 +191,25 @@ def choose_streaming(cfg: C.RunConfig, device: str) -> tuple[bool, str | None]:
     dropout = cfg.lora.dropout > 0
     mode, est = memory.fitting_mode(shapes, tokens, budget, weights, params, t.optimizer, True, dropout=dropout)
     if mode is not None:
-        return False, None
+        return False, 0, None
     per_layer = plan.layer_bytes(config, cfg.model.quantization, cfg.model.double_quant, cfg.model.group_size)
-    lean = memory.estimate(shapes, tokens, "offload", weights, params, t.optimizer, True, dropout=dropout,
-                           layer_bytes=per_layer)
-    if lean.total > memory.FILL * budget:
-        return False, None  # streaming would not fit either: the load-time estimate below says so
-    return True, (f"weight streaming on: {est['offload'].total / memory.GIB:.1f} GiB with every weight on the GPU "
-                  f"would not fit the {budget / memory.GIB:.1f} GiB free; streamed: {lean.line()} "
-                  "(train.stream_weights: off keeps the weights on the GPU)")
+    streamed = {m: memory.estimate(shapes, tokens, m, weights, params, t.optimizer, True, dropout=dropout,
+                                   layer_bytes=per_layer) for m in ("checkpoint", "offload")}
+    mode = "offload" if t.offload_checkpoints else "checkpoint"
+    if streamed[mode].total > memory.FILL * budget:
+        mode = "offload"  # auto_memory turns it on after loading, by the same estimate
+    if streamed[mode].total > memory.FILL * budget:
+        return False, 0, None  # streaming would not fit either: the load-time estimate below says so
+    # one layer of margin; never all of them (that would be no streaming at all)
+    spare = int((memory.FILL * budget - streamed[mode].total) // per_layer) - 1
+    keep = max(0, min(spare, shapes.layers - memory.STREAM_WINDOW))
+    return True, keep, (f"weight streaming on: {est['offload'].total / memory.GIB:.1f} GiB with every weight on "
+                        f"the GPU is more than {memory.FILL:.0%} of the {budget / memory.GIB:.1f} GiB free; streamed: "
+                        f"{streamed[mode].line()}; the last {keep} of {shapes.layers} layers keep their weights on "
+                        "the GPU (train.stream_weights: off keeps them all there)")
 
 
-def _stream_weights(model, fast, device: str) -> int:
+def _stream_weights(model, fast, device: str, keep_last: int = 0) -> int:
     """Install weight streaming on the adapted model (placing the rest of it on the GPU); returns the
     bytes of the layers' device copies at once, for the memory estimate."""
     from .. import memory
@@ -209,10 +218,13 @@ def _stream_weights(model, fast, device: str) -> int:
     if fast is None or fast.fused != fast.layers or not fast.layers:
         why = fast.reason if fast is not None and fast.reason else "some decoder layers run peft's reference layer"
         raise QfineError(f"train.stream_weights: the weights stream inside the fused layers, and {why}")
-    ws = weight_stream.install(model, device)
-    per_layer = ws.streamed_bytes // max(1, len(ws.layers))
-    print(f"[qfine] weight streaming: {ws.streamed_bytes / memory.GIB:.2f} GiB of frozen weights of {len(ws.layers)} "
-          "decoder layers in pinned host memory, each layer's copied to the GPU one layer ahead of use", flush=True)
+    ws = weight_stream.install(model, device, keep_last=keep_last)
+    per_layer = ws.streamed_bytes // max(1, sum(1 for slots in ws.slots if slots))
+    size = (f"{ws.streamed_bytes / memory.GIB:.2f} GiB" if ws.streamed_bytes >= memory.GIB // 10
+            else f"{ws.streamed_bytes / 2**20:.2f} MiB")
+    count = sum(1 for slots in ws.slots if slots)
+    print(f"[qfine] weight streaming: {size} of frozen weights of {count} of {len(ws.layers)} decoder layers in "
+          "pinned host memory, each layer's copied to the GPU one layer ahead of use", flush=True)
     return memory.STREAM_WINDOW * per_layer
 
 
@@ -315,7 +327,7 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         sensitivity = (line, layers)
     if cfg.data.task_column:
         multitask.check_config(cfg, resume)
-    stream, line = choose_streaming(cfg, device)
+    stream, keep, line = choose_streaming(cfg, device)
     if line:
         print(f"[qfine] {line}", flush=True)
     if stream:
@@ -360,7 +372,7 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         print(f"[qfine] {fast}", flush=True)
     window = 0
     if stream:
-        window = _stream_weights(model, fast, device)
+        window = _stream_weights(model, fast, device, keep)
     if cfg.train.auto_memory and device == "cuda":
         line, offload = fit_memory(model, cfg, fast, offload, window)
         print(f"[qfine] {line}", flush=True)
