@@ -85,9 +85,11 @@ class WeightStream:
 
     # ---- placement -------------------------------------------------------------------------------
     def _collect(self, layer: torch.nn.Module, min_bytes: int) -> list[_Slot]:
-        """Move the layer's frozen tensors of at least ``min_bytes`` to host memory; return them."""
+        """Move the layer's frozen base tensors of at least ``min_bytes`` to host memory; return them."""
         found, seen = [], set()
-        for module in layer.modules():
+        for name, module in layer.named_modules():
+            if any(part.startswith("lora_") for part in name.split(".")):
+                continue  # adapters, frozen or not, stay put: a frozen one may train later (multi-task)
             for param in module.parameters(recurse=False):
                 if param.requires_grad or id(param) in seen:
                     continue

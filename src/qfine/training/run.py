@@ -169,6 +169,8 @@ def choose_streaming(cfg: C.RunConfig, device: str) -> tuple[bool, int, str | No
         refusal = f"it serves 4-bit bases (model.quantization nf4 or fp4), not {cfg.model.quantization}"
     elif not t.fast_path or cfg.model.task != "causal-lm":
         refusal = "it runs inside the fast path's fused layers (causal LMs, train.fast_path on)"
+    elif distributed.world_size() > 1:
+        refusal = "it has not been tested under several ranks"
     if refusal:
         if t.stream_weights == "on":
             if device != "cuda":
