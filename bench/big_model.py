@@ -5,8 +5,9 @@ per-process memory caps, each next to what ``qfine plan``'s memory model predict
         --phases "resident:1x2048,1x8192;stream:1x2048;stream@48:1x2048,1x8192;stream@24:1x2048,1x8192" \\
         --offload --steps 5 --out results.jsonl
 
-One process loads the model once (on the GPU, uncapped), runs the ``resident`` configs, then moves the
-decoder layers' weights to pinned host memory (``qfine.fast.stream``) for the ``stream`` phases;
+One process loads the model once (on the GPU, uncapped; or on the CPU with ``--stage-on-cpu``, as
+``qfine train`` does when it streams), runs the ``resident`` configs, then moves the decoder layers'
+weights to pinned host memory (``qfine.fast.stream``) for the ``stream`` phases;
 ``stream@24`` caps the process at 24 GiB with ``torch.cuda.set_per_process_memory_fraction``. A
 config that runs out of memory is recorded as such. Prints one ``RESULT {json}`` line per config and
 a table (predicted vs measured peak) at the end.
@@ -50,7 +51,12 @@ def main() -> int:
                     "in order (a comma list; the last value serves the rest)")
     ap.add_argument("--deadline", type=float, default=0.0, help="unix time after which no config starts")
     ap.add_argument("--out", default="")
+    ap.add_argument("--stage-on-cpu", action="store_true",
+                    help="load onto the CPU and place on the GPU when the first stream phase starts, as qfine "
+                    "train does when it streams (no resident phase then)")
     a = ap.parse_args()
+    if a.stage_on_cpu and not a.phases.startswith("stream"):
+        ap.error("--stage-on-cpu: the phases must start with a stream phase")
 
     import torch
 
@@ -59,7 +65,8 @@ def main() -> int:
     from qfine.fast.stream import install
 
     t0 = time.time()
-    loaded = load_model(ModelConfig(source=a.model, quantization="nf4", compute_dtype="bf16", device="cuda"))
+    loaded = load_model(ModelConfig(source=a.model, quantization="nf4", compute_dtype="bf16", device="cuda"),
+                        stage_on_cpu=a.stage_on_cpu)
     torch.cuda.synchronize()
     load_s = time.time() - t0
     model = add_lora(loaded.model, LoraSettings(r=a.rank, alpha=2 * a.rank, dropout=a.dropout, target_modules=TARGETS),

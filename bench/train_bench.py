@@ -16,6 +16,7 @@ import argparse, json, os, statistics, sys, time, traceback
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GiB = 1024 ** 3
 DROPOUT = 0.0  # LoRA dropout of every implementation (--dropout)
+RANK = 16      # LoRA rank of every implementation (--rank; alpha = 2 × rank)
 
 
 def load_hf(d, max_seq):
@@ -31,7 +32,7 @@ def load_hf(d, max_seq):
     load_s = time.time() - t0
     t1 = time.time()
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=DROPOUT, bias="none",
+    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=DROPOUT, bias="none",
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
     model.train()
     model.config.use_cache = False
@@ -51,7 +52,7 @@ def load_qfine(d, max_seq, fast=True, ckpt=True, offload=False, resident_gib=0.0
     torch.cuda.synchronize()
     load_s = time.time() - t0
     t1 = time.time()
-    model = add_lora(loaded.model, LoraSettings(r=16, alpha=32, dropout=DROPOUT, target_modules=TARGETS,
+    model = add_lora(loaded.model, LoraSettings(r=RANK, alpha=2 * RANK, dropout=DROPOUT, target_modules=TARGETS,
                                                 method=method, variant=variant),
                      gradient_checkpointing=ckpt)
     if s2_group:
@@ -79,7 +80,7 @@ def load_unsloth(d, max_seq):
     torch.cuda.synchronize()
     load_s = time.time() - t0
     t1 = time.time()
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=DROPOUT, bias="none",
+    model = FastLanguageModel.get_peft_model(model, r=RANK, lora_alpha=2 * RANK, lora_dropout=DROPOUT, bias="none",
                                              target_modules=TARGETS, use_gradient_checkpointing="unsloth",
                                              random_state=3407, max_seq_length=max_seq)
     FastLanguageModel.for_training(model)
@@ -154,6 +155,9 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--tag", default="")
     ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout for every implementation")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank for every implementation (alpha = 2 × rank)")
+    ap.add_argument("--optim", default="adamw_torch", choices=["adamw_torch", "paged_adamw_8bit"],
+                    help="optimizer for every implementation")
     ap.add_argument("--configs", default="2x2048")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--deadline", type=float, default=0.0)
@@ -177,8 +181,8 @@ def main():
     ap.add_argument("--autocast", action="store_true",
                     help="wrap forward in torch.autocast(cuda, bf16), as HF Trainer(bf16=True) does")
     a = ap.parse_args()
-    global DROPOUT
-    DROPOUT = a.dropout
+    global DROPOUT, RANK
+    DROPOUT, RANK = a.dropout, a.rank
     if a.impl == "unsloth":
         import unsloth  # noqa: F401  (must come before transformers)
     import torch
@@ -190,7 +194,7 @@ def main():
         name += f"_res{a.resident_gib:g}" if a.resident_gib > 0 else ""
         name += ("_qalora" if a.method == "qa-lora" else "") + ("_dora" if a.variant == "dora" else "")
         name += f"_s2g{a.s2_group}" if a.s2_group else ""
-    base = dict(impl=name + ("_autocast" if a.autocast else ""), tag=a.tag,
+    base = dict(impl=name + ("_autocast" if a.autocast else ""), tag=a.tag, rank=a.rank, optim=a.optim,
                 device=torch.cuda.get_device_name(0))
     import contextlib
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if a.autocast else contextlib.nullcontext
@@ -239,7 +243,13 @@ def main():
         hooks = [lay0.register_forward_hook(hk("layer0")), q0.register_forward_hook(hk("q_proj0"))]
     except Exception as e:
         probe["skipped"] = str(e)[:80]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if a.optim == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.PagedAdamW8bit(trainable, lr=2e-4)
+    else:
+        opt = torch.optim.AdamW(trainable, lr=2e-4)
     V = model.config.vocab_size if hasattr(model, "config") else 128256
     g = torch.Generator(device="cuda").manual_seed(1234)
     last_step = last_tokens = None
