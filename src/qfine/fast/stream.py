@@ -240,16 +240,16 @@ def install(model, device, min_bytes: int | None = None, poison: bool = False, k
         offloader = _offloader(layer)
         if offloader is not None:
             offloader.weights = stream
-    streamed = {id(s.owner) for slots in stream.slots for s in slots if s.attr == "data"}
+    streamed = {(id(s.owner), s.attr) for slots in stream.slots for s in slots}
     device = torch.device(device)
     for module in model.modules():
         for param in module.parameters(recurse=False):
-            if id(param) not in streamed and param.device != device:
+            if (id(param), "data") not in streamed and param.device != device:
                 param.data = param.data.to(device)
         for name, buf in module.named_buffers(recurse=False):
             if buf is not None and buf.device != device:
                 module._buffers[name] = buf.to(device)
-        _place_quant_state(module, device, stream)
+        _place_quant_state(module, device, streamed)
     if stream.cuda:
         torch.cuda.empty_cache()  # the device copies the host took over go back to the card
     return stream
@@ -264,9 +264,9 @@ def _offloader(layer):
     return args[0] if args and isinstance(args[0], Offloader) else None
 
 
-def _place_quant_state(module, device: torch.device, stream: WeightStream) -> None:
+def _place_quant_state(module, device: torch.device, streamed: set) -> None:
     """The small tensors of a 4-bit weight's quantization state (code, offset, nested state) on the
-    device; a streamed absmax keeps its host copy."""
+    device; a streamed absmax (its (id(owner), attr) in ``streamed``) keeps its host copy."""
     state = getattr(getattr(module, "weight", None), "quant_state", None)
     if state is None:
         return
@@ -275,9 +275,6 @@ def _place_quant_state(module, device: torch.device, stream: WeightStream) -> No
             continue
         for attr in ("absmax", "code", "offset"):
             t = getattr(owner, attr, None)
-            if isinstance(t, torch.Tensor) and t.device != device and not _is_slot(stream, owner, attr):
+            if isinstance(t, torch.Tensor) and t.device != device and (id(owner), attr) not in streamed:
                 setattr(owner, attr, t.to(device))
 
-
-def _is_slot(stream: WeightStream, owner, attr: str) -> bool:
-    return any(s.owner is owner and s.attr == attr for slots in stream.slots for s in slots)

@@ -221,10 +221,10 @@ def _stream_weights(model, fast, device: str, keep_last: int = 0) -> int:
         why = fast.reason if fast is not None and fast.reason else "some decoder layers run peft's reference layer"
         raise QfineError(f"train.stream_weights: the weights stream inside the fused layers, and {why}")
     ws = weight_stream.install(model, device, keep_last=keep_last)
-    per_layer = ws.streamed_bytes // max(1, sum(1 for slots in ws.slots if slots))
+    count = sum(1 for slots in ws.slots if slots)  # the streamed layers
+    per_layer = ws.streamed_bytes // max(1, count)
     size = (f"{ws.streamed_bytes / memory.GIB:.2f} GiB" if ws.streamed_bytes >= memory.GIB // 10
             else f"{ws.streamed_bytes / 2**20:.2f} MiB")
-    count = sum(1 for slots in ws.slots if slots)
     print(f"[qfine] weight streaming: {size} of frozen weights of {count} of {len(ws.layers)} decoder layers in "
           "pinned host memory, each layer's copied to the GPU one layer ahead of use", flush=True)
     return memory.STREAM_WINDOW * per_layer
