@@ -509,3 +509,38 @@ def test_fused_kernels_are_compiled_per_signature():
     assert sig((a, 1e-6)) != sig((a, 1e-5))
     copy = ops._fresh_copy(ops._rstd)
     assert copy.__code__ is not ops._rstd.__code__ and torch.equal(copy(a + 1, 1e-6), ops._rstd(a + 1, 1e-6))
+
+
+def test_offloaded_inputs_are_split_into_power_of_two_pieces():
+    """torch's pinned-memory cache rounds each allocation up to a power of two; the pieces add up to
+    the tensor's bytes and only the last (under MIN_PIECE) is not a power of two itself."""
+    from qfine.fast.offload import MIN_PIECE, piece_sizes
+
+    nbytes = 344_064 * 4096 * 2  # one 8B layer input at 344,064 tokens: 2.625 GiB, rounded up it would be 4
+    sizes = piece_sizes(nbytes)
+    assert sum(sizes) == nbytes and sizes == sorted(sizes, reverse=True)
+    assert sizes == [2**31, 2**29, 2**27]
+    odd = piece_sizes(3 * MIN_PIECE + 1234)
+    assert odd == [2 * MIN_PIECE, MIN_PIECE, 1234]
+    assert piece_sizes(100) == [100] and piece_sizes(0) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offloaded_input_comes_back_bit_for_bit_from_its_pieces():
+    """An odd-sized, non-contiguous bf16 layer input goes to pinned pieces and back unchanged, and the
+    previous layer's input is on its way when the next one is fetched."""
+    from qfine.fast.offload import Offloader, piece_sizes
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xs = [torch.randn(3, 4096, 701, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2) for _ in range(2)]
+    off = Offloader(offload=True)
+    entries = [off.save(x, i) for i, x in enumerate(xs)]
+    nbytes = xs[0].numel() * 2
+    assert [p.numel() for p in entries[1].host] == piece_sizes(nbytes) and len(entries[1].host) > 2
+    assert all(p.is_pinned() for p in entries[1].host)
+    back1 = entries[1].fetch()
+    assert entries[0].gpu is not None  # prefetched
+    back0 = entries[0].fetch()
+    torch.cuda.synchronize()
+    assert back1.shape == xs[1].shape and torch.equal(back1, xs[1]) and torch.equal(back0, xs[0])

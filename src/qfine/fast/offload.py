@@ -56,27 +56,56 @@ def output_discarded() -> bool:
     return _RECOMPUTE.get()
 
 
+# torch's caching host allocator rounds every pinned allocation up to a power of two: one layer input
+# of 1 × 344,064 tokens × 4096 × bf16 (2.6 GiB) would hold 4 GiB, and 32 of them more host memory than
+# the machine has. A host copy is therefore made of power-of-two pieces, the last one (under MIN_PIECE)
+# the only one rounded up.
+MIN_PIECE = 1 << 20
+
+
+def piece_sizes(nbytes: int) -> list[int]:
+    """``nbytes`` as a sum of powers of two ≥ MIN_PIECE, largest first, and one remainder < MIN_PIECE."""
+    sizes, rest = [], nbytes
+    while rest >= MIN_PIECE:
+        sizes.append(1 << (rest.bit_length() - 1))
+        rest -= sizes[-1]
+    return sizes + ([rest] if rest else [])
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's storage as a flat uint8 view."""
+    return t.reshape(-1).view(torch.uint8)
+
+
 class _Entry:
-    """One layer input: its host copy, and the device copy once fetched back."""
+    """One layer input: its host copy (pinned pieces, see ``piece_sizes``), and the device copy once
+    fetched back."""
 
     def __init__(self, x: torch.Tensor, offloader: "Offloader", prev: "_Entry | None"):
         self.prev = prev
         self.device = x.device
         self.offloader = offloader
         self.gpu = self.ready = None
+        self.eager = False  # device copy allocated on the compute stream (no record_stream needed)
         self.offloaded = x.is_cuda and offloader.offload
         if self.offloaded:
+            self.shape, self.dtype = x.shape, x.dtype
+            src = x.contiguous()
             stream = offloader.stream(x.device)
             stream.wait_stream(torch.cuda.current_stream(x.device))  # x is complete
             with torch.cuda.stream(stream):
-                self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-                self.host.copy_(x, non_blocking=True)
+                flat, at, self.host = _bytes(src), 0, []
+                for n in piece_sizes(flat.numel()):
+                    piece = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+                    piece.copy_(flat[at:at + n], non_blocking=True)
+                    self.host.append(piece)
+                    at += n
             if torch.cuda.is_current_stream_capturing():
-                # a captured graph copies into this buffer at every replay: it must never be freed
+                # a captured graph copies into these buffers at every replay: they must never be freed
                 # back to the pinned-memory cache and handed to anyone else while the graph lives
                 keep = _GRAPH_KEEP.get()
-                (offloader.graph_buffers if keep is None else keep).append(self.host)
-            x.record_stream(stream)  # x's memory is not reused before the copy has read it
+                (offloader.graph_buffers if keep is None else keep).extend(self.host)
+            src.record_stream(stream)  # the memory is not reused before the copy has read it
         else:
             self.host = x
 
@@ -87,8 +116,24 @@ class _Entry:
             self.gpu = self.host
             return
         stream = self.offloader.stream(self.device)
+        current = torch.cuda.current_stream(self.device)
+        # Eagerly, the device buffer is allocated on the compute stream and the side stream first
+        # waits for the compute stream's queued work: a freed input's memory is then reused in stream
+        # order. (A buffer allocated on the side stream and freed under record_stream is reused only
+        # once the GPU has caught up: under a tight memory cap, with the weights streamed, that cache
+        # was what ran out.) Inside a capture every allocation comes from the graph's private pool,
+        # and the side stream's allocation is what has always been captured and replayed.
+        self.eager = not torch.cuda.is_current_stream_capturing()
+        if self.eager:
+            self.gpu = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            stream.wait_stream(current)
         with torch.cuda.stream(stream):
-            self.gpu = self.host.to(self.device, non_blocking=True)
+            if not self.eager:
+                self.gpu = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            flat, at = _bytes(self.gpu), 0
+            for piece in self.host:
+                flat[at:at + piece.numel()].copy_(piece, non_blocking=True)
+                at += piece.numel()
             self.ready = torch.cuda.Event()
             self.ready.record(stream)
 
@@ -99,7 +144,8 @@ class _Entry:
         if self.ready is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(self.ready)
-            x.record_stream(current)
+            if not self.eager:
+                x.record_stream(current)
         if self.prev is not None:
             self.prev.prefetch()
             self.prev = None
