@@ -533,7 +533,7 @@ def test_offloaded_input_comes_back_bit_for_bit_from_its_pieces():
     from qfine.fast.offload import Offloader, piece_sizes
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    xs = [torch.randn(3, 4096, 701, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2) for _ in range(2)]
+    xs = [torch.randn(3, 4096, 1365, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2) for _ in range(2)]
     off = Offloader(offload=True)
     entries = [off.save(x, i) for i, x in enumerate(xs)]
     nbytes = xs[0].numel() * 2

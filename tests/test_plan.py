@@ -96,10 +96,10 @@ def test_plan_reads_a_folder_with_only_config_json(tmp_path, capsys):
     rows = {(r[1], r[2]): r for r in (line.split() for line in out.splitlines() if line.strip().startswith("1 "))}
     assert list(rows) == [("none", "resident"), ("checkpoint", "resident"), ("offload", "resident"),
                           ("checkpoint", "streamed"), ("offload", "streamed")]
-    # streamed, the GPU holds the 16-bit embedding and output layer (2 × 128256 × 8192 × 2 bytes) and three
+    # streamed, the GPU holds the 16-bit embedding and output layer (2 × 128256 × 8192 × 2 bytes) and two
     # decoder layers' NF4 weights instead of 80
     layer = (36.8 - 2 * 128256 * 8192 * 2 / 2**30) / 80
-    assert float(rows[("offload", "streamed")][4]) == pytest.approx(36.8 - 77 * layer, abs=0.05)
+    assert float(rows[("offload", "streamed")][4]) == pytest.approx(36.8 - 78 * layer, abs=0.05)
     assert [r[-1] for r in rows.values()] == ["no", "no", "no", "yes", "yes"]
     assert "fastest that fits: --batch-size 1 --grad-accum 1 --gradient-checkpointing --stream-weights on" in out
     assert main([*args, "--gpu-memory", "6GiB"]) == 0
@@ -127,3 +127,62 @@ def test_weight_bytes_of_the_8b_and_1b_shapes_match_the_gpu_s_measured_allocatio
     c1 = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, tie_word_embeddings=True, **common)
     assert weight_bytes(c8, "nf4") / memory.GIB == pytest.approx(5.36, rel=0.02)
     assert weight_bytes(c1, "nf4") / memory.GIB == pytest.approx(0.97, rel=0.02)
+
+
+def test_host_memory_of_streamed_weights_and_offloaded_inputs(mid_dir, save_tiny, tmp_path):
+    """The pinned host bytes the plan counts: the streamed tensors of a real NF4 layer, each rounded up
+    to a power of two as torch's pinned cache holds it, and one layer input per layer when offloaded."""
+    from transformers import AutoConfig
+
+    from qfine.fast import apply_fast_path
+    from qfine.fast.stream import install
+    from qfine.plan import _pow2ceil, host_layer_bytes, layer_bytes
+
+    from helpers import lora_model
+
+    model = lora_model(save_tiny(tmp_path / "m", num_hidden_layers=2, hidden_size=256, intermediate_size=704,
+                                 num_attention_heads=8, num_key_value_heads=2), "nf4")
+    apply_fast_path(model)
+    config = model.get_base_model().config
+    stream = install(model, "cpu", min_bytes=1024)
+    counted = sum(_pow2ceil(s.host.numel() * s.host.element_size()) for s in stream.slots[0])
+    assert counted == host_layer_bytes(config, "nf4", dtype_bytes=4, min_bytes=1024)  # fp32 norms on the CPU
+    assert counted > layer_bytes(config, "nf4")  # 704-wide projections are not powers of two
+    stream.remove()
+
+    shapes = memory.Shapes.from_config(config)
+    offloaded = memory.estimate(shapes, 4 * 512, "offload", 10, 10)
+    assert offloaded.host == 2 * 256 * 4 * 512 * 2  # two layers' inputs, bf16
+    assert memory.estimate(shapes, 4 * 512, "checkpoint", 10, 10).host == 0
+    streamed = memory.estimate(shapes, 4 * 512, "offload", 10**6, 10, layer_bytes=1000, host_layer_bytes=1500)
+    assert streamed.host == offloaded.host + 2 * 1500
+    c70 = AutoConfig.for_model("llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                               num_attention_heads=64, num_key_value_heads=8, vocab_size=128256)
+    # a 70B layer's NF4 tensors: 0.411 GiB, held as 0.459 (the 112 MiB gate/up/down take 128 each)
+    # packed gate/up/down, q/o, k/v; the absmax of gate/up/down (3.5 MiB → 4) and q/o (k/v's stay on the GPU)
+    assert host_layer_bytes(c70, "nf4") == 3 * 2**27 + 2 * 2**25 + 2 * 2**22 + 3 * 2**22 + 2 * 2**20
+
+
+def test_plan_marks_options_the_host_cannot_pin(tmp_path, capsys):
+    """70B at 1 × 65,536 tokens on a 141 GB card: streamed with offloaded checkpoints needs 80 GiB of
+    layer inputs in host memory beside the weights; with 64 GiB of host that row does not fit, and
+    the plan falls back to the checkpoints on the GPU."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False).save_pretrained(tmp_path / "70b")
+    args = ["plan", "--model", str(tmp_path / "70b"), "--lora-r", "64", "--batch-size", "1", "--max-seq-len", "65536",
+            "--gpu-memory", "139GiB"]
+    assert main([*args, "--host-memory", "64GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "host 64.0 GiB" in out
+    rows = {(r[1], r[2]): r for r in (line.split() for line in out.splitlines() if line.strip().startswith("1 "))}
+    assert rows[("offload", "streamed")][-2:] == ["no", "(host)"]
+    assert float(rows[("offload", "streamed")][-3]) == pytest.approx(80 * 65536 * 8192 * 2 / 2**30 + 80 * 0.459, abs=0.1)
+    assert rows[("checkpoint", "streamed")][-1] == "yes"
+    assert "fastest that fits: --batch-size 1 --grad-accum 1 --gradient-checkpointing --stream-weights on" in out
+    assert main([*args, "--host-memory", "256GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "--offload-checkpoints" in out.splitlines()[-1]  # resident weights, inputs offloaded: fits then
+    assert main([*args, "--host-memory", "lots"]) == 2
+    assert "--host-memory 'lots': give a size such as 24GiB" in capsys.readouterr().err

@@ -121,6 +121,45 @@ def test_streaming_without_checkpointing_keeps_layers_until_their_backward(tmp_p
     assert [i for i, _ in seen] == [2, 1] and seen[0][1] == 3 and set(stream.copies) == {0}
 
 
+def test_pinned_host_memory_is_checked_before_it_is_needed(tmp_path, monkeypatch, save_tiny):
+    """Pinned memory cannot be swapped out: streamed weights or offloaded checkpoints that the host
+    cannot hold are refused (``on``, offload) or not chosen (``auto``) before the run, with the sizes."""
+    from transformers import LlamaConfig
+
+    from qfine import config as C
+    from qfine import memory
+    from qfine.errors import QfineError
+    from qfine.training import run
+
+    LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False).save_pretrained(tmp_path / "70b")
+    cfg = C.RunConfig()
+    cfg.model.source = str(tmp_path / "70b")
+    cfg.lora.r, cfg.data.max_seq_len, cfg.train.batch_size = 64, 2048, 1
+    monkeypatch.setattr(memory, "host_available", lambda: 16 * 2**30)
+    monkeypatch.setattr(run, "_budget", lambda: 24 * 2**30)
+    assert run.choose_streaming(cfg, "cuda") == (
+        False, 0, "weight streaming off: the streamed weights need 36.7 GiB of pinned host memory and this "
+                  "machine has 16.0 GiB available")  # 80 layers, 0.459 GiB each
+    cfg.train.stream_weights = "on"
+    with pytest.raises(QfineError, match=r"train.stream_weights on: the streamed weights need 36.7 GiB of pinned "
+                                         r"host memory and this machine has 16.0 GiB available"):
+        run.choose_streaming(cfg, "cuda")
+
+    model = lora_model(save_tiny(tmp_path / "m"), "none")
+    cfg.data.max_seq_len, cfg.train.batch_size = 4096, 8  # 2 layers × 64 × 32,768 tokens × 2 bytes = 8 MiB
+    monkeypatch.setattr(memory, "host_available", lambda: 4 * 2**20)
+    with pytest.raises(QfineError, match=r"offloaded checkpoints \(2 layer inputs\) need 8.0 MiB of pinned host "
+                                         r"memory and this machine has 4.0 MiB available: lower data.max_seq_len or "
+                                         r"train.batch_size"):
+        run.check_offload_host(model, cfg)
+    monkeypatch.setattr(memory, "host_available", lambda: 9 * 2**20)
+    run.check_offload_host(model, cfg)
+    monkeypatch.setattr(memory, "host_available", lambda: None)  # unreadable: not checked
+    cfg.train.stream_weights = "on"
+    assert run.choose_streaming(cfg, "cuda")[0] is True
+
+
 def test_streaming_needs_decoder_layers():
     with pytest.raises(ValueError, match="model.layers"):
         install(torch.nn.Linear(2, 2), "cpu")
@@ -131,10 +170,11 @@ def test_auto_streams_only_when_the_weights_do_not_fit(tmp_path, monkeypatch):
     from transformers import LlamaConfig
 
     from qfine import config as C
-    from qfine import plan
+    from qfine import memory, plan
     from qfine.errors import QfineError
     from qfine.training import run
 
+    monkeypatch.setattr(memory, "host_available", lambda: 2**40)  # a host that can pin the weights
     c70 = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
     c70.save_pretrained(tmp_path / "70b")

@@ -57,7 +57,7 @@ def cmd_plan(ns):
 
     cfg = _build_config(ns)
     if ns.gpu_memory:
-        budget = parse_gib(ns.gpu_memory)
+        budget = parse_gib(ns.gpu_memory, "--gpu-memory")
     else:
         import torch
 
@@ -67,7 +67,13 @@ def cmd_plan(ns):
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
         budget = int(budget * fraction()) if fraction is not None else budget
     fused = not ns.reference_layers and cfg.lora.variant == "lora" and cfg.lora.method == "lora"
-    print(render(cfg.model.source, load_config(cfg.model.source), cfg, budget, fused))
+    from .memory import host_available
+
+    # this machine's host memory is the default only where the GPU's is this machine's too: planning for
+    # another machine's GPU (--gpu-memory) checks the host only when told its size
+    host = (parse_gib(ns.host_memory, "--host-memory") if ns.host_memory
+            else None if ns.gpu_memory else host_available())
+    print(render(cfg.model.source, load_config(cfg.model.source), cfg, budget, fused, host))
 
 
 def _model_cfg(ns) -> C.ModelConfig:
@@ -143,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "qfine train's checkpointing when auto_memory is on.")
     p.add_argument("config", nargs="?", help="YAML config file (flags override its values)")
     p.add_argument("--gpu-memory", help="memory of the GPU to plan for, e.g. 24GiB (default: the visible GPU's)")
+    p.add_argument("--host-memory", help="host memory the pinned buffers (streamed weights, offloaded checkpoints) "
+                   "may use, e.g. 64GiB (default: this machine's available memory, unless --gpu-memory is given: then "
+                   "not checked)")
     p.add_argument("--reference-layers", action="store_true",
                    help="plan for peft's reference layers (LoRA forms the fused GPU layers do not take)")
     _add_config_flags(p)

@@ -8,16 +8,25 @@ weights' size given (measured after loading, or computed from the config).
 
 Peak = weights + trainable state + saved activations + max(loss chunk, backward working set) + slack.
 
+Pinned host memory is estimated beside it (:attr:`Estimate.host`, not part of the GPU peak): the
+streamed layers' weights as the pinned-memory cache holds them (each tensor rounded up to a power of
+two, ``qfine.plan.host_layer_bytes``) and, with offloaded checkpoints, every layer's input (in exact
+power-of-two pieces, ``qfine/fast/offload.py``). Pinned memory cannot be swapped out: a plan that
+needs more than the machine has fails while it trains, however much GPU memory is free.
+
 * **Weights**: the frozen base on the device; with weight streaming (``qfine/fast/stream.py``) the
   decoder layers' weights live in host memory and only ``STREAM_WINDOW`` layers' copies are on the
-  device at once (the one computing, the one arriving, the one whose last kernels still read it).
+  device at once (the one computing and the one arriving; a dropped copy's memory is reused in
+  the compute stream's order).
 
 * **Saved activations** per token per decoder layer, in the compute dtype (2 bytes), of the fused
   layers (``qfine/fast/lora.py``): the layer input and the mid-layer residual (2·d), q and the
   attention output (2·q_dim), k and v (2·kv_dim), and the stacked gate/up output (2·i). The LoRA
   products (tokens × r) and norm statistics are left out (< 1 %). By checkpoint mode:
   ``none``: every layer's; ``checkpoint``: one input (d) per layer plus one layer's set while it is
-  recomputed; ``offload``: two layer inputs on the GPU plus one layer's set.
+  recomputed; ``offload``: two layer inputs on the GPU plus one layer's set. In every mode two more d
+  per token outside the layers: the final norm's input and the normed hidden states the chunked loss
+  keeps (left out, the plan fell 7 % short at 1 × 344,064 tokens on the Llama-3.1-8B shape).
 * **Backward working set** per token: the gradients one layer's backward holds at once
   (≈ 3·i + 3·d elements), plus the largest dequantized weight group (gate/up stacked, bf16).
 * **Loss chunk**: the chunked cross-entropy's logits and their gradient, 2 × 256 MiB at most.
@@ -45,9 +54,25 @@ REFERENCE_FACTOR_NO_DROPOUT = 1.92   # the same without dropout (module docstrin
 # optimizer state bytes per trainable parameter (fp32 master weights and grads are counted apart)
 OPTIMIZER_STATE = {"adamw_torch": 8, "adamw_torch_fused": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2,
                    "paged_adamw_8bit": 2, "sgd": 0, "adafactor": 4}
-STREAM_WINDOW = 3  # decoder layers whose streamed weights are on the device at once (module docstring)
+STREAM_MIN_BYTES = 1 << 20  # streamed tensors are at least this large; smaller ones stay on the GPU
+STREAM_WINDOW = 2  # decoder layers whose streamed weights are on the device at once (module docstring)
 # how much of the free memory an estimate may fill: the allocator's pool fragments under changing shapes
 FILL = 0.92
+# how much of the host's available memory pinned buffers may take (the process, the data and the page
+# cache need the rest)
+HOST_FILL = 0.90
+
+
+def host_available() -> int | None:
+    """Bytes of host memory available now (Linux: MemAvailable), None where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 @dataclass(frozen=True)
@@ -94,6 +119,7 @@ class Estimate:
     slack: int = _SLACK_BYTES
     parts: dict = field(default_factory=dict)
     stream: bool = False  # decoder-layer weights streamed from host memory
+    host: int = 0         # pinned host bytes: streamed weights + offloaded layer inputs (module docstring)
 
     @property
     def total(self) -> int:
@@ -103,7 +129,8 @@ class Estimate:
         streamed = ", weights streamed" if self.stream else ""
         return (f"{self.total / GIB:.1f} GiB with checkpointing {self.mode}{streamed} (weights {self.weights / GIB:.1f}, "
                 f"adapters + optimizer {self.trainable / GIB:.2f}, activations {self.activations / GIB:.1f}, "
-                f"loss/backward {self.transient / GIB:.2f}, slack {self.slack / GIB:.2f})")
+                f"loss/backward {self.transient / GIB:.2f}, slack {self.slack / GIB:.2f})"
+                + (f"; {self.host / GIB:.1f} GiB of pinned host memory" if self.host else ""))
 
 
 def trainable_bytes(params: int, optimizer: str) -> int:
@@ -113,11 +140,12 @@ def trainable_bytes(params: int, optimizer: str) -> int:
 
 def estimate(shapes: Shapes, tokens: int, mode: str, weights_bytes: int, trainable_params: int,
              optimizer: str = "adamw_torch", fused: bool = True, act_bytes: int = 2,
-             dropout: bool = True, layer_bytes: int = 0) -> Estimate:
+             dropout: bool = True, layer_bytes: int = 0, host_layer_bytes: int = 0) -> Estimate:
     """The predicted peak of a step over ``tokens`` tokens (micro-batch rows × sequence length);
     ``dropout``: whether peft's reference layers (``fused`` false) run LoRA dropout; ``layer_bytes``
     (> 0: weight streaming, checkpointed modes only): one decoder layer's streamed weights, of which
-    ``STREAM_WINDOW`` layers' stay in ``weights_bytes`` instead of all of them."""
+    ``STREAM_WINDOW`` layers' stay in ``weights_bytes`` instead of all of them; ``host_layer_bytes``: the
+    pinned host bytes of one streamed layer (default ``layer_bytes``)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     if layer_bytes and mode == "none":
@@ -128,16 +156,21 @@ def estimate(shapes: Shapes, tokens: int, mode: str, weights_bytes: int, trainab
     per_layer = shapes.saved_per_token() * factor
     one_layer = per_layer * tokens * act_bytes
     inputs = shapes.hidden * tokens * act_bytes
+    # outside every layer, in all modes: the final norm's input and the normed hidden states the loss keeps
+    head = 2 * inputs
     if mode == "none":
-        acts = shapes.layers * one_layer
+        acts = shapes.layers * one_layer + head
     elif mode == "checkpoint":
-        acts = shapes.layers * inputs + one_layer
+        acts = shapes.layers * inputs + one_layer + head
     else:
-        acts = 2 * inputs + one_layer
+        acts = 2 * inputs + one_layer + head
     backward = shapes.backward_per_token() * tokens * act_bytes + shapes.largest_weight() * act_bytes
     loss = min(_LOSS_CHUNK_BYTES, 2 * tokens * shapes.vocab * act_bytes)
+    host = shapes.layers * (host_layer_bytes or layer_bytes) if layer_bytes else 0
+    if mode == "offload":
+        host += shapes.layers * inputs
     return Estimate(mode, int(weights_bytes), trainable_bytes(trainable_params, optimizer), int(acts),
-                    int(max(loss, backward)), stream=bool(layer_bytes))
+                    int(max(loss, backward)), stream=bool(layer_bytes), host=int(host))
 
 
 def fitting_mode(shapes: Shapes, tokens: int, budget: int, weights_bytes: int, trainable_params: int,

@@ -26,11 +26,11 @@ from .errors import QfineError
 _LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def parse_gib(text: str) -> int:
+def parse_gib(text: str, flag: str = "--gpu-memory") -> int:
     """'24GiB', '24 GiB', '24GB' (read as GiB), '80' (GiB) → bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(gib|gb|g)?\s*", str(text).lower())
     if not m:
-        raise QfineError(f"--gpu-memory {text!r}: give a size such as 24GiB")
+        raise QfineError(f"{flag} {text!r}: give a size such as 24GiB")
     return int(float(m.group(1)) * memory.GIB)
 
 
@@ -78,6 +78,27 @@ def trainable_params(config, cfg: RunConfig) -> int:
     return n + sum(full[p] for p in cfg.lora.trainable if p in full)
 
 
+def _pow2ceil(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else n
+
+
+def host_layer_bytes(config, quantization: str, double_quant: bool = True, dtype_bytes: int = 2,
+                     min_bytes: int = memory.STREAM_MIN_BYTES) -> int:
+    """Pinned host bytes of one streamed decoder layer: each streamed tensor (the packed 4-bit weight and
+    its absmax, at least ``min_bytes``) rounded up to a power of two, as torch's
+    pinned-memory cache allocates it (a Llama-3.1-70B layer: 0.45 GiB for 0.41 of weights)."""
+    s = memory.Shapes.from_config(config)
+    total = 0
+    for a, b in linear_shapes(s).values():
+        if quantization in ("nf4", "fp4", "adaptive"):
+            tensors = (a * b // 2, a * b // 64 * (1 if double_quant else 4))
+        else:
+            tensors = (a * b * dtype_bytes,)
+        total += sum(_pow2ceil(t) for t in tensors if t >= min_bytes)
+    norm = s.hidden * dtype_bytes  # the two norms' weights (frozen, streamed when large enough)
+    return total + (2 * _pow2ceil(norm) if norm >= min_bytes else 0)
+
+
 def layer_bytes(config, quantization: str, double_quant: bool = True, group_size: int = 32,
                 dtype_bytes: int = 2) -> int:
     """Bytes of one decoder layer's linears as stored (module docstring): what weight streaming moves
@@ -99,18 +120,21 @@ class Option:
     batch: int
     mode: str
     estimate: memory.Estimate
-    fits: bool  # estimate ≤ memory.FILL × budget
+    fits: bool  # estimate ≤ memory.FILL × budget, and its pinned host memory ≤ memory.HOST_FILL × host budget
+    host_fits: bool = True
 
     @property
     def stream(self) -> bool:
         return self.estimate.stream
 
 
-def plan(config, cfg: RunConfig, budget: int, fused: bool = True) -> tuple[int, int, list[Option]]:
+def plan(config, cfg: RunConfig, budget: int, fused: bool = True,
+         host_budget: int | None = None) -> tuple[int, int, list[Option]]:
     """(weights bytes, trainable parameters, every option as (batch, mode) from the config's micro-batch
     down to 1, each checkpoint mode, and the checkpointed modes again with the weights streamed) — the
     caller filters the fitting ones; ordered fastest first: without streaming before with it, then a
-    larger micro-batch first, and at one batch none, then checkpoint, then offload."""
+    larger micro-batch first, and at one batch none, then checkpoint, then offload. ``host_budget``: the
+    host memory the pinned buffers may use (None: not checked)."""
     shapes = memory.Shapes.from_config(config)
     weights = weight_bytes(config, cfg.model.quantization, cfg.model.double_quant, cfg.model.group_size,
                            budget=cfg.model.memory_budget)
@@ -118,30 +142,36 @@ def plan(config, cfg: RunConfig, budget: int, fused: bool = True) -> tuple[int, 
     batches = sorted({b for b in (cfg.train.batch_size, cfg.train.batch_size // 2, cfg.train.batch_size // 4, 1) if b},
                      reverse=True)
     per_layer = layer_bytes(config, cfg.model.quantization, cfg.model.double_quant, cfg.model.group_size)
+    host_layer = host_layer_bytes(config, cfg.model.quantization, cfg.model.double_quant)
     options = []
     for stream in (0, per_layer):
         for b in batches:
             for mode in memory.MODES[1:] if stream else memory.MODES:
                 est = memory.estimate(shapes, b * cfg.data.max_seq_len, mode, weights, params, cfg.train.optimizer,
-                                      fused, dropout=cfg.lora.dropout > 0, layer_bytes=stream)
-                options.append(Option(b, mode, est, est.total <= memory.FILL * budget))
+                                      fused, dropout=cfg.lora.dropout > 0, layer_bytes=stream,
+                                      host_layer_bytes=host_layer if stream else 0)
+                host_fits = host_budget is None or est.host <= memory.HOST_FILL * host_budget
+                options.append(Option(b, mode, est, est.total <= memory.FILL * budget and host_fits, host_fits))
     return weights, params, options
 
 
-def render(source: str, config, cfg: RunConfig, budget: int, fused: bool) -> str:
-    weights, params, options = plan(config, cfg, budget, fused)
+def render(source: str, config, cfg: RunConfig, budget: int, fused: bool, host_budget: int | None = None) -> str:
+    weights, params, options = plan(config, cfg, budget, fused, host_budget)
     lines = [f"plan for {source}: {config.num_hidden_layers} layers, hidden {config.hidden_size}; "
              f"{cfg.model.quantization} base {weights / memory.GIB:.2f} GiB; {params:,} trainable parameters; "
              f"sequence {cfg.data.max_seq_len}, micro-batch {cfg.train.batch_size} × grad_accum {cfg.train.grad_accum}; "
-             f"budget {budget / memory.GIB:.1f} GiB (fills up to {memory.FILL:.0%})",
+             f"budget {budget / memory.GIB:.1f} GiB (fills up to {memory.FILL:.0%})"
+             + (f"; host {host_budget / memory.GIB:.1f} GiB (pinned buffers up to {memory.HOST_FILL:.0%})"
+                if host_budget is not None else "; host memory not checked (--host-memory)"),
              f"{'batch':>5} {'checkpointing':<13} {'weights':<8} {'peak GiB':>8}  {'on GPU':>7} {'adapter+opt':>11} "
-             f"{'activations':>11} {'loss/bwd':>8} {'slack':>5}  fits"]
+             f"{'activations':>11} {'loss/bwd':>8} {'slack':>5} {'host GiB':>8}  fits"]
     for o in options:
         e = o.estimate
         lines.append(f"{o.batch:>5} {o.mode:<13} {'streamed' if o.stream else 'resident':<8} "
                      f"{e.total / memory.GIB:>8.2f}  {e.weights / memory.GIB:>7.2f} "
                      f"{e.trainable / memory.GIB:>11.2f} {e.activations / memory.GIB:>11.2f} "
-                     f"{e.transient / memory.GIB:>8.2f} {e.slack / memory.GIB:>5.2f}  {'yes' if o.fits else 'no'}")
+                     f"{e.transient / memory.GIB:>8.2f} {e.slack / memory.GIB:>5.2f} {e.host / memory.GIB:>8.2f}  "
+                     f"{'yes' if o.fits else ('no (host)' if not o.host_fits else 'no')}")
     fitting = [o for o in options if o.fits]
     if not fitting:
         lines.append("nothing fits: the frozen weights alone take "

@@ -12,9 +12,11 @@ layer computes:
   fetched, layer i-1's is started — and the copy is freed when the gradient of the layer's input is
   complete, which is the end of that layer's backward (a hook on the input tensor).
 
-At most three layers' weights are on the GPU at a time (the one computing, the one arriving, the one
-whose last kernels are still reading it); the copies are allocated in the compute stream's order, so
-that holds on the device too, not only on the host side (:meth:`WeightStream.prefetch`). What moves
+At most two layers' weights are on the GPU at a time (the one computing and the one arriving): the
+copies are allocated in the compute stream's order and the copy stream first waits for the compute
+stream, so a dropped layer's memory is reused at once, and the copy that overwrites it runs only after
+the kernels still reading it (:meth:`WeightStream.prefetch`; measured: two copies at the peak on a 70B
+shape, docs/benchmarks.md). What moves
 is the tensors' storage only (``param.data``, ``quant_state.absmax``): the modules, parameters and
 state-dict keys stay as they are, and the fused functions read whatever storage is in place when they
 run — which is the GPU copy throughout the layer's forward, recompute and backward. Without
@@ -31,9 +33,10 @@ from __future__ import annotations
 
 import torch
 
+from ..memory import STREAM_MIN_BYTES
 from .offload import in_offloaded_forward, output_discarded
 
-MIN_BYTES = 1 << 20  # tensors smaller than this stay on the GPU
+MIN_BYTES = STREAM_MIN_BYTES  # tensors smaller than this stay on the GPU
 
 
 class _Slot:

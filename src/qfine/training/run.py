@@ -178,6 +178,8 @@ def choose_streaming(cfg: C.RunConfig, device: str) -> tuple[bool, int, str | No
             raise QfineError(f"train.stream_weights on: {refusal}")
         return False, 0, None
     if t.stream_weights == "on":
+        if (short := _host_shortfall(_streamed_host_bytes(cfg), "streamed weights")) is not None:
+            raise QfineError(f"train.stream_weights on: {short}")
         return True, 0, "weight streaming on (train.stream_weights)"
     if t.resident_weights_gib > 0:
         return False, 0, None
@@ -205,10 +207,56 @@ def choose_streaming(cfg: C.RunConfig, device: str) -> tuple[bool, int, str | No
     # one layer of margin; never all of them (that would be no streaming at all)
     spare = int((memory.FILL * budget - streamed[mode].total) // per_layer) - 1
     keep = max(0, min(spare, shapes.layers - memory.STREAM_WINDOW))
+    host = (shapes.layers - keep) * plan.host_layer_bytes(config, cfg.model.quantization, cfg.model.double_quant)
+    if (short := _host_shortfall(host, "streamed weights")) is not None:
+        return False, 0, f"weight streaming off: {short}"
     return True, keep, (f"weight streaming on: {est['offload'].total / memory.GIB:.1f} GiB with every weight on "
                         f"the GPU is more than {memory.FILL:.0%} of the {budget / memory.GIB:.1f} GiB free; streamed: "
                         f"{streamed[mode].line()}; the last {keep} of {shapes.layers} layers keep their weights on "
                         "the GPU (train.stream_weights: off keeps them all there)")
+
+
+def _host_shortfall(need: int, what: str) -> str | None:
+    """A sentence when ``need`` bytes of pinned host memory are more than this host has available now
+    (pinned memory cannot be swapped out: the allocation would fail mid-run); None when they fit or the
+    host's memory cannot be read."""
+    from .. import memory
+
+    have = memory.host_available()
+    if have is None or need <= have:
+        return None
+    def size(n: int) -> str:
+        return f"{n / memory.GIB:.1f} GiB" if max(need, have) >= memory.GIB else f"{n / 2**20:.1f} MiB"
+
+    return f"the {what} need {size(need)} of pinned host memory and this machine has {size(have)} available"
+
+
+def _streamed_host_bytes(cfg: C.RunConfig) -> int:
+    """Pinned host bytes of every decoder layer's streamed weights, from the config (0 if unreadable)."""
+    from .. import memory, plan
+
+    try:
+        config = plan.load_config(cfg.model.source)
+        layers = memory.Shapes.from_config(config).layers
+    except Exception:  # noqa: BLE001 - only a check: the load itself reports an unreadable model
+        return 0
+    return layers * plan.host_layer_bytes(config, cfg.model.quantization, cfg.model.double_quant)
+
+
+def check_offload_host(model, cfg: C.RunConfig) -> None:
+    """Refuse offloaded checkpoints whose layer inputs (one per decoder layer, batch × sequence × hidden
+    in the compute dtype) would not fit the host's available memory."""
+    from .. import memory
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        shapes = memory.Shapes.from_config(lm.config)
+    except (AttributeError, TypeError):
+        return
+    need = shapes.layers * shapes.hidden * cfg.train.batch_size * cfg.data.max_seq_len * 2
+    if (short := _host_shortfall(need, f"offloaded checkpoints ({shapes.layers} layer inputs)")) is not None:
+        raise QfineError(f"{short}: lower data.max_seq_len or train.batch_size, or keep the checkpoints on the "
+                         "GPU (train.offload_checkpoints: false, train.auto_memory: false)")
 
 
 def _stream_weights(model, fast, device: str, keep_last: int = 0) -> int:
@@ -379,6 +427,7 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         line, offload = fit_memory(model, cfg, fast, offload, window)
         print(f"[qfine] {line}", flush=True)
     if offload and device == "cuda":
+        check_offload_host(model, cfg)
         print(f"[qfine] checkpointed inputs of {offload_checkpoints(model)} layers kept in pinned host memory",
               flush=True)
     elif offload:
