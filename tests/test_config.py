@@ -74,8 +74,9 @@ def test_negative_resident_weights_budget_is_refused_before_loading():
 
 def test_memory_model_against_measured_peaks():
     """qfine/memory.py against peaks measured on H100/H200 (docs/benchmarks.md, Llama-3.1-8B and
-    Llama-3.2-1B shapes, NF4, r=16 on all projections, AdamW): within 3 % without checkpointing, never
-    below the measured value with checkpointing or offloading; and the mode chosen for a budget."""
+    Llama-3.2-1B shapes, NF4, r=16 on all projections, AdamW): within 3 % without checkpointing, at or
+    above the measured value and within 10 % with checkpointing or offloading; and the mode chosen for
+    a budget."""
     from qfine.memory import GIB, Shapes, estimate, fitting_mode
 
     s8, s1 = Shapes(32, 4096, 14336, 4096, 1024, 128256), Shapes(16, 2048, 8192, 2048, 512, 128256)
@@ -92,7 +93,7 @@ def test_memory_model_against_measured_peaks():
         if mode == "none":
             assert abs(got - gib) <= 0.03 * gib, (mode, tokens, got, gib)
         else:
-            assert gib <= got <= 1.2 * gib, (mode, tokens, got, gib)
+            assert gib <= got <= 1.10 * gib, (mode, tokens, got, gib)
     # the reference layers (LoRA forms the kernels do not take): 37.7 GiB measured at 2 × 2048
     assert abs(estimate(s8, 4096, "none", w8, lora8, fused=False).total / GIB - 37.7) < 0.03 * 37.7
     pick = {b: fitting_mode(s8, 4096, b * GIB, w8, lora8, "adamw_torch", True)[0] for b in (24, 16, 8, 6)}
