@@ -75,6 +75,11 @@ def host_available() -> int | None:
     return None
 
 
+def offload_host_bytes(shapes: "Shapes", tokens: int, act_bytes: int = 2) -> int:
+    """Pinned host bytes of offloaded checkpoints: one layer input (tokens × hidden) per decoder layer."""
+    return shapes.layers * shapes.hidden * tokens * act_bytes
+
+
 @dataclass(frozen=True)
 class Shapes:
     """What the memory model reads from a decoder-only config."""
@@ -168,7 +173,7 @@ def estimate(shapes: Shapes, tokens: int, mode: str, weights_bytes: int, trainab
     loss = min(_LOSS_CHUNK_BYTES, 2 * tokens * shapes.vocab * act_bytes)
     host = shapes.layers * (host_layer_bytes or layer_bytes) if layer_bytes else 0
     if mode == "offload":
-        host += shapes.layers * inputs
+        host += offload_host_bytes(shapes, tokens, act_bytes)
     return Estimate(mode, int(weights_bytes), trainable_bytes(trainable_params, optimizer), int(acts),
                     int(max(loss, backward)), stream=bool(layer_bytes), host=int(host))
 

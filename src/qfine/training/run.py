@@ -225,6 +225,7 @@ def _host_shortfall(need: int, what: str) -> str | None:
     have = memory.host_available()
     if have is None or need <= have:
         return None
+
     def size(n: int) -> str:
         return f"{n / memory.GIB:.1f} GiB" if max(need, have) >= memory.GIB else f"{n / 2**20:.1f} MiB"
 
@@ -253,7 +254,7 @@ def check_offload_host(model, cfg: C.RunConfig) -> None:
         shapes = memory.Shapes.from_config(lm.config)
     except (AttributeError, TypeError):
         return
-    need = shapes.layers * shapes.hidden * cfg.train.batch_size * cfg.data.max_seq_len * 2
+    need = memory.offload_host_bytes(shapes, cfg.train.batch_size * cfg.data.max_seq_len)
     if (short := _host_shortfall(need, f"offloaded checkpoints ({shapes.layers} layer inputs)")) is not None:
         raise QfineError(f"{short}: lower data.max_seq_len or train.batch_size, or keep the checkpoints on the "
                          "GPU (train.offload_checkpoints: false, train.auto_memory: false)")
