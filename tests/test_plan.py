@@ -184,5 +184,9 @@ def test_plan_marks_options_the_host_cannot_pin(tmp_path, capsys):
     assert main([*args, "--host-memory", "256GiB"]) == 0
     out = capsys.readouterr().out
     assert "--offload-checkpoints" in out.splitlines()[-1]  # resident weights, inputs offloaded: fits then
+    assert main([*args, "--host-memory", "30GiB"]) == 0  # 36.7 GiB of streamed weights alone: nothing fits
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "nothing fits: what fits the GPU needs at least 36.7 GiB of pinned host memory, more than 90% of the "
+        "30.0 GiB host; use a shorter data.max_seq_len, a bigger GPU or more host memory")
     assert main([*args, "--host-memory", "lots"]) == 2
     assert "--host-memory 'lots': give a size such as 24GiB" in capsys.readouterr().err

@@ -173,7 +173,13 @@ def render(source: str, config, cfg: RunConfig, budget: int, fused: bool, host_b
                      f"{e.transient / memory.GIB:>8.2f} {e.slack / memory.GIB:>5.2f} {e.host / memory.GIB:>8.2f}  "
                      f"{'yes' if o.fits else ('no (host)' if not o.host_fits else 'no')}")
     fitting = [o for o in options if o.fits]
-    if not fitting:
+    gpu_only = [o for o in options if not o.host_fits and o.estimate.total <= memory.FILL * budget]
+    if not fitting and gpu_only:
+        least = min(o.estimate.host for o in gpu_only)
+        lines.append(f"nothing fits: what fits the GPU needs at least {least / memory.GIB:.1f} GiB of pinned host "
+                     f"memory, more than {memory.HOST_FILL:.0%} of the {host_budget / memory.GIB:.1f} GiB host; use "
+                     "a shorter data.max_seq_len, a bigger GPU or more host memory")
+    elif not fitting:
         lines.append("nothing fits: the frozen weights alone take "
                      f"{weights / memory.GIB:.1f} GiB; use a smaller model, a shorter data.max_seq_len or a bigger GPU")
     else:
