@@ -40,7 +40,7 @@ def tiny_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                       tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, initializer_range=0.1)
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def save_tiny(tokenizer_dir):
 
     def save(path, kind="llama", **overrides):
         shape = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                      tie_word_embeddings=False, initializer_range=0.1)
         cfg = AutoConfig.for_model(kind, **{**shape, **overrides})
         torch.manual_seed(0)

@@ -96,16 +96,38 @@ def test_bad_flag_value(capsys, tmp_path, tiny_dir, fact_file):
     _assert_error(code, err, "lora.r", "expected int", "sixteen")
 
 
-def test_unknown_yaml_key(capsys, tmp_path):
+def test_every_unknown_yaml_key_is_named_at_once_with_the_closest_field(capsys, tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("train:\n  max_stepz: 3\n")
+    cfg.write_text("trian:\n  seed: 1\nlearning_rate: 0.1\ntrain:\n  max_stepz: 3\n  lerning_rate: 1\n"
+                   "lora:\n  rank: 8\n")
     code, err = run(capsys, "train", str(cfg))
-    _assert_error(code, err, "unknown field 'train.max_stepz'", "max_steps")
+    _assert_error(code, err, "unknown keys", "'trian' (did you mean train?)",
+                  "'learning_rate' (a field of section 'train': write it under train:)",
+                  "'train.max_stepz' (did you mean max_steps?)", "'train.lerning_rate' (did you mean learning_rate?)",
+                  "'lora.rank' (known: r, alpha")
+
+
+@pytest.mark.parametrize("typo, meant", [("--learnig-rate", "--learning-rate"), ("--lora-rank", "--lora-r"),
+                                         ("--learning_rate", "--learning-rate"), ("--max_steps", "--max-steps")])
+def test_a_mistyped_flag_gets_the_closest_flag(capsys, typo, meant):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", typo, "3", "--data", "x.jsonl"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"unknown flag: {typo} (did you mean {meant}?)" in err
+    assert len(err.strip().splitlines()) == 2  # the one-line usage, then the error
+
+
+def test_several_mistyped_flags_are_named_at_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "preview", "x.jsonl", "--maxseqlen", "3", "--exampel", "2"])
+    err = capsys.readouterr().err
+    assert "unknown flags: --maxseqlen (did you mean --max-seq-len?); --exampel (did you mean --example?)" in err
 
 
 def test_prompt_too_long(capsys, tiny_dir):
-    code, err = run(capsys, "generate", str(tiny_dir), "--prompt", "word " * 300, "--max-new-tokens", "8")
-    _assert_error(code, err, "exceeds the model's context of 256 tokens")
+    code, err = run(capsys, "generate", str(tiny_dir), "--prompt", "word " * 1100, "--max-new-tokens", "8")
+    _assert_error(code, err, "exceeds the model's context of 1024 tokens")
 
 
 def test_target_that_is_not_a_linear_layer(capsys, tmp_path, tiny_dir, fact_file):

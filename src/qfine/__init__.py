@@ -1,11 +1,30 @@
-"""qfine: QLoRA fine-tuning — 4-bit base, LoRA adapters, exact 16-bit merge."""
+"""qfine: QLoRA fine-tuning — 4-bit base, LoRA adapters, exact 16-bit merge.
 
-from .adapters import add_lora, load_adapter
-from .config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
-from .errors import QfineError
-from .loading import load_model
+The public names are imported on first use (PEP 562), so that ``qfine --help`` and ``qfine --version``
+start without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["DataConfig", "LoraSettings", "ModelConfig", "QfineError", "RunConfig", "TrainConfig",
-           "add_lora", "load_adapter", "load_model", "__version__"]
+# public name -> module that defines it
+_PUBLIC = {
+    "DataConfig": "qfine.config", "LoraSettings": "qfine.config", "ModelConfig": "qfine.config",
+    "RunConfig": "qfine.config", "TrainConfig": "qfine.config", "QfineError": "qfine.errors",
+    "add_lora": "qfine.adapters", "load_adapter": "qfine.adapters", "load_model": "qfine.loading",
+}
+
+__all__ = [*sorted(_PUBLIC), "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qfine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

@@ -1,29 +1,69 @@
-"""Command line: parse, build a config, call one stage. User errors exit 2 with one message."""
+"""Command line: parse, build a config, call one stage. User errors exit 2 with one message.
+
+Nothing heavy is imported before the arguments are parsed (each command imports its stage), so that
+``--help`` and ``--version`` answer at once; ``bench/cli_startup.py`` measures it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
+from . import __version__
 from . import config as C
 from .errors import QfineError
+from .sources import check_target
+
+
+def _shown(value: Any) -> str:
+    """A config default as a flag would take it (lists comma-separated, dicts k=v)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "none"
+    return str(value)
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per config field, its help taken from the field's docstring."""
+    """One flag per config field, its help taken from the field's docstring and its default shown."""
     for section in ["", *C.SECTIONS]:
         title = f"{section} options" if section else "run options"
         group = p.add_argument_group(title)
         for f in (f for f in C.flags() if f.section == section):
             dest = f"cfg:{f.section}:{f.name}"
-            kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=f.help.replace("%", "%%"))
+            text = f.help if f.default is None else f"{f.help} (default: {_shown(f.default)})"
+            kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=text.replace("%", "%%"))
             if f.type is bool:
                 kw["action"] = argparse.BooleanOptionalAction
             else:
                 kw["metavar"] = f.name.upper()
             group.add_argument(f"--{f.flag}", **kw)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a suggestion for a mistyped flag: ``--learnig-rate`` → ``--learning-rate``,
+    ``--learning_rate`` → ``--learning-rate``; every unknown flag is named at once."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # the innermost (sub)command's parser ends up in the namespace: its flags are the ones to suggest
+        self.set_defaults(_parser=self)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            sub = getattr(ns, "_parser", self)
+            known = [o for o in sub._option_string_actions if o.startswith("--")]  # noqa: SLF001 - argparse's table
+            flags = [a for a in extra if a.startswith("-")] or extra
+            named = "; ".join(f"{a}{C.did_you_mean(a.split('=', 1)[0], known)}" for a in flags)
+            sub.error(f"unknown {'flag' if len(flags) == 1 else 'flags'}: {named}")
+        return ns
 
 
 def _overrides(ns: argparse.Namespace) -> dict[tuple[str, str], Any]:
@@ -43,7 +83,25 @@ def _build_config(ns: argparse.Namespace) -> C.RunConfig:
 def cmd_train(ns):
     from .training import train
 
-    train(_build_config(ns), overwrite=ns.overwrite, resume=ns.resume)
+    cfg = _build_config(ns)
+    try:
+        train(cfg, overwrite=ns.overwrite, resume=ns.resume)
+    except KeyboardInterrupt:
+        raise QfineError(_interrupted(Path(cfg.output_dir), ns.argv)) from None
+
+
+def _interrupted(run_dir: Path, argv: list[str]) -> str:
+    """What a stopped training run kept, and the command that continues it."""
+    from .training.resume import resume_point, step_of
+
+    ckpt, _ = resume_point(run_dir) if run_dir.is_dir() else (None, [])
+    if ckpt is None:
+        return "training interrupted before its first checkpoint: nothing to resume; rerun to start over"
+    again = ["qfine", *(a for a in argv if a != "--overwrite")]
+    if "--resume" not in again:
+        again.append("--resume")
+    return (f"training interrupted; the last checkpoint is {ckpt} (step {step_of(ckpt)}). "
+            f"Continue with: {shlex.join(again)}")
 
 
 def cmd_sweep(ns):
@@ -76,11 +134,13 @@ def cmd_plan(ns):
     print(render(cfg.model.source, load_config(cfg.model.source), cfg, budget, fused, host))
 
 
-def _model_cfg(ns) -> C.ModelConfig:
-    return C.ModelConfig(quantization=ns.quantization)
+def _model_cfg(ns) -> C.ModelConfig | None:
+    """How to load a plain model source: as written unless --quantization asks otherwise."""
+    return C.ModelConfig(quantization=ns.quantization) if ns.quantization else None
 
 
 def cmd_generate(ns):
+    check_target(ns.target)
     from .inference import generate, load_for_inference
 
     loaded = load_for_inference(ns.target, _model_cfg(ns), task=ns.task)
@@ -99,6 +159,7 @@ def cmd_generate(ns):
 
 
 def cmd_chat(ns):
+    check_target(ns.target)
     from .inference import chat, load_for_inference
 
     chat(load_for_inference(ns.target, _model_cfg(ns), task=ns.task), ns.max_new_tokens, ns.temperature, ns.top_p)
@@ -109,15 +170,24 @@ def _add_generation_flags(p: argparse.ArgumentParser, max_new: int) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
-    p.add_argument("--quantization", default="nf4", help="how to load a plain model source: nf4, fp4, int8, none")
+    p.add_argument("--quantization", choices=["nf4", "fp4", "int8", "none"],
+                   help="quantize a plain model source on load (its measured cost is printed); default: serve it as "
+                        "written (a merged folder in its saved dtype, a GGUF at its file's precision; a run directory "
+                        "always loads its base as trained, plus the adapter)")
     p.add_argument("--task", help="a multi-task run: the task whose adapter is active with the shared one")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qfine", description="QLoRA fine-tuning: train, use, merge.")
-    sub = parser.add_subparsers(dest="command", required=True)
+# the commands that take every config field as a flag: their full usage would be 60 lines
+_CONFIG_USAGE = "qfine {name} [CONFIG.yaml] [--FLAG VALUE ...]  (qfine {name} --help lists every flag)"
 
-    p = sub.add_parser("train", help="fine-tune a LoRA adapter on a quantized base",
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="qfine", description="QLoRA fine-tuning: train, use, merge, export.")
+    parser.add_argument("--version", action="version", version=_version_line())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("train", usage=_CONFIG_USAGE.format(name="train"),
+                       help="fine-tune a LoRA adapter on a quantized base",
                        description="Fine-tune LoRA adapters on a quantized base. Flags override the YAML config.")
     p.add_argument("config", nargs="?", help="YAML config file (flags override its values)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -125,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sweep", help="hyperparameter search over config fields (Optuna), resumable",
+    p = sub.add_parser("sweep", usage=_CONFIG_USAGE.format(name="sweep"),
+                       help="hyperparameter search over config fields (Optuna), resumable",
                        description="Train one trial per point of the search space (--space SPACE.yaml), scoring "
                        "each on the eval data; --output-dir is the sweep directory (study, trial runs, best.yaml, "
                        "report.html). Rerun the same command to continue a killed sweep.")
@@ -141,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("plan", help="predicted peak GPU memory of a training config, and the settings that fit",
+    p = sub.add_parser("plan", usage=_CONFIG_USAGE.format(name="plan"),
+                       help="predicted peak GPU memory of a training config, and the settings that fit",
                        description="From the model's config.json alone (a folder holding only it works): the "
                        "predicted peak of one training step split into weights, adapter + optimizer state, "
                        "activations, loss/backward working set and slack, for each micro-batch and checkpointing "
@@ -172,33 +244,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version_line() -> str:
+    """qfine's version and those of the libraries it runs on (read from their metadata: nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} missing")
+    return f"qfine {__version__} ({', '.join(parts)}; python {sys.version.split()[0]})"
+
+
 def quiet_libraries() -> None:
-    """Keep library chatter (deprecation notices, load progress bars) off the user's console."""
+    """Keep library chatter (deprecation notices, load progress bars) off the user's console. Set through
+    the environment and the logging module, so that nothing is imported here."""
     import logging
     import warnings
 
+    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(name, value)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     warnings.filterwarnings("ignore", message="Merge lora module to 4-bit linear")  # we report it measured
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
+    if "transformers" in sys.modules:  # imported already (qfine called from Python): the environment is read
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    import datasets
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
 
-    datasets.disable_progress_bars()
+        datasets.disable_progress_bars()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = build_parser().parse_args(argv)
+    ns.argv = argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Read when CUDA first allocates (after this). Growing segments in place instead of caching fixed
     # blocks: Llama-3-8B at 1x131072 reserved 55.9 GiB for 35.6 allocated with it, 66.5 without
-    # (docs/benchmarks.md, commit d8e57f7); the CUDA-graph tests pass under it. A user's own setting wins.
+    # (docs/benchmarks.md); the CUDA-graph tests pass under it. A user's own setting wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    quiet_libraries()
-    ns = build_parser().parse_args(argv)
     try:
+        quiet_libraries()
         ns.func(ns)
     except QfineError as e:
         print(f"qfine: error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import QfineError
+from .sources import check_target
 
 
 def cmd_merge(ns) -> None:
@@ -157,6 +158,7 @@ def cmd_data_sentiment(ns) -> None:
 
 def cmd_eval(ns) -> None:
     """Perplexity and generation metrics for a run (base / base+adapter / merged) or a model."""
+    check_target(ns.target)
     import dataclasses
     import json
     import sys
@@ -196,7 +198,8 @@ def cmd_eval(ns) -> None:
         rows = compare_run(loaded, examples, metrics, max_new)
         first = "model"
     else:
-        loaded = load_for_inference(ns.target, C.ModelConfig(quantization=ns.quantization), task=ns.task)
+        as_asked = C.ModelConfig(quantization=ns.quantization) if ns.quantization else None
+        loaded = load_for_inference(ns.target, as_asked, task=ns.task)
         examples = load_examples(ns.data, loaded.tokenizer, data, ns.limit)
         rows[ns.target] = evaluate_model(loaded, examples, metrics, max_new)[0]
         first = "model"
@@ -362,7 +365,8 @@ def register(sub) -> None:
     _add_generation_settings(p)
     p.add_argument("--max-seq-len", type=int,
                    help="truncate examples for perplexity (default: the run's data.max_seq_len, else 512)")
-    p.add_argument("--quantization", default="nf4", help="how to load a plain model source")
+    p.add_argument("--quantization", choices=["nf4", "fp4", "int8", "none"],
+                   help="quantize a plain model source on load (its measured cost is printed); default: as written")
     p.add_argument("--compare-quant", help="e.g. nf4,fp4,int8,none: one row per base precision of a model source")
     p.add_argument("--output", choices=["table", "json"], default="table")
     p.add_argument("--task", help="a multi-task run: evaluate with the shared adapter and this task's active")

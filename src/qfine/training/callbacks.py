@@ -148,3 +148,39 @@ def read_metrics(path: str | Path) -> list[dict]:
 def read_losses(path: str | Path) -> list[float]:
     """The training losses logged in a metrics.jsonl, in step order."""
     return [r["loss"] for r in read_metrics(path) if isinstance(r.get("loss"), (int, float))]
+
+
+class KeepBest(TrainerCallback):
+    """With ``load_best``: write a checkpoint at every evaluation that improves the eval loss.
+
+    transformers can only reload the best evaluation at the end if a checkpoint was saved at that
+    step; with ``save_steps`` longer than the run (or than the gap between evaluations) the best
+    would be lost and the last step kept in silence. ``on_evaluate`` runs before the Trainer updates
+    ``state.best_metric``, so it compares with the best so far; the start (step 0, no adapter yet)
+    is never saved.
+    """
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get("eval_loss")
+        if not args.load_best_model_at_end or state.global_step == 0 or not isinstance(value, (int, float)):
+            return
+        if state.best_metric is None or value < state.best_metric:
+            control.should_save = True
+
+
+class ScheduleOnResume(TrainerCallback):
+    """On ``--resume``, give the first resumed step the learning rate of the schedule it now runs.
+
+    The optimizer state restored from a checkpoint carries the learning rate the old schedule set
+    for the next step; when the run's length changed (``--max-steps``) the scheduler is rebuilt for
+    the new length but only takes effect after one step. Setting each parameter group's rate from
+    the rebuilt schedule at the restored step makes the first step follow it too.
+    """
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        sched = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+        lambdas = getattr(sched, "lr_lambdas", None)
+        if optimizer is None or lambdas is None or state.global_step == 0:
+            return
+        for group, base, fn in zip(optimizer.param_groups, sched.base_lrs, lambdas):
+            group["lr"] = base * fn(sched.last_epoch)

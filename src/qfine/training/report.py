@@ -31,6 +31,7 @@ class ReportFacts:
     status: str = "finished"
     confusion: tuple[list[str], list[list[int]]] | None = None  # seq-cls: (labels, counts[true][predicted]) on eval
     sensitivity: tuple[str, list] | None = None  # adaptive quantization: (summary line, LayerSensitivity rows)
+    adapter: str = ""  # whose weights RUN_DIR/adapter holds: "step 15 (the last step)"
 
 
 def _png(fig) -> str:
@@ -104,6 +105,8 @@ def _cards(rows: list[dict], facts: ReportFacts) -> list[tuple[str, str]]:
     final = next((r for r in reversed(rows) if "train_runtime" in r), {})
     tps = [r["tokens_per_s"] for r in train if isinstance(r.get("tokens_per_s"), (int, float))]
     cards = [("status", facts.status), ("optimizer steps", f"{max((r['step'] for r in rows), default=0)}")]
+    if facts.adapter:
+        cards.append(("saved adapter", facts.adapter))
     if train:
         cards.append(("train loss first → last", f"{train[0]['loss']:.3f} → {train[-1]['loss']:.3f}"))
     if evals:

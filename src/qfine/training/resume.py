@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from .. import config as C
 from ..errors import QfineError
-from ..fsutil import atomic_write_text
+from ..fsutil import atomic_write_text, plain_modes
 
 SEAL = "qfine-checkpoint.json"
 DATA_RECORD = "data.json"
@@ -63,7 +63,9 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def seal(folder: Path, step: int) -> None:
-    """Record the files of a finished checkpoint and their sizes in bytes (written atomically)."""
+    """Record the files of a finished checkpoint and their sizes in bytes (written atomically); the
+    files get ordinary modes first (the Trainer's safetensors are written 0600)."""
+    plain_modes(folder)
     files = {p.relative_to(folder).as_posix(): p.stat().st_size
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != SEAL and not p.name.startswith(".")}
     atomic_write_text(folder / SEAL, json.dumps({"step": step, "files": files}, indent=1))

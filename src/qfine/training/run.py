@@ -12,6 +12,7 @@ Run directory layout::
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 from .. import config as C
@@ -22,7 +23,7 @@ from ..data.readers import expand
 from ..errors import QfineError
 from ..fast import enable_fast_path, keep_dequantized, offload_checkpoints, release_dequantized
 from ..fsutil import atomic_dir, atomic_write_text
-from ..loading import describe, load_model, resolve_device
+from ..loading import describe, load_model, load_tokenizer, resolve_device, resolve_source
 from ..loftq import start_loftq
 from .resume import (DATA_RECORD, check_resume_config, check_resume_data, data_record, finished_adapter,
                      load_checkpoint_adapter, resume_point, step_of, truncate_metrics, write_data_record)
@@ -31,6 +32,7 @@ from ..tasks import task_spec
 from . import multitask
 from ..tasks.classify import build_datasets as classify_datasets, dataset_scores, label_set, save_labels
 from ..tasks.seq2seq import build_datasets as seq2seq_datasets, safe_precision
+from .progress import outcome, summary
 from .samples import Samples
 from .trainer import build_trainer, check_train_config, resolve_precision
 
@@ -116,19 +118,22 @@ def _model_and_data(cfg: C.RunConfig, base_cache: dict | None = None, stage_on_c
     task = task_spec(cfg.model.task).name
     labels = label_set(cfg.data) if task == "seq-cls" else None
     key = (repr(cfg.model), tuple(labels or ()), stage_on_cpu)
-    if base_cache is not None and base_cache.get("key") == key:
-        loaded = base_cache["loaded"]
-    else:
-        loaded = load_model(cfg.model, labels, stage_on_cpu=stage_on_cpu)
-        if base_cache is not None:
-            base_cache.update(key=key, loaded=loaded)
-    tok = loaded.tokenizer
+    cached = base_cache["loaded"] if base_cache is not None and base_cache.get("key") == key else None
+    source = resolve_source(cfg.model.source)
+    # the data are read, checked and tokenized before the weights load: a bad row fails in seconds
+    tok = cached.tokenizer if cached is not None else load_tokenizer(source, cfg.model.trust_remote_code)
+    check_context(cfg, source)
     if task == "causal-lm":
         train_ds, eval_ds, stats = build_datasets(tok, cfg.data, cfg.train.seed)
     else:
         build = classify_datasets if task == "seq-cls" else seq2seq_datasets
         train_ds, eval_ds, stats = (build(tok, cfg.data, labels, cfg.train.seed) if labels else
                                     build(tok, cfg.data, cfg.train.seed))
+    loaded = cached
+    if loaded is None:
+        loaded = load_model(cfg.model, labels, stage_on_cpu=stage_on_cpu, tokenizer=tok)
+        if base_cache is not None:
+            base_cache.update(key=key, loaded=loaded)
     if cfg.data.streaming:
         return loaded, train_ds, eval_ds, f"data: streaming {cfg.data.path}", labels
     held = f", {len(eval_ds)} held out for eval" if eval_ds is not None and not cfg.data.eval_path else ""
@@ -138,6 +143,21 @@ def _model_and_data(cfg: C.RunConfig, base_cache: dict | None = None, stage_on_c
     if labels:
         line += f"; labels: {', '.join(labels)}"
     return loaded, train_ds, eval_ds, line, labels
+
+
+def check_context(cfg: C.RunConfig, source: str) -> None:
+    """Refuse a data.max_seq_len longer than the model's context (max_position_embeddings in its
+    config.json): positions past it were never trained and the run would learn from garbage."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError):
+        return  # load_model names what is wrong with the folder
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.data.max_seq_len > limit:
+        raise QfineError(f"data.max_seq_len {cfg.data.max_seq_len} is longer than the model's context of {limit:,} "
+                         f"tokens (max_position_embeddings in {cfg.model.source}'s config.json); lower --max-seq-len")
 
 
 def _budget() -> int:
@@ -346,6 +366,8 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     """Fine-tune per ``cfg``; returns the run directory (adapter in ``RUN_DIR/adapter``). With
     ``base_cache`` the frozen base is loaded once across calls (see :func:`_model_and_data`); the caller
     takes each run's adapter out again with :func:`release_adapter`."""
+    from transformers import TrainerState
+
     from .callbacks import NonFiniteError
     from .report import ReportFacts, render
 
@@ -438,6 +460,8 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     print(f"[qfine] {footprint}", flush=True)
     samples = Samples(cfg, labels)
     main = distributed.is_main()  # a launched job's other ranks train and write nothing
+    if main and samples.inputs:
+        print(f"[qfine] report samples: answering {len(samples.inputs)} held-out inputs before training", flush=True)
     before = samples.answers(model, tokenizer, device) if main else []
     distributed.barrier()  # every rank has checked the run directory before rank 0 empties it
     resume_step = step_of(ckpt) if ckpt is not None else None
@@ -477,11 +501,13 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         n, gib = keep_dequantized(model, cfg.train.resident_weights_gib, dtype)
         print(f"[qfine] resident weights: {n} of {fast.layers} layers kept dequantized ({gib:.2f} GiB of "
               f"{cfg.train.resident_weights_gib:g})", flush=True)
+    started = time.perf_counter()
     try:
         if resume_step is not None and 0 < cfg.train.max_steps <= resume_step:
             # killed after its last checkpoint: Trainer would run one more step before it checks the limit
             done = finished_adapter(ckpt, cfg.train.load_best)
             load_checkpoint_adapter(model, done)
+            trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
             print(f"[qfine] {ckpt.name} is the run's last step: nothing left to train; the adapter comes from "
                   f"{done.name}", flush=True)
         else:
@@ -505,10 +531,16 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         distributed.barrier()  # rank 0 writes the adapter and the report
         return run_dir
     save_adapter(model, tokenizer, run_dir / "adapter", loaded.source)
+    ended = outcome(trainer.state, time.perf_counter() - started, load_best=eval_ds is not None and cfg.train.load_best)
+    facts.adapter = f"step {ended.adapter_step} ({ended.adapter_why})"
+    if samples.inputs:
+        print(f"[qfine] report samples: answering the {len(samples.inputs)} inputs with the trained adapter", flush=True)
     facts.samples = list(zip(samples.shown(), before, samples.answers(model, tokenizer, device)))
     if labels and eval_ds is not None:
         facts.confusion = (labels, dataset_scores(model, tokenizer, eval_ds, len(labels))["confusion"])
     atomic_write_text(run_dir / "report.html", render(run_dir, facts))
-    print(f"[qfine] adapter saved to {run_dir / 'adapter'}; report: {run_dir / 'report.html'}", flush=True)
+    prompt = samples.shown()[0] if samples.inputs and cfg.model.task == "causal-lm" else None
+    for line in summary(ended, run_dir, prompt):
+        print(f"[qfine] {line}", flush=True)
     distributed.barrier()
     return run_dir

@@ -9,7 +9,8 @@ import torch
 
 from ..config import RunConfig
 from ..errors import QfineError
-from .callbacks import MetricsJsonl, NonFiniteGuard
+from .callbacks import KeepBest, MetricsJsonl, NonFiniteGuard, ScheduleOnResume
+from .progress import ConsoleProgress
 from .resume import CheckpointSeal
 
 _CUDA_OPTIMIZERS = {"paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_bnb_8bit"}
@@ -156,7 +157,16 @@ def _callbacks(cfg: RunConfig, run_dir: Path, eval_ds, resume_step: int | None, 
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     return [NonFiniteGuard(loss_scaled=bool(args.fp16)),
             MetricsJsonl(run_dir / "metrics.jsonl", perplexity=cfg.model.task != "seq-cls"), tb,
-            CheckpointSeal(), *extra, *callbacks]
+            CheckpointSeal(), KeepBest(), ScheduleOnResume(), ConsoleProgress(), *extra, *callbacks]
+
+
+def _own_console(trainer):
+    """Take transformers' console callbacks out: :class:`ConsoleProgress` prints instead."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: Path, device: str,
@@ -196,7 +206,7 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
     for name, p in model.named_parameters():
         if name in dtypes and p.dtype != dtypes[name]:
             p.data = p.data.to(dtypes[name])
-    return trainer
+    return _own_console(trainer)
 
 
 def _task_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: Path, device: str, callbacks,
@@ -215,6 +225,7 @@ def _task_trainer(model, tokenizer, train_ds, eval_ds, cfg: RunConfig, run_dir: 
         args = _arguments(transformers.Seq2SeqTrainingArguments, cfg, run_dir, device, eval_ds)
         collator = transformers.DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
         trainer_cls, extra = transformers.Seq2SeqTrainer, {}
-    return trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                       processing_class=tokenizer, data_collator=collator,
-                       callbacks=_callbacks(cfg, run_dir, eval_ds, resume_step, args, callbacks), **extra)
+    return _own_console(trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                    processing_class=tokenizer, data_collator=collator,
+                                    callbacks=_callbacks(cfg, run_dir, eval_ds, resume_step, args, callbacks),
+                                    **extra))
