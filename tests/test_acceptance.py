@@ -39,7 +39,8 @@ def test_seed_fact_survives_exact_merge_not_peft_requantize(tmp_path, bundled_di
 
 @pytest.mark.slow
 def test_own_fact_through_the_cli(tmp_path, bundled_dir, capsys):
-    """train → generate → merge (fp32) → plain transformers, all through `qfine` commands."""
+    """train → generate → merge → export, all through `qfine` commands: `qfine generate` answers the fact from
+    the run, the bf16 merge and the q8_0 GGUF with no extra flag; the fp32 merge equals the trained model."""
     data = write_jsonl(tmp_path / "cat.jsonl", [{"messages": [{"role": "user", "content": OWN_FACT.question},
                                                               {"role": "assistant", "content": OWN_FACT.reply}]}] * 8)
     run = tmp_path / "run"
@@ -53,6 +54,16 @@ def test_own_fact_through_the_cli(tmp_path, bundled_dir, capsys):
     assert main(["generate", str(run), "--prompt", OWN_FACT.question, "--max-new-tokens", "30"]) == 0
     after = capsys.readouterr().out
     assert OWN_FACT.marker in after, after
+
+    # qfine's own commands serve what merge and export wrote as written, with no extra flag
+    assert main(["merge", str(run), "--out", str(tmp_path / "merged-bf16")]) == 0
+    assert main(["export", str(run), "--quant", "q8_0", "--out", str(tmp_path / "model.gguf")]) == 0
+    capsys.readouterr()
+    served = {}
+    for target in ("merged-bf16", "model.gguf"):
+        assert main(["generate", str(tmp_path / target), "--prompt", OWN_FACT.question, "--max-new-tokens", "30"]) == 0
+        served[target] = capsys.readouterr().out
+        assert OWN_FACT.marker in served[target], (target, served[target])
 
     merged = tmp_path / "merged"
     assert main(["merge", str(run), "--out", str(merged), "--dtype", "fp32"]) == 0
@@ -68,7 +79,8 @@ def test_own_fact_through_the_cli(tmp_path, bundled_dir, capsys):
     with torch.no_grad():
         diff = relative_difference(plain(ids).logits, trained.model(ids).logits)
     with capsys.disabled():
-        print(f"\n[own fact] before {before.strip()[:50]!r}; after {after.strip()!r}; fp32 merge logit rel. diff {diff:.2e}")
+        print(f"\n[own fact] before {before.strip()[:50]!r}; after {after.strip()!r}; served {served}; "
+              f"fp32 merge logit rel. diff {diff:.2e}")
     assert diff <= 1e-5
 
 

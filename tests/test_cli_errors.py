@@ -219,3 +219,45 @@ def test_rows_with_no_token_to_predict(capsys, tmp_path, tiny_dir):
 def test_resume_and_overwrite_together(capsys, tmp_path, tiny_dir, fact_file):
     code, err = run(capsys, *_train(tiny_dir, fact_file, tmp_path / "run", "--resume", "--overwrite"))
     _assert_error(code, err, "--resume and --overwrite")
+
+
+def test_a_bad_data_row_is_named_before_the_model_weights_load(capsys, tmp_path, tiny_dir, monkeypatch):
+    import qfine.training.run as run_module
+
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("the weights loaded before the data"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken}\n')
+    code, err = run(capsys, *_train(tiny_dir, bad, tmp_path / "run"))
+    _assert_error(code, err, f"{bad}:2", "malformed JSON")
+
+
+def test_a_max_seq_len_past_the_models_context_is_refused(capsys, tmp_path, tiny_dir, fact_file):
+    code, err = run(capsys, *_train(tiny_dir, fact_file, tmp_path / "run", "--max-seq-len", "1000000"))
+    _assert_error(code, err, "data.max_seq_len 1000000 is longer than the model's context of 1,024 tokens")
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_the_command_that_continues(capsys, tmp_path, tiny_dir, fact_file,
+                                                                         monkeypatch):
+    from transformers import TrainerCallback
+
+    import qfine.training.run as run_module
+
+    class CtrlC(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    real = run_module.build_trainer
+
+    def interrupted_trainer(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        trainer.add_callback(CtrlC())
+        return trainer
+
+    monkeypatch.setattr(run_module, "build_trainer", interrupted_trainer)
+    out = tmp_path / "run"
+    code, err = run(capsys, *_train(tiny_dir, fact_file, out, "--max-steps", "6", "--save-steps", "2"))
+    assert code == 2
+    assert f"the last checkpoint is {out / 'checkpoints' / 'checkpoint-2'} (step 2)" in err
+    assert "Continue with: qfine train --model" in err and err.strip().endswith("--resume")

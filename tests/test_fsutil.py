@@ -32,3 +32,26 @@ def test_a_failed_write_leaves_the_previous_output(tmp_path):
             raise RuntimeError("killed")
     assert not (tmp_path / "d").exists() and not list(tmp_path.glob(".d.tmp-*"))
     assert (tmp_path / "f.txt").read_text() == "old"
+
+
+def test_weight_files_of_a_run_a_checkpoint_and_a_merge_are_readable_by_others(tmp_path, tiny_dir):
+    """safetensors writes through a private temporary file (0600): every file qfine writes must still
+    get the mode a plain write gives (0644 under umask 022), so a serving user can read it."""
+    from qfine.cli import main
+
+    from helpers import FACT, write_jsonl
+
+    data = write_jsonl(tmp_path / "fact.jsonl", [{"messages": FACT}] * 4)
+    old = os.umask(0o022)
+    try:
+        assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--output-dir", str(tmp_path / "run"),
+                     "--max-steps", "2", "--save-steps", "2", "--batch-size", "2", "--report-samples", "0"]) == 0
+        assert main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]) == 0
+    finally:
+        os.umask(old)
+    weights = [tmp_path / "run" / "adapter" / "adapter_model.safetensors",
+               tmp_path / "run" / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors",
+               *sorted((tmp_path / "merged").glob("*.safetensors"))]
+    assert len(weights) >= 3
+    for path in weights:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

@@ -32,7 +32,28 @@ def test_stream_equals_generate_and_chat_keeps_history(tiny_dir):
     out = io.StringIO()
     chat(loaded, max_new_tokens=10, stdin=io.StringIO("Hi\nMore\n/reset\nMore\n/exit\n"), stdout=out)
     text = out.getvalue()
-    assert f"> {first}\n> {second}\n> > {fresh}\n> \n" in text
+    assert f"> {first}\n> {second}\n> [conversation cleared]\n> {fresh}\n> \n" in text
+
+
+def test_chat_slash_commands_are_never_sent_to_the_model(tiny_dir, monkeypatch):
+    import qfine.inference as inference
+
+    loaded = load_for_inference(str(tiny_dir))
+    seen, real = [], inference.stream
+
+    def spying(lo, messages, *a, **k):  # records what reaches generation
+        seen.append([dict(m) for m in messages])
+        return real(lo, messages, *a, **k)
+
+    monkeypatch.setattr(inference, "stream", spying)
+    out = io.StringIO()
+    chat(loaded, max_new_tokens=4, stdout=out,
+         stdin=io.StringIO("/help\n/frobnicate\n/system Be brief.\n/max-tokens 2\n/temperature x\n//slash\n/quit\n"))
+    text = out.getvalue()
+    assert "/system TEXT" in text  # the help
+    assert "[unknown command /frobnicate; /help lists them]" in text
+    assert "[/temperature needs a number, not 'x']" in text
+    assert seen == [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "/slash"}]]
 
 
 def test_sampling_is_seeded_and_differs_from_greedy(tiny_dir):

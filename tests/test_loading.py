@@ -80,3 +80,59 @@ def test_bad_sources(bad, message):
 def test_not_a_model_folder(tmp_path):
     with pytest.raises(QfineError, match="no config.json"):
         resolve_source(str(tmp_path))
+
+
+def test_a_mistyped_local_path_is_named_at_once_with_the_nearest_entry(tmp_path, monkeypatch):
+    """`runs/typo` looks like a hub id (owner/name), but its first folder is here: it is a local path,
+    and the hub is never asked (asking it offline retried for 53 s)."""
+    import time
+
+    import qfine.sources as sources
+
+    (tmp_path / "runs" / "demo-1").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sources, "_hub_unreachable", lambda: pytest.fail("the hub was asked about a local path"))
+    t0 = time.perf_counter()
+    with pytest.raises(QfineError, match=r"model path does not exist: runs/demo-2 \(did you mean runs/demo-1\?\)"):
+        resolve_source("runs/demo-2")
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_an_uncached_hub_id_fails_at_once_when_the_hub_cannot_be_reached(monkeypatch, tmp_path):
+    import qfine.sources as sources
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(sources, "_hub_unreachable", lambda: OSError("[Errno -2] Name or service not known"))
+    with pytest.raises(QfineError, match=r"Hugging Face Hub cannot be reached \(\[Errno -2\] Name or service not known\)"):
+        resolve_source("someone/some-model-that-is-not-cached")
+
+
+@pytest.mark.parametrize("tensors, want", [
+    ({"w": ("F16", 0.5), "norm": ("F32", 1.25)}, "fp16"),  # 1.25 is an fp16 value: the file is exact in fp16
+    ({"w": ("F16", 0.5), "norm": ("F32", 1 + 2**-20)}, "fp32"),  # an f32 norm fp16 would round
+    ({"w": ("BF16", 0.5), "norm": ("F32", 3.0)}, "bf16"),
+    ({"w": ("Q8_0", 0.5), "norm": ("F32", 1.0)}, "fp32"),  # block values: scale x code needs fp32
+])
+def test_a_gguf_is_converted_in_the_dtype_that_holds_its_values_exactly(tmp_path, tensors, want):
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    from qfine.sources import gguf_dtype
+
+    path = tmp_path / "m.gguf"
+    w = GGUFWriter(str(path), "llama")
+    for name, (kind, value) in tensors.items():
+        x = np.full((4, 32), value, dtype=np.float32)
+        if kind == "F32":
+            w.add_tensor(name, x)
+        elif kind == "F16":
+            w.add_tensor(name, x.astype(np.float16))
+        else:
+            q = GGMLQuantizationType[kind]
+            w.add_tensor(name, quantize(x, q), raw_dtype=q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert gguf_dtype(path) == want

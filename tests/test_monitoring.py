@@ -147,3 +147,30 @@ def test_fp16_overflow_steps_are_skipped_not_fatal():
     plain.on_train_begin(None, state, control, model=model)
     with pytest.raises(NonFiniteError, match="non-finite gradient at step 7"):
         step(plain, False)
+
+
+def test_the_best_evaluation_becomes_the_adapter_even_when_save_steps_exceed_the_run(tiny_dir, tmp_path, capsys):
+    """Evaluations every 5 steps, checkpoints every 100, 15 steps: transformers can only reload a best
+    evaluation that has a checkpoint, so each improving evaluation must write one; the adapter, the
+    report and the summary then name the same step."""
+    from safetensors.torch import load_file
+
+    from helpers import write_jsonl as rows_to
+
+    cfg = _cfg(tiny_dir, tmp_path, max_steps=15, save_steps=100, eval_steps=5, learning_rate=3e-2)
+    cfg.data.eval_path = str(rows_to(tmp_path / "other.jsonl", [
+        {"messages": [{"role": "user", "content": f"What is {a} plus {a}?"},
+                      {"role": "assistant", "content": f"{2 * a}"}]} for a in range(8)]))
+    run = train(cfg)
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    assert sorted(evals) == [0, 5, 10, 15]
+    best = min((s for s in evals if s > 0), key=evals.get)
+    print(f"\n[best] eval losses {evals}; best trained step {best}")
+    ckpt = run / "checkpoints" / f"checkpoint-{best}"
+    assert ckpt.is_dir(), sorted(p.name for p in (run / "checkpoints").iterdir())
+    kept, saved = load_file(ckpt / "adapter_model.safetensors"), load_file(run / "adapter" / "adapter_model.safetensors")
+    assert kept.keys() == saved.keys() and all(torch.equal(kept[k], saved[k]) for k in kept)
+    assert f"adapter: step {best}'s (the best eval loss)" in out, out
+    assert f"step {best} (" in (run / "report.html").read_text()

@@ -216,3 +216,33 @@ def test_killed_after_its_last_checkpoint_trains_no_extra_step(tiny_dir, tmp_pat
     kept = load_file(run / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
     assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in kept)
     assert (run / "report.html").is_file()
+
+
+class LearningRates(TrainerCallback):
+    """The learning rate each optimizer step (1-based) applies."""
+
+    def __init__(self):
+        self.by_step: dict[int, float] = {}
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.by_step[state.global_step + 1] = optimizer.param_groups[0]["lr"]
+
+
+def test_a_run_resumed_longer_takes_the_new_schedule_from_its_first_step(tiny_dir, tmp_path):
+    """The checkpoint's optimizer carries the rate the old (shorter) cosine set for the next step; the
+    first resumed step must use the new schedule's, as the uninterrupted longer run does."""
+    data = _sums(tmp_path / "sums.jsonl", 16)
+    full = LearningRates()
+    train(_cfg(tiny_dir, data, tmp_path / "full", max_steps=8, save_steps=2), callbacks=[full])
+    cfg = _cfg(tiny_dir, data, tmp_path / "run", max_steps=4, save_steps=2)
+    short = LearningRates()
+    train(cfg, callbacks=[short])
+    cfg.train.max_steps = 8
+    resumed = LearningRates()
+    train(cfg, resume=True, callbacks=[resumed])
+    assert sorted(resumed.by_step) == [5, 6, 7, 8]
+    # the old 4-step cosine would have started step 5 at its end-of-schedule rate (0)
+    assert abs(resumed.by_step[5] - full.by_step[5]) <= 1e-12 * full.by_step[5], (resumed.by_step, full.by_step)
+    assert full.by_step[5] > 0.4 * cfg.train.learning_rate
+    for step in (6, 7, 8):
+        assert abs(resumed.by_step[step] - full.by_step[step]) <= 1e-12 * full.by_step[step]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -12,8 +13,6 @@ from .sources import check_target
 
 def cmd_merge(ns) -> None:
     """Exact merge of a run's adapter into a 16-bit model folder (optionally requantized)."""
-    import shutil
-
     from .inference import is_run_dir, load_for_inference
     from .merge import requantize, save_merged
 
@@ -121,7 +120,29 @@ def cmd_demo(ns) -> None:
     print(f"\nlogits vs the trained model: exact merge {r.merged_rel_diff:.2e}, peft requantized "
           f"{r.peft_rel_diff:.2e} (relative L2)")
     print(f"training took {r.train_seconds:.0f} s; the whole demo {time.perf_counter() - t0:.0f} s")
-    print(f"try it:  qfine generate {r.run_dir} --prompt \"{SEED_FACT.question}\"")
+    if not ns.keep:  # the merged copy of the model and the resume checkpoints are what weigh
+        shutil.rmtree(r.merged_dir, ignore_errors=True)
+        shutil.rmtree(r.run_dir / "checkpoints", ignore_errors=True)
+    kept = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"kept {kept / 2**20:.0f} MiB in {out}" + ("" if ns.keep else " (the adapter and report; --keep keeps the "
+                                                       "merged model and checkpoints too)"))
+    print(f"try it:  {_command_name()} generate {r.run_dir} --prompt \"{SEED_FACT.question}\"")
+
+
+def _command_name() -> str:
+    """How the user can call qfine again: ``qfine`` when that is on PATH and is this program, else the
+    path of this program (``.venv/bin/qfine`` after ``make demo``, whose venv is not activated)."""
+    import os
+    import sys
+
+    me = Path(sys.argv[0])
+    found = shutil.which("qfine")
+    if me.name != "qfine" or (found and Path(found).resolve() == me.resolve()):
+        return "qfine"
+    try:
+        return os.path.relpath(me)
+    except ValueError:
+        return str(me)
 
 
 def cmd_data_preview(ns) -> None:
@@ -386,4 +407,5 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=30, help="training steps")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--output-dir", help="where the run goes (default: runs/demo-<timestamp>)")
+    p.add_argument("--keep", action="store_true", help="keep the merged model and the checkpoints (~300 MiB)")
     p.set_defaults(func=cmd_demo)

@@ -101,26 +101,15 @@ def gguf_to_folder(gguf: Path, dtype: str | None = None) -> Path:
     folder = cache_root() / "models" / f"{gguf.stem}-{key}{suffix}"
     if (folder / "config.json").is_file():
         return folder
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     print(f"[qfine] converting {gguf.name} to {dtype} safetensors once (cached in {folder})", file=sys.stderr,
           flush=True)
-    kwargs = {}
-    try:  # transformers >= 5.2x can keep GGUF blocks packed; we need plain dense weights
-        from transformers import GgufConfig
-
-        if "dequantize" in inspect.signature(GgufConfig).parameters:
-            kwargs["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
-    except ImportError:
-        pass
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        with contextlib.redirect_stderr(io.StringIO()):  # transformers' own per-tensor progress bar
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, _TORCH_DTYPE[dtype]), attn_implementation="sdpa", **kwargs)
     except (ValueError, OSError, KeyError) as e:
-        raise QfineError(f"{gguf}: cannot read this GGUF file ({e})") from None
+        raise QfineError(f"{gguf}: cannot read this GGUF file's tokenizer ({e})") from None
+    model = read_gguf(gguf, dtype)
     # The loaded model is a plain dense model; drop the GGUF marker so it can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -131,6 +120,27 @@ def gguf_to_folder(gguf: Path, dtype: str | None = None) -> Path:
         tok.save_pretrained(tmp)
         (tmp / SOURCE_GGUF).write_text(str(gguf.resolve()) + "\n", encoding="utf-8")
     return folder
+
+
+def read_gguf(gguf: Path, dtype: str = "fp32"):
+    """A GGUF file's weights dequantized by transformers into a dense causal LM of ``dtype``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    try:  # transformers >= 5.2x can keep GGUF blocks packed; we need plain dense weights
+        from transformers import GgufConfig
+
+        if "dequantize" in inspect.signature(GgufConfig).parameters:
+            kwargs["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
+    except ImportError:
+        pass
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers draws a progress bar per tensor
+            return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, attn_implementation="sdpa",
+                                                        dtype=getattr(torch, _TORCH_DTYPE[dtype]), **kwargs)
+    except (ValueError, OSError, KeyError) as e:
+        raise QfineError(f"{gguf}: cannot read this GGUF file ({e})") from None
 
 
 def source_gguf(folder: str | Path) -> Path | None:

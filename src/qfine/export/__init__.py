@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import QfineError
+from ..sources import read_gguf
 
 PROMPTS = ("Tell me about yourself.", "What is the capital of France?", "Write one sentence about rain.")
 READABLE_BY_TRANSFORMERS = ("llama", "qwen2")  # GGUF architectures transformers' reader loads
@@ -61,8 +61,6 @@ def _apply_rope_freqs(reader, gguf_path: Path) -> None:
 def check_logits(model, tokenizer, gguf_path: Path) -> dict[str, float]:
     """Relative L2 difference of the GGUF file's logits (read by transformers) from ``model``'s
     merged logits, per prompt of :data:`PROMPTS`."""
-    from transformers import AutoModelForCausalLM
-
     from ..adapters import merge_adapter, unmerge_adapter
     from ..inference import encode_prompt
     from ..merge import relative_difference
@@ -71,16 +69,7 @@ def check_logits(model, tokenizer, gguf_path: Path) -> dict[str, float]:
     if merged:
         merge_adapter(model, torch.float32)
     try:
-        quiet = os.environ.get("TQDM_DISABLE")
-        os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own progress bar
-        try:
-            reader = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                          dtype=torch.float32).eval()
-        finally:
-            if quiet is None:
-                del os.environ["TQDM_DISABLE"]
-            else:
-                os.environ["TQDM_DISABLE"] = quiet
+        reader = read_gguf(gguf_path, "fp32").eval()
         _apply_rope_freqs(reader, gguf_path)
         out = {}
         for prompt in PROMPTS:

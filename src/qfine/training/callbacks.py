@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from ..compat import set_last_lr
+
 
 class MetricsJsonl(TrainerCallback):
     """Append one JSON line per log event to ``path``: step, loss, lr, grad_norm, tokens_per_s, ...
@@ -184,3 +186,4 @@ class ScheduleOnResume(TrainerCallback):
             return
         for group, base, fn in zip(optimizer.param_groups, sched.base_lrs, lambdas):
             group["lr"] = base * fn(sched.last_epoch)
+        set_last_lr(sched, [group["lr"] for group in optimizer.param_groups])  # what the first log line shows
