@@ -122,7 +122,9 @@ def _model_and_data(cfg: C.RunConfig, base_cache: dict | None = None, stage_on_c
     source = resolve_source(cfg.model.source)
     # the data are read, checked and tokenized before the weights load: a bad row fails in seconds
     tok = cached.tokenizer if cached is not None else load_tokenizer(source, cfg.model.trust_remote_code)
-    check_context(cfg, source)
+    note = check_context(cfg, source)
+    if note:
+        print(f"[qfine] {note}", flush=True)
     if task == "causal-lm":
         train_ds, eval_ds, stats = build_datasets(tok, cfg.data, cfg.train.seed)
     else:
@@ -145,19 +147,24 @@ def _model_and_data(cfg: C.RunConfig, base_cache: dict | None = None, stage_on_c
     return loaded, train_ds, eval_ds, line, labels
 
 
-def check_context(cfg: C.RunConfig, source: str) -> None:
-    """Refuse a data.max_seq_len longer than the model's context (max_position_embeddings in its
-    config.json): positions past it were never trained and the run would learn from garbage."""
+def check_context(cfg: C.RunConfig, source: str) -> str | None:
+    """Bound data.max_seq_len by the model's context (max_position_embeddings in its config.json):
+    positions past it were never trained. A length the user set is refused; the default (512) is
+    lowered to the context, and the returned line says so."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError):
-        return  # load_model names what is wrong with the folder
+        return None  # load_model names what is wrong with the folder
     limit = getattr(config, "max_position_embeddings", None)
-    if isinstance(limit, int) and cfg.data.max_seq_len > limit:
-        raise QfineError(f"data.max_seq_len {cfg.data.max_seq_len} is longer than the model's context of {limit:,} "
-                         f"tokens (max_position_embeddings in {cfg.model.source}'s config.json); lower --max-seq-len")
+    if not isinstance(limit, int) or cfg.data.max_seq_len <= limit:
+        return None
+    if cfg.data.max_seq_len == C.DataConfig().max_seq_len:
+        cfg.data.max_seq_len = limit
+        return f"data.max_seq_len lowered from the default 512 to the model's context of {limit} tokens"
+    raise QfineError(f"data.max_seq_len {cfg.data.max_seq_len} is longer than the model's context of {limit:,} "
+                     f"tokens (max_position_embeddings in {cfg.model.source}'s config.json); lower --max-seq-len")
 
 
 def _budget() -> int:
