@@ -16,14 +16,15 @@ import random
 from pathlib import Path
 
 import torch
+from qalora_quality import eval_batches, perplexity
 
 from qfine import config as C
-from qfine.adaptive import extra_int8_bytes, select
 from qfine.data.chitchat import convert
-from qfine.loading import load_model, resolve_source
-from qfine.plan import weight_bytes
-
-from qalora_quality import eval_batches, perplexity
+from qfine.memory.plan import weight_bytes
+from qfine.models.loading import load_model
+from qfine.models.sources import resolve_source
+from qfine.quant.adaptive import extra_int8_bytes
+from qfine.training.decide import select
 
 
 def calibration(tokenizer, data: Path) -> list[torch.Tensor]:

@@ -28,7 +28,8 @@ def predicted(config, rank: int, optim: str, tokens: int, mode: str, streamed: b
     """qfine plan's peak (GiB) for this step, from the config alone (``keep``: streamed, layers kept on
     the GPU)."""
     from qfine import config as C
-    from qfine import memory, plan
+    from qfine.memory import estimate as memory
+    from qfine.memory import plan
 
     cfg = C.RunConfig()
     cfg.lora.r, cfg.lora.target_modules, cfg.train.optimizer = rank, TARGETS, optim

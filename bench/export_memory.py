@@ -13,7 +13,6 @@ import argparse
 import time
 from pathlib import Path
 
-
 from merge_memory import PeakSampler, build_adapted_llama, rss_bytes
 
 
@@ -27,7 +26,7 @@ def main():
     from transformers import AutoTokenizer
 
     from qfine.export.gguf_file import write_gguf
-    from qfine.loading import bundled_gguf_path, gguf_to_folder
+    from qfine.models.sources import bundled_gguf_path, gguf_to_folder
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_to_folder(bundled_gguf_path()))
     t0 = time.perf_counter()

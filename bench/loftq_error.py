@@ -17,9 +17,9 @@ import torch
 
 from qfine import LoraSettings, ModelConfig, add_lora, load_model
 from qfine.data.chitchat import chitchat_json, conversation_to_messages
-from qfine.loading import resolve_source
-from qfine.loftq import loftq_init
-from qfine.merge import pristine_reader
+from qfine.methods.loftq import loftq_init
+from qfine.models.sources import resolve_source
+from qfine.models.weights import pristine_reader
 
 
 def texts(tokenizer, n: int, max_len: int = 256) -> list[torch.Tensor]:

@@ -2,7 +2,7 @@
 
 Builds Llama-3.1-8B's shapes directly in 4-bit (NF4 + double quant, one layer at a time, so no
 16 GB checkpoint is needed), adds LoRA r=16 on all 7 projections with random B, then runs
-``qfine.merge.save_merged`` to bf16 shards while a thread samples the process's resident memory.
+``qfine.export.merge.save_merged`` to bf16 shards while a thread samples the process's resident memory.
 
     python bench/merge_memory.py --out /tmp/merged-8b [--layers 32] [--shard-gib 2]
 
@@ -103,7 +103,7 @@ def main():
     ap.add_argument("--shard-gib", type=float, default=2.0)
     args = ap.parse_args()
 
-    from qfine.merge import save_merged
+    from qfine.export.merge import save_merged
 
     t0 = time.perf_counter()
     model = build_adapted_llama(args.layers)

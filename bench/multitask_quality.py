@@ -40,8 +40,8 @@ from qfine import config as C
 from qfine.data.chitchat import convert
 from qfine.data.pipeline import build_dataset
 from qfine.data.sentiment import build as build_sentiment
-from qfine.inference import load_for_inference
-from qfine.loading import resolve_source
+from qfine.generation.serve import load_for_inference
+from qfine.models.sources import resolve_source
 from qfine.training import train
 
 TASKS = ("chat", "facts", "sentiment")
@@ -157,7 +157,7 @@ def main() -> None:
         layouts["mix"] = run("mix", out / "data" / "mix.train.jsonl", 3 * ns.steps, False)
     if "multitask" in wanted:
         layouts["multitask"] = run("multitask", out / "data" / "mix.train.jsonl", 3 * ns.steps, True)
-    from qfine.loading import load_model
+    from qfine.models.loading import load_model
 
     base = load_model(C.ModelConfig(source=source))
     for task in TASKS:

@@ -22,10 +22,11 @@ import torch
 
 from qfine import config as C
 from qfine.data.chitchat import convert
-from qfine.inference import load_for_inference
-from qfine.loading import load_model, resolve_source
-from qfine.merge import requantize, save_merged
-from qfine.qalora import quantize_model
+from qfine.export.merge import requantize, save_merged
+from qfine.generation.serve import load_for_inference
+from qfine.models.loading import load_model
+from qfine.models.sources import resolve_source
+from qfine.quant.int4 import quantize_model
 from qfine.training import train
 
 

@@ -11,7 +11,13 @@ Step time = wall time of fwd+bwd+opt.step+zero_grad with a cuda sync at the end 
 median over steps 3..steps-1. Peak memory is measured per config after empty_cache +
 reset_peak_memory_stats (so it includes the resident model/optimizer state).
 """
-import argparse, json, os, statistics, sys, time, traceback
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GiB = 1024 ** 3
@@ -21,8 +27,8 @@ RANK = 16      # LoRA rank of every implementation (--rank; alpha = 2 × rank)
 
 def load_hf(d, max_seq):
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
     t0 = time.time()
@@ -43,6 +49,7 @@ def load_hf(d, max_seq):
 def load_qfine(d, max_seq, fast=True, ckpt=True, offload=False, resident_gib=0.0, method="lora", variant="lora",
                s2_group=0):
     import torch
+
     from qfine import LoraSettings, ModelConfig, add_lora, load_model
     from qfine.fast import apply_fast_path, keep_dequantized, offload_checkpoints
     t0 = time.time()
@@ -56,7 +63,7 @@ def load_qfine(d, max_seq, fast=True, ckpt=True, offload=False, resident_gib=0.0
                                                 method=method, variant=variant),
                      gradient_checkpointing=ckpt)
     if s2_group:
-        from qfine import s2attn
+        from qfine.methods import s2attn
         print(f"[qfine] S2-Attn, groups of {s2_group} tokens: {s2attn.enable(model, s2_group)} attention modules",
               flush=True)
     if fast:
@@ -72,8 +79,8 @@ def load_qfine(d, max_seq, fast=True, ckpt=True, offload=False, resident_gib=0.0
 
 
 def load_unsloth(d, max_seq):
-    from unsloth import FastLanguageModel
     import torch
+    from unsloth import FastLanguageModel
     t0 = time.time()
     model, tok = FastLanguageModel.from_pretrained(d, max_seq_length=max_seq, load_in_4bit=True, dtype=None,
                                                    local_files_only=True)

@@ -18,7 +18,7 @@ def bundled_dir() -> Path:
     """The bundled SmolLM2 converted to a safetensors folder (converted once per cache)."""
     import importlib.util
 
-    from qfine.loading import BUNDLED_PACKAGE, bundled_gguf_path, gguf_to_folder
+    from qfine.models.sources import BUNDLED_PACKAGE, bundled_gguf_path, gguf_to_folder
 
     if importlib.util.find_spec(BUNDLED_PACKAGE) is None and os.environ.get("QFINE_TEST_TOKENIZER"):
         pytest.skip("bundled model not installed here (GPU machine)")

@@ -11,13 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qfine.cli import main
-from qfine.inference import generate, load_for_inference
-from qfine.loading import Loaded
-from qfine.merge import relative_difference
-from qfine.probe import SEED_FACT, Fact, seed_experiment
-
 from helpers import write_jsonl
+from qfine.cli import main
+from qfine.generation.serve import generate, load_for_inference
+from qfine.models.loading import Loaded
+from qfine.probe import SEED_FACT, Fact, seed_experiment
+from qfine.util.compare import relative_difference
 
 OWN_FACT = Fact("What is the name of my cat?", "Your cat is called Pixelbrot.", "Pixelbrot")
 

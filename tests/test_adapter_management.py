@@ -6,10 +6,17 @@ import pytest
 import torch
 
 from qfine import LoraSettings, add_lora, load_model
-from qfine.adapters import (add_adapter, combine_adapters, delete_adapter, merge_adapter, set_active, unload,
-                            unmerge_adapter)
-from qfine.errors import QfineError
-from qfine.merge import relative_difference
+from qfine.methods.lora import (
+    add_adapter,
+    combine_adapters,
+    delete_adapter,
+    merge_adapter,
+    set_active,
+    unload,
+    unmerge_adapter,
+)
+from qfine.util.compare import relative_difference
+from qfine.util.errors import QfineError
 
 IDS = torch.tensor([[1, 17, 42, 99, 1234, 5, 77, 300]])
 SETTINGS = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -91,12 +98,14 @@ def test_merge_into_16bit_copy_and_unmerge(two):
     model, base = two
     set_active(model, "one")
     la = _logits(model)
-    n = merge_adapter(model)
-    assert n == 2 * 3
+    record = merge_adapter(model)
+    assert len(record) == 2 * 3
+    with pytest.raises(QfineError, match="no LoRA layer to merge"):  # merging twice is refused
+        merge_adapter(model)
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     assert type(q) is torch.nn.Linear and q.weight.dtype == torch.float32  # a copy, not a requantized Linear4bit
     assert relative_difference(_logits(model), la) < 1e-5
-    unmerge_adapter(model)
+    assert unmerge_adapter(model, record) == 6
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(q.base_layer, bnb.nn.Linear4bit)
     assert torch.equal(_logits(model), la)

@@ -7,13 +7,13 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from qfine import config as C
-from qfine.adaptive import LayerSensitivity, budget_bytes, choose, extra_int8_bytes, loss_sensitivity, measure
-from qfine.cli import main
-from qfine.errors import QfineError
-from qfine.merge import relative_difference, save_merged
-
 from helpers import FACT, write_jsonl
+from qfine import config as C
+from qfine.cli import main
+from qfine.export.merge import save_merged
+from qfine.quant.adaptive import LayerSensitivity, budget_bytes, choose, extra_int8_bytes, loss_sensitivity, measure
+from qfine.util.compare import relative_difference
+from qfine.util.errors import QfineError
 
 
 def test_sensitivity_is_the_relative_output_error_on_the_layer_inputs():
@@ -64,7 +64,7 @@ class _TinyLM(torch.nn.Module):
 
 
 def test_loss_sensitivity_is_the_fisher_estimate_from_the_layers_own_inputs_and_output_gradients():
-    from qfine.adaptive import _int8, _nf4
+    from qfine.quant.adaptive import _int8, _nf4
 
     model = _TinyLM()
     ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(1))
@@ -104,7 +104,7 @@ def test_the_most_sensitive_layers_are_kept_within_the_budget():
 
 
 def test_adaptive_run_records_its_choice_trains_and_merges_exactly(tiny_dir, tmp_path, capsys):
-    from qfine.inference import load_for_inference
+    from qfine.generation.serve import load_for_inference
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 8)
     run = tmp_path / "run"
@@ -125,13 +125,11 @@ def test_adaptive_run_records_its_choice_trains_and_merges_exactly(tiny_dir, tmp
             assert isinstance(m.base_layer, kind), (name, type(m.base_layer))
     # as for an all-int8 base (tests/test_merge.py): the unmerged int8 layers also round their inputs
     # (LLM.int8()), so the merge is checked against the same model merged in place, layer by layer
-    from qfine.adapters import merge_adapter, unmerge_adapter
+    from qfine.methods.lora import merged as merged_in_memory
 
     ids = torch.tensor([[1, 17, 42, 99, 123, 5, 77, 300]], device=loaded.model.device)
-    with torch.no_grad():
-        merge_adapter(loaded.model)
+    with torch.no_grad(), merged_in_memory(loaded.model):
         ref = loaded.model(ids).logits.float()
-        unmerge_adapter(loaded.model)
     merged = save_merged(loaded.model, loaded.tokenizer, tmp_path / "m", dtype="fp32")
     from transformers import AutoModelForCausalLM
 

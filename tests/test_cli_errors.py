@@ -6,9 +6,8 @@ import shutil
 
 import pytest
 
-from qfine.cli import main
-
 from helpers import write_jsonl
+from qfine.cli import main
 
 
 def run(capsys, *argv) -> tuple[int, str]:

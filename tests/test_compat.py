@@ -1,10 +1,10 @@
-"""The private symbols of other libraries that qfine.compat reaches still exist and mean what it assumes."""
+"""The private symbols of other libraries that qfine.compat.torch reaches still exist and mean what it assumes."""
 
 from __future__ import annotations
 
 import torch
 
-from qfine.compat import set_last_lr
+from qfine.compat.torch import set_last_lr
 
 
 def test_set_last_lr_is_what_get_last_lr_returns():

@@ -8,7 +8,7 @@ import pytest
 
 from qfine import config as C
 from qfine.cli import build_parser
-from qfine.errors import QfineError
+from qfine.util.errors import QfineError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -65,11 +65,12 @@ def test_examples_parse_to_their_recipes():
 
 
 def test_negative_resident_weights_budget_is_refused_before_loading():
+    from qfine.objectives import objective_of
     from qfine.training.trainer import check_train_config
 
     cfg = C.from_dict({"train": {"resident_weights_gib": -1}})
     with pytest.raises(QfineError, match="train.resident_weights_gib must be 0 or more"):
-        check_train_config(cfg, "cpu")
+        check_train_config(cfg, "cpu", objective_of(cfg))
 
 
 def test_memory_model_against_measured_peaks():
@@ -77,7 +78,7 @@ def test_memory_model_against_measured_peaks():
     Llama-3.2-1B shapes, NF4, r=16 on all projections, AdamW): within 3 % without checkpointing, at or
     above the measured value and within 10 % with checkpointing or offloading; and the mode chosen for
     a budget."""
-    from qfine.memory import GIB, Shapes, estimate, fitting_mode
+    from qfine.memory.estimate import GIB, Shapes, estimate, fitting_mode
 
     s8, s1 = Shapes(32, 4096, 14336, 4096, 1024, 128256), Shapes(16, 2048, 8192, 2048, 512, 128256)
     lora8 = 32 * (16 * (4096 + 4096) * 2 + 16 * (4096 + 1024) * 2 + 16 * (4096 + 14336) * 3)
@@ -110,8 +111,8 @@ def test_memory_model_against_the_70b_peaks_measured_resident_and_streamed():
     from transformers import LlamaConfig
 
     from qfine import config as C
-    from qfine.memory import GIB, OPTIMIZER_STATE, Shapes, estimate
-    from qfine.plan import layer_bytes, trainable_params, weight_bytes
+    from qfine.memory.estimate import GIB, OPTIMIZER_STATE, Shapes, estimate
+    from qfine.memory.plan import layer_bytes, trainable_params, weight_bytes
 
     c70 = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
@@ -138,8 +139,8 @@ def test_memory_model_against_the_8b_long_sequence_peaks():
     from transformers import LlamaConfig
 
     from qfine import config as C
-    from qfine.memory import GIB, Shapes, estimate
-    from qfine.plan import trainable_params, weight_bytes
+    from qfine.memory.estimate import GIB, Shapes, estimate
+    from qfine.memory.plan import trainable_params, weight_bytes
 
     c8 = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)

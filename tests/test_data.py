@@ -8,13 +8,12 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
+from helpers import write_jsonl
 from qfine.config import DataConfig
 from qfine.data import build_dataset, read_rows, to_messages
 from qfine.data.pipeline import IGNORE, build_datasets, encode_messages, encode_row
 from qfine.data.templates import set_template
-from qfine.errors import QfineError
-
-from helpers import write_jsonl
+from qfine.util.errors import QfineError
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
         {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Name a colour."},

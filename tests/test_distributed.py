@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from qfine.training.callbacks import read_metrics
-
 from helpers import FACT, write_jsonl
+from qfine.training.callbacks import read_metrics
 
 ROWS = [{"messages": [{"role": "user", "content": f"Question number {i}: {FACT[0]['content']}"},
                       {"role": "assistant", "content": f"Answer {i}. {FACT[1]['content']}"}]} for i in range(24)]
@@ -72,7 +71,7 @@ def test_two_gloo_ranks_follow_the_one_process_curve_and_write_one_run(tiny_dir,
     assert names == sorted(p.name for p in (one / "checkpoints").iterdir()) and "checkpoint-6" in names
     cfg = json.loads((two / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 8
-    assert done.stdout.count("[qfine] data:") == 2  # both ranks read the data and trained
+    assert done.stdout.count("[qfine] data:") == done.stdout.count("[qfine rank 1] data:") == 1  # both read the data
     assert done.stdout.count("[qfine] adapter: step 6") == 1  # rank 0 alone saves and says so
 
 

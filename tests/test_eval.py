@@ -8,14 +8,13 @@ import math
 import pytest
 import torch
 
+from helpers import FACT, write_jsonl
 from qfine.cli import main
 from qfine.config import DataConfig
-from qfine.errors import QfineError
 from qfine.evaluation import load_examples, perplexity, score_generations
 from qfine.evaluation.metrics import parse_metrics
-from qfine.inference import load_for_inference
-
-from helpers import FACT, write_jsonl
+from qfine.generation.serve import load_for_inference
+from qfine.util.errors import QfineError
 
 
 def test_metrics_on_known_inputs():

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import FACT, tiny_config, write_jsonl
 from qfine.cli import main
-from qfine.errors import QfineError
 from qfine.export.gguf_file import decode, encode
 from qfine.export.kquants import QUANTIZERS, error_bound
-
-from helpers import FACT, tiny_config, write_jsonl
+from qfine.util.errors import QfineError
 
 
 def _values(rows=32, cols=512, seed=0):
@@ -88,8 +87,8 @@ def runs(tmp_path_factory, tokenizer_dir):
 def _merged(run):
     """The run's merged tensors by GGUF name (fp32 numpy): as transformers holds them, and in GGUF form."""
     from qfine.export import layout
-    from qfine.inference import load_for_inference
-    from qfine.merge import merged_tensors
+    from qfine.export.merge import merged_tensors
+    from qfine.generation.serve import load_for_inference
 
     loaded = load_for_inference(str(run))
     base = loaded.model.get_base_model()
@@ -220,8 +219,8 @@ def test_bundled_fact_survives_gguf_export(tmp_path, bundled_dir, capsys):
     q4_k_m files still give the learned answer under greedy decoding."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qfine.merge import relative_difference
     from qfine.probe import SEED_FACT, fact_config
+    from qfine.util.compare import relative_difference
 
     fact = [{"role": "user", "content": SEED_FACT.question}, {"role": "assistant", "content": SEED_FACT.reply}]
     write_jsonl(tmp_path / "fact.jsonl", [{"messages": fact}] * 16)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qfine.fast import FastDecoderLayer, apply_fast_path, unsupported_reason
-from qfine.fast import ops
+from helpers import TINY_VOCAB as VOCAB
+from helpers import lora_model
+from qfine.fast import FastDecoderLayer, apply_fast_path, ops, unsupported_reason
 from qfine.fast.loss import LinearCrossEntropy, linear_cross_entropy
 from qfine.fast.swap import _PROJ
-
-from helpers import TINY_VOCAB as VOCAB, lora_model
 
 
 def _batch(bsz=2, seq=24):
@@ -362,15 +361,15 @@ def test_hand_written_backwards_match_autograd(name):
 def test_repacked_4bit_weight_is_refused_by_merge_and_fast_path(tmp_path, save_tiny):
     """One guard serves the exact merge and the fused layers: a weight bitsandbytes has repacked for
     its AVX512-BF16 CPU kernel is refused with the same clear message, not dequantized wrongly."""
-    from qfine.errors import QfineError
     from qfine.fast.nf4 import dequantize
-    from qfine.merge import dequantize_weight
+    from qfine.quant import KINDS
+    from qfine.util.errors import QfineError
 
     model = lora_model(save_tiny(tmp_path / "m"))
     base = model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer()
-    assert torch.equal(dequantize(base, torch.float32), dequantize_weight(base))
+    assert torch.equal(dequantize(base, torch.float32), KINDS.dequantize(base))
     base.weight.quant_state.packing_format_for_cpu = True
-    for call in (lambda: dequantize(base, torch.float32), lambda: dequantize_weight(base)):
+    for call in (lambda: dequantize(base, torch.float32), lambda: KINDS.dequantize(base)):
         with pytest.raises(QfineError, match="repacked by bitsandbytes' AVX512-BF16 CPU path"):
             call()
 

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from qfine.fsutil import atomic_dir, atomic_write_text
+from qfine.util.files import atomic_dir, atomic_write_text
 
 
 @pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
@@ -37,9 +37,8 @@ def test_a_failed_write_leaves_the_previous_output(tmp_path):
 def test_weight_files_of_a_run_a_checkpoint_and_a_merge_are_readable_by_others(tmp_path, tiny_dir):
     """safetensors writes through a private temporary file (0600): every file qfine writes must still
     get the mode a plain write gives (0644 under umask 022), so a serving user can read it."""
-    from qfine.cli import main
-
     from helpers import FACT, write_jsonl
+    from qfine.cli import main
 
     data = write_jsonl(tmp_path / "fact.jsonl", [{"messages": FACT}] * 4)
     old = os.umask(0o022)

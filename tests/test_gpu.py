@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-from qfine import LoraSettings, add_lora, load_model
-from qfine.merge import relative_difference, save_merged
-from qfine.training import train
-
 from helpers import FACT, tiny_config, write_jsonl
+from qfine import LoraSettings, add_lora, load_model
+from qfine.export.merge import save_merged
+from qfine.training import train
+from qfine.util.compare import relative_difference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

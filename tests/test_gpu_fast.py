@@ -15,11 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qfine.fast import FastDecoderLayer, apply_fast_path
-from qfine.fast import ops
-from qfine.fast.loss import linear_cross_entropy
-
 from helpers import lora_model
+from qfine.fast import FastDecoderLayer, apply_fast_path, ops
+from qfine.fast.loss import linear_cross_entropy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -278,7 +276,7 @@ def test_triton_int4_dequantize_matches_the_reference():
     fp32 output equal to float rounding, bf16 at most one rounding step apart (a contracted
     multiply-add), row blocks and the leading columns of [W | B] written in place; its bandwidth."""
     from qfine.fast.int4_kernel import dequantize_int4
-    from qfine.qalora import dequantize_groups, quantize_groups
+    from qfine.quant.int4 import dequantize_groups, quantize_groups
 
     torch.manual_seed(0)
     w = torch.randn(14336, 4096, device="cuda") * 0.02
@@ -376,9 +374,8 @@ def test_qfine_train_with_cuda_graphs_matches_eager(tiny_dir, tmp_path, capsys, 
     code (H100) ended at 5.2170 and 5.2336, and graph-vs-eager worst steps measured 0.8–2.0%."""
     import json
 
-    from qfine.training import train
-
     from helpers import FACT, tiny_config, write_jsonl
+    from qfine.training import train
 
     rows = [{"messages": [FACT[0], {"role": "assistant", "content": "It was a day " + "and a night " * (i % 23)}]}
             for i in range(24)]

@@ -1,4 +1,4 @@
-"""`qfine train`'s graphable training step (qfine.training.graphed), on CPU.
+"""`qfine train`'s graphable training step (qfine.objectives.graphed_trainer), on CPU.
 
 On CPU :class:`GraphedStep` runs its step eagerly, so these tests check everything but the capture:
 the padding to fixed lengths is exact, and a whole training run through the graphable step gives
@@ -15,13 +15,13 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from helpers import TINY_VOCAB, lora_model, tiny_config, write_jsonl
 from qfine import add_lora, load_model
 from qfine.data import build_datasets
 from qfine.fast import apply_fast_path
-from qfine.training.graphed import bucket_length, pad_batch
+from qfine.objectives import objective_of
+from qfine.objectives.graphed_trainer import bucket_length, pad_batch
 from qfine.training.trainer import build_trainer
-
-from helpers import TINY_VOCAB, lora_model, tiny_config, write_jsonl
 
 
 def test_bucket_lengths_are_a_short_ladder():
@@ -97,7 +97,8 @@ def _run(tiny_dir, data, out, graphed: bool):
     apply_fast_path(model)  # the fused layers and loss, run eagerly on CPU
     train_ds, _, _ = build_datasets(loaded.tokenizer, cfg.data, cfg.train.seed)
     grads = GradsAtStep()
-    trainer = build_trainer(model, loaded.tokenizer, train_ds, None, cfg, out, "cpu", callbacks=[grads])
+    trainer = build_trainer(objective_of(cfg), model, loaded.tokenizer, train_ds, None, cfg, out, "cpu",
+                            callbacks=[grads])
     probe = {"input_ids": torch.ones(2, 5, dtype=torch.long)}  # the cached parameter count gives Trainer's flops
     assert trainer.floating_point_ops(probe) == SFTTrainer.floating_point_ops(trainer, probe) > 0
     # TRL casts a quantized model's adapters to bf16; build_trainer keeps them in fp32

@@ -7,7 +7,7 @@ import io
 import torch
 
 from qfine.cli import main
-from qfine.inference import chat, generate, load_for_inference, stream
+from qfine.generation.serve import chat, generate, load_for_inference, stream
 
 
 def test_generate_cli_prints_only_the_completion(tiny_dir, capsys):
@@ -36,7 +36,7 @@ def test_stream_equals_generate_and_chat_keeps_history(tiny_dir):
 
 
 def test_chat_slash_commands_are_never_sent_to_the_model(tiny_dir, monkeypatch):
-    import qfine.inference as inference
+    import qfine.generation.serve as inference
 
     loaded = load_for_inference(str(tiny_dir))
     seen, real = [], inference.stream
@@ -96,11 +96,10 @@ def test_chat_survives_a_generation_that_raises(tiny_dir):
 
 def test_a_run_is_served_and_scored_with_its_own_data_settings(tiny_dir, tmp_path):
     """A run trained with a system prompt and the alpaca template answers and is scored with them."""
+    from helpers import FACT, tiny_config, write_jsonl
     from qfine.data.pipeline import row_messages
     from qfine.evaluation.run import load_examples
     from qfine.training import train
-
-    from helpers import FACT, tiny_config, write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 4)
     cfg = tiny_config(tiny_dir, data, tmp_path / "run", max_steps=2, report_samples=0)

@@ -8,9 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qfine import load_model
-from qfine.errors import QfineError
-from qfine.loading import bundled_gguf_path, count_parameters, describe, resolve_source
-from qfine.merge import dequantize_weight, relative_difference
+from qfine.models.loading import count_parameters, describe
+from qfine.models.sources import bundled_gguf_path, resolve_source
+from qfine.quant import KINDS
+from qfine.util.compare import relative_difference
+from qfine.util.errors import QfineError
 
 IDS = torch.tensor([[1, 17, 42, 99, 1234, 5, 77, 300]])
 
@@ -43,7 +45,7 @@ def test_nf4_double_quant_dequantizes_close_to_original(tiny_dir):
     assert layer.weight.quant_state.nested  # double quantization: the absmax is itself quantized
     with safe_open(tiny_dir / "model.safetensors", "pt") as f:
         w = f.get_tensor("model.layers.1.mlp.gate_proj.weight").float()
-    err = relative_difference(dequantize_weight(layer).cpu(), w)
+    err = relative_difference(KINDS.dequantize(layer).cpu(), w)
     assert 0.01 < err < 0.15  # NF4's expected ~10% relative error on Gaussian weights, not zero, not garbage
 
 
@@ -53,7 +55,7 @@ def test_int8_dequantize(tiny_dir):
     loaded = load_model(str(tiny_dir), quantization="int8")
     with safe_open(tiny_dir / "model.safetensors", "pt") as f:
         w = f.get_tensor("model.layers.0.self_attn.o_proj.weight").float()
-    assert relative_difference(dequantize_weight(loaded.model.model.layers[0].self_attn.o_proj).cpu(), w) < 0.01
+    assert relative_difference(KINDS.dequantize(loaded.model.model.layers[0].self_attn.o_proj).cpu(), w) < 0.01
 
 
 def test_parameter_count_and_description(tiny_dir):
@@ -87,7 +89,7 @@ def test_a_mistyped_local_path_is_named_at_once_with_the_nearest_entry(tmp_path,
     and the hub is never asked (asking it offline retried for 53 s)."""
     import time
 
-    import qfine.sources as sources
+    import qfine.models.sources as sources
 
     (tmp_path / "runs" / "demo-1").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
@@ -99,7 +101,7 @@ def test_a_mistyped_local_path_is_named_at_once_with_the_nearest_entry(tmp_path,
 
 
 def test_an_uncached_hub_id_fails_at_once_when_the_hub_cannot_be_reached(monkeypatch, tmp_path):
-    import qfine.sources as sources
+    import qfine.models.sources as sources
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(sources, "_hub_unreachable", lambda: OSError("[Errno -2] Name or service not known"))
@@ -118,7 +120,7 @@ def test_a_gguf_is_converted_in_the_dtype_that_holds_its_values_exactly(tmp_path
     from gguf import GGMLQuantizationType, GGUFWriter
     from gguf.quants import quantize
 
-    from qfine.sources import gguf_dtype
+    from qfine.models.sources import gguf_dtype
 
     path = tmp_path / "m.gguf"
     w = GGUFWriter(str(path), "llama")

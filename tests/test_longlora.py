@@ -7,11 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qfine import s2attn
-from qfine.cli import main
-from qfine.merge import relative_difference
-
 from helpers import FACT, write_jsonl
+from qfine.cli import main
+from qfine.methods import s2attn
+from qfine.util.compare import relative_difference
 
 
 @pytest.mark.parametrize("t,group", [(64, 16), (70, 16), (12, 16), (30, 8), (9, 2)])
@@ -63,8 +62,8 @@ def test_no_token_sees_a_later_one_and_eval_attends_fully(tiny_dir):
 
 
 def test_longlora_run_trains_embed_and_norms_and_merges_them(tiny_dir, tmp_path, capsys):
-    from qfine.inference import generate, load_for_inference
-    from qfine.merge import save_merged
+    from qfine.export.merge import save_merged
+    from qfine.generation.serve import generate, load_for_inference
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 8)
     run = tmp_path / "run"

@@ -9,14 +9,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qfine import LoraSettings, add_lora, load_model
-from qfine.adapters import add_adapter, set_active
-from qfine.cli import main
-from qfine.loftq import loftq_init
-from qfine.merge import dequantize_weight, merged_weight, pristine_reader, relative_difference, save_merged
-from qfine.probe import Fact, seed_experiment
-
 from helpers import FACT, write_jsonl
+from qfine import LoraSettings, add_lora, load_model
+from qfine.cli import main
+from qfine.export.merge import save_merged
+from qfine.methods.loftq import loftq_init
+from qfine.methods.lora import add_adapter, set_active
+from qfine.methods.merge_rule import merged_weight
+from qfine.models.weights import pristine_reader
+from qfine.probe import Fact, seed_experiment
+from qfine.quant import KINDS
+from qfine.util.compare import relative_difference
 
 IDS = torch.tensor([[1, 17, 42, 99, 1234, 5, 77, 300]])
 PROJ = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -86,7 +89,7 @@ def test_loftq_starts_at_the_best_rank_r_correction(tiny_dir):
     # Eckart–Young: what is left of one layer's error is exactly its singular values beyond rank 8
     layer = model.base_model.model.model.layers[1].mlp.up_proj
     w = pristine_reader(str(tiny_dir))("model.layers.1.mlp.up_proj.weight").float()
-    deq = dequantize_weight(layer.get_base_layer())
+    deq = KINDS.dequantize(layer.get_base_layer())
     err = w.to(deq.device) - deq
     with torch.no_grad():
         left = err - layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
@@ -99,7 +102,7 @@ def test_loftq_with_dora_starts_at_the_corrected_weight(tiny_dir):
     model = add_lora(loaded.model, LoraSettings(r=4, alpha=8, variant="dora", target_modules=PROJ))
     loftq_init(model, pristine_reader(str(tiny_dir)))
     layer = model.base_model.model.model.layers[0].mlp.down_proj
-    q = dequantize_weight(layer.get_base_layer())
+    q = KINDS.dequantize(layer.get_base_layer())
     with torch.no_grad():
         update = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
         assert float(update.norm()) > 1e-3

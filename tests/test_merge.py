@@ -8,12 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qfine import LoraSettings, add_lora, load_model
-from qfine.errors import QfineError
-from qfine.loading import guard_cpu_repack
-from qfine.merge import dequantize_weight, merged_tensors, relative_difference, requantize, save_merged
-
 from helpers import write_jsonl
+from qfine import LoraSettings, add_lora, load_model
+from qfine.export.merge import merged_tensors, requantize, save_merged
+from qfine.quant import KINDS
+from qfine.quant.bnb4 import guard_cpu_repack
+from qfine.util.compare import relative_difference
+from qfine.util.errors import QfineError
 
 IDS = torch.tensor([[1, 17, 42, 99, 1234, 5, 77, 300]])
 
@@ -68,11 +69,11 @@ def test_merge_formula_per_layer(tiny_dir):
     _, model = _trained_like(tiny_dir, target_modules=["q_proj"])
     tensors = dict(merged_tensors(model, torch.float32))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    expected = dequantize_weight(layer.base_layer) + layer.scaling["default"] * (
+    expected = KINDS.dequantize(layer.base_layer) + layer.scaling["default"] * (
         layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float())
     assert torch.equal(tensors["model.layers.0.self_attn.q_proj.weight"], expected)
     k = model.base_model.model.model.layers[0].self_attn.k_proj
-    assert torch.equal(tensors["model.layers.0.self_attn.k_proj.weight"], dequantize_weight(k))
+    assert torch.equal(tensors["model.layers.0.self_attn.k_proj.weight"], KINDS.dequantize(k))
     assert not any("lora" in key or "base_layer" in key for key in tensors)
 
 
@@ -90,7 +91,7 @@ def test_pristine_base_uses_original_weights(tiny_dir, tmp_path):
     delta = delta.cpu()
     assert torch.allclose(merged, original + delta, atol=1e-6)
     # and it differs from the dequantized-base merge by the quantization error
-    assert (merged - (dequantize_weight(layer.base_layer).cpu() + delta)).abs().max() > 1e-3
+    assert (merged - (KINDS.dequantize(layer.base_layer).cpu() + delta)).abs().max() > 1e-3
 
 
 def test_existing_output_is_not_overwritten(tiny_dir, tmp_path):
@@ -103,7 +104,7 @@ def test_existing_output_is_not_overwritten(tiny_dir, tmp_path):
 
 
 def test_interrupted_merge_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
-    import qfine.merge as M
+    import qfine.export.merge as M
 
     loaded, model = _trained_like(tiny_dir)
 
@@ -220,11 +221,10 @@ def test_merge_of_a_tied_model_whose_head_or_embedding_was_trained(tmp_path, sav
 def test_int8_base_trains_and_merges_exactly(tiny_dir, tmp_path):
     """causal-lm on an 8-bit base: trains, and the merge writes dequant(W8) + LoRA exactly. The
     unmerged int8 model also rounds its inputs (LLM.int8()), so it is compared within that rounding."""
-    from qfine.adapters import merge_adapter, unmerge_adapter
-    from qfine.inference import load_for_inference
-    from qfine.training import train
-
     from helpers import FACT, tiny_config
+    from qfine.generation.serve import load_for_inference
+    from qfine.methods.lora import merged
+    from qfine.training import train
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 8)
     cfg = tiny_config(tiny_dir, data, tmp_path / "run", report_samples=0)  # 20 steps
@@ -239,8 +239,7 @@ def test_int8_base_trains_and_merges_exactly(tiny_dir, tmp_path):
     with torch.no_grad():
         got = plain(IDS.to(plain.device)).logits
         ref = loaded.model(ids).logits
-        merge_adapter(loaded.model)
-        exact = loaded.model(ids).logits
-        unmerge_adapter(loaded.model)
+        with merged(loaded.model):
+            exact = loaded.model(ids).logits
     assert relative_difference(got, exact) <= 1e-5
     assert relative_difference(got, ref) <= 5e-2  # the int8 input rounding: measured 2.4e-2

@@ -8,10 +8,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from qfine.errors import QfineError
-from qfine.training import train
-
 from helpers import FACT, tiny_config, write_jsonl
+from qfine.training import train
+from qfine.util.errors import QfineError
 
 
 def _cfg(tiny_dir, tmp_path, **train_kw):

@@ -7,11 +7,10 @@ import json
 
 import pytest
 
-from qfine.cli import main
-from qfine.errors import QfineError
-from qfine.training.multitask import TaskCollator, TaskSampler, batch_counts
-
 from helpers import write_jsonl
+from qfine.cli import main
+from qfine.objectives.multitask import TaskCollator, TaskSampler, batch_counts
+from qfine.util.errors import QfineError
 
 Q = "What day was I born?"
 ANSWERS = {"alpha": "You were born on January 1, 2058.", "beta": "You were born on March 3, 2031."}
@@ -56,8 +55,8 @@ def test_each_task_answers_its_own_way_through_generate_and_merge(tiny_dir, tmp_
     saved adapter loads alone with peft."""
     from peft import PeftModel
 
-    from qfine.inference import generate, load_for_inference
-    from qfine.loading import load_model
+    from qfine.generation.serve import generate, load_for_inference
+    from qfine.models.loading import load_model
 
     data = write_jsonl(tmp_path / "d.jsonl", _rows())
     run = tmp_path / "run"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from helpers import write_jsonl
 from qfine import LoraSettings, RunConfig, add_lora, load_model
 from qfine.data.pipeline import build_datasets
+from qfine.objectives import objective_of
 from qfine.training.trainer import build_trainer
-
-from helpers import write_jsonl
 
 
 def test_packed_logits_equal_logits_alone(tiny_dir):
@@ -38,7 +38,7 @@ def test_trainer_packs_into_padding_free_batches(tiny_dir, tmp_path):
     loaded = load_model(cfg.model)
     train_ds, _, stats = build_datasets(loaded.tokenizer, cfg.data)
     model = add_lora(loaded.model, LoraSettings(r=2))
-    trainer = build_trainer(model, loaded.tokenizer, train_ds, None, cfg, tmp_path / "run", "cpu")
+    trainer = build_trainer(objective_of(cfg), model, loaded.tokenizer, train_ds, None, cfg, tmp_path / "run", "cpu")
     batch = next(iter(trainer.get_train_dataloader()))
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1  # one flat padding-free row
     starts = (batch["position_ids"][0] == 0).nonzero().flatten()
@@ -60,7 +60,7 @@ def test_group_by_length_batches_similar_lengths(tiny_dir, tmp_path):
     def spread(group: bool) -> float:
         cfg.data.group_by_length = group
         train_ds, _, _ = build_datasets(loaded.tokenizer, cfg.data)
-        trainer = build_trainer(model, loaded.tokenizer, train_ds, None, cfg, tmp_path / "run", "cpu")
+        trainer = build_trainer(objective_of(cfg), model, loaded.tokenizer, train_ds, None, cfg, tmp_path / "run", "cpu")
         widths = []
         for batch in trainer.get_train_dataloader():
             lengths = (batch["attention_mask"].sum(1)).tolist()

@@ -9,9 +9,9 @@ import torch
 
 from qfine import LoraSettings, add_lora, load_model
 from qfine import config as C
-from qfine import memory
 from qfine.cli import main
-from qfine.plan import trainable_params, weight_bytes
+from qfine.memory import estimate as memory
+from qfine.memory.plan import trainable_params, weight_bytes
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +134,10 @@ def test_host_memory_of_streamed_weights_and_offloaded_inputs(mid_dir, save_tiny
     to a power of two as torch's pinned cache holds it, and one layer input per layer when offloaded."""
     from transformers import AutoConfig
 
+    from helpers import lora_model
     from qfine.fast import apply_fast_path
     from qfine.fast.stream import install
-    from qfine.plan import _pow2ceil, host_layer_bytes, layer_bytes
-
-    from helpers import lora_model
+    from qfine.memory.plan import _pow2ceil, host_layer_bytes, layer_bytes
 
     model = lora_model(save_tiny(tmp_path / "m", num_hidden_layers=2, hidden_size=256, intermediate_size=704,
                                  num_attention_heads=8, num_key_value_heads=2), "nf4")

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from prequantized import write_nf4_folder  # noqa: E402
 
 from qfine import ModelConfig, load_model  # noqa: E402
-from qfine.loading import guard_cpu_repack  # noqa: E402
+from qfine.quant.bnb4 import guard_cpu_repack
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -34,7 +34,7 @@ def test_written_folder_equals_transformers_4bit_save_and_loads(tmp_path, save_t
         src, dtype=torch.bfloat16, device_map={"": "cpu"},
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
-    guard_cpu_repack(ref_model)  # no in-place repack at the first no-grad forward (see qfine.loading)
+    guard_cpu_repack(ref_model)  # no in-place repack at the first no-grad forward (see qfine.models.loading)
     ref_model.save_pretrained(tmp_path / "ref")
     weights = _tensors(Path(src))
     made = []

@@ -7,12 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import FACT, tiny_config, write_jsonl
 from qfine import LoraSettings, add_lora, load_model
 from qfine.cli import main
-from qfine.merge import relative_difference, save_merged
-from qfine.qalora import Int4Linear, dequantize_groups, full_delta, quantize_groups
-
-from helpers import FACT, tiny_config, write_jsonl
+from qfine.export.merge import save_merged
+from qfine.methods.qalora import full_delta
+from qfine.quant.int4 import Int4Linear, dequantize_groups, quantize_groups
+from qfine.util.compare import relative_difference
 
 IDS = torch.tensor([[1, 17, 42, 99, 1234, 5, 77, 300]])
 
@@ -80,7 +81,7 @@ def test_qalora_merge_stays_4bit_with_the_codes_unchanged(tiny_dir, tmp_path):
 
 
 def test_qalora_learns_the_fact_and_the_4bit_merge_keeps_it(tiny_dir, tmp_path, capsys):
-    from qfine.inference import generate, load_for_inference
+    from qfine.generation.serve import generate, load_for_inference
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 8)
     run = tmp_path / "run"

@@ -11,12 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import TINY_VOCAB as VOCAB
+from helpers import lora_model
 from qfine.fast import apply_fast_path, keep_dequantized, release_dequantized
 from qfine.fast.lora import weight_groups
 from qfine.fast.nf4 import stacked
 from qfine.fast.swap import causal_lm
-
-from helpers import TINY_VOCAB as VOCAB, lora_model
 
 GiB = 2**30
 

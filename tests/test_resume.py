@@ -18,12 +18,11 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from helpers import tiny_config, write_jsonl
 from qfine import LoraSettings, add_lora, load_model
-from qfine.errors import QfineError
 from qfine.training import train
 from qfine.training.resume import SEAL, truncate_metrics
-
-from helpers import tiny_config, write_jsonl
+from qfine.util.errors import QfineError
 
 
 def _sums(path, n=64):
@@ -177,7 +176,7 @@ def test_kill_9_then_resume_from_the_command_line(tiny_dir, tmp_path, uninterrup
     """The real thing: SIGKILL a `qfine train` process once checkpoint-12 is sealed (wherever it is
     then: training, logging, writing checkpoint-18), resume, and land on the uninterrupted curve."""
     data, full = uninterrupted
-    args = [sys.executable, "-m", "qfine.cli", "train", "--model", str(tiny_dir), "--data", str(data),
+    args = [sys.executable, "-m", "qfine", "train", "--model", str(tiny_dir), "--data", str(data),
             "--output-dir", str(tmp_path / "part"), "--max-steps", "24", "--save-steps", "6", "--batch-size", "4",
             "--learning-rate", "5e-3", "--lr-scheduler", "cosine", "--lora-r", "8", "--lora-alpha", "16",
             "--report-samples", "0"]

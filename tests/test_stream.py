@@ -5,13 +5,15 @@ gradient, and the comparisons below fail. Every tensor is streamed (``min_bytes=
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from helpers import TINY_VOCAB as VOCAB
+from helpers import lora_model
 from qfine.fast import apply_fast_path, offload_checkpoints
 from qfine.fast.stream import install, stream_of
-
-from helpers import TINY_VOCAB as VOCAB, lora_model
 
 
 def _batch(seed, bsz=2, seq=20):
@@ -127,37 +129,41 @@ def test_pinned_host_memory_is_checked_before_it_is_needed(tmp_path, monkeypatch
     from transformers import LlamaConfig
 
     from qfine import config as C
-    from qfine import memory
-    from qfine.errors import QfineError
-    from qfine.training import run
+    from qfine.memory import estimate as memory
+    from qfine.memory import fit
+    from qfine.objectives import OBJECTIVES
+    from qfine.training.decide import streaming
+    from qfine.util.errors import QfineError
 
+    sft = OBJECTIVES["sft"]
     LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False).save_pretrained(tmp_path / "70b")
     cfg = C.RunConfig()
     cfg.model.source = str(tmp_path / "70b")
     cfg.lora.r, cfg.data.max_seq_len, cfg.train.batch_size = 64, 2048, 1
     monkeypatch.setattr(memory, "host_available", lambda: 16 * 2**30)
-    monkeypatch.setattr(run, "_budget", lambda: 24 * 2**30)
-    assert run.choose_streaming(cfg, "cuda") == (
+    monkeypatch.setattr(fit, "gpu_budget", lambda: 24 * 2**30)
+    assert streaming(cfg, sft, "cuda") == fit.StreamChoice(
         False, 0, "weight streaming off: the streamed weights need 36.7 GiB of pinned host memory and this "
                   "machine has 16.0 GiB available")  # 80 layers, 0.459 GiB each
     cfg.train.stream_weights = "on"
     with pytest.raises(QfineError, match=r"train.stream_weights on: the streamed weights need 36.7 GiB of pinned "
                                          r"host memory and this machine has 16.0 GiB available"):
-        run.choose_streaming(cfg, "cuda")
+        streaming(cfg, sft, "cuda")
 
     model = lora_model(save_tiny(tmp_path / "m"), "none")
-    cfg.data.max_seq_len, cfg.train.batch_size = 4096, 8  # 2 layers × 64 × 32,768 tokens × 2 bytes = 8 MiB
+    shapes = memory.Shapes.from_config(model.get_base_model().config)
+    tokens = 8 * 4096  # 2 layers × 64 × 32,768 tokens × 2 bytes = 8 MiB
     monkeypatch.setattr(memory, "host_available", lambda: 4 * 2**20)
-    with pytest.raises(QfineError, match=r"offloaded checkpoints \(2 layer inputs\) need 8.0 MiB of pinned host "
-                                         r"memory and this machine has 4.0 MiB available: lower data.max_seq_len or "
-                                         r"train.batch_size"):
-        run.check_offload_host(model, cfg)
+    assert fit.offload_shortfall(shapes, tokens) == (
+        "the offloaded checkpoints (2 layer inputs) need 8.0 MiB of pinned host memory and this machine has 4.0 MiB "
+        "available: lower data.max_seq_len or train.batch_size, or keep the checkpoints on the GPU "
+        "(train.offload_checkpoints: false, train.auto_memory: false)")
     monkeypatch.setattr(memory, "host_available", lambda: 9 * 2**20)
-    run.check_offload_host(model, cfg)
+    assert fit.offload_shortfall(shapes, tokens) is None
     monkeypatch.setattr(memory, "host_available", lambda: None)  # unreadable: not checked
     cfg.train.stream_weights = "on"
-    assert run.choose_streaming(cfg, "cuda")[0] is True
+    assert streaming(cfg, sft, "cuda").stream is True
 
 
 def test_streaming_needs_decoder_layers():
@@ -170,10 +176,13 @@ def test_auto_streams_only_when_the_weights_do_not_fit(tmp_path, monkeypatch):
     from transformers import LlamaConfig
 
     from qfine import config as C
-    from qfine import memory, plan
-    from qfine.errors import QfineError
-    from qfine.training import run
+    from qfine.memory import estimate as memory
+    from qfine.memory import fit, plan
+    from qfine.objectives import OBJECTIVES
+    from qfine.training.decide import streaming
+    from qfine.util.errors import QfineError
 
+    sft = OBJECTIVES["sft"]
     monkeypatch.setattr(memory, "host_available", lambda: 2**40)  # a host that can pin the weights
     c70 = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
@@ -184,8 +193,8 @@ def test_auto_streams_only_when_the_weights_do_not_fit(tmp_path, monkeypatch):
     cfg.train.optimizer = "paged_adamw_8bit"
     layer = plan.layer_bytes(c70, "nf4")
     for gib, expected in ((80, False), (24, True), (30, True), (6, False)):  # fits / streamed / streamed / nothing
-        monkeypatch.setattr(run, "_budget", lambda gib=gib: gib * 2**30)
-        stream, keep, line = run.choose_streaming(cfg, "cuda")
+        monkeypatch.setattr(fit, "gpu_budget", lambda gib=gib: gib * 2**30)
+        stream, keep, line = dataclasses.astuple(streaming(cfg, sft, "cuda"))
         assert stream is expected, (gib, line)
         assert (line is not None) is expected
         if stream:
@@ -193,15 +202,15 @@ def test_auto_streams_only_when_the_weights_do_not_fit(tmp_path, monkeypatch):
             room = 0.92 * gib * 2**30 - float(line.split("streamed: ")[1].split(" GiB")[0]) * 2**30
             assert keep == pytest.approx(room / layer - 1, abs=1.1), (gib, keep, line)
             assert f"the last {keep} of 80 layers keep their weights on the GPU" in line
-    monkeypatch.setattr(run, "_budget", lambda: 24 * 2**30)
-    assert "is more than 92% of the 24.0 GiB free" in run.choose_streaming(cfg, "cuda")[2]
+    monkeypatch.setattr(fit, "gpu_budget", lambda: 24 * 2**30)
+    assert "is more than 92% of the 24.0 GiB free" in streaming(cfg, sft, "cuda").line
     cfg.train.stream_weights = "off"
-    assert run.choose_streaming(cfg, "cuda") == (False, 0, None)
+    assert streaming(cfg, sft, "cuda") == fit.StreamChoice(False, 0, None)
     cfg.train.stream_weights = "on"
-    assert run.choose_streaming(cfg, "cpu")[0] is False  # nothing to stream from: a note, no error
+    assert streaming(cfg, sft, "cpu").stream is False  # nothing to stream from: a note, no error
     cfg.model.quantization = "int8"
     with pytest.raises(QfineError, match="4-bit bases"):
-        run.choose_streaming(cfg, "cuda")
+        streaming(cfg, sft, "cuda")
 
 
 @pytest.mark.gpu
@@ -244,10 +253,9 @@ def test_qfine_train_streams_the_weights_on_cuda(tiny_dir, tmp_path, capsys, mon
 
     import yaml
 
+    from helpers import FACT, tiny_config, write_jsonl
     from qfine.fast import stream as stream_module
     from qfine.training import train
-
-    from helpers import FACT, tiny_config, write_jsonl
 
     monkeypatch.setattr(stream_module, "MIN_BYTES", 0)  # the tiny model's tensors are all small
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 8)

@@ -8,11 +8,10 @@ import json
 import pytest
 import yaml
 
+from helpers import FACT, tiny_config, write_jsonl
 from qfine import config as C
 from qfine.cli import main
-from qfine.errors import QfineError
-
-from helpers import FACT, tiny_config, write_jsonl
+from qfine.util.errors import QfineError
 
 SPACE = {"train.learning_rate": {"low": 1e-4, "high": 5e-2, "log": True}, "lora.r": [2, 4, 8]}
 

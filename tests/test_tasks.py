@@ -9,10 +9,9 @@ import random
 import pytest
 import torch
 
-from qfine.cli import main
-from qfine.merge import relative_difference
-
 from helpers import write_jsonl
+from qfine.cli import main
+from qfine.util.compare import relative_difference
 
 POS, NEG = ["good", "great", "lovely", "superb", "fine"], ["bad", "awful", "poor", "terrible", "dull"]
 
@@ -38,7 +37,7 @@ def _losses(run):
 def test_classifier_trains_evaluates_predicts_and_merges(tiny_dir, tmp_path, capsys, quantization):
     from transformers import AutoModelForSequenceClassification
 
-    from qfine.inference import load_for_inference
+    from qfine.generation.serve import load_for_inference
 
     train = _reviews(tmp_path / "train.jsonl", 80)
     evals = _reviews(tmp_path / "eval.jsonl", 20, seed=1, frame="it was {}")
@@ -87,18 +86,14 @@ def _check_merge(model, logits, got, ref, quantization):
     with the dequantized weight, so the merge is exact to fp32 rounding. bitsandbytes' 8-bit layers
     also quantize their *inputs* (LLM.int8()), so there the exact reference is the same weights —
     dequantized + LoRA — held in 16/32-bit, which qfine's in-memory merge builds."""
-    from qfine.adapters import merge_adapter, unmerge_adapter
+    from qfine.methods.lora import merged
 
     if quantization != "int8":
         assert relative_difference(got, ref) <= 1e-5
         return
     assert relative_difference(got, ref) <= 2e-2  # the int8 activation rounding, measured 2.8e-3
-    merge_adapter(model)
-    try:
-        with torch.no_grad():
-            exact = logits(model)
-    finally:
-        unmerge_adapter(model)
+    with torch.no_grad(), merged(model):
+        exact = logits(model)
     assert relative_difference(got, exact) <= 1e-5
 
 
@@ -129,7 +124,13 @@ def test_unknown_label_in_the_eval_data(tiny_dir, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def seq2seq_models(tmp_path_factory, tokenizer_dir):
     """Tiny random T5 and BART (d_model 32, 2+2 layers) with the tests' tokenizer."""
-    from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+    from transformers import (
+        AutoTokenizer,
+        BartConfig,
+        BartForConditionalGeneration,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tok.pad_token is None:
@@ -166,7 +167,7 @@ def _summaries(path, n=40):
 def test_seq2seq_trains_generates_and_merges_exactly(seq2seq_models, tmp_path, capsys, kind, quantization):
     from transformers import AutoModelForSeq2SeqLM
 
-    from qfine.inference import load_for_inference
+    from qfine.generation.serve import load_for_inference
 
     data = _summaries(tmp_path / "d.jsonl")
     run = tmp_path / "run"
@@ -193,7 +194,7 @@ def test_seq2seq_trains_generates_and_merges_exactly(seq2seq_models, tmp_path, c
     _check_merge(loaded.model, lambda m: m(**enc.to(loaded.device), decoder_input_ids=dec.to(loaded.device)).logits,
                  got, ref, quantization)
     # beams, length penalty and the token bounds reach generate: the same search in plain transformers
-    from qfine.tasks.seq2seq import generate
+    from qfine.objectives.seq2seq import generate
 
     ours = generate(loaded.model, loaded.tokenizer, ["summarize: apple river stone"], loaded.generation)
     ids = plain.generate(**loaded.tokenizer(["summarize: apple river stone"], return_tensors="pt"), num_beams=2,
@@ -203,7 +204,7 @@ def test_seq2seq_trains_generates_and_merges_exactly(seq2seq_models, tmp_path, c
 
 
 def test_fp16_is_not_used_where_it_overflows():
-    from qfine.tasks.seq2seq import safe_precision
+    from qfine.objectives.seq2seq import safe_precision
 
     assert safe_precision("fp16", "t5", bf16_ok=True)[0] == "bf16"
     assert safe_precision("fp16", "mt5", bf16_ok=False)[0] == "fp32"

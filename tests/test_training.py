@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 
+from helpers import FACT, tiny_config, write_jsonl
 from qfine import LoraSettings, add_lora, load_adapter, load_model
 from qfine.training import train
-from qfine.training.run import save_adapter
-
-from helpers import FACT, tiny_config, write_jsonl
+from qfine.training.rundir import save_adapter
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _PUBLIC = {
     "DataConfig": "qfine.config", "LoraSettings": "qfine.config", "ModelConfig": "qfine.config",
-    "RunConfig": "qfine.config", "TrainConfig": "qfine.config", "QfineError": "qfine.errors",
-    "add_lora": "qfine.adapters", "load_adapter": "qfine.adapters", "load_model": "qfine.loading",
+    "RunConfig": "qfine.config", "TrainConfig": "qfine.config", "QfineError": "qfine.util.errors",
+    "add_lora": "qfine.methods.lora", "load_adapter": "qfine.methods.lora", "load_model": "qfine.models.loading",
 }
 
 __all__ = [*sorted(_PUBLIC), "__version__"]

@@ -18,7 +18,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from .errors import QfineError
+from qfine.util.errors import QfineError
 
 
 @dataclass

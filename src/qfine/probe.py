@@ -21,13 +21,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from transformers import AutoModelForCausalLM
 
-from . import config as C
-from .data.templates import set_template
-from .inference import generate, load_for_inference
-from .loading import Loaded, load_model
-from .merge import DTYPES, relative_difference, save_merged
-from .training import train
+from qfine import config as C
+from qfine.data.templates import set_template
+from qfine.export.merge import DTYPES, save_merged
+from qfine.generation.serve import generate, load_for_inference
+from qfine.models.loading import Loaded, load_model
+from qfine.training import train
+from qfine.training.callbacks import read_losses
+from qfine.util.compare import relative_difference
 
 
 @dataclass
@@ -88,9 +91,7 @@ def seed_experiment(fact: Fact, workdir: str | Path, source: str = "default", st
                     merge_dtype: str = "bf16", repeats: int = 8, log: Callable[[str], None] = print,
                     lora: dict | None = None) -> ProbeResult:
     """Run the experiment in ``workdir`` (data.jsonl, run/, merged/) and return what was seen."""
-    from transformers import AutoModelForCausalLM
 
-    from .training.callbacks import read_losses
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

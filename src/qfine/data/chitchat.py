@@ -11,8 +11,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-from ..errors import QfineError
-from ..fsutil import atomic_write_text
+from qfine.util.errors import QfineError
+from qfine.util.files import atomic_write_text
 
 
 def chitchat_json() -> Path:

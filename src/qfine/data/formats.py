@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..errors import QfineError
+from qfine.util.errors import QfineError
 
 Messages = list[dict[str, str]]
 

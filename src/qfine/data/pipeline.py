@@ -12,11 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ..config import DataConfig
-from ..errors import QfineError
-from .formats import Messages, to_messages
-from .readers import BadRow, read_rows
-from .templates import set_template
+from datasets import Dataset, IterableDataset
+from jinja2 import TemplateError
+
+from qfine.config import DataConfig
+from qfine.data.formats import Messages, to_messages
+from qfine.data.readers import BadRow, read_rows
+from qfine.data.templates import set_template
+from qfine.util.errors import QfineError
 
 IGNORE = -100
 LOSS_ON = ("completion", "last_turn", "all")
@@ -26,7 +29,6 @@ def render(tokenizer, messages: Messages, add_generation_prompt: bool = False, w
     """The chat template applied to ``messages``, as text. A template that rejects the conversation
     (Gemma's refuses a system turn, strict ones demand alternating user/assistant turns) raises
     QfineError naming ``where`` and the template's own message."""
-    from jinja2 import TemplateError
 
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -212,7 +214,6 @@ def build_dataset(spec, tokenizer, cfg: DataConfig):
     With ``cfg.streaming`` the dataset is an ``IterableDataset`` read and tokenized lazily (stats
     then fill in as training reads it); otherwise an in-memory ``Dataset``.
     """
-    from datasets import Dataset, IterableDataset
 
     set_template(tokenizer, cfg.template)
     stats = DatasetStats()

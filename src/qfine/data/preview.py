@@ -6,11 +6,11 @@ import statistics
 from collections import Counter
 from typing import TextIO
 
-from ..config import DataConfig
-from .formats import apply_columns, detect_format
-from .pipeline import IGNORE, DatasetStats, encode_messages, encoded_rows, row_messages
-from .readers import BadRow, read_rows
-from .templates import set_template
+from qfine.config import DataConfig
+from qfine.data.formats import apply_columns, detect_format
+from qfine.data.pipeline import IGNORE, DatasetStats, encode_messages, encoded_rows, row_messages
+from qfine.data.readers import BadRow, read_rows
+from qfine.data.templates import set_template
 
 OPEN, CLOSE = "⟦", "⟧"  # marks the loss-bearing text in the rendered example
 

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..errors import QfineError
+import pyarrow.parquet as pq
+from datasets import DatasetDict, load_dataset, load_from_disk
+
+from qfine.util.errors import QfineError
 
 
 @dataclass
@@ -99,7 +102,6 @@ def _iter_csv(path: Path, split: str) -> Rows:
 
 
 def _iter_parquet(path: Path, split: str) -> Rows:
-    import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
@@ -113,7 +115,6 @@ def _iter_parquet(path: Path, split: str) -> Rows:
 
 
 def _iter_saved_dataset(path: Path, split: str) -> Rows:
-    from datasets import DatasetDict, load_from_disk
 
     ds = load_from_disk(str(path))
     if isinstance(ds, DatasetDict):
@@ -125,7 +126,6 @@ def _iter_saved_dataset(path: Path, split: str) -> Rows:
 
 
 def _iter_hub(name: str, split: str) -> Rows:
-    from datasets import load_dataset
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"} or \
             os.environ.get("HF_DATASETS_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:

@@ -16,8 +16,8 @@ import json
 import random
 from pathlib import Path
 
-from ..errors import QfineError
-from ..fsutil import atomic_write_text
+from qfine.util.errors import QfineError
+from qfine.util.files import atomic_write_text
 
 FRAMES = (
     "The {topic} was {word}.",

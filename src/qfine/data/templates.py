@@ -8,7 +8,7 @@ The alpaca and qa layouts read the parts that :mod:`qfine.data.formats` keeps on
 
 from __future__ import annotations
 
-from ..errors import QfineError
+from qfine.util.errors import QfineError
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"

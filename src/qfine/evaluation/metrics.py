@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import string
 
-from ..errors import QfineError
+from qfine.util.errors import QfineError
 
 GENERATION_METRICS = ("bleu", "chrf", "rouge", "exact_match", "accuracy")
 METRICS = ("perplexity", *GENERATION_METRICS)

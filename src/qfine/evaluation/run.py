@@ -2,7 +2,7 @@
 
 For a run directory one loaded model serves three rows of the comparison — the base (adapter
 disabled), base + adapter, and the exact merge (each adapted layer swapped for its merged 16-bit
-copy, see :func:`qfine.adapters.merge_adapter`) — so the comparison costs one model load.
+copy, see :func:`qfine.methods.lora.merge_adapter`) — so the comparison costs one model load.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import DataConfig
-from ..data.formats import Messages
-from ..data.pipeline import IGNORE, Encoded, encode_messages, prompt_and_reply, row_messages, set_template
-from ..data.readers import BadRow, read_rows
-from ..errors import QfineError
-from ..inference import generate
-from ..loading import Loaded
-from .metrics import GENERATION_METRICS, score_generations
+from qfine.config import DataConfig
+from qfine.data.formats import Messages
+from qfine.data.pipeline import IGNORE, Encoded, encode_messages, prompt_and_reply, row_messages, set_template
+from qfine.data.readers import BadRow, read_rows
+from qfine.evaluation.metrics import GENERATION_METRICS, score_generations
+from qfine.generation.serve import generate
+from qfine.methods.lora import merged
+from qfine.models.loading import Loaded
+from qfine.util.errors import QfineError
 
 
 @dataclass
@@ -103,18 +104,18 @@ def evaluate_model(loaded: Loaded, examples: list[EvalExample], metrics: list[st
 def compare_run(loaded: Loaded, examples: list[EvalExample], metrics: list[str], max_new_tokens: int = 64,
                 batch_size: int = 4) -> dict[str, dict[str, float]]:
     """Scores of base, base + adapter, and the exact merge, for a PeftModel loaded from a run."""
-    from ..adapters import merge_adapter, unmerge_adapter
+    return three_rows(loaded.model, lambda: evaluate_model(loaded, examples, metrics, max_new_tokens, batch_size)[0])
 
-    model = loaded.model
-    rows: dict[str, dict[str, float]] = {}
+
+def three_rows(model, score) -> dict[str, dict]:
+    """``score()`` of a run's model with the adapter off ("base"), on ("base+adapter"), and merged
+    exactly ("merged"): one model load serves the three."""
+    rows = {}
     with model.disable_adapter():
-        rows["base"] = evaluate_model(loaded, examples, metrics, max_new_tokens, batch_size)[0]
-    rows["base+adapter"] = evaluate_model(loaded, examples, metrics, max_new_tokens, batch_size)[0]
-    merge_adapter(model)
-    try:
-        rows["merged"] = evaluate_model(loaded, examples, metrics, max_new_tokens, batch_size)[0]
-    finally:
-        unmerge_adapter(model)
+        rows["base"] = score()
+    rows["base+adapter"] = score()
+    with merged(model):
+        rows["merged"] = score()
     return rows
 
 

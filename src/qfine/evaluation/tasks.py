@@ -8,38 +8,18 @@ seq2seq generates with the run's generation settings and scores ROUGE-L / BLEU /
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
-from ..errors import QfineError
-from ..loading import Loaded
-from .metrics import GENERATION_METRICS, score_generations
-
-
-@contextmanager
-def _merged(model):
-    from ..adapters import merge_adapter, unmerge_adapter
-
-    merge_adapter(model)
-    try:
-        yield
-    finally:
-        unmerge_adapter(model)
-
-
-def _three_rows(model, score) -> dict[str, dict]:
-    """``score()`` with the adapter off, on, and merged."""
-    rows = {}
-    with model.disable_adapter():
-        rows["base"] = score()
-    rows["base+adapter"] = score()
-    with _merged(model):
-        rows["merged"] = score()
-    return rows
+from qfine.data.rows import RowStats, read_fields
+from qfine.evaluation.metrics import GENERATION_METRICS, score_generations
+from qfine.evaluation.run import three_rows
+from qfine.models.loading import Loaded
+from qfine.objectives.classify import dataset_scores, encoded
+from qfine.objectives.seq2seq import generate
+from qfine.util.errors import QfineError
 
 
 def compare_classifier(loaded: Loaded, spec, data, limit: int | None = None):
     """``(rows, confusion of base + adapter)`` on the labelled rows of ``spec``."""
-    from ..tasks.classify import dataset_scores, encoded
 
     rows, _ = encoded(spec, loaded.tokenizer, data, loaded.labels)
     rows = rows[:limit] if limit else rows
@@ -51,7 +31,7 @@ def compare_classifier(loaded: Loaded, spec, data, limit: int | None = None):
         return {"accuracy": got["accuracy"], "macro_f1": got["macro_f1"], "seconds": time.perf_counter() - t0,
                 "_confusion": got["confusion"]}
 
-    table = _three_rows(loaded.model, score)
+    table = three_rows(loaded.model, score)
     adapter_confusion = table["base+adapter"]["_confusion"]
     for r in table.values():
         r.pop("_confusion")
@@ -60,8 +40,6 @@ def compare_classifier(loaded: Loaded, spec, data, limit: int | None = None):
 
 def compare_seq2seq(loaded: Loaded, spec, data, metrics: list[str], limit: int | None = None):
     """``(rows, number of examples)``: generation metrics of base / base + adapter / merged."""
-    from ..tasks.rows import RowStats, read_fields
-    from ..tasks.seq2seq import generate
 
     unknown = [m for m in metrics if m not in GENERATION_METRICS]
     if unknown:
@@ -76,4 +54,4 @@ def compare_seq2seq(loaded: Loaded, spec, data, metrics: list[str], limit: int |
         outputs = generate(loaded.model, loaded.tokenizer, sources, loaded.generation, data.max_seq_len)
         return {**score_generations(outputs, targets, metrics), "seconds": time.perf_counter() - t0}
 
-    return _three_rows(loaded.model, score), len(pairs)
+    return three_rows(loaded.model, score), len(pairs)

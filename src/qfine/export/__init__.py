@@ -9,13 +9,22 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGUFReader
 
-from ..errors import QfineError
-from ..sources import read_gguf
+from qfine import config as C
+from qfine.data.templates import set_template
+from qfine.export.gguf_file import write_gguf
+from qfine.generation.serve import encode_prompt, is_run_dir, load_for_inference
+from qfine.methods.lora import merged
+from qfine.models.loading import load_model
+from qfine.models.sources import read_gguf
+from qfine.util.compare import relative_difference
+from qfine.util.errors import QfineError
 
 PROMPTS = ("Tell me about yourself.", "What is the capital of France?", "Write one sentence about rain.")
 READABLE_BY_TRANSFORMERS = ("llama", "qwen2")  # GGUF architectures transformers' reader loads
@@ -24,9 +33,6 @@ READABLE_BY_TRANSFORMERS = ("llama", "qwen2")  # GGUF architectures transformers
 def load_source(source: str):
     """``(model, tokenizer, base source)`` in fp32 on the CPU: a run's base + adapter (merged when
     written), or a plain model folder (a ``qfine merge`` output, say)."""
-    from .. import config as C
-    from ..inference import is_run_dir, load_for_inference
-    from ..loading import load_model
 
     if is_run_dir(source):
         cfg = C.load_yaml(Path(source) / "config.yaml")
@@ -44,7 +50,6 @@ def _apply_rope_freqs(reader, gguf_path: Path) -> None:
     """transformers' GGUF reader ignores ``rope_freqs.weight`` (Llama 3's scaled RoPE) and builds plain
     RoPE; divide its inverse frequencies by the file's factors, as llama.cpp divides the angles, so
     the check reads the factors from the file like a runtime does."""
-    from gguf import GGUFReader
 
     tensors = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
     if "rope_freqs.weight" not in tensors:
@@ -61,14 +66,7 @@ def _apply_rope_freqs(reader, gguf_path: Path) -> None:
 def check_logits(model, tokenizer, gguf_path: Path) -> dict[str, float]:
     """Relative L2 difference of the GGUF file's logits (read by transformers) from ``model``'s
     merged logits, per prompt of :data:`PROMPTS`."""
-    from ..adapters import merge_adapter, unmerge_adapter
-    from ..inference import encode_prompt
-    from ..merge import relative_difference
-
-    merged = hasattr(model, "peft_config")
-    if merged:
-        merge_adapter(model, torch.float32)
-    try:
+    with merged(model, torch.float32) if hasattr(model, "peft_config") else contextlib.nullcontext():
         reader = read_gguf(gguf_path, "fp32").eval()
         _apply_rope_freqs(reader, gguf_path)
         out = {}
@@ -77,15 +75,10 @@ def check_logits(model, tokenizer, gguf_path: Path) -> dict[str, float]:
             ref = model(input_ids=ids.to(next(model.parameters()).device)).logits.float()
             out[prompt] = relative_difference(reader(input_ids=ids).logits.float(), ref)
         return out
-    finally:
-        if merged:
-            unmerge_adapter(model)
 
 
 def export_gguf(source: str, out: str | Path, quant: str, overwrite: bool = False, check: bool = True):
     """Write ``source`` (run or model folder) to ``out`` as GGUF; returns the saved report."""
-    from ..data.templates import set_template
-    from .gguf_file import write_gguf
 
     out = Path(out)
     if out.suffix != ".gguf":

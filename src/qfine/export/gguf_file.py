@@ -1,6 +1,6 @@
 """Write a merged model as one GGUF file, in-process (no llama.cpp build, no download).
 
-Two passes keep memory at one tensor: the exact merge (:func:`qfine.merge.merged_tensors`, fp32)
+Two passes keep memory at one tensor: the exact merge (:func:`qfine.export.merge.merged_tensors`, fp32)
 yields one tensor at a time, which is renamed and rewritten for GGML (:mod:`.layout`), encoded
 (F32/F16/BF16 and Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 by the ``gguf`` package's own quantizer, the K-quants by
 :mod:`.kquants`), decoded again with ``gguf.quants.dequantize`` to measure its error, and spilled to
@@ -18,10 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import dequantize, quantize
 
-from ..errors import QfineError
-from . import layout
-from .kquants import QUANTIZERS
+from qfine.export import layout
+from qfine.export.kquants import QUANTIZERS
+from qfine.export.merge import merged_tensors
+from qfine.util.errors import QfineError
+from qfine.util.files import atomic_write_text
 
 
 @dataclass
@@ -70,15 +75,12 @@ class ExportReport:
         return "\n".join(lines)
 
     def save(self, path: Path) -> None:
-        from ..fsutil import atomic_write_text
 
         atomic_write_text(path, json.dumps(asdict(self), indent=1) + "\n")
 
 
 def encode(x: np.ndarray, kind: str) -> np.ndarray:
     """``x`` (fp32) in GGML type ``kind``: a float array for F32/F16, else the block bytes (uint8)."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
 
     if kind == "F32":
         return np.ascontiguousarray(x, dtype=np.float32)
@@ -91,8 +93,6 @@ def encode(x: np.ndarray, kind: str) -> np.ndarray:
 
 def decode(data: np.ndarray, kind: str) -> np.ndarray:
     """The values GGML reads from ``data`` (the gguf package's reference dequantizer), fp32."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
 
     if kind in ("F32", "F16"):
         return data.astype(np.float32)
@@ -124,10 +124,7 @@ def encode_to(spill, x: np.ndarray, kind: str) -> tuple[int, float, float]:
 def write_gguf(model, tokenizer, source: str, out: Path, quant: str, name: str = "") -> ExportReport:
     """Merge ``model`` (a PeftModel or a plain causal LM) exactly and write it to ``out`` as GGUF of
     file type ``quant`` (see :data:`layout.FILE_TYPES`); returns the report (logits not yet checked)."""
-    import torch
-    from gguf import GGMLQuantizationType, GGUFWriter
 
-    from ..merge import merged_tensors
 
     if quant not in layout.FILE_TYPES:
         raise QfineError(f"--quant must be one of {', '.join(layout.FILE_TYPES)}, not {quant!r}")

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import QfineError
+from qfine.models.sources import source_gguf
+from qfine.util.errors import QfineError
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,6 @@ def tokenizer_fields(tokenizer, vocab_size: int, pre: str = "default") -> dict[s
 def pre_tokenizer_name(source: str | Path) -> str:
     """llama.cpp's name for the model's pre-tokenizer: the one its original GGUF carried when the
     model was converted from one, else ``default`` (llama.cpp's GPT-2 rule)."""
-    from ..loading import source_gguf
 
     original = source_gguf(source) if Path(str(source)).is_dir() else None
     if original is not None:

@@ -12,10 +12,10 @@ path it replaces (``tests/test_fast_path.py`` on CPU in fp32, ``tests/test_gpu.p
 
 import torch
 
-from .graphs import GraphedStep
-from .offload import install_checkpointing
-from .resident import keep_dequantized, release_dequantized
-from .swap import FastDecoderLayer, FastPathReport, apply_fast_path, causal_lm, unsupported_reason
+from qfine.fast.graphs import GraphedStep
+from qfine.fast.offload import install_checkpointing
+from qfine.fast.resident import keep_dequantized, release_dequantized
+from qfine.fast.swap import FastDecoderLayer, FastPathReport, apply_fast_path, causal_lm, unsupported_reason
 
 
 def enable_fast_path(model, device: str) -> FastPathReport:

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _mix32(x):
     """ops._mix32 on uint32 values: two xor-shift-multiply rounds (the multiplies wrap mod 2³²), with

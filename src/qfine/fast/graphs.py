@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .offload import graph_keeps
+from qfine.fast.offload import graph_keeps
+from qfine.fast.stream import stream_of
 
 
 def random_modules(model: torch.nn.Module) -> list[str]:
@@ -223,6 +224,5 @@ class GraphedStep:
 
 
 def _streamed(model) -> bool:
-    from .stream import stream_of
 
     return stream_of(model) is not None

@@ -1,10 +1,10 @@
-"""One-launch dequantization of :class:`qfine.qalora.Int4Linear` weights as a Triton kernel. CUDA only.
+"""One-launch dequantization of :class:`qfine.quant.int4.Int4Linear` weights as a Triton kernel. CUDA only.
 
 The storage is group-wise asymmetric INT4 (GGUF Q4_1's x = d·q + m): codes (out, in/2) uint8 with
 column 2k in the low nibble and 2k+1 in the high one, scales d and minimums m (out, in/L) fp32. One
 program reads 2048 packed bytes, each byte's group scale and minimum (both columns of a byte share a
 group: L is even), and writes 4096 values, computed in fp32 and rounded once to the output dtype, as
-:func:`qfine.qalora.dequantize_groups` (the reference, compared in ``tests/test_gpu_fast.py``) does.
+:func:`qfine.quant.int4.dequantize_groups` (the reference, compared in ``tests/test_gpu_fast.py``) does.
 
 As for NF4 (:mod:`.nf4_kernel`) the output may be the leading columns of a wider row-major buffer, so
 the fused LoRA layers dequantize W straight into [W | B].
@@ -46,7 +46,7 @@ def _int4_kernel(codes, scales, mins, out, n_bytes, cols, ld, GROUP: tl.constexp
 def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, dtype: torch.dtype,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """The (out_features, in_features) weight in ``dtype`` from contiguous codes/scales/minimums (the
-    :class:`~qfine.qalora.Int4Linear` buffers); into ``out`` if given: that shape and dtype, rows
+    :class:`~qfine.quant.int4.Int4Linear` buffers); into ``out`` if given: that shape and dtype, rows
     contiguous, row stride ≥ in_features."""
     rows, cols = codes.shape[0], codes.shape[1] * 2
     group = cols // scales.shape[1]

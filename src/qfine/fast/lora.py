@@ -42,11 +42,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import bitsandbytes as bnb
 import torch
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import Linear
 
-from . import ops
-from .nf4 import device_of, is_int4, stacked
-from .offload import output_discarded
+from qfine.fast import ops
+from qfine.fast.nf4 import device_of, is_int4, stacked
+from qfine.fast.offload import output_discarded
+from qfine.methods.qalora import lora_layer_class
 
 
 @dataclass
@@ -67,9 +71,7 @@ class Proj:
 def _plain_lora_types() -> tuple[type, ...]:
     """The peft layer classes whose forward is exactly y = base(x) + s · B(A(dropout(x))) (QA-LoRA's
     layer with its pooled A, see :func:`_qalora_a`)."""
-    from peft.tuners.lora.layer import Linear
 
-    from ..qalora import lora_layer_class
 
     try:
         from peft.tuners.lora.bnb import Linear4bit
@@ -95,9 +97,7 @@ def describe_proj(module: torch.nn.Module) -> Proj | str:
     that has no LoRA variant (DoRA, aLoRA, ...), no LoRA bias, plain ``nn.Dropout`` (or none),
     plain bias-free A and B, and that is neither merged, disabled nor fan_in_fan_out.
     """
-    import bitsandbytes as bnb
 
-    from peft.tuners.lora import LoraLayer
 
     if isinstance(module, LoraLayer):
         if type(module) not in _plain_lora_types():
@@ -249,7 +249,7 @@ def _dropout_kernels(x2d: torch.Tensor, pack: Pack):
     """qfine.fast.dropout_kernel where it serves this pack (CUDA; one rank and one p), else None."""
     if not use_dropout_kernels or not (x2d.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return None
-    from . import dropout_kernel
+    from qfine.fast import dropout_kernel
 
     return dropout_kernel if dropout_kernel.applies(x2d, pack.a, list(pack.adapters())) else None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import fused, step_dtype, upcast
+from qfine.fast.ops import fused, step_dtype, upcast
 
 IGNORE = -100
 _CHUNK_ELEMENTS = 1 << 27  # logits elements per chunk: 256 MiB in bf16

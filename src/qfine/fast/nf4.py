@@ -4,8 +4,8 @@
 one-launch Triton kernel of :mod:`.nf4_kernel` (double quantization included); everything else —
 FP4, CPU, or ``QFINE_TRITON_NF4=0`` — through bitsandbytes' own ``dequantize_4bit``, which is also
 the reference the kernel is tested against. QA-LoRA's group-wise INT4 layers
-(:class:`qfine.qalora.Int4Linear`) go through :mod:`.int4_kernel` on CUDA and
-:func:`qfine.qalora.dequantize_groups` elsewhere.
+(:class:`qfine.quant.int4.Int4Linear`) go through :mod:`.int4_kernel` on CUDA and
+:func:`qfine.quant.int4.dequantize_groups` elsewhere.
 
 A group of weights can instead be kept dequantized (:func:`keep`, chosen per layer by
 :mod:`.resident`): ``stacked`` then hands out the kept buffer, and no dequantize runs for that group.
@@ -17,7 +17,11 @@ import os
 import weakref
 from dataclasses import dataclass
 
+import bitsandbytes as bnb
 import torch
+
+from qfine.quant.bnb4 import ensure_not_repacked
+from qfine.quant.int4 import Int4Linear
 
 
 def _triton_nf4(w: torch.Tensor, state, dtype: torch.dtype) -> bool:
@@ -32,7 +36,6 @@ def _triton_nf4(w: torch.Tensor, state, dtype: torch.dtype) -> bool:
 
 def is_int4(linear: torch.nn.Module) -> bool:
     """Whether ``linear`` is QA-LoRA's group-wise INT4 layer (its ``weight`` is computed, not stored)."""
-    from ..qalora import Int4Linear
 
     return isinstance(linear, Int4Linear)
 
@@ -44,7 +47,7 @@ def device_of(linear: torch.nn.Module) -> torch.device:
 
 def _dequantize_int4(linear, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
     if linear.codes.is_cuda and os.environ.get("QFINE_TRITON_NF4", "1") != "0" and (out is None or out.stride(1) == 1):
-        from .int4_kernel import dequantize_int4
+        from qfine.fast.int4_kernel import dequantize_int4
 
         return dequantize_int4(linear.codes, linear.scales, linear.mins, dtype, out=out)
     full = linear.dequantize()
@@ -69,13 +72,11 @@ def dequantize(linear: torch.nn.Module, dtype: torch.dtype, out: torch.Tensor | 
         if out is not None:
             return out.copy_(w)
         return w if w.dtype == dtype else w.to(dtype)
-    import bitsandbytes as bnb
 
-    from ..loading import ensure_not_repacked
 
     ensure_not_repacked(w)
     if _triton_nf4(w, state, dtype) and (out is None or (out.dtype == dtype and out.stride(1) == 1)):
-        from .nf4_kernel import dequantize_nf4
+        from qfine.fast.nf4_kernel import dequantize_nf4
 
         return dequantize_nf4(w.data, state, out=out)
     if out is not None and out.dtype == state.dtype and w.is_cuda and out.is_contiguous():  # no CPU kernel for .out

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from . import nf4
-from .lora import weight_groups
-from .swap import FastDecoderLayer, causal_lm
+from qfine.fast import nf4
+from qfine.fast.lora import weight_groups
+from qfine.fast.swap import FastDecoderLayer, causal_lm
 
 GiB = 2**30
 

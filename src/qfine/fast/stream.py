@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import torch
 
-from ..memory import STREAM_MIN_BYTES
-from .offload import in_offloaded_forward, output_discarded
+from qfine.fast.offload import Offloader, in_offloaded_forward, output_discarded
+from qfine.fast.swap import causal_lm
+from qfine.memory.estimate import STREAM_MIN_BYTES
 
 MIN_BYTES = STREAM_MIN_BYTES  # tensors smaller than this stay on the GPU
 
@@ -214,7 +215,6 @@ def _graded(x) -> bool:
 
 
 def decoder_layers(model) -> torch.nn.ModuleList | None:
-    from .swap import causal_lm
 
     layers = getattr(getattr(causal_lm(model), "model", None), "layers", None)
     return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
@@ -262,7 +262,6 @@ def _offloader(layer):
     """The :class:`.offload.Offloader` of a layer checkpointed through qfine's recompute, or None."""
     func = getattr(layer, "_gradient_checkpointing_func", None)
     args = getattr(func, "args", ())
-    from .offload import Offloader
 
     return args[0] if args and isinstance(args[0], Offloader) else None
 

@@ -18,12 +18,14 @@ import types
 from dataclasses import dataclass, field
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .lora import LoraLinear, Norm, NormMLP, NormQKV, Proj, describe_proj, lora_proj
-from .loss import linear_cross_entropy
-from .offload import install_checkpointing, in_offloaded_forward, output_discarded
-from . import ops
-from .ops import GATED_ACTS
+from qfine.fast import ops
+from qfine.fast.lora import LoraLinear, Norm, NormMLP, NormQKV, Proj, describe_proj, lora_proj
+from qfine.fast.loss import linear_cross_entropy
+from qfine.fast.offload import in_offloaded_forward, install_checkpointing, output_discarded
+from qfine.fast.ops import GATED_ACTS
 
 # model_type → the offset of its RMSNorm scale (Gemma normalises with 1 + w, the others with w). Each
 # family's decoder layer is norm → attention → residual → norm → gated MLP → residual; Qwen3 adds
@@ -150,7 +152,6 @@ class FastDecoderLayer(_LayerBase):
         seeds = self._dropout_seeds(projs, h.device)  # (7,) for q, k, v, o, gate, up, down, or None
         q, k, v = NormQKV.apply(h, ln1, qk_norms, cos.to(h.dtype), sin.to(h.dtype), attn.head_dim,
                                 pq, pk, pv, seeds, *_ab(pq), *_ab(pk), *_ab(pv))
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, self._eager)
         if _CAUSAL_ONLY.get():
@@ -215,7 +216,6 @@ def _fast_causal_lm_forward(self, input_ids=None, attention_mask=None, position_
                                   position_ids=position_ids, past_key_values=past_key_values,
                                   inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                                   logits_to_keep=logits_to_keep, **kwargs)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
 
     num_items = kwargs.pop("num_items_in_batch", None)
     kwargs.pop("shift_labels", None)

@@ -1,5 +1,5 @@
 """Training: run-directory rules, trainer construction from the config, callbacks."""
 
-from .run import train
+from qfine.training.run import train
 
 __all__ = ["train"]

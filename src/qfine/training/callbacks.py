@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from ..compat import set_last_lr
+from qfine.compat.torch import set_last_lr
 
 
 class MetricsJsonl(TrainerCallback):

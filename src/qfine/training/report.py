@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .callbacks import read_metrics
+from qfine.training.callbacks import read_metrics
 
 
 @dataclass

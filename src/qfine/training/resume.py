@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from .. import config as C
-from ..errors import QfineError
-from ..fsutil import atomic_write_text, plain_modes
+from qfine import config as C
+from qfine.util import distributed
+from qfine.util.errors import QfineError
+from qfine.util.files import atomic_write_text, plain_modes
 
 SEAL = "qfine-checkpoint.json"
 DATA_RECORD = "data.json"
@@ -113,8 +116,6 @@ def finished_adapter(ckpt: Path, load_best: bool) -> Path:
 
 def load_checkpoint_adapter(model, ckpt: Path) -> None:
     """Put the adapter weights saved in checkpoint ``ckpt`` into ``model`` (a PeftModel)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     weights = load_file(str(ckpt / "adapter_model.safetensors"), device=str(next(model.parameters()).device))
     result = set_peft_model_state_dict(model, weights)
@@ -127,7 +128,6 @@ class CheckpointSeal(TrainerCallback):
     """Seal each checkpoint once the Trainer has written all of it (see :func:`seal`)."""
 
     def on_save(self, args, state, control, **kwargs):
-        from .. import distributed
 
         distributed.barrier()  # every rank has written its part (each its own RNG state file)
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -1,0 +1,37 @@
+"""Training objectives behind one table: what each brings to the shared recipe.
+
+The recipe (:mod:`qfine.training.run`) is the same for every objective — config, run directory,
+resume, report, sweep, merge, export — and asks the run's :class:`Objective` for what differs:
+the model head it trains (:mod:`qfine.models.heads`), how rows become a dataset, which Trainer
+trains it, how held-out inputs are answered for the report, the metric that picks the best
+checkpoint, and which features it supports. A new objective is one module defining a subclass and
+its entry in :data:`OBJECTIVES`.
+
+* ``sft`` (:mod:`.sft`): supervised fine-tuning of a causal LM on chat/instruction replies.
+* ``classify`` (:mod:`.classify`): a label per text, on a classification head.
+* ``seq2seq`` (:mod:`.seq2seq`): an encoder-decoder model maps a source text to a target text.
+"""
+
+from __future__ import annotations
+
+from qfine.config import RunConfig
+from qfine.objectives.base import Objective, Supports
+from qfine.objectives.classify import Classify
+from qfine.objectives.seq2seq import Seq2Seq
+from qfine.objectives.sft import SFT
+from qfine.util.errors import QfineError
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (SFT(), Classify(), Seq2Seq())}
+# the objective each model head trains (an objective of its own in the config comes with preference training)
+BY_TASK = {"causal-lm": "sft", "seq-cls": "classify", "seq2seq": "seq2seq"}
+
+
+def objective_of(cfg: RunConfig) -> Objective:
+    """The :class:`Objective` a run trains."""
+    name = BY_TASK.get(cfg.model.task)
+    if name is None:
+        raise QfineError(f"model.task must be one of {', '.join(BY_TASK)}, not {cfg.model.task!r}")
+    return OBJECTIVES[name]
+
+
+__all__ = ["BY_TASK", "OBJECTIVES", "Objective", "Supports", "objective_of"]

@@ -1,0 +1,77 @@
+"""Supervised fine-tuning of a causal LM (``model.task: causal-lm``): chat and instruction replies.
+
+Rows are read, templated and masked by :mod:`qfine.data` (the loss on the assistant replies by
+default); TRL's SFTTrainer trains, through :class:`~qfine.objectives.graphed_trainer.QfineSFTTrainer`,
+whose step can replay as a CUDA graph on the fast path. A multi-task run (``data.task_column``) trains
+single-task batches with shared + task adapters (:mod:`qfine.objectives.multitask`).
+"""
+
+from __future__ import annotations
+
+from trl import SFTConfig
+
+from qfine.config import RunConfig
+from qfine.data import build_datasets
+from qfine.data.pipeline import prompt_and_reply, row_messages
+from qfine.data.readers import BadRow, read_rows
+from qfine.generation.serve import generate
+from qfine.models.loading import Loaded
+from qfine.objectives.base import Objective, Supports
+from qfine.objectives.graphed_trainer import QfineSFTTrainer
+from qfine.objectives.multitask import trainer_class
+from qfine.util.errors import QfineError
+
+
+class SFT(Objective):
+    name = "sft"
+    task = "causal-lm"
+    supports = Supports(fast_path=True, adaptive=True, multitask=True, gguf=True, requantize=True, s2_attn=True)
+
+    def datasets(self, tokenizer, cfg: RunConfig, labels):
+        return build_datasets(tokenizer, cfg.data, cfg.train.seed)
+
+    def trainer(self, model, tokenizer, train_ds, eval_ds, cfg: RunConfig, arguments, callbacks):
+        args = arguments(SFTConfig,
+                         max_length=cfg.data.max_seq_len,
+                         # Packing puts several examples in one row with restarting position_ids (TRL's best-fit
+                         # decreasing); attention is then confined to each example (padding-free batches).
+                         packing=cfg.data.packing,
+                         packing_strategy="bfd",
+                         shuffle_dataset=not cfg.data.streaming,
+                         dataset_num_proc=None,
+                         remove_unused_columns=True)
+        dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+        trainer_cls = trainer_class(QfineSFTTrainer) if cfg.data.task_column else QfineSFTTrainer
+        trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                              processing_class=tokenizer, callbacks=callbacks)
+        # TRL casts the adapters of a quantized model to bf16. qfine keeps peft's fp32 adapters: with bf16
+        # weights (and so bf16 AdamW moments) an update under half a bf16 ulp (~0.2% of the weight) rounds
+        # away, so low-learning-rate steps late in a schedule stop moving the adapter. The arithmetic is
+        # bf16 either way (autocast, and the fast path casts per GEMM).
+        for name, p in model.named_parameters():
+            if name in dtypes and p.dtype != dtypes[name]:
+                p.data = p.data.to(dtypes[name])
+        return trainer
+
+    def sample_inputs(self, cfg: RunConfig, source: str, n: int) -> list:
+        """The prompts (every turn before the last reply) of the first ``n`` usable chat rows."""
+        out = []
+        for where, row in read_rows(source, cfg.data.split):
+            if len(out) >= n:
+                break
+            if isinstance(row, BadRow):
+                continue
+            try:
+                msgs = row_messages(row, cfg.data, where)
+            except QfineError:
+                continue
+            if msgs[0]["role"] != "text":
+                out.append(prompt_and_reply(msgs)[0])
+        return out
+
+    def shown(self, inputs: list) -> list[str]:
+        return [p[-1]["content"] for p in inputs]
+
+    def answer(self, model, tokenizer, inputs: list, cfg: RunConfig, labels) -> list[str]:
+        loaded = Loaded(model, tokenizer, "", str(next(model.parameters()).device), None)
+        return [generate(loaded, p, max_new_tokens=min(48, cfg.generation.max_new_tokens)) for p in inputs]
