@@ -12,8 +12,10 @@ BIN := $(VENV)/bin
 demo: $(VENV)/.installed
 	$(BIN)/qfine demo
 
-# The everyday suite: every test but the end-to-end runs of the bundled 135M model (marked slow).
+# The everyday suite: the import contracts of pyproject.toml (the package's layers), then every test
+# but the end-to-end runs of the bundled 135M model (marked slow).
 test: $(VENV)/.installed
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 # The bundled-model end-to-end tests (seed fact, own fact, chitchat, sentiment): ~10 minutes on 2 cores.

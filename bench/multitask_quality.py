@@ -40,7 +40,7 @@ from qfine import config as C
 from qfine.data.chitchat import convert
 from qfine.data.pipeline import build_dataset
 from qfine.data.sentiment import build as build_sentiment
-from qfine.generation.serve import load_for_inference
+from qfine.generation.load import load_for_inference
 from qfine.models.sources import resolve_source
 from qfine.training import train
 

@@ -22,8 +22,8 @@ import torch
 
 from qfine import config as C
 from qfine.data.chitchat import convert
-from qfine.export.merge import requantize, save_merged
-from qfine.generation.serve import load_for_inference
+from qfine.export.merge import requantize_folder, save_merged
+from qfine.generation.load import load_for_inference
 from qfine.models.loading import load_model
 from qfine.models.sources import resolve_source
 from qfine.quant.int4 import quantize_model
@@ -98,7 +98,7 @@ def main() -> None:
     quantize_model(plain, 32)
     row("QLoRA merged, requantized to INT4-g32 (round to nearest)", plain, 6.0)
     del plain
-    nf4 = requantize(m16, out / "qlora-nf4", "nf4", overwrite=True)
+    nf4 = requantize_folder(m16, out / "qlora-nf4", "nf4", overwrite=True)
     row("QLoRA merged, requantized to NF4 (bitsandbytes)", load_model(str(nf4), compute_dtype="fp32").model, 4.127)
     qa = load_for_inference(str(runs["qa-lora"]))
     row("QA-LoRA: INT4-g32 base + adapter (as trained)", qa.model, 6.0)

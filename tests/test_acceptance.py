@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import write_jsonl
 from qfine.cli import main
-from qfine.generation.serve import generate, load_for_inference
+from qfine.generation.generate import generate
+from qfine.generation.load import load_for_inference
 from qfine.models.loading import Loaded
 from qfine.probe import SEED_FACT, Fact, seed_experiment
 from qfine.util.compare import relative_difference

@@ -104,7 +104,7 @@ def test_the_most_sensitive_layers_are_kept_within_the_budget():
 
 
 def test_adaptive_run_records_its_choice_trains_and_merges_exactly(tiny_dir, tmp_path, capsys):
-    from qfine.generation.serve import load_for_inference
+    from qfine.generation.load import load_for_inference
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 8)
     run = tmp_path / "run"

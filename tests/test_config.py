@@ -18,7 +18,7 @@ def test_flags_override_yaml(tmp_path):
     y.write_text("model:\n  source: /m\nlora:\n  r: 4\ntrain:\n  max_steps: 7\n  learning_rate: 0.1\n")
     ns = build_parser().parse_args(["train", str(y), "--lora-r", "32", "--learning-rate", "3e-4",
                                     "--lora-target-modules", "q_proj,v_proj", "--no-double-quant"])
-    from qfine.cli import _build_config
+    from qfine.cli.train import _build_config
     cfg = _build_config(ns)
     assert cfg.lora.r == 32 and cfg.train.learning_rate == 3e-4 and cfg.train.max_steps == 7
     assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.model.double_quant is False

@@ -13,7 +13,7 @@ from qfine.cli import main
 from qfine.config import DataConfig
 from qfine.evaluation import load_examples, perplexity, score_generations
 from qfine.evaluation.metrics import parse_metrics
-from qfine.generation.serve import load_for_inference
+from qfine.generation.load import load_for_inference
 from qfine.util.errors import QfineError
 
 

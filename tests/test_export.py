@@ -88,7 +88,7 @@ def _merged(run):
     """The run's merged tensors by GGUF name (fp32 numpy): as transformers holds them, and in GGUF form."""
     from qfine.export import layout
     from qfine.export.merge import merged_tensors
-    from qfine.generation.serve import load_for_inference
+    from qfine.generation.load import load_for_inference
 
     loaded = load_for_inference(str(run))
     base = loaded.model.get_base_model()

@@ -376,7 +376,8 @@ def test_repacked_4bit_weight_is_refused_by_merge_and_fast_path(tmp_path, save_t
 
 def test_no_fast_path_flag_and_cpu_report(tmp_path, save_tiny):
     from qfine import config as C
-    from qfine.cli import _build_config, build_parser
+    from qfine.cli import build_parser
+    from qfine.cli.train import _build_config
     from qfine.fast import enable_fast_path
 
     ns = build_parser().parse_args(["train", "--no-fast-path"])

@@ -7,7 +7,9 @@ import io
 import torch
 
 from qfine.cli import main
-from qfine.generation.serve import chat, generate, load_for_inference, stream
+from qfine.generation.chat import chat
+from qfine.generation.generate import generate, stream
+from qfine.generation.load import load_for_inference
 
 
 def test_generate_cli_prints_only_the_completion(tiny_dir, capsys):
@@ -36,7 +38,7 @@ def test_stream_equals_generate_and_chat_keeps_history(tiny_dir):
 
 
 def test_chat_slash_commands_are_never_sent_to_the_model(tiny_dir, monkeypatch):
-    import qfine.generation.serve as inference
+    import qfine.generation.chat as inference
 
     loaded = load_for_inference(str(tiny_dir))
     seen, real = [], inference.stream

@@ -63,7 +63,8 @@ def test_no_token_sees_a_later_one_and_eval_attends_fully(tiny_dir):
 
 def test_longlora_run_trains_embed_and_norms_and_merges_them(tiny_dir, tmp_path, capsys):
     from qfine.export.merge import save_merged
-    from qfine.generation.serve import generate, load_for_inference
+    from qfine.generation.generate import generate
+    from qfine.generation.load import load_for_inference
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 8)
     run = tmp_path / "run"

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import write_jsonl
 from qfine import LoraSettings, add_lora, load_model
-from qfine.export.merge import merged_tensors, requantize, save_merged
+from qfine.export.merge import merged_tensors, requantize_folder, save_merged
 from qfine.quant import KINDS
 from qfine.quant.bnb4 import guard_cpu_repack
 from qfine.util.compare import relative_difference
@@ -122,7 +122,7 @@ def test_requantize_is_lossy_and_measured(tiny_dir, tmp_path):
     with torch.no_grad():
         ref = model(IDS.to(model.device)).logits
     merged = save_merged(model, loaded.tokenizer, tmp_path / "m16", dtype="fp32")
-    q = requantize(merged, tmp_path / "m4", "nf4")
+    q = requantize_folder(merged, tmp_path / "m4", "nf4")
     cfg = json.loads((q / "config.json").read_text())
     assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     model4 = AutoModelForCausalLM.from_pretrained(q)
@@ -222,7 +222,7 @@ def test_int8_base_trains_and_merges_exactly(tiny_dir, tmp_path):
     """causal-lm on an 8-bit base: trains, and the merge writes dequant(W8) + LoRA exactly. The
     unmerged int8 model also rounds its inputs (LLM.int8()), so it is compared within that rounding."""
     from helpers import FACT, tiny_config
-    from qfine.generation.serve import load_for_inference
+    from qfine.generation.load import load_for_inference
     from qfine.methods.lora import merged
     from qfine.training import train
 

@@ -55,7 +55,8 @@ def test_each_task_answers_its_own_way_through_generate_and_merge(tiny_dir, tmp_
     saved adapter loads alone with peft."""
     from peft import PeftModel
 
-    from qfine.generation.serve import generate, load_for_inference
+    from qfine.generation.generate import generate
+    from qfine.generation.load import load_for_inference
     from qfine.models.loading import load_model
 
     data = write_jsonl(tmp_path / "d.jsonl", _rows())

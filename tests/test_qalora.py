@@ -81,7 +81,8 @@ def test_qalora_merge_stays_4bit_with_the_codes_unchanged(tiny_dir, tmp_path):
 
 
 def test_qalora_learns_the_fact_and_the_4bit_merge_keeps_it(tiny_dir, tmp_path, capsys):
-    from qfine.generation.serve import generate, load_for_inference
+    from qfine.generation.generate import generate
+    from qfine.generation.load import load_for_inference
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": FACT}] * 8)
     run = tmp_path / "run"

@@ -37,7 +37,7 @@ def _losses(run):
 def test_classifier_trains_evaluates_predicts_and_merges(tiny_dir, tmp_path, capsys, quantization):
     from transformers import AutoModelForSequenceClassification
 
-    from qfine.generation.serve import load_for_inference
+    from qfine.generation.load import load_for_inference
 
     train = _reviews(tmp_path / "train.jsonl", 80)
     evals = _reviews(tmp_path / "eval.jsonl", 20, seed=1, frame="it was {}")
@@ -167,7 +167,7 @@ def _summaries(path, n=40):
 def test_seq2seq_trains_generates_and_merges_exactly(seq2seq_models, tmp_path, capsys, kind, quantization):
     from transformers import AutoModelForSeq2SeqLM
 
-    from qfine.generation.serve import load_for_inference
+    from qfine.generation.load import load_for_inference
 
     data = _summaries(tmp_path / "d.jsonl")
     run = tmp_path / "run"

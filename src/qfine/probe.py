@@ -26,7 +26,8 @@ from transformers import AutoModelForCausalLM
 from qfine import config as C
 from qfine.data.templates import set_template
 from qfine.export.merge import DTYPES, save_merged
-from qfine.generation.serve import generate, load_for_inference
+from qfine.generation.generate import generate
+from qfine.generation.load import load_for_inference
 from qfine.models.loading import Loaded, load_model
 from qfine.training import train
 from qfine.training.callbacks import read_losses

@@ -18,7 +18,7 @@ from qfine.data.formats import Messages
 from qfine.data.pipeline import IGNORE, Encoded, encode_messages, prompt_and_reply, row_messages, set_template
 from qfine.data.readers import BadRow, read_rows
 from qfine.evaluation.metrics import GENERATION_METRICS, score_generations
-from qfine.generation.serve import generate
+from qfine.generation.generate import generate
 from qfine.methods.lora import merged
 from qfine.models.loading import Loaded
 from qfine.util.errors import QfineError

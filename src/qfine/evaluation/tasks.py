@@ -18,8 +18,9 @@ from qfine.objectives.seq2seq import generate
 from qfine.util.errors import QfineError
 
 
-def compare_classifier(loaded: Loaded, spec, data, limit: int | None = None):
-    """``(rows, confusion of base + adapter)`` on the labelled rows of ``spec``."""
+def compare_classifier(loaded: Loaded, spec, data, metrics: list[str], limit: int | None = None):
+    """``(rows, number of examples, confusion of base + adapter)`` on the labelled rows of ``spec`` (a
+    classifier is always scored on accuracy and macro-F1: ``metrics`` is not read)."""
 
     rows, _ = encoded(spec, loaded.tokenizer, data, loaded.labels)
     rows = rows[:limit] if limit else rows
@@ -35,11 +36,11 @@ def compare_classifier(loaded: Loaded, spec, data, limit: int | None = None):
     adapter_confusion = table["base+adapter"]["_confusion"]
     for r in table.values():
         r.pop("_confusion")
-    return table, adapter_confusion, len(rows)
+    return table, len(rows), adapter_confusion
 
 
 def compare_seq2seq(loaded: Loaded, spec, data, metrics: list[str], limit: int | None = None):
-    """``(rows, number of examples)``: generation metrics of base / base + adapter / merged."""
+    """``(rows, number of examples, None)``: generation metrics of base / base + adapter / merged."""
 
     unknown = [m for m in metrics if m not in GENERATION_METRICS]
     if unknown:
@@ -54,4 +55,8 @@ def compare_seq2seq(loaded: Loaded, spec, data, metrics: list[str], limit: int |
         outputs = generate(loaded.model, loaded.tokenizer, sources, loaded.generation, data.max_seq_len)
         return {**score_generations(outputs, targets, metrics), "seconds": time.perf_counter() - t0}
 
-    return three_rows(loaded.model, score), len(pairs)
+    return three_rows(loaded.model, score), len(pairs), None
+
+
+# the comparison of each objective whose runs are not scored as chat models (qfine.evaluation.run)
+COMPARE = {"classify": compare_classifier, "seq2seq": compare_seq2seq}

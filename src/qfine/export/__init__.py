@@ -19,7 +19,8 @@ from gguf import GGUFReader
 from qfine import config as C
 from qfine.data.templates import set_template
 from qfine.export.gguf_file import write_gguf
-from qfine.generation.serve import encode_prompt, is_run_dir, load_for_inference
+from qfine.generation.generate import encode_prompt
+from qfine.generation.load import is_run_dir, load_for_inference
 from qfine.methods.lora import merged
 from qfine.models.loading import load_model
 from qfine.models.sources import read_gguf

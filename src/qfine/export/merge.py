@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -25,14 +28,21 @@ from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from qfine import config as C
+from qfine.generation.generate import encode_prompt
+from qfine.generation.load import is_run_dir, load_for_inference
 from qfine.methods.lora import int4_group
 from qfine.methods.merge_rule import merged_weight, unties_embeddings
 from qfine.methods.qalora import folded_mins
+from qfine.models.heads import head_of
 from qfine.models.weights import pristine_reader
 from qfine.quant import KINDS
+from qfine.quant.bnb4 import guard_cpu_repack
 from qfine.quant.int4 import QUANT_METHOD, Int4Linear
+from qfine.util.compare import relative_difference
 from qfine.util.errors import QfineError
 from qfine.util.files import atomic_dir
+from qfine.util.log import say
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -185,8 +195,8 @@ def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, dtype: str =
     return out
 
 
-def requantize(merged_dir: str | Path, out: str | Path, quant: str = "nf4", double_quant: bool = True,
-               overwrite: bool = False) -> Path:
+def requantize_folder(merged_dir: str | Path, out: str | Path, quant: str = "nf4", double_quant: bool = True,
+                      overwrite: bool = False) -> Path:
     """Write a bitsandbytes 4-bit copy of a merged 16-bit folder — the lossy deployment path.
 
     The merged weights are quantized afresh, so the result differs from the trained model by the
@@ -205,3 +215,69 @@ def requantize(merged_dir: str | Path, out: str | Path, quant: str = "nf4", doub
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(merged_dir).save_pretrained(tmp)
     return out
+
+
+@dataclass
+class Merged:
+    """What :func:`merge_run` wrote: the folder, its weights' form, the seconds it took, and for a
+    requantized merge the measured logit difference from the unmerged trained model."""
+
+    out: Path
+    form: str
+    seconds: float
+    requantized_diff: float | None = None
+
+
+def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16", base: str = "dequantized",
+              requantize: str | None = None, form: str = "auto", overwrite: bool = False,
+              task: str | None = None) -> Merged:
+    """``qfine merge``: a run's adapter merged exactly into a model folder ``out``.
+
+    ``form``: ``16bit`` (dequantize and add, ``dtype``), ``int4`` (a QA-LoRA run's update folded into its
+    INT4 base's zero points, still 4-bit), or ``auto`` (int4 for QA-LoRA runs). ``requantize``: write a
+    bitsandbytes 4-bit folder instead (lossy; the logit difference is measured and returned). ``task``:
+    a multi-task run's task, merged with the shared adapter."""
+    if not is_run_dir(run_dir):
+        raise QfineError(f"{run_dir} is not a finished qfine run (config.yaml and adapter/ expected)")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise QfineError(f"{out} already exists; pass --overwrite to replace it")
+    run_cfg = C.load_yaml(Path(run_dir) / "config.yaml")
+    int4 = form == "int4" or (form == "auto" and run_cfg.lora.method == "qa-lora" and not requantize)
+    if int4 and run_cfg.model.quantization != "int4":
+        raise QfineError(f"--format int4 folds a QA-LoRA update into an int4 base; this run's base is "
+                         f"{run_cfg.model.quantization} (merge to 16-bit: --format 16bit)")
+    if requantize and not head_of(run_cfg.model.task).chat:
+        raise QfineError(f"--requantize serves causal-lm runs; this is a {run_cfg.model.task} run: merge it to "
+                         "16-bit instead")
+    loaded = load_for_inference(str(run_dir), task=task)
+    if base == "pristine":
+        say("merging onto the pristine 16-bit weights: this adds back the quantization error the adapter never saw "
+            "during training, so the result differs from the trained model")
+    t0 = time.perf_counter()
+    diff = None
+    if requantize:
+        tmp16 = out.with_name(f".{out.name}.merged16")
+        save_merged(loaded.model, loaded.tokenizer, tmp16, dtype, base, loaded.source, overwrite=True)
+        try:
+            requantize_folder(tmp16, out, requantize, overwrite=overwrite)
+        finally:
+            shutil.rmtree(tmp16, ignore_errors=True)
+        diff = requantized_difference(loaded, out)
+        say(f"requantized merge: logits differ from the unmerged trained model by {diff:.3e} (relative L2) — lossy "
+            "by design")
+    else:
+        save_merged(loaded.model, loaded.tokenizer, out, dtype, base, loaded.source, overwrite=overwrite, int4=int4)
+    form_shown = ("4-bit (codes unchanged, the update folded into the zero points)" if int4 else
+                  f"{requantize} (requantized)" if requantize else dtype)
+    return Merged(out, form_shown, time.perf_counter() - t0, diff)
+
+
+@torch.no_grad()
+def requantized_difference(loaded, out: Path) -> float:
+    """Relative L2 difference of a requantized merge's logits from the unmerged trained model's."""
+    ids = encode_prompt(loaded.tokenizer, [{"role": "user", "content": "Tell me about yourself."}]).to(loaded.device)
+    ref = loaded.model(input_ids=ids).logits.float()
+    q = AutoModelForCausalLM.from_pretrained(out, device_map={"": loaded.device})
+    guard_cpu_repack(q)
+    return relative_difference(q(input_ids=ids).logits.float(), ref)

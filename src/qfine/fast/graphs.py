@@ -35,6 +35,7 @@ import torch
 
 from qfine.fast.offload import graph_keeps
 from qfine.fast.stream import stream_of
+from qfine.quant import KINDS
 
 
 def random_modules(model: torch.nn.Module) -> list[str]:
@@ -54,14 +55,10 @@ def random_modules(model: torch.nn.Module) -> list[str]:
 
 
 def host_synchronising_modules(model: torch.nn.Module) -> list[str]:
-    """Names of modules whose forward waits for the host (bitsandbytes ``Linear8bitLt``: LLM.int8() finds
-    outlier columns with a data-dependent nonzero). A capture through one fails, and a failed capture
+    """Names of modules whose forward waits for the host (a base-weight kind marked ``host_sync``: LLM.int8()
+    finds outlier columns with a data-dependent nonzero). A capture through one fails, and a failed capture
     leaves the CUDA generator unusable for the rest of the process, so such models are never captured."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover
-        return []
-    return [name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    return [name for name, m in model.named_modules() if (kind := KINDS.of(m)) is not None and kind.host_sync]
 
 
 @dataclass

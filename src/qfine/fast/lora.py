@@ -42,22 +42,23 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import bitsandbytes as bnb
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.bnb import Linear4bit
 from peft.tuners.lora.layer import Linear
 
 from qfine.fast import ops
-from qfine.fast.nf4 import device_of, is_int4, stacked
+from qfine.fast.nf4 import device_of, stacked
 from qfine.fast.offload import output_discarded
 from qfine.methods.qalora import lora_layer_class
+from qfine.quant import DENSE, KINDS
 
 
 @dataclass
 class Proj:
     """One linear of the layer as the fused functions see it: frozen base + optional active LoRA."""
 
-    base: torch.nn.Module           # nn.Linear, bitsandbytes Linear4bit or qalora.Int4Linear (frozen)
+    base: torch.nn.Module           # a frozen base linear of a fused kind (qfine.quant.KINDS)
     lora_a: torch.Tensor | None    # (r, in): the parameter, or QA-LoRA's A expanded from it (autograd)
     lora_b: torch.nn.Parameter | None  # (out, r)
     scale: float
@@ -73,10 +74,6 @@ def _plain_lora_types() -> tuple[type, ...]:
     layer with its pooled A, see :func:`_qalora_a`)."""
 
 
-    try:
-        from peft.tuners.lora.bnb import Linear4bit
-    except ImportError:  # pragma: no cover - bitsandbytes without 4-bit support
-        return (Linear, lora_layer_class())
     return (Linear, Linear4bit, lora_layer_class())
 
 
@@ -92,7 +89,7 @@ def describe_proj(module: torch.nn.Module) -> Proj | str:
     """A :class:`Proj` for a module the fused layers compute exactly, else why they cannot (a phrase).
 
     An allow-list, so that a LoRA form the kernels do not implement is never computed as plain LoRA:
-    the module is a bare ``nn.Linear`` / bitsandbytes ``Linear4bit`` with a frozen weight and bias,
+    the module is a frozen base linear of a kind the fused layers take (:data:`qfine.quant.KINDS`, ``fused``),
     or one of peft's plain LoRA linears on such a base (exact class) with at most one active adapter
     that has no LoRA variant (DoRA, aLoRA, ...), no LoRA bias, plain ``nn.Dropout`` (or none),
     plain bias-free A and B, and that is neither merged, disabled nor fan_in_fan_out.
@@ -137,13 +134,10 @@ def describe_proj(module: torch.nn.Module) -> Proj | str:
     else:
         base = module
         proj = Proj(base, None, None, 0.0)
-    if is_int4(base):  # buffers only: its weight is frozen by construction
-        if base.bias is not None and base.bias.requires_grad:
-            return "trainable base bias"
-        return proj
-    if not (type(base) is torch.nn.Linear or isinstance(base, bnb.nn.Linear4bit)):
-        return f"{type(base).__name__} base (the kernels take 16-bit and 4-bit linears)"
-    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+    kind = KINDS.of(base)
+    if kind is None or not kind.fused or (kind is DENSE and type(base) is not torch.nn.Linear):
+        return f"{type(base).__name__} base (the kernels take 16-bit, NF4/FP4 and INT4 linears)"
+    if any(p.requires_grad for p in base.parameters(recurse=False)):
         return "trainable base weight or bias"
     return proj
 

@@ -1,11 +1,12 @@
 """Dequantize a frozen base weight for one GEMM.
 
-``stacked`` is the one entry point the fused functions use. NF4 weights on CUDA go through the
-one-launch Triton kernel of :mod:`.nf4_kernel` (double quantization included); everything else —
-FP4, CPU, or ``QFINE_TRITON_NF4=0`` — through bitsandbytes' own ``dequantize_4bit``, which is also
-the reference the kernel is tested against. QA-LoRA's group-wise INT4 layers
-(:class:`qfine.quant.int4.Int4Linear`) go through :mod:`.int4_kernel` on CUDA and
-:func:`qfine.quant.int4.dequantize_groups` elsewhere.
+``stacked`` is the one entry point the fused functions use; :func:`dequantize` picks the GEMM-side
+dequantizer of the layer's base-weight kind (:data:`qfine.quant.KINDS`). NF4 weights on CUDA go
+through the one-launch Triton kernel of :mod:`.nf4_kernel` (double quantization included); FP4, CPU,
+or ``QFINE_TRITON_NF4=0`` through bitsandbytes' own ``dequantize_4bit``, which is also the reference
+the kernel is tested against. Group-wise INT4 layers (:class:`qfine.quant.int4.Int4Linear`) go through
+:mod:`.int4_kernel` on CUDA and :func:`qfine.quant.int4.dequantize_groups` elsewhere. A kind with no
+dequantizer here goes through the registry's exact one.
 
 A group of weights can instead be kept dequantized (:func:`keep`, chosen per layer by
 :mod:`.resident`): ``stacked`` then hands out the kept buffer, and no dequantize runs for that group.
@@ -13,6 +14,7 @@ A group of weights can instead be kept dequantized (:func:`keep`, chosen per lay
 
 from __future__ import annotations
 
+import itertools
 import os
 import weakref
 from dataclasses import dataclass
@@ -20,8 +22,8 @@ from dataclasses import dataclass
 import bitsandbytes as bnb
 import torch
 
+from qfine.quant import DENSE, KINDS, bnb4, int4
 from qfine.quant.bnb4 import ensure_not_repacked
-from qfine.quant.int4 import Int4Linear
 
 
 def _triton_nf4(w: torch.Tensor, state, dtype: torch.dtype) -> bool:
@@ -34,57 +36,60 @@ def _triton_nf4(w: torch.Tensor, state, dtype: torch.dtype) -> bool:
     return all(isinstance(t, torch.Tensor) and t.device == w.device for t in tensors)
 
 
-def is_int4(linear: torch.nn.Module) -> bool:
-    """Whether ``linear`` is QA-LoRA's group-wise INT4 layer (its ``weight`` is computed, not stored)."""
-
-    return isinstance(linear, Int4Linear)
-
-
 def device_of(linear: torch.nn.Module) -> torch.device:
-    """Where a frozen linear's weight lives, without materialising an INT4 layer's weight."""
-    return linear.codes.device if is_int4(linear) else linear.weight.device
+    """Where a frozen linear's weight lives, without materialising a computed weight (INT4's)."""
+    return next(itertools.chain(linear.parameters(recurse=False), linear.buffers(recurse=False))).device
 
 
-def _dequantize_int4(linear, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+def _int4(linear, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
     if linear.codes.is_cuda and os.environ.get("QFINE_TRITON_NF4", "1") != "0" and (out is None or out.stride(1) == 1):
-        from qfine.fast.int4_kernel import dequantize_int4
+        from qfine.fast.int4_kernel import dequantize_int4  # Triton: CUDA only
 
         return dequantize_int4(linear.codes, linear.scales, linear.mins, dtype, out=out)
-    full = linear.dequantize()
+    return _into(linear.dequantize(), dtype, out)
+
+
+def _bnb4(linear, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    w = linear.weight
+    state = w.quant_state
+    ensure_not_repacked(w)
+    if _triton_nf4(w, state, dtype) and (out is None or (out.dtype == dtype and out.stride(1) == 1)):
+        from qfine.fast.nf4_kernel import dequantize_nf4  # Triton: CUDA only
+
+        return dequantize_nf4(w.data, state, out=out)
+    if out is not None and out.dtype == state.dtype and w.is_cuda and out.is_contiguous():  # no CPU kernel for .out
+        return bnb.functional.dequantize_4bit(w.data, state, out=out)
+    return _into(bnb.functional.dequantize_4bit(w.data, state), dtype, out)
+
+
+def _dense(linear, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    return _into(linear.weight, dtype, out)
+
+
+def _into(full: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
     if out is not None:
         return out.copy_(full)
-    return full.to(dtype)
+    return full if full.dtype == dtype else full.to(dtype)
+
+
+# the GEMM-side dequantizer of each base-weight kind that has one; any other kind goes through the
+# registry's exact fp32 dequantization (correct, one extra copy)
+_FAST = {bnb4.KIND.name: _bnb4, int4.KIND.name: _int4, DENSE.name: _dense}
 
 
 def dequantize(linear: torch.nn.Module, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The (out, in) weight of a plain or bitsandbytes 4-bit linear in ``dtype``.
+    """The (out, in) weight of a frozen base linear (:data:`qfine.quant.KINDS`) in ``dtype``.
 
     A 16-bit weight already in ``dtype`` is returned as is (no copy) unless ``out`` is given; a 4-bit
     one is dequantized into a new buffer, or into ``out``: an (out, in) tensor with contiguous rows
     such as a row block of a stacked weight or the leading columns of a wider one. The caller frees
     the buffer right after its GEMM.
     """
-    if is_int4(linear):
-        return _dequantize_int4(linear, dtype, out)
-    w = linear.weight
-    state = getattr(w, "quant_state", None)
-    if state is None:
-        if out is not None:
-            return out.copy_(w)
-        return w if w.dtype == dtype else w.to(dtype)
-
-
-    ensure_not_repacked(w)
-    if _triton_nf4(w, state, dtype) and (out is None or (out.dtype == dtype and out.stride(1) == 1)):
-        from qfine.fast.nf4_kernel import dequantize_nf4
-
-        return dequantize_nf4(w.data, state, out=out)
-    if out is not None and out.dtype == state.dtype and w.is_cuda and out.is_contiguous():  # no CPU kernel for .out
-        return bnb.functional.dequantize_4bit(w.data, state, out=out)
-    full = bnb.functional.dequantize_4bit(w.data, state)
-    if out is not None:
-        return out.copy_(full)
-    return full if full.dtype == dtype else full.to(dtype)
+    kind = KINDS.of(linear)
+    fast = _FAST.get(kind.name) if kind is not None else None
+    if fast is not None:
+        return fast(linear, dtype, out)
+    return _into(KINDS.dequantize(linear), dtype, out)
 
 
 @dataclass
@@ -107,10 +112,7 @@ _KEPT: "weakref.WeakKeyDictionary[torch.nn.Module, _Kept]" = weakref.WeakKeyDict
 
 def _plain(linear, dtype: torch.dtype) -> bool:
     """A 16-bit weight already in ``dtype``: :func:`stacked` hands it out as is."""
-    if is_int4(linear):
-        return False
-    w = linear.weight
-    return getattr(w, "quant_state", None) is None and w.dtype == dtype
+    return KINDS.of(linear) is DENSE and linear.weight.dtype == dtype
 
 
 def kept_bytes(linears, dtype: torch.dtype, extra_cols: int = 0) -> int:

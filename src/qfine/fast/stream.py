@@ -36,6 +36,8 @@ import torch
 from qfine.fast.offload import Offloader, in_offloaded_forward, output_discarded
 from qfine.fast.swap import causal_lm
 from qfine.memory.estimate import STREAM_MIN_BYTES
+from qfine.quant import KINDS
+from qfine.quant.registry import dense_tensors
 
 MIN_BYTES = STREAM_MIN_BYTES  # tensors smaller than this stay on the GPU
 
@@ -94,16 +96,15 @@ class WeightStream:
         for name, module in layer.named_modules():
             if any(part.startswith("lora_") for part in name.split(".")):
                 continue  # adapters, frozen or not, stay put: a frozen one may train later (multi-task)
-            for param in module.parameters(recurse=False):
-                if param.requires_grad or id(param) in seen:
+            kind = KINDS.of(module)
+            # a base linear streams what its kind names; any other module (a norm) its frozen parameters
+            tensors = kind.streamed(module) if kind is not None else dense_tensors(module)
+            for owner, attr, t in tensors:
+                key = (id(owner), attr)
+                if key in seen or t.numel() * t.element_size() < min_bytes:
                     continue
-                seen.add(id(param))
-                state = getattr(param, "quant_state", None)
-                if param.numel() * param.element_size() >= min_bytes:
-                    found.append((param, "data", param.data))
-                absmax = getattr(state, "absmax", None)
-                if isinstance(absmax, torch.Tensor) and absmax.numel() * absmax.element_size() >= min_bytes:
-                    found.append((state, "absmax", absmax))
+                seen.add(key)
+                found.append((owner, attr, t))
         slots = []
         for owner, attr, t in found:
             if self.cuda:  # straight into pinned memory: no pageable copy on the way

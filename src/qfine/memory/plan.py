@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from qfine.config import RunConfig
 from qfine.memory import estimate as memory
+from qfine.quant import KINDS, Settings
+from qfine.quant.adaptive import budget_bytes
 from qfine.util.errors import QfineError
 
 _LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -40,23 +42,13 @@ def linear_shapes(s: memory.Shapes) -> dict[str, tuple[int, int]]:
             "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
 
 
-def bytes_per_weight(double_quant: bool = True) -> float:
-    """½ byte per weight + its share of the absmax: one per 64 weights, fp32, or with double quant an
-    8-bit absmax plus one fp32 constant per 256 of them."""
-    return 0.5 + ((1 + 4 / 256) if double_quant else 4) / 64
-
-
 def weight_bytes(config, quantization: str, double_quant: bool = True, group_size: int = 32,
                  dtype_bytes: int = 2, budget: str = "1.15x") -> int:
     """Bytes of the frozen base as loaded (module docstring); ``dtype_bytes``: of the compute dtype, in
     which the layers that are not quantized are kept (2 on a GPU, 4 with fp32 compute on the CPU);
     ``budget``: adaptive quantization's memory budget (its upper bound is planned for)."""
     if quantization == "adaptive":  # NF4 plus the int8 layers its budget allows, at most
-        from qfine.quant.adaptive import budget_bytes
-
         return budget_bytes(budget, weight_bytes(config, "nf4", double_quant, dtype_bytes=dtype_bytes))
-    if quantization not in ("nf4", "fp4", "int8", "int4", "none"):
-        raise QfineError(f"model.quantization {quantization!r} is not one qfine plan knows")
     s = memory.Shapes.from_config(config)
     linear = s.layers * layer_bytes(config, quantization, double_quant, group_size, dtype_bytes)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -83,35 +75,24 @@ def _pow2ceil(n: int) -> int:
 
 def host_layer_bytes(config, quantization: str, double_quant: bool = True, dtype_bytes: int = 2,
                      min_bytes: int = memory.STREAM_MIN_BYTES) -> int:
-    """Pinned host bytes of one streamed decoder layer: each streamed tensor (the packed 4-bit weight and
-    its absmax, at least ``min_bytes``) rounded up to a power of two, as torch's
-    pinned-memory cache allocates it (a Llama-3.1-70B layer: 0.45 GiB for 0.41 of weights)."""
+    """Pinned host bytes of one streamed decoder layer: each streamed tensor of its kind
+    (:attr:`qfine.quant.BaseWeight.host_tensors`, at least ``min_bytes``) rounded up to a power of two,
+    as torch's pinned-memory cache allocates it (a Llama-3.1-70B layer: 0.45 GiB for 0.41 of weights)."""
     s = memory.Shapes.from_config(config)
-    total = 0
-    for a, b in linear_shapes(s).values():
-        if quantization in ("nf4", "fp4", "adaptive"):
-            tensors = (a * b // 2, a * b // 64 * (1 if double_quant else 4))
-        else:
-            tensors = (a * b * dtype_bytes,)
-        total += sum(_pow2ceil(t) for t in tensors if t >= min_bytes)
+    kind, settings = KINDS.named(quantization), Settings(double_quant, dtype_bytes=dtype_bytes)
+    total = sum(_pow2ceil(t) for inp, out in linear_shapes(s).values()
+                for t in kind.host_tensor_bytes(out, inp, settings) if t >= min_bytes)
     norm = s.hidden * dtype_bytes  # the two norms' weights (frozen, streamed when large enough)
     return total + (2 * _pow2ceil(norm) if norm >= min_bytes else 0)
 
 
 def layer_bytes(config, quantization: str, double_quant: bool = True, group_size: int = 32,
                 dtype_bytes: int = 2) -> int:
-    """Bytes of one decoder layer's linears as stored (module docstring): what weight streaming moves
-    per layer."""
+    """Bytes of one decoder layer's linears as stored (:attr:`qfine.quant.BaseWeight.stored_bytes`;
+    adaptive: its NF4 layers, the int8 ones being larger): what weight streaming moves per layer."""
     s = memory.Shapes.from_config(config)
-    per_layer = sum(a * b for a, b in linear_shapes(s).values())
-    rows = sum(b for _, b in linear_shapes(s).values())
-    if quantization in ("nf4", "fp4", "adaptive"):  # adaptive: its NF4 layers (the int8 ones are larger)
-        return int(per_layer * bytes_per_weight(double_quant))
-    if quantization == "int8":
-        return per_layer + 4 * rows
-    if quantization == "int4":
-        return int(per_layer / 2 + 8 * per_layer / group_size)
-    return dtype_bytes * per_layer
+    kind, settings = KINDS.named(quantization), Settings(double_quant, group_size, dtype_bytes)
+    return int(sum(kind.stored_bytes(out, inp, settings) for inp, out in linear_shapes(s).values()))
 
 
 @dataclass

@@ -32,11 +32,11 @@ INITS = ("default", "gaussian", "loftq", "pissa")
 
 
 def _adaptable(module: torch.nn.Module) -> bool:
-    """Layers peft's LoRA can wrap: nn.Linear (bitsandbytes 4/8-bit linears subclass it), nn.Embedding,
-    transformers' Conv1D (GPT-2 style), nn.Conv1d/2d/3d, and a layer peft already wraps (another
-    adapter goes beside the first)."""
-    return isinstance(module, (torch.nn.Linear, torch.nn.Embedding, Conv1D, torch.nn.Conv1d, torch.nn.Conv2d,
-                               torch.nn.Conv3d, BaseTunerLayer, Int4Linear))
+    """Layers peft's LoRA can wrap: a base linear of any kind qfine stores (:data:`qfine.quant.KINDS`),
+    nn.Embedding, transformers' Conv1D (GPT-2 style), nn.Conv1d/2d/3d, and a layer peft already wraps
+    (another adapter goes beside the first)."""
+    return KINDS.is_base_linear(module) or isinstance(
+        module, (torch.nn.Embedding, Conv1D, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, BaseTunerLayer))
 
 
 def _model_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -55,7 +55,7 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Sorted distinct short names (last path component) of the model's linear layers (a layer peft
     already wraps counts as the linear it wraps)."""
     return sorted({name.rsplit(".", 1)[-1] for name, m in _model_modules(model).items()
-                   if name and isinstance(m, (torch.nn.Linear, BaseTunerLayer, Int4Linear))})
+                   if name and (KINDS.is_base_linear(m) or isinstance(m, BaseTunerLayer))})
 
 
 def _output_layer_names(model: torch.nn.Module) -> set[str]:

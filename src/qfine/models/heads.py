@@ -23,17 +23,19 @@ LABELS_FILE = "labels.json"  # in a seq-cls run directory: the class names in la
 class Head:
     """``auto_class``: the transformers Auto class that loads the model; ``peft_type``: peft's
     ``TaskType`` name; ``heads``: modules trained in full and kept out of quantization (a classification
-    head starts random and is small); ``labelled``: the model has one output per class label."""
+    head starts random and is small); ``labelled``: the model has one output per class label;
+    ``chat``: its inputs are chat turns rendered with a chat template (``qfine chat`` serves it)."""
 
     name: str
     auto_class: str
     peft_type: str
     heads: tuple[str, ...] = ()
     labelled: bool = False
+    chat: bool = False
 
 
 HEADS = {
-    "causal-lm": Head("causal-lm", "AutoModelForCausalLM", "CAUSAL_LM"),
+    "causal-lm": Head("causal-lm", "AutoModelForCausalLM", "CAUSAL_LM", chat=True),
     "seq-cls": Head("seq-cls", "AutoModelForSequenceClassification", "SEQ_CLS", ("score", "classifier"), True),
     "seq2seq": Head("seq2seq", "AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM"),
 }

@@ -28,10 +28,15 @@ BY_TASK = {"causal-lm": "sft", "seq-cls": "classify", "seq2seq": "seq2seq"}
 
 def objective_of(cfg: RunConfig) -> Objective:
     """The :class:`Objective` a run trains."""
-    name = BY_TASK.get(cfg.model.task)
+    return for_task(cfg.model.task)
+
+
+def for_task(task: str) -> Objective:
+    """The :class:`Objective` that trains the model head ``task`` (a loaded run's ``Loaded.task``)."""
+    name = BY_TASK.get(task)
     if name is None:
-        raise QfineError(f"model.task must be one of {', '.join(BY_TASK)}, not {cfg.model.task!r}")
+        raise QfineError(f"model.task must be one of {', '.join(BY_TASK)}, not {task!r}")
     return OBJECTIVES[name]
 
 
-__all__ = ["BY_TASK", "OBJECTIVES", "Objective", "Supports", "objective_of"]
+__all__ = ["BY_TASK", "OBJECTIVES", "Objective", "Supports", "for_task", "objective_of"]

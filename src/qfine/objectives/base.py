@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qfine.config import RunConfig
+from qfine.config import GenerationSettings, RunConfig
 
 
 @dataclass(frozen=True)
@@ -64,4 +64,9 @@ class Objective:
 
     def answer(self, model, tokenizer, inputs: list, cfg: RunConfig, labels: list[str] | None) -> list[str]:
         """How ``model`` (in eval mode for the call) answers each sample input."""
+        raise NotImplementedError
+
+    def predict(self, loaded, texts: list[str], gen: GenerationSettings) -> list[dict]:
+        """What ``qfine predict`` prints for each input text of a loaded run: ``{"output": text}``, or
+        ``{"label", "probabilities"}`` for a classifier."""
         raise NotImplementedError

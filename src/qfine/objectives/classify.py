@@ -185,3 +185,6 @@ class Classify(Objective):
     def answer(self, model, tokenizer, inputs: list, cfg: RunConfig, labels) -> list[str]:
         return [f"{p['label']} ({p['probabilities'][p['label']]:.2f})"
                 for p in predict(model, tokenizer, inputs, labels, cfg.data.max_seq_len)]
+
+    def predict(self, loaded, texts: list[str], gen) -> list[dict]:
+        return predict(loaded.model, loaded.tokenizer, texts, loaded.labels, loaded.data.max_seq_len)

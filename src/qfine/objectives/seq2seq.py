@@ -111,3 +111,6 @@ class Seq2Seq(Objective):
 
     def answer(self, model, tokenizer, inputs: list, cfg: RunConfig, labels) -> list[str]:
         return generate(model, tokenizer, inputs, cfg.generation, cfg.data.max_seq_len)
+
+    def predict(self, loaded, texts: list[str], gen: GenerationSettings) -> list[dict]:
+        return [{"output": t} for t in generate(loaded.model, loaded.tokenizer, texts, gen, loaded.data.max_seq_len)]

@@ -14,7 +14,7 @@ from qfine.config import RunConfig
 from qfine.data import build_datasets
 from qfine.data.pipeline import prompt_and_reply, row_messages
 from qfine.data.readers import BadRow, read_rows
-from qfine.generation.serve import generate
+from qfine.generation.generate import generate
 from qfine.models.loading import Loaded
 from qfine.objectives.base import Objective, Supports
 from qfine.objectives.graphed_trainer import QfineSFTTrainer
@@ -75,3 +75,6 @@ class SFT(Objective):
     def answer(self, model, tokenizer, inputs: list, cfg: RunConfig, labels) -> list[str]:
         loaded = Loaded(model, tokenizer, "", str(next(model.parameters()).device), None)
         return [generate(loaded, p, max_new_tokens=min(48, cfg.generation.max_new_tokens)) for p in inputs]
+
+    def predict(self, loaded, texts: list[str], gen) -> list[dict]:
+        return [{"output": generate(loaded, t, max_new_tokens=gen.max_new_tokens)} for t in texts]

@@ -58,6 +58,11 @@ def stored_bytes(out: int, inp: int, s: Settings) -> float:
     return out * inp * bytes_per_weight(s.double_quant)
 
 
+def host_tensors(out: int, inp: int, s: Settings) -> tuple[int, ...]:
+    """The packed codes (½ byte per weight) and the absmax (one per 64 weights: 1 byte double-quantized, else 4)."""
+    return out * inp // 2, out * inp // 64 * (1 if s.double_quant else 4)
+
+
 KIND = BaseWeight(name="4-bit", config_names=("nf4", "fp4", "adaptive"),
                   matches=lambda m: isinstance(m, bnb.nn.Linear4bit), dequantize=dequantize,
-                  stored_bytes=stored_bytes, streamed=streamed, fused=True)
+                  stored_bytes=stored_bytes, host_tensors=host_tensors, streamed=streamed, fused=True)

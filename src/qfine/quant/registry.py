@@ -32,7 +32,9 @@ class BaseWeight:
 
     ``config_names``: the ``model.quantization`` values that store linears this way. ``matches(module)``:
     whether a loaded module is this kind. ``dequantize(module)``: its (out, in) weight in fp32, exactly
-    as the layer computes with it. ``stored_bytes(out, in, settings)``: bytes of one such linear.
+    as the layer computes with it. ``stored_bytes(out, in, settings)``: bytes of one such linear;
+    ``host_tensors(out, in, settings)``: the bytes of each tensor of it that streams (the plan rounds
+    each up as the pinned-memory cache does).
     ``streamed(module)``: the ``(owner, attr, tensor)`` a weight stream moves to host memory (the large
     tensors whose storage can be swapped without touching the module). ``fused``: the fused GPU layers
     dequantize it per GEMM. ``host_sync``: its matmul reads values back to the host (no CUDA graph).
@@ -43,9 +45,16 @@ class BaseWeight:
     matches: Callable[[torch.nn.Module], bool]
     dequantize: Callable[[torch.nn.Module], torch.Tensor]
     stored_bytes: Callable[[int, int, Settings], float]
+    host_tensors: Callable[[int, int, Settings], tuple[int, ...]] | None = None  # None: one tensor, stored_bytes
     streamed: Callable[[torch.nn.Module], list[tuple[object, str, torch.Tensor]]] = field(default=lambda m: [])
     fused: bool = False
     host_sync: bool = False
+
+    def host_tensor_bytes(self, out: int, inp: int, s: Settings) -> tuple[int, ...]:
+        """The bytes of each streamed tensor of one (out, in) linear of this kind."""
+        if self.host_tensors is not None:
+            return self.host_tensors(out, inp, s)
+        return (int(self.stored_bytes(out, inp, s)),)
 
 
 def dense_tensors(module: torch.nn.Module) -> list[tuple[object, str, torch.Tensor]]:
