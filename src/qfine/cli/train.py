@@ -90,29 +90,9 @@ def cmd_sweep(ns):
 
 
 def cmd_plan(ns):
-    import torch
+    from qfine.api import plan
 
-    from qfine.memory.estimate import host_available
-    from qfine.memory.fit import gpu_budget
-    from qfine.memory.plan import parse_gib, render
-    from qfine.models.sources import model_config
-
-    cfg = _build_config(ns)
-    if ns.gpu_memory:
-        budget = parse_gib(ns.gpu_memory, "--gpu-memory")
-    elif torch.cuda.is_available():
-        budget = gpu_budget()  # what qfine train measures against, too
-    else:
-        raise QfineError("no GPU visible: pass --gpu-memory (e.g. 24GiB) to plan for one")
-    fused = not ns.reference_layers and cfg.lora.variant == "lora" and cfg.lora.method == "lora"
-    # this machine's host memory is the default only where the GPU's is this machine's too: planning for
-    # another machine's GPU (--gpu-memory) checks the host only when told its size
-    host = (parse_gib(ns.host_memory, "--host-memory") if ns.host_memory
-            else None if ns.gpu_memory else host_available())
-    print(render(cfg.model.source, model_config(cfg.model.source), cfg, budget, fused, host))
-
-
-
+    print(plan(_build_config(ns), ns.gpu_memory, ns.host_memory, ns.reference_layers))
 
 def register(sub) -> None:
     """Add train, sweep and plan to the CLI's subparsers."""
