@@ -64,7 +64,7 @@ def load_qfine(d, max_seq, fast=True, ckpt=True, offload=False, resident_gib=0.0
                      gradient_checkpointing=ckpt)
     if s2_group:
         from qfine.methods import s2attn
-        print(f"[qfine] S2-Attn, groups of {s2_group} tokens: {s2attn.enable(model, s2_group)} attention modules",
+        print(f"[qfine] S2-Attn, groups of {s2_group} tokens: {len(s2attn.enable(model, s2_group))} attention modules",
               flush=True)
     if fast:
         print(f"[qfine] {apply_fast_path(model)}", flush=True)

@@ -1,14 +1,70 @@
-"""The private symbols of other libraries that qfine.compat.torch reaches still exist and mean what it assumes."""
+"""Every private symbol of another library that qfine reaches (qfine.compat) still exists and means what
+qfine assumes: an upgrade that changes one fails here, by name."""
 
 from __future__ import annotations
 
-import torch
+import inspect
 
-from qfine.compat.torch import set_last_lr
+import pytest
+import torch
+import transformers
+from peft import LoraConfig
+
+from qfine.compat import peft as peft_compat
+from qfine.compat import torch as torch_compat
+from qfine.compat import transformers as tf_compat
 
 
 def test_set_last_lr_is_what_get_last_lr_returns():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
-    set_last_lr(sched, [0.25])
+    torch_compat.set_last_lr(sched, [0.25])
     assert sched.get_last_lr() == [0.25]
+
+
+def test_foreach_norm_and_zero():
+    a, b = torch.tensor([3.0, 4.0]), torch.tensor([[1.0, 2.0], [2.0, 4.0]])
+    assert [float(n) for n in torch_compat.foreach_norm([a, b])] == [5.0, 5.0]
+    torch_compat.foreach_zero_([a, b])
+    assert not a.any() and not b.any()
+
+
+def test_persistent_buffers_leave_out_the_non_persistent_ones():
+    m = torch.nn.Module()
+    m.register_buffer("kept", torch.ones(1))
+    m.register_buffer("dropped", torch.ones(1), persistent=False)
+    assert [n for n, _ in torch_compat.persistent_buffers(m)] == ["kept"]
+    assert set(m.state_dict()) == {"kept"}
+
+
+def test_is_dropout_and_mark_dynamic():
+    assert torch_compat.is_dropout(torch.nn.Dropout(0.1)) and torch_compat.is_dropout(torch.nn.Dropout2d())
+    assert not torch_compat.is_dropout(torch.nn.Linear(2, 2))
+    torch_compat.mark_dynamic(torch.zeros(4, 3), 0)
+
+
+def test_peft_registers_a_custom_layer_class():
+    cfg = LoraConfig(target_modules=["x"])
+    peft_compat.register_custom_module(cfg, {torch.nn.Identity: torch.nn.Identity})
+    assert torch.nn.Identity in cfg._custom_modules
+
+
+def test_the_attention_implementation_is_read_and_selected_through_the_config(tiny_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert tf_compat.attn_implementation(model.config) == "sdpa"
+    tf_compat.set_attn_implementation(model.config, "eager")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_decoder_layers_hold_their_checkpointing_function(tiny_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model.gradient_checkpointing_enable()
+    assert callable(getattr(model.model.layers[0], tf_compat.CHECKPOINT_FUNC))
+
+
+@pytest.mark.parametrize("name, params", sorted(tf_compat.TRAINER_OVERRIDES.items()))
+def test_the_trainer_methods_qfine_overrides_still_exist(name, params):
+    method = getattr(transformers.Trainer, name, None)
+    assert callable(method), f"transformers.Trainer.{name} is gone: qfine's trainers override it"
+    got = list(inspect.signature(method).parameters)[1:]
+    assert got[:len(params)] == list(params), (name, got)

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from qfine import config as C
+from qfine.compat.torch import persistent_buffers
 from qfine.generation.generate import encode_prompt
 from qfine.generation.load import is_run_dir, load_for_inference
 from qfine.methods.lora import int4_group
@@ -108,9 +109,8 @@ def merged_tensors(model: torch.nn.Module, dtype: torch.dtype,
             t = p.detach().to(dtype)
             yield prefix + pname, (t.clone() if id(p) in written else t).contiguous()
             written.add(id(p))
-        for bname, b in module.named_buffers(recurse=False):
-            if bname not in module._non_persistent_buffers_set:
-                yield prefix + bname, b.detach().contiguous()
+        for bname, b in persistent_buffers(module):
+            yield prefix + bname, b.detach().contiguous()
 
 
 def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, max_shard_bytes: int = 2 * 2**30) -> int:

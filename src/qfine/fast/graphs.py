@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qfine.compat.torch import foreach_zero_, is_dropout
 from qfine.fast.offload import graph_keeps
 from qfine.fast.stream import stream_of
 from qfine.quant import KINDS
@@ -49,7 +50,7 @@ def random_modules(model: torch.nn.Module) -> list[str]:
             covered.update(id(m) for m in module.modules())
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0 and id(module) not in covered:
+        if is_dropout(module) and module.p > 0 and id(module) not in covered:
             names.append(name or type(module).__name__)
     return names
 
@@ -185,7 +186,7 @@ class GraphedStep:
                 g.copy_(p.grad)
             p.grad = g
         if dropped:
-            torch._foreach_zero_(dropped)
+            foreach_zero_(dropped)
 
     def _capture(self, key, batch) -> _Graph | None:
         inputs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

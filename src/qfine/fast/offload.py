@@ -23,6 +23,8 @@ import functools
 
 import torch
 
+from qfine.compat.transformers import CHECKPOINT_FUNC
+
 _UNGRADED_FORWARD = contextvars.ContextVar("qfine_checkpoint_forward", default=False)
 _RECOMPUTE = contextvars.ContextVar("qfine_checkpoint_recompute", default=False)
 
@@ -265,10 +267,10 @@ def install_checkpointing(layers, offload: bool) -> int:
     for i, layer in enumerate(layers):
         if not getattr(layer, "gradient_checkpointing", False):
             continue
-        current = getattr(layer, "_gradient_checkpointing_func", None)
+        current = getattr(layer, CHECKPOINT_FUNC, None)
         fallback = getattr(current, "qfine_fallback", current)
         func = functools.partial(_offloaded_checkpoint, offloader, i, fallback)
         func.qfine_fallback = fallback
-        layer._gradient_checkpointing_func = func
+        setattr(layer, CHECKPOINT_FUNC, func)
         count += 1
     return count

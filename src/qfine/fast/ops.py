@@ -15,6 +15,8 @@ import warnings
 
 import torch
 
+from qfine.compat.torch import mark_dynamic
+
 
 def _compile_enabled() -> bool:
     return os.environ.get("QFINE_COMPILE", "1") != "0"
@@ -81,7 +83,7 @@ def fused(fn):
         for a in args:
             if isinstance(a, torch.Tensor):
                 for dim in range(min(a.dim() - 1, 2)):  # (tokens, ...) or (batch, seq, ...)
-                    torch._dynamo.maybe_mark_dynamic(a, dim)
+                    mark_dynamic(a, dim)
         with torch.autocast("cuda", enabled=False, cache_enabled=False):
             if torch.cuda.is_current_stream_capturing():
                 return _call_in_capture(call, kernel, fn, args)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from qfine.compat.transformers import CHECKPOINT_FUNC
 from qfine.fast.offload import Offloader, in_offloaded_forward, output_discarded
 from qfine.fast.swap import causal_lm
 from qfine.memory.estimate import STREAM_MIN_BYTES
@@ -261,7 +262,7 @@ def install(model, device, min_bytes: int | None = None, poison: bool = False, k
 
 def _offloader(layer):
     """The :class:`.offload.Offloader` of a layer checkpointed through qfine's recompute, or None."""
-    func = getattr(layer, "_gradient_checkpointing_func", None)
+    func = getattr(layer, CHECKPOINT_FUNC, None)
     args = getattr(func, "args", ())
 
     return args[0] if args and isinstance(args[0], Offloader) else None

@@ -21,6 +21,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from qfine.compat.transformers import CHECKPOINT_FUNC, attn_implementation
 from qfine.fast import ops
 from qfine.fast.lora import LoraLinear, Norm, NormMLP, NormQKV, Proj, describe_proj, lora_proj
 from qfine.fast.loss import linear_cross_entropy
@@ -79,7 +80,7 @@ class FastDecoderLayer(_LayerBase):
         self._reference_cls = type(layer)
         self._norm_offset, self._act = norm_offset, act
         for key, value in vars(layer).items():
-            if not key.startswith("_") or key == "_gradient_checkpointing_func":
+            if not key.startswith("_") or key == CHECKPOINT_FUNC:
                 setattr(self, key, value)
         for name, child in layer.named_children():
             self.add_module(name, child)
@@ -153,7 +154,7 @@ class FastDecoderLayer(_LayerBase):
         q, k, v = NormQKV.apply(h, ln1, qk_norms, cos.to(h.dtype), sin.to(h.dtype), attn.head_dim,
                                 pq, pk, pv, seeds, *_ab(pq), *_ab(pk), *_ab(pv))
 
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, self._eager)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation(attn.config), self._eager)
         if _CAUSAL_ONLY.get():
             attention_mask = None
         if hasattr(attn, "sliding_window"):

@@ -14,18 +14,22 @@ Cost: T·G instead of T²/2 score entries per head. At inference (``module.train
 attends over the whole sequence with SDPA, as LongLoRA does.
 
 It is installed as a transformers attention implementation (``AttentionInterface.register``, the
-library's extension point) and selected per model through ``config._attn_implementation``; qfine's
+library's extension point) and selected per model through the config's attention implementation (:mod:`qfine.compat.transformers`); qfine's
 fused layers call the configured implementation too, so both paths run it. The group size sits on
 each attention module (``s2_group``), not in the config, so nothing of it is saved with a model.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from qfine.compat.transformers import attn_implementation, set_attn_implementation
 
 NAME = "qfine_s2"
 
@@ -90,35 +94,45 @@ def reference_s2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, 
     return torch.stack(out, dim=1)
 
 
-def enable(model: torch.nn.Module, group: int) -> int:
-    """Make ``model`` (a causal LM, peft-wrapped or not) train with S²-Attn over groups of ``group``
-    tokens; returns the number of attention modules set. :func:`disable` undoes it."""
+@dataclass
+class S2Attn:
+    """S²-Attn switched on for a model by :func:`enable`: its attention modules and the attention
+    implementation :func:`disable` puts back."""
 
+    base: torch.nn.Module
+    before: str | None
+    modules: list[torch.nn.Module] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+
+def enable(model: torch.nn.Module, group: int) -> S2Attn:
+    """Make ``model`` (a causal LM, peft-wrapped or not) train with S²-Attn over groups of ``group``
+    tokens; each attention module gets its group size (``s2_group``, which :func:`s2_attention` reads).
+    Returns what :func:`disable` undoes (``len()``: the attention modules set)."""
     AttentionInterface.register(NAME, s2_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    n = 0
+    on = S2Attn(base, attn_implementation(base.config))
     for name, m in base.named_modules():
         if name.endswith("self_attn"):
             m.s2_group = group
-            n += 1
-    base._qfine_attn_before = base.config._attn_implementation
+            on.modules.append(m)
     _set_implementation(base, NAME)
-    return n
+    return on
 
 
-def disable(model: torch.nn.Module) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    before = getattr(base, "_qfine_attn_before", None)
-    if before is None:
+def disable(on: S2Attn | None) -> None:
+    """Full attention again where :func:`enable` switched S²-Attn on (nothing for None)."""
+    if on is None:
         return
-    for name, m in base.named_modules():
-        if name.endswith("self_attn") and hasattr(m, "s2_group"):
-            del m.s2_group
-    _set_implementation(base, before)
-    del base._qfine_attn_before
+    for m in on.modules:
+        m.__dict__.pop("s2_group", None)
+    _set_implementation(on.base, on.before)
+    on.modules.clear()
 
 
 def _set_implementation(model, name: str) -> None:
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        config._attn_implementation = name
+        set_attn_implementation(config, name)

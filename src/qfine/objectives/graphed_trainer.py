@@ -30,6 +30,8 @@ from accelerate.utils import AutocastKwargs
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from qfine.compat.torch import foreach_zero_
+from qfine.compat.transformers import attn_implementation
 from qfine.fast import GraphedStep
 
 _STEP_KEYS = ("input_ids", "labels", "attention_mask", "position_ids")
@@ -70,7 +72,7 @@ def _zero_grads(params: list, set_to_none: bool = True) -> None:
         for p in params:
             p.grad = None
     elif grads := [p.grad for p in params if p.grad is not None]:
-        torch._foreach_zero_(grads)
+        foreach_zero_(grads)
 
 
 class QfineSFTTrainer(SFTTrainer):
@@ -145,7 +147,7 @@ class QfineSFTTrainer(SFTTrainer):
         """Route training steps through a :class:`GraphedStep` for rows up to ``max_len`` tokens;
         returns a line saying what was done (or why not)."""
 
-        attn = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+        attn = attn_implementation(getattr(self.model, "config", None))
         collator = self.data_collator
         self._padding_free = bool(getattr(collator, "padding_free", False))
         if self._padding_free and attn not in ("sdpa", "eager"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from qfine.compat.torch import set_last_lr
+from qfine.compat.torch import foreach_norm, set_last_lr
 
 
 class MetricsJsonl(TrainerCallback):
@@ -101,7 +101,7 @@ class NonFiniteGuard(TrainerCallback):
         grads = [p.grad for p in params if p.grad is not None]
         if grads:
             # a gradient's norm is finite exactly when all its entries are: one reduction for all
-            self._pending = (state.global_step + 1, torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+            self._pending = (state.global_step + 1, torch.isfinite(torch.stack(foreach_norm(grads))).all())
             if not (grads[0].is_cuda if self.defer is None else self.defer):
                 self.check()
 

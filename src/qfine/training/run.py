@@ -107,6 +107,17 @@ class Prepared:
     tasks: list[str] | None  # a multi-task run's task names
 
 
+@dataclass
+class Started:
+    """What :func:`start` set up for :func:`fit` and :func:`finish`."""
+
+    trainer: object
+    facts: ReportFacts
+    samples: Samples
+    before: list[str]  # the samples' answers before training
+    s2: s2attn.S2Attn | None  # S²-Attn while training, switched off after it
+
+
 # ---- the phases ---------------------------------------------------------------------------------
 
 def check(cfg: C.RunConfig, objective: Objective) -> str:
@@ -210,9 +221,9 @@ def fit_memory(cfg: C.RunConfig, decisions: Decisions, model, fast: FastPathRepo
 
 
 def start(cfg: C.RunConfig, objective: Objective, prep: Prepared, model, fast, run_dir: Path, device: str,
-          ckpt: Path | None, decisions: Decisions, callbacks):
+          ckpt: Path | None, decisions: Decisions, callbacks) -> Started:
     """Answer the report's samples with the untrained model, create (or reopen) the run directory and
-    write what describes the run, then build the trainer → ``(trainer, report facts, samples, answers)``."""
+    write what describes the run, then build the trainer."""
     footprint = f"{cfg.model.source} ({cfg.model.quantization}) on {device}: {describe(model)}"
     say(footprint)
     samples = Samples(cfg, objective, prep.labels)
@@ -236,10 +247,12 @@ def start(cfg: C.RunConfig, objective: Objective, prep: Prepared, model, fast, r
     # freshly built peft wrappers start in training mode, and Trainer only calls train() on a model whose
     # top-level flag is off — the fused layers, the fused loss and LoRA dropout all read the inner flags
     model.train()
+    s2 = None
     if cfg.train.s2_attn:
         group = cfg.train.s2_group or cfg.data.max_seq_len // 4
-        say(f"S²-Attn in training: {s2attn.enable(model, group)} attention layers, groups of {group} tokens, half "
-            f"the heads shifted by {group // 2}; full attention in eval and generation")
+        s2 = s2attn.enable(model, group)
+        say(f"S²-Attn in training: {len(s2)} attention layers, groups of {group} tokens, half the heads shifted by "
+            f"{group // 2}; full attention in eval and generation")
     trainer = build_trainer(objective, model, prep.loaded.tokenizer, prep.train_ds, prep.eval_ds, cfg, run_dir,
                             device, callbacks, resume_step)
     if prep.tasks:
@@ -253,13 +266,14 @@ def start(cfg: C.RunConfig, objective: Objective, prep: Prepared, model, fast, r
         n, gib = keep_dequantized(model, cfg.train.resident_weights_gib, dtype)
         say(f"resident weights: {n} of {fast.layers} layers kept dequantized ({gib:.2f} GiB of "
             f"{cfg.train.resident_weights_gib:g})")
-    return trainer, facts, samples, before
+    return Started(trainer, facts, samples, before, s2)
 
 
-def fit(cfg: C.RunConfig, trainer, model, run_dir: Path, ckpt: Path | None, facts: ReportFacts) -> float:
+def fit(cfg: C.RunConfig, started: Started, model, run_dir: Path, ckpt: Path | None) -> float:
     """Train (or, for a run killed after its last checkpoint, take that checkpoint's adapter); returns
     the seconds it took. A non-finite loss stops with the last good checkpoint named and untouched."""
-    started = time.perf_counter()
+    trainer, facts = started.trainer, started.facts
+    t0 = time.perf_counter()
     resume_step = step_of(ckpt) if ckpt is not None else None
     try:
         if resume_step is not None and 0 < cfg.train.max_steps <= resume_step:
@@ -280,15 +294,15 @@ def fit(cfg: C.RunConfig, trainer, model, run_dir: Path, ckpt: Path | None, fact
                          "check the data, then --resume or start over.") from None
     finally:
         release_dequantized(model)
-        s2attn.disable(model)
+        s2attn.disable(started.s2)
     if getattr(trainer, "graphed", None) is not None:
         say(trainer.graphed.summary())
-    return time.perf_counter() - started
+    return time.perf_counter() - t0
 
 
-def finish(cfg: C.RunConfig, prep: Prepared, model, trainer, run_dir: Path, facts: ReportFacts, samples: Samples,
-           before: list[str], seconds: float) -> None:
+def finish(cfg: C.RunConfig, prep: Prepared, model, started: Started, run_dir: Path, seconds: float) -> None:
     """Rank 0 saves the adapter, answers the samples again, writes report.html and prints the summary."""
+    trainer, facts, samples = started.trainer, started.facts, started.samples
     if prep.tasks:  # the report's samples and anything after training see shared + the first task
         activate(model, prep.tasks, prep.tasks[0])
     if not distributed.is_main():
@@ -300,7 +314,7 @@ def finish(cfg: C.RunConfig, prep: Prepared, model, trainer, run_dir: Path, fact
     facts.adapter = f"step {ended.adapter_step} ({ended.adapter_why})"
     if samples.inputs:
         say(f"report samples: answering the {len(samples.inputs)} inputs with the trained adapter")
-    facts.samples = list(zip(samples.shown(), before, samples.answers(model, tokenizer)))
+    facts.samples = list(zip(samples.shown(), started.before, samples.answers(model, tokenizer)))
     if prep.labels and prep.eval_ds is not None:
         facts.confusion = (prep.labels, dataset_scores(model, tokenizer, prep.eval_ds, len(prep.labels))["confusion"])
     atomic_write_text(run_dir / "report.html", render(run_dir, facts))
@@ -337,10 +351,9 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     model, fast = adapt(run_cfg, objective, prep, device, ckpt is None, base_cache)
     decisions = fit_memory(run_cfg, decisions, model, fast, device)
     run_cfg = decisions.applied(cfg)
-    trainer, facts, samples, before = start(run_cfg, objective, prep, model, fast, run_dir, device, ckpt, decisions,
-                                            callbacks)
-    seconds = fit(run_cfg, trainer, model, run_dir, ckpt, facts)
-    finish(run_cfg, prep, model, trainer, run_dir, facts, samples, before, seconds)
+    started = start(run_cfg, objective, prep, model, fast, run_dir, device, ckpt, decisions, callbacks)
+    seconds = fit(run_cfg, started, model, run_dir, ckpt)
+    finish(run_cfg, prep, model, started, run_dir, seconds)
     return run_dir
 
 
