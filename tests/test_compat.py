@@ -68,3 +68,13 @@ def test_the_trainer_methods_qfine_overrides_still_exist(name, params):
     assert callable(method), f"transformers.Trainer.{name} is gone: qfine's trainers override it"
     got = list(inspect.signature(method).parameters)[1:]
     assert got[:len(params)] == list(params), (name, got)
+
+
+def test_shutdown_workers_stops_a_persistent_loaders_workers_at_once():
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=2, persistent_workers=True)
+    first = next(iter(loader))  # an iteration left unfinished, as an interrupted epoch leaves it
+    assert first.tolist() == [0, 1]
+    workers = list(loader._iterator._workers)
+    assert all(w.is_alive() for w in workers)
+    torch_compat.shutdown_workers(loader)
+    assert not any(w.is_alive() for w in workers) and loader._iterator is None

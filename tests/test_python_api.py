@@ -9,9 +9,8 @@ import sys
 import torch
 
 import qfine
-from qfine.util.compare import relative_difference
-
 from helpers import FACT, write_jsonl
+from qfine.util.compare import relative_difference
 
 
 def test_import_qfine_is_cheap():
@@ -38,7 +37,7 @@ def test_the_documented_example_runs_end_to_end(tiny_dir, tmp_path):
     reply = qfine.generate(run, FACT[0]["content"], max_new_tokens=8)
     assert isinstance(reply, str) and reply
 
-    ids = torch.tensor([[1, 17, 42, 99, 123]])
+    ids = torch.tensor([[1, 17, 42, 99, 123]], device=run.model.device)
     with torch.no_grad():
         adapted = run.model(ids).logits
         with qfine.merged(run.model):

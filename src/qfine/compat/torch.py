@@ -40,3 +40,18 @@ def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
     """``torch._dynamo.maybe_mark_dynamic``: compile once for every size of ``dim`` instead of
     recompiling per batch shape (public only as a private module's function)."""
     torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def shutdown_workers(loader) -> None:
+    """Stop a DataLoader's worker processes and pin-memory thread now (its iterator's
+    ``_shutdown_workers``, which torch otherwise calls when the iterator is garbage collected).
+
+    With persistent workers the iterator outlives the loop that used it; left to the garbage collector
+    after an interrupted epoch, the teardown can run at any later point of the process (a sweep's next
+    trial) and was seen to stall there on a GPU."""
+    iterator = getattr(loader, "_iterator", None)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
+    if iterator is not None:
+        loader._iterator = None

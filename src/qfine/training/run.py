@@ -20,6 +20,7 @@ import torch
 from transformers import TrainerState
 
 from qfine import config as C
+from qfine.compat.torch import shutdown_workers
 from qfine.data.readers import expand
 from qfine.fast import (
     FastPathReport,
@@ -295,6 +296,8 @@ def fit(cfg: C.RunConfig, started: Started, model, run_dir: Path, ckpt: Path | N
     finally:
         release_dequantized(model)
         s2attn.disable(started.s2)
+        for loader in (trainer.callback_handler.train_dataloader, trainer.callback_handler.eval_dataloader):
+            shutdown_workers(loader)  # now, not whenever the garbage collector finds them
     if getattr(trainer, "graphed", None) is not None:
         say(trainer.graphed.summary())
     return time.perf_counter() - t0
