@@ -43,7 +43,9 @@ def test_the_documented_example_runs_end_to_end(tiny_dir, tmp_path):
         with qfine.merged(run.model):
             merged = run.model(ids).logits
         again = run.model(ids).logits
-    assert relative_difference(merged, adapted) < 1e-5  # the exact merge computes what base + adapter computes
+    # the exact merge computes what base + adapter computes, up to the compute dtype's rounding (bf16 on a GPU)
+    tolerance = 1e-5 if adapted.dtype == torch.float32 else 3e-2
+    assert relative_difference(merged, adapted) < tolerance
     assert torch.equal(again, adapted)  # and the adapters came back after the block
 
     done = qfine.merge(run_dir, tmp_path / "merged", dtype="fp32")
