@@ -151,3 +151,22 @@ def test_memory_model_against_the_8b_long_sequence_peaks():
     for tokens, gib in ((131072, 35.6), (262144, 65.2), (344064, 83.41)):
         got = estimate(Shapes.from_config(c8), tokens, "offload", weights, params, "adamw_torch").total / GIB
         assert abs(got - gib) <= 0.03 * gib, (tokens, got, gib)
+
+
+def test_fields_with_a_fixed_set_of_values_check_it_in_one_place(tmp_path):
+    """A Literal-typed field refuses any other value, from YAML or a flag, naming the field, the allowed
+    values and the nearest one; the modules that act on the field read the same set."""
+    from qfine.methods.lora import VARIANTS
+    from qfine.training.trainer import _SCHEDULERS
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr_scheduler: cosin\n")
+    with pytest.raises(QfineError, match=r"train.lr_scheduler must be one of cosine, linear, constant, "
+                                         r"constant_with_warmup, not 'cosin' \(did you mean cosine\?\)"):
+        C.load_yaml(bad)
+    with pytest.raises(QfineError, match=r"data.loss_on must be one of completion, last_turn, all, not 'last'"):
+        C.apply_overrides(C.RunConfig(), {("data", "loss_on"): "last"})
+    assert VARIANTS == C.allowed(C.LoraSettings, "variant") == ("lora", "dora")
+    assert _SCHEDULERS == set(C.allowed(C.TrainConfig, "lr_scheduler"))
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "--precision {auto,bf16,fp16,fp32}" in help_text

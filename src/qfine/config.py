@@ -14,7 +14,7 @@ import inspect
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -38,9 +38,9 @@ class ModelConfig:
     """int4: input columns per scale and minimum (32: GGUF Q4_1's blocks); QA-LoRA pools LoRA's input over the same groups."""
     double_quant: bool = True
     """Quantize the 4-bit absmax constants again (8-bit, blocks of 256): about 0.37 bits/param saved."""
-    compute_dtype: str = "auto"
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """dtype the 4-bit weights are dequantized to for matmuls: auto (bf16 on capable GPUs, fp16 on others, fp32 on CPU), bf16, fp16, fp32."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto (cuda when available, else cpu), cpu or cuda."""
     trust_remote_code: bool = False
     """Run modelling code shipped with a hub model. Off unless asked for."""
@@ -61,20 +61,20 @@ class LoraSettings:
     layers run peft's reference code."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names (suffixes such as q_proj) to adapt, or all-linear."""
-    bias: str = "none"
+    bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases to train: none, all or lora_only."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full and saved with the adapter (e.g. lm_head)."""
-    method: str = "lora"
+    method: Literal["lora", "qa-lora"] = "lora"
     """lora, or qa-lora (arXiv 2309.14717: an int4 base, LoRA A over the input averaged per group, so
     `qfine merge` folds the update into the 4-bit zero points: still 4-bit, codes unchanged)."""
     trainable: list[str] = field(default_factory=list)
     """Base parts trained in full and saved (and merged) with the adapter: embed (input embeddings),
     norm (every normalisation layer), head (output layer); LongLoRA trains embed,norm."""
-    variant: str = "lora"
+    variant: Literal["lora", "dora"] = "lora"
     """lora, or dora (weight-decomposed: a trained magnitude per output row times the normalised
     W + s·BA; merged exactly). DoRA layers run peft's reference code, not the fused GPU layers."""
-    init: str = "default"
+    init: Literal["default", "gaussian", "loftq", "pissa"] = "default"
     """Adapter initialisation: default (A Kaiming-uniform, B zero: the model starts unchanged), gaussian
     (A normal), loftq (4-bit bases: A and B set from the SVD of the quantization error W − dequant(W4),
     so the model starts closer to the 16-bit one; needs the base's safetensors weights), or pissa
@@ -106,11 +106,11 @@ class DataConfig:
     """System message prepended to chat rows that have none."""
     max_seq_len: int = 512
     """Sequences longer than this many tokens are truncated (or dropped, see too_long)."""
-    too_long: str = "truncate"
+    too_long: Literal["truncate", "drop"] = "truncate"
     """What to do with examples over max_seq_len: truncate (keep the start) or drop."""
-    loss_on: str = "completion"
+    loss_on: Literal["completion", "last_turn", "all"] = "completion"
     """Tokens that carry the loss: completion (every assistant turn + EOS), last_turn (the final assistant turn), or all."""
-    on_bad_rows: str = "error"
+    on_bad_rows: Literal["error", "skip"] = "error"
     """Unreadable or invalid rows: error (stop, naming file:line) or skip (count them and go on)."""
     packing: bool = False
     """Pack several examples per sequence (padding-free; attention never crosses examples)."""
@@ -140,7 +140,7 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer step."""
     learning_rate: float = 2e-4
     """Peak learning rate."""
-    lr_scheduler: str = "cosine"
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     """Schedule after warmup: cosine, linear or constant."""
     warmup_ratio: float = 0.0
     """Fraction of the steps spent warming the learning rate up from 0."""
@@ -150,7 +150,7 @@ class TrainConfig:
     """Gradient clipping norm (0 disables)."""
     optimizer: str = "adamw_torch"
     """adamw_torch, or on CUDA paged_adamw_8bit / paged_adamw_32bit / adamw_8bit."""
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Training arithmetic: auto (on a GPU the model.compute_dtype when set, else bf16 where supported and fp16 elsewhere; fp32 on CPU), bf16, fp16, fp32 (bf16/fp16 over fp32 weights run as autocast)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass: least memory, ~25% more compute."""
@@ -170,7 +170,7 @@ class TrainConfig:
     weights stay dequantized, so those layers skip the dequantize in every forward and backward
     (docs/benchmarks.md: the cost per layer and the speed-up). 0: dequantize every time, the least
     memory. Peak memory grows by about this much."""
-    stream_weights: str = "auto"
+    stream_weights: Literal["auto", "on", "off"] = "auto"
     """With the fast path on CUDA: keep the decoder layers' frozen weights in pinned host memory and copy
     each layer's to the GPU one layer ahead of use (forward and checkpoint recompute), so a base larger
     than the card trains (a 70B NF4 base on a 24 GiB card). auto: only when qfine's memory estimate says
@@ -298,8 +298,24 @@ def did_you_mean(word: str, known) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+def allowed(cls: type, name: str) -> tuple[str, ...]:
+    """The values a Literal-typed field of config section ``cls`` accepts (``allowed(LoraSettings, "variant")``)."""
+    return choices(get_type_hints(cls)[name])
+
+
+def choices(typ: Any) -> tuple[str, ...]:
+    """A Literal type's values; () for any other type."""
+    return get_args(typ) if get_origin(typ) is Literal else ()
+
+
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     """Check/convert a YAML or flag value to the field's type; raise QfineError naming ``where``."""
+    if get_origin(typ) is Literal:
+        choices = get_args(typ)
+        if value not in choices:
+            raise QfineError(f"{where} must be one of {', '.join(choices)}, not {value!r}"
+                             f"{did_you_mean(str(value), choices)}")
+        return value
     origin = getattr(typ, "__origin__", None)
     args = getattr(typ, "__args__", ())
     if value is None and type(None) in args:

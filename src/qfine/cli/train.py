@@ -41,7 +41,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             if f.type is bool:
                 kw["action"] = argparse.BooleanOptionalAction
             else:
-                kw["metavar"] = f.name.upper()
+                values = C.choices(f.type)
+                kw["metavar"] = "{" + ",".join(values) + "}" if values else f.name.upper()
             group.add_argument(f"--{f.flag}", **kw)
 
 

@@ -1,6 +1,7 @@
 """Data: read rows → detect their format → render with a template → tokenize with a loss mask.
 
-``build_dataset(path, tokenizer, cfg)`` is the one entry point the trainer uses.
+``build_datasets(tokenizer, cfg, seed)`` (train and eval rows, tokenized) is what the causal-LM
+objective (qfine.objectives.sft) and the adaptive quantizer's calibration read.
 """
 
 from qfine.data.formats import detect_format, to_messages

@@ -15,6 +15,7 @@ from typing import Iterator
 from datasets import Dataset, IterableDataset
 from jinja2 import TemplateError
 
+from qfine import config as C
 from qfine.config import DataConfig
 from qfine.data.formats import Messages, to_messages
 from qfine.data.readers import BadRow, read_rows
@@ -22,7 +23,7 @@ from qfine.data.templates import set_template
 from qfine.util.errors import QfineError
 
 IGNORE = -100
-LOSS_ON = ("completion", "last_turn", "all")
+LOSS_ON = C.allowed(C.DataConfig, "loss_on")
 
 
 def render(tokenizer, messages: Messages, add_generation_prompt: bool = False, where: str = "row") -> str:
@@ -151,9 +152,9 @@ def has_target(labels: list[int]) -> bool:
 
 def encoded_rows(spec, tokenizer, cfg: DataConfig, stats: DatasetStats) -> Iterator[dict]:
     """Yield ``{"input_ids", "labels"}`` for every usable row of ``spec``, updating ``stats``."""
-    if cfg.on_bad_rows not in ("error", "skip"):
+    if cfg.on_bad_rows not in C.allowed(C.DataConfig, "on_bad_rows"):
         raise QfineError(f"data.on_bad_rows must be error or skip, not {cfg.on_bad_rows!r}")
-    if cfg.too_long not in ("truncate", "drop"):
+    if cfg.too_long not in C.allowed(C.DataConfig, "too_long"):
         raise QfineError(f"data.too_long must be truncate or drop, not {cfg.too_long!r}")
     for where, row in read_rows(spec, cfg.split):
         try:

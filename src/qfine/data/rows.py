@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from datasets import Dataset
 
+from qfine import config as C
 from qfine.config import DataConfig
 from qfine.data.pipeline import skip_bad_row
 from qfine.data.readers import BadRow, read_rows
@@ -69,7 +70,7 @@ def read_fields(spec, cfg: DataConfig, fields: tuple[str, ...], stats: RowStats,
                 convert=None) -> Iterator[tuple[str, tuple[Any, ...]]]:
     """Yield ``(where, values)`` per usable row of ``spec``: each field's value, text by default or
     ``convert[field](row, where)``; bad rows raise or are counted per ``cfg.on_bad_rows``."""
-    if cfg.on_bad_rows not in ("error", "skip"):
+    if cfg.on_bad_rows not in C.allowed(C.DataConfig, "on_bad_rows"):
         raise QfineError(f"data.on_bad_rows must be error or skip, not {cfg.on_bad_rows!r}")
     convert = convert or {}
     for where, row in read_rows(spec, cfg.split):

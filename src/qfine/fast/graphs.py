@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from qfine.compat.torch import foreach_zero_, is_dropout
-from qfine.fast.offload import graph_keeps
+from qfine.fast import step
 from qfine.fast.stream import stream_of
 from qfine.quant import KINDS
 
@@ -200,7 +200,7 @@ class GraphedStep:
         try:
             # thread_local: other threads may go on with calls a capture forbids — the data loader's
             # pin-memory thread allocates pinned memory while a step is being captured
-            with graph_keeps(keep), torch.cuda.graph(graph, pool=self._pool, stream=stream,
+            with step.step_mode(graph_keep=keep), torch.cuda.graph(graph, pool=self._pool, stream=stream,
                                                      capture_error_mode="thread_local"):
                 loss = self.fn(**inputs)
         except Exception as e:  # noqa: BLE001 — an uncapturable step still trains, eagerly

@@ -6,7 +6,8 @@ For a projection with frozen weight W (out, in) and adapter A (r, in), B (out, r
     dx = dy W + s · (dy B) A          dA = s · (dy B)ᵀ x          dB = s · dyᵀ (x Aᵀ)
 
 W is dequantized into a transient bf16 buffer for each GEMM and freed at once, in the forward and
-again in the backward: a dequantized weight is never kept for the backward. Because the base is
+again in the backward: a dequantized weight is not kept for the backward (except the first layers'
+with train.resident_weights_gib, which keep theirs for the whole run: fast/nf4.py). Because the base is
 frozen, no weight gradient of W is needed, so the only activations kept are the ones the LoRA
 gradients and the elementwise backwards need:
 
@@ -41,15 +42,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.bnb import Linear4bit
 from peft.tuners.lora.layer import Linear
 
-from qfine.fast import ops
+from qfine.fast import ops, step
 from qfine.fast.nf4 import device_of, stacked
-from qfine.fast.offload import output_discarded
 from qfine.methods.qalora import lora_layer_class
 from qfine.quant import DENSE, KINDS
 
@@ -165,14 +166,23 @@ class Norm:
         return ops.rms_norm_backward(dx, h, self.weight, rstd, self.offset)
 
 
+class Block(NamedTuple):
+    """Where one projection's adapter sits in a :class:`Pack`."""
+
+    out: slice      # its rows of the stacked output (Σ out)
+    rank: slice     # its rows of the stacked A (R)
+    scale: float    # alpha / r (or the rsLoRA scale)
+    dropout: float  # its LoRA dropout p
+    seed: int       # index of its dropout seed in the layer's seeds
+
+
 @dataclass
 class Pack:
     """The adapters of projections sharing one input, arranged for one GEMM each way.
 
     ``a`` (R, in): the A's stacked (unscaled); ``b`` (Σ out, R): block-diagonal with s_i·B_i in block
-    i (zeros elsewhere); both in the compute dtype. ``blocks`` gives each adapter's (out slice,
-    r slice, scale, dropout p, index of its seed in ``seeds``) and ``None`` for a projection without
-    one; ``bias`` is the stacked base bias or None; ``seeds`` (the decoder layer's int64 seeds, one per
+    i (zeros elsewhere); both in the compute dtype. ``blocks`` holds each adapter's :class:`Block`
+    and ``None`` for a projection without one; ``bias`` is the stacked base bias or None; ``seeds`` (the decoder layer's int64 seeds, one per
     projection) feed the dropout masks when some adapter has dropout, else None. Built once per forward from the parameters
     (casting them there) and kept for the backward.
     """
@@ -181,7 +191,7 @@ class Pack:
     b: torch.Tensor | None
     bias: torch.Tensor | None
     seeds: torch.Tensor | None
-    blocks: list
+    blocks: list[Block | None]
 
     def tensors(self):
         return self.a, self.b, self.bias, self.seeds
@@ -195,7 +205,7 @@ class Pack:
         """(A_i (r_i, in), r slice, dropout p, index of its seed) for each projection with an adapter."""
         for blk in self.blocks:
             if blk is not None:
-                yield self.a[blk[1]], blk[1], blk[3], blk[4]
+                yield self.a[blk.rank], blk.rank, blk.dropout, blk.seed
 
     @staticmethod
     def build(projs, loras, dtype, seeds=None, first_seed: int = 0) -> "Pack":
@@ -207,7 +217,7 @@ class Pack:
             if a is None:
                 blocks.append(None)
             else:
-                blocks.append((slice(o, o + n), slice(r, r + a.shape[0]), p.scale, p.dropout, first_seed + i))
+                blocks.append(Block(slice(o, o + n), slice(r, r + a.shape[0]), p.scale, p.dropout, first_seed + i))
                 a_parts.append(a)
                 r += a.shape[0]
             o += n
@@ -219,12 +229,12 @@ class Pack:
             b_all = make(o, r, dtype=dtype, device=device)
             for (_, b), blk in zip(loras, blocks):
                 if blk is not None:  # cast and scale in one pass, straight into the block
-                    torch.mul(b, blk[2], out=b_all[blk[0], blk[1]])
+                    torch.mul(b, blk.scale, out=b_all[blk.out, blk.rank])
         bias = None
         if any(p.bias is not None for p in projs):
             bias = torch.cat([p.bias.to(dtype) if p.bias is not None else torch.zeros(n, dtype=dtype, device=device)
                               for p, n in zip(projs, outs)])
-        if not any(blk is not None and blk[3] for blk in blocks):
+        if not any(blk is not None and blk.dropout for blk in blocks):
             seeds = None
         return Pack(a_all, b_all, bias, seeds, blocks)
 
@@ -384,7 +394,7 @@ def _backward_lora(dy, x2d, xa, dyb, pack: Pack, loras):
         if blk is None:
             grads.append((None, None))
             continue
-        out_sl, r_sl, scale = blk[:3]
+        out_sl, r_sl, scale = blk.out, blk.rank, blk.scale
         db = db_all[out_sl, r_sl].to(b.dtype).mul_(scale)  # in place on a copy or on db_all's own block
         grads.append((da_all[r_sl].to(a.dtype), db))
     return grads
@@ -415,19 +425,45 @@ class LoraLinear(torch.autograd.Function):
         return dx.view(*dy.shape[:-1], -1), None, None, da, db, None
 
 
+class QKVSpec(NamedTuple):
+    """What :class:`NormQKV` applies: the layer's input :class:`Norm`, ``qk_norms`` (q_norm, k_norm)
+    over the head dimension (Qwen3) or None, the head dimension, and the q, k, v projections."""
+
+    norm: Norm
+    qk_norms: tuple[Norm, Norm] | None
+    head_dim: int
+    q: Proj
+    k: Proj
+    v: Proj
+
+
+class MLPSpec(NamedTuple):
+    """What :class:`NormMLP` applies: the layer's post-attention :class:`Norm`, the gated activation (a
+    value of :data:`ops.GATED_ACTS`) and the gate, up and down projections."""
+
+    norm: Norm
+    act: str
+    gate: Proj
+    up: Proj
+    down: Proj
+
+
+# The LoRA A and B of each projection are separate arguments of the autograd functions below (not
+# fields of the spec): autograd only sends gradients to tensors passed to ``apply`` directly.
+
+
 class NormQKV(torch.autograd.Function):
     """RMSNorm → stacked q, k, v projection (+LoRA) → [per-head q/k RMSNorm] → RoPE on q and k.
 
-    In: h (b, s, d), the layer's input :class:`Norm`, ``qk_norms`` (q_norm, k_norm) over the head
-    dimension (Qwen3) or None, cos/sin (b, s, hd), ``seeds`` the layer's int64 dropout seeds (q, k, v
-    at 0, 1, 2) or None. Out: q (b, nh, s, hd), k and v (b, nkv, s, hd) as
+    In: h (b, s, d), a :class:`QKVSpec`, cos/sin (b, s, hd), ``seeds`` the layer's int64 dropout seeds
+    (q, k, v at 0, 1, 2) or None, then A and B of q, k and v (None where a projection has no adapter). Out: q (b, nh, s, hd), k and v (b, nkv, s, hd) as
     transposed views, the layout the attention kernels take. With q/k norms the projection output
     (b, s, nh + 2·nkv, hd) is kept for their backward (recomputing it would cost a GEMM).
     """
 
     @staticmethod
-    def forward(ctx, h, norm: Norm, qk_norms, cos, sin, head_dim, pq: Proj, pk: Proj, pv: Proj, seeds,
-                aq, bq, ak, bk, av, bv):
+    def forward(ctx, h, spec: QKVSpec, cos, sin, seeds, aq, bq, ak, bk, av, bv):
+        norm, qk_norms, head_dim, pq, pk, pv = spec
         bsz, seq, d = h.shape
         projs, loras = [pq, pk, pv], [(aq, bq), (ak, bk), (av, bv)]
         pack = Pack.build(projs, loras, h.dtype, seeds)
@@ -464,22 +500,23 @@ class NormQKV(torch.autograd.Function):
         grads = _backward_lora(dqkv, x.view(-1, d), xa, dyb, pack, loras)
         del x, dqkv
         dh = norm.backward(dx.view_as(h), h, rstd)
-        return (dh, None, None, None, None, None, None, None, None, None, *[g for pair in grads for g in pair])
+        return (dh, None, None, None, None, *[g for pair in grads for g in pair])
 
 
 class NormMLP(torch.autograd.Function):
     """RMSNorm → stacked gate/up (+LoRA) → act(g)·u → down (+LoRA): h (b, s, d) → (b, s, d).
 
-    ``act_kind`` is a value of :data:`ops.GATED_ACTS` ("silu": SwiGLU; "gelu_tanh": Gemma's GeGLU);
-    ``seeds`` the layer's int64 dropout seeds (gate, up, down at 4, 5, 6) or None."""
+    ``spec``: a :class:`MLPSpec` (its ``act``: "silu" is SwiGLU, "gelu_tanh" Gemma's GeGLU); ``seeds`` the
+    layer's int64 dropout seeds (gate, up, down at 4, 5, 6) or None; then A and B of gate, up and down."""
 
     @staticmethod
-    def forward(ctx, h, norm: Norm, act_kind: str, pg: Proj, pu: Proj, pd: Proj, seeds, ag, bg, au, bu, ad, bd):
+    def forward(ctx, h, spec: MLPSpec, seeds, ag, bg, au, bu, ad, bd):
+        norm, act_kind, pg, pu, pd = spec
         gu_pack = Pack.build([pg, pu], [(ag, bg), (au, bu)], h.dtype, seeds, 4)
         d_pack = Pack.build([pd], [(ad, bd)], h.dtype, seeds, 6)
         gu, xa_gu, rstd = _norm_forward(h, norm, [pg, pu], gu_pack)
         act = ops.gated_act(gu, act_kind)
-        if output_discarded():  # recomputed for the backward: y is never read, x Aᵀ is
+        if step.current().recompute:  # recomputed for the backward: y is never read, x Aᵀ is
             y, xa_d = h.new_empty(h.shape), (_lora_in(act, d_pack) if d_pack.a is not None else None)
         else:
             y, xa_d = _forward(act, [pd], d_pack)
@@ -505,4 +542,4 @@ class NormMLP(torch.autograd.Function):
         (dag, dbg), (dau, dbu) = _backward_lora(dgu, x.view(-1, d), xa_gu, dyb, gu_pack, [(ag, bg), (au, bu)])
         del x, dgu
         dh = norm.backward(dx.view_as(h), h, rstd)
-        return (dh, None, None, None, None, None, None, dag, dbg, dau, dbu, dad, dbd)
+        return (dh, None, None, dag, dbg, dau, dbu, dad, dbd)

@@ -20,43 +20,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import weakref
 
 import torch
 
 from qfine.compat.transformers import CHECKPOINT_FUNC
-
-_UNGRADED_FORWARD = contextvars.ContextVar("qfine_checkpoint_forward", default=False)
-_RECOMPUTE = contextvars.ContextVar("qfine_checkpoint_recompute", default=False)
-
-
-# Set by whoever captures a CUDA graph (qfine.fast.graphs.GraphedStep): the list that keeps the pinned
-# buffers the graph writes alive exactly as long as the graph. Captures by others fall back to the
-# offloader's own list, which lives as long as the model.
-_GRAPH_KEEP: contextvars.ContextVar[list | None] = contextvars.ContextVar("qfine_graph_keep", default=None)
-
-
-@contextlib.contextmanager
-def graph_keeps(buffers: list):
-    """While capturing inside this block, pinned host buffers the graph writes are appended to ``buffers``."""
-    token = _GRAPH_KEEP.set(buffers)
-    try:
-        yield buffers
-    finally:
-        _GRAPH_KEEP.reset(token)
-
-
-def in_offloaded_forward() -> bool:
-    """True inside the graph-free first forward of a checkpointed layer, where a fused layer
-    should still take its training path (the backward will recompute it with grad)."""
-    return _UNGRADED_FORWARD.get()
-
-
-def output_discarded() -> bool:
-    """True while a layer is recomputed for its backward: only the tensors it saves matter, its
-    output value is never read (it is just the root the incoming gradient is applied to), so a
-    fused layer may skip work that only feeds the output (the MLP's down-projection GEMM)."""
-    return _RECOMPUTE.get()
-
+from qfine.fast import step
 
 # torch's caching host allocator rounds every pinned allocation up to a power of two: one layer input
 # of 1 × 344,064 tokens × 4096 × bf16 (2.6 GiB) would hold 4 GiB, and 32 of them more host memory than
@@ -105,7 +74,7 @@ class _Entry:
             if torch.cuda.is_current_stream_capturing():
                 # a captured graph copies into these buffers at every replay: they must never be freed
                 # back to the pinned-memory cache and handed to anyone else while the graph lives
-                keep = _GRAPH_KEEP.get()
+                keep = step.current().graph_keep  # set by the capture (fast/graphs.py), else ours
                 (offloader.graph_buffers if keep is None else keep).extend(self.host)
             src.record_stream(stream)  # the memory is not reused before the copy has read it
         else:
@@ -192,7 +161,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, offloader: Offloader, index: int, x):
         ctx.run = run
-        # the recompute runs in the forward's context variables too (e.g. the fused layers'
+        # the recompute runs in the forward's step mode too (fast/step.py: e.g. the fused layers'
         # causal-only flag in fast/swap.py, set by the model's forward and gone by the backward)
         ctx.context = contextvars.copy_context()
         ctx.autocast = _autocast_state()
@@ -206,11 +175,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
         if ctx.weights is not None:
             ctx.weights.use(index)
             ctx.weights.prefetch(index + 1)
-        token = _UNGRADED_FORWARD.set(True)
-        try:
+        with step.step_mode(ungraded_forward=True):
             out = run(x)
-        finally:
-            _UNGRADED_FORWARD.reset(token)
         if ctx.weights is not None:
             ctx.weights.drop(index)  # the backward recomputes the layer
         ctx.entry = offloader.save(x, index)
@@ -240,12 +206,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
 
 
 def _recompute(run, x):
-    token = _RECOMPUTE.set(True)
-    try:
-        with torch.enable_grad():
-            return run(x)
-    finally:
-        _RECOMPUTE.reset(token)
+    with step.step_mode(recompute=True), torch.enable_grad():
+        return run(x)
 
 
 def _offloaded_checkpoint(offloader: Offloader, index: int, fallback, run, *args):
@@ -257,12 +219,36 @@ def _offloaded_checkpoint(offloader: Offloader, index: int, fallback, run, *args
     return OffloadedCheckpoint.apply(run, offloader, index, x)
 
 
+# decoder layers (their ModuleList) → the weight streamer installed on them (qfine.fast.stream), which a
+# checkpointed layer's recompute drives; weak, so a model that is dropped takes its entry along
+_STREAMED: "weakref.WeakKeyDictionary[torch.nn.ModuleList, object]" = weakref.WeakKeyDictionary()
+
+
+def streamer(layers) -> object | None:
+    """The weight streamer installed on ``layers`` (a ModuleList), or None."""
+    return _STREAMED.get(layers) if layers is not None else None
+
+
+def set_streamer(layers, weights: object | None) -> None:
+    """Record (or, with None, forget) the weight streamer of ``layers``; every layer checkpointed
+    through this module's recompute then fetches its weights through it."""
+    if weights is None:
+        _STREAMED.pop(layers, None)
+    else:
+        _STREAMED[layers] = weights
+    for layer in layers:
+        func = getattr(layer, CHECKPOINT_FUNC, None)
+        args = getattr(func, "args", ())
+        if args and isinstance(args[0], Offloader):
+            args[0].weights = weights
+
+
 def install_checkpointing(layers, offload: bool) -> int:
     """Give every checkpointing decoder layer in ``layers`` (a ModuleList) this module's checkpoint
     function, with the inputs in host memory (``offload``) or left on the device. Returns how many
     layers use it (0 if checkpointing is off)."""
     offloader = Offloader(offload)
-    offloader.weights = getattr(layers[0], "_qfine_stream", None) if len(layers) else None
+    offloader.weights = streamer(layers)
     count = 0
     for i, layer in enumerate(layers):
         if not getattr(layer, "gradient_checkpointing", False):

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from qfine.compat.transformers import CHECKPOINT_FUNC
-from qfine.fast.offload import Offloader, in_offloaded_forward, output_discarded
+from qfine.fast import step
+from qfine.fast.offload import set_streamer, streamer
 from qfine.fast.swap import causal_lm
 from qfine.memory.estimate import STREAM_MIN_BYTES
 from qfine.quant import KINDS
@@ -72,6 +72,7 @@ class WeightStream:
     def __init__(self, layers, device: torch.device, min_bytes: int = MIN_BYTES, poison: bool = False,
                  keep_last: int = 0):
         self.layers = list(layers)
+        self.owner = layers  # the ModuleList: the key qfine.fast.offload records this streamer under
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.poison = poison
@@ -88,7 +89,6 @@ class WeightStream:
         for i, layer in enumerate(self.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
             self._hooks.append(layer.register_forward_hook(self._post_hook(i)))
-            layer._qfine_stream = self
 
     # ---- placement -------------------------------------------------------------------------------
     def _collect(self, layer: torch.nn.Module, min_bytes: int) -> list[_Slot]:
@@ -182,7 +182,7 @@ class WeightStream:
                 raise RuntimeError("qfine: streamed weights cannot be captured in a CUDA graph")
             self.use(i)
             # a checkpoint recompute runs the layers last to first; everything else first to last
-            self.prefetch(i - 1 if output_discarded() else i + 1)
+            self.prefetch(i - 1 if step.current().recompute else i + 1)
             x = args[0] if args else kwargs.get("hidden_states")
             if _graded(x):
                 # the layer's backward ends when its input's gradient is complete
@@ -191,7 +191,7 @@ class WeightStream:
 
     def _post_hook(self, i: int):
         def hook(module, args, output):
-            if not (torch.is_grad_enabled() and not in_offloaded_forward()):
+            if not (torch.is_grad_enabled() and not step.current().ungraded_forward):
                 self.drop(i)  # nothing will differentiate through this call
         return hook
 
@@ -203,17 +203,14 @@ class WeightStream:
         for slots in self.slots:
             for slot in slots:
                 slot.set(slot.host.to(self.device))
-        for layer in self.layers:
-            layer.__dict__.pop("_qfine_stream", None)
-            offloader = _offloader(layer)
-            if offloader is not None and offloader.weights is self:
-                offloader.weights = None
+        if streamer(self.owner) is self:
+            set_streamer(self.owner, None)
         self.slots = [[] for _ in self.layers]
 
 
 def _graded(x) -> bool:
     return (isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
-            and not in_offloaded_forward())
+            and not step.current().ungraded_forward)
 
 
 def decoder_layers(model) -> torch.nn.ModuleList | None:
@@ -225,7 +222,7 @@ def decoder_layers(model) -> torch.nn.ModuleList | None:
 def stream_of(model) -> WeightStream | None:
     """The :class:`WeightStream` installed on ``model``'s decoder layers, or None."""
     layers = decoder_layers(model)
-    return getattr(layers[0], "_qfine_stream", None) if layers is not None else None
+    return streamer(layers)
 
 
 def install(model, device, min_bytes: int | None = None, poison: bool = False, keep_last: int = 0) -> WeightStream:
@@ -241,10 +238,7 @@ def install(model, device, min_bytes: int | None = None, poison: bool = False, k
     if current is not None:
         return current
     stream = WeightStream(layers, device, MIN_BYTES if min_bytes is None else min_bytes, poison, keep_last)
-    for layer in layers:  # the checkpoint function drives the schedule of checkpointed layers
-        offloader = _offloader(layer)
-        if offloader is not None:
-            offloader.weights = stream
+    set_streamer(layers, stream)  # the checkpoint function drives the schedule of checkpointed layers
     streamed = {(id(s.owner), s.attr) for slots in stream.slots for s in slots}
     device = torch.device(device)
     for module in model.modules():
@@ -258,14 +252,6 @@ def install(model, device, min_bytes: int | None = None, poison: bool = False, k
     if stream.cuda:
         torch.cuda.empty_cache()  # the device copies the host took over go back to the card
     return stream
-
-
-def _offloader(layer):
-    """The :class:`.offload.Offloader` of a layer checkpointed through qfine's recompute, or None."""
-    func = getattr(layer, CHECKPOINT_FUNC, None)
-    args = getattr(func, "args", ())
-
-    return args[0] if args and isinstance(args[0], Offloader) else None
 
 
 def _place_quant_state(module, device: torch.device, streamed: set) -> None:

@@ -10,7 +10,6 @@ generation, KV caches and eval behave exactly as before.
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import functools
 import sys
@@ -22,10 +21,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from qfine.compat.transformers import CHECKPOINT_FUNC, attn_implementation
-from qfine.fast import ops
-from qfine.fast.lora import LoraLinear, Norm, NormMLP, NormQKV, Proj, describe_proj, lora_proj
+from qfine.fast import ops, step
+from qfine.fast.lora import LoraLinear, MLPSpec, Norm, NormMLP, NormQKV, Proj, QKVSpec, describe_proj, lora_proj
 from qfine.fast.loss import linear_cross_entropy
-from qfine.fast.offload import in_offloaded_forward, install_checkpointing, output_discarded
+from qfine.fast.offload import install_checkpointing
 from qfine.fast.ops import GATED_ACTS
 
 # model_type → the offset of its RMSNorm scale (Gemma normalises with 1 + w, the others with w). Each
@@ -39,12 +38,6 @@ _LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layern
 _ATTN_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}
 _MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 
-# True while the causal LM runs a training step whose attention is purely causal (no attention mask,
-# no packed position ids, no sliding window shorter than the sequence). transformers then skips the
-# mask eagerly, but under a CUDA-graph capture it cannot look at the inputs and builds an explicit
-# (b, 1, s, s) mask instead, which takes SDPA off flash attention (slower, and a different gradient
-# layout); the fused layers pass no mask in that case, as the eager path does.
-_CAUSAL_ONLY = contextvars.ContextVar("qfine_causal_only", default=False)
 _PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
          ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
@@ -124,7 +117,7 @@ class FastDecoderLayer(_LayerBase):
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, position_embeddings=None, **kwargs):
         projs = norms = None
-        graded = torch.is_grad_enabled() or in_offloaded_forward()
+        graded = torch.is_grad_enabled() or step.current().ungraded_forward
         if self.training and graded and past_key_values is None and position_embeddings is not None:
             projs, norms = self.projections(), self.norms()
         if projs is None or norms is None:
@@ -151,11 +144,11 @@ class FastDecoderLayer(_LayerBase):
         attn, (ln1, ln2, qk_norms) = self.self_attn, norms
         cos, sin = position_embeddings
         seeds = self._dropout_seeds(projs, h.device)  # (7,) for q, k, v, o, gate, up, down, or None
-        q, k, v = NormQKV.apply(h, ln1, qk_norms, cos.to(h.dtype), sin.to(h.dtype), attn.head_dim,
-                                pq, pk, pv, seeds, *_ab(pq), *_ab(pk), *_ab(pv))
+        q, k, v = NormQKV.apply(h, QKVSpec(ln1, qk_norms, attn.head_dim, pq, pk, pv), cos.to(h.dtype),
+                                sin.to(h.dtype), seeds, *_ab(pq), *_ab(pk), *_ab(pv))
 
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation(attn.config), self._eager)
-        if _CAUSAL_ONLY.get():
+        if step.current().causal_only:  # see StepMode: a captured step would build an explicit mask
             attention_mask = None
         if hasattr(attn, "sliding_window"):
             kwargs["sliding_window"] = attn.sliding_window
@@ -166,7 +159,7 @@ class FastDecoderLayer(_LayerBase):
         out = out.reshape(*h.shape[:-1], -1)
         h = h + LoraLinear.apply(out, po, seeds, *_ab(po), 3)
         del out, q, k, v
-        return h + NormMLP.apply(h, ln2, self._act, pg, pu, pd, seeds, *_ab(pg), *_ab(pu), *_ab(pd))
+        return h + NormMLP.apply(h, MLPSpec(ln2, self._act, pg, pu, pd), seeds, *_ab(pg), *_ab(pu), *_ab(pd))
 
     def _dropout_seeds(self, projs, device) -> torch.Tensor | None:
         """One int64 seed per projection (q, k, v, o, gate, up, down) for the fused LoRA dropout, or None
@@ -176,7 +169,7 @@ class FastDecoderLayer(_LayerBase):
         read and restored."""
         if not any(p.dropout for p in projs):
             return None
-        if output_discarded() and getattr(self, "_qfine_seeds", None) is not None:
+        if step.current().recompute and getattr(self, "_qfine_seeds", None) is not None:
             return self._qfine_seeds
         self._qfine_seeds = torch.randint(0, 2**31 - 1, (len(projs),), device=device, dtype=torch.int64)
         return self._qfine_seeds
@@ -220,14 +213,12 @@ def _fast_causal_lm_forward(self, input_ids=None, attention_mask=None, position_
 
     num_items = kwargs.pop("num_items_in_batch", None)
     kwargs.pop("shift_labels", None)
-    token = _CAUSAL_ONLY.set(_purely_causal(self.config, input_ids if input_ids is not None else inputs_embeds,
-                                            attention_mask, position_ids, past_key_values))
-    try:
+    causal = _purely_causal(self.config, input_ids if input_ids is not None else inputs_embeds,
+                            attention_mask, position_ids, past_key_values)
+    with step.step_mode(causal_only=causal):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          **kwargs)
-    finally:
-        _CAUSAL_ONLY.reset(token)
     loss = linear_cross_entropy(out.last_hidden_state, self.lm_head.weight, labels, num_items, shift_labels)
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
                                   hidden_states=out.hidden_states, attentions=out.attentions)

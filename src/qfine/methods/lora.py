@@ -18,6 +18,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
+from qfine import config as C
 from qfine.config import LoraSettings
 from qfine.methods.merge_rule import merged_weight
 from qfine.methods.qalora import register
@@ -25,10 +26,10 @@ from qfine.quant import KINDS
 from qfine.quant.int4 import Int4Linear
 from qfine.util.errors import QfineError
 
-_BIASES = ("none", "all", "lora_only")
-VARIANTS = ("lora", "dora")
-METHODS = ("lora", "qa-lora")
-INITS = ("default", "gaussian", "loftq", "pissa")
+_BIASES = C.allowed(C.LoraSettings, "bias")
+VARIANTS = C.allowed(C.LoraSettings, "variant")
+METHODS = C.allowed(C.LoraSettings, "method")
+INITS = C.allowed(C.LoraSettings, "init")
 
 
 def _adaptable(module: torch.nn.Module) -> bool:
@@ -198,7 +199,8 @@ def seeded(seed: int | None):
 def enable_checkpointing(model: torch.nn.Module) -> None:
     """Gradient checkpointing (non-reentrant) with the input embeddings' output marked as requiring
     grad, so checkpointed blocks, whose inputs would otherwise not require grad, still back-propagate
-    into the adapters. Works before or after peft wraps the model."""
+    into the adapters. Works before or after peft wraps the model. (On the fast path the fused layers
+    then get qfine's reentrant-style recompute instead: qfine.fast.offload.)"""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
 

@@ -66,7 +66,7 @@ def training_arguments(args_cls, cfg: RunConfig, run_dir: Path, device: str, eva
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
-        # Checkpointing is switched on by qfine.methods.lora.add_lora (non-reentrant); the Trainer must not redo it.
+        # Checkpointing is switched on by qfine.methods.lora.add_lora (and the fast path); the Trainer must not redo it.
         gradient_checkpointing=False,
         seed=t.seed,
         data_seed=t.seed,

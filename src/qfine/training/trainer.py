@@ -11,6 +11,7 @@ from transformers import EarlyStoppingCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from qfine import config as C
 from qfine.config import RunConfig
 from qfine.objectives.base import Objective
 from qfine.objectives.common import resolve_precision, training_arguments
@@ -21,7 +22,7 @@ from qfine.util.errors import QfineError
 
 _CUDA_OPTIMIZERS = {"paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_bnb_8bit"}
 _OPTIMIZERS = {"adamw_torch", "adamw_torch_fused", "sgd", "adafactor"} | _CUDA_OPTIMIZERS
-_SCHEDULERS = {"cosine", "linear", "constant", "constant_with_warmup"}
+_SCHEDULERS = set(C.allowed(C.TrainConfig, "lr_scheduler"))
 
 
 def check_train_config(cfg: RunConfig, device: str, objective: Objective) -> None:
@@ -44,7 +45,7 @@ def check_train_config(cfg: RunConfig, device: str, objective: Objective) -> Non
         raise QfineError(f"train.warmup_ratio must be in [0, 1), not {t.warmup_ratio}")
     if t.resident_weights_gib < 0:
         raise QfineError(f"train.resident_weights_gib must be 0 or more, not {t.resident_weights_gib}")
-    if t.stream_weights not in ("auto", "on", "off"):
+    if t.stream_weights not in C.allowed(C.TrainConfig, "stream_weights"):
         raise QfineError(f"train.stream_weights must be auto, on or off, not {t.stream_weights!r}")
     if t.stream_weights == "on" and t.resident_weights_gib > 0:
         raise QfineError("train.stream_weights on keeps the frozen weights in host memory; "
