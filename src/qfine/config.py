@@ -130,6 +130,15 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    objective: str = "auto"
+    """What the run optimises: auto (the model head's own: sft for causal-lm, classify for seq-cls,
+    seq2seq for seq2seq), or for a causal LM a preference objective: dpo, simpo or orpo on pairs
+    (prompt, chosen, rejected), kto on unpaired rows (prompt, completion, true/false label)."""
+    beta: float = 0.0
+    """Preference objectives: the strength beta (0: the objective's default: dpo 0.1, simpo 2.0, orpo 0.1
+    (its lambda), kto 0.1)."""
+    simpo_gamma: float = 0.5
+    """SimPO: the target reward margin gamma."""
     max_steps: int = -1
     """Optimizer steps; -1 trains for `epochs` instead."""
     epochs: float = 1.0

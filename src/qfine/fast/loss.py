@@ -92,3 +92,61 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     # an fp32 model under mixed precision: the head GEMMs in the autocast dtype, as autocast runs lm_head
     with torch.autocast(hidden.device.type, enabled=False):
         return LinearCrossEntropy.apply(h.to(dtype), weight.to(dtype), flat, divisor, chunk)
+
+
+@fused
+def _logp_chunk(logits: torch.Tensor, labels: torch.Tensor):
+    """(log p[label] per row (c,), d/d logits of Σ log p) for logits (c, V) and labels (c,); rows
+    labelled -100 give 0 and a zero gradient."""
+    lf = upcast(logits)
+    valid = labels != IGNORE
+    safe = torch.where(valid, labels, 0)
+    lse = torch.logsumexp(lf, dim=-1, keepdim=True)
+    keep = valid.unsqueeze(1).to(lf.dtype)
+    logp = (torch.gather(lf, 1, safe.unsqueeze(1)) - lse) * keep
+    onehot = torch.arange(lf.shape[1], device=lf.device).unsqueeze(0) == safe.unsqueeze(1)
+    grad = (onehot.to(lf.dtype) - torch.exp(lf - lse)) * keep
+    return logp.squeeze(1), grad.to(logits.dtype)
+
+
+class LinearTokenLogprobs(torch.autograd.Function):
+    """log p(label_t | h_t) for every row t of h (T, d) through a frozen head weight (V, d), in row
+    chunks; rows labelled -100 give 0. The forward keeps d log p_t / d h_t (T, d) instead of any
+    logits, so the backward is that tensor times the incoming gradient of each row."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, chunk: int):
+        dh = torch.empty_like(h)
+        out = torch.empty(h.shape[0], dtype=upcast(h[:0]).dtype, device=h.device)
+        w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
+        for start in range(0, h.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = h[rows] @ w.t()
+            out[rows], grad = _logp_chunk(logits, labels[rows])
+            del logits
+            torch.mm(grad, w, out=dh[rows])
+            del grad
+        ctx.save_for_backward(dh)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        (dh,) = ctx.saved_tensors
+        return dh * dout.to(dh.dtype).unsqueeze(1), None, None, None
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token log-probabilities (b, s) fp32 of a causal LM's next tokens from hidden (b, s, d) and a
+    frozen head weight (V, d): position t scores labels[t+1] (shifted here, as transformers does); 0
+    where the label is -100 and at the last position. No (b, s, V) logits are ever held."""
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:]
+    flat = shifted.reshape(-1).to(hidden.device)
+    dtype = step_dtype(hidden)
+    chunk = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+    h = hidden.reshape(-1, hidden.shape[-1])
+    if dtype == hidden.dtype:
+        out = LinearTokenLogprobs.apply(h, weight, flat, chunk)
+    else:  # an fp32 model under mixed precision: the head GEMMs in the autocast dtype, as autocast runs lm_head
+        with torch.autocast(hidden.device.type, enabled=False):
+            out = LinearTokenLogprobs.apply(h.to(dtype), weight.to(dtype), flat, chunk)
+    return out.view(labels.shape)

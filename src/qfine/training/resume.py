@@ -177,8 +177,11 @@ def data_record(train_ds) -> dict | None:
         return None
     h = hashlib.sha256()
     tokens = 0
+    names = train_ds.column_names
+    # sft/classify/seq2seq rows: ids and labels; preference rows: every column (chosen_ids, …), sorted
+    columns = ("input_ids", "labels") if "input_ids" in names else sorted(names)
     for batch in train_ds.iter(batch_size=4096):
-        for name in ("input_ids", "labels"):
+        for name in columns:
             rows = batch[name]
             if rows and not isinstance(rows[0], list):  # one label per row (seq-cls)
                 h.update(np.asarray(rows, dtype=np.int64).tobytes())
@@ -186,7 +189,7 @@ def data_record(train_ds) -> dict | None:
             lengths = np.fromiter(map(len, rows), dtype=np.int64)
             h.update(lengths.tobytes())
             h.update(np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64).tobytes())
-            if name == "input_ids":
+            if name.endswith("ids"):
                 tokens += int(lengths.sum())
     return {"rows": len(train_ds), "tokens": tokens, "sha256": h.hexdigest()}
 

@@ -1,0 +1,206 @@
+"""Preference rows → token ids with completion-only labels, and the collator that batches them.
+
+Paired rows (DPO, SimPO, ORPO) hold ``prompt``, ``chosen`` and ``rejected``: each a string, or a list of
+``{role, content}`` messages. ``chosen``/``rejected`` may be whole conversations that share a prompt
+(HH-RLHF, UltraFeedback-binarized: the last message is the assistant's reply, everything before it the
+prompt, with or without a ``prompt`` column). Unpaired rows (KTO) hold ``prompt``, ``completion`` and a
+boolean ``label`` (true: desirable). Column names follow ``data.columns``. The chat template is applied
+(:func:`qfine.data.pipeline.encode_messages`) and only the reply's tokens (and its EOS) are scored.
+Every bad row is named by ``file:line`` and follows ``data.on_bad_rows``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qfine.config import DataConfig
+from qfine.data.formats import apply_columns
+from qfine.data.pipeline import IGNORE, encode_messages
+from qfine.data.rows import RowStats, in_memory_datasets, no_rows, read_fields
+from qfine.util.errors import QfineError
+
+Messages = list[dict]
+
+
+@dataclass
+class Pair:
+    prompt: Messages
+    chosen: str
+    rejected: str
+
+
+@dataclass
+class Unpaired:
+    prompt: Messages
+    completion: str
+    desirable: bool
+
+
+def _messages(value, where: str, name: str) -> Messages:
+    """A field as messages: a string is one user turn; a list must hold {role, content} dicts."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise QfineError(f"{where}: {name} is empty")
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and {"role", "content"} <= set(m)
+                                                  for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise QfineError(f"{where}: {name} must be text or a list of {{role, content}} messages")
+
+
+def _reply(value, prompt: Messages | None, where: str, name: str) -> tuple[Messages | None, str]:
+    """``(the prompt the field carries or None, the reply text)`` of a chosen/rejected/completion field."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise QfineError(f"{where}: {name} is empty")
+        return None, value
+    msgs = _messages(value, where, name)
+    if msgs[-1]["role"] != "assistant":
+        raise QfineError(f"{where}: the last message of {name} must be the assistant's reply, not {msgs[-1]['role']}")
+    before = msgs[:-1]
+    if prompt is not None and before[:len(prompt)] == prompt:
+        before = before[len(prompt):]  # the conversation repeats the prompt column
+    return (before or None), msgs[-1]["content"]
+
+
+def _prompt(row: dict, where: str) -> Messages | None:
+    return _messages(row["prompt"], where, "prompt") if row.get("prompt") is not None else None
+
+
+def read_pair(row: dict, cfg: DataConfig, where: str) -> Pair:
+    """One paired row as a :class:`Pair` (see the module docstring for the shapes taken)."""
+    row = apply_columns(row, cfg.columns)
+    missing = [k for k in ("chosen", "rejected") if k not in row]
+    if missing:
+        raise QfineError(f"{where}: no {' or '.join(missing)} column; found: {', '.join(row) or '(none)'} "
+                         "(a pair needs prompt, chosen and rejected; data.columns maps other names)")
+    prompt = _prompt(row, where)
+    extra_c, chosen = _reply(row["chosen"], prompt, where, "chosen")
+    extra_r, rejected = _reply(row["rejected"], prompt, where, "rejected")
+    if extra_c != extra_r:
+        raise QfineError(f"{where}: the conversations of chosen and rejected have different prompts")
+    full = (prompt or []) + (extra_c or [])
+    if not full:
+        raise QfineError(f"{where}: no prompt (a prompt column, or chosen/rejected as conversations)")
+    if chosen.strip() == rejected.strip():
+        raise QfineError(f"{where}: chosen and rejected are identical")
+    return Pair(_with_system(full, cfg), chosen, rejected)
+
+
+def read_unpaired(row: dict, cfg: DataConfig, where: str) -> Unpaired:
+    """One KTO row (prompt, completion, label) as :class:`Unpaired`."""
+    row = apply_columns(row, cfg.columns)
+    missing = [k for k in ("prompt", "completion", "label") if k not in row]
+    if missing:
+        raise QfineError(f"{where}: no {', '.join(missing)} column; found: {', '.join(row) or '(none)'} "
+                         "(KTO rows hold prompt, completion and a true/false label)")
+    label = row["label"]
+    if not isinstance(label, bool):
+        raise QfineError(f"{where}: label must be true (desirable) or false, got {label!r}")
+    prompt = _prompt(row, where)
+    extra, completion = _reply(row["completion"], prompt, where, "completion")
+    return Unpaired(_with_system((prompt or []) + (extra or []), cfg), completion, label)
+
+
+def _with_system(prompt: Messages, cfg: DataConfig) -> Messages:
+    if cfg.system_prompt and prompt[0]["role"] != "system":
+        return [{"role": "system", "content": cfg.system_prompt}] + prompt
+    return prompt
+
+
+def encode_reply(tokenizer, prompt: Messages, reply: str, max_len: int, where: str) -> tuple[list[int], list[int], bool]:
+    """``(input_ids, labels, truncated)`` of prompt + the assistant's ``reply``: labels only on the
+    reply's tokens and EOS; the reply is cut to fit ``max_len``; a prompt that alone fills it is an error."""
+    enc = encode_messages(tokenizer, prompt + [{"role": "assistant", "content": reply}], "last_turn", where)
+    start = next(i for i, label in enumerate(enc.labels) if label != IGNORE)
+    if start >= max_len - 1:
+        raise QfineError(f"{where}: the prompt alone has {start} tokens; data.max_seq_len is {max_len}")
+    cut = len(enc.input_ids) > max_len
+    return enc.input_ids[:max_len], enc.labels[:max_len], cut
+
+
+def encoded_pairs(spec, tokenizer, cfg: DataConfig) -> tuple[list[dict], RowStats]:
+    """Every usable paired row of ``spec`` as ``{chosen_ids, chosen_labels, rejected_ids, rejected_labels}``."""
+    stats, rows = RowStats(), []
+    convert = {"pair": lambda row, where: (where, read_pair(row, cfg, where))}
+    for _, ((where, pair),) in read_fields(spec, cfg, ("pair",), stats, convert):
+        c_ids, c_labels, c_cut = encode_reply(tokenizer, pair.prompt, pair.chosen, cfg.max_seq_len, where)
+        r_ids, r_labels, r_cut = encode_reply(tokenizer, pair.prompt, pair.rejected, cfg.max_seq_len, where)
+        stats.truncated += c_cut or r_cut
+        stats.tokens += len(c_ids) + len(r_ids)
+        rows.append({"chosen_ids": c_ids, "chosen_labels": c_labels, "rejected_ids": r_ids, "rejected_labels": r_labels})
+    if not rows:
+        raise no_rows(spec, stats)
+    return rows, stats
+
+
+def encoded_unpaired(spec, tokenizer, cfg: DataConfig) -> tuple[list[dict], RowStats]:
+    """Every usable KTO row of ``spec`` as ``{ids, labels, desirable}``."""
+    stats, rows = RowStats(), []
+    convert = {"row": lambda row, where: (where, read_unpaired(row, cfg, where))}
+    for _, ((where, item),) in read_fields(spec, cfg, ("row",), stats, convert):
+        ids, labels, cut = encode_reply(tokenizer, item.prompt, item.completion, cfg.max_seq_len, where)
+        stats.truncated += cut
+        stats.tokens += len(ids)
+        rows.append({"ids": ids, "labels": labels, "desirable": item.desirable})
+    if not rows:
+        raise no_rows(spec, stats)
+    if len({r["desirable"] for r in rows}) < 2 and len(rows) > 1:
+        pass  # one-sided KTO data trains (the other term is simply absent); the report shows only one reward
+    return rows, stats
+
+
+def datasets(tokenizer, cfg: DataConfig, seed: int, paired: bool):
+    """(train, eval or None, stats) for a paired or an unpaired (KTO) objective."""
+    encode = encoded_pairs if paired else encoded_unpaired
+    return in_memory_datasets(lambda spec: encode(spec, tokenizer, cfg), cfg, seed, "preference")
+
+
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def _batch(ids: list[list[int]], labels: list[list[int]], pad_id: int) -> dict:
+    mask = [[1] * len(s) for s in ids]
+    return {"input_ids": _pad(ids, pad_id), "attention_mask": _pad(mask, 0), "labels": _pad(labels, IGNORE)}
+
+
+@dataclass
+class PairCollator:
+    """B pairs → one batch of 2B rows, the chosen first (rows 0..B−1), then the rejected, right-padded to
+    the longest, so that both go through one forward."""
+
+    pad_id: int
+
+    def __call__(self, rows: list[dict]) -> dict:
+        ids = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        labels = [r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows]
+        return _batch(ids, labels, self.pad_id)
+
+
+def _split(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    start = next(i for i, label in enumerate(labels) if label != IGNORE)
+    return ids[:start], ids[start:]
+
+
+@dataclass
+class UnpairedCollator:
+    """B KTO rows → 2B rows: the rows themselves, then each prompt i with the completion of row i+1
+    (mod B), whose log-ratios estimate KTO's KL term; ``desirable`` (B,) bool."""
+
+    pad_id: int
+
+    def __call__(self, rows: list[dict]) -> dict:
+        ids = [r["ids"] for r in rows]
+        labels = [r["labels"] for r in rows]
+        parts = [_split(i, lab) for i, lab in zip(ids, labels)]
+        for k, (prompt, _) in enumerate(parts):
+            completion = parts[(k + 1) % len(parts)][1]
+            ids.append(prompt + completion)
+            labels.append([IGNORE] * len(prompt) + completion)
+        batch = _batch(ids, labels, self.pad_id)
+        batch["desirable"] = torch.tensor([r["desirable"] for r in rows], dtype=torch.bool)
+        return batch

@@ -1,0 +1,170 @@
+"""Preference training of a causal LM (``train.objective``: dpo, simpo, orpo, kto) on the quantized base.
+
+The reference model of DPO and KTO is the same quantized base with the adapter switched off
+(``PeftModel.disable_adapter``): no second copy of any weight. Chosen and rejected go through one
+forward (2B rows); the per-token log-probabilities come from the backbone's hidden states through the
+frozen head in row chunks (:func:`qfine.fast.loss.linear_token_logprobs`), so the (rows, seq, vocab)
+logits never exist. The losses are :mod:`.pref_loss`; the rows and batches :mod:`.pref_data`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from qfine.config import RunConfig
+from qfine.data.readers import BadRow, read_rows
+from qfine.fast.loss import linear_token_logprobs
+from qfine.fast.swap import causal_lm
+from qfine.objectives import pref_data, pref_loss
+from qfine.objectives.base import Supports
+from qfine.objectives.sft import SFT
+from qfine.util.errors import QfineError
+
+
+def _plain_head(lm) -> torch.nn.Linear | None:
+    """The output layer when it is a frozen bias-free Linear with no logit soft-capping, else None."""
+    head = lm.get_output_embeddings()
+    if (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+            and not getattr(lm.config, "final_logit_softcapping", None)):
+        return head
+    return None
+
+
+def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ log p, count)`` over the scored tokens of each row: fp32 (rows,) each. Through the chunked
+    head when the head is plain, else through the model's logits (a trained or adapted head)."""
+    lm = causal_lm(model)
+    head = _plain_head(lm)
+    if head is not None:
+        hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        logp = linear_token_logprobs(hidden, head.weight, labels)
+    else:
+        logits = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=pref_data.IGNORE)[..., 1:]
+        valid = shifted != pref_data.IGNORE
+        picked = torch.gather(logits.log_softmax(-1), 2, torch.where(valid, shifted, 0).unsqueeze(-1)).squeeze(-1)
+        logp = picked * valid
+    scored = (torch.nn.functional.pad(labels, (0, 1), value=pref_data.IGNORE)[..., 1:] != pref_data.IGNORE)
+    return logp.sum(-1), scored.sum(-1).to(logp.dtype)
+
+
+@contextlib.contextmanager
+def adapter_off(model):
+    """The reference model: the same weights with every LoRA adapter switched off for the block."""
+    with torch.no_grad(), model.disable_adapter():
+        yield
+
+
+class PreferenceTrainer(Trainer):
+    """A Trainer whose loss is one of :mod:`.pref_loss`'s on the collated batch; logs the rewards,
+    margins, accuracies and log-probabilities (means over the logging interval, ``eval_`` in evaluation)."""
+
+    def __init__(self, *args, kind: str, beta: float, gamma: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kind, self.beta, self.gamma = kind, beta, gamma
+        # the loss is a mean over the pairs of a micro-batch: the Trainer scales it by 1/grad_accum
+        self.model_accepts_loss_kwargs = False
+        self._stored: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def preference_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one collated batch and its metrics."""
+        ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        logp, count = sequence_logps(model, ids, mask, labels)
+        ref = None
+        if pref_loss.NEEDS_REFERENCE[self.kind]:
+            with adapter_off(self.accelerator.unwrap_model(model)):
+                ref, _ = sequence_logps(model, ids, mask, labels)
+        half = ids.shape[0] // 2
+        if self.kind == "kto":
+            return pref_loss.kto(logp[:half], ref[:half], inputs["desirable"], logp[half:].detach(), ref[half:],
+                                 self.beta)
+        c, r = slice(0, half), slice(half, None)
+        if self.kind == "dpo":
+            return pref_loss.dpo(logp[c], logp[r], ref[c], ref[r], self.beta)
+        if self.kind == "simpo":
+            return pref_loss.simpo(logp[c], logp[r], count[c], count[r], self.beta, self.gamma)
+        return pref_loss.orpo(logp[c], logp[r], count[c], count[r], self.beta)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = self.preference_loss(model, inputs)
+        for k, v in metrics.items():
+            self._stored["train"][k].append(v)
+        return (loss, {}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, metrics = self.preference_loss(model, inputs)
+        for k, v in metrics.items():
+            self._stored["eval"][k].append(v)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if split == "eval" else ""
+        for k, values in self._stored[split].items():
+            logs[prefix + k] = sum(values) / len(values)
+        self._stored[split].clear()
+        super().log(logs, start_time)
+
+    def enable_cuda_graphs(self, max_len: int) -> str:
+        return "CUDA graphs off: a preference step runs two forwards (policy and reference) per batch"
+
+
+class Preference(SFT):
+    """The shared part of the four preference objectives; each subclass names its loss."""
+
+    supports = Supports(fast_path=True, gguf=True, requantize=True, perplexity=False)
+    paired = True
+
+    def datasets(self, tokenizer, cfg: RunConfig, labels):
+        return pref_data.datasets(tokenizer, cfg.data, cfg.train.seed, self.paired)
+
+    def strength(self, cfg: RunConfig) -> float:
+        return cfg.train.beta or pref_loss.DEFAULTS[self.name][0]
+
+    def trainer(self, model, tokenizer, train_ds, eval_ds, cfg: RunConfig, arguments, callbacks):
+        if cfg.data.task_column:
+            raise QfineError(f"train.objective {self.name} trains one adapter; data.task_column is for sft")
+        args = arguments(TrainingArguments, remove_unused_columns=False)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        collator = (pref_data.PairCollator if self.paired else pref_data.UnpairedCollator)(pad)
+        return PreferenceTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                 data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
+                                 kind=self.name, beta=self.strength(cfg), gamma=cfg.train.simpo_gamma)
+
+    def sample_inputs(self, cfg: RunConfig, source: str, n: int) -> list:
+        """The prompts of the first ``n`` usable rows."""
+        read = pref_data.read_pair if self.paired else pref_data.read_unpaired
+        out = []
+        for where, row in read_rows(source, cfg.data.split):
+            if len(out) >= n:
+                break
+            if isinstance(row, BadRow) or not isinstance(row, dict):
+                continue
+            try:
+                out.append(read(row, cfg.data, where).prompt)
+            except QfineError:
+                continue
+        return out
+
+
+class DPO(Preference):
+    name = "dpo"
+
+
+class SimPO(Preference):
+    name = "simpo"
+
+
+class ORPO(Preference):
+    name = "orpo"
+
+
+class KTO(Preference):
+    name = "kto"
+    paired = False
