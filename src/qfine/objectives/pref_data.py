@@ -123,32 +123,36 @@ def encode_reply(tokenizer, prompt: Messages, reply: str, max_len: int, where: s
 
 def encoded_pairs(spec, tokenizer, cfg: DataConfig) -> tuple[list[dict], RowStats]:
     """Every usable paired row of ``spec`` as ``{chosen_ids, chosen_labels, rejected_ids, rejected_labels}``."""
-    stats, rows = RowStats(), []
-    convert = {"pair": lambda row, where: (where, read_pair(row, cfg, where))}
-    for _, ((where, pair),) in read_fields(spec, cfg, ("pair",), stats, convert):
+    def encode(row, where):
+        pair = read_pair(row, cfg, where)
         c_ids, c_labels, c_cut = encode_reply(tokenizer, pair.prompt, pair.chosen, cfg.max_seq_len, where)
         r_ids, r_labels, r_cut = encode_reply(tokenizer, pair.prompt, pair.rejected, cfg.max_seq_len, where)
-        stats.truncated += c_cut or r_cut
-        stats.tokens += len(c_ids) + len(r_ids)
-        rows.append({"chosen_ids": c_ids, "chosen_labels": c_labels, "rejected_ids": r_ids, "rejected_labels": r_labels})
-    if not rows:
-        raise no_rows(spec, stats)
-    return rows, stats
+        return {"chosen_ids": c_ids, "chosen_labels": c_labels, "rejected_ids": r_ids, "rejected_labels": r_labels,
+                "truncated": c_cut or r_cut}
+
+    return _encoded(spec, cfg, encode)
 
 
 def encoded_unpaired(spec, tokenizer, cfg: DataConfig) -> tuple[list[dict], RowStats]:
     """Every usable KTO row of ``spec`` as ``{ids, labels, desirable}``."""
-    stats, rows = RowStats(), []
-    convert = {"row": lambda row, where: (where, read_unpaired(row, cfg, where))}
-    for _, ((where, item),) in read_fields(spec, cfg, ("row",), stats, convert):
+    def encode(row, where):
+        item = read_unpaired(row, cfg, where)
         ids, labels, cut = encode_reply(tokenizer, item.prompt, item.completion, cfg.max_seq_len, where)
-        stats.truncated += cut
-        stats.tokens += len(ids)
-        rows.append({"ids": ids, "labels": labels, "desirable": item.desirable})
+        return {"ids": ids, "labels": labels, "desirable": item.desirable, "truncated": cut}
+
+    return _encoded(spec, cfg, encode)
+
+
+def _encoded(spec, cfg: DataConfig, encode) -> tuple[list[dict], RowStats]:
+    """``encode(row, where)`` over the usable rows of ``spec``, bad ones (a reading or an encoding error)
+    following ``data.on_bad_rows``."""
+    stats, rows = RowStats(), []
+    for _, (row,) in read_fields(spec, cfg, ("row",), stats, {"row": encode}):
+        stats.truncated += row.pop("truncated")
+        stats.tokens += sum(len(v) for k, v in row.items() if k.endswith("ids"))
+        rows.append(row)
     if not rows:
         raise no_rows(spec, stats)
-    if len({r["desirable"] for r in rows}) < 2 and len(rows) > 1:
-        pass  # one-sided KTO data trains (the other term is simply absent); the report shows only one reward
     return rows, stats
 
 

@@ -1,0 +1,229 @@
+"""Preference objectives (DPO, SimPO, ORPO, KTO): rows, masks, the loss against TRL's, the chunked
+log-probabilities, no second model, training and resuming through qfine.train."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import qfine
+from helpers import lora_model, tiny_config, write_jsonl
+from qfine.config import DataConfig
+from qfine.fast.loss import linear_token_logprobs
+from qfine.objectives import pref_data, pref_loss
+from qfine.objectives.preference import PreferenceTrainer, sequence_logps
+from qfine.util.errors import QfineError
+
+WORDS = ["cats", "dogs", "rain", "tea", "maps", "boats", "songs", "trees"]
+
+
+def _pairs(words=WORDS):
+    return [{"prompt": f"Say something about {w}.", "chosen": f"Yes! {w} is great.", "rejected": f"No. {w}."}
+            for w in words]
+
+
+def _decode_scored(tok, ids, labels):
+    return tok.decode([i for i, label in zip(ids, labels) if label != -100])
+
+
+def test_every_pair_shape_gives_the_same_tokens_and_scores_only_the_reply(tiny_dir, tmp_path):
+    """A string pair, a message-list prompt, UltraFeedback's (prompt + whole conversations) and
+    HH-RLHF's (whole conversations, no prompt column) tokenize identically; labels cover the reply + EOS."""
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    user = [{"role": "user", "content": "Name a colour."}]
+    shapes = [
+        {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "I refuse."},
+        {"prompt": user, "chosen": "Blue.", "rejected": "I refuse."},
+        {"prompt": "Name a colour.", "chosen": user + [{"role": "assistant", "content": "Blue."}],
+         "rejected": user + [{"role": "assistant", "content": "I refuse."}]},
+        {"chosen": user + [{"role": "assistant", "content": "Blue."}],
+         "rejected": user + [{"role": "assistant", "content": "I refuse."}]},
+    ]
+    rows, stats = pref_data.encoded_pairs(write_jsonl(tmp_path / "p.jsonl", shapes), tok, DataConfig())
+    assert stats.rows == 4 and len({json.dumps(r) for r in rows}) == 1
+    r = rows[0]
+    assert _decode_scored(tok, r["chosen_ids"], r["chosen_labels"]) == "Blue." + tok.eos_token
+    assert _decode_scored(tok, r["rejected_ids"], r["rejected_labels"]) == "I refuse." + tok.eos_token
+    prompt_len = r["chosen_labels"].index(r["chosen_ids"][r["chosen_labels"].index(next(
+        x for x in r["chosen_labels"] if x != -100))])
+    assert r["chosen_ids"][:prompt_len] == r["rejected_ids"][:prompt_len]  # one shared prompt
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "Hi", "chosen": "Same.", "rejected": "Same."}, "chosen and rejected are identical"),
+    ({"prompt": "Hi", "chosen": "Yes."}, "no rejected column"),
+    ({"chosen": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "x"}],
+      "rejected": [{"role": "user", "content": "B"}, {"role": "assistant", "content": "y"}]},
+     "the conversations of chosen and rejected have different prompts"),
+    ({"prompt": "word " * 600, "chosen": "Yes.", "rejected": "No."}, "the prompt alone has"),
+])
+def test_bad_pairs_are_named_by_file_and_line_and_can_be_skipped(tiny_dir, tmp_path, row, message):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    path = write_jsonl(tmp_path / "p.jsonl", _pairs(WORDS[:2]) + [row])
+    with pytest.raises(QfineError, match=f"p.jsonl:3: {message}"):
+        pref_data.encoded_pairs(path, tok, DataConfig(max_seq_len=256))
+    rows, stats = pref_data.encoded_pairs(path, tok, DataConfig(max_seq_len=256, on_bad_rows="skip"))
+    assert len(rows) == 2 and stats.skipped == 1 and message in stats.first_skip
+
+
+def test_chunked_token_logprobs_equal_the_full_logits_and_their_gradient():
+    torch.manual_seed(0)
+    h = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64)
+    labels = torch.randint(0, 50, (2, 7))
+    labels[0, :3] = -100
+    got = linear_token_logprobs(h, w, labels)
+    logp = (h @ w.t()).log_softmax(-1)[:, :-1].gather(2, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    want = torch.nn.functional.pad(logp * (labels[:, 1:] != -100), (0, 1))
+    assert torch.allclose(got, want, atol=1e-12)
+    weights = torch.randn(2, 7, dtype=torch.float64)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), h)
+    (g_want,) = torch.autograd.grad((want * weights).sum(), h)
+    assert torch.allclose(g_got, g_want, atol=1e-12)
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_dpo_loss_and_gradients_equal_trl_dpo_trainer_on_the_same_batch(tiny_dir, tmp_path):
+    """Same adapter, same batch (chosen rows then rejected rows), fp32 on a 4-bit base: qfine's DPO loss
+    and every LoRA gradient equal TRL's DPOTrainer (the reference being the adapter switched off in both)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = lora_model(tiny_dir, "nf4", compute_dtype="fp32")
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained-looking adapter, so policy and reference differ
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    rows, _ = pref_data.encoded_pairs(write_jsonl(tmp_path / "p.jsonl", _pairs(WORDS[:3])), tok, DataConfig())
+    batch = pref_data.PairCollator(tok.pad_token_id)(rows)
+
+    dummy = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, report_to=[], use_cpu=True)
+    trl = DPOTrainer(model=model, args=args, train_dataset=dummy, processing_class=tok)
+    # TRL keeps a copy of an adapter it is given as the reference ("ref"); without it TRL's reference is
+    # the adapter switched off, as qfine's is for a new adapter
+    if "ref" in model.peft_config:
+        model.delete_adapter("ref")
+        model.set_adapter("default")
+    for p in model.parameters():  # TRL casts a quantized model's adapter to bf16; compare in fp32
+        if p.requires_grad:
+            p.data = p.data.float()
+    trl_batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                 "completion_mask": (batch["labels"] != -100).long()}
+    want = trl._compute_loss(model, trl_batch, False)
+    want.backward()
+    want_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    ours = PreferenceTrainer(model=model, args=args, data_collator=pref_data.PairCollator(tok.pad_token_id),
+                             kind="dpo", beta=0.1, gamma=0.0)
+    got, metrics = ours.preference_loss(model, batch)
+    got.backward()
+    got_grads = _grads(model)
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    assert metrics["rewards/margins"] != 0  # the adapter moved the policy away from the reference
+    for name, g in want_grads.items():
+        assert torch.allclose(got_grads[name], g, rtol=1e-5, atol=1e-7), name
+
+
+def test_losses_match_their_formulas_on_known_numbers():
+    lc, lr, rc, rr = torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-4.5])
+    loss, m = pref_loss.dpo(lc, lr, rc, rr, beta=0.5)
+    assert math.isclose(loss.item(), -math.log(1 / (1 + math.exp(-0.5 * ((-3 + 4) - (-5 + 4.5))))), rel_tol=1e-6)
+    assert m["rewards/accuracies"] == 1.0
+    n = torch.tensor([2.0])
+    loss, _ = pref_loss.simpo(lc, lr, n, n * 2, beta=2.0, gamma=0.5)
+    assert math.isclose(loss.item(), -math.log(1 / (1 + math.exp(-(2.0 * (-1.5 + 1.25) - 0.5)))), rel_tol=1e-6)
+    loss, m = pref_loss.orpo(lc, lr, n, n * 2, beta=0.1)
+    avg_c, avg_r = -1.5, -1.25
+    odds = (avg_c - avg_r) - (math.log1p(-math.exp(avg_c)) - math.log1p(-math.exp(avg_r)))
+    assert math.isclose(loss.item(), 1.5 - 0.1 * math.log(1 / (1 + math.exp(-odds))), rel_tol=1e-6)
+    logp, ref = torch.tensor([-2.0, -3.0]), torch.tensor([-2.5, -2.0])
+    loss, m = pref_loss.kto(logp, ref, torch.tensor([True, False]), torch.tensor([-3.0]), torch.tensor([-3.2]), 0.1)
+    z = 0.2
+    want = ((1 - 1 / (1 + math.exp(-0.1 * (0.5 - z)))) + (1 - 1 / (1 + math.exp(-0.1 * (z + 1.0))))) / 2
+    assert math.isclose(loss.item(), want, rel_tol=1e-6) and math.isclose(m["kl"], z, rel_tol=1e-5)
+
+
+def _four_bit_weights() -> int:
+    import bitsandbytes as bnb
+    return sum(1 for o in gc.get_objects() if isinstance(o, bnb.nn.Params4bit))
+
+
+def test_a_dpo_run_holds_no_second_model_and_learns_the_pairs(tiny_dir, tmp_path):
+    """The 4-bit weight tensors alive while DPO trains are the base's alone; the reward accuracy on the
+    training pairs reaches 1 and the margin grows; metrics.jsonl and TensorBoard get the rewards."""
+    from transformers import TrainerCallback
+
+    counts = []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            gc.collect()
+            counts.append(_four_bit_weights())
+
+    cfg = tiny_config(tiny_dir, write_jsonl(tmp_path / "p.jsonl", _pairs()), tmp_path / "run", max_steps=12,
+                      objective="dpo", report_samples=0)
+    gc.collect()
+    before = _four_bit_weights()
+    from qfine.training.run import train
+    run = train(cfg, callbacks=[Count()])
+    base_layers = 2 * 7  # the tiny model: 2 decoder layers × 7 projections
+    assert set(counts) == {before + base_layers}
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x and "rewards/accuracies" in x]
+    assert math.isclose(steps[0]["loss"], math.log(2), rel_tol=1e-3)  # policy = reference at step 1
+    assert steps[-1]["rewards/accuracies"] == 1.0 and steps[-1]["rewards/margins"] > steps[1]["rewards/margins"] > 0
+    assert list((run / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("objective", ["simpo", "orpo", "kto"])
+def test_the_other_objectives_learn_the_pairs(tiny_dir, tmp_path, objective):
+    rows = _pairs()
+    if objective == "kto":
+        rows = ([{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in rows]
+                + [{"prompt": r["prompt"], "completion": r["rejected"], "label": False} for r in rows])
+    cfg = tiny_config(tiny_dir, write_jsonl(tmp_path / "p.jsonl", rows), tmp_path / "run", max_steps=10,
+                      objective=objective, report_samples=0)
+    run = qfine.train(cfg)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "rewards/margins" in x]
+    assert lines[-1]["rewards/margins"] > lines[0]["rewards/margins"] + 0.1
+    assert lines[-1]["loss"] < lines[0]["loss"]
+
+
+def test_objective_names_are_checked(tiny_dir, tmp_path):
+    cfg = tiny_config(tiny_dir, write_jsonl(tmp_path / "p.jsonl", _pairs()), tmp_path / "run", objective="dpx")
+    with pytest.raises(QfineError, match=r"train.objective must be auto or one of .*not 'dpx' \(did you mean dpo\?\)"):
+        qfine.train(cfg)
+
+
+def test_sequence_logps_of_the_reference_are_the_base_model_s(tiny_dir):
+    """The reference pass (adapter off) gives what the model without any adapter gives."""
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = lora_model(tiny_dir, "nf4", compute_dtype="fp32")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    ids = torch.tensor([tok.encode("Hello there, how are you?")])
+    labels = ids.clone()
+    labels[:, :2] = -100
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base, _ = sequence_logps(model, ids, mask, labels)
+        adapted, count = sequence_logps(model, ids, mask, labels)
+        logits = model.get_base_model()(ids).logits  # adapter on: the model's own logits path
+    full = logits[:, :-1].log_softmax(-1).gather(2, ids[:, 1:, None]).squeeze(-1)[:, 1:].sum()
+    assert torch.allclose(adapted, full.reshape(1), rtol=1e-5) and count.item() == ids.shape[1] - 2
+    assert not torch.allclose(base, adapted)
