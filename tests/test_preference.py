@@ -227,3 +227,101 @@ def test_sequence_logps_of_the_reference_are_the_base_model_s(tiny_dir):
     full = logits[:, :-1].log_softmax(-1).gather(2, ids[:, 1:, None]).squeeze(-1)[:, 1:].sum()
     assert torch.allclose(adapted, full.reshape(1), rtol=1e-5) and count.item() == ids.shape[1] - 2
     assert not torch.allclose(base, adapted)
+
+
+def _eval_rows(capsys, target, data) -> dict[str, tuple[float, float]]:
+    """``qfine eval TARGET --data PAIRS`` → {row: (preference accuracy %, margin)} read from its table."""
+    from qfine.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", str(target), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("base", "base+adapter", "merged"):
+            rows[parts[0]] = (float(parts[1]), float(parts[2]))
+    return rows
+
+
+@pytest.mark.slow
+def test_bundled_model_learns_a_preference_it_lacks_through_the_cli(tmp_path, bundled_dir, capsys):
+    """examples/dpo-default.yaml through qfine's commands: on held-out pairs (other topics, other question
+    forms) the preference accuracy goes from the base's to >= 90 %, and the greedy answer to a held-out
+    prompt opens with the preferred greeting from the run, the exact merge and a q8_0 GGUF. SimPO, ORPO and
+    KTO are trained on the same preference and their held-out accuracy printed and asserted."""
+    from pathlib import Path
+
+    from qfine.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    test_pairs = root / "examples/data/greeting-test.jsonl"
+    prompt = "Could you describe comets briefly?"
+    reached = {}
+    for objective in ("dpo", "simpo", "orpo", "kto"):
+        run = tmp_path / objective
+        assert main(["train", str(root / f"examples/{objective}-default.yaml"), "--output-dir", str(run),
+                     "--report-samples", "0"]) == 0
+        rows = _eval_rows(capsys, run, test_pairs)
+        reached[objective] = rows
+        assert rows["base+adapter"][0] >= 90 and rows["merged"][0] >= 90, (objective, rows)
+        if objective != "dpo":
+            continue
+        assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
+        assert main(["export", str(run), "--quant", "q8_0", "--out", str(tmp_path / "dpo.gguf")]) == 0
+        answers = {}
+        for target in (run, tmp_path / "merged", tmp_path / "dpo.gguf", "default"):
+            capsys.readouterr()
+            assert main(["generate", str(target), "--prompt", prompt, "--max-new-tokens", "12"]) == 0
+            answers[Path(str(target)).name] = capsys.readouterr().out.strip()
+        assert not answers["default"].startswith("Ahoy"), answers
+        assert all(answers[k].startswith("Ahoy!") for k in (run.name, "merged", "dpo.gguf")), answers
+    with capsys.disabled():
+        print("\n[preference] held-out pairs, (accuracy %, margin nats):")
+        for objective, rows in reached.items():
+            print(f"  {objective}: " + ", ".join(f"{k} {v[0]:.0f} % / {v[1]:.2f}" for k, v in rows.items()))
+        print(f"  dpo answers: {answers}")
+
+
+def test_a_killed_dpo_run_resumes_on_the_uninterrupted_curve(tiny_dir, tmp_path):
+    """SIGKILL `qfine train --objective dpo` once checkpoint-6 is sealed, resume it: every step's loss and
+    reward margin equal the uninterrupted run's (CPU: 1e-6; the reference is recomputed from the same
+    base with the adapter off, so nothing is lost with the process)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from qfine.training.resume import SEAL
+
+    data = write_jsonl(tmp_path / "p.jsonl", _pairs() * 2)
+    common = ["--model", str(tiny_dir), "--data", str(data), "--objective", "dpo", "--max-steps", "12",
+              "--save-steps", "3", "--batch-size", "4", "--learning-rate", "5e-3", "--lr-scheduler", "cosine",
+              "--lora-r", "8", "--lora-alpha", "16", "--report-samples", "0"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def args(name):
+        return [sys.executable, "-m", "qfine", "train", *common, "--output-dir", str(tmp_path / name)]
+
+    assert subprocess.run(args("full"), env=env, capture_output=True).returncode == 0
+    proc = subprocess.Popen(args("part"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    seal = tmp_path / "part" / "checkpoints" / "checkpoint-6" / SEAL
+    deadline = time.time() + 300
+    while not seal.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert subprocess.run(args("part") + ["--resume"], env=env, capture_output=True).returncode == 0
+
+    def curve(name):
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["rewards/margins"]) for r in rows if "loss" in r]
+
+    full, resumed = curve("full"), curve("part")
+    assert [s for s, _, _ in resumed] == list(range(1, 13))
+    tol = 1e-2 if torch.cuda.is_available() else 1e-6
+    for (_, loss, margin), (_, want_loss, want_margin) in zip(resumed, full):
+        assert abs(loss - want_loss) <= tol * max(abs(want_loss), 1e-3)
+        assert abs(margin - want_margin) <= tol * max(abs(want_margin), 1e-3)

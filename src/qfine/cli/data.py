@@ -17,7 +17,13 @@ def cmd_data_preview(ns) -> None:
     C.apply_overrides(C.RunConfig(data=cfg), {("data", k): v for k, v in (
         ("max_seq_len", ns.max_seq_len), ("format", ns.format), ("template", ns.template), ("columns", ns.columns),
         ("loss_on", ns.loss_on), ("too_long", ns.too_long), ("on_bad_rows", ns.on_bad_rows)) if v is not None})
-    preview(ns.file, load_tokenizer(resolve_source(ns.model)), cfg, sys.stdout, ns.example)
+    tokenizer = load_tokenizer(resolve_source(ns.model))
+    from qfine.objectives import pref_data
+
+    if pref_data.looks_paired(ns.file, cfg) or pref_data.looks_unpaired(ns.file, cfg):
+        pref_data.preview(ns.file, tokenizer, cfg, sys.stdout, ns.example, paired=pref_data.looks_paired(ns.file, cfg))
+        return
+    preview(ns.file, tokenizer, cfg, sys.stdout, ns.example)
 
 
 def cmd_data_chitchat(ns) -> None:

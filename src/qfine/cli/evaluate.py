@@ -46,6 +46,10 @@ def cmd_eval(ns) -> None:
                                    max_seq_len=ns.max_seq_len or loaded.data.max_seq_len, task_column="")
         if not head_of(loaded.task).chat:
             return _eval_task_run(ns, loaded, data)
+        from qfine.objectives.pref_data import looks_paired
+
+        if looks_paired(ns.data, data):
+            return _eval_task_run(ns, loaded, data, "preference")
         examples = load_examples(ns.data, loaded.tokenizer, data, ns.limit)
         rows = compare_run(loaded, examples, metrics, max_new)
         first = "model"
@@ -63,9 +67,10 @@ def cmd_eval(ns) -> None:
         print(format_table(rows, first))
 
 
-def _eval_task_run(ns, loaded, data) -> None:
+def _eval_task_run(ns, loaded, data, kind: str | None = None) -> None:
     """qfine eval for a run whose objective has its own comparison (:data:`qfine.evaluation.tasks.COMPARE`):
-    a classifier (accuracy, macro-F1, confusion matrix) or a seq2seq run (ROUGE/BLEU)."""
+    a classifier (accuracy, macro-F1, confusion matrix), a seq2seq run (ROUGE/BLEU), or ``kind``
+    preference: a causal-LM run on pairs (preference accuracy and margin)."""
     from qfine.evaluation.metrics import parse_metrics
     from qfine.evaluation.run import format_table
     from qfine.evaluation.tasks import COMPARE
@@ -73,8 +78,8 @@ def _eval_task_run(ns, loaded, data) -> None:
     from qfine.objectives.classify import confusion_table
 
     loaded = dataclasses.replace(loaded, generation=_generation_overrides(ns, loaded.generation))
-    rows, n, confusion = COMPARE[for_task(loaded.task).name](loaded, ns.data, data, parse_metrics(ns.metrics or "rouge,bleu"),
-                                                             ns.limit)
+    compare = COMPARE[kind or for_task(loaded.task).name]
+    rows, n, confusion = compare(loaded, ns.data, data, parse_metrics(ns.metrics or "rouge,bleu"), ns.limit)
     if ns.output == "json":
         out = {"target": ns.target, "data": ns.data, "examples": n, "results": rows}
         if confusion is not None:
@@ -95,7 +100,8 @@ def register(sub) -> None:
     """Add eval to the CLI's subparsers."""
     p = sub.add_parser("eval", help="perplexity and generation metrics; base vs adapter vs merged for a run")
     p.add_argument("target", help="a run directory, or a model source (folder, .gguf, hub id, default)")
-    p.add_argument("--data", required=True, help="evaluation data (any format qfine train reads)")
+    p.add_argument("--data", required=True, help="evaluation data (any format qfine train reads); for a causal-LM "
+                   "run, preference pairs (prompt, chosen, rejected) score preference accuracy and margin")
     p.add_argument("--metrics", help="comma list of perplexity,bleu,chrf,rouge,exact_match,accuracy (default: "
                                       "perplexity; seq2seq runs rouge,bleu; seq-cls runs always accuracy and macro-F1)")
     p.add_argument("--limit", type=int, help="evaluate the first N rows only")

@@ -1,19 +1,26 @@
-"""``qfine eval`` for seq-cls and seq2seq runs: the same three rows as for chat models — the base
-(adapter and trained head switched off), base + adapter, and the exact merge — from one load.
+"""``qfine eval`` for seq-cls and seq2seq runs and for preference pairs: the same three rows as for chat
+models — the base (adapter and trained head switched off), base + adapter, and the exact merge — from
+one load.
 
 seq-cls scores accuracy and macro-F1 (0–100) and gives the confusion matrix of base + adapter;
-seq2seq generates with the run's generation settings and scores ROUGE-L / BLEU / chrF.
+seq2seq generates with the run's generation settings and scores ROUGE-L / BLEU / chrF; pairs
+(prompt, chosen, rejected) score the preference accuracy (the share of pairs whose chosen reply the
+model gives a higher log-probability than the rejected one, %) and the mean margin of the two (nats).
 """
 
 from __future__ import annotations
 
 import time
 
+import torch
+
 from qfine.data.rows import RowStats, read_fields
 from qfine.evaluation.metrics import GENERATION_METRICS, score_generations
 from qfine.evaluation.run import three_rows
 from qfine.models.loading import Loaded
+from qfine.objectives import pref_data
 from qfine.objectives.classify import dataset_scores, encoded
+from qfine.objectives.preference import sequence_logps
 from qfine.objectives.seq2seq import generate
 from qfine.util.errors import QfineError
 
@@ -58,5 +65,35 @@ def compare_seq2seq(loaded: Loaded, spec, data, metrics: list[str], limit: int |
     return three_rows(loaded.model, score), len(pairs), None
 
 
-# the comparison of each objective whose runs are not scored as chat models (qfine.evaluation.run)
-COMPARE = {"classify": compare_classifier, "seq2seq": compare_seq2seq}
+@torch.no_grad()
+def pair_margins(model, tokenizer, rows: list[dict], batch_size: int = 8) -> list[float]:
+    """log p(chosen) − log p(rejected) (nats, summed over each reply's tokens) per encoded pair."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collate, device = pref_data.PairCollator(pad), next(model.parameters()).device
+    out: list[float] = []
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[i: i + batch_size]).items()}
+        logp, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        half = logp.shape[0] // 2
+        out += (logp[:half] - logp[half:]).tolist()
+    return out
+
+
+def compare_preference(loaded: Loaded, spec, data, metrics: list[str], limit: int | None = None):
+    """``(rows, number of pairs, None)``: preference accuracy (%) and mean margin (nats) of base / base +
+    adapter / merged on the pairs of ``spec``."""
+    rows, _ = pref_data.encoded_pairs(spec, loaded.tokenizer, data)
+    rows = rows[:limit] if limit else rows
+
+    def score():
+        t0 = time.perf_counter()
+        margins = pair_margins(loaded.model, loaded.tokenizer, rows)
+        return {"pref_accuracy": 100.0 * sum(m > 0 for m in margins) / len(margins),
+                "margin": sum(margins) / len(margins), "seconds": time.perf_counter() - t0}
+
+    return three_rows(loaded.model, score), len(rows), None
+
+
+# the comparison of each objective whose runs are not scored as chat models (qfine.evaluation.run), and
+# of preference pairs (any causal-LM run)
+COMPARE = {"classify": compare_classifier, "seq2seq": compare_seq2seq, "preference": compare_preference}

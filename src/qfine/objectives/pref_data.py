@@ -162,6 +162,18 @@ def datasets(tokenizer, cfg: DataConfig, seed: int, paired: bool):
     return in_memory_datasets(lambda spec: encode(spec, tokenizer, cfg), cfg, seed, "preference")
 
 
+def looks_paired(spec, cfg: DataConfig) -> bool:
+    """Whether the first readable row of ``spec`` is a preference pair (has chosen and rejected)."""
+    from qfine.data.readers import BadRow, read_rows
+
+    for _, row in read_rows(spec, cfg.split):
+        if isinstance(row, BadRow) or not isinstance(row, dict):
+            continue
+        row = apply_columns(row, cfg.columns)
+        return "chosen" in row and "rejected" in row
+    return False
+
+
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
@@ -208,3 +220,42 @@ class UnpairedCollator:
         batch = _batch(ids, labels, self.pad_id)
         batch["desirable"] = torch.tensor([r["desirable"] for r in rows], dtype=torch.bool)
         return batch
+
+
+def looks_unpaired(spec, cfg: DataConfig) -> bool:
+    """Whether the first readable row of ``spec`` is a KTO row (prompt, completion, label)."""
+    from qfine.data.readers import BadRow, read_rows
+
+    for _, row in read_rows(spec, cfg.split):
+        if isinstance(row, BadRow) or not isinstance(row, dict):
+            continue
+        row = apply_columns(row, cfg.columns)
+        return {"prompt", "completion", "label"} <= set(row)
+    return False
+
+
+def preview(spec, tokenizer, cfg: DataConfig, out, example: int = 0, paired: bool = True) -> RowStats:
+    """``qfine data preview`` of preference rows: counts, one row with its scored tokens marked (chosen
+    and rejected, or the completion and its label), token lengths; returns the stats."""
+    from qfine.data.preview import CLOSE, OPEN, marked_text
+    from qfine.data.templates import set_template
+
+    template = set_template(tokenizer, cfg.template)
+    rows, stats = (encoded_pairs if paired else encoded_unpaired)(spec, tokenizer, cfg)
+    kind = "preference pairs (prompt, chosen, rejected)" if paired else "KTO rows (prompt, completion, label)"
+    out.write(f"data:     {spec}\nformat:   {kind}, {stats.rows} rows\ntemplate: {template}; scored: the reply "
+              f"and its EOS\n")
+    row = rows[min(example, len(rows) - 1)]
+    out.write(f"\nrow {min(example, len(rows) - 1)} (scored text between {OPEN} and {CLOSE}):\n")
+    if paired:
+        out.write("chosen:   " + marked_text(tokenizer, row["chosen_ids"], row["chosen_labels"]) + "\n")
+        out.write("rejected: " + marked_text(tokenizer, row["rejected_ids"], row["rejected_labels"]) + "\n")
+    else:
+        label = "desirable" if row["desirable"] else "undesirable"
+        out.write(f"{label}: " + marked_text(tokenizer, row["ids"], row["labels"]) + "\n")
+    lengths = [len(v) for r in rows for k, v in r.items() if k.endswith("ids")]
+    out.write(f"\ntoken lengths over {len(lengths)} sequences: min {min(lengths)}, max {max(lengths)}; "
+              f"{stats.truncated} rows cut to max_seq_len={cfg.max_seq_len}, {stats.tokens} tokens\n")
+    if stats.skipped:
+        out.write(f"{stats.skipped} bad rows skipped; first: {stats.first_skip}\n")
+    return stats

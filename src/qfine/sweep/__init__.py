@@ -41,7 +41,7 @@ from qfine.training.run import BaseCache
 from qfine.util.errors import QfineError
 from qfine.util.files import atomic_write_text
 
-MAXIMIZED = ("accuracy", "f1", "bleu", "rouge", "chrf", "exact_match")
+MAXIMIZED = ("accuracy", "accuracies", "margins", "f1", "bleu", "rouge", "chrf", "exact_match")
 
 
 def _field_type(section: str, name: str):

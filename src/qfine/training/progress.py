@@ -33,6 +33,16 @@ def _num(v: float) -> str:
     return f"{v:.3e}" if v != 0 and abs(v) < 1e-3 else f"{v:.4g}"
 
 
+def _preference(logs: dict, prefix: str) -> list[str]:
+    """A preference step's reward accuracy (%) and margin, when logged."""
+    out = []
+    if isinstance(logs.get(prefix + "rewards/accuracies"), (int, float)):
+        out.append(f"pref acc {100 * logs[prefix + 'rewards/accuracies']:.0f}%")
+    if isinstance(logs.get(prefix + "rewards/margins"), (int, float)):
+        out.append(f"margin {_num(logs[prefix + 'rewards/margins'])}")
+    return out
+
+
 class ConsoleProgress(TrainerCallback):
     """A tqdm bar over the optimizer steps (terminals only) and a line per log event.
 
@@ -98,6 +108,7 @@ class ConsoleProgress(TrainerCallback):
                 parts.append(f"lr {logs['learning_rate']:.2e}")
             if isinstance(logs.get("grad_norm"), (int, float)):
                 parts.append(f"grad {_num(logs['grad_norm'])}")
+            parts += _preference(logs, "")
             if isinstance(logs.get("tokens_per_s"), (int, float)):
                 parts.append(f"{logs['tokens_per_s']:,.0f} tok/s")
             if isinstance(logs.get("peak_gpu_mem_gib"), (int, float)):
@@ -110,6 +121,7 @@ class ConsoleProgress(TrainerCallback):
             for key in ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_f1_macro"):
                 if isinstance(logs.get(key), (int, float)) and math.isfinite(logs[key]):
                     parts.append(f"{key[5:].replace('_', ' ')} {_num(logs[key])}")
+            parts += _preference(logs, "eval_")
             if isinstance(value, (int, float)):
                 lower = "loss" in self.metric
                 if self.best is None or (value < self.best if lower else value > self.best):

@@ -76,6 +76,30 @@ def _plots(rows: list[dict]) -> list[tuple[str, str]]:
         ax.grid(alpha=0.3)
         out.append((caption, _png(fig)))
         plt.close(fig)
+    out += _preference_plots(series, plt)
+    return out
+
+
+def _preference_plots(series, plt) -> list[tuple[str, str]]:
+    """A preference run's rewards of chosen and rejected, margin and accuracy (train, and eval as dots)."""
+    out = []
+    for keys, caption in ((("rewards/chosen", "rewards/rejected"), "Rewards of chosen and rejected"),
+                          (("rewards/margins",), "Reward margin (chosen − rejected)"),
+                          (("rewards/accuracies",), "Preference accuracy (chosen rewarded above rejected)")):
+        if not series(keys[0])[0]:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 2.6))
+        for key in keys:
+            x, y = series(key)
+            ax.plot(x, y, lw=1.6, label=f"train {key.split('/')[1]}")
+            ex, ey = series("eval_" + key)
+            if ex:
+                ax.plot(ex, ey, "o-", lw=1.2, label=f"eval {key.split('/')[1]}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        out.append((caption, _png(fig)))
+        plt.close(fig)
     return out
 
 
@@ -112,6 +136,11 @@ def _cards(rows: list[dict], facts: ReportFacts) -> list[tuple[str, str]]:
     if evals:
         best = min(evals, key=lambda r: r["eval_loss"])
         cards.append(("eval loss start → best", f"{evals[0]['eval_loss']:.3f} → {best['eval_loss']:.3f} (step {best['step']})"))
+    accuracy = [r for r in evals if isinstance(r.get("eval_rewards/accuracies"), (int, float))]
+    if accuracy:
+        cards.append(("eval preference accuracy start → last",
+                      f"{100 * accuracy[0]['eval_rewards/accuracies']:.0f} % → "
+                      f"{100 * accuracy[-1]['eval_rewards/accuracies']:.0f} %"))
     if tps:
         cards.append(("throughput (median)", f"{statistics.median(tps):,.0f} tokens/s"))
     if "train_runtime" in final:
