@@ -17,7 +17,7 @@ A="test_fast_path test_gpu_fast test_gpu test_graphs test_dropout_kernel test_st
    test_graphed_training test_prequantized test_config test_plan test_compat test_cli_startup test_python_api"
 B="test_sweep test_training test_resume test_monitoring test_distributed"
 D="test_multitask test_inference test_eval test_cli_errors test_fsutil test_data test_packing test_chitchat
-   test_acceptance"
+   test_acceptance test_preference"
 C="test_tasks test_export test_merge test_loading test_lora_variants test_qalora test_longlora test_adaptive
    test_adapter_management"
 listed=$(echo $A $B $C $D | tr ' ' '\n' | sort)

@@ -62,6 +62,13 @@ def test_examples_parse_to_their_recipes():
     g = cnn.generation
     assert (g.num_beams, g.length_penalty, g.min_new_tokens, g.max_new_tokens) == (4, 2.0, 40, 150)
     assert C.load_yaml(EXAMPLES / "sentiment-default.yaml").model.task == "seq-cls"
+    dpo = C.load_yaml(EXAMPLES / "mistral-7b-dpo.yaml")
+    assert (dpo.train.objective, dpo.model.quantization, dpo.lora.r, dpo.lora.dropout, dpo.train.optimizer) == \
+        ("dpo", "nf4", 16, 0.05, "paged_adamw_8bit")
+    for objective in ("dpo", "simpo", "orpo", "kto"):
+        small = C.load_yaml(EXAMPLES / f"{objective}-default.yaml")
+        assert (small.train.objective, small.model.source) == (objective, "default")
+        assert (EXAMPLES.parent / small.data.path).is_file()
 
 
 def test_negative_resident_weights_budget_is_refused_before_loading():

@@ -325,3 +325,25 @@ def test_a_killed_dpo_run_resumes_on_the_uninterrupted_curve(tiny_dir, tmp_path)
     for (_, loss, margin), (_, want_loss, want_margin) in zip(resumed, full):
         assert abs(loss - want_loss) <= tol * max(abs(want_loss), 1e-3)
         assert abs(margin - want_margin) <= tol * max(abs(want_margin), 1e-3)
+
+
+def test_dpo_from_an_sft_run_uses_that_adapter_as_its_reference(tiny_dir, tmp_path, fact_file):
+    """--init-adapter RUN: the new adapter starts as RUN's and RUN's adapter, frozen, is the reference,
+    so the first DPO loss is log 2 exactly (policy = reference) although the adapter is far from the base;
+    the saved adapter is the trained one alone; other LoRA settings are refused by name."""
+    sft = qfine.train(tiny_config(tiny_dir, fact_file, tmp_path / "sft", max_steps=6, report_samples=0))
+    pairs = write_jsonl(tmp_path / "p.jsonl", _pairs())
+    cfg = tiny_config(tiny_dir, pairs, tmp_path / "dpo", max_steps=4, objective="dpo", report_samples=0,
+                      init_adapter=str(sft))
+    run = qfine.train(cfg)
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"rewards/margins"' in x]
+    assert math.isclose(steps[0]["loss"], math.log(2), rel_tol=1e-6) and steps[0]["rewards/margins"] == 0
+    assert steps[-1]["rewards/margins"] > 0
+    assert not (run / "adapter" / "reference").exists()
+    saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 8
+
+    cfg = tiny_config(tiny_dir, pairs, tmp_path / "bad", objective="dpo", init_adapter=str(sft))
+    cfg.lora.r = 4
+    with pytest.raises(QfineError, match=r"train.init_adapter .*adapter: its LoRA settings differ \(r 8 vs this run's 4"):
+        qfine.train(cfg)

@@ -139,6 +139,9 @@ class TrainConfig:
     (its lambda), kto 0.1)."""
     simpo_gamma: float = 0.5
     """SimPO: the target reward margin gamma."""
+    init_adapter: str = ""
+    """A run directory or adapter folder (trained on the same base, same lora settings) the new adapter
+    starts from, e.g. an SFT run before DPO; with dpo or kto that adapter, frozen, is also the reference."""
     max_steps: int = -1
     """Optimizer steps; -1 trains for `epochs` instead."""
     epochs: float = 1.0

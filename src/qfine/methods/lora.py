@@ -196,6 +196,68 @@ def seeded(seed: int | None):
         yield
 
 
+REFERENCE = "reference"  # the frozen adapter a preference run started from, used as its reference model
+
+
+def adapter_folder(path: str | Path) -> Path:
+    """The adapter folder of a run directory (RUN/adapter) or an adapter folder itself."""
+    folder = Path(path)
+    if (folder / "adapter" / "adapter_config.json").is_file():
+        folder = folder / "adapter"
+    if not (folder / "adapter_config.json").is_file():
+        raise QfineError(f"train.init_adapter {path}: no adapter_config.json there or in its adapter/ folder")
+    return folder
+
+
+def start_from(model, path: str | Path, reference: bool) -> str:
+    """Load the adapter at ``path`` into the model's trainable adapter ("default"), which must have the
+    same rank, alpha and target modules; with ``reference`` also as the frozen adapter :data:`REFERENCE`.
+    Returns the line to print."""
+    import json
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = adapter_folder(path)
+    saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    ours = model.peft_config["default"]
+    differ = [f"{key} {saved.get(key)!r} vs this run's {getattr(ours, key)!r}" for key in ("r", "lora_alpha")
+              if saved.get(key) != getattr(ours, key)]
+    if set(saved.get("target_modules") or ()) != set(ours.target_modules or ()):
+        differ.append(f"target_modules {sorted(saved.get('target_modules') or ())} vs this run's "
+                      f"{sorted(ours.target_modules or ())}")
+    if differ:
+        raise QfineError(f"train.init_adapter {folder}: its LoRA settings differ ({'; '.join(differ)}); "
+                         "train with the same lora settings")
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights, adapter_name="default")
+    missing = [k for k in result.missing_keys if "lora_" in k and ".default." in k]
+    if missing:
+        raise QfineError(f"train.init_adapter {folder}: {len(missing)} LoRA weights of this run are not in it "
+                         f"(first: {missing[0]})")
+    if reference:
+        model.load_adapter(str(folder), adapter_name=REFERENCE, is_trainable=False)
+        model.set_adapter("default")
+    return f"adapter: starts from {folder}" + ("; that adapter, frozen, is the reference" if reference else "")
+
+
+@contextlib.contextmanager
+def reference_model(model) -> Iterator[None]:
+    """No-grad block computing with the reference: the frozen :data:`REFERENCE` adapter when the run
+    started from one, else the base with every adapter switched off. The trainable adapter is active again after."""
+    with torch.no_grad():
+        if REFERENCE not in model.peft_config:
+            with model.disable_adapter():
+                yield
+            return
+        active = model.active_adapter
+        model.set_adapter(REFERENCE, inference_mode=True)
+        try:
+            yield
+        finally:
+            model.set_adapter(active)
+
+
 def enable_checkpointing(model: torch.nn.Module) -> None:
     """Gradient checkpointing (non-reentrant) with the input embeddings' output marked as requiring
     grad, so checkpointed blocks, whose inputs would otherwise not require grad, still back-propagate

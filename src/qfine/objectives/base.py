@@ -35,6 +35,7 @@ class Objective:
     metric: str = "eval_loss"  # the eval metric that picks the best checkpoint and a sweep's default target
     greater_is_better: bool = False
     sample_field: str = "prompt"  # what a report sample and `qfine predict --data` read from a row
+    reference: bool = False  # its loss compares the model with a reference model (DPO, KTO)
 
     def labels(self, cfg: RunConfig) -> list[str] | None:
         """The class names a labelled head is built with, read from the training rows (None: no labels)."""

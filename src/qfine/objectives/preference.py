@@ -1,7 +1,8 @@
 """Preference training of a causal LM (``train.objective``: dpo, simpo, orpo, kto) on the quantized base.
 
 The reference model of DPO and KTO is the same quantized base with the adapter switched off
-(``PeftModel.disable_adapter``): no second copy of any weight. Chosen and rejected go through one
+(``PeftModel.disable_adapter``), or, for a run started from another adapter (``train.init_adapter``),
+that adapter frozen: no second copy of any base weight. Chosen and rejected go through one
 forward (2B rows); the per-token log-probabilities come from the backbone's hidden states through the
 frozen head in row chunks (:func:`qfine.fast.loss.linear_token_logprobs`), so the (rows, seq, vocab)
 logits never exist. The losses are :mod:`.pref_loss`; the rows and batches :mod:`.pref_data`.
@@ -9,7 +10,6 @@ logits never exist. The losses are :mod:`.pref_loss`; the rows and batches :mod:
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 
 import torch
@@ -19,6 +19,7 @@ from qfine.config import RunConfig
 from qfine.data.readers import BadRow, read_rows
 from qfine.fast.loss import linear_token_logprobs
 from qfine.fast.swap import causal_lm
+from qfine.methods.lora import reference_model
 from qfine.objectives import pref_data, pref_loss
 from qfine.objectives.base import Supports
 from qfine.objectives.sft import SFT
@@ -52,13 +53,6 @@ def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tens
     return logp.sum(-1), scored.sum(-1).to(logp.dtype)
 
 
-@contextlib.contextmanager
-def adapter_off(model):
-    """The reference model: the same weights with every LoRA adapter switched off for the block."""
-    with torch.no_grad(), model.disable_adapter():
-        yield
-
-
 class PreferenceTrainer(Trainer):
     """A Trainer whose loss is one of :mod:`.pref_loss`'s on the collated batch; logs the rewards,
     margins, accuracies and log-probabilities (means over the logging interval, ``eval_`` in evaluation)."""
@@ -75,8 +69,8 @@ class PreferenceTrainer(Trainer):
         ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         logp, count = sequence_logps(model, ids, mask, labels)
         ref = None
-        if pref_loss.NEEDS_REFERENCE[self.kind]:
-            with adapter_off(self.accelerator.unwrap_model(model)):
+        if pref_loss.NEEDS_REFERENCE[self.kind]:  # the same set as the objectives' ``reference``
+            with reference_model(self.accelerator.unwrap_model(model)):
                 ref, _ = sequence_logps(model, ids, mask, labels)
         half = ids.shape[0] // 2
         if self.kind == "kto":
@@ -155,6 +149,7 @@ class Preference(SFT):
 
 class DPO(Preference):
     name = "dpo"
+    reference = True
 
 
 class SimPO(Preference):
@@ -167,4 +162,5 @@ class ORPO(Preference):
 
 class KTO(Preference):
     name = "kto"
+    reference = True
     paired = False

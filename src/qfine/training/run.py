@@ -36,7 +36,7 @@ from qfine.memory import estimate as memory
 from qfine.memory import fit as memory_fit
 from qfine.methods import s2attn
 from qfine.methods.loftq import start_loftq
-from qfine.methods.lora import add_lora, check_lora_settings
+from qfine.methods.lora import add_lora, check_lora_settings, start_from
 from qfine.methods.lora import enable_checkpointing as enable_plain_checkpointing
 from qfine.methods.multitask import SHARED, activate, add_task_adapters
 from qfine.models.heads import head_of, save_labels
@@ -178,6 +178,8 @@ def adapt(cfg: C.RunConfig, objective: Objective, prep: Prepared, device: str, f
         cache.adapted = model
     if cfg.lora.init == "loftq" and fresh:  # a resumed run reads its adapter from the checkpoint
         say(start_loftq(model, prep.loaded.source))
+    if cfg.train.init_adapter:  # the reference adapter is needed on resume too; the weights then come from the checkpoint
+        say(start_from(model, cfg.train.init_adapter, reference=objective.reference))
     fast = None
     if cfg.train.fast_path and objective.supports.fast_path:
         fast = enable_fast_path(model, device)

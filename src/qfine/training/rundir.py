@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from qfine import config as C
+from qfine.methods.lora import REFERENCE
 from qfine.training.resume import check_resume_config, resume_point, step_of
 from qfine.util.errors import QfineError
 from qfine.util.files import atomic_dir
@@ -72,6 +73,8 @@ def save_adapter(model, tokenizer, out: Path, base_source: str) -> None:
     """Write the PEFT adapter + tokenizer to ``out`` atomically, naming ``base_source`` as its base."""
     for peft_cfg in model.peft_config.values():
         peft_cfg.base_model_name_or_path = base_source
+    # a preference run's frozen reference adapter (qfine.methods.lora.REFERENCE) is an input, not a result
+    kept = [name for name in model.peft_config if name != REFERENCE]
     with atomic_dir(out, replace=True) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, selected_adapters=kept)
         tokenizer.save_pretrained(tmp)
