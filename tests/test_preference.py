@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, TrainingArguments
 
 import qfine
 from helpers import lora_model, tiny_config, write_jsonl
@@ -347,3 +347,46 @@ def test_dpo_from_an_sft_run_uses_that_adapter_as_its_reference(tiny_dir, tmp_pa
     cfg.lora.r = 4
     with pytest.raises(QfineError, match=r"train.init_adapter .*adapter: its LoRA settings differ \(r 8 vs this run's 4"):
         qfine.train(cfg)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_on_the_fast_path_the_reference_runs_the_fused_layers_and_the_first_loss_is_log_2(tiny_dir, tmp_path,
+                                                                                           monkeypatch, device):
+    """With the fused layers swapped in, the reference pass (no grad, adapter off) goes through them too,
+    so at the start (B = 0) policy and reference log-probabilities agree to the compute dtype's rounding
+    and DPO's loss is log 2; the fused projections are called in both passes."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from qfine.fast import apply_fast_path
+    from qfine.fast import swap as fast_swap
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    dtype = "bf16" if device == "cuda" else "fp32"
+    model = lora_model(tiny_dir, "nf4", device=device, compute_dtype=dtype)
+    with torch.no_grad():  # a new adapter: B = 0, the policy is the reference
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    assert apply_fast_path(model).fused == 2
+    model.train()
+    rows, _ = pref_data.encoded_pairs(write_jsonl(tmp_path / "p.jsonl", _pairs(WORDS[:4])), tok, DataConfig())
+    batch = {k: v.to(device) for k, v in pref_data.PairCollator(tok.pad_token_id)(rows).items()}
+    calls = []
+    real = fast_swap.NormQKV
+
+    class Counting:
+        @staticmethod
+        def apply(*args):
+            calls.append(torch.is_grad_enabled())
+            return real.apply(*args)
+
+    monkeypatch.setattr(fast_swap, "NormQKV", Counting)
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to=[], use_cpu=device == "cpu",
+                             bf16=device == "cuda")
+    trainer = PreferenceTrainer(model=model, args=args, data_collator=pref_data.PairCollator(tok.pad_token_id),
+                                kind="dpo", beta=0.1, gamma=0.0)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        loss, metrics = trainer.preference_loss(model, batch)
+    assert calls.count(True) == 2 and calls.count(False) == 2  # policy (with grad) and reference, 2 layers each
+    tolerance = 1e-5 if device == "cpu" else 2e-3
+    assert abs(loss.item() - math.log(2)) <= tolerance, (loss.item(), metrics)

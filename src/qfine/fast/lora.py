@@ -93,7 +93,7 @@ def describe_proj(module: torch.nn.Module) -> Proj | str:
     the module is a frozen base linear of a kind the fused layers take (:data:`qfine.quant.KINDS`, ``fused``),
     or one of peft's plain LoRA linears on such a base (exact class) with at most one active adapter
     that has no LoRA variant (DoRA, aLoRA, ...), no LoRA bias, plain ``nn.Dropout`` (or none),
-    plain bias-free A and B, and that is neither merged, disabled nor fan_in_fan_out.
+    plain bias-free A and B, and that is neither merged nor fan_in_fan_out (a disabled adapter is none).
     """
 
 
@@ -101,11 +101,12 @@ def describe_proj(module: torch.nn.Module) -> Proj | str:
         if type(module) not in _plain_lora_types():
             return f"peft layer {type(module).__name__} is not a plain LoRA linear"
         base = module.get_base_layer()
-        if module.merged or module.disable_adapters:
-            return "adapter merged or disabled"
+        if module.merged:
+            return "adapter merged"
         if getattr(module, "fan_in_fan_out", False):
             return "fan_in_fan_out"
-        active = [a for a in module.active_adapters if a in module.lora_A]
+        # switched off (peft's disable_adapter): the base alone, as peft computes it then
+        active = [] if module.disable_adapters else [a for a in module.active_adapters if a in module.lora_A]
         if len(active) > 1:
             return "several active adapters"
         if active:

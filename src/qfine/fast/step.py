@@ -27,6 +27,9 @@ class StepMode:
     ids, no window shorter than the sequence); transformers then skips the mask eagerly, but under a CUDA
     graph capture it builds an explicit (b, 1, s, s) mask, which takes SDPA off flash attention, so the
     fused layers pass none, as the eager path does.
+    ``reference``: a preference loss's reference pass (no grad, adapter off or the frozen reference
+    adapter): the fused layers run as in a training step, so policy and reference are computed by the
+    same kernels and agree exactly where the adapter does not change them.
     ``graph_keep``: while a CUDA graph is captured, the list that keeps the pinned host buffers the graph
     writes alive exactly as long as the graph (None: the offloader keeps them as long as the model).
     """
@@ -34,6 +37,7 @@ class StepMode:
     ungraded_forward: bool = False
     recompute: bool = False
     causal_only: bool = False
+    reference: bool = False
     graph_keep: list | None = None
 
 

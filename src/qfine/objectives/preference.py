@@ -17,6 +17,7 @@ from transformers import Trainer, TrainingArguments
 
 from qfine.config import RunConfig
 from qfine.data.readers import BadRow, read_rows
+from qfine.fast import step
 from qfine.fast.loss import linear_token_logprobs
 from qfine.fast.swap import causal_lm
 from qfine.methods.lora import reference_model
@@ -70,7 +71,8 @@ class PreferenceTrainer(Trainer):
         logp, count = sequence_logps(model, ids, mask, labels)
         ref = None
         if pref_loss.NEEDS_REFERENCE[self.kind]:  # the same set as the objectives' ``reference``
-            with reference_model(self.accelerator.unwrap_model(model)):
+            # through the same (fused) kernels as the policy: see qfine.fast.step.StepMode.reference
+            with reference_model(self.accelerator.unwrap_model(model)), step.step_mode(reference=True):
                 ref, _ = sequence_logps(model, ids, mask, labels)
         half = ids.shape[0] // 2
         if self.kind == "kto":
