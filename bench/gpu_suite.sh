@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite (-m "not slow") on the GPU machine in one call: four pytest processes side by
-# side on the one GPU (16 cores: 4 threads each), each over a fixed group of test files, each under
-# TIMEOUT_S. Logs: $OUT/suite-{a,b,c,d}.log (with --durations), device and versions in $OUT/suite.env.
+# The whole test suite (-m "not slow") on the GPU machine in one call: five pytest processes side by
+# side on the one GPU (16 cores: 3 threads each), each over a fixed group of test files, each under
+# TIMEOUT_S. Logs: $OUT/suite-{a,b,c,d,e}.log (with --durations), device and versions in $OUT/suite.env.
 # Needs .device/{common,qfine,qtest,tok} (../shared/device/stage.sh qtest; a tokenizer folder in .device/tok).
 #
 #   bash bench/gpu_suite.sh [TIMEOUT_S]
@@ -9,18 +9,18 @@ t=${1:-540}
 OUT=${OUT:-/tmp/qfine_gpu_suite}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src:$PWD/.device/common:$PWD/.device/qfine:$PWD/.device/qtest:$PWD/tests
 export QFINE_TEST_TOKENIZER=$PWD/.device/tok HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-export TOKENIZERS_PARALLELISM=false TORCHINDUCTOR_CACHE_DIR=/tmp/inductor OMP_NUM_THREADS=4
+export TOKENIZERS_PARALLELISM=false TORCHINDUCTOR_CACHE_DIR=/tmp/inductor OMP_NUM_THREADS=3
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/suite.env" 2>&1
 python3 -c "import torch, transformers, peft, triton; print(torch.__version__, transformers.__version__, peft.__version__, triton.__version__)" >> "$OUT/suite.env" 2>&1
 cat "$OUT/suite.env"
-A="test_fast_path test_gpu_fast test_gpu test_graphs test_dropout_kernel test_stream test_resident
-   test_graphed_training test_prequantized test_config test_plan test_compat test_cli_startup test_python_api"
+A="test_fast_path test_gpu_fast test_gpu test_graphs test_dropout_kernel test_resident test_graphed_training"
+E="test_stream test_prequantized test_config test_plan test_compat test_cli_startup test_python_api test_preference"
 B="test_sweep test_training test_resume test_monitoring test_distributed"
 D="test_multitask test_inference test_eval test_cli_errors test_fsutil test_data test_packing test_chitchat
-   test_acceptance test_preference"
+   test_acceptance"
 C="test_tasks test_export test_merge test_loading test_lora_variants test_qalora test_longlora test_adaptive
    test_adapter_management"
-listed=$(echo $A $B $C $D | tr ' ' '\n' | sort)
+listed=$(echo $A $B $C $D $E | tr ' ' '\n' | sort)
 present=$(ls tests/test_*.py | xargs -n1 basename | sed 's/\.py$//' | sort)
 missing=$(comm -13 <(echo "$listed") <(echo "$present"))
 [ -n "$missing" ] && echo "NOT IN ANY GROUP: $missing"
@@ -31,5 +31,5 @@ run() {  # run NAME FILES...
   timeout "$t" python3 -m pytest -v -p no:cacheprovider -m "not slow" -rfE --durations=15 $files > "$OUT/suite-$name.log" 2>&1
   echo "group $name rc=$? in $(( $(date +%s) - start )) s: $(grep -E '(passed|failed|error)' "$OUT/suite-$name.log" | tail -1)"
 }
-run a $A & run b $B & run c $C & run d $D & wait
+run a $A & run b $B & run c $C & run d $D & run e $E & wait
 grep -hE "^(FAILED|ERROR)" "$OUT"/suite-*.log | head -40

@@ -23,7 +23,7 @@ def _pack(n, r, d, p, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     a = (torch.randn(n * r, d, generator=g) / d**0.5).to(DEVICE, dtype)
     seeds = torch.randint(0, 2**32, (7,), generator=g, dtype=torch.int64).to(DEVICE)
-    blocks = [(slice(0, 1), slice(i * r, (i + 1) * r), 1.0, p, 2 + i) for i in range(n)]
+    blocks = [lora.Block(slice(0, 1), slice(i * r, (i + 1) * r), 1.0, p, 2 + i) for i in range(n)]
     return lora.Pack(a, None, None, seeds, blocks)
 
 
