@@ -390,3 +390,14 @@ def test_on_the_fast_path_the_reference_runs_the_fused_layers_and_the_first_loss
     assert calls.count(True) == 2 and calls.count(False) == 2  # policy (with grad) and reference, 2 layers each
     tolerance = 1e-5 if device == "cpu" else 2e-3
     assert abs(loss.item() - math.log(2)) <= tolerance, (loss.item(), metrics)
+
+
+def test_data_preview_shows_a_pair_with_its_scored_tokens_marked(tiny_dir, tmp_path, capsys):
+    from qfine.cli import main
+
+    path = write_jsonl(tmp_path / "p.jsonl", _pairs(WORDS[:3]))
+    assert main(["data", "preview", str(path), "--model", str(tiny_dir), "--example", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "preference pairs (prompt, chosen, rejected), 3 rows" in out
+    assert out.count("⟦") == 2  # the two replies, nothing of the prompt
+    assert "⟦Yes! dogs is great.<|im_end|>⟧" in out and "⟦No. dogs.<|im_end|>⟧" in out
