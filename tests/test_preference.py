@@ -399,5 +399,5 @@ def test_data_preview_shows_a_pair_with_its_scored_tokens_marked(tiny_dir, tmp_p
     assert main(["data", "preview", str(path), "--model", str(tiny_dir), "--example", "1"]) == 0
     out = capsys.readouterr().out
     assert "preference pairs (prompt, chosen, rejected), 3 rows" in out
-    assert out.count("⟦") == 2  # the two replies, nothing of the prompt
+    assert out.count("⟦") == 3  # the legend line and the two replies: nothing of the prompt
     assert "⟦Yes! dogs is great.<|im_end|>⟧" in out and "⟦No. dogs.<|im_end|>⟧" in out
