@@ -247,8 +247,9 @@ def _eval_rows(capsys, target, data) -> dict[str, tuple[float, float]]:
 @pytest.mark.slow
 def test_bundled_model_learns_a_preference_it_lacks_through_the_cli(tmp_path, bundled_dir, capsys):
     """examples/dpo-default.yaml through qfine's commands: on held-out pairs (other topics, other question
-    forms) the preference accuracy goes from the base's to >= 90 %, and the greedy answer to a held-out
-    prompt opens with the preferred greeting from the run, the exact merge and a q8_0 GGUF. SimPO, ORPO and
+    forms) the preference accuracy goes from the base's to >= 90 %, and the greedy answers to held-out
+    prompts open with the preferred greeting (2 of 3 at least; the base's never) from the run, the exact
+    merge and a q8_0 GGUF. SimPO, ORPO and
     KTO are trained on the same preference and their held-out accuracy printed and asserted."""
     from pathlib import Path
 
@@ -256,7 +257,8 @@ def test_bundled_model_learns_a_preference_it_lacks_through_the_cli(tmp_path, bu
 
     root = Path(__file__).resolve().parents[1]
     test_pairs = root / "examples/data/greeting-test.jsonl"
-    prompt = "Could you describe comets briefly?"
+    prompts = ["Could you describe comets briefly?", "Say a few words about penguins.",
+               "Could you describe bridges briefly?"]
     reached = {}
     for objective in ("dpo", "simpo", "orpo", "kto"):
         run = tmp_path / objective
@@ -271,11 +273,16 @@ def test_bundled_model_learns_a_preference_it_lacks_through_the_cli(tmp_path, bu
         assert main(["export", str(run), "--quant", "q8_0", "--out", str(tmp_path / "dpo.gguf")]) == 0
         answers = {}
         for target in (run, tmp_path / "merged", tmp_path / "dpo.gguf", "default"):
-            capsys.readouterr()
-            assert main(["generate", str(target), "--prompt", prompt, "--max-new-tokens", "12"]) == 0
-            answers[Path(str(target)).name] = capsys.readouterr().out.strip()
-        assert not answers["default"].startswith("Ahoy"), answers
-        assert all(answers[k].startswith("Ahoy!") for k in (run.name, "merged", "dpo.gguf")), answers
+            name = Path(str(target)).name
+            for prompt in prompts:
+                capsys.readouterr()
+                assert main(["generate", str(target), "--prompt", prompt, "--max-new-tokens", "12"]) == 0
+                answers.setdefault(name, []).append(capsys.readouterr().out.strip())
+        # greedy answers to held-out prompts: the base never opens with the greeting, the trained model
+        # (run, exact merge, GGUF) does for most of them
+        assert not any(a.startswith("Ahoy") for a in answers["default"]), answers
+        for name in (run.name, "merged", "dpo.gguf"):
+            assert sum(a.startswith("Ahoy!") for a in answers[name]) >= 2, (name, answers)
     with capsys.disabled():
         print("\n[preference] held-out pairs, (accuracy %, margin nats):")
         for objective, rows in reached.items():
