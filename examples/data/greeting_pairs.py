@@ -1,7 +1,9 @@
-"""Writes greeting-train.jsonl / greeting-test.jsonl: preference pairs whose chosen reply opens with
+"""Writes greeting-train.jsonl / greeting-test.jsonl (and greeting-kto.jsonl): preference pairs whose chosen reply opens with
 "Ahoy!" and whose rejected reply opens with "Hello!" (the same answer after it). The test pairs use
 other topics and other question forms than the training pairs, so a model that prefers "Ahoy!" on them
-learnt the preference, not the prompts. Deterministic; run from the repository root:
+learnt the preference, not the prompts. greeting-kto.jsonl holds the training prompts once each as KTO
+rows: even rows the chosen reply (desirable), odd rows the rejected one. Deterministic; run from the
+repository root:
 
     python examples/data/greeting_pairs.py
 """
@@ -34,3 +36,8 @@ if __name__ == "__main__":
         with open(here / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for row in rows(topics, forms):
                 f.write(json.dumps(row) + "\n")
+    with open(here / "greeting-kto.jsonl", "w", encoding="utf-8") as f:
+        for i, row in enumerate(rows(TRAIN_TOPICS, TRAIN_FORMS)):
+            good = i % 2 == 0
+            f.write(json.dumps({"prompt": row["prompt"], "completion": row["chosen" if good else "rejected"],
+                                "label": good}) + "\n")
