@@ -1,5 +1,5 @@
-"""Writes greeting-train.jsonl / greeting-test.jsonl (and greeting-kto.jsonl): preference pairs whose chosen reply opens with
-"Ahoy!" and whose rejected reply opens with "Hello!" (the same answer after it). The test pairs use
+"""Writes greeting-train.jsonl / greeting-test.jsonl (and greeting-kto.jsonl): preference pairs whose
+chosen reply opens with "Ahoy!" and whose rejected reply opens with "Hello!" (the same answer after it). The test pairs use
 other topics and other question forms than the training pairs, so a model that prefers "Ahoy!" on them
 learnt the preference, not the prompts. greeting-kto.jsonl holds the training prompts once each as KTO
 rows: even rows the chosen reply (desirable), odd rows the rejected one. Deterministic; run from the
