@@ -89,7 +89,7 @@ def qfine_trainer(a, rows, timer):
     torch.cuda.reset_peak_memory_stats()
     return PreferenceTrainer(model=model, args=args, train_dataset=Dataset.from_list(enc),
                              data_collator=PairCollator(tok.pad_token_id), callbacks=[timer], kind="dpo",
-                             beta=0.1, gamma=0.0)
+                             beta=0.1, gamma=0.0, reference=True)
 
 
 def trl_trainer(a, rows, timer, unsloth: bool = False):

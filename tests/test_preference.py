@@ -126,7 +126,7 @@ def test_dpo_loss_and_gradients_equal_trl_dpo_trainer_on_the_same_batch(tiny_dir
     model.zero_grad(set_to_none=True)
 
     ours = PreferenceTrainer(model=model, args=args, data_collator=pref_data.PairCollator(tok.pad_token_id),
-                             kind="dpo", beta=0.1, gamma=0.0)
+                             kind="dpo", beta=0.1, gamma=0.0, reference=True)
     got, metrics = ours.preference_loss(model, batch)
     got.backward()
     got_grads = _grads(model)
@@ -391,7 +391,7 @@ def test_on_the_fast_path_the_reference_runs_the_fused_layers_and_the_first_loss
     args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to=[], use_cpu=device == "cpu",
                              bf16=device == "cuda")
     trainer = PreferenceTrainer(model=model, args=args, data_collator=pref_data.PairCollator(tok.pad_token_id),
-                                kind="dpo", beta=0.1, gamma=0.0)
+                                kind="dpo", beta=0.1, gamma=0.0, reference=True)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
         loss, metrics = trainer.preference_loss(model, batch)
     assert calls.count(True) == 2 and calls.count(False) == 2  # policy (with grad) and reference, 2 layers each

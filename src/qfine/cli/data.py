@@ -20,8 +20,9 @@ def cmd_data_preview(ns) -> None:
     tokenizer = load_tokenizer(resolve_source(ns.model))
     from qfine.objectives import pref_data
 
-    if pref_data.looks_paired(ns.file, cfg) or pref_data.looks_unpaired(ns.file, cfg):
-        pref_data.preview(ns.file, tokenizer, cfg, sys.stdout, ns.example, paired=pref_data.looks_paired(ns.file, cfg))
+    kind = pref_data.row_kind(ns.file, cfg)
+    if kind is not None:
+        pref_data.preview(ns.file, tokenizer, cfg, sys.stdout, ns.example, paired=kind == "pairs")
         return
     preview(ns.file, tokenizer, cfg, sys.stdout, ns.example)
 

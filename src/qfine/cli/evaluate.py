@@ -46,9 +46,9 @@ def cmd_eval(ns) -> None:
                                    max_seq_len=ns.max_seq_len or loaded.data.max_seq_len, task_column="")
         if not head_of(loaded.task).chat:
             return _eval_task_run(ns, loaded, data)
-        from qfine.objectives.pref_data import looks_paired
+        from qfine.objectives.pref_data import row_kind
 
-        if looks_paired(ns.data, data):
+        if row_kind(ns.data, data) == "pairs":
             return _eval_task_run(ns, loaded, data, "preference")
         examples = load_examples(ns.data, loaded.tokenizer, data, ns.limit)
         rows = compare_run(loaded, examples, metrics, max_new)

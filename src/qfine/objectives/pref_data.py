@@ -162,16 +162,19 @@ def datasets(tokenizer, cfg: DataConfig, seed: int, paired: bool):
     return in_memory_datasets(lambda spec: encode(spec, tokenizer, cfg), cfg, seed, "preference")
 
 
-def looks_paired(spec, cfg: DataConfig) -> bool:
-    """Whether the first readable row of ``spec`` is a preference pair (has chosen and rejected)."""
+def row_kind(spec, cfg: DataConfig) -> str | None:
+    """"pairs" when the first readable row of ``spec`` has chosen and rejected, "kto" when it has prompt,
+    completion and label, else None (rows for sft)."""
     from qfine.data.readers import BadRow, read_rows
 
     for _, row in read_rows(spec, cfg.split):
         if isinstance(row, BadRow) or not isinstance(row, dict):
             continue
         row = apply_columns(row, cfg.columns)
-        return "chosen" in row and "rejected" in row
-    return False
+        if "chosen" in row and "rejected" in row:
+            return "pairs"
+        return "kto" if {"prompt", "completion", "label"} <= set(row) else None
+    return None
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
@@ -220,18 +223,6 @@ class UnpairedCollator:
         batch = _batch(ids, labels, self.pad_id)
         batch["desirable"] = torch.tensor([r["desirable"] for r in rows], dtype=torch.bool)
         return batch
-
-
-def looks_unpaired(spec, cfg: DataConfig) -> bool:
-    """Whether the first readable row of ``spec`` is a KTO row (prompt, completion, label)."""
-    from qfine.data.readers import BadRow, read_rows
-
-    for _, row in read_rows(spec, cfg.split):
-        if isinstance(row, BadRow) or not isinstance(row, dict):
-            continue
-        row = apply_columns(row, cfg.columns)
-        return {"prompt", "completion", "label"} <= set(row)
-    return False
 
 
 def preview(spec, tokenizer, cfg: DataConfig, out, example: int = 0, paired: bool = True) -> RowStats:

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 # objective → (default beta, default gamma): TRL's defaults for DPO/KTO/ORPO, the SimPO paper's for SimPO
 DEFAULTS = {"dpo": (0.1, 0.0), "simpo": (2.0, 0.5), "orpo": (0.1, 0.0), "kto": (0.1, 0.0)}
-NEEDS_REFERENCE = {"dpo": True, "simpo": False, "orpo": False, "kto": True}
 
 
 def _means(**values: torch.Tensor) -> dict[str, float]:

@@ -41,16 +41,15 @@ def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tens
     head when the head is plain, else through the model's logits (a trained or adapted head)."""
     lm = causal_lm(model)
     head = _plain_head(lm)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=pref_data.IGNORE)[..., 1:]  # position t scores t+1
+    scored = shifted != pref_data.IGNORE
     if head is not None:
         hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         logp = linear_token_logprobs(hidden, head.weight, labels)
     else:
         logits = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
-        shifted = torch.nn.functional.pad(labels, (0, 1), value=pref_data.IGNORE)[..., 1:]
-        valid = shifted != pref_data.IGNORE
-        picked = torch.gather(logits.log_softmax(-1), 2, torch.where(valid, shifted, 0).unsqueeze(-1)).squeeze(-1)
-        logp = picked * valid
-    scored = (torch.nn.functional.pad(labels, (0, 1), value=pref_data.IGNORE)[..., 1:] != pref_data.IGNORE)
+        picked = torch.gather(logits.log_softmax(-1), 2, torch.where(scored, shifted, 0).unsqueeze(-1)).squeeze(-1)
+        logp = picked * scored
     return logp.sum(-1), scored.sum(-1).to(logp.dtype)
 
 
@@ -58,9 +57,11 @@ class PreferenceTrainer(Trainer):
     """A Trainer whose loss is one of :mod:`.pref_loss`'s on the collated batch; logs the rewards,
     margins, accuracies and log-probabilities (means over the logging interval, ``eval_`` in evaluation)."""
 
-    def __init__(self, *args, kind: str, beta: float, gamma: float, **kwargs):
+    def __init__(self, *args, kind: str, beta: float, gamma: float, reference: bool, **kwargs):
+        """``kind``: a loss of :mod:`.pref_loss`; ``reference``: whether it compares with the reference model
+        (an objective's ``reference``)."""
         super().__init__(*args, **kwargs)
-        self.kind, self.beta, self.gamma = kind, beta, gamma
+        self.kind, self.beta, self.gamma, self.reference = kind, beta, gamma, reference
         # the loss is a mean over the pairs of a micro-batch: the Trainer scales it by 1/grad_accum
         self.model_accepts_loss_kwargs = False
         self._stored: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -70,7 +71,7 @@ class PreferenceTrainer(Trainer):
         ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         logp, count = sequence_logps(model, ids, mask, labels)
         ref = None
-        if pref_loss.NEEDS_REFERENCE[self.kind]:  # the same set as the objectives' ``reference``
+        if self.reference:
             # through the same (fused) kernels as the policy: see qfine.fast.step.StepMode.reference
             with reference_model(self.accelerator.unwrap_model(model)), step.step_mode(reference=True):
                 ref, _ = sequence_logps(model, ids, mask, labels)
@@ -131,7 +132,8 @@ class Preference(SFT):
         collator = (pref_data.PairCollator if self.paired else pref_data.UnpairedCollator)(pad)
         return PreferenceTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                  data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
-                                 kind=self.name, beta=self.strength(cfg), gamma=cfg.train.simpo_gamma)
+                                 kind=self.name, beta=self.strength(cfg), gamma=cfg.train.simpo_gamma,
+                                 reference=self.reference)
 
     def sample_inputs(self, cfg: RunConfig, source: str, n: int) -> list:
         """The prompts of the first ``n`` usable rows."""
