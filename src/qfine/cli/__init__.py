@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from qfine import __version__
 from qfine import config as C
 from qfine.cli import data, demo, evaluate, files, serve, train
 from qfine.util.errors import QfineError
+from qfine.util.files import write_failure
 
 
 class Parser(argparse.ArgumentParser):
@@ -95,19 +98,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     # blocks: Llama-3-8B at 1x131072 reserved 55.9 GiB for 35.6 allocated with it, 66.5 without
     # (docs/benchmarks.md); the CUDA-graph tests pass under it. A user's own setting wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    main_thread = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         quiet_libraries()
         ns.func(ns)
     except QfineError as e:
-        print(f"qfine: error: {e}", file=sys.stderr)
+        code = getattr(e, "exit_code", 2)  # a run stopped on a signal: 128 + its number
+        if code == 2 or os.environ.get("RANK", "0") == "0":  # a stopped job's ranks say it once
+            print(f"qfine: {'error: ' if code == 2 else ''}{e}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"qfine: {ns.command} interrupted by {signal.Signals(signum).name}; no partial output was left "
+              "(outputs are written under temporary names and renamed once whole)", file=sys.stderr)
+        return 128 + signum
+    except OSError as e:
+        failure = write_failure(e, e.filename or os.getcwd(), f"qfine {ns.command}")
+        if failure is None:
+            raise
+        print(f"qfine: error: {failure}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("qfine: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # the reader (`| head`) closed the pipe: stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception: the command unwinds, removing its temporary outputs, then exits 143."""
+
+    signum = signal.SIGTERM
+
+
+def _terminated(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

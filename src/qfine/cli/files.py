@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from qfine.util.errors import QfineError
+from qfine.util.files import writing
+from qfine.util.lock import hold
+
+_KEPT = "nothing was left at {out} (it is written under a temporary name and renamed once whole)"
 
 
 def cmd_merge(ns) -> None:
     """Exact merge of a run's adapter into a 16-bit model folder (optionally requantized)."""
     from qfine.export.merge import merge_run
 
-    done = merge_run(ns.run_dir, ns.out, ns.dtype, ns.base, ns.requantize, ns.format, ns.overwrite, ns.task)
+    with hold(ns.out, "qfine merge"), writing(ns.out, "qfine merge", kept=_KEPT.format(out=ns.out)):
+        done = merge_run(ns.run_dir, ns.out, ns.dtype, ns.base, ns.requantize, ns.format, ns.overwrite, ns.task)
     print(f"[qfine] merged model ({done.form}) written to {done.out} in {done.seconds:.1f} s", flush=True)
 
 
@@ -18,14 +23,16 @@ def cmd_export(ns) -> None:
     if ns.format == "bnb-nf4":
         from qfine.export.merge import merge_run
 
-        done = merge_run(ns.source, ns.out, requantize="nf4", overwrite=ns.overwrite)
+        with hold(ns.out, "qfine export"), writing(ns.out, "qfine export", kept=_KEPT.format(out=ns.out)):
+            done = merge_run(ns.source, ns.out, requantize="nf4", overwrite=ns.overwrite)
         print(f"[qfine] bitsandbytes NF4 folder written to {done.out} in {done.seconds:.1f} s", flush=True)
         return
     from qfine.export import export_gguf
 
     if not ns.quant:
         raise QfineError("--format gguf needs --quant: f16, bf16, q8_0, q4_0, q4_1, q4_k_m, q5_k_m or q6_k")
-    report = export_gguf(ns.source, ns.out, ns.quant, overwrite=ns.overwrite, check=not ns.no_check)
+    with hold(ns.out, "qfine export"), writing(ns.out, "qfine export", kept=_KEPT.format(out=ns.out)):
+        report = export_gguf(ns.source, ns.out, ns.quant, overwrite=ns.overwrite, check=not ns.no_check)
     print(report.summary())
     print(f"[qfine] report: {ns.out}.report.json", flush=True)
 

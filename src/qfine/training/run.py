@@ -10,6 +10,7 @@ objective comes from the run's :class:`~qfine.objectives.base.Objective`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import time
@@ -32,6 +33,7 @@ from qfine.fast import (
 )
 from qfine.fast import stream as weight_stream
 from qfine.fast.swap import causal_lm
+from qfine.memory import disk
 from qfine.memory import estimate as memory
 from qfine.memory import fit as memory_fit
 from qfine.methods import s2attn
@@ -60,12 +62,19 @@ from qfine.training.resume import (
     truncate_metrics,
     write_data_record,
 )
-from qfine.training.rundir import check_run_dir, last_checkpoint, save_adapter, start_run_dir
+from qfine.training.rundir import (
+    check_run_dir,
+    drop_partial_checkpoints,
+    last_checkpoint,
+    save_adapter,
+    start_run_dir,
+)
 from qfine.training.samples import Samples
+from qfine.training.stop import StopAtStep, Stopped, StopRequest, check_stop, signals_stop
 from qfine.training.trainer import build_trainer, check_train_config
-from qfine.util import distributed
+from qfine.util import distributed, lock
 from qfine.util.errors import QfineError
-from qfine.util.files import atomic_write_text
+from qfine.util.files import atomic_write_text, write_failure
 from qfine.util.log import say
 
 
@@ -295,6 +304,18 @@ def fit(cfg: C.RunConfig, started: Started, model, run_dir: Path, ckpt: Path | N
         raise QfineError(f"training stopped: {e}. No adapter was saved from the bad step; the last good checkpoint "
                          f"is {good or 'none (no checkpoint was written yet)'}, untouched. Lower the learning rate or "
                          "check the data, then --resume or start over.") from None
+    except Exception as e:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        failure = write_failure(e, getattr(e, "filename", None) or run_dir / "checkpoints", "training",
+                                needed=disk.need(cfg, trainable, resume=True).per_checkpoint)
+        if failure is None:
+            raise
+        removed = drop_partial_checkpoints(run_dir) if distributed.is_main() else []
+        good = last_checkpoint(run_dir)
+        raise QfineError(f"{failure}. " + (f"The partial {', '.join(p.name for p in removed)} was removed; " if removed
+                                           else "") +
+                         f"the last whole checkpoint is {good or 'none (none was written yet)'}, untouched; free space, "
+                         f"then continue with: qfine train {run_dir / 'config.yaml'} --resume") from None
     finally:
         release_dequantized(model)
         s2attn.disable(started.s2)
@@ -329,10 +350,22 @@ def finish(cfg: C.RunConfig, prep: Prepared, model, started: Started, run_dir: P
 
 
 def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callbacks=(),
-          base_cache: BaseCache | None = None) -> Path:
+          base_cache: BaseCache | None = None, stop: StopRequest | None = None) -> Path:
     """Fine-tune per ``cfg`` (left unchanged); returns the run directory (adapter in ``RUN_DIR/adapter``).
     With ``base_cache`` the frozen base is loaded once across calls; the caller takes each run's adapter
-    out again with :meth:`BaseCache.release_adapter`."""
+    out again with :meth:`BaseCache.release_adapter`.
+
+    ``stop``: a request the caller raises to end the run after the current step (a checkpoint is
+    saved, then :class:`~qfine.training.stop.Stopped` is raised). Without one, SIGTERM and SIGINT
+    raise the run's own. The run directory is locked against a second writer meanwhile."""
+    request = stop if stop is not None else StopRequest()
+    with signals_stop(request) if stop is None else contextlib.nullcontext(), \
+            lock.hold(cfg.output_dir, "qfine train") if distributed.is_main() else contextlib.nullcontext():
+        return _train(cfg, overwrite, resume, callbacks, base_cache, request)
+
+
+def _train(cfg: C.RunConfig, overwrite: bool, resume: bool, callbacks, base_cache: BaseCache | None,
+           request: StopRequest) -> Path:
     objective = objective_of(cfg)
     device = check(cfg, objective)
     decisions = settle(cfg)  # what follows from the config alone: resume compares the run it describes
@@ -344,6 +377,7 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
         say(line)
     prep = load(decisions.applied(cfg), objective, decisions.stream.stream, base_cache)
     say(prep.data_line, every_rank=True)
+    check_stop(request, "while loading")
     bf16_ok = device == "cuda" and torch.cuda.is_bf16_supported()
     resolved = resolve_precision(cfg.train.precision, device, cfg.model.compute_dtype)
     precision, why = objective.precision(resolved, prep.loaded.model, bf16_ok)
@@ -354,12 +388,32 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     if ckpt is not None:
         check_resume_data(run_dir, data_record(prep.train_ds), run_cfg.data.path)
     model, fast = adapt(run_cfg, objective, prep, device, ckpt is None, base_cache)
+    if distributed.is_main():
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        say(disk.check(run_cfg, trainable, resume=ckpt is not None))
     decisions = fit_memory(run_cfg, decisions, model, fast, device)
     run_cfg = decisions.applied(cfg)
-    started = start(run_cfg, objective, prep, model, fast, run_dir, device, ckpt, decisions, callbacks)
+    check_stop(request, "before training")
+    stopper = StopAtStep(request)
+    started = start(run_cfg, objective, prep, model, fast, run_dir, device, ckpt, decisions, [*callbacks, stopper])
     seconds = fit(run_cfg, started, model, run_dir, ckpt)
+    if stopper.stopped_at is not None:
+        stopped(run_cfg, started, run_dir, stopper.stopped_at, request)
     finish(run_cfg, prep, model, started, run_dir, seconds)
     return run_dir
+
+
+def stopped(cfg: C.RunConfig, started: Started, run_dir: Path, step: int, request: StopRequest) -> None:
+    """A run stopped on request at ``step``: its checkpoint is sealed; write the report and raise
+    :class:`Stopped` with the command that continues it."""
+    ckpt = run_dir / "checkpoints" / f"checkpoint-{step}"
+    planned = started.trainer.state.max_steps
+    started.facts.status = f"stopped by {request.reason} at step {step} of {planned}; continue with --resume"
+    if distributed.is_main():
+        atomic_write_text(run_dir / "report.html", render(run_dir, started.facts))
+    distributed.barrier()
+    raise Stopped(f"stopped by {request.reason} at step {step} of {planned}: {ckpt} saved; continue with: "
+                  f"qfine train {run_dir / 'config.yaml'} --resume", request.exit_code)
 
 
 # ---- helpers ------------------------------------------------------------------------------------

@@ -19,14 +19,24 @@ from pathlib import Path
 
 from qfine import config as C
 from qfine.methods.lora import REFERENCE
-from qfine.training.resume import check_resume_config, resume_point, step_of
+from qfine.training.resume import check_resume_config, checkpoints, resume_point, step_of
 from qfine.util.errors import QfineError
-from qfine.util.files import atomic_dir
+from qfine.util.files import atomic_dir, writing
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
     """The newest whole ``checkpoint-N`` folder under ``run_dir/checkpoints``, if any."""
     return resume_point(run_dir)[0]
+
+
+def drop_partial_checkpoints(run_dir: Path) -> list[Path]:
+    """Remove the checkpoints newer than the newest whole one (a save that failed half-way, e.g. on a
+    full disk, leaves one without its seal); returns them."""
+    good = last_checkpoint(run_dir)
+    partial = [p for p in checkpoints(run_dir) if good is None or step_of(p) > step_of(good)]
+    for folder in partial:
+        shutil.rmtree(folder, ignore_errors=True)
+    return partial
 
 
 def check_run_dir(cfg: C.RunConfig, overwrite: bool, resume: bool) -> tuple[Path, Path | None, list[str]]:
@@ -75,6 +85,9 @@ def save_adapter(model, tokenizer, out: Path, base_source: str) -> None:
         peft_cfg.base_model_name_or_path = base_source
     # a preference run's frozen reference adapter (qfine.methods.lora.REFERENCE) is an input, not a result
     kept = [name for name in model.peft_config if name != REFERENCE]
-    with atomic_dir(out, replace=True) as tmp:
+    needed = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    with writing(out, "saving the adapter", needed=needed,
+                 kept="every checkpoint is intact: free space, then run the same command with --resume to save it"), \
+            atomic_dir(out, replace=True) as tmp:
         model.save_pretrained(tmp, selected_adapters=kept)
         tokenizer.save_pretrained(tmp)

@@ -9,11 +9,15 @@ outputs are as readable as ``save_pretrained``'s, e.g. by a serving user on a sh
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from qfine.util.errors import QfineError
 
 
 def _umask() -> int:
@@ -85,3 +89,79 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+# ---- failed writes: full disks, quotas, read-only and forbidden folders ----------------------------
+
+_WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted", errno.EFBIG: "the file is larger than allowed"}
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_FULL = 1 << 20  # less free than this after a failed write: the disk filled up, whatever the writer said
+
+
+def existing_parent(path: str | os.PathLike) -> Path:
+    """``path`` or its nearest existing ancestor (what ``shutil.disk_usage`` can measure)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Bytes free to an unprivileged writer on the file system that holds (or would hold) ``path``."""
+    st = os.statvfs(existing_parent(path))
+    return st.f_bavail * st.f_frsize
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The errno behind a failed write: an OSError's own, or the one a library quoted in its message
+    (safetensors: "(os error 28)"; torch names the strerror text)."""
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+        return exc.errno
+    text = str(exc)
+    if (m := _OS_ERROR.search(text)) and int(m.group(1)) in _WRITE_ERRNOS:
+        return int(m.group(1))
+    for code in _WRITE_ERRNOS:
+        if os.strerror(code) in text:
+            return code
+    return None
+
+
+def write_failure(exc: BaseException, path: str | os.PathLike, what: str, needed: int | None = None,
+                  kept: str = "") -> QfineError | None:
+    """A one-line user error for ``exc`` raised while ``what`` wrote to ``path``, or None when it is
+    not a storage failure. A writer's own message may say nothing of the cause (torch's zip writer on
+    a full disk: "unexpected pos"); then an almost full file system is taken to be it."""
+    if isinstance(exc, QfineError):
+        return None
+    code = _errno_of(exc)
+    free = free_bytes(path)
+    if code is None and isinstance(exc, (OSError, RuntimeError, ValueError)) and free < max(_FULL, needed or 0):
+        code = errno.ENOSPC
+    if code is None:
+        return None
+    line = f"{what}: cannot write {path}: {_WRITE_ERRNOS[code]}"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        line += f" ({human_bytes(free)} free there" + (f", about {human_bytes(needed)} needed)" if needed else ")")
+    return QfineError(line + (f"; {kept}" if kept else ""))
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, what: str, needed: int | None = None, kept: str = "") -> Iterator[None]:
+    """Turn a storage failure inside the block into :func:`write_failure`'s error (anything else passes)."""
+    try:
+        yield
+    except Exception as e:
+        failure = write_failure(e, path, what, needed, kept)
+        if failure is None:
+            raise
+        raise failure from None
