@@ -109,3 +109,51 @@ def test_a_job_killed_on_one_rank_resumes_on_the_uninterrupted_curve(tiny_dir, t
     assert [r["step"] for r in got if "loss" in r] == list(range(1, 7))
     for a, b in zip([r["loss"] for r in got if "loss" in r], ref):
         assert abs(a - b) <= 1e-5 * abs(b) + 1e-6
+
+
+def _rank_pid(job_pid: int, rank: int) -> int:
+    """The pid of ``rank`` among a torchrun job's worker processes (read from their environment)."""
+    for pid in subprocess.run(["pgrep", "-P", str(job_pid)], capture_output=True, text=True).stdout.split():
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no rank {rank} under {job_pid}")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_one_step_and_resumes_exactly(tiny_dir, tmp_path):
+    """SIGTERM reaches rank 1 alone (a node's agent, say): both ranks stop after the same step, rank 0
+    saves that step's checkpoint and says how to continue; `--resume` lands on the one-process curve."""
+    import signal
+    import time
+
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    one = tmp_path / "one"
+    steps = ["--max-steps", "12"]
+    ref_run = one_process([*_flags(tiny_dir, data, one, 4, save=6), *steps])
+    assert ref_run.returncode == 0, ref_run.stderr[-3000:]
+    two = tmp_path / "two"
+    flags = [*_flags(tiny_dir, data, two, 2, save=6), *steps]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={_free_port()}", "-m", "qfine", *flags]
+    job = subprocess.Popen(cmd, env=_cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    metrics = two / "metrics.jsonl"
+    while (not metrics.is_file() or len(read_metrics(metrics)) < 3) and job.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(_rank_pid(job.pid, 1), signal.SIGTERM)
+    _, err = job.communicate(timeout=300)
+    assert job.returncode != 0
+    said = [line for line in err.splitlines() if "stopped by" in line]
+    assert len(said) == 1 and "a stop on another rank" in said[0], err[-3000:]  # rank 0 says it, once
+    step = int(said[0].split("at step ")[1].split()[0])
+    assert 3 <= step < 12
+    assert (two / "checkpoints" / f"checkpoint-{step}" / "qfine-checkpoint.json").is_file()
+    assert [r["step"] for r in read_metrics(metrics) if "loss" in r] == list(range(1, step + 1))
+    done = torchrun([*flags, "--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref = [r["loss"] for r in read_metrics(one / "metrics.jsonl") if "loss" in r]
+    got = [r for r in read_metrics(metrics) if "loss" in r]
+    assert [r["step"] for r in got] == list(range(1, 13))
+    for a, b in zip([r["loss"] for r in got], ref):
+        assert abs(a - b) <= 1e-5 * abs(b) + 1e-6

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from qfine import config as C
+from qfine.memory import disk
 from qfine.memory.estimate import host_available
 from qfine.memory.fit import gpu_budget
-from qfine.memory.plan import parse_gib, render
+from qfine.memory.plan import parse_gib, render, trainable_params
 from qfine.models.sources import model_config
 from qfine.util.errors import QfineError
 
@@ -32,4 +33,6 @@ def plan(cfg: C.RunConfig, gpu_memory: str | None = None, host_memory: str | Non
     # another machine's GPU checks the host only when told its size
     host = (parse_gib(host_memory, "--host-memory") if host_memory
             else None if gpu_memory else host_available())
-    return render(cfg.model.source, model_config(cfg.model.source), cfg, budget, fused, host)
+    config = model_config(cfg.model.source)
+    table = render(cfg.model.source, config, cfg, budget, fused, host)
+    return table + "\n" + disk.check(cfg, trainable_params(config, cfg))

@@ -20,6 +20,7 @@ from qfine.models.loading import Loaded, load_model, prequantized, resolve_devic
 from qfine.models.sources import resolve_source, written_dtype
 from qfine.util.compare import relative_difference
 from qfine.util.errors import QfineError
+from qfine.util.integrity import check_folder
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -44,6 +45,7 @@ def load_for_inference(target: str, model_cfg: C.ModelConfig | None = None, task
         cfg = C.load_yaml(Path(target) / "config.yaml")
         labels = read_labels(Path(target)) if head_of(cfg.model.task).labelled else None
         adapter_dir = Path(target) / "adapter"
+        check_folder(adapter_dir, recursive=True)
         multi = bool(run_tasks(adapter_dir))
         if task is not None and not multi:
             raise QfineError(f"--task: {target} is not a multi-task run (it has one adapter)")

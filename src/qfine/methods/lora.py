@@ -25,6 +25,7 @@ from qfine.methods.qalora import register
 from qfine.quant import KINDS
 from qfine.quant.int4 import Int4Linear
 from qfine.util.errors import QfineError
+from qfine.util.integrity import check_folder
 
 _BIASES = C.allowed(C.LoraSettings, "bias")
 VARIANTS = C.allowed(C.LoraSettings, "variant")
@@ -219,6 +220,7 @@ def start_from(model, path: str | Path, reference: bool) -> str:
     from safetensors.torch import load_file
 
     folder = adapter_folder(path)
+    check_folder(folder)
     saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     ours = model.peft_config["default"]
     differ = [f"{key} {saved.get(key)!r} vs this run's {getattr(ours, key)!r}" for key in ("r", "lora_alpha")

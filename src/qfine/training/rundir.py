@@ -22,6 +22,7 @@ from qfine.methods.lora import REFERENCE
 from qfine.training.resume import check_resume_config, checkpoints, resume_point, step_of
 from qfine.util.errors import QfineError
 from qfine.util.files import atomic_dir, writing
+from qfine.util.integrity import check_checkpoint
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -58,6 +59,7 @@ def check_run_dir(cfg: C.RunConfig, overwrite: bool, resume: bool) -> tuple[Path
         if ckpt is None:
             why = f" ({'; '.join(notes)})" if notes else ""
             raise QfineError(f"--resume: no whole checkpoint to resume from in {run_dir / 'checkpoints'}{why}")
+        check_checkpoint(ckpt)
         changed = check_resume_config(run_dir, cfg)
         notes.append(f"resuming from {ckpt} (step {step_of(ckpt)})" +
                      (f"; changed: {'; '.join(changed)}" if changed else ""))

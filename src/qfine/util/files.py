@@ -97,6 +97,7 @@ _WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the
                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
                  errno.EPERM: "operation not permitted", errno.EFBIG: "the file is larger than allowed"}
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 _FULL = 1 << 20  # less free than this after a failed write: the disk filled up, whatever the writer said
 
 
@@ -133,6 +134,8 @@ def _errno_of(exc: BaseException) -> int | None:
     for code in _WRITE_ERRNOS:
         if os.strerror(code) in text:
             return code
+    if isinstance(exc, OSError) and exc.errno is None and _SHORT_WRITE.search(text):
+        return errno.ENOSPC  # numpy's tofile: the device took fewer bytes than it was given
     return None
 
 
@@ -165,3 +168,28 @@ def writing(path: str | os.PathLike, what: str, needed: int | None = None, kept:
         if failure is None:
             raise
         raise failure from None
+
+
+@contextlib.contextmanager
+def thread_write_failures(where: str | os.PathLike) -> Iterator[None]:
+    """Inside the block, a background thread (TensorBoard's event writer) that dies on a storage
+    failure under ``where`` says so in one line instead of a traceback; the main thread meets the
+    same disk at its next write and stops with :func:`write_failure`'s error."""
+    import sys
+    import threading
+
+    previous = threading.excepthook
+
+    def hook(args):
+        failure = write_failure(args.exc_value, where, f"background writer {args.thread.name}") \
+            if isinstance(args.exc_value, Exception) else None
+        if failure is None:
+            previous(args)
+        else:
+            print(f"[qfine] {failure}", file=sys.stderr, flush=True)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
