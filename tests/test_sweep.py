@@ -126,3 +126,47 @@ def test_bad_spaces_and_settings_are_named(tmp_path, tiny_dir, capsys):
                  "--eval-steps", "3", "--save-steps", "100"]) == 2
     err = capsys.readouterr().err
     assert "sweep trial 0 (lora.r=" in err and "must be a multiple of train.eval_steps" in err, err
+
+
+def test_sigterm_stops_a_sweep_at_a_step_and_the_same_command_continues_it(tmp_path, tiny_dir, monkeypatch):
+    """SIGTERM in trial 1: that trial stops at a step with a sealed checkpoint, the sweep raises
+    Stopped (exit 143) naming how to continue and writes what the finished trials found; the trial
+    stays RUNNING, so the next sweep retries it."""
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    import qfine.sweep as sw
+    from qfine.training.resume import why_incomplete
+    from qfine.training.stop import Stopped
+
+    cfg, space = _setup(tmp_path, tiny_dir)
+    real = sw._pruning_callback
+
+    class Term(TrainerCallback):
+        def __init__(self, number):
+            self.number = number
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.number == 1 and state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def with_term(trial, metric):
+        cb = real(trial, metric)
+        cb.on_step_end = Term(trial.number).on_step_end
+        return cb
+
+    monkeypatch.setattr(sw, "_pruning_callback", with_term)
+    with pytest.raises(Stopped, match="run the same qfine sweep command to continue") as e:
+        sw.sweep(cfg, str(space), trials=3)
+    assert e.value.exit_code == 143 and "stopped by SIGTERM at step 3 of 8" in str(e.value)
+    assert why_incomplete(tmp_path / "sweep" / "trial-001" / "checkpoints" / "checkpoint-3") is None
+    assert (tmp_path / "sweep" / "report.html").is_file()
+    _, states = _states(tmp_path / "sweep")
+    assert states == ["COMPLETE", "RUNNING"], states
+    assert signal.getsignal(signal.SIGTERM) is not None and signal.getsignal(signal.SIGTERM) != signal.SIG_IGN
+    monkeypatch.setattr(sw, "_pruning_callback", real)
+    sw.sweep(cfg, str(space), trials=3)
+    _, states = _states(tmp_path / "sweep")
+    assert states[:2] == ["COMPLETE", "FAIL"] and states.count("COMPLETE") + states.count("PRUNED") == 3, states

@@ -34,5 +34,6 @@ def plan(cfg: C.RunConfig, gpu_memory: str | None = None, host_memory: str | Non
     host = (parse_gib(host_memory, "--host-memory") if host_memory
             else None if gpu_memory else host_available())
     config = model_config(cfg.model.source)
-    table = render(cfg.model.source, config, cfg, budget, fused, host)
-    return table + "\n" + disk.check(cfg, trainable_params(config, cfg))
+    lines = render(cfg.model.source, config, cfg, budget, fused, host).split("\n")
+    lines.insert(len(lines) - 1, disk.check(cfg, trainable_params(config, cfg)))  # the verdict stays last
+    return "\n".join(lines)

@@ -38,6 +38,7 @@ from qfine import config as C
 from qfine.sweep.report import render
 from qfine.training import train
 from qfine.training.run import BaseCache
+from qfine.training.stop import Stopped, StopRequest, signals_stop
 from qfine.util.errors import QfineError
 from qfine.util.files import atomic_write_text
 
@@ -200,13 +201,31 @@ def sweep(cfg: C.RunConfig, space_path: str, trials: int, timeout: float = 0.0, 
     study = _study(sweep_dir, direction, cfg.train.seed, pruner)
     for n in _recover(study):
         print(f"[qfine] sweep: trial {n} was interrupted; marked failed, its parameters queued again", flush=True)
-    base_cache = BaseCache()
-    start = time.monotonic()
 
     def finished():
         return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
+    request = StopRequest()
+    try:
+        with signals_stop(request):
+            _trials(study, cfg, space, sweep_dir, trials, timeout, metric, finished, request)
+    except Stopped:
+        _write_outputs(study, cfg, sweep_dir, metric, direction)  # what the finished trials found
+        raise
+    _write_outputs(study, cfg, sweep_dir, metric, direction)
+    return sweep_dir
+
+
+def _trials(study, cfg: C.RunConfig, space: dict, sweep_dir: Path, trials: int, timeout: float, metric: str,
+            finished, request: StopRequest) -> None:
+    """Ask, train and tell trials until enough have finished, the time is up, or a stop is requested
+    (SIGTERM/SIGINT: the trial in progress stops at a step and is run again by the next sweep)."""
+    base_cache = BaseCache()
+    start = time.monotonic()
     while finished() < trials and not (timeout and time.monotonic() - start > timeout):
+        if request.requested:
+            raise Stopped(f"sweep stopped by {request.reason} between trials; run the same command to continue",
+                          request.exit_code)
         trial = study.ask()
         params = suggest(trial, space)
         tcfg = apply_params(cfg, params)
@@ -218,7 +237,10 @@ def sweep(cfg: C.RunConfig, space_path: str, trials: int, timeout: float = 0.0, 
         print(f"[qfine] sweep: trial {trial.number} ({finished() + 1} of {trials}): {shown}", flush=True)
         report = _pruning_callback(trial, metric)
         try:
-            train(tcfg, overwrite=True, callbacks=[report], base_cache=base_cache)
+            train(tcfg, overwrite=True, callbacks=[report], base_cache=base_cache, stop=request)
+        except Stopped as e:  # the trial stays "running": the next sweep marks it failed and asks for it again
+            raise Stopped(f"sweep {e} (trial {trial.number}); run the same qfine sweep command to continue: trial "
+                          f"{trial.number} is then run again from its start", e.exit_code) from None
         except QfineError as e:
             study.tell(trial, state=TrialState.FAIL)
             if not str(e).startswith("training stopped"):  # the config or data, not these parameters: stop
@@ -237,8 +259,6 @@ def sweep(cfg: C.RunConfig, space_path: str, trials: int, timeout: float = 0.0, 
         else:
             study.tell(trial, report.value)
             print(f"[qfine] sweep: trial {trial.number}: {metric} {report.value:.4g}", flush=True)
-    _write_outputs(study, cfg, sweep_dir, metric, direction)
-    return sweep_dir
 
 
 def _write_outputs(study, cfg: C.RunConfig, sweep_dir: Path, metric: str, direction: str) -> None:
