@@ -179,13 +179,25 @@ def test_a_model_folder_that_ends_early_or_a_config_that_is_not_json_is_named(ti
 
 
 def test_a_gguf_that_ends_early_is_named(tmp_path, capsys):
-    from qfine.models.sources import bundled_gguf_path
+    """Cut at three places: inside the tensor data, inside the tensor table, inside the metadata."""
+    import numpy as np
+    from gguf import GGUFWriter
 
-    gguf = tmp_path / "model.gguf"
-    with bundled_gguf_path().open("rb") as f:
-        gguf.write_bytes(f.read(os.path.getsize(bundled_gguf_path()) // 2))
-    err = _one_line(["generate", str(gguf), "--prompt", "hi"], capsys)
-    assert f"{gguf} is damaged:" in err and "ends early" in err
+    whole = tmp_path / "whole.gguf"
+    writer = GGUFWriter(str(whole), "llama")
+    writer.add_name("cut")
+    for i in range(4):
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", np.arange(4096, dtype=np.float32).reshape(64, 64))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = whole.read_bytes()
+    for keep in (len(data) - 5000, 200, 40):
+        gguf = tmp_path / f"cut-{keep}.gguf"
+        gguf.write_bytes(data[:keep])
+        err = _one_line(["generate", str(gguf), "--prompt", "hi"], capsys)
+        assert f"{gguf} is damaged:" in err and "ends early" in err, err
 
 
 @pytest.mark.parametrize("how", ["flipped", "truncated"])
