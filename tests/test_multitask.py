@@ -51,7 +51,7 @@ def test_collator_refuses_a_mixed_batch():
 
 def test_each_task_answers_its_own_way_through_generate_and_merge(tiny_dir, tmp_path, capsys):
     """The same question with two tasks' answers: only per-batch routing to the task's adapter can learn
-    both. Generation with --task picks the answer, the exact merge of shared + task keeps it, and each
+    both. Generation with --task-adapter picks the answer, the exact merge of shared + task keeps it, and each
     saved adapter loads alone with peft."""
     from peft import PeftModel
 
@@ -71,7 +71,7 @@ def test_each_task_answers_its_own_way_through_generate_and_merge(tiny_dir, tmp_
     for task, answer in ANSWERS.items():
         loaded = load_for_inference(str(run), task=task)
         assert answer[-16:] in generate(loaded, Q, 30), task
-    assert main(["merge", str(run), "--out", str(tmp_path / "m"), "--dtype", "fp32", "--task", "beta"]) == 0
+    assert main(["merge", str(run), "--out", str(tmp_path / "m"), "--dtype", "fp32", "--task-adapter", "beta"]) == 0
     merged = load_for_inference(str(tmp_path / "m"), __import__("qfine").ModelConfig(quantization="none"))
     assert "March 3, 2031" in generate(merged, Q, 30)
     cfg = json.loads((run / "adapter" / "alpha" / "adapter_config.json").read_text())
@@ -84,7 +84,7 @@ def test_each_task_answers_its_own_way_through_generate_and_merge(tiny_dir, tmp_
 
 @pytest.mark.parametrize("flags,message", [
     (["--packing"], "does not take data.packing: a packed row would mix tasks"),
-    (["--eval-ratio", "0.2"], "evaluate each task after training: qfine eval RUN --task NAME"),
+    (["--eval-ratio", "0.2"], "evaluate each task after training: qfine eval RUN --task-adapter NAME"),
     (["--task-weights", "gamma=1"], "data.task_weights: no rows of task(s) gamma"),
 ])
 def test_multitask_refusals(tiny_dir, tmp_path, capsys, flags, message):

@@ -41,7 +41,7 @@ def cmd_eval(ns) -> None:
         loaded = load_for_inference(ns.target, task=ns.task)
         # rows are read, templated and masked as the run's training data were (system prompt, format,
         # columns, template, loss_on); only the length limit follows the flag when it is given
-        # a multi-task run evaluates every row of --data with the --task adapters (give that task's rows)
+        # a multi-task run evaluates every row of --data with the --task-adapter adapters (give that task's rows)
         data = dataclasses.replace(loaded.data, path=ns.data, eval_path=None, streaming=False, packing=False,
                                    max_seq_len=ns.max_seq_len or loaded.data.max_seq_len, task_column="")
         if not head_of(loaded.task).chat:
@@ -114,5 +114,5 @@ def register(sub) -> None:
                    help="quantize a plain model source on load (its measured cost is printed); default: as written")
     p.add_argument("--compare-quant", help="e.g. nf4,fp4,int8,none: one row per base precision of a model source")
     p.add_argument("--output", choices=["table", "json"], default="table")
-    p.add_argument("--task", help="a multi-task run: evaluate with the shared adapter and this task's active")
+    p.add_argument("--task-adapter", dest="task", metavar="NAME", help="a multi-task run: evaluate with the shared adapter and this task's active")
     p.set_defaults(func=cmd_eval)

@@ -54,7 +54,7 @@ def register(sub) -> None:
                    help="int4: keep a QA-LoRA run's base 4-bit, the update folded into its zero points (lossless); "
                         "16bit: dequantize and add (--dtype); auto: int4 for QA-LoRA runs, 16bit otherwise")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--task", help="a multi-task run: merge the shared adapter and this task's")
+    p.add_argument("--task-adapter", dest="task", metavar="NAME", help="a multi-task run: merge the shared adapter and this task's")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="a run or merged model as GGUF (llama.cpp, Ollama, LM Studio) or bnb 4-bit",

@@ -54,7 +54,7 @@ def _add_generation_flags(p: argparse.ArgumentParser, max_new: int) -> None:
                    help="quantize a plain model source on load (its measured cost is printed); default: serve it as "
                         "written (a merged folder in its saved dtype, a GGUF at its file's precision; a run directory "
                         "always loads its base as trained, plus the adapter)")
-    p.add_argument("--task", help="a multi-task run: the task whose adapter is active with the shared one")
+    p.add_argument("--task-adapter", dest="task", metavar="NAME", help="a multi-task run: the task whose adapter is active with the shared one")
 
 
 def _generation_overrides(ns, gen):

@@ -48,7 +48,7 @@ def load_for_inference(target: str, model_cfg: C.ModelConfig | None = None, task
         check_folder(adapter_dir, recursive=True)
         multi = bool(run_tasks(adapter_dir))
         if task is not None and not multi:
-            raise QfineError(f"--task: {target} is not a multi-task run (it has one adapter)")
+            raise QfineError(f"--task-adapter: {target} is not a multi-task run (it has one adapter)")
         if multi:
             check_task(adapter_dir, task)  # before the base is loaded
         loaded = load_model(cfg.model, labels)
@@ -58,7 +58,7 @@ def load_for_inference(target: str, model_cfg: C.ModelConfig | None = None, task
         template = cfg.data.template
     else:
         if task is not None:
-            raise QfineError(f"--task needs a multi-task run directory, not {target}")
+            raise QfineError(f"--task-adapter needs a multi-task run directory, not {target}")
         if Path(target).is_dir() and (Path(target) / "config.yaml").is_file():
             raise QfineError(f"{target} looks like a qfine run without a finished adapter (adapter/ missing)")
         if model_cfg is None:

@@ -63,7 +63,7 @@ def check_task(adapter_dir: Path, task: str | None) -> None:
     """Refuse a missing or unknown ``task`` for a multi-task run's adapter folder, naming its tasks."""
     tasks = run_tasks(adapter_dir)
     if task is None:
-        raise QfineError(f"this run trained one adapter per task: pass --task with one of {', '.join(tasks)}")
+        raise QfineError(f"this run trained one adapter per task: pass --task-adapter with one of {', '.join(tasks)}")
     if task not in tasks:
         raise QfineError(f"no task {task!r} in this run; its tasks: {', '.join(tasks)}")
 

@@ -16,7 +16,7 @@ decay included.
 * :class:`MultiTaskTrainer` activates the task's adapters before each micro-batch.
 
 The adapters themselves (adding, activating, saving, loading) are :mod:`qfine.methods.multitask`.
-``qfine generate/chat/eval/merge RUN --task NAME`` activates shared + NAME.
+``qfine generate/chat/eval/merge RUN --task-adapter NAME`` activates shared + NAME.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def check_config(cfg, resume: bool) -> None:
     why = {"data.packing": cfg.data.packing and "a packed row would mix tasks",
            "data.streaming": cfg.data.streaming and "the task batches are drawn from the whole dataset",
            "data.eval_path / data.eval_ratio": bool(cfg.data.eval_path or cfg.data.eval_ratio)
-           and "evaluate each task after training: qfine eval RUN --task NAME --data ROWS",
+           and "evaluate each task after training: qfine eval RUN --task-adapter NAME --data ROWS",
            "lora.method qa-lora": cfg.lora.method == "qa-lora" and "one INT4 fold per task is not built",
            "--resume": resume and "resuming several adapters from a checkpoint is not supported yet",
            "a launched job (several ranks)": distributed.world_size() > 1
