@@ -6,6 +6,9 @@ VENV   ?= .venv
 # pull several GB of CUDA packages. Override on GPU machines: make TORCH_SPEC=torch ...
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# llama.cpp for the export tests: node-llama-cpp's prebuilt CPU binaries from the npm registry (nothing is
+# built, nothing comes from GitHub; the CUDA/Vulkan variants are optional dependencies, left out)
+LLAMACPP := tools/llamacpp/node_modules/.installed
 
 .PHONY: demo test test-slow install clean
 
@@ -14,12 +17,12 @@ demo: $(VENV)/.installed
 
 # The everyday suite: the import contracts of pyproject.toml (the package's layers), then every test
 # but the end-to-end runs of the bundled 135M model (marked slow).
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(LLAMACPP)
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 # The bundled-model end-to-end tests (seed fact, own fact, chitchat, sentiment): ~10 minutes on 2 cores.
-test-slow: $(VENV)/.installed
+test-slow: $(VENV)/.installed $(LLAMACPP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
 
 install: $(VENV)/.installed
@@ -35,3 +38,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 clean:
 	rm -rf $(VENV) runs
+
+$(LLAMACPP): tools/llamacpp/package.json tools/llamacpp/package-lock.json
+	@command -v npm >/dev/null || { echo "npm is needed for the llama.cpp checks: apt-get install nodejs npm"; exit 1; }
+	cd tools/llamacpp && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm ci --ignore-scripts --omit=optional --no-audit --no-fund
+	touch $@

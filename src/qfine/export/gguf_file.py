@@ -131,7 +131,7 @@ def write_gguf(model, tokenizer, source: str, out: Path, quant: str, name: str =
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     arch = layout.arch_of(config)
-    tok_fields = layout.tokenizer_fields(tokenizer, config.vocab_size, layout.pre_tokenizer_name(source))
+    tok_fields = layout.tokenizer_fields(tokenizer, config.vocab_size, layout.pre_tokenizer_name(source, tokenizer))
     t0 = time.perf_counter()
     report = ExportReport(str(out), quant, arch.name)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qfine.export import pretok
 from qfine.models.sources import source_gguf
 from qfine.util.errors import QfineError
 
@@ -176,9 +177,9 @@ def tokenizer_fields(tokenizer, vocab_size: int, pre: str = "default") -> dict[s
     return fields
 
 
-def pre_tokenizer_name(source: str | Path) -> str:
+def pre_tokenizer_name(source: str | Path, tokenizer) -> str:
     """llama.cpp's name for the model's pre-tokenizer: the one its original GGUF carried when the
-    model was converted from one, else ``default`` (llama.cpp's GPT-2 rule)."""
+    model was converted from one, else the one :func:`qfine.export.pretok.identify` finds (or refuses)."""
 
     original = source_gguf(source) if Path(str(source)).is_dir() else None
     if original is not None:
@@ -187,7 +188,7 @@ def pre_tokenizer_name(source: str | Path) -> str:
         field = GGUFReader(str(original)).fields.get("tokenizer.ggml.pre")
         if field is not None:
             return str(field.contents())
-    return "default"
+    return pretok.identify(tokenizer)
 
 
 # --- which tensor gets which type ----------------------------------------------------------------

@@ -1,0 +1,47 @@
+// llama.cpp, as a user of node-llama-cpp runs it, for qfine's export checks (prebuilt CPU binaries,
+// never built or downloaded here).
+//
+//   node run.mjs REQUEST.json   ->  one JSON object on stdout
+//
+// REQUEST: {"model": "m.gguf", "lora": "a.gguf" | null,
+//           "tokenize": ["text", ...],                  token ids of each text, special tokens parsed
+//           "generate": [{"prompt": "text", "max_tokens": 16}, ...]}   greedy continuations (prompt given
+//                                                        with its chat template applied, special tokens parsed)
+// The answer: {"tokens": [[ids], ...], "generated": ["text", ...], "warnings": ["...", ...]}
+import fs from "node:fs";
+import { getLlama, LlamaLogLevel } from "node-llama-cpp";
+
+const request = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
+const warnings = [];
+const llama = await getLlama({
+    gpu: false,
+    build: "never",
+    logLevel: LlamaLogLevel.warn,
+    logger(level, message) {
+        if (level === LlamaLogLevel.warn || level === LlamaLogLevel.error) warnings.push(message.trim());
+    },
+});
+const model = await llama.loadModel({ modelPath: request.model });
+const out = { tokens: [], generated: [], warnings };
+for (const text of request.tokenize ?? []) {
+    out.tokens.push(Array.from(model.tokenize(text, true)));
+}
+if ((request.generate ?? []).length) {
+    const context = await model.createContext({
+        contextSize: 512,
+        lora: request.lora ? { adapters: [{ filePath: request.lora, scale: 1 }] } : undefined,
+    });
+    for (const { prompt, max_tokens } of request.generate) {
+        const sequence = context.getSequence();
+        const ids = [];
+        for await (const token of sequence.evaluate(model.tokenize(prompt, true), { temperature: 0 })) {
+            if (model.isEogToken(token) || ids.length >= (max_tokens ?? 16)) break;
+            ids.push(token);
+        }
+        out.generated.push(model.detokenize(ids));
+        sequence.dispose();
+    }
+    await context.dispose();
+}
+await model.dispose();
+process.stdout.write(JSON.stringify(out) + "\n");
