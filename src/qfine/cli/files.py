@@ -27,6 +27,15 @@ def cmd_export(ns) -> None:
             done = merge_run(ns.source, ns.out, requantize="nf4", overwrite=ns.overwrite)
         print(f"[qfine] bitsandbytes NF4 folder written to {done.out} in {done.seconds:.1f} s", flush=True)
         return
+    if ns.format == "gguf-lora":
+        from qfine.export.gguf_lora import export_gguf_lora
+
+        with hold(ns.out, "qfine export"), writing(ns.out, "qfine export", kept=_KEPT.format(out=ns.out)):
+            print(f"[qfine] {export_gguf_lora(ns.source, ns.out, ns.overwrite, ns.base_out, ns.quant or 'f16')}",
+                  flush=True)
+        return
+    if ns.base_out:
+        raise QfineError("--base-out goes with --format gguf-lora (the base that adapter applies to)")
     from qfine.export import export_gguf
 
     if not ns.quant:
@@ -61,7 +70,11 @@ def register(sub) -> None:
                        description="Merge exactly, then write one GGUF file in-process (no llama.cpp build) with a "
                                    "report of every tensor's type and error and the file's logits read back.")
     p.add_argument("source", help="a finished run directory, or a model folder (e.g. a qfine merge output)")
-    p.add_argument("--format", choices=["gguf", "bnb-nf4"], default="gguf")
+    p.add_argument("--format", choices=["gguf", "gguf-lora", "bnb-nf4"], default="gguf",
+                   help="gguf: the merged model; gguf-lora: the run's adapter alone, for llama.cpp's --lora over a "
+                        "base GGUF; bnb-nf4: a bitsandbytes 4-bit folder")
+    p.add_argument("--base-out", help="with --format gguf-lora: also write the base the adapter was trained on "
+                                      "(the dequantized 4-bit weights) as FILE.gguf, of type --quant (default f16)")
     p.add_argument("--quant", choices=["f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"],
                    help="GGUF file type (K-quant mixes as llama.cpp's: attn_v/ffn_down of some layers and the "
                         "output at 6 bits)")

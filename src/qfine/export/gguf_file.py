@@ -121,9 +121,11 @@ def encode_to(spill, x: np.ndarray, kind: str) -> tuple[int, float, float]:
     return nbytes, (err2 ** 0.5 / norm2 ** 0.5) if norm2 else 0.0, worst
 
 
-def write_gguf(model, tokenizer, source: str, out: Path, quant: str, name: str = "") -> ExportReport:
+def write_gguf(model, tokenizer, source: str, out: Path, quant: str, name: str = "",
+               adapters: bool = True) -> ExportReport:
     """Merge ``model`` (a PeftModel or a plain causal LM) exactly and write it to ``out`` as GGUF of
-    file type ``quant`` (see :data:`layout.FILE_TYPES`); returns the report (logits not yet checked)."""
+    file type ``quant`` (see :data:`layout.FILE_TYPES`); returns the report (logits not yet checked).
+    ``adapters=False`` writes the base the adapters were trained on, without them."""
 
 
     if quant not in layout.FILE_TYPES:
@@ -141,7 +143,7 @@ def write_gguf(model, tokenizer, source: str, out: Path, quant: str, name: str =
     # no_grad: a model straight from training has trainable LoRA weights, and the merge must not
     # build an autograd graph over every layer (nor hand numpy a tensor that requires grad)
     with tempfile.TemporaryFile(dir=out.parent) as spill, torch.no_grad():
-        for key, tensor in merged_tensors(model, torch.float32):
+        for key, tensor in merged_tensors(model, torch.float32, adapters=adapters):
             gname = layout.gguf_name(key)
             if gname is None:
                 continue

@@ -50,14 +50,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def merged_tensors(model: torch.nn.Module, dtype: torch.dtype,
                    pristine: Callable[[str], torch.Tensor] | None = None,
-                   int4: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                   int4: bool = False, adapters: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(state-dict key, tensor in dtype)`` of the merged model, one module at a time.
 
     ``model`` is a ``PeftModel`` (its active adapters are merged) or a plain model. ``pristine``
     maps a weight key to the original checkpoint tensor, replacing the dequantized base weight.
     Keys are the base model's own (no ``base_model.model.`` or ``.base_layer`` infixes). ``int4``:
     INT4 (QA-LoRA) layers stay 4-bit: their codes and scales as they are, the update folded into the
-    minimums (:func:`qfine.methods.qalora.folded_mins`).
+    minimums (:func:`qfine.methods.qalora.folded_mins`). ``adapters=False``: the base as the adapter
+    was trained on (its dequantized weights), without the LoRA update.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     tied = bool(getattr(base.config, "tie_word_embeddings", False)) and not unties_embeddings(base)
@@ -88,7 +89,7 @@ def merged_tensors(model: torch.nn.Module, dtype: torch.dtype,
         if isinstance(module, LoraLayer):
             lin = module.get_base_layer()
             w = pristine(prefix + "weight").float() if pristine else KINDS.dequantize(lin)
-            yield prefix + "weight", merged_weight(module, w).to(dtype).contiguous()
+            yield prefix + "weight", (merged_weight(module, w) if adapters else w).to(dtype).contiguous()
             if getattr(lin, "bias", None) is not None:
                 yield prefix + "bias", lin.bias.detach().to(dtype).contiguous()
             skip_prefixes.append(prefix)
