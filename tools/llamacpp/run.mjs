@@ -27,8 +27,11 @@ for (const text of request.tokenize ?? []) {
     out.tokens.push(Array.from(model.tokenize(text, true)));
 }
 if ((request.generate ?? []).length) {
+    // one thread: llama.cpp's worker threads spin while they wait for each other, and on a small
+    // shared machine (2 cores, a test runner beside it) that makes generation many times slower
     const context = await model.createContext({
         contextSize: 512,
+        threads: request.threads ?? 1,
         lora: request.lora ? { adapters: [{ filePath: request.lora, scale: 1 }] } : undefined,
     });
     for (const { prompt, max_tokens } of request.generate) {
