@@ -87,6 +87,7 @@ def _stop(args, run_dir, step, signum) -> tuple[int, str]:
     return proc.returncode, err
 
 
+@pytest.mark.slow  # four qfine processes: about a minute on 2 cores
 def test_sigterm_then_sigint_at_random_steps_save_and_resume_on_the_uninterrupted_curve(tiny_dir, tmp_path,
                                                                                        full_curve):
     data, full = full_curve

@@ -58,6 +58,7 @@ def _train_flags(tiny_dir, data, steps: int) -> str:
             "--learning-rate 5e-3 --lora-r 8 --lora-alpha 16 --report-samples 0")
 
 
+@pytest.mark.slow  # a 60-step run and its continuation: about a minute on 2 cores
 @small_fs
 def test_a_disk_that_fills_mid_run_keeps_the_last_checkpoint_and_the_run_continues_once_freed(tiny_dir, tmp_path):
     """Another process fills the disk once checkpoint-6 is sealed: the run stops with one line naming
