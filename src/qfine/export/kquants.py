@@ -11,12 +11,15 @@ blocks, laid out exactly as that dequantizer (and llama.cpp) reads them:
 * **Q6_K** — 210 bytes: 128 bytes of low 4 bits, 64 bytes of high 2 bits, sixteen int8 scales (one per
   16 values), fp16 ``d``: ``d·sc_j·(q − 32)``, q ∈ [0, 63].
 
-The encoder is the plain one: each sub-block's range is covered exactly (scales and mins rounded
-*up* onto their 6/8-bit grids, the super-block scales rounded up in fp16), then every value takes
-the nearest level. So the error of any value is at most half a quantization step of its sub-block,
-plus (Q4_K/Q5_K) the rounding of that sub-block's min — the bound :func:`error_bound` states from
-the bytes. llama.cpp's own encoder searches scales for a lower mean error; its bytes differ, the
-layout and the bound are the same.
+The encoders search scales as llama.cpp's reference quantizers do (``quantize_row_q*_K_ref`` of
+ggml-quants.c, llama.cpp 80fb11a; the algorithm carries over, vectorised here): per 32-value
+sub-block of Q4_K/Q5_K, candidate inverse scales around ``nmax / (max − min)`` each give levels, a
+weighted least-squares fit of scale and min to them (weights ``rms(sub-block) + |x|``), and the fit
+with the least weighted error wins; Q6_K's 16-value sub-blocks try inverse scales around
+``−32 / x_absmax`` with weights ``x²``. The sub-block scales (and mins) are then rounded onto the 6-bit
+(Q6_K: 8-bit) grid under the block's fp16 scale and every value takes its nearest level, which may
+clip a value the fit judged cheaper to clip. ``bench/kquant_error.py`` compares the error with
+llama.cpp's own encoder, compiled from the source node-llama-cpp ships.
 """
 
 from __future__ import annotations
@@ -24,15 +27,6 @@ from __future__ import annotations
 import numpy as np
 
 QK_K = 256
-_F16_MAX = 65504.0
-
-
-def _f16_up(x: np.ndarray) -> np.ndarray:
-    """x rounded *up* to the next fp16 value (x ≥ 0), as float32."""
-    h = np.minimum(x, _F16_MAX).astype(np.float16)
-    low = h.astype(np.float32) < x
-    h[low] = np.nextafter(h[low], np.float16(np.inf))
-    return h.astype(np.float32)
 
 
 def _blocks(x: np.ndarray) -> np.ndarray:
@@ -40,18 +34,6 @@ def _blocks(x: np.ndarray) -> np.ndarray:
     if x.shape[-1] % QK_K:
         raise ValueError(f"K-quants need rows of a multiple of {QK_K} values, not {x.shape[-1]}")
     return x.reshape(-1, QK_K)
-
-
-def _scale_grid(values: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per block, the fp16 super-scale (blocks, 1) and the integer codes (blocks, n) ≥ values/super,
-    so that super·code covers each value. ``values`` ≥ 0, ``levels`` the largest code."""
-    top = values.max(axis=1, keepdims=True)
-    sup = _f16_up(top / levels)
-    safe = np.where(sup > 0, sup, 1.0)
-    codes = np.clip(np.ceil(values / safe - 1e-6), 0, levels)
-    # ceil after a division may still land one code short of covering the value: bump it
-    codes = np.where(codes * safe < values, np.minimum(codes + 1, levels), codes)
-    return sup, codes.astype(np.uint8)
 
 
 def _pack_scales_mins(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
@@ -64,19 +46,87 @@ def _pack_scales_mins(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return out
 
 
-def _affine(blocks: np.ndarray, levels: int):
+def _qkx2(sub: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's ``make_qkx2_quants`` for every sub-block at once: ``sub`` (n, 32) → (scale, min)
+    per sub-block with x ≈ scale·q − min, q ∈ [0, nmax], min ≥ 0."""
+    w = np.sqrt((sub * sub).mean(axis=1, keepdims=True)) + np.abs(sub)
+    lo = np.minimum(sub.min(axis=1), 0.0)
+    span = sub.max(axis=1) - lo
+    flat = span <= 0
+    span = np.where(flat, 1.0, span).astype(np.float32)
+    sum_w, sum_x = w.sum(axis=1), (w * sub).sum(axis=1)
+
+    def fit_error(scale, low, levels):
+        return (w * (scale[:, None] * levels + low[:, None] - sub) ** 2).sum(axis=1)
+
+    def levels_at(iscale):
+        return np.clip(np.rint(iscale[:, None] * (sub - lo[:, None])), 0, nmax)
+
+    best_scale = span / nmax
+    best_low = lo.copy()
+    best_err = fit_error(best_scale, best_low, levels_at(nmax / span))
+    for step in range(nstep + 1):
+        lv = levels_at((rmin + rdelta * step + nmax) / span)
+        sum_l, sum_l2, sum_xl = (w * lv).sum(axis=1), (w * lv * lv).sum(axis=1), (w * lv * sub).sum(axis=1)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        det = np.where(ok, det, 1.0)
+        scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        low = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        positive = low > 0  # the min is subtracted, so it may not be positive: refit the scale alone
+        scale = np.where(positive, sum_xl / np.where(sum_l2 > 0, sum_l2, 1.0), scale)
+        low = np.where(positive, 0.0, low)
+        err = fit_error(scale, low, lv)
+        better = ok & (err < best_err)
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scale, best_scale)
+        best_low = np.where(better, low, best_low)
+    return np.where(flat, 0.0, best_scale), np.where(flat, -lo, -best_low)
+
+
+def _affine(blocks: np.ndarray, levels: int, rmin: float, nstep: int):
     """Scales/mins and quants of the asymmetric K-quants: x ≈ d·sc·q − dmin·m per 32 values."""
     sub = blocks.reshape(-1, 8, 32)
-    lo = np.minimum(sub.min(axis=2), 0.0)            # the min is subtracted, so it is ≤ 0
-    hi = np.maximum(sub.max(axis=2), lo)
-    d, sc = _scale_grid((hi - lo) / levels, 63)        # steps (blocks, 8)
-    dmin, mn = _scale_grid(-lo, 63)
+    scale, low = _qkx2(sub.reshape(-1, 32), levels, rmin, 0.1, nstep)
+    scale, low = scale.reshape(-1, 8), low.reshape(-1, 8)
+    top_scale = scale.max(axis=1, keepdims=True).clip(min=0)
+    top_low = low.max(axis=1, keepdims=True).clip(min=0)
+    sc = np.minimum(np.rint(np.where(top_scale > 0, 63 / np.where(top_scale > 0, top_scale, 1), 0) * scale), 63)
+    mn = np.minimum(np.rint(np.where(top_low > 0, 63 / np.where(top_low > 0, top_low, 1), 0) * low), 63)
+    d = (top_scale / 63).astype(np.float16).astype(np.float32)
+    dmin = (top_low / 63).astype(np.float16).astype(np.float32)
     step = d * sc
     offset = dmin * mn
     safe = np.where(step > 0, step, 1.0)[..., None]
-    q = np.clip(np.rint((sub + offset[..., None]) / safe), 0, levels).astype(np.uint8)
+    q = np.clip(np.rint((sub + offset[..., None]) / safe), 0, levels)
     q = np.where(step[..., None] > 0, q, 0).astype(np.uint8)
-    return d, dmin, sc, mn, q
+    return d, dmin, sc.astype(np.uint8), mn.astype(np.uint8), q
+
+
+def _qx(sub: np.ndarray, nmax: int) -> np.ndarray:
+    """llama.cpp's ``make_qx_quants`` (weights x²) for every sub-block: ``sub`` (n, 16) → the signed
+    scale per sub-block (x ≈ scale·l, l ∈ [−nmax, nmax − 1])."""
+    idx = np.abs(sub).argmax(axis=1)
+    top = np.take_along_axis(sub, idx[:, None], axis=1)[:, 0]
+    zero = np.abs(top) < 1e-15
+    top = np.where(zero, 1.0, top)
+    w = sub * sub
+
+    def fit(iscale):
+        lv = np.clip(np.rint(iscale[:, None] * sub), -nmax, nmax - 1)
+        return (w * sub * lv).sum(axis=1), (w * lv * lv).sum(axis=1)
+
+    sumlx, suml2 = fit(-nmax / top)
+    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, 1.0), 0.0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        sumlx, suml2 = fit(-(nmax + 0.1 * step) / top)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        scale = np.where(better, sumlx / np.where(suml2 > 0, suml2, 1.0), scale)
+        best = np.where(better, scale * sumlx, best)
+    return np.where(zero, 0.0, scale)
 
 
 def _f16_bytes(v: np.ndarray) -> np.ndarray:
@@ -86,7 +136,7 @@ def _f16_bytes(v: np.ndarray) -> np.ndarray:
 def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     """(rows, n) float32 → (rows, n/256·144) uint8 Q4_K blocks."""
     blocks = _blocks(x)
-    d, dmin, sc, mn, q = _affine(blocks, 15)
+    d, dmin, sc, mn, q = _affine(blocks, 15, -1.0, 20)
     pairs = q.reshape(-1, 4, 2, 32)
     qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
     out = np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scales_mins(sc, mn), qs], axis=1)
@@ -96,7 +146,7 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
 def quantize_q5_k(x: np.ndarray) -> np.ndarray:
     """(rows, n) float32 → (rows, n/256·176) uint8 Q5_K blocks."""
     blocks = _blocks(x)
-    d, dmin, sc, mn, q = _affine(blocks, 31)
+    d, dmin, sc, mn, q = _affine(blocks, 31, -0.5, 15)
     low = q & 0x0F
     pairs = low.reshape(-1, 4, 2, 32)
     qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
@@ -112,12 +162,16 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     """(rows, n) float32 → (rows, n/256·210) uint8 Q6_K blocks."""
     blocks = _blocks(x)
     sub = blocks.reshape(-1, 16, 16)
-    amax = np.abs(sub).max(axis=2)                     # (blocks, 16)
-    d, sc = _scale_grid(amax / 31, 127)                # symmetric: |q − 32| ≤ 31 covers ±amax
+    scales = _qx(sub.reshape(-1, 16), 32).reshape(-1, 16)
+    top = np.take_along_axis(scales, np.abs(scales).argmax(axis=1)[:, None], axis=1)  # signed, largest |scale|
+    live = np.abs(top) >= 1e-15
+    iscale = np.where(live, -128.0 / np.where(live, top, 1.0), 0.0)
+    d = np.where(live, 1 / np.where(live, iscale, 1.0), 0.0).astype(np.float16).astype(np.float32)
+    sc = np.minimum(np.rint(iscale * scales), 127)
     step = d * sc
-    safe = np.where(step > 0, step, 1.0)[..., None]
+    safe = np.where(step != 0, step, 1.0)[..., None]
     q = np.clip(np.rint(sub / safe), -32, 31) + 32
-    q = np.where(step[..., None] > 0, q, 32).astype(np.uint8).reshape(-1, 8, 32)  # 8 chunks of 32
+    q = np.where(step[..., None] != 0, q, 32).astype(np.uint8).reshape(-1, 8, 32)  # 8 chunks of 32
     ql = np.zeros((q.shape[0], 128), dtype=np.uint8)
     qh = np.zeros((q.shape[0], 64), dtype=np.uint8)
     for c in range(8):                                 # chunk c: elements 32c .. 32c+31 of the block
@@ -127,24 +181,6 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
         qh[:, half * 32: half * 32 + 32] |= (((q[:, c] >> 4) & 0x03) << (2 * (c % 4))).astype(np.uint8)
     out = np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), _f16_bytes(d)], axis=1)
     return out.reshape(*x.shape[:-1], -1)
-
-
-def error_bound(kind: str, data: np.ndarray) -> np.ndarray:
-    """The largest error the format allows each value of the encoded blocks ``data`` (uint8, whole
-    blocks), read from the blocks themselves: half a step of its sub-block, plus for Q4_K/Q5_K the
-    grid spacing of that sub-block's min (the min is rounded up onto its 6-bit grid, which can push
-    the top value past the last level). Shape (blocks·256,)."""
-    blocks = data.reshape(-1, {"q4_k": 144, "q5_k": 176, "q6_k": 210}[kind])
-    if kind == "q6_k":
-        sc = blocks[:, 192:208].view(np.int8).astype(np.float32)
-        d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
-        return np.repeat(0.5 * d * np.abs(sc), 16, axis=1).reshape(-1)
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
-    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-    s = blocks[:, 4:16].reshape(-1, 3, 4)
-    sc = np.concatenate([s[:, 0] & 0x3F, (s[:, 2] & 0x0F) | ((s[:, 0] >> 2) & 0x30)], axis=1).astype(np.float32)
-    per_sub = 0.5 * d * sc + dmin                      # (blocks, 8)
-    return np.repeat(per_sub, 32, axis=1).reshape(-1)
 
 
 QUANTIZERS = {"q4_k": quantize_q4_k, "q5_k": quantize_q5_k, "q6_k": quantize_q6_k}
