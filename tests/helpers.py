@@ -13,6 +13,18 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+def sums(path: Path, n: int = 64) -> Path:
+    """``n`` prompt/completion rows "What is a+b?" → "a+b" (seeded: the same file each time)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        a, b = (int(x) for x in torch.randint(1, 99, (2,), generator=g))
+        rows.append({"prompt": f"What is {a}+{b}?", "completion": str(a + b)})
+    return write_jsonl(path, rows)
+
+
 TINY_VOCAB = 384  # vocabulary of the save_tiny models: small enough for full-logit references
 
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -18,20 +18,11 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from helpers import tiny_config, write_jsonl
+from helpers import sums, tiny_config
 from qfine import LoraSettings, add_lora, load_model
 from qfine.training import train
 from qfine.training.resume import SEAL, truncate_metrics
 from qfine.util.errors import QfineError
-
-
-def _sums(path, n=64):
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(n):
-        a, b = (int(x) for x in torch.randint(1, 99, (2,), generator=g))
-        rows.append({"prompt": f"What is {a}+{b}?", "completion": str(a + b)})
-    return write_jsonl(path, rows)
 
 
 def _curve(run_dir) -> list[tuple[int, float]]:
@@ -60,14 +51,14 @@ def _cfg(tiny_dir, data, out, **kw):
 def uninterrupted(tiny_dir, tmp_path_factory):
     """The data and the loss curve of the 24-step run (checkpoints every 6) the resumed runs must follow."""
     tmp = tmp_path_factory.mktemp("full")
-    data = _sums(tmp / "sums.jsonl")
+    data = sums(tmp / "sums.jsonl")
     return data, _curve(train(_cfg(tiny_dir, data, tmp / "full")))
 
 
 def test_same_config_and_seed_give_the_same_curve_in_one_process(tiny_dir, tmp_path):
     """Two trainings in one process (a notebook, a sweep) start from the same adapter and follow the
     same loss curve bit for bit; another seed gives another curve from step 2 on."""
-    data = _sums(tmp_path / "sums.jsonl")
+    data = sums(tmp_path / "sums.jsonl")
     a = _curve(train(_cfg(tiny_dir, data, tmp_path / "a", max_steps=6)))
     torch.rand(7)  # whatever ran in between must not matter
     b = _curve(train(_cfg(tiny_dir, data, tmp_path / "b", max_steps=6)))
@@ -126,7 +117,7 @@ def test_interrupted_run_resumes_on_the_same_curve_and_skips_a_half_written_chec
 
 
 def test_checkpoint_with_a_truncated_file_is_skipped(tiny_dir, tmp_path, capsys):
-    data = _sums(tmp_path / "sums.jsonl", 16)
+    data = sums(tmp_path / "sums.jsonl", 16)
     cfg = _cfg(tiny_dir, data, tmp_path / "run", max_steps=4, save_steps=2)
     run = train(cfg)
     weights = run / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors"
@@ -138,7 +129,7 @@ def test_checkpoint_with_a_truncated_file_is_skipped(tiny_dir, tmp_path, capsys)
 
 
 def test_resume_refuses_a_config_that_changes_what_is_trained(tiny_dir, tmp_path):
-    data = _sums(tmp_path / "sums.jsonl", 16)
+    data = sums(tmp_path / "sums.jsonl", 16)
     cfg = _cfg(tiny_dir, data, tmp_path / "run", max_steps=4, save_steps=2)
     train(cfg)
     cfg.train.learning_rate = 1e-3
@@ -148,13 +139,13 @@ def test_resume_refuses_a_config_that_changes_what_is_trained(tiny_dir, tmp_path
         train(cfg, resume=True)
     # the data changed under the same file name
     cfg = _cfg(tiny_dir, data, tmp_path / "run", max_steps=4, save_steps=2)
-    _sums(data, 17)
+    sums(data, 17)
     with pytest.raises(QfineError, match=r"training data .* are not what this run was trained on \(16 rows"):
         train(cfg, resume=True)
 
 
 def test_a_longer_run_is_resumed_and_the_change_named(tiny_dir, tmp_path, capsys):
-    data = _sums(tmp_path / "sums.jsonl", 16)
+    data = sums(tmp_path / "sums.jsonl", 16)
     cfg = _cfg(tiny_dir, data, tmp_path / "run", max_steps=4, save_steps=2, lr_scheduler="constant")
     train(cfg)
     cfg.train.max_steps = 6
@@ -202,7 +193,7 @@ def test_killed_after_its_last_checkpoint_trains_no_extra_step(tiny_dir, tmp_pat
     adapter."""
     from safetensors.torch import load_file
 
-    data = _sums(tmp_path / "sums.jsonl", 24)  # 6 steps an epoch: the last step ends mid-epoch
+    data = sums(tmp_path / "sums.jsonl", 24)  # 6 steps an epoch: the last step ends mid-epoch
     cfg = _cfg(tiny_dir, data, tmp_path / "run", max_steps=4, save_steps=2)
     run = train(cfg)
     shutil.rmtree(run / "adapter")
@@ -230,7 +221,7 @@ class LearningRates(TrainerCallback):
 def test_a_run_resumed_longer_takes_the_new_schedule_from_its_first_step(tiny_dir, tmp_path):
     """The checkpoint's optimizer carries the rate the old (shorter) cosine set for the next step; the
     first resumed step must use the new schedule's, as the uninterrupted longer run does."""
-    data = _sums(tmp_path / "sums.jsonl", 16)
+    data = sums(tmp_path / "sums.jsonl", 16)
     full = LearningRates()
     train(_cfg(tiny_dir, data, tmp_path / "full", max_steps=8, save_steps=2), callbacks=[full])
     cfg = _cfg(tiny_dir, data, tmp_path / "run", max_steps=4, save_steps=2)

@@ -17,23 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from helpers import write_jsonl
+from helpers import sums
 from qfine.training import train
 from qfine.training.resume import SEAL, why_incomplete
 from qfine.training.stop import StopRequest, signals_stop
 
 STEPS, SAVE = 24, 6
-
-
-def _sums(path, n=64):
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(n):
-        a, b = (int(x) for x in torch.randint(1, 99, (2,), generator=g))
-        rows.append({"prompt": f"What is {a}+{b}?", "completion": str(a + b)})
-    return write_jsonl(path, rows)
 
 
 def _curve(run_dir) -> list[tuple[int, float]]:
@@ -73,7 +63,7 @@ def _signal_at(proc: subprocess.Popen, run_dir: Path, step: int, signum: int, ti
 def full_curve(tiny_dir, tmp_path_factory):
     """The data and the loss curve of the uninterrupted run (one process, same flags)."""
     tmp = tmp_path_factory.mktemp("full")
-    data = _sums(tmp / "sums.jsonl")
+    data = sums(tmp / "sums.jsonl")
     done = subprocess.run(_args(tiny_dir, data, tmp / "full"), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return data, _curve(tmp / "full")
@@ -155,7 +145,7 @@ def test_a_stop_requested_by_the_caller_ends_the_run_at_a_step(tiny_dir, tmp_pat
             if state.global_step == 3:
                 request.request("the Stop button")
 
-    data = _sums(tmp_path / "d.jsonl", 16)
+    data = sums(tmp_path / "d.jsonl", 16)
     cfg = tiny_config(tiny_dir, data, tmp_path / "run", max_steps=20, report_samples=0)
     with pytest.raises(Stopped, match="stopped by the Stop button at step 3 of 20") as e:
         train(cfg, callbacks=[PressStop()], stop=request)
@@ -172,7 +162,7 @@ def _hold_in_child(target: Path):
 
 
 def test_one_writer_per_output_and_no_stale_lock_after_kill_9(tiny_dir, tmp_path):
-    data = _sums(tmp_path / "d.jsonl", 16)
+    data = sums(tmp_path / "d.jsonl", 16)
     run = tmp_path / "run"
     child = _hold_in_child(run)
     try:
@@ -193,7 +183,7 @@ def test_one_writer_per_output_and_no_stale_lock_after_kill_9(tiny_dir, tmp_path
 def test_a_merge_stopped_by_sigterm_leaves_no_output(tiny_dir, tmp_path):
     from helpers import tiny_config
 
-    data = _sums(tmp_path / "d.jsonl", 16)
+    data = sums(tmp_path / "d.jsonl", 16)
     run = train(tiny_config(tiny_dir, data, tmp_path / "run", max_steps=2, report_samples=0))
     out = tmp_path / "merged"
     proc = subprocess.Popen([sys.executable, "-m", "qfine", "merge", str(run), "--out", str(out), "--dtype", "fp32"],
