@@ -24,6 +24,9 @@ llama.cpp's own encoder, compiled from the source node-llama-cpp ships.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 QK_K = 256
@@ -46,28 +49,53 @@ def _pack_scales_mins(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return out
 
 
+_CHUNK = 8192  # sub-blocks per pass of the search: its arrays stay in the CPU's cache
+
+
+def _each_chunk(fn, rows: np.ndarray, size: int) -> list:
+    """``fn`` over ``rows`` in chunks of ``size``, on every core (numpy releases the GIL in its loops)."""
+    chunks = [rows[i: i + size] for i in range(0, len(rows), size)]
+    if len(chunks) == 1:
+        return [fn(chunks[0])]
+    with ThreadPoolExecutor(max_workers=min(len(chunks), os.cpu_count() or 1)) as pool:
+        return list(pool.map(fn, chunks))
+
+
 def _qkx2(sub: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[np.ndarray, np.ndarray]:
     """llama.cpp's ``make_qkx2_quants`` for every sub-block at once: ``sub`` (n, 32) → (scale, min)
     per sub-block with x ≈ scale·q − min, q ∈ [0, nmax], min ≥ 0."""
+    parts = _each_chunk(lambda part: _qkx2_chunk(part, nmax, rmin, rdelta, nstep), sub, _CHUNK)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _qkx2_chunk(sub, nmax, rmin, rdelta, nstep):
     w = np.sqrt((sub * sub).mean(axis=1, keepdims=True)) + np.abs(sub)
     lo = np.minimum(sub.min(axis=1), 0.0)
     span = sub.max(axis=1) - lo
     flat = span <= 0
-    span = np.where(flat, 1.0, span).astype(np.float32)
-    sum_w, sum_x = w.sum(axis=1), (w * sub).sum(axis=1)
+    span = np.where(flat, np.float32(1), span)
+    shifted = sub - lo[:, None]
+    wx = w * sub
+    # weighted sums in float64: a fit's error comes from them without another pass over the values,
+    # E = s²·Σwl² + 2sm·Σwl − 2s·Σwlx + m²·Σw − 2m·Σwx + Σwx²
+    sum_w, sum_x, sum_x2 = (w.sum(axis=1, dtype=np.float64), wx.sum(axis=1, dtype=np.float64),
+                            (wx * sub).sum(axis=1, dtype=np.float64))
 
-    def fit_error(scale, low, levels):
-        return (w * (scale[:, None] * levels + low[:, None] - sub) ** 2).sum(axis=1)
+    def sums(iscale):
+        lv = np.clip(np.rint(iscale[:, None] * shifted), 0, nmax)
+        wl = w * lv
+        return (wl.sum(axis=1, dtype=np.float64), (wl * lv).sum(axis=1, dtype=np.float64),
+                (wl * sub).sum(axis=1, dtype=np.float64))
 
-    def levels_at(iscale):
-        return np.clip(np.rint(iscale[:, None] * (sub - lo[:, None])), 0, nmax)
+    def error(scale, low, sum_l, sum_l2, sum_xl):
+        return (scale * scale * sum_l2 + 2 * scale * low * sum_l - 2 * scale * sum_xl + low * low * sum_w
+                - 2 * low * sum_x + sum_x2)
 
-    best_scale = span / nmax
-    best_low = lo.copy()
-    best_err = fit_error(best_scale, best_low, levels_at(nmax / span))
+    best_scale = (span / nmax).astype(np.float64)
+    best_low = lo.astype(np.float64)
+    best_err = error(best_scale, best_low, *sums(nmax / span))
     for step in range(nstep + 1):
-        lv = levels_at((rmin + rdelta * step + nmax) / span)
-        sum_l, sum_l2, sum_xl = (w * lv).sum(axis=1), (w * lv * lv).sum(axis=1), (w * lv * sub).sum(axis=1)
+        sum_l, sum_l2, sum_xl = sums((rmin + rdelta * step + nmax) / span)
         det = sum_w * sum_l2 - sum_l * sum_l
         ok = det > 0
         det = np.where(ok, det, 1.0)
@@ -76,12 +104,13 @@ def _qkx2(sub: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int) ->
         positive = low > 0  # the min is subtracted, so it may not be positive: refit the scale alone
         scale = np.where(positive, sum_xl / np.where(sum_l2 > 0, sum_l2, 1.0), scale)
         low = np.where(positive, 0.0, low)
-        err = fit_error(scale, low, lv)
+        err = error(scale, low, sum_l, sum_l2, sum_xl)
         better = ok & (err < best_err)
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)
         best_low = np.where(better, low, best_low)
-    return np.where(flat, 0.0, best_scale), np.where(flat, -lo, -best_low)
+    return (np.where(flat, 0.0, best_scale).astype(np.float32),
+            np.where(flat, -lo, -best_low).astype(np.float32))
 
 
 def _affine(blocks: np.ndarray, levels: int, rmin: float, nstep: int):
@@ -106,6 +135,10 @@ def _affine(blocks: np.ndarray, levels: int, rmin: float, nstep: int):
 def _qx(sub: np.ndarray, nmax: int) -> np.ndarray:
     """llama.cpp's ``make_qx_quants`` (weights x²) for every sub-block: ``sub`` (n, 16) → the signed
     scale per sub-block (x ≈ scale·l, l ∈ [−nmax, nmax − 1])."""
+    return np.concatenate(_each_chunk(lambda part: _qx_chunk(part, nmax), sub, 2 * _CHUNK))
+
+
+def _qx_chunk(sub: np.ndarray, nmax: int) -> np.ndarray:
     idx = np.abs(sub).argmax(axis=1)
     top = np.take_along_axis(sub, idx[:, None], axis=1)[:, 0]
     zero = np.abs(top) < 1e-15
