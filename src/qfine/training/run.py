@@ -42,7 +42,7 @@ from qfine.methods.lora import add_lora, check_lora_settings, start_from
 from qfine.methods.lora import enable_checkpointing as enable_plain_checkpointing
 from qfine.methods.multitask import SHARED, activate, add_task_adapters
 from qfine.models.heads import head_of, save_labels
-from qfine.models.loading import Loaded, describe, load_model, load_tokenizer, resolve_device
+from qfine.models.loading import Loaded, count_parameters, describe, load_model, load_tokenizer, resolve_device
 from qfine.models.sources import resolve_source
 from qfine.objectives import multitask, objective_of
 from qfine.objectives.base import Objective
@@ -305,9 +305,8 @@ def fit(cfg: C.RunConfig, started: Started, model, run_dir: Path, ckpt: Path | N
                          f"is {good or 'none (no checkpoint was written yet)'}, untouched. Lower the learning rate or "
                          "check the data, then --resume or start over.") from None
     except Exception as e:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         failure = write_failure(e, getattr(e, "filename", None) or run_dir, "training",
-                                needed=disk.need(cfg, trainable, resume=True).per_checkpoint)
+                                needed=disk.need(cfg, count_parameters(model)[0], resume=True).per_checkpoint)
         if failure is None:
             raise
         removed = drop_partial_checkpoints(run_dir) if distributed.is_main() else []
@@ -390,8 +389,7 @@ def _train(cfg: C.RunConfig, overwrite: bool, resume: bool, callbacks, base_cach
         check_resume_data(run_dir, data_record(prep.train_ds), run_cfg.data.path)
     model, fast = adapt(run_cfg, objective, prep, device, ckpt is None, base_cache)
     if distributed.is_main():
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        say(disk.check(run_cfg, trainable, resume=ckpt is not None))
+        say(disk.check(run_cfg, count_parameters(model)[0], resume=ckpt is not None))
     decisions = fit_memory(run_cfg, decisions, model, fast, device)
     run_cfg = decisions.applied(cfg)
     check_stop(request, "before training")
@@ -399,12 +397,12 @@ def _train(cfg: C.RunConfig, overwrite: bool, resume: bool, callbacks, base_cach
     started = start(run_cfg, objective, prep, model, fast, run_dir, device, ckpt, decisions, [*callbacks, stopper])
     seconds = fit(run_cfg, started, model, run_dir, ckpt)
     if stopper.stopped_at is not None:
-        stopped(run_cfg, started, run_dir, stopper.stopped_at, request)
+        stopped(started, run_dir, stopper.stopped_at, request)
     finish(run_cfg, prep, model, started, run_dir, seconds)
     return run_dir
 
 
-def stopped(cfg: C.RunConfig, started: Started, run_dir: Path, step: int, request: StopRequest) -> None:
+def stopped(started: Started, run_dir: Path, step: int, request: StopRequest) -> None:
     """A run stopped on request at ``step``: its checkpoint is sealed; write the report and raise
     :class:`Stopped` with the command that continues it."""
     ckpt = run_dir / "checkpoints" / f"checkpoint-{step}"
