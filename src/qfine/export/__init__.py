@@ -92,7 +92,7 @@ def export_gguf(source: str, out: str | Path, quant: str, overwrite: bool = Fals
     if check and report.arch in READABLE_BY_TRANSFORMERS:
         report.logits = check_logits(model, tokenizer, out)
     elif check:
-        report.note = (f"logits not read back: transformers' GGUF reader does not load {report.arch} files; the "
-                       "per-tensor errors above are from the gguf package's own dequantizer")
+        report.note = "; ".join(filter(None, [report.note, f"logits not read back: transformers' GGUF reader does not load {report.arch} files; the "
+                       "per-tensor errors above are from the gguf package's own dequantizer"]))
     report.save(out.with_name(out.name + ".report.json"))
     return report

@@ -22,7 +22,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
-from qfine.export import layout
+from qfine.export import layout, vocab
 from qfine.export.kquants import QUANTIZERS
 from qfine.export.merge import merged_tensors
 from qfine.util.errors import QfineError
@@ -133,9 +133,9 @@ def write_gguf(model, tokenizer, source: str, out: Path, quant: str, name: str =
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     arch = layout.arch_of(config)
-    tok_fields = layout.tokenizer_fields(tokenizer, config.vocab_size, layout.pre_tokenizer_name(source, tokenizer))
+    tok_fields = vocab.tokenizer_fields(tokenizer, config.vocab_size, source)
     t0 = time.perf_counter()
-    report = ExportReport(str(out), quant, arch.name)
+    report = ExportReport(str(out), quant, arch.name, note=vocab.divergence(tokenizer))
     out.parent.mkdir(parents=True, exist_ok=True)
     keys = [k for k, _ in base.state_dict().items()]
     has_output = any(layout.gguf_name(k) == "output.weight" for k in keys) and not getattr(

@@ -16,15 +16,10 @@ Anything else is refused by name (:func:`arch_of`).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 
-from qfine.export import pretok
-from qfine.models.sources import source_gguf
 from qfine.util.errors import QfineError
 
 
@@ -136,59 +131,6 @@ def model_fields(arch: Arch, config) -> dict[str, object]:
     if arch.name == "gemma":
         fields["attention.key_length"] = fields["attention.value_length"] = int(_head_dim(config))
     return fields
-
-
-# --- tokenizer -----------------------------------------------------------------------------------
-
-TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
-
-
-def tokenizer_fields(tokenizer, vocab_size: int, pre: str = "default") -> dict[str, object]:
-    """``tokenizer.*`` metadata for a byte-level BPE tokenizer (GPT-2 style: Llama 3, Qwen2, SmolLM,
-    ...): tokens in id order (padded to the model's vocabulary with unused entries), their types,
-    merges, special ids and the chat template. Other tokenizer kinds are a QfineError."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise QfineError("GGUF export needs a fast (tokenizer.json) tokenizer")
-    spec = json.loads(backend.to_str())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        kind = "SentencePiece-style BPE with byte fallback" if model.get("byte_fallback") else model.get("type")
-        raise QfineError(f"GGUF export writes byte-level BPE tokenizers (GPT-2 style); this one is {kind}")
-    vocab = tokenizer.get_vocab()
-    n = max(vocab_size, max(vocab.values()) + 1)
-    tokens = [f"[PAD{i}]" for i in range(n)]
-    types = [TOKEN_UNUSED] * n
-    for tok, i in vocab.items():
-        tokens[i], types[i] = tok, TOKEN_NORMAL
-    for added in spec.get("added_tokens", []):
-        types[added["id"]] = TOKEN_CONTROL if added.get("special") else TOKEN_USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    fields: dict[str, object] = {"ggml.model": "gpt2", "ggml.pre": pre, "ggml.tokens": tokens,
-                                 "ggml.token_type": types, "ggml.merges": merges,
-                                 "ggml.add_bos_token": bool(getattr(tokenizer, "add_bos_token", False))}
-    for key, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unknown", "unk_token_id"),
-                      ("padding", "pad_token_id")):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            fields[f"ggml.{key}_token_id"] = int(value)
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        fields["chat_template"] = tokenizer.chat_template
-    return fields
-
-
-def pre_tokenizer_name(source: str | Path, tokenizer) -> str:
-    """llama.cpp's name for the model's pre-tokenizer: the one its original GGUF carried when the
-    model was converted from one, else the one :func:`qfine.export.pretok.identify` finds (or refuses)."""
-
-    original = source_gguf(source) if Path(str(source)).is_dir() else None
-    if original is not None:
-        from gguf import GGUFReader
-
-        field = GGUFReader(str(original)).fields.get("tokenizer.ggml.pre")
-        if field is not None:
-            return str(field.contents())
-    return pretok.identify(tokenizer)
 
 
 # --- which tensor gets which type ----------------------------------------------------------------
