@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # built, nothing comes from GitHub; the CUDA/Vulkan variants are optional dependencies, left out)
 LLAMACPP := tools/llamacpp/node_modules/.installed
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow install llamacpp clean
 
 demo: $(VENV)/.installed
 	$(BIN)/qfine demo
@@ -38,6 +38,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 clean:
 	rm -rf $(VENV) runs
+
+llamacpp: $(LLAMACPP)
 
 $(LLAMACPP): tools/llamacpp/package.json tools/llamacpp/package-lock.json
 	@command -v npm >/dev/null || { echo "npm is needed for the llama.cpp checks: apt-get install nodejs npm"; exit 1; }

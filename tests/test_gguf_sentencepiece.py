@@ -113,3 +113,19 @@ def test_llama_cpp_tokenizes_sentencepiece_like_transformers(family, tmp_path, c
     assert "starts with a space or follows a special token" in printed
     assert {t for t, _, _ in wrong} == {t for t in texts if t[0] == " " or t.startswith(specials[-1])}
     assert all(ids[0] == tok.convert_tokens_to_ids(SPACE) and ids[1:] == w for t, ids, w in wrong if t[0] == " ")
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("family", ["llama2", "gemma"])
+def test_verify_scores_the_file_in_llama_cpp(family, tmp_path, capsys):
+    """f16 of bf16 weights holds the merged model exactly: what is left is llama.cpp's arithmetic."""
+    import json
+
+    folder = _model(family, tmp_path / family)
+    out = tmp_path / f"{family}.gguf"
+    assert main(["export", str(folder), "--quant", "f16", "--out", str(out), "--no-check", "--verify"]) == 0
+    assert "verified in llama.cpp" in capsys.readouterr().out
+    scores = json.loads((tmp_path / f"{family}.gguf.report.json").read_text())["verify"]
+    assert scores["strings_identical"] == scores["strings"] == 36
+    assert scores["text"] == "qfine's test strings" and scores["positions"] > 100
+    assert scores["kl_mean"] < 1e-5 and scores["top1_agreement"] > 0.99, scores

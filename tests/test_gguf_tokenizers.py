@@ -12,7 +12,7 @@ import torch
 
 from llamacpp import needs_llamacpp, run
 from qfine.cli import main
-from qfine.export import pretok
+from qfine.export import pretok, verify
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. I'm sure you'll see we've done it, they'd said.",
@@ -23,15 +23,7 @@ CORPUS = [
     "Users ask: What's the capital of France? The assistant answers: Paris is the capital.",
 ] * 20
 
-STRINGS = [
-    "Hello world", "I'm here", "you're", "we've", "they'll", "she'd", "it's", "DON'T", "I'VE", "'s alone",
-    "3", "33", "333", "3333", "12345678", "3.14159", "1,000,000", "2026-12-03",
-    "  two spaces", "trailing   ", "tab\there", "\n\nnewlines\n", "   \n  mixed \t\n",
-    "café naïve résumé", "Ångström Zürich", "我想在apple工作", "日本語のテキスト", "нещо на Български",
-    "🚀 rocket 😶‍🌫️ emoji 🦙🦙", "def f(x):\n    return x ** 2  # square",
-    "if (a && b) { return c[i]; }", "<html><b>bold</b></html>", "`code` and ```fences```",
-    "\"quoted\" 'single' (paren) [bracket]", "......!!!!!!??????", "------=======",
-]
+STRINGS = verify.STRINGS  # contractions, digits, whitespace runs, accents, CJK, emoji, code
 
 FAMILIES = {
     # name: (llama.cpp name, transformers model class, specials, chat special used in a test string)

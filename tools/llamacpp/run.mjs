@@ -5,8 +5,12 @@
 //
 // REQUEST: {"model": "m.gguf", "lora": "a.gguf" | null,
 //           "tokenize": ["text", ...],                  token ids of each text, special tokens parsed
-//           "generate": [{"prompt": "text", "max_tokens": 16}, ...]}   greedy continuations (prompt given
+//           "generate": [{"prompt": "text", "max_tokens": 16}, ...],  greedy continuations (prompt given
 //                                                        with its chat template applied, special tokens parsed)
+//           "evaluate": [[ids], ...], "probs_out": "p.f32", "n_vocab": N}   for every position of every sequence, the
+//                                                        next-token probabilities (softmax of the logits, no
+//                                                        sampling options), float32, [positions, n_vocab] rows
+//                                                        in order, appended to probs_out
 // The answer: {"tokens": [[ids], ...], "generated": ["text", ...], "warnings": ["...", ...]}
 import fs from "node:fs";
 import { getLlama, LlamaLogLevel } from "node-llama-cpp";
@@ -25,6 +29,26 @@ const model = await llama.loadModel({ modelPath: request.model });
 const out = { tokens: [], generated: [], warnings };
 for (const text of request.tokenize ?? []) {
     out.tokens.push(Array.from(model.tokenize(text, true)));
+}
+if ((request.evaluate ?? []).length) {
+    const longest = Math.max(...request.evaluate.map((ids) => ids.length));
+    const context = await model.createContext({ contextSize: Math.max(64, longest + 8), threads: request.threads ?? 1 });
+    const fd = fs.openSync(request.probs_out, "w");
+    const sequence = context.getSequence();
+    for (const ids of request.evaluate) {
+        await sequence.clearHistory();
+        const next = { generateNext: { probabilities: true, options: { temperature: 1, topK: 0, topP: 1, minP: 0 } } };
+        const results = await sequence.controlledEvaluate(ids.map((id) => [id, next]));
+        for (const result of results) {
+            const probs = result.next.probabilities;
+            const row = new Float32Array(request.n_vocab);
+            for (const [token, p] of probs) row[token] = p;
+            fs.writeSync(fd, Buffer.from(row.buffer));
+        }
+    }
+    sequence.dispose();
+    fs.closeSync(fd);
+    await context.dispose();
 }
 if ((request.generate ?? []).length) {
     // one thread: llama.cpp's worker threads spin while they wait for each other, and on a small

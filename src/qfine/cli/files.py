@@ -41,7 +41,8 @@ def cmd_export(ns) -> None:
     if not ns.quant:
         raise QfineError("--format gguf needs --quant: f16, bf16, q8_0, q4_0, q4_1, q4_k_m, q5_k_m or q6_k")
     with hold(ns.out, "qfine export"), writing(ns.out, "qfine export", kept=_KEPT.format(out=ns.out)):
-        report = export_gguf(ns.source, ns.out, ns.quant, overwrite=ns.overwrite, check=not ns.no_check)
+        report = export_gguf(ns.source, ns.out, ns.quant, overwrite=ns.overwrite, check=not ns.no_check,
+                             verify=ns.verify, verify_data=ns.verify_data)
     print(report.summary())
     print(f"[qfine] report: {ns.out}.report.json", flush=True)
 
@@ -82,4 +83,8 @@ def register(sub) -> None:
                                                 "sibling and renamed")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-check", action="store_true", help="skip reading the file back to compare logits")
+    p.add_argument("--verify", action="store_true",
+                   help="score the GGUF in llama.cpp against the merged model: token ids on 36 strings, KL and top-1 "
+                        "agreement of next-token distributions on the run's eval rows (needs `make llamacpp`)")
+    p.add_argument("--verify-data", metavar="FILE", help="with --verify: score on these rows instead")
     p.set_defaults(func=cmd_export)

@@ -4,6 +4,7 @@
   llama.cpp-family runtimes (:mod:`.gguf_file`), with a report beside it (``FILE.gguf.report.json``):
   every tensor's type, size and error, and the file's logits read back by transformers' own GGUF
   loader against the merged model's, on a few prompts.
+  ``--verify`` adds llama.cpp's own scores of the file (:mod:`.verify`).
 * ``--format bnb-nf4``: a bitsandbytes 4-bit folder (what ``qfine merge --requantize nf4`` writes).
 """
 
@@ -78,14 +79,19 @@ def check_logits(model, tokenizer, gguf_path: Path) -> dict[str, float]:
         return out
 
 
-def export_gguf(source: str, out: str | Path, quant: str, overwrite: bool = False, check: bool = True):
-    """Write ``source`` (run or model folder) to ``out`` as GGUF; returns the saved report."""
+def export_gguf(source: str, out: str | Path, quant: str, overwrite: bool = False, check: bool = True,
+                verify: bool = False, verify_data: str | None = None):
+    """Write ``source`` (run or model folder) to ``out`` as GGUF; returns the saved report. ``verify``:
+    score the file in llama.cpp against the merged model (:mod:`.verify`), on ``verify_data`` if given."""
+    from qfine.export import verify as V
 
     out = Path(out)
     if out.suffix != ".gguf":
         raise QfineError(f"--out must name a .gguf file, not {out}")
     if out.exists() and not overwrite:
         raise QfineError(f"{out} already exists; pass --overwrite to replace it")
+    if verify and V.runtime_dir() is None:  # before the long part
+        raise QfineError(f"--verify: {V.MISSING}")
     model, tokenizer, base = load_source(source)
     set_template(tokenizer, "auto")
     report = write_gguf(model, tokenizer, base, out, quant, name=Path(source).name)
@@ -94,5 +100,8 @@ def export_gguf(source: str, out: str | Path, quant: str, overwrite: bool = Fals
     elif check:
         report.note = "; ".join(filter(None, [report.note, f"logits not read back: transformers' GGUF reader does not load {report.arch} files; the "
                        "per-tensor errors above are from the gguf package's own dequantizer"]))
+    if verify:
+        sequences, where = V.held_out(source, tokenizer, verify_data)
+        report.verify = V.verify(model, tokenizer, out, sequences, where)
     report.save(out.with_name(out.name + ".report.json"))
     return report

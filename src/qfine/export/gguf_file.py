@@ -54,6 +54,7 @@ class ExportReport:
     seconds: float = 0.0
     logits: dict[str, float] = field(default_factory=dict)  # prompt → relative L2 vs the merged model
     note: str = ""
+    verify: dict = field(default_factory=dict)  # llama.cpp's scores of the file (qfine.export.verify)
 
     def types(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -72,6 +73,10 @@ class ExportReport:
                          + ", ".join(f"{v:.2e}" for v in self.logits.values()) + " relative L2")
         if self.note:
             lines.append(self.note)
+        if self.verify:
+            from qfine.export.verify import summary
+
+            lines.append(summary(self.verify))
         return "\n".join(lines)
 
     def save(self, path: Path) -> None:
