@@ -48,7 +48,9 @@ def test_the_adapter_on_its_base_answers_as_the_merged_file(taught_run, tmp_path
     with_lora = run(base, generate=[prompt], lora=lora)
     from_merged = run(merged, generate=[prompt])
     base_alone = run(base, generate=[prompt])
-    assert not with_lora["warnings"], with_lora["warnings"]
+    # on CPUs with AMX llama.cpp keeps the adapter's tensors in plain CPU memory and says so; nothing else
+    warned = [w for w in with_lora["warnings"] if not w.endswith("fallback to CPU")]
+    assert not warned, warned
     print(f"\n[gguf-lora] base+lora: {with_lora['generated']!r}; merged: {from_merged['generated']!r}; "
           f"base alone: {base_alone['generated']!r}")
     assert with_lora["generated"] == from_merged["generated"]
