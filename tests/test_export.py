@@ -173,6 +173,8 @@ def test_exported_files_read_back(runs, tmp_path, kind, quant, capsys):
         else:
             tol = {"F32": 1e-7, "F16": 1e-3, "Q5_0": 0.06, "Q5_1": 0.05}[kind_]
             assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want) + 1e-12, (t.name, kind_)
+    ollama = (tmp_path / f"{kind}-{quant}.gguf.Modelfile").read_text()  # Ollama's, beside the file
+    assert f"FROM ./{kind}-{quant}.gguf" in ollama and 'TEMPLATE """' in ollama and "PARAMETER stop" in ollama
     types = {t["type"] for t in report["tensors"]}
     if quant == "q4_k_m":
         assert {"Q4_K", "Q6_K"} <= types  # the mix: attn_v/ffn_down and the output at 6 bits

@@ -4,7 +4,7 @@
   llama.cpp-family runtimes (:mod:`.gguf_file`), with a report beside it (``FILE.gguf.report.json``):
   every tensor's type, size and error, and the file's logits read back by transformers' own GGUF
   loader against the merged model's, on a few prompts.
-  ``--verify`` adds llama.cpp's own scores of the file (:mod:`.verify`).
+  and an Ollama Modelfile (``FILE.gguf.Modelfile``, :mod:`.modelfile`); ``--verify`` adds llama.cpp's own scores of the file (:mod:`.verify`).
 * ``--format bnb-nf4``: a bitsandbytes 4-bit folder (what ``qfine merge --requantize nf4`` writes).
 """
 
@@ -20,6 +20,7 @@ from gguf import GGUFReader
 from qfine import config as C
 from qfine.data.templates import set_template
 from qfine.export.gguf_file import write_gguf
+from qfine.export.modelfile import write_modelfile
 from qfine.generation.generate import encode_prompt
 from qfine.generation.load import is_run_dir, load_for_inference
 from qfine.methods.lora import merged
@@ -95,6 +96,7 @@ def export_gguf(source: str, out: str | Path, quant: str, overwrite: bool = Fals
     model, tokenizer, base = load_source(source)
     set_template(tokenizer, "auto")
     report = write_gguf(model, tokenizer, base, out, quant, name=Path(source).name)
+    report.modelfile = str(write_modelfile(out, tokenizer, base))
     if check and report.arch in READABLE_BY_TRANSFORMERS:
         report.logits = check_logits(model, tokenizer, out)
     elif check:

@@ -55,6 +55,7 @@ class ExportReport:
     logits: dict[str, float] = field(default_factory=dict)  # prompt → relative L2 vs the merged model
     note: str = ""
     verify: dict = field(default_factory=dict)  # llama.cpp's scores of the file (qfine.export.verify)
+    modelfile: str = ""  # the Ollama Modelfile written beside it
 
     def types(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -73,6 +74,8 @@ class ExportReport:
                          + ", ".join(f"{v:.2e}" for v in self.logits.values()) + " relative L2")
         if self.note:
             lines.append(self.note)
+        if self.modelfile:
+            lines.append(f"Ollama: ollama create NAME -f {self.modelfile}")
         if self.verify:
             from qfine.export.verify import summary
 

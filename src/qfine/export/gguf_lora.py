@@ -30,6 +30,7 @@ from peft.utils import ModulesToSaveWrapper
 from qfine import config as C
 from qfine.export import layout
 from qfine.export.gguf_file import write_gguf
+from qfine.export.modelfile import write_modelfile
 from qfine.generation.load import is_run_dir, load_for_inference
 from qfine.quant.int4 import Int4Linear
 from qfine.util.errors import QfineError
@@ -115,5 +116,6 @@ def export_gguf_lora(run_dir: str | Path, out: str | Path, overwrite: bool = Fal
         with torch.no_grad():
             report = write_gguf(loaded.model, loaded.tokenizer, loaded.source, Path(base_out), base_quant,
                                 name=f"{Path(run_dir).name} base", adapters=False)
-        line += f"; the base it was trained on ({base_quant}): {report.path}"
+        modelfile = write_modelfile(Path(base_out), loaded.tokenizer, loaded.source, adapter=out)
+        line += f"; the base it was trained on ({base_quant}): {report.path}; Ollama: {modelfile}"
     return line

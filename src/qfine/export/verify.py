@@ -38,7 +38,7 @@ STRINGS = [
     "if (a && b) { return c[i]; }", "<html><b>bold</b></html>", "`code` and ```fences```",
     "\"quoted\" 'single' (paren) [bracket]", "......!!!!!!??????", "------=======",
 ]
-MAX_TEXTS, MAX_TOKENS = 16, 256
+MAX_TEXTS, MAX_TOKENS = 8, 128  # llama.cpp hands back each distribution as a sorted map: ~40 ms a position
 MISSING = ("llama.cpp is not installed here: run `make llamacpp` in a qfine checkout (node-llama-cpp from the npm "
            "registry), or set QFINE_LLAMACPP to a folder holding run.mjs and its node_modules")
 _CHECKOUT = Path(__file__).resolve().parents[3] / "tools" / "llamacpp"
