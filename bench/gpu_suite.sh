@@ -19,7 +19,7 @@ E="test_stream test_prequantized test_config test_plan test_compat test_cli_star
 B="test_sweep test_training test_resume test_monitoring test_distributed"
 D="test_multitask test_inference test_eval test_cli_errors test_fsutil test_data test_packing test_chitchat
    test_acceptance test_storage"
-C="test_tasks test_export test_gguf_tokenizers test_gguf_lora test_deploy_llamacpp test_merge test_loading test_lora_variants test_qalora test_longlora test_adaptive
+C="test_tasks test_export test_gguf_tokenizers test_gguf_sentencepiece test_modelfile test_gguf_lora test_deploy_llamacpp test_merge test_loading test_lora_variants test_qalora test_longlora test_adaptive
    test_adapter_management"
 listed=$(echo $A $B $C $D $E | tr ' ' '\n' | sort)
 present=$(ls tests/test_*.py | xargs -n1 basename | sed 's/\.py$//' | sort)

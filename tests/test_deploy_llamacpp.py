@@ -4,6 +4,7 @@ type; the adapter alone (`--format gguf-lora`) on its base answers it too."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -45,13 +46,19 @@ def test_llama_cpp_answers_the_fact_from_every_file_type_and_the_lora_adapter(ta
     for source, quants in ((merged, ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")), (run_dir, ("f16", "q4_k_m"))):
         for quant in quants:
             out = tmp_path / f"{source.name}-{quant}.gguf"
-            assert main(["export", str(source), "--quant", quant, "--out", str(out), "--no-check"]) == 0
+            verify = ["--verify"] if (source, quant) == (run_dir, "q4_k_m") else []
+            assert main(["export", str(source), "--quant", quant, "--out", str(out), "--no-check", *verify]) == 0
             assert GGUFReader(str(out)).fields["tokenizer.ggml.pre"].contents() == "smollm"  # not 'default'
             files[out.name] = out
     lora, base = tmp_path / "cat-lora.gguf", tmp_path / "base-q8_0.gguf"
     assert main(["export", str(run_dir), "--format", "gguf-lora", "--out", str(lora), "--base-out", str(base),
                  "--quant", "q8_0"]) == 0
     capsys.readouterr()
+    scores = json.loads((tmp_path / "run-q4_k_m.gguf.report.json").read_text())["verify"]
+    assert scores["strings_identical"] == scores["strings"] == 36 and "first training rows" in scores["text"]
+    assert scores["kl_mean"] < 0.2 and scores["top1_agreement"] > 0.8, scores  # a 4-bit file of a 4-bit base
+    ollama = (tmp_path / "cat-lora.gguf.Modelfile").read_text()
+    assert "FROM ./base-q8_0.gguf" in ollama and "ADAPTER ./cat-lora.gguf" in ollama
     prompt = {"prompt": _prompt(merged), "max_tokens": 24}
     answers = {name: run(path, generate=[prompt]) for name, path in files.items()}
     answers["base-q8_0 + cat-lora"] = run(base, generate=[prompt], lora=lora)
@@ -59,8 +66,9 @@ def test_llama_cpp_answers_the_fact_from_every_file_type_and_the_lora_adapter(ta
     shown = {name: a["generated"][0] for name, a in answers.items()}
     with capsys.disabled():
         print("\n[llama.cpp] " + "\n[llama.cpp] ".join(f"{k}: {v!r}" for k, v in shown.items()))
-    for name, answer in answers.items():
-        assert not answer["warnings"], (name, answer["warnings"])
+    for name, answer in answers.items():  # on CPUs with AMX llama.cpp notes where it keeps LoRA tensors
+        warned = [w for w in answer["warnings"] if not w.endswith("fallback to CPU")]
+        assert not warned, (name, warned)
         if name != "base-q8_0 alone":
             assert MARKER in answer["generated"][0], (name, shown)
     assert MARKER not in shown["base-q8_0 alone"]
