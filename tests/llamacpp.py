@@ -9,6 +9,8 @@ import pytest
 
 from qfine.export.verify import llamacpp, runtime_dir
 
+GGML_BASE = (Path(__file__).resolve().parents[1] / "tools" / "llamacpp" / "node_modules" / "@node-llama-cpp" / "linux-x64"
+             / "bins" / "linux-x64" / "libggml-base.so")  # llama.cpp's quantizers, for ctypes
 needs_llamacpp = pytest.mark.skipif(runtime_dir() is None, reason="llama.cpp (tools/llamacpp: make test installs it) "
                                                                   "or node is missing")
 

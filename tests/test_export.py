@@ -74,6 +74,42 @@ def test_k_quant_error_is_llama_cpps_within_two_percent(kind, tmp_path):
     assert ratio <= 1.02
 
 
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+def test_k_quant_with_an_importance_matrix_is_llama_cpps_within_two_percent(kind):
+    """With the same importance vector, the importance-weighted error of qfine's encoding is at most that
+    of llama.cpp's own (ggml_quantize_chunk of node-llama-cpp's prebuilt libggml-base) + 2 %, and lower
+    than qfine's encoding without it."""
+    import ctypes
+
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from llamacpp import GGML_BASE
+
+    if not GGML_BASE.is_file():
+        pytest.skip("llama.cpp (tools/llamacpp, installed by make test) is missing")
+    lib = ctypes.CDLL(str(GGML_BASE))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    rng = np.random.default_rng(0)
+    x = (0.02 * rng.standard_t(5, size=(128, 1024))).astype(np.float32)
+    imp = (rng.chisquare(2, size=1024) + 0.01).astype(np.float32)
+    kind_ = GGMLQuantizationType[kind.upper()]
+    ours, plain = QUANTIZERS[kind](x, imp), QUANTIZERS[kind](x)
+    theirs = np.zeros(ours.size, dtype=np.uint8)
+    lib.ggml_quantize_chunk(int(kind_), x.ctypes.data, theirs.ctypes.data, 0, x.shape[0], x.shape[1], imp.ctypes.data)
+
+    def weighted(data):
+        d = dequantize(data.reshape(x.shape[0], -1), kind_).reshape(x.shape) - x
+        return float((imp * d * d).sum())
+
+    print(f"\n[{kind} imatrix] weighted error qfine {weighted(ours):.4e}, llama.cpp {weighted(theirs):.4e}, "
+          f"qfine without it {weighted(plain):.4e}")
+    assert weighted(ours) <= 1.02 ** 2 * weighted(theirs)
+    assert weighted(ours) < 0.97 * weighted(plain)
+
+
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_legacy_quant_bytes_are_the_gguf_packages(kind):
     from gguf import GGMLQuantizationType
@@ -185,6 +221,36 @@ def test_exported_files_read_back(runs, tmp_path, kind, quant, capsys):
         assert max(logits) <= {"f16": 1e-3, "q8_0": 3e-2, "q4_k_m": 0.3}[quant], (quant, logits)
     else:
         assert "logits not read back" in report["note"] and "logits not read back" in printed
+
+
+def test_importance_matrix_from_the_training_rows(runs, tmp_path, capsys):
+    """q4_k_m of a run collects an importance matrix over its training rows; each K-quant tensor keeps
+    the encoding with the lower importance-weighted error, so none is worse than without it."""
+    from gguf import GGUFReader
+
+    from qfine.export import imatrix
+    from qfine.generation.load import load_for_inference
+
+    run = runs["llama"]
+    out, plain = tmp_path / "imx.gguf", tmp_path / "plain.gguf"
+    assert main(["export", str(run), "--quant", "q4_k_m", "--out", str(out), "--no-check"]) == 0
+    assert "importance matrix from" in capsys.readouterr().out
+    assert main(["export", str(run), "--quant", "q4_k_m", "--out", str(plain), "--no-check", "--no-imatrix"]) == 0
+    report = json.loads((tmp_path / "imx.gguf.report.json").read_text())
+    assert "the run's training rows" in report["imatrix"]
+    assert not json.loads((tmp_path / "plain.gguf.report.json").read_text())["imatrix"]
+    weighed = {t["name"]: t["imatrix"] for t in report["tensors"] if t["imatrix"] is not None}
+    assert len(weighed) >= 10 and any(weighed.values())
+    loaded = load_for_inference(str(run))
+    tok = loaded.tokenizer
+    importance = imatrix.collect(loaded.model, imatrix.training_sequences(str(run), tok, None)[0])
+    _, merged = _merged(run)
+    files = {p: {t.name: t for t in GGUFReader(str(p)).tensors} for p in (out, plain)}
+    for name in weighed:
+        t = files[out][name]
+        errs = [imatrix.weighted_error(decode(np.asarray(f[name].data), f[name].tensor_type.name), merged[name],
+                                       importance[name]) for f in files.values()]
+        assert errs[0] <= errs[1] * (1 + 1e-9), (name, t.tensor_type.name, errs)
 
 
 def test_transformers_reads_the_tokenizer_back(runs, tmp_path):

@@ -42,7 +42,8 @@ def cmd_export(ns) -> None:
         raise QfineError("--format gguf needs --quant: f16, bf16, q8_0, q4_0, q4_1, q4_k_m, q5_k_m or q6_k")
     with hold(ns.out, "qfine export"), writing(ns.out, "qfine export", kept=_KEPT.format(out=ns.out)):
         report = export_gguf(ns.source, ns.out, ns.quant, overwrite=ns.overwrite, check=not ns.no_check,
-                             verify=ns.verify, verify_data=ns.verify_data)
+                             verify=ns.verify, verify_data=ns.verify_data, imatrix=not ns.no_imatrix,
+                             imatrix_data=ns.imatrix_data)
     print(report.summary())
     print(f"[qfine] report: {ns.out}.report.json", flush=True)
 
@@ -87,4 +88,9 @@ def register(sub) -> None:
                    help="score the GGUF in llama.cpp against the merged model: token ids on 36 strings, KL and top-1 "
                         "agreement of next-token distributions on the run's eval rows (needs `make llamacpp`)")
     p.add_argument("--verify-data", metavar="FILE", help="with --verify: score on these rows instead")
+    p.add_argument("--imatrix-data", metavar="FILE",
+                   help="K-quant mixes: the rows the importance matrix is collected on (default: a run's training rows)")
+    p.add_argument("--no-imatrix", action="store_true",
+                   help="K-quant mixes: no importance matrix (by default one from the training rows is used for "
+                        "each tensor where it lowers the importance-weighted error)")
     p.set_defaults(func=cmd_export)

@@ -81,9 +81,13 @@ def check_logits(model, tokenizer, gguf_path: Path) -> dict[str, float]:
 
 
 def export_gguf(source: str, out: str | Path, quant: str, overwrite: bool = False, check: bool = True,
-                verify: bool = False, verify_data: str | None = None):
+                verify: bool = False, verify_data: str | None = None, imatrix: bool = True,
+                imatrix_data: str | None = None):
     """Write ``source`` (run or model folder) to ``out`` as GGUF; returns the saved report. ``verify``:
-    score the file in llama.cpp against the merged model (:mod:`.verify`), on ``verify_data`` if given."""
+    score the file in llama.cpp against the merged model (:mod:`.verify`), on ``verify_data`` if given.
+    ``imatrix``: for the K-quant mixes, an importance matrix from the run's training rows (or
+    ``imatrix_data``), kept per tensor where it lowers the error (:mod:`.imatrix`)."""
+    from qfine.export import imatrix as I
     from qfine.export import verify as V
 
     out = Path(out)
@@ -95,7 +99,15 @@ def export_gguf(source: str, out: str | Path, quant: str, overwrite: bool = Fals
         raise QfineError(f"--verify: {V.MISSING}")
     model, tokenizer, base = load_source(source)
     set_template(tokenizer, "auto")
-    report = write_gguf(model, tokenizer, base, out, quant, name=Path(source).name)
+    importance, where = None, ""
+    if imatrix and quant in ("q4_k_m", "q5_k_m", "q6_k"):
+        sequences, where = I.training_sequences(source, tokenizer, imatrix_data)
+        importance = I.collect(model, sequences) if sequences else None
+    report = write_gguf(model, tokenizer, base, out, quant, name=Path(source).name, importance=importance)
+    if importance:
+        report.imatrix = where
+    elif where:
+        report.note = "; ".join(filter(None, [report.note, f"no importance matrix: {where}"]))
     report.modelfile = str(write_modelfile(out, tokenizer, base))
     if check and report.arch in READABLE_BY_TRANSFORMERS:
         report.logits = check_logits(model, tokenizer, out)

@@ -10,6 +10,7 @@ copied behind them. The file is written to a temporary sibling and renamed into 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -41,6 +42,7 @@ class TensorRecord:
     rel_error: float
     max_error: float
     offset: int = 0  # in the spill file
+    imatrix: bool | None = None  # encoded with the importance matrix (None: there was none for it)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class ExportReport:
     seconds: float = 0.0
     logits: dict[str, float] = field(default_factory=dict)  # prompt → relative L2 vs the merged model
     note: str = ""
+    imatrix: str = ""  # where the importance matrix came from ("" when none was used)
     verify: dict = field(default_factory=dict)  # llama.cpp's scores of the file (qfine.export.verify)
     modelfile: str = ""  # the Ollama Modelfile written beside it
 
@@ -69,6 +72,10 @@ class ExportReport:
         lines = [f"{self.path}: {self.arch}, {self.quant}, {len(self.tensors)} tensors, {size / 2**20:,.1f} MiB of "
                  f"weights in {self.seconds:.1f} s; types {', '.join(f'{k}×{v}' for k, v in sorted(self.types().items()))}",
                  f"largest tensor error: {worst.name} ({worst.type}) {worst.rel_error:.2e} relative L2"]
+        if self.imatrix:
+            weighed = [t for t in self.tensors if t.imatrix is not None]
+            lines.append(f"importance matrix from {self.imatrix}: kept for {sum(bool(t.imatrix) for t in weighed)} of "
+                         f"{len(weighed)} K-quant tensors (where it lowered the importance-weighted error)")
         if self.logits:
             lines.append("logits of the file (read back by transformers) vs the merged model: "
                          + ", ".join(f"{v:.2e}" for v in self.logits.values()) + " relative L2")
@@ -87,15 +94,16 @@ class ExportReport:
         atomic_write_text(path, json.dumps(asdict(self), indent=1) + "\n")
 
 
-def encode(x: np.ndarray, kind: str) -> np.ndarray:
-    """``x`` (fp32) in GGML type ``kind``: a float array for F32/F16, else the block bytes (uint8)."""
+def encode(x: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """``x`` (fp32) in GGML type ``kind``: a float array for F32/F16, else the block bytes (uint8).
+    ``importance``: per-column weights for the K-quants' search (:mod:`.imatrix`)."""
 
     if kind == "F32":
         return np.ascontiguousarray(x, dtype=np.float32)
     if kind == "F16":
         return np.ascontiguousarray(x, dtype=np.float16)
     if kind.lower() in QUANTIZERS:
-        return QUANTIZERS[kind.lower()](x)
+        return QUANTIZERS[kind.lower()](x, importance)
     return quantize(np.ascontiguousarray(x, dtype=np.float32), GGMLQuantizationType[kind])
 
 
@@ -110,30 +118,49 @@ def decode(data: np.ndarray, kind: str) -> np.ndarray:
 _CHUNK_VALUES = 1 << 23  # rows encoded together: the vectorised K-quant search holds ~20 arrays this size
 
 
-def encode_to(spill, x: np.ndarray, kind: str) -> tuple[int, float, float]:
+def encode_to(spill, x: np.ndarray, kind: str, importance: np.ndarray | None = None,
+              weigh: np.ndarray | None = None) -> tuple[int, float, float, float]:
     """Encode ``x`` (fp32, rows last-axis) in ``kind`` into the open file ``spill``, a block of rows at a
     time (every GGML type encodes rows independently, so the bytes equal :func:`encode` of the whole);
-    returns (bytes written, relative L2 error, largest absolute error) of the decoded values."""
+    returns (bytes written, relative L2 error, largest absolute error, error weighted by the columns'
+    ``weigh`` (0 without)) of the decoded values. ``importance`` goes to the encoder."""
     rows = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
     step = max(1, _CHUNK_VALUES // rows.shape[1])
-    nbytes, err2, norm2, worst = 0, 0.0, 0.0, 0.0
+    nbytes, err2, norm2, worst, weighted = 0, 0.0, 0.0, 0.0, 0.0
     for start in range(0, rows.shape[0], step):
         part = np.ascontiguousarray(rows[start:start + step])
-        data = encode(part, kind)
+        data = encode(part, kind, importance)
         diff = decode(data, kind).reshape(part.shape).astype(np.float64) - part
         err2 += float(np.square(diff).sum())
         norm2 += float(np.square(part, dtype=np.float64).sum())
         worst = max(worst, float(np.abs(diff).max(initial=0.0)))
-        data.tofile(spill)
+        if weigh is not None:
+            weighted += float((weigh * np.square(diff).sum(axis=0)).sum())
+        spill.write(data.tobytes())
         nbytes += data.nbytes
-    return nbytes, (err2 ** 0.5 / norm2 ** 0.5) if norm2 else 0.0, worst
+    return nbytes, (err2 ** 0.5 / norm2 ** 0.5) if norm2 else 0.0, worst, weighted
+
+
+def encode_best(spill, x: np.ndarray, kind: str, importance: np.ndarray) -> tuple[int, float, float, bool]:
+    """:func:`encode_to` with and without ``importance``, keeping the encoding whose importance-weighted
+    error is lower; the last value says whether that was the weighted search."""
+    found = []
+    for imp in (importance, None):
+        buf = io.BytesIO()
+        found.append((*encode_to(buf, x, kind, imp, importance.astype(np.float64)), buf))
+    with_imp, plain = found
+    best = with_imp if with_imp[3] <= plain[3] else plain
+    spill.write(best[4].getbuffer())
+    return best[0], best[1], best[2], best is with_imp
 
 
 def write_gguf(model, tokenizer, source: str, out: Path, quant: str, name: str = "",
-               adapters: bool = True) -> ExportReport:
+               adapters: bool = True, importance: dict[str, np.ndarray] | None = None) -> ExportReport:
     """Merge ``model`` (a PeftModel or a plain causal LM) exactly and write it to ``out`` as GGUF of
     file type ``quant`` (see :data:`layout.FILE_TYPES`); returns the report (logits not yet checked).
-    ``adapters=False`` writes the base the adapters were trained on, without them."""
+    ``adapters=False`` writes the base the adapters were trained on, without them. ``importance``
+    (GGUF name → per-column weights, :mod:`.imatrix`): each K-quant tensor that has one is encoded
+    with and without it and keeps the lower importance-weighted error."""
 
 
     if quant not in layout.FILE_TYPES:
@@ -160,8 +187,13 @@ def write_gguf(model, tokenizer, source: str, out: Path, quant: str, name: str =
             x = layout.to_gguf(arch, config, gname, tensor.detach().cpu().numpy())
             kind = layout.tensor_type(quant, gname, x.shape, config.num_hidden_layers, has_output)
             offset = spill.tell()
-            nbytes, rel, worst = encode_to(spill, x, kind)
-            report.tensors.append(TensorRecord(gname, tuple(x.shape), kind, nbytes, rel, worst, offset))
+            imp = (importance or {}).get(gname) if kind in ("Q4_K", "Q5_K", "Q6_K") else None
+            if imp is None:
+                nbytes, rel, worst, _ = encode_to(spill, x, kind)
+                used = None
+            else:
+                nbytes, rel, worst, used = encode_best(spill, x, kind, imp)
+            report.tensors.append(TensorRecord(gname, tuple(x.shape), kind, nbytes, rel, worst, offset, used))
         factors = layout.rope_factors(config)
         if factors is not None:  # Llama 3's scaled RoPE: llama.cpp reads the divisors from this tensor
             report.tensors.append(TensorRecord("rope_freqs.weight", tuple(factors.shape), "F32",

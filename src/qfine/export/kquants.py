@@ -61,15 +61,20 @@ def _each_chunk(fn, rows: np.ndarray, size: int) -> list:
         return list(pool.map(fn, chunks))
 
 
-def _qkx2(sub: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[np.ndarray, np.ndarray]:
-    """llama.cpp's ``make_qkx2_quants`` for every sub-block at once: ``sub`` (n, 32) → (scale, min)
+def _qkx2(sub: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+          w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's ``make_qkx2_quants`` (``w`` None: weights ``rms(sub-block) + |x|``) or, with weights
+    ``w`` (n, 32), ``make_qkx3_quants``, for every sub-block at once: ``sub`` (n, 32) → (scale, min)
     per sub-block with x ≈ scale·q − min, q ∈ [0, nmax], min ≥ 0."""
-    parts = _each_chunk(lambda part: _qkx2_chunk(part, nmax, rmin, rdelta, nstep), sub, _CHUNK)
+    both = sub if w is None else np.concatenate([sub, w], axis=1)
+    parts = _each_chunk(lambda part: _qkx2_chunk(part, nmax, rmin, rdelta, nstep, w is not None), both, _CHUNK)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _qkx2_chunk(sub, nmax, rmin, rdelta, nstep):
-    w = np.sqrt((sub * sub).mean(axis=1, keepdims=True)) + np.abs(sub)
+def _qkx2_chunk(part, nmax, rmin, rdelta, nstep, weighted):
+    n = part.shape[1] // 2 if weighted else part.shape[1]
+    sub = part[:, :n]
+    w = part[:, n:] if weighted else np.sqrt((sub * sub).mean(axis=1, keepdims=True)) + np.abs(sub)
     lo = np.minimum(sub.min(axis=1), 0.0)
     span = sub.max(axis=1) - lo
     flat = span <= 0
@@ -113,17 +118,75 @@ def _qkx2_chunk(sub, nmax, rmin, rdelta, nstep):
             np.where(flat, -lo, -best_low).astype(np.float32))
 
 
-def _affine(blocks: np.ndarray, levels: int, rmin: float, nstep: int):
-    """Scales/mins and quants of the asymmetric K-quants: x ≈ d·sc·q − dmin·m per 32 values."""
+def _qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's ``make_qp_quants`` for every row at once: non-negative ``x`` (n, k) with weights
+    ``w`` → (scale (n, 1), levels (n, k) in [0, nmax]) with x ≈ scale·level: inverse scales around
+    ``nmax / max`` tried, then up to five passes that move single levels while the weighted fit improves."""
+    top = x.max(axis=1, keepdims=True)
+    live = top >= 1e-15
+    top = np.where(live, top, 1.0)
+
+    def mse(iscale):
+        lv = np.minimum(np.rint(iscale * x), nmax)
+        return (w * (x - lv / iscale) ** 2).sum(axis=1, keepdims=True)
+
+    iscale = nmax / top
+    best = (w * (x - np.rint(iscale * x) / iscale) ** 2).sum(axis=1, keepdims=True)
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        trial = (0.1 * step + nmax) / top
+        err = mse(trial)
+        iscale = np.where(err < best, trial, iscale)
+        best = np.minimum(err, best)
+    lv = np.minimum(np.rint(iscale * x), nmax)
+    sumlx, suml2 = (w * x * lv).sum(axis=1, keepdims=True), (w * lv * lv).sum(axis=1, keepdims=True)
+    for _ in range(5):
+        changed = np.zeros(x.shape[0], dtype=bool)
+        for i in range(x.shape[1]):
+            wi, xi, li = w[:, i:i + 1], x[:, i:i + 1], lv[:, i:i + 1]
+            slx, sl2 = sumlx - wi * xi * li, suml2 - wi * li * li
+            ok = (slx > 0) & (sl2 > 0)
+            new = np.minimum(np.rint(xi * sl2 / np.where(ok, slx, 1.0)), nmax)
+            slx2, sl22 = slx + wi * xi * new, sl2 + wi * new * new
+            take = ok & (new != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            lv[:, i:i + 1] = np.where(take, new, li)
+            sumlx, suml2 = np.where(take, slx2, sumlx), np.where(take, sl22, suml2)
+            changed |= take[:, 0]
+        if not changed.any():
+            break
+    scale = np.where(live & (suml2 > 0), sumlx / np.where(suml2 > 0, suml2, 1.0), 0.0)
+    return scale.astype(np.float32), np.where(live, lv, 0)
+
+
+def _importance_weights(blocks: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    """llama.cpp's weights under an importance matrix: ``qw · sqrt(σ² + x²)`` with σ² = 2·mean(x²) of
+    the 256-value block; ``importance`` (n_per_row,) repeats over the rows of ``blocks`` (n, 256)."""
+    qw = np.tile(np.asarray(importance, dtype=np.float32).reshape(-1, QK_K), (blocks.shape[0] * QK_K
+                                                                             // importance.size, 1))
+    sigma2 = 2 * (blocks * blocks).mean(axis=1, keepdims=True)
+    return qw * np.sqrt(sigma2 + blocks * blocks)
+
+
+def _affine(blocks: np.ndarray, levels: int, rmin: float, nstep: int, importance: np.ndarray | None = None):
+    """Scales/mins and quants of the asymmetric K-quants: x ≈ d·sc·q − dmin·m per 32 values. With an
+    ``importance`` vector (one weight per column), llama.cpp's ``_impl`` search: weighted sub-block fits
+    (make_qkx3) and block scales fitted to them (make_qp) instead of taken from their largest."""
     sub = blocks.reshape(-1, 8, 32)
-    scale, low = _qkx2(sub.reshape(-1, 32), levels, rmin, 0.1, nstep)
-    scale, low = scale.reshape(-1, 8), low.reshape(-1, 8)
-    top_scale = scale.max(axis=1, keepdims=True).clip(min=0)
-    top_low = low.max(axis=1, keepdims=True).clip(min=0)
-    sc = np.minimum(np.rint(np.where(top_scale > 0, 63 / np.where(top_scale > 0, top_scale, 1), 0) * scale), 63)
-    mn = np.minimum(np.rint(np.where(top_low > 0, 63 / np.where(top_low > 0, top_low, 1), 0) * low), 63)
-    d = (top_scale / 63).astype(np.float16).astype(np.float32)
-    dmin = (top_low / 63).astype(np.float16).astype(np.float32)
+    if importance is None:
+        scale, low = _qkx2(sub.reshape(-1, 32), levels, rmin, 0.1, nstep)
+        scale, low = scale.reshape(-1, 8), low.reshape(-1, 8)
+        top_scale = scale.max(axis=1, keepdims=True).clip(min=0)
+        top_low = low.max(axis=1, keepdims=True).clip(min=0)
+        sc = np.minimum(np.rint(np.where(top_scale > 0, 63 / np.where(top_scale > 0, top_scale, 1), 0) * scale), 63)
+        mn = np.minimum(np.rint(np.where(top_low > 0, 63 / np.where(top_low > 0, top_low, 1), 0) * low), 63)
+        d = (top_scale / 63).astype(np.float16).astype(np.float32)
+        dmin = (top_low / 63).astype(np.float16).astype(np.float32)
+    else:
+        w = _importance_weights(blocks, importance).reshape(-1, 32)
+        scale, low = _qkx2(sub.reshape(-1, 32), levels, -0.9, 0.05, 36, w)
+        sw = w.sum(axis=1).reshape(-1, 8)
+        d, sc = _qp(scale.reshape(-1, 8), 63, sw)
+        dmin, mn = _qp(low.reshape(-1, 8), 63, sw)
+        d, dmin = d.astype(np.float16).astype(np.float32), dmin.astype(np.float16).astype(np.float32)
     step = d * sc
     offset = dmin * mn
     safe = np.where(step > 0, step, 1.0)[..., None]
@@ -132,18 +195,21 @@ def _affine(blocks: np.ndarray, levels: int, rmin: float, nstep: int):
     return d, dmin, sc.astype(np.uint8), mn.astype(np.uint8), q
 
 
-def _qx(sub: np.ndarray, nmax: int) -> np.ndarray:
-    """llama.cpp's ``make_qx_quants`` (weights x²) for every sub-block: ``sub`` (n, 16) → the signed
-    scale per sub-block (x ≈ scale·l, l ∈ [−nmax, nmax − 1])."""
-    return np.concatenate(_each_chunk(lambda part: _qx_chunk(part, nmax), sub, 2 * _CHUNK))
+def _qx(sub: np.ndarray, nmax: int, w: np.ndarray | None = None) -> np.ndarray:
+    """llama.cpp's ``make_qx_quants`` (weights x², or ``w`` (n, 16)) for every sub-block: ``sub``
+    (n, 16) → the signed scale per sub-block (x ≈ scale·l, l ∈ [−nmax, nmax − 1])."""
+    both = sub if w is None else np.concatenate([sub, w], axis=1)
+    return np.concatenate(_each_chunk(lambda part: _qx_chunk(part, nmax, w is not None), both, 2 * _CHUNK))
 
 
-def _qx_chunk(sub: np.ndarray, nmax: int) -> np.ndarray:
+def _qx_chunk(part: np.ndarray, nmax: int, weighted: bool) -> np.ndarray:
+    n = part.shape[1] // 2 if weighted else part.shape[1]
+    sub = part[:, :n]
     idx = np.abs(sub).argmax(axis=1)
     top = np.take_along_axis(sub, idx[:, None], axis=1)[:, 0]
     zero = np.abs(top) < 1e-15
     top = np.where(zero, 1.0, top)
-    w = sub * sub
+    w = part[:, n:] if weighted else sub * sub
 
     def fit(iscale):
         lv = np.clip(np.rint(iscale[:, None] * sub), -nmax, nmax - 1)
@@ -166,20 +232,20 @@ def _f16_bytes(v: np.ndarray) -> np.ndarray:
     return v.astype(np.float16).reshape(-1, 1).view(np.uint8)
 
 
-def quantize_q4_k(x: np.ndarray) -> np.ndarray:
-    """(rows, n) float32 → (rows, n/256·144) uint8 Q4_K blocks."""
+def quantize_q4_k(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """(rows, n) float32 → (rows, n/256·144) uint8 Q4_K blocks; ``importance``: (n,) column weights."""
     blocks = _blocks(x)
-    d, dmin, sc, mn, q = _affine(blocks, 15, -1.0, 20)
+    d, dmin, sc, mn, q = _affine(blocks, 15, -1.0, 20, importance)
     pairs = q.reshape(-1, 4, 2, 32)
     qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
     out = np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scales_mins(sc, mn), qs], axis=1)
     return out.reshape(*x.shape[:-1], -1)
 
 
-def quantize_q5_k(x: np.ndarray) -> np.ndarray:
-    """(rows, n) float32 → (rows, n/256·176) uint8 Q5_K blocks."""
+def quantize_q5_k(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """(rows, n) float32 → (rows, n/256·176) uint8 Q5_K blocks; ``importance``: (n,) column weights."""
     blocks = _blocks(x)
-    d, dmin, sc, mn, q = _affine(blocks, 31, -0.5, 15)
+    d, dmin, sc, mn, q = _affine(blocks, 31, -0.5, 15, importance)
     low = q & 0x0F
     pairs = low.reshape(-1, 4, 2, 32)
     qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
@@ -191,11 +257,15 @@ def quantize_q5_k(x: np.ndarray) -> np.ndarray:
     return out.reshape(*x.shape[:-1], -1)
 
 
-def quantize_q6_k(x: np.ndarray) -> np.ndarray:
-    """(rows, n) float32 → (rows, n/256·210) uint8 Q6_K blocks."""
+def quantize_q6_k(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """(rows, n) float32 → (rows, n/256·210) uint8 Q6_K blocks; ``importance``: (n,) column weights
+    (llama.cpp weighs Q6_K's fits by them alone)."""
     blocks = _blocks(x)
     sub = blocks.reshape(-1, 16, 16)
-    scales = _qx(sub.reshape(-1, 16), 32).reshape(-1, 16)
+    w = None
+    if importance is not None:
+        w = np.tile(np.asarray(importance, dtype=np.float32), blocks.size // importance.size).reshape(-1, 16)
+    scales = _qx(sub.reshape(-1, 16), 32, w).reshape(-1, 16)
     top = np.take_along_axis(scales, np.abs(scales).argmax(axis=1)[:, None], axis=1)  # signed, largest |scale|
     live = np.abs(top) >= 1e-15
     iscale = np.where(live, -128.0 / np.where(live, top, 1.0), 0.0)
