@@ -3,8 +3,9 @@ scored by llama.cpp: KL divergence to the f16 file's next-token distributions.
 
 llama.cpp's file is qfine's file with every tensor's bytes replaced by ``ggml_quantize_chunk`` of the
 same fp32 values in the same GGML type (the prebuilt ``libggml-base.so`` that node-llama-cpp ships,
-llama.cpp 80fb11a, called through ctypes; no importance matrix, as ``llama-quantize`` without
-``--imatrix``). So the two files differ only in their encoders; the type of each tensor is the one
+llama.cpp 80fb11a, called through ctypes), without an importance matrix (``llama-quantize`` without
+``--imatrix``) and with qfine's (collected over README.md's paragraphs, not the evaluation text),
+given to the K-quant tensors only (what qfine weighs) or to every tensor (what llama.cpp does). So the two files differ only in their encoders; the type of each tensor is the one
 qfine's mix chose (llama.cpp's q4_k_m rules). All three files are run by llama.cpp (run.mjs) on the
 same token ids: 8 pieces of 128 tokens of docs/*.md.
 
@@ -38,8 +39,10 @@ def ggml() -> ctypes.CDLL:
     return lib
 
 
-def llama_cpp_copy(ours: Path, f16: Path, out: Path, lib) -> int:
-    """``ours`` with each quantized tensor re-encoded by ggml from the f16 file's values; count."""
+def llama_cpp_copy(ours: Path, f16: Path, out: Path, lib, importance: dict | None = None,
+                   k_only: bool = True) -> int:
+    """``ours`` with each quantized tensor re-encoded by ggml from the f16 file's values (with the
+    tensor's importance vector where given, for the K-quant tensors only or for every type); count."""
     shutil.copyfile(ours, out)
     values = {t.name: t for t in GGUFReader(str(f16)).tensors}
     n = 0
@@ -51,7 +54,12 @@ def llama_cpp_copy(ours: Path, f16: Path, out: Path, lib) -> int:
             x = np.ascontiguousarray(np.asarray(values[t.name].data, dtype=np.float32))
             rows, cols = int(np.prod(x.shape[:-1])), x.shape[-1]
             dst = np.zeros(t.n_bytes, dtype=np.uint8)
-            size = lib.ggml_quantize_chunk(int(kind), x.ctypes.data, dst.ctypes.data, 0, rows, cols, None)
+            imp = (importance or {}).get(t.name)
+            if imp is not None and k_only and kind.name not in ("Q4_K", "Q5_K", "Q6_K"):
+                imp = None
+            imp = None if imp is None else np.ascontiguousarray(imp, dtype=np.float32)
+            size = lib.ggml_quantize_chunk(int(kind), x.ctypes.data, dst.ctypes.data, 0, rows, cols,
+                                           None if imp is None else imp.ctypes.data)
             assert size == t.n_bytes, (t.name, size, t.n_bytes)
             f.seek(t.data_offset)
             f.write(dst.tobytes())
@@ -66,6 +74,14 @@ def token_pieces(folder: Path, n: int = 8, length: int = 128) -> list[list[int]]
     text = "\n\n".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
     ids = tok.encode(text, add_special_tokens=False)
     return [ids[i * length:(i + 1) * length] for i in range(n)]
+
+
+def calibration(folder: Path, tmp: Path) -> Path:
+    """README.md's paragraphs as text rows (not the evaluation text): the importance matrix's data."""
+    rows = [p for p in (ROOT / "README.md").read_text().split("\n\n") if len(p) > 80]
+    path = tmp / "calibration.jsonl"
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in rows))
+    return path
 
 
 def kl_top1(p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, float]:
@@ -94,20 +110,32 @@ def main() -> None:
         pieces = token_pieces(folder)
         n_vocab = len(GGUFReader(str(f16)).fields["tokenizer.ggml.tokens"].data)
         ref = np.concatenate(next_token_probs(f16, pieces, n_vocab))
+        data = calibration(folder, tmp)
+        from qfine.export import imatrix, load_source
+
+        model, tok, _ = load_source(str(folder))
+        sequences, where = imatrix.training_sequences(str(folder), tok, str(data))
+        importance = imatrix.collect(model, sequences)
+        results["imatrix"] = where
         for quant in args.quants.split(","):
-            ours = tmp / f"{quant}.gguf"
-            theirs = tmp / f"{quant}-llama.cpp.gguf"
-            assert qfine(["export", str(folder), "--quant", quant, "--out", str(ours), "--no-check"]) == 0
-            count = llama_cpp_copy(ours, f16, theirs, lib)
-            row = {"tensors_reencoded": count}
-            for who, path in (("qfine", ours), ("llama.cpp", theirs)):
+            ours, ours_imx = tmp / f"{quant}.gguf", tmp / f"{quant}-imatrix.gguf"
+            assert qfine(["export", str(folder), "--quant", quant, "--out", str(ours), "--no-check",
+                          "--no-imatrix"]) == 0
+            assert qfine(["export", str(folder), "--quant", quant, "--out", str(ours_imx), "--no-check",
+                          "--imatrix-data", str(data)]) == 0
+            files = {"qfine": ours, "qfine + imatrix": ours_imx}
+            for who, imp, k_only in (("llama.cpp", None, True), ("llama.cpp + imatrix (K-quant tensors)", importance,
+                                                                 True),
+                                     ("llama.cpp + imatrix (every tensor)", importance, False)):
+                files[who] = tmp / f"{quant}-{len(files)}.gguf"
+                llama_cpp_copy(ours, f16, files[who], lib, imp, k_only)
+            row = {}
+            for who, path in files.items():
                 kl, top1 = kl_top1(ref, np.concatenate(next_token_probs(path, pieces, n_vocab)))
                 row[who] = {"kl_mean": float(kl.mean()), "kl_p99": float(np.quantile(kl, 0.99)), "top1": top1}
+                print(f"{quant} {who}: KL to f16 mean {row[who]['kl_mean']:.5f}, p99 {row[who]['kl_p99']:.4f}; "
+                      f"top-1 {100 * top1:.2f}%", flush=True)
             results["quants"][quant] = row
-            print(f"{quant}: KL to f16 (mean, p99; top-1): qfine {row['qfine']['kl_mean']:.5f}, "
-                  f"{row['qfine']['kl_p99']:.4f}; {100 * row['qfine']['top1']:.2f}%  |  llama.cpp "
-                  f"{row['llama.cpp']['kl_mean']:.5f}, {row['llama.cpp']['kl_p99']:.4f}; "
-                  f"{100 * row['llama.cpp']['top1']:.2f}%  ({count} tensors re-encoded)", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
