@@ -290,10 +290,12 @@ def test_bundled_model_learns_a_preference_it_lacks_through_the_cli(tmp_path, bu
         print(f"  dpo answers: {answers}")
 
 
-def test_a_killed_dpo_run_resumes_on_the_uninterrupted_curve(tiny_dir, tmp_path):
+@pytest.mark.parametrize("reference", ["live", "precompute"])
+def test_a_killed_dpo_run_resumes_on_the_uninterrupted_curve(tiny_dir, tmp_path, reference):
     """SIGKILL `qfine train --objective dpo` once checkpoint-6 is sealed, resume it: every step's loss and
-    reward margin equal the uninterrupted run's (CPU: 1e-6; the reference is recomputed from the same
-    base with the adapter off, so nothing is lost with the process)."""
+    reward margin equal the uninterrupted run's (CPU: 1e-6). live: the reference is recomputed from the
+    same base with the adapter off; precompute: the resumed run reads the stored log-probabilities (the
+    file is not written again)."""
     import os
     import signal
     import subprocess
@@ -305,7 +307,7 @@ def test_a_killed_dpo_run_resumes_on_the_uninterrupted_curve(tiny_dir, tmp_path)
     data = write_jsonl(tmp_path / "p.jsonl", _pairs() * 2)
     common = ["--model", str(tiny_dir), "--data", str(data), "--objective", "dpo", "--max-steps", "12",
               "--save-steps", "3", "--batch-size", "4", "--learning-rate", "5e-3", "--lr-scheduler", "cosine",
-              "--lora-r", "8", "--lora-alpha", "16", "--report-samples", "0"]
+              "--lora-r", "8", "--lora-alpha", "16", "--report-samples", "0", "--reference-logps", reference]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
     def args(name):
@@ -320,7 +322,13 @@ def test_a_killed_dpo_run_resumes_on_the_uninterrupted_curve(tiny_dir, tmp_path)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert subprocess.run(args("part") + ["--resume"], env=env, capture_output=True).returncode == 0
+    stored = tmp_path / "part" / "reference_logps.safetensors"
+    assert stored.is_file() is (reference == "precompute")
+    written = stored.stat().st_mtime_ns if stored.is_file() else None
+    done = subprocess.run(args("part") + ["--resume"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if reference == "precompute":
+        assert "reference log-probabilities read from" in done.stdout and stored.stat().st_mtime_ns == written
 
     def curve(name):
         rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -332,6 +340,33 @@ def test_a_killed_dpo_run_resumes_on_the_uninterrupted_curve(tiny_dir, tmp_path)
     for (_, loss, margin), (_, want_loss, want_margin) in zip(resumed, full):
         assert abs(loss - want_loss) <= tol * max(abs(want_loss), 1e-3)
         assert abs(margin - want_margin) <= tol * max(abs(want_margin), 1e-3)
+
+
+def test_precomputed_reference_log_probs_give_the_live_curve(tiny_dir, tmp_path, capsys):
+    """The stored reference log-probabilities are the live reference pass's: a DPO run with
+    train.reference_logps precompute follows the live run's loss, margins and reference log-probs (CPU
+    fp32, 1e-5), with one forward per step instead of two; SimPO (no reference) refuses it by name."""
+    from qfine.training import train
+
+    data = write_jsonl(tmp_path / "p.jsonl", _pairs() * 2)
+    rows = {}
+    for mode in ("live", "precompute"):
+        cfg = tiny_config(tiny_dir, data, tmp_path / mode, max_steps=6, report_samples=0)
+        cfg.train.objective, cfg.train.reference_logps, cfg.train.learning_rate = "dpo", mode, 5e-3
+        cfg.model.compute_dtype = "fp32"
+        train(cfg)
+        rows[mode] = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        rows[mode] = [r for r in rows[mode] if "loss" in r]
+    assert "computed once and stored in" in capsys.readouterr().out
+    assert len(rows["live"]) == len(rows["precompute"]) == 6
+    for live, pre in zip(rows["live"], rows["precompute"]):
+        for key in ("loss", "rewards/margins", "rewards/chosen", "logps/chosen"):
+            assert abs(live[key] - pre[key]) <= 1e-5 * max(1.0, abs(live[key])), (key, live[key], pre[key])
+    for objective in ("simpo",):
+        cfg = tiny_config(tiny_dir, data, tmp_path / objective, max_steps=1, report_samples=0)
+        cfg.train.objective, cfg.train.reference_logps = objective, "precompute"
+        with pytest.raises(QfineError, match="reference_logps precompute serves dpo"):
+            train(cfg)
 
 
 def test_dpo_from_an_sft_run_uses_that_adapter_as_its_reference(tiny_dir, tmp_path, fact_file):

@@ -139,6 +139,11 @@ class TrainConfig:
     (its lambda), kto 0.1)."""
     simpo_gamma: float = 0.5
     """SimPO: the target reward margin gamma."""
+    reference_logps: Literal["live", "precompute"] = "live"
+    """DPO: live computes the reference's log-probabilities (the base, adapter off) in every step;
+    precompute computes them once for every pair before training and stores them in the run
+    (reference_logps.safetensors, which --resume reads instead of recomputing), so a step runs one
+    forward instead of two."""
     init_adapter: str = ""
     """A run directory or adapter folder (trained on the same base, same lora settings) the new adapter
     starts from, e.g. an SFT run before DPO; with dpo or kto that adapter, frozen, is also the reference."""

@@ -197,7 +197,10 @@ class PairCollator:
     def __call__(self, rows: list[dict]) -> dict:
         ids = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
         labels = [r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows]
-        return _batch(ids, labels, self.pad_id)
+        batch = _batch(ids, labels, self.pad_id)
+        if "row" in rows[0]:  # the pairs' places in their dataset: where precomputed reference log-probs are
+            batch["row"] = torch.tensor([r["row"] for r in rows], dtype=torch.long)
+        return batch
 
 
 def _split(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:

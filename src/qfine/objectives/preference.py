@@ -21,7 +21,7 @@ from qfine.fast import step
 from qfine.fast.loss import linear_token_logprobs
 from qfine.fast.swap import causal_lm
 from qfine.methods.lora import reference_model
-from qfine.objectives import pref_data, pref_loss
+from qfine.objectives import pref_data, pref_loss, pref_reference
 from qfine.objectives.base import Supports
 from qfine.objectives.sft import SFT
 from qfine.util.errors import QfineError
@@ -57,21 +57,28 @@ class PreferenceTrainer(Trainer):
     """A Trainer whose loss is one of :mod:`.pref_loss`'s on the collated batch; logs the rewards,
     margins, accuracies and log-probabilities (means over the logging interval, ``eval_`` in evaluation)."""
 
-    def __init__(self, *args, kind: str, beta: float, gamma: float, reference: bool, **kwargs):
+    def __init__(self, *args, kind: str, beta: float, gamma: float, reference: bool,
+                 reference_table: dict[str, torch.Tensor] | None = None, **kwargs):
         """``kind``: a loss of :mod:`.pref_loss`; ``reference``: whether it compares with the reference model
-        (an objective's ``reference``)."""
+        (an objective's ``reference``); ``reference_table``: its log-probabilities computed once
+        (:mod:`.pref_reference`), looked up by the batch's ``row`` instead of a reference pass."""
         super().__init__(*args, **kwargs)
         self.kind, self.beta, self.gamma, self.reference = kind, beta, gamma, reference
+        self.reference_table = reference_table
         # the loss is a mean over the pairs of a micro-batch: the Trainer scales it by 1/grad_accum
         self.model_accepts_loss_kwargs = False
         self._stored: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
-    def preference_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def preference_loss(self, model, inputs, split: str = "train") -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of one collated batch and its metrics."""
         ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         logp, count = sequence_logps(model, ids, mask, labels)
         ref = None
-        if self.reference:
+        if self.reference and self.reference_table is not None:
+            rows = inputs["row"].cpu()
+            ref = torch.cat([self.reference_table[f"{split}_chosen"][rows],
+                             self.reference_table[f"{split}_rejected"][rows]]).to(logp.device, logp.dtype)
+        elif self.reference:
             # through the same (fused) kernels as the policy: see qfine.fast.step.StepMode.reference
             with reference_model(self.accelerator.unwrap_model(model)), step.step_mode(reference=True):
                 ref, _ = sequence_logps(model, ids, mask, labels)
@@ -95,7 +102,7 @@ class PreferenceTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss, metrics = self.preference_loss(model, inputs)
+            loss, metrics = self.preference_loss(model, inputs, "eval")
         for k, v in metrics.items():
             self._stored["eval"][k].append(v)
         return loss.detach(), None, None
@@ -130,10 +137,20 @@ class Preference(SFT):
         args = arguments(TrainingArguments, remove_unused_columns=False)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         collator = (pref_data.PairCollator if self.paired else pref_data.UnpairedCollator)(pad)
+        table = None
+        if cfg.train.reference_logps == "precompute":
+            if self.name != "dpo":
+                raise QfineError(f"train.reference_logps precompute serves dpo; {self.name} "
+                                 + ("compares rows as they are batched (its KL term)" if self.reference
+                                    else "has no reference model"))
+            train_ds, eval_ds = (None if ds is None else ds.add_column("row", list(range(len(ds))))
+                                 for ds in (train_ds, eval_ds))
+            table = pref_reference.table(cfg.output_dir, model, {"train": train_ds, "eval": eval_ds}, sequence_logps,
+                                         pad, cfg.train.batch_size)
         return PreferenceTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                  data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
                                  kind=self.name, beta=self.strength(cfg), gamma=cfg.train.simpo_gamma,
-                                 reference=self.reference)
+                                 reference=self.reference, reference_table=table)
 
     def sample_inputs(self, cfg: RunConfig, source: str, n: int) -> list:
         """The prompts of the first ``n`` usable rows."""
