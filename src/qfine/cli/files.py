@@ -89,8 +89,8 @@ def register(sub) -> None:
                         "agreement of next-token distributions on the run's eval rows (needs `make llamacpp`)")
     p.add_argument("--verify-data", metavar="FILE", help="with --verify: score on these rows instead")
     p.add_argument("--imatrix-data", metavar="FILE",
-                   help="K-quant mixes: the rows the importance matrix is collected on (default: a run's training rows)")
+                   help="q4_0 … q6_k: the rows the importance matrix is collected on (default: a run's training rows)")
     p.add_argument("--no-imatrix", action="store_true",
-                   help="K-quant mixes: no importance matrix (by default one from the training rows is used for "
+                   help="q4_0 … q6_k: no importance matrix (by default one from the training rows is used for "
                         "each tensor where it lowers the importance-weighted error)")
     p.set_defaults(func=cmd_export)

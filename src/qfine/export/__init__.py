@@ -85,7 +85,7 @@ def export_gguf(source: str, out: str | Path, quant: str, overwrite: bool = Fals
                 imatrix_data: str | None = None):
     """Write ``source`` (run or model folder) to ``out`` as GGUF; returns the saved report. ``verify``:
     score the file in llama.cpp against the merged model (:mod:`.verify`), on ``verify_data`` if given.
-    ``imatrix``: for the K-quant mixes, an importance matrix from the run's training rows (or
+    ``imatrix``: for the 4- to 6-bit types, an importance matrix from the run's training rows (or
     ``imatrix_data``), kept per tensor where it lowers the error (:mod:`.imatrix`)."""
     from qfine.export import imatrix as I
     from qfine.export import verify as V
@@ -100,7 +100,7 @@ def export_gguf(source: str, out: str | Path, quant: str, overwrite: bool = Fals
     model, tokenizer, base = load_source(source)
     set_template(tokenizer, "auto")
     importance, where = None, ""
-    if imatrix and quant in ("q4_k_m", "q5_k_m", "q6_k"):
+    if imatrix and quant in ("q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"):
         sequences, where = I.training_sequences(source, tokenizer, imatrix_data)
         importance = I.collect(model, sequences) if sequences else None
     report = write_gguf(model, tokenizer, base, out, quant, name=Path(source).name, importance=importance)

@@ -23,7 +23,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
-from qfine.export import layout, vocab
+from qfine.export import layout, legacy_quants, vocab
 from qfine.export.kquants import QUANTIZERS
 from qfine.export.merge import merged_tensors
 from qfine.util.errors import QfineError
@@ -75,7 +75,7 @@ class ExportReport:
         if self.imatrix:
             weighed = [t for t in self.tensors if t.imatrix is not None]
             lines.append(f"importance matrix from {self.imatrix}: kept for {sum(bool(t.imatrix) for t in weighed)} of "
-                         f"{len(weighed)} K-quant tensors (where it lowered the importance-weighted error)")
+                         f"{len(weighed)} quantized tensors (where it lowered the importance-weighted error)")
         if self.logits:
             lines.append("logits of the file (read back by transformers) vs the merged model: "
                          + ", ".join(f"{v:.2e}" for v in self.logits.values()) + " relative L2")
@@ -104,6 +104,8 @@ def encode(x: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np
         return np.ascontiguousarray(x, dtype=np.float16)
     if kind.lower() in QUANTIZERS:
         return QUANTIZERS[kind.lower()](x, importance)
+    if importance is not None and kind.lower() in legacy_quants.TYPES:
+        return legacy_quants.quantize(x, kind.lower(), importance)
     return quantize(np.ascontiguousarray(x, dtype=np.float32), GGMLQuantizationType[kind])
 
 
@@ -115,6 +117,7 @@ def decode(data: np.ndarray, kind: str) -> np.ndarray:
     return dequantize(data, GGMLQuantizationType[kind]).astype(np.float32)
 
 
+WEIGHTED = ("Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # the types an importance matrix steers
 _CHUNK_VALUES = 1 << 23  # rows encoded together: the vectorised K-quant search holds ~20 arrays this size
 
 
@@ -187,7 +190,7 @@ def write_gguf(model, tokenizer, source: str, out: Path, quant: str, name: str =
             x = layout.to_gguf(arch, config, gname, tensor.detach().cpu().numpy())
             kind = layout.tensor_type(quant, gname, x.shape, config.num_hidden_layers, has_output)
             offset = spill.tell()
-            imp = (importance or {}).get(gname) if kind in ("Q4_K", "Q5_K", "Q6_K") else None
+            imp = (importance or {}).get(gname) if kind in WEIGHTED else None
             if imp is None:
                 nbytes, rel, worst, _ = encode_to(spill, x, kind)
                 used = None
