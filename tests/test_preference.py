@@ -249,11 +249,12 @@ def test_bundled_model_learns_a_preference_it_lacks_through_the_cli(tmp_path, bu
     """examples/dpo-default.yaml through qfine's commands: on held-out pairs (other topics, other question
     forms) the preference accuracy goes from the base's to >= 90 %, and the greedy answers to held-out
     prompts open with the preferred greeting (2 of 3 at least; the base's never) from the run, the exact
-    merge and a q8_0 GGUF. SimPO, ORPO and
+    merge and a q8_0 GGUF (through qfine generate, and through llama.cpp where installed). SimPO, ORPO and
     KTO are trained on the same preference and their held-out accuracy printed and asserted."""
     from pathlib import Path
 
     from qfine.cli import main
+    from qfine.export import verify as llamacpp
 
     root = Path(__file__).resolve().parents[1]
     test_pairs = root / "examples/data/greeting-test.jsonl"
@@ -283,6 +284,14 @@ def test_bundled_model_learns_a_preference_it_lacks_through_the_cli(tmp_path, bu
         assert not any(a.startswith("Ahoy") for a in answers["default"]), answers
         for name in (run.name, "merged", "dpo.gguf"):
             assert sum(a.startswith("Ahoy!") for a in answers[name]) >= 2, (name, answers)
+        if llamacpp.runtime_dir() is not None:  # the DPO GGUF in llama.cpp itself
+            tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+            chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             tokenize=False) for p in prompts]
+            got = llamacpp.llamacpp({"model": str(tmp_path / "dpo.gguf"), "tokenize": [],
+                                     "generate": [{"prompt": c, "max_tokens": 12} for c in chats]})["generated"]
+            answers["llama.cpp dpo.gguf"] = got
+            assert sum(a.strip().startswith("Ahoy!") for a in got) >= 2, answers
     with capsys.disabled():
         print("\n[preference] held-out pairs, (accuracy %, margin nats):")
         for objective, rows in reached.items():
