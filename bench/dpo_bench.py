@@ -8,7 +8,7 @@ beta 0.1, bf16, AdamW; the reference is the base with the adapter off in all thr
 chosen and rejected sequences of a step (2 × pairs × (prompt + completion)); the median step time over
 steps 3.. of --steps. One JSON line per run on stdout (``RESULT {...}``).
 
-    python bench/dpo_bench.py --impl qfine --model /tmp/m_8b [--offload] [--no-ckpt]
+    python bench/dpo_bench.py --impl qfine --model /tmp/m_8b [--offload] [--no-ckpt] [--mode dpo|dpo-precompute|sft]
     python bench/dpo_bench.py --impl trl --model /tmp/m_8b
     python bench/dpo_bench.py --impl unsloth --model /tmp/m_8b
 """
@@ -86,10 +86,31 @@ def qfine_trainer(a, rows, timer):
                              max_steps=a.steps, learning_rate=5e-6, bf16=True, logging_steps=1, report_to=[],
                              save_strategy="no", remove_unused_columns=False, gradient_checkpointing=False,
                              dataloader_num_workers=0)
+    ds, table, cls = Dataset.from_list(enc), None, PreferenceTrainer
+    if a.mode == "dpo-precompute":
+        from qfine.objectives import pref_reference
+        from qfine.objectives.preference import sequence_logps
+
+        ds = ds.add_column("row", list(range(len(ds))))
+        start = time.perf_counter()
+        chosen, rejected = pref_reference.compute(model, ds, sequence_logps, tok.pad_token_id, a.pairs)
+        torch.cuda.synchronize()
+        a.precompute_s = round(time.perf_counter() - start, 2)  # once per run, not in the step time
+        table = {"train_chosen": chosen, "train_rejected": rejected}
+    elif a.mode == "sft":
+        from qfine.objectives.preference import sequence_logps
+
+        class SFTOnPairs(PreferenceTrainer):
+            """The same rows and head as DPO, the loss SFT's: the mean NLL of the reply tokens, no reference."""
+
+            def preference_loss(self, model, inputs, split="train"):
+                logp, count = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+                return -logp.sum() / count.sum(), {}
+
+        cls = SFTOnPairs
     torch.cuda.reset_peak_memory_stats()
-    return PreferenceTrainer(model=model, args=args, train_dataset=Dataset.from_list(enc),
-                             data_collator=PairCollator(tok.pad_token_id), callbacks=[timer], kind="dpo",
-                             beta=0.1, gamma=0.0, reference=True)
+    return cls(model=model, args=args, train_dataset=ds, data_collator=PairCollator(tok.pad_token_id),
+               callbacks=[timer], kind="dpo", beta=0.1, gamma=0.0, reference=True, reference_table=table)
 
 
 def trl_trainer(a, rows, timer, unsloth: bool = False):
@@ -137,12 +158,15 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--offload", action="store_true", help="qfine: checkpointed layer inputs in pinned host memory")
     ap.add_argument("--no-ckpt", action="store_true", help="no gradient checkpointing")
+    ap.add_argument("--mode", default="dpo", choices=["dpo", "dpo-precompute", "sft"],
+                    help="qfine: DPO with the live reference, with precomputed reference log-probs, or the SFT loss "
+                         "on the same rows (the memory baseline of a DPO step)")
     a = ap.parse_args()
     import torch
 
     rows = texts(a.pairs * a.steps, a.prompt_len, a.completion_len)
     timer = StepTimer()
-    rec = {"impl": a.impl, "pairs": a.pairs, "prompt": a.prompt_len, "completion": a.completion_len,
+    rec = {"impl": a.impl, "mode": a.mode, "pairs": a.pairs, "prompt": a.prompt_len, "completion": a.completion_len,
            "offload": a.offload, "ckpt": not a.no_ckpt, "device": torch.cuda.get_device_name(0)}
     try:
         trainer = qfine_trainer(a, rows, timer) if a.impl == "qfine" else trl_trainer(a, rows, timer, a.impl == "unsloth")
@@ -154,7 +178,8 @@ def main():
         rec.update(step_s=round(step_s, 4), tok_s=round(tokens / step_s, 1),
                    peak_alloc_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                    peak_res_GiB=round(torch.cuda.max_memory_reserved() / 2**30, 2),
-                   first_loss=round(losses[0], 4) if losses else None, steps=len(timer.times))
+                   first_loss=round(losses[0], 4) if losses else None, steps=len(timer.times),
+                   precompute_s=getattr(a, "precompute_s", None))
     except Exception as e:  # noqa: BLE001 - a peer failing is a result to record, not a crash of the bench
         rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
     print("RESULT " + json.dumps(rec), flush=True)

@@ -26,6 +26,8 @@ for job in ${JOBS:-qfine trl unsloth qfine-offload qfine-nockpt}; do
     qfine) run qfine "$QPATH" --impl qfine ;;
     qfine-offload) run qfine-offload "$QPATH" --impl qfine --offload ;;
     qfine-nockpt) run qfine-nockpt "$QPATH" --impl qfine --no-ckpt ;;
+    qfine-precompute) run qfine-precompute "$QPATH" --impl qfine --mode dpo-precompute ;;
+    qfine-sft) run qfine-sft "$QPATH" --impl qfine --mode sft ;;
     trl) run trl "$PPATH" --impl trl ;;
     unsloth) run unsloth "$PPATH" --impl unsloth ;;
   esac
