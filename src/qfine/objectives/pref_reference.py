@@ -41,18 +41,15 @@ def compute(model, ds, logps, pad_id: int, batch_size: int) -> tuple[torch.Tenso
     collate = pref_data.PairCollator(pad_id)
     chosen, rejected = [], []
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with reference_model(model), step.step_mode(reference=True):
-            for start in range(0, len(ds), batch_size):
-                batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
-                logp, _ = logps(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
-                half = logp.shape[0] // 2
-                chosen.append(logp[:half].float().cpu())
-                rejected.append(logp[half:].float().cpu())
-    finally:
-        model.train(was_training)
+    # the model stays in training mode: the fast path's fused layers serve training-mode forwards, and the
+    # live reference pass runs there too (the adapter is off, so LoRA dropout does not apply)
+    with reference_model(model), step.step_mode(reference=True):
+        for start in range(0, len(ds), batch_size):
+            batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
+            logp, _ = logps(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
+            half = logp.shape[0] // 2
+            chosen.append(logp[:half].float().cpu())
+            rejected.append(logp[half:].float().cpu())
     return torch.cat(chosen), torch.cat(rejected)
 
 
