@@ -43,13 +43,18 @@ def compute(model, ds, logps, pad_id: int, batch_size: int) -> tuple[torch.Tenso
     device = next(model.parameters()).device
     # the model stays in training mode: the fast path's fused layers serve training-mode forwards, and the
     # live reference pass runs there too (the adapter is off, so LoRA dropout does not apply)
-    with reference_model(model), step.step_mode(reference=True):
-        for start in range(0, len(ds), batch_size):
-            batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
-            logp, _ = logps(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
-            half = logp.shape[0] // 2
-            chosen.append(logp[:half].float().cpu())
-            rejected.append(logp[half:].float().cpu())
+    was_training = model.training
+    model.train()
+    try:
+        with reference_model(model), step.step_mode(reference=True):
+            for start in range(0, len(ds), batch_size):
+                batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
+                logp, _ = logps(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
+                half = logp.shape[0] // 2
+                chosen.append(logp[:half].float().cpu())
+                rejected.append(logp[half:].float().cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(chosen), torch.cat(rejected)
 
 
