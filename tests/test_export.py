@@ -296,10 +296,10 @@ def test_export_refusals_leave_nothing_behind(runs, tmp_path, capsys, monkeypatc
 
     import qfine.export.gguf_file as gf
 
-    def broken(x, kind):
+    def broken(x, kind, importance=None):
         if kind.startswith("Q"):
             raise RuntimeError("killed mid-export")
-        return encode(x, kind)
+        return encode(x, kind, importance)
 
     monkeypatch.setattr(gf, "encode", broken)
     with pytest.raises(RuntimeError):
