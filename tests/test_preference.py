@@ -368,9 +368,10 @@ def test_precomputed_reference_log_probs_give_the_live_curve(tiny_dir, tmp_path,
         rows[mode] = [r for r in rows[mode] if "loss" in r]
     assert "computed once and stored in" in capsys.readouterr().out
     assert len(rows["live"]) == len(rows["precompute"]) == 6
+    tol = 1e-3 if torch.cuda.is_available() else 1e-5  # CUDA: batches of other shapes round differently
     for live, pre in zip(rows["live"], rows["precompute"]):
         for key in ("loss", "rewards/margins", "rewards/chosen", "logps/chosen"):
-            assert abs(live[key] - pre[key]) <= 1e-5 * max(1.0, abs(live[key])), (key, live[key], pre[key])
+            assert abs(live[key] - pre[key]) <= tol * max(1.0, abs(live[key])), (key, live[key], pre[key])
     for objective in ("simpo",):
         cfg = tiny_config(tiny_dir, data, tmp_path / objective, max_steps=1, report_samples=0)
         cfg.train.objective, cfg.train.reference_logps = objective, "precompute"
