@@ -299,7 +299,7 @@ def test_bundled_model_learns_a_preference_it_lacks_through_the_cli(tmp_path, bu
         print(f"  dpo answers: {answers}")
 
 
-@pytest.mark.parametrize("reference", ["live", "precompute"])
+@pytest.mark.parametrize("reference", ["live", pytest.param("precompute", marks=pytest.mark.slow)])
 def test_a_killed_dpo_run_resumes_on_the_uninterrupted_curve(tiny_dir, tmp_path, reference):
     """SIGKILL `qfine train --objective dpo` once checkpoint-6 is sealed, resume it: every step's loss and
     reward margin equal the uninterrupted run's (CPU: 1e-6). live: the reference is recomputed from the
