@@ -3,8 +3,8 @@
 * ``--format gguf --quant f16|bf16|q8_0|q4_0|q4_1|q4_k_m|q5_k_m|q6_k``: one GGUF file for
   llama.cpp-family runtimes (:mod:`.gguf_file`), with a report beside it (``FILE.gguf.report.json``):
   every tensor's type, size and error, and the file's logits read back by transformers' own GGUF
-  loader against the merged model's, on a few prompts.
-  and an Ollama Modelfile (``FILE.gguf.Modelfile``, :mod:`.modelfile`); ``--verify`` adds llama.cpp's own scores of the file (:mod:`.verify`).
+  loader against the merged model's, on a few prompts; and an Ollama Modelfile (``FILE.gguf.Modelfile``,
+  :mod:`.modelfile`). ``--verify`` adds llama.cpp's own scores of the file (:mod:`.verify`).
 * ``--format bnb-nf4``: a bitsandbytes 4-bit folder (what ``qfine merge --requantize nf4`` writes).
 """
 
@@ -107,13 +107,13 @@ def export_gguf(source: str, out: str | Path, quant: str, overwrite: bool = Fals
     if importance:
         report.imatrix = where
     elif where:
-        report.note = "; ".join(filter(None, [report.note, f"no importance matrix: {where}"]))
+        report.add_note(f"no importance matrix: {where}")
     report.modelfile = str(write_modelfile(out, tokenizer, base))
     if check and report.arch in READABLE_BY_TRANSFORMERS:
         report.logits = check_logits(model, tokenizer, out)
     elif check:
-        report.note = "; ".join(filter(None, [report.note, f"logits not read back: transformers' GGUF reader does not load {report.arch} files; the "
-                       "per-tensor errors above are from the gguf package's own dequantizer"]))
+        report.add_note(f"logits not read back: transformers' GGUF reader does not load {report.arch} files; the "
+                        "per-tensor errors above are from the gguf package's own dequantizer")
     if verify:
         sequences, where = V.held_out(source, tokenizer, verify_data)
         report.verify = V.verify(model, tokenizer, out, sequences, where)

@@ -60,6 +60,9 @@ class ExportReport:
     verify: dict = field(default_factory=dict)  # llama.cpp's scores of the file (qfine.export.verify)
     modelfile: str = ""  # the Ollama Modelfile written beside it
 
+    def add_note(self, text: str) -> None:
+        self.note = "; ".join(filter(None, [self.note, text]))
+
     def types(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for t in self.tensors:
@@ -96,7 +99,7 @@ class ExportReport:
 
 def encode(x: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np.ndarray:
     """``x`` (fp32) in GGML type ``kind``: a float array for F32/F16, else the block bytes (uint8).
-    ``importance``: per-column weights for the K-quants' search (:mod:`.imatrix`)."""
+    ``importance``: per-column weights for the search of the types in :data:`WEIGHTED` (:mod:`.imatrix`)."""
 
     if kind == "F32":
         return np.ascontiguousarray(x, dtype=np.float32)
@@ -162,8 +165,8 @@ def write_gguf(model, tokenizer, source: str, out: Path, quant: str, name: str =
     """Merge ``model`` (a PeftModel or a plain causal LM) exactly and write it to ``out`` as GGUF of
     file type ``quant`` (see :data:`layout.FILE_TYPES`); returns the report (logits not yet checked).
     ``adapters=False`` writes the base the adapters were trained on, without them. ``importance``
-    (GGUF name → per-column weights, :mod:`.imatrix`): each K-quant tensor that has one is encoded
-    with and without it and keeps the lower importance-weighted error."""
+    (GGUF name → per-column weights, :mod:`.imatrix`): each tensor of a :data:`WEIGHTED` type that has
+    one is encoded with and without it and keeps the lower importance-weighted error."""
 
 
     if quant not in layout.FILE_TYPES:

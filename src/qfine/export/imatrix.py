@@ -29,10 +29,10 @@ MIN_TOKENS = 1024  # distinct tokens: below this the statistic follows one sente
 MAX_ROW_TOKENS = 1024
 
 
-def training_sequences(source: str, tokenizer, data: str | None) -> tuple[list[list[int]], str]:
-    """Token ids of up to :data:`MAX_TOKENS` tokens of ``data`` or, for a run, of its training rows;
-    ``([], why)`` when there is nothing to calibrate on, or fewer than :data:`MIN_TOKENS` tokens.
-    A row seen before is skipped: repeats would weigh one text's activations several times."""
+def training_rows(source: str, tokenizer, data: str | None):
+    """(rows, where): the tokenized rows of ``data`` or, for a run, all of its training rows (read with
+    the run's data settings, no eval split held back, in memory); ``(None, "")`` for a model folder
+    without ``data``."""
     from qfine import config as C
     from qfine.data.pipeline import build_datasets
 
@@ -43,8 +43,17 @@ def training_sequences(source: str, tokenizer, data: str | None) -> tuple[list[l
         where = f"{cfg.path} (the run's training rows)"
         cfg = C.DataConfig(**{**vars(cfg), "eval_path": None, "eval_ratio": 0.0, "streaming": False})
     else:
+        return None, ""
+    return build_datasets(tokenizer, cfg)[0], where
+
+
+def training_sequences(source: str, tokenizer, data: str | None) -> tuple[list[list[int]], str]:
+    """Token ids of up to :data:`MAX_TOKENS` tokens of ``data`` or, for a run, of its training rows;
+    ``([], why)`` when there is nothing to calibrate on, or fewer than :data:`MIN_TOKENS` tokens.
+    A row seen before is skipped: repeats would weigh one text's activations several times."""
+    rows, where = training_rows(source, tokenizer, data)
+    if rows is None:
         return [], "no training data for a model folder (pass --imatrix-data FILE)"
-    rows = build_datasets(tokenizer, cfg)[0]
     out, total, seen = [], 0, set()
     for row in rows:
         ids = list(row["input_ids"][:MAX_ROW_TOKENS])

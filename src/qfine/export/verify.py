@@ -83,24 +83,20 @@ def held_out(source: str, tokenizer, data: str | None) -> tuple[list[list[int]],
     they came from."""
     from qfine import config as C
     from qfine.data.pipeline import build_datasets
+    from qfine.export.imatrix import training_rows
 
-    where, cfg = "", None
-    if data:
-        cfg, where = C.DataConfig(path=data), f"{data} (first rows)"
-    elif (Path(source) / "config.yaml").is_file():
+    def first(rows):
+        return [list(r["input_ids"][:MAX_TOKENS]) for r in rows.select(range(min(MAX_TEXTS, len(rows))))]
+
+    if not data and (Path(source) / "config.yaml").is_file():
         run = C.load_yaml(Path(source) / "config.yaml")
-        cfg = run.data
-        if cfg.eval_path or cfg.eval_ratio:
-            evals = build_datasets(tokenizer, cfg, run.train.seed)[1]
-            return [list(r["input_ids"][:MAX_TOKENS]) for r in evals.select(range(min(MAX_TEXTS, len(evals))))], \
-                "the run's eval rows"
-        where = f"{cfg.path} (the run has no held-out rows: its first training rows)"
-    if cfg is None:
+        if run.data.eval_path or run.data.eval_ratio:
+            return first(build_datasets(tokenizer, run.data, run.train.seed)[1]), "the run's eval rows"
+    rows, where = training_rows(source, tokenizer, data)
+    if rows is None:
         bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else []
         return [bos + tokenizer.encode(s, add_special_tokens=False) for s in STRINGS], "qfine's test strings"
-    rows = build_datasets(tokenizer, C.DataConfig(**{**vars(cfg), "eval_path": None, "eval_ratio": 0.0,
-                                                     "streaming": False}))[0]
-    return [list(r["input_ids"][:MAX_TOKENS]) for r in rows.select(range(min(MAX_TEXTS, len(rows))))], where
+    return first(rows), f"{where}, first rows" if data else f"{where}: its first training rows (none held out)"
 
 
 @torch.no_grad()
