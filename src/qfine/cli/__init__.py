@@ -18,7 +18,7 @@ from typing import Sequence
 
 from qfine import __version__
 from qfine import config as C
-from qfine.cli import data, demo, evaluate, files, serve, train
+from qfine.cli import data, demo, evaluate, files, serve, studio, train
 from qfine.util.errors import QfineError
 from qfine.util.files import write_failure
 
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="qfine", description="QLoRA fine-tuning: train, use, merge, export.")
     parser.add_argument("--version", action="version", version=_version_line())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for group in (train, serve, data, files, evaluate, demo):
+    for group in (train, serve, data, files, evaluate, demo, studio):
         group.register(sub)
     return parser
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,7 @@ from qfine.util import distributed, lock
 from qfine.util.errors import QfineError
 from qfine.util.files import atomic_write_text, thread_write_failures, write_failure
 from qfine.util.log import say
+from qfine.util.runstate import read_status, write_status
 
 
 class BaseCache:
@@ -248,6 +250,7 @@ def start(cfg: C.RunConfig, objective: Objective, prep: Prepared, model, fast, r
     if main:
         start_run_dir(run_dir, resume=ckpt is not None)
         atomic_write_text(run_dir / "config.yaml", C.to_yaml(cfg))
+        write_status(run_dir, "running")
         if prep.labels:
             save_labels(run_dir, prep.labels)
         if ckpt is None or not (run_dir / DATA_RECORD).is_file():
@@ -361,7 +364,17 @@ def train(cfg: C.RunConfig, overwrite: bool = False, resume: bool = False, callb
     with signals_stop(request) if stop is None else contextlib.nullcontext(), \
             lock.hold(cfg.output_dir, "qfine train") if distributed.is_main() else contextlib.nullcontext(), \
             thread_write_failures(cfg.output_dir):
-        return _train(cfg, overwrite, resume, callbacks, base_cache, request)
+        try:
+            run_dir = _train(cfg, overwrite, resume, callbacks, base_cache, request)
+        except BaseException as e:
+            if distributed.is_main() and (read_status(cfg.output_dir) or {}).get("pid") == os.getpid():
+                # only a run this process set up: a failure before that leaves the directory's own record
+                ended = "stopped" if isinstance(e, (Stopped, KeyboardInterrupt)) else "failed"
+                write_status(cfg.output_dir, ended, str(e) or type(e).__name__)
+            raise
+        if distributed.is_main():
+            write_status(run_dir, "finished")
+        return run_dir
 
 
 def _train(cfg: C.RunConfig, overwrite: bool, resume: bool, callbacks, base_cache: BaseCache | None,
