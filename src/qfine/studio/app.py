@@ -124,7 +124,8 @@ def build(settings: Settings) -> Starlette:
     def run_dir(request: Request, exists: bool = True) -> Path:
         name = paths.run_name(request.path_params["name"])
         d = settings.runs / name
-        if exists and not (d / "config.yaml").is_file() and runstate.lock_holder(d) is None:
+        if exists and not (d / "config.yaml").is_file() and runstate.lock_holder(d) is None \
+                and jobs.latest(name) is None:
             raise QfineError(f"no run named {name} under {settings.runs}")
         return d
 
@@ -149,12 +150,13 @@ def build(settings: Settings) -> Starlette:
 
     @api
     async def runs(request):
-        return {"runs": await run_in_threadpool(listing, settings.runs, metrics), "root": str(settings.runs)}
+        return {"runs": await run_in_threadpool(listing, settings.runs, metrics, jobs), "root": str(settings.runs)}
 
     @api
     async def run(request):
         d = run_dir(request)
         out = await run_in_threadpool(views.run_detail, d, metrics)
+        out["state"], out["detail"] = jobs.state(d.name, (out["state"], out["detail"]))
         out["jobs"] = jobs.jobs(d.name)
         return out
 
@@ -194,7 +196,7 @@ def build(settings: Settings) -> Starlette:
                     yield _sse("rows", {"from": sent, "rows": rows[sent:], "reset": reset, "version": v})
                     sent = len(rows)
                 version = v
-                now = runstate.state_of(d)
+                now = jobs.state(d.name, runstate.state_of(d))
                 if now != state:
                     state = now
                     yield _sse("state", {"state": now[0], "detail": now[1], "jobs": jobs.jobs(d.name)})
@@ -344,7 +346,8 @@ async def _upload(request: Request, settings: Settings) -> dict:
     declared = request.headers.get("content-length")
     if declared is not None and int(declared) > settings.max_upload:
         return JSONResponse({"error": f"upload of {int(declared):,} bytes refused: the limit is "
-                                      f"{settings.max_upload:,} (qfine studio --max-upload)"}, 413)
+                                      f"{settings.max_upload:,} (qfine studio --max-upload)"}, 413,
+                            headers={"connection": "close"})
     settings.uploads.mkdir(parents=True, exist_ok=True)
     target = paths.inside(settings.data[0], f"uploads/{name}", must_exist=False)
     if target.exists():
@@ -357,8 +360,10 @@ async def _upload(request: Request, settings: Settings) -> dict:
                 size += len(chunk)
                 if size > settings.max_upload:
                     os.unlink(tmp)
+                    # closing the connection stops a client that would send the rest of its body
                     return JSONResponse({"error": f"upload refused at {size:,} bytes: the limit is "
-                                                  f"{settings.max_upload:,} (qfine studio --max-upload)"}, 413)
+                                                  f"{settings.max_upload:,} (qfine studio --max-upload)"}, 413,
+                                        headers={"connection": "close"})
                 f.write(chunk)
         os.replace(tmp, target)
     finally:

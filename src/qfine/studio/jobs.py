@@ -84,6 +84,32 @@ class Jobs:
         with self._lock:
             return [j.view() for j in self._jobs if run is None or j.run == run]
 
+    def latest(self, run: str) -> Job | None:
+        """The newest train/resume job of ``run`` this studio started, if any."""
+        with self._lock:
+            return next((j for j in reversed(self._jobs) if j.run == run and j.kind in ("train", "resume")), None)
+
+    def state(self, run: str, state: tuple[str, str]) -> tuple[str, str]:
+        """``state`` (from the run directory) completed by what this studio saw of its own process: a
+        run whose folder is not set up yet is ``starting`` while its process lives, and ``failed``
+        (with the last line it printed) when it exited with an error before writing anything."""
+        if state[0] != "unknown":
+            return state
+        job = self.latest(run)
+        if job is None:
+            return state
+        code = job.process.poll()
+        if code is None:
+            return "starting", f"pid {job.process.pid}: loading"
+        if code != 0:
+            lines = [line for line in tail(job.log).splitlines() if line.strip()]
+            return "failed", lines[-1] if lines else f"exit {code}"
+        return state
+
+    def names(self) -> set[str]:
+        with self._lock:
+            return {j.run for j in self._jobs if j.kind in ("train", "resume")}
+
     def running_train(self, run: str) -> Job | None:
         with self._lock:
             return next((j for j in reversed(self._jobs) if j.run == run and j.kind in ("train", "resume")

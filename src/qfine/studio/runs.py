@@ -98,7 +98,9 @@ def summary(run_dir: Path, metrics: Metrics, held: set | None = None) -> dict:
     steps = max((r.get("step", 0) for r in rows if isinstance(r.get("step"), int)), default=0)
     planned = train.get("max_steps", -1)
     best = best_metric(rows)
-    started = _mtime(run_dir / "config.yaml")
+    # data.json is written once when the run first starts (config.yaml again on every --resume)
+    started = _mtime(run_dir / "data.json") or _mtime(run_dir / "config.yaml") or \
+        _mtime(runstate.lock_path(run_dir)) or None
     ended = time.time() if state == "running" else max(_mtime(run_dir / METRICS), _mtime(run_dir / "report.html"),
                                                        _mtime(run_dir / runstate.STATUS), started or 0)
     objective = train.get("objective", "auto")
@@ -138,14 +140,21 @@ def run_dirs(root: Path) -> list[Path]:
     return out
 
 
-def listing(root: Path, metrics: Metrics) -> list[dict]:
-    """Every run under ``root``, newest first."""
+def listing(root: Path, metrics: Metrics, jobs=None) -> list[dict]:
+    """Every run under ``root``, newest first; ``jobs`` (:class:`~qfine.studio.jobs.Jobs`) adds the
+    runs this studio started that have not set up their folder yet, and their state."""
     held = runstate.held_locks()
     rows = []
-    for d in run_dirs(root):
-        if not d.exists() and runstate.lock_holder(d, held) is None:
+    dirs = {d.name: d for d in run_dirs(root)}
+    for name in jobs.names() if jobs is not None else ():
+        dirs.setdefault(name, root / name)
+    for d in dirs.values():
+        row = summary(d, metrics, held)
+        if jobs is not None:
+            row["state"], row["detail"] = jobs.state(d.name, (row["state"], row["detail"]))
+        if row["state"] == "unknown" and not d.exists():
             continue  # a dead lock file of a run that never set up its folder
-        rows.append(summary(d, metrics, held))
+        rows.append(row)
     rows.sort(key=lambda r: r["started"] or time.time(), reverse=True)
     return rows
 

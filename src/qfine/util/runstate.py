@@ -25,6 +25,8 @@ from pathlib import Path
 from qfine.util.files import atomic_write_text
 from qfine.util.lock import lock_path
 
+__all__ = ["STATUS", "ENDED", "lock_path", "write_status", "read_status", "lock_holder", "state_of", "held_locks"]
+
 STATUS = "status.json"
 ENDED = ("finished", "stopped", "failed")
 

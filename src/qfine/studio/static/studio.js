@@ -309,6 +309,7 @@ async function send() {
 async function route() {
   closeLive();
   document.body.dataset.loaded = "";
+  $("page-error").textContent = "";
   const [, page, arg] = location.hash.split("/");
   const name = arg ? decodeURIComponent(arg) : "";
   try {
@@ -317,8 +318,10 @@ async function route() {
     else if (page === "launch") await pageLaunch();
     else if (page === "chat") await pageChat(name);
     else await pageRuns();
-  } catch (e) { alert(e.message); }
+  } catch (e) { fail(e); }
 }
+
+function fail(e) { $("page-error").textContent = e.message || String(e); }
 
 async function init() {
   META = await api("/api/meta");
@@ -340,7 +343,7 @@ async function init() {
   $("btn-compare").addEventListener("click", () => { location.hash = "#/compare/" +
     [...document.querySelectorAll(".pick:checked")].map((c) => encodeURIComponent(c.value)).join(","); });
   const runName = () => $("run-name").textContent;
-  const act = async (what, body) => { try { await api(`/api/runs/${encodeURIComponent(runName())}/${what}`, body || {}); await refreshRun(runName()); } catch (e) { alert(e.message); } };
+  const act = async (what, body) => { try { await api(`/api/runs/${encodeURIComponent(runName())}/${what}`, body || {}); await refreshRun(runName()); } catch (e) { fail(e); } };
   $("btn-stop").addEventListener("click", () => act("stop"));
   $("btn-resume").addEventListener("click", () => act("resume"));
   $("btn-export").addEventListener("click", () => act("export", {form: "gguf", quant: $("export-quant").value}));
