@@ -186,7 +186,7 @@ def build(settings: Settings) -> Starlette:
 
         async def stream():
             nonlocal sent
-            version, state = None, None
+            version, state, seen_jobs = None, None, None
             while not await request.is_disconnected():
                 rows, v = metrics.rows(d / METRICS)
                 reset = version is not None and v != version
@@ -197,9 +197,11 @@ def build(settings: Settings) -> Starlette:
                     sent = len(rows)
                 version = v
                 now = jobs.state(d.name, runstate.state_of(d))
-                if now != state:
-                    state = now
-                    yield _sse("state", {"state": now[0], "detail": now[1], "jobs": jobs.jobs(d.name)})
+                views_ = jobs.jobs(d.name)
+                seen = [(j["state"], j["log"][-200:]) for j in views_]
+                if now != state or seen != seen_jobs:  # a job's progress, or its end, redraws the page
+                    state, seen_jobs = now, seen
+                    yield _sse("state", {"state": now[0], "detail": now[1], "jobs": views_})
                 await asyncio.sleep(POLL_S)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"cache-control": "no-store"})
@@ -218,7 +220,7 @@ def build(settings: Settings) -> Starlette:
 
     @api
     async def resume(request):
-        return {"job": jobs.resume(run_dir(request).name).view()}
+        return {"job": (await run_in_threadpool(jobs.resume, run_dir(request).name)).view()}
 
     @api
     async def export(request):

@@ -29,6 +29,9 @@ class Models:
         self.root = runs_root
         self._models: OrderedDict[tuple, tuple] = OrderedDict()
         self._lock = threading.Lock()
+        # one load at a time: loading builds the model under process-wide contexts (meta-device
+        # initialisation) that two threads would overlap
+        self._loading = threading.Lock()
 
     def _load(self, run: str, what: str):
         from qfine.generation.load import load_for_inference
@@ -54,7 +57,11 @@ class Models:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-        loaded = self._load(run, what)
+        with self._loading:
+            with self._lock:
+                if key in self._models:  # loaded by the thread we waited for
+                    return self._models[key]
+            loaded = self._load(run, what)
         with self._lock:
             entry = self._models.setdefault(key, (loaded, threading.Lock()))
             self._models.move_to_end(key)

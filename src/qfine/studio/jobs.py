@@ -129,6 +129,12 @@ class Jobs:
     def resume(self, run: str) -> Job:
         run_dir = self.root / run
         state, _ = runstate.state_of(run_dir)
+        previous = self.running_train(run)
+        if previous is not None and state != "running":
+            try:  # its end is recorded and its lock released: the process is only exiting
+                previous.process.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
         if state == "running" or self.running_train(run):
             raise QfineError(f"{run} is running already")
         if state == "finished":

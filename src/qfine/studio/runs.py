@@ -172,9 +172,22 @@ def exports(run_dir: Path) -> list[dict]:
         rp = p.with_name(p.name + ".report.json")
         if rp.is_file():
             try:
-                report = json.loads(rp.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                report = _report_summary(json.loads(rp.read_text(encoding="utf-8")))
+            except (OSError, ValueError, TypeError, AttributeError):
                 report = None
         size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
         out.append({"name": p.name, "bytes": size, "folder": p.is_dir(), "report": report})
     return out
+
+
+def _report_summary(report: dict) -> dict:
+    """An export report without its per-tensor list: tensor count by type and the worst tensor's error."""
+    tensors = report.pop("tensors", []) or []
+    types: dict[str, int] = {}
+    for t in tensors:
+        types[t.get("type", "?")] = types.get(t.get("type", "?"), 0) + 1
+    report["tensor_types"] = types
+    worst = max(tensors, key=lambda t: t.get("rel_error", 0), default=None)
+    if worst is not None:
+        report["worst_tensor"] = {"name": worst.get("name"), "rel_error": worst.get("rel_error")}
+    return report

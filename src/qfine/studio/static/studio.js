@@ -116,8 +116,10 @@ async function pageRun(name) {
   LIVE.addEventListener("rows", (e) => { const d = JSON.parse(e.data); charts.add(d.rows, d.reset);
     const last = charts.rows.filter((r) => "loss" in r).pop();
     $("run-steps").textContent = last ? `step ${last.step} · loss ${last.loss.toFixed(4)}` : ""; });
+  let last = "";
   LIVE.addEventListener("state", (e) => { const d = JSON.parse(e.data); setState(d.state, d.detail); renderJobs(d.jobs);
-    refreshRun(name); });
+    const sig = d.state + "|" + (d.jobs || []).map((j) => j.state).join(",");
+    if (sig !== last) { last = sig; refreshRun(name); } });  // a log line alone redraws only the jobs
   document.body.dataset.loaded = "run";
 }
 
