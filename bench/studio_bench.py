@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import browser  # noqa: E402
-
 from qfine import config as C  # noqa: E402
 from qfine.util import runstate  # noqa: E402
 

@@ -14,6 +14,7 @@ import hmac
 import json
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
@@ -120,6 +121,11 @@ def build(settings: Settings) -> Starlette:
     """The studio's app for ``settings`` (also what the tests serve)."""
     settings.runs.mkdir(parents=True, exist_ok=True)
     metrics, jobs, models = Metrics(), Jobs(settings.runs), chat.Models(settings.runs)
+    # read every run's files once in the background, so that the first page is served from the cache
+    threading.Thread(target=listing, args=(settings.runs, metrics), daemon=True).start()
+    meta_answer = {"presets": {k: {"title": v["title"], "fields": presets.flat(k)} for k, v in presets.PRESETS.items()},
+                   "fields": views.form_fields(), "quants": list(GGUF_QUANTS), "max_upload": settings.max_upload,
+                   "data_roots": [str(r) for r in settings.data], "runs_root": str(settings.runs)}
 
     def run_dir(request: Request, exists: bool = True) -> Path:
         name = paths.run_name(request.path_params["name"])
@@ -298,9 +304,7 @@ def build(settings: Settings) -> Starlette:
 
     @api
     async def meta(request):
-        return {"presets": {k: {"title": v["title"], "fields": presets.flat(k)} for k, v in presets.PRESETS.items()},
-                "fields": views.form_fields(), "quants": list(GGUF_QUANTS), "max_upload": settings.max_upload,
-                "data_roots": [str(r) for r in settings.data], "runs_root": str(settings.runs)}
+        return meta_answer
 
     async def index(request):
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})

@@ -72,12 +72,25 @@ class Metrics:
             return f.rows, f.version
 
 
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML was built with it
+_configs: dict[Path, tuple[tuple[int, int], dict]] = {}
+
+
 def _config(run_dir: Path) -> dict:
+    """A run's config.yaml as a dict, parsed again only when the file changed."""
+    path = run_dir / "config.yaml"
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        st = path.stat()
+        key = (st.st_mtime_ns, st.st_size)
+        hit = _configs.get(path)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 - a safe loader
     except (OSError, yaml.YAMLError):
         return {}
-    return cfg if isinstance(cfg, dict) else {}
+    cfg = cfg if isinstance(cfg, dict) else {}
+    _configs[path] = (key, cfg)
+    return cfg
 
 
 def best_metric(rows: list[dict]) -> tuple[str, float] | None:
