@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
+import signal
 from pathlib import Path
 
 import pytest
 
 import browser
+from qfine.util import runstate
 
 ROOT = Path(__file__).resolve().parents[1]
 # `make test-slow` installs chromium and sets QFINE_REQUIRE_BROWSER: there a missing browser fails
@@ -21,17 +22,35 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     browser.available() is not None and not os.environ.get("QFINE_REQUIRE_BROWSER"), reason=browser.available() or "")]
 
 
+class Studios:
+    """The studio under test, which the test restarts once (the run must survive it)."""
+
+    def __init__(self, tmp_path: Path):
+        self.runs, self.data = tmp_path / "runs", tmp_path / "data"
+        self.data.mkdir()
+        shutil.copy(ROOT / "examples" / "data" / "seed-fact.jsonl", self.data / "seed-fact.jsonl")
+        self.now = self.start()
+
+    def start(self) -> browser.Studio:
+        return browser.Studio(self.runs, [self.data], env={"OMP_NUM_THREADS": "2"})
+
+    def restart(self) -> None:
+        self.now.close()
+        self.now = self.start()
+
+
 @pytest.fixture
-def studio(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    shutil.copy(ROOT / "examples" / "data" / "seed-fact.jsonl", data / "seed-fact.jsonl")
-    s = browser.Studio(tmp_path / "runs", [data], env={"OMP_NUM_THREADS": "2"})
+def studios(tmp_path):
+    s = Studios(tmp_path)
     yield s
-    s.close()
+    s.now.close()
+    for run in s.runs.iterdir():  # a run outlives the studio by design: end any the test left running
+        holder = runstate.lock_holder(run)
+        if holder and isinstance(holder.get("pid"), int):
+            os.kill(holder["pid"], signal.SIGKILL)
 
 
-def test_launch_watch_stop_resume_chat_export_in_a_browser(studio, tmp_path):
+def test_launch_watch_stop_resume_chat_export_in_a_browser(studios, tmp_path):
     from selenium.webdriver.support.ui import Select
 
     shots = Path(os.environ.get("QFINE_STUDIO_SHOTS") or tmp_path / "shots")
@@ -44,11 +63,11 @@ def test_launch_watch_stop_resume_chat_export_in_a_browser(studio, tmp_path):
 
     def diagnose() -> str:
         return (f"page error: {el('page-error').text!r}; state {state()!r}; "
-                f"log: {d.get_log('browser')}; studio: {studio.log.read_text()[-2000:]}")
+                f"log: {d.get_log('browser')}; studio: {studios.now.log.read_text()[-2000:]}")
 
     try:
         # launch from the form: the bundled model's preset, the fact file, 30 steps, a checkpoint every 5
-        d.get(studio.url + "/#/launch")
+        d.get(studios.now.url + "/#/launch")
         browser.wait(loaded("launch"), 30, "the launch page")
         Select(el("f-data.path")).select_by_visible_text("seed-fact.jsonl")
         browser.wait(lambda: "2058" in el("data-preview").text, 120, "the data preview")
@@ -68,6 +87,14 @@ def test_launch_watch_stop_resume_chat_export_in_a_browser(studio, tmp_path):
         assert state() == "running"
         d.save_screenshot(str(shots / "studio-run-live.png"))
 
+        # the studio restarts: the run, a process of its own, goes on and the new studio finds it
+        studios.restart()
+        d.get(studios.now.url + "/#/run/fact")
+        browser.wait(loaded("run"), 30, "the run page on the new studio")
+        browser.wait(lambda: state() == "running", 30, f"the running state after the restart ({diagnose()})")
+        seen = points()
+        browser.wait(lambda: points() > seen, 120, "a new point after the restart")
+
         # Stop: a checkpoint is saved and the run reads as stopped
         el("btn-stop").click()
         browser.wait(lambda: state() == "stopped", 180, f"the stopped state ({diagnose()})")
@@ -85,7 +112,7 @@ def test_launch_watch_stop_resume_chat_export_in_a_browser(studio, tmp_path):
         d.save_screenshot(str(shots / "studio-run-finished.png"))
 
         # chat: the run answers the taught fact; its base, side by side, does not
-        d.get(studio.url + "/#/chat/fact")
+        d.get(studios.now.url + "/#/chat/fact")
         browser.wait(loaded("chat"), 30, "the chat page")
         Select(el("chat-b")).select_by_value("fact|base")
         el("chat-input").send_keys("What day was I born?")
@@ -98,7 +125,7 @@ def test_launch_watch_stop_resume_chat_export_in_a_browser(studio, tmp_path):
         d.save_screenshot(str(shots / "studio-chat.png"))
 
         # export a GGUF from the run page and read its report there
-        d.get(studio.url + "/#/run/fact")
+        d.get(studios.now.url + "/#/run/fact")
         browser.wait(loaded("run"), 30, "the run page again")
         Select(el("export-quant")).select_by_visible_text("q8_0")
         el("btn-export").click()
@@ -110,12 +137,29 @@ def test_launch_watch_stop_resume_chat_export_in_a_browser(studio, tmp_path):
         d.save_screenshot(str(shots / "studio-export.png"))
 
         # the runs page lists it, finished, with its steps
-        d.get(studio.url + "/#/runs")
+        d.get(studios.now.url + "/#/runs")
         browser.wait(loaded("runs"), 30, "the runs page")
         row = d.find_element("css selector", "#runs-table tr[data-run='fact']").text
         assert "finished" in row and "30 / 30" in row, row
         d.save_screenshot(str(shots / "studio-runs.png"))
+
+        # two runs' curves overlaid: a copy of this run's folder with its losses doubled
+        other = tmp_path / "runs" / "other"
+        other.mkdir()
+        shutil.copy(tmp_path / "runs" / "fact" / "config.yaml", other / "config.yaml")
+        rows = [json.loads(line) for line in (tmp_path / "runs" / "fact" / "metrics.jsonl").read_text().splitlines()]
+        (other / "metrics.jsonl").write_text("".join(json.dumps({**r, "loss": 2 * r["loss"]}) + "\n"
+                                                     for r in rows if "loss" in r))
+        d.refresh()
+        browser.wait(loaded("runs"), 30, "the runs page with two runs")
+        for name in ("fact", "other"):
+            d.find_element("css selector", f"#runs-table tr[data-run='{name}'] .pick").click()
+        el("btn-compare").click()
+        browser.wait(loaded("compare"), 30, "the compare page")
+        assert int(el("compare-loss").get_attribute("data-points")) == 30
+        legend = el("compare-loss").text
+        assert "fact:loss" in legend and "other:loss" in legend, legend
+        d.save_screenshot(str(shots / "studio-compare.png"))
     finally:
         d.quit()
     assert (tmp_path / "runs" / "fact" / "exports" / "fact-q8_0.gguf").is_file()
-    assert time.time()  # screenshots are in `shots`
