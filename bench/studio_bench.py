@@ -3,6 +3,7 @@
 Builds N run folders (config.yaml, 1,000 metrics rows each, an adapter or a status record), starts
 ``qfine studio`` on them, then measures in headless chromium:
 
+- the studio's start: from the process's start to its printed address;
 - the runs page: from navigation to the table holding all N rows (cold: the studio's first read of
   every metrics file; warm: later loads, served from the incremental cache), median of R loads;
 - a live curve: a row appended to a run's metrics.jsonl, to the point drawn on its loss chart
@@ -66,7 +67,9 @@ def main() -> None:
         sys.exit(f"studio_bench: {why}")
     tmp = Path(tempfile.mkdtemp(prefix="qfine-studio-bench-"))
     make_runs(tmp / "runs", args.runs, args.rows)
+    t0 = time.perf_counter()
     studio = browser.Studio(tmp / "runs", [tmp])
+    started = time.perf_counter() - t0  # process start to the printed address
     d = browser.driver()
     try:
         loads = []
@@ -98,7 +101,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     result = {"date": time.strftime("%Y-%m-%d"), "commit": commit.strip(), "machine": f"{platform.machine()}, "
               f"{len(__import__('os').sched_getaffinity(0))} cores", "browser": chromium,
-              "runs": args.runs, "rows_per_run": args.rows,
+              "runs": args.runs, "rows_per_run": args.rows, "studio_start_s": round(started, 3),
               "runs_page_first_s": round(loads[0], 3), "runs_page_median_s": round(statistics.median(loads), 3),
               "runs_page_max_s": round(max(loads), 3),
               "live_row_median_s": round(statistics.median(live), 3), "live_row_max_s": round(max(live), 3)}

@@ -131,8 +131,9 @@ def test_launch_watch_stop_resume_chat_export_in_a_browser(studios, tmp_path):
         el("btn-export").click()
         browser.wait(lambda: d.find_elements("css selector", "#exports .export-report"), 600,
                      f"the export's report ({diagnose()})", every=1)
-        report = json.loads(d.find_element("css selector", "#exports .export-report").text)
-        assert report["quant"] == "q8_0" and "fact-q8_0.gguf" in el("exports").text
+        report = d.find_element("css selector", "#exports .export-report")
+        assert report.get_attribute("data-quant") == "q8_0" and "fact-q8_0.gguf" in el("exports").text
+        assert "logits vs the merged model" in report.text and "Modelfile" in report.text, report.text
         d.execute_script("document.getElementById('exports').scrollIntoView()")
         d.save_screenshot(str(shots / "studio-export.png"))
 

@@ -138,9 +138,24 @@ async function refreshRun(name) {
   $("run-data").textContent = d.data ? JSON.stringify(d.data, null, 1) : "(written when training starts)";
   $("btn-export").disabled = $("btn-merge").disabled = !d.adapter;
   $("exports").innerHTML = d.exports.map((x) => `<div class="job export" data-name="${esc(x.name)}"><b>${esc(x.name)}</b>
-    ${(x.bytes / 2 ** 20).toFixed(1)} MiB${x.report ? `<pre class="export-report">${esc(JSON.stringify(x.report, null, 1))}</pre>` : ""}</div>`).join("");
+    ${(x.bytes / 2 ** 20).toFixed(1)} MiB${x.report ? reportHtml(x.report) : ""}</div>`).join("");
   renderJobs(d.jobs);
   return d;
+}
+
+// A GGUF export's report (qfine.export.gguf_file.ExportReport, tensors summarised by the server).
+function reportHtml(r) {
+  const num = (v, d) => (typeof v === "number" ? v.toExponential(d) : "");
+  const rows = [
+    ["type", r.quant], ["architecture", r.arch], ["written in", typeof r.seconds === "number" ? r.seconds.toFixed(1) + " s" : ""],
+    ["tensors", Object.entries(r.tensor_types || {}).map(([t, n]) => `${n} × ${t}`).join(", ")],
+    ["worst tensor", r.worst_tensor ? `${r.worst_tensor.name}: ${num(r.worst_tensor.rel_error, 2)} relative L2` : ""],
+    ["logits vs the merged model", Object.entries(r.logits || {}).map(([p, e]) => `“${p}” ${num(e, 2)}`).join("; ")],
+    ["importance matrix", r.imatrix || "none"],
+    ["llama.cpp's scores", r.verify && Object.keys(r.verify).length ? JSON.stringify(r.verify) : "not asked for (qfine export --verify)"],
+    ["Ollama Modelfile", r.modelfile], ["note", r.note]];
+  return `<table class="export-report" data-quant="${esc(r.quant)}">` +
+    rows.filter(([, v]) => v).map(([k, v]) => `<tr><th>${esc(k)}</th><td>${esc(v)}</td></tr>`).join("") + "</table>";
 }
 
 function renderJobs(jobs) {
