@@ -19,7 +19,7 @@ import yaml
 from helpers import sums
 from qfine import config as C
 from qfine.studio import paths, presets, views
-from qfine.studio.runs import Metrics, listing
+from qfine.studio.runs import Metrics, best_metric, listing
 from qfine.util import runstate
 from qfine.util.errors import QfineError
 from qfine.util.lock import hold
@@ -123,6 +123,15 @@ def test_metrics_are_read_incrementally_and_again_when_the_file_is_replaced(tmp_
     os.replace(tmp, path)  # what --resume does to drop the rows after its checkpoint
     rows, v = m.rows(path)
     assert [r["step"] for r in rows] == [1] and v == 1
+
+
+def test_the_best_eval_metric_is_the_objectives_own():
+    rows = [{"step": 2, "eval_loss": 0.5}, {"step": 4, "eval_loss": 0.4, "eval_rewards/accuracies": 0.75},
+            {"step": 6, "eval_loss": 0.45, "eval_rewards/accuracies": 1.0}]
+    assert best_metric(rows) == ("eval_rewards/accuracies", 1.0)
+    assert best_metric([{"eval_loss": 0.5}, {"eval_loss": 0.4}]) == ("eval_loss", 0.4)
+    assert best_metric([{"eval_loss": 0.5, "eval_accuracy": 0.7}, {"eval_accuracy": 0.9}]) == ("eval_accuracy", 0.9)
+    assert best_metric([{"loss": 1.0}]) is None
 
 
 # ---- the form's config --------------------------------------------------------------------------

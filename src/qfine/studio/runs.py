@@ -21,9 +21,9 @@ import yaml
 from qfine.util import runstate
 
 METRICS = "metrics.jsonl"
-# the eval metrics a run is ranked by, with the direction that is better
-BEST = (("eval_loss", min), ("eval_pref_accuracy", max), ("eval_accuracy", max), ("eval_f1", max),
-        ("eval_reward", max))
+# the eval metric a run is shown by, the first it logged, with the direction that is better: a preference
+# run's pair accuracy, a classifier's accuracy or F1, else the eval loss
+BEST = (("eval_rewards/accuracies", max), ("eval_accuracy", max), ("eval_f1", max), ("eval_loss", min))
 
 
 @dataclass
