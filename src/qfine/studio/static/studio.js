@@ -36,7 +36,10 @@ class Chart {
     this.el.id = id; this.el.innerHTML = `<h4>${esc(title)}</h4>`; parent.appendChild(this.el);
     const series = [{label: "step"}, ...labels.map((l, i) => ({label: l, stroke: COLORS[i % COLORS.length],
       width: 1.5, spanGaps: true, points: {show: l.startsWith("eval") || l.includes(":eval")}}))];
-    this.plot = new uPlot({width: 420, height: 200, series, scales: {x: {time: false}}}, [[], ...labels.map(() => [])], this.el);
+    // small values (learning rates) in exponent form: uPlot's default rounds 2e-4 to 0
+    const tick = (u, vals) => vals.map((v) => (v == null ? "" : v !== 0 && Math.abs(v) < 0.01 ? v.toExponential(1) : +v.toPrecision(4)));
+    this.plot = new uPlot({width: 420, height: 200, series, scales: {x: {time: false}}, axes: [{}, {values: tick, size: 60}]},
+      [[], ...labels.map(() => [])], this.el);
     this.setPoints(0);
   }
   setPoints(n) { this.el.dataset.points = n; }
