@@ -133,10 +133,12 @@ class TrainConfig:
     objective: str = "auto"
     """What the run optimises: auto (the model head's own: sft for causal-lm, classify for seq-cls,
     seq2seq for seq2seq), or for a causal LM a preference objective: dpo, simpo or orpo on pairs
-    (prompt, chosen, rejected), kto on unpaired rows (prompt, completion, true/false label)."""
+    (prompt, chosen, rejected), kto on unpaired rows (prompt, completion, true/false label); or grpo:
+    reinforcement learning from rewards of sampled completions to prompts (train.rewards)."""
     beta: float = 0.0
     """Preference objectives: the strength beta (0: the objective's default: dpo 0.1, simpo 2.0, orpo 0.1
-    (its lambda), kto 0.1)."""
+    (its lambda), kto 0.1). GRPO: the KL coefficient to the reference (the base, adapter off); 0 (its
+    default) computes no reference."""
     simpo_gamma: float = 0.5
     """SimPO: the target reward margin gamma."""
     reference_logps: Literal["live", "precompute"] = "live"
@@ -144,6 +146,26 @@ class TrainConfig:
     precompute computes them once for every pair before training and stores them in the run
     (reference_logps.safetensors, which --resume reads instead of recomputing), so a step runs one
     forward instead of two."""
+    group_size: int = 8
+    """GRPO: completions sampled per prompt; each is scored against the mean (and spread) of its group."""
+    rewards: list[str] = field(default_factory=list)
+    """GRPO: the reward functions, each NAME[:WEIGHT]: a built-in (answer_match: the answer extracted from
+    the completion equals the row's answer column; answer_format: the completion holds <answer>…</answer>;
+    length: shorter is better) or your own FILE.py:FUNCTION, called as f(prompts, completions, **columns)
+    and returning one number per completion."""
+    grpo_loss: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    """GRPO: how token losses are normalised: grpo (per completion, then averaged), dr_grpo (by a fixed
+    length, no per-length bias), dapo (over the tokens of the whole batch), bnpo (over the local batch's tokens)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """GRPO: divide advantages by the reward spread of the group, of the batch, or not at all (Dr. GRPO)."""
+    clip_epsilon: float = 0.2
+    """GRPO: the policy ratio is clipped to [1 - epsilon, 1 + epsilon]."""
+    max_completion_len: int = 256
+    """GRPO: the longest rollout, in tokens."""
+    rollout_temperature: float = 1.0
+    """GRPO: sampling temperature of the rollouts."""
+    rollout_top_p: float = 1.0
+    """GRPO: nucleus mass of the rollouts."""
     init_adapter: str = ""
     """A run directory or adapter folder (trained on the same base, same lora settings) the new adapter
     starts from, e.g. an SFT run before DPO; with dpo or kto that adapter, frozen, is also the reference."""

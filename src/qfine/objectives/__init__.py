@@ -12,6 +12,7 @@ its entry in :data:`OBJECTIVES`.
 * ``seq2seq`` (:mod:`.seq2seq`): an encoder-decoder model maps a source text to a target text.
 * ``dpo``, ``simpo``, ``orpo``, ``kto`` (:mod:`.preference`): preference training of a causal LM, the
   reference being the same quantized base with the adapter off.
+* ``grpo`` (:mod:`.grpo`): reinforcement learning from the rewards of sampled completions (TRL's GRPOTrainer).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from __future__ import annotations
 from qfine.config import RunConfig, did_you_mean
 from qfine.objectives.base import Objective, Supports
 from qfine.objectives.classify import Classify
+from qfine.objectives.grpo import GRPO
 from qfine.objectives.preference import DPO, KTO, ORPO, SimPO
 from qfine.objectives.seq2seq import Seq2Seq
 from qfine.objectives.sft import SFT
 from qfine.util.errors import QfineError
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (SFT(), Classify(), Seq2Seq(), DPO(), SimPO(), ORPO(), KTO())}
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (SFT(), Classify(), Seq2Seq(), DPO(), SimPO(), ORPO(), KTO(),
+                                                         GRPO())}
 # the objective each model head trains when train.objective is auto
 BY_TASK = {"causal-lm": "sft", "seq-cls": "classify", "seq2seq": "seq2seq"}
 

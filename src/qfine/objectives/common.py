@@ -51,7 +51,7 @@ def training_arguments(args_cls, cfg: RunConfig, run_dir: Path, device: str, eva
     precision = resolve_precision(t.precision, device, cfg.model.compute_dtype)
     cuda = device == "cuda"  # resolve_device gives "cuda" or "cpu"
     workers = 2 if cuda and not cfg.data.streaming else 0
-    return args_cls(**_version_compat(args_cls, cfg), **dict(
+    shared = dict(
         output_dir=str(run_dir / "checkpoints"),
         max_steps=t.max_steps,
         num_train_epochs=t.epochs,
@@ -94,5 +94,5 @@ def training_arguments(args_cls, cfg: RunConfig, run_dir: Path, device: str, eva
         dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0,
         disable_tqdm=False,
-        **task_args,
-    ))
+    )
+    return args_cls(**_version_compat(args_cls, cfg), **{**shared, **task_args})  # the objective's own win

@@ -171,6 +171,14 @@ def check_resume_config(run_dir: Path, cfg: C.RunConfig) -> list[str]:
     return [f"{_name(k)} {a!r} → {b!r}" + (f" ({RESUMABLE[k]})" if RESUMABLE[k] else "") for k, a, b in changes]
 
 
+def _token_column(rows: list) -> bool:
+    """Whether a column holds ids or labels: ints, or lists of ints."""
+    first = next((r for r in rows if r is not None), None)
+    if isinstance(first, list):
+        return all(isinstance(x, int) for x in first[:8])
+    return isinstance(first, int)
+
+
 def data_record(train_ds) -> dict | None:
     """Rows, tokens and a SHA-256 of the tokenized training data (ids and labels), or None for a stream."""
     if not hasattr(train_ds, "__len__"):
@@ -183,6 +191,9 @@ def data_record(train_ds) -> dict | None:
     for batch in train_ds.iter(batch_size=4096):
         for name in columns:
             rows = batch[name]
+            if rows and not _token_column(rows):  # text or messages (a GRPO row's prompt, answer): as JSON
+                h.update(json.dumps(rows, sort_keys=True, default=str).encode())
+                continue
             if rows and not isinstance(rows[0], list):  # one label per row (seq-cls)
                 h.update(np.asarray(rows, dtype=np.int64).tobytes())
                 continue

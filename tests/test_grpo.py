@@ -1,0 +1,129 @@
+"""GRPO (``train.objective: grpo``) on the tiny 4-bit model: prompt rows, the built-in rewards, the
+user's own reward functions and their failures named, and a run through qfine train that logs the
+rewards and can be resumed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny_config, write_jsonl
+from qfine import config as C
+from qfine.objectives import rewards
+from qfine.objectives.grpo import read_prompt
+from qfine.util.errors import QfineError
+
+
+def _prompts(path: Path, n: int = 8) -> Path:
+    return write_jsonl(path, [{"prompt": f"What is {i} plus {i + 1}?", "answer": str(2 * i + 1)} for i in range(n)])
+
+
+def test_builtin_rewards_score_what_they_say():
+    comps = ["<answer>7</answer>", "It is <answer> 7.0 </answer>.", "<answer>8</answer>", "<answer>7", "seven"]
+    assert rewards.answer_match(None, comps, answer=["7"] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert rewards.answer_format(None, comps) == [1.0, 1.0, 1.0, 0.5, 0.0]
+    assert rewards.length(None, ["x" * 100, "x" * 2000]) == [0.9, 0.0]
+    conversational = [[{"role": "assistant", "content": "<answer>3</answer>"}]]
+    assert rewards.answer_match(None, conversational, answer=[3]) == [1.0]
+    with pytest.raises(QfineError, match="needs an 'answer' column"):
+        rewards.answer_match(None, comps)
+
+
+def test_reward_specs_and_the_users_own_functions(tmp_path):
+    fns = tmp_path / "my_rewards.py"
+    fns.write_text("def brevity(prompts, completions, **kw):\n    return [1.0 / (1 + len(c)) for c in completions]\n"
+                   "def boom(prompts, completions, **kw):\n    raise KeyError('score')\n"
+                   "def nan(prompts, completions, **kw):\n    return [float('nan')] * len(completions)\n"
+                   "def short(prompts, completions, **kw):\n    return [1.0]\n")
+    parsed = rewards.parse(["answer_match", "answer_format:0.5", f"{fns}:brevity:2"])
+    assert [(r.name, r.weight) for r in parsed] == [("answer_match", 1.0), ("answer_format", 0.5), ("brevity", 2.0)]
+    assert parsed[2].fn([["p"]], ["abc"]) == [0.25]
+    prompts = [[{"role": "user", "content": "What is 2 plus 3?"}]] * 2
+    for name, message in (("boom", r"reward boom raised KeyError: 'score' \(prompt: 'What is 2 plus 3\?'\)"),
+                          ("nan", r"reward nan returned nan for a completion of the prompt 'What is 2 plus 3\?'"),
+                          ("short", r"reward short returned 1 values for 2 completions")):
+        fn = rewards.parse([f"{fns}:{name}"])[0].fn
+        with pytest.raises(QfineError, match=message):
+            fn(prompts, ["a", "b"])
+    for spec, message in (([], "needs train.rewards"), (["answer_matc"], "did you mean answer_match"),
+                          ([f"{fns}:brevty"], "has no function 'brevty' .did you mean brevity"),
+                          ([f"{tmp_path}/none.py:f"], "none.py not found"), (["length:lots"], "must be a number")):
+        with pytest.raises(QfineError, match=message):
+            rewards.parse(spec)
+
+
+def test_prompt_rows_in_each_shape():
+    data = C.DataConfig(system_prompt="Be brief.")
+    assert read_prompt({"prompt": "hi", "answer": "1"}, data, "f:1") == (
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}], {"answer": "1"})
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert read_prompt({"messages": msgs}, C.DataConfig(), "f:2")[0] == [{"role": "user", "content": "q"}]
+    for row, message in (({"text": "x"}, "f:3: no prompt"), ({"prompt": 3}, "f:3: field 'prompt' must be text"),
+                         ({"prompt": "  "}, "f:3: the prompt must end with a non-empty user turn")):
+        with pytest.raises(QfineError, match=message):
+            read_prompt(row, C.DataConfig(), "f:3")
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+
+def _cli(tiny_dir, data, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "qfine", "train", "--model", str(tiny_dir), "--data", str(data), "--output-dir",
+            str(out), "--objective", "grpo", "--rewards", "answer_format,length:0.1", "--group-size", "4",
+            "--batch-size", "2", "--max-completion-len", "6", "--save-steps", "2", "--lora-r", "4",
+            "--learning-rate", "1e-2", "--report-samples", "1", *extra]
+
+
+def test_a_grpo_run_logs_its_rewards_and_resumes(tiny_dir, tmp_path):
+    """Through qfine train (a real process): 3 steps, then --resume to 4. The metrics hold the mean and
+    spread of each reward, the completion length and the clip fraction; the run's state and adapter
+    are a finished run's."""
+    data = _prompts(tmp_path / "prompts.jsonl")
+    run = tmp_path / "run"
+    first = subprocess.run(_cli(tiny_dir, data, run, "--max-steps", "3"), env=_env(), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for key in ("reward", "reward_std", "rewards/answer_format/mean", "rewards/length/mean", "completions/mean_length",
+                "clip_ratio/region_mean", "loss"):
+        assert all(isinstance(r.get(key), float) and math.isfinite(r[key]) for r in steps), key
+    assert all(0.0 <= r["rewards/length/mean"] <= 1.0 for r in steps)
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    again = subprocess.run(_cli(tiny_dir, data, run, "--max-steps", "4", "--resume"), env=_env(),
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3, 4]
+
+
+def test_a_broken_reward_function_stops_the_run_with_one_message(tiny_dir, tmp_path):
+    data = _prompts(tmp_path / "prompts.jsonl")
+    bad = tmp_path / "bad.py"
+    bad.write_text("def score(prompts, completions, answer, **kw):\n    return [int(a) / 0 for a in answer]\n")
+    args = _cli(tiny_dir, data, tmp_path / "run", "--max-steps", "2")
+    args[args.index("--rewards") + 1] = f"{bad}:score"
+    done = subprocess.run(args, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "reward score raised ZeroDivisionError: division by zero (prompt: 'What is" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
+
+
+def test_grpo_in_the_python_api(tiny_dir, tmp_path):
+    from qfine.training import train
+
+    cfg = tiny_config(tiny_dir, _prompts(tmp_path / "p.jsonl"), tmp_path / "run", objective="grpo",
+                      rewards=["answer_format"], group_size=2, batch_size=2, max_completion_len=4, max_steps=1,
+                      report_samples=0)
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("rewards/answer_format/mean" in r for r in rows)
