@@ -150,7 +150,7 @@ class TrainConfig:
     """GRPO: completions sampled per prompt; each is scored against the mean (and spread) of its group."""
     rewards: list[str] = field(default_factory=list)
     """GRPO: the reward functions, each NAME[:WEIGHT]: a built-in (answer_match: the answer extracted from
-    the completion equals the row's answer column; answer_format: the completion holds <answer>…</answer>;
+    the completion equals the row's answer column; answer_format: the completion is exactly <answer>…</answer>, partial credit for the tags among other text;
     length: shorter is better) or your own FILE.py:FUNCTION, called as f(prompts, completions, **columns)
     and returning one number per completion."""
     grpo_loss: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"

@@ -54,12 +54,20 @@ def answer_match(prompts, completions, answer=None, **columns) -> list[float]:
 
 
 def answer_format(prompts, completions, **columns) -> list[float]:
-    """1 when the whole completion is one ``<answer>…</answer>`` (text around it allowed) with content; 0.5
-    when it opens ``<answer>`` but never closes it; else 0."""
+    """1 when the completion is exactly one ``<answer>…</answer>`` with content (whitespace around it
+    allowed); 0.5 when it holds one such pair among other text; 0.25 when it opens ``<answer>`` without a
+    well-formed pair, or holds several pairs; else 0. The partial credits give a base model that never
+    writes the format exactly some signal to start from."""
     out = []
     for c in completions:
         text = text_of(c)
-        out.append(1.0 if extract_answer(text) else 0.5 if "<answer>" in text else 0.0)
+        pairs = ANSWER.findall(text)
+        if len(pairs) == 1 and pairs[0] and ANSWER.fullmatch(text.strip()):
+            out.append(1.0)
+        elif len(pairs) == 1 and pairs[0]:
+            out.append(0.5)
+        else:
+            out.append(0.25 if "<answer>" in text else 0.0)
     return out
 
 

@@ -34,12 +34,14 @@ def _num(v: float) -> str:
 
 
 def _preference(logs: dict, prefix: str) -> list[str]:
-    """A preference step's reward accuracy (%) and margin, when logged."""
+    """A preference step's reward accuracy (%) and margin, or a GRPO step's mean reward, when logged."""
     out = []
     if isinstance(logs.get(prefix + "rewards/accuracies"), (int, float)):
         out.append(f"pref acc {100 * logs[prefix + 'rewards/accuracies']:.0f}%")
     if isinstance(logs.get(prefix + "rewards/margins"), (int, float)):
         out.append(f"margin {_num(logs[prefix + 'rewards/margins'])}")
+    if isinstance(logs.get(prefix + "reward"), (int, float)):  # GRPO: the rollouts' mean reward, its spread
+        out.append(f"reward {logs[prefix + 'reward']:.3f} ± {logs.get(prefix + 'reward_std', 0.0):.3f}")
     return out
 
 
