@@ -129,34 +129,3 @@ def test_grpo_in_the_python_api(tiny_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/answer_format/mean" in r for r in rows)
 
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def held_out_rewards(target: str, prompts: list[dict], base: bool = False) -> tuple[float, float, list[str]]:
-    """Mean answer_format and answer_match rewards of greedy answers to the held-out prompts, and the answers."""
-    from qfine.generation.generate import generate
-    from qfine.generation.load import load_for_inference
-
-    loaded = load_for_inference(target, C.ModelConfig(quantization="nf4") if base else None)
-    answers = [generate(loaded, [{"role": "user", "content": p["prompt"]}], max_new_tokens=24) for p in prompts]
-    fmt = rewards.answer_format(None, answers)
-    match = rewards.answer_match(None, answers, answer=[p["answer"] for p in prompts])
-    return sum(fmt) / len(fmt), sum(match) / len(match), answers
-
-
-@pytest.mark.slow  # 24 GRPO steps on the bundled 135M model: about 5 minutes on 2 cores
-def test_grpo_teaches_the_bundled_model_an_answer_format_on_held_out_prompts(tmp_path):
-    """examples/grpo-default.yaml as a user runs it: on the held-out prompts (other numbers, another
-    question form) the answer_format reward of greedy answers goes from the base's level to >= 0.8."""
-    run = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "qfine", "train", str(ROOT / "examples" / "grpo-default.yaml"),
-                           "--output-dir", str(run), "--data", str(ROOT / "examples/data/answer-tags-train.jsonl")],
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    test = [json.loads(line) for line in (ROOT / "examples/data/answer-tags-test.jsonl").read_text().splitlines()]
-    base_fmt, base_match, base_answers = held_out_rewards("default", test, base=True)
-    fmt, match, answers = held_out_rewards(str(run), test)
-    print(f"held-out answer_format: base {base_fmt:.3f}, trained {fmt:.3f}; answer_match: base {base_match:.3f}, "
-          f"trained {match:.3f}; e.g. {answers[0]!r} (base: {base_answers[0]!r})")
-    assert fmt >= 0.8 > base_fmt

@@ -150,9 +150,10 @@ class TrainConfig:
     """GRPO: completions sampled per prompt; each is scored against the mean (and spread) of its group."""
     rewards: list[str] = field(default_factory=list)
     """GRPO: the reward functions, each NAME[:WEIGHT]: a built-in (answer_match: the answer extracted from
-    the completion equals the row's answer column; answer_format: the completion is exactly <answer>…</answer>, partial credit for the tags among other text;
-    length: shorter is better) or your own FILE.py:FUNCTION, called as f(prompts, completions, **columns)
-    and returning one number per completion."""
+    the completion equals the row's answer column; answer_format: the completion is exactly
+    <answer>…</answer>, with partial credit for the tags among other text; length: shorter is better) or
+    your own FILE.py:FUNCTION, called as f(prompts, completions, **columns) and returning one number per
+    completion."""
     grpo_loss: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
     """GRPO: how token losses are normalised: grpo (per completion, then averaged), dr_grpo (by a fixed
     length, no per-length bias), dapo (over the tokens of the whole batch), bnpo (over the local batch's tokens)."""

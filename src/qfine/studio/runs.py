@@ -22,8 +22,9 @@ from qfine.util import runstate
 
 METRICS = "metrics.jsonl"
 # the eval metric a run is shown by, the first it logged, with the direction that is better: a preference
-# run's pair accuracy, a classifier's accuracy or F1, else the eval loss
-BEST = (("eval_rewards/accuracies", max), ("eval_accuracy", max), ("eval_f1", max), ("eval_loss", min))
+# run's pair accuracy, a GRPO run's mean reward, a classifier's accuracy or F1, else the eval loss
+BEST = (("eval_rewards/accuracies", max), ("eval_reward", max), ("eval_accuracy", max), ("eval_f1", max),
+        ("eval_loss", min))
 
 
 @dataclass

@@ -348,7 +348,7 @@ async function init() {
   $("root-info").textContent = `runs: ${META.runs_root}`;
   $("f-preset").innerHTML = Object.entries(META.presets).map(([k, v]) => `<option value="${esc(k)}">${esc(v.title)}</option>`).join("");
   const choices = Object.fromEntries(META.fields.map((f) => [f.key, f.choices]));
-  $("f-train.objective").innerHTML = ["auto", "sft", "dpo", "orpo", "kto", "simpo"].map((o) => `<option>${o}</option>`).join("");
+  $("f-train.objective").innerHTML = ["auto", "sft", "dpo", "orpo", "kto", "simpo", "grpo"].map((o) => `<option>${o}</option>`).join("");
   $("f-model.quantization").innerHTML = ["nf4", "fp4", "int8", "none"].map((o) => `<option>${o}</option>`).join("");
   if (choices["model.quantization"] && choices["model.quantization"].length) $("f-model.quantization").innerHTML = choices["model.quantization"].map((o) => `<option>${o}</option>`).join("");
   $("export-quant").innerHTML = META.quants.map((q) => `<option ${q === "q8_0" ? "selected" : ""}>${q}</option>`).join("");
