@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from qfine.config import RunConfig
+from qfine.data.readers import BadRow, read_rows
 from qfine.util.errors import QfineError
 
 
@@ -96,3 +97,34 @@ def training_arguments(args_cls, cfg: RunConfig, run_dir: Path, device: str, eva
         disable_tqdm=False,
     )
     return args_cls(**_version_compat(args_cls, cfg), **{**shared, **task_args})  # the objective's own win
+
+
+def keeping_adapter_dtypes(model, build):
+    """``build()`` (a TRL trainer's constructor) with the trainable parameters' dtypes put back after it.
+
+    TRL casts the adapters of a quantized model to bf16. qfine keeps peft's fp32 adapters: with bf16
+    weights (and so bf16 AdamW moments) an update under half a bf16 ulp (~0.2% of the weight) rounds
+    away, so low-learning-rate steps late in a schedule stop moving the adapter. The arithmetic is
+    bf16 either way (autocast, and the fast path casts per GEMM)."""
+    dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    trainer = build()
+    for name, p in model.named_parameters():
+        if name in dtypes and p.dtype != dtypes[name]:
+            p.data = p.data.to(dtypes[name])
+    return trainer
+
+
+def first_usable(source: str, split: str, read, n: int) -> list:
+    """``read(row, where)`` of the first ``n`` rows of ``source`` it accepts (bad rows and rows it
+    refuses with a QfineError are passed over): the report's sample inputs."""
+    out = []
+    for where, row in read_rows(source, split):
+        if len(out) >= n:
+            break
+        if isinstance(row, BadRow):
+            continue
+        try:
+            out.append(read(row, where))
+        except QfineError:
+            continue
+    return out

@@ -22,6 +22,7 @@ from qfine.data.pipeline import DatasetStats
 from qfine.data.readers import BadRow, read_rows
 from qfine.objectives import rewards
 from qfine.objectives.base import Supports
+from qfine.objectives.common import first_usable, keeping_adapter_dtypes
 from qfine.objectives.sft import SFT
 from qfine.util.errors import QfineError
 
@@ -125,24 +126,10 @@ class GRPO(SFT):
                          temperature=t.rollout_temperature, top_p=t.rollout_top_p, beta=t.beta,
                          epsilon=t.clip_epsilon, loss_type=t.grpo_loss, scale_rewards=t.scale_rewards,
                          reward_weights=[r.weight for r in chosen], remove_unused_columns=False)
-        dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
-        trainer = GRPOTrainer(model=model, reward_funcs=[r.fn for r in chosen], args=args, train_dataset=train_ds,
-                              eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks)
-        for name, p in model.named_parameters():  # keep peft's fp32 adapters (see SFT.trainer)
-            if name in dtypes and p.dtype != dtypes[name]:
-                p.data = p.data.to(dtypes[name])
-        return trainer
+        return keeping_adapter_dtypes(model, lambda: GRPOTrainer(
+            model=model, reward_funcs=[r.fn for r in chosen], args=args, train_dataset=train_ds,
+            eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks))
 
     def sample_inputs(self, cfg: RunConfig, source: str, n: int) -> list:
         """The prompts of the first ``n`` usable rows."""
-        out = []
-        for where, row in read_rows(source, cfg.data.split):
-            if len(out) >= n:
-                break
-            if isinstance(row, BadRow):
-                continue
-            try:
-                out.append(read_prompt(row, cfg.data, where)[0])
-            except QfineError:
-                continue
-        return out
+        return first_usable(source, cfg.data.split, lambda row, where: read_prompt(row, cfg.data, where)[0], n)

@@ -16,13 +16,13 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from qfine.config import RunConfig
-from qfine.data.readers import BadRow, read_rows
 from qfine.fast import step
 from qfine.fast.loss import linear_token_logprobs
 from qfine.fast.swap import causal_lm
 from qfine.methods.lora import reference_model
 from qfine.objectives import pref_data, pref_loss, pref_reference
 from qfine.objectives.base import Supports
+from qfine.objectives.common import first_usable
 from qfine.objectives.sft import SFT
 from qfine.util.errors import QfineError
 
@@ -155,17 +155,7 @@ class Preference(SFT):
     def sample_inputs(self, cfg: RunConfig, source: str, n: int) -> list:
         """The prompts of the first ``n`` usable rows."""
         read = pref_data.read_pair if self.paired else pref_data.read_unpaired
-        out = []
-        for where, row in read_rows(source, cfg.data.split):
-            if len(out) >= n:
-                break
-            if isinstance(row, BadRow) or not isinstance(row, dict):
-                continue
-            try:
-                out.append(read(row, cfg.data, where).prompt)
-            except QfineError:
-                continue
-        return out
+        return first_usable(source, cfg.data.split, lambda row, where: read(row, cfg.data, where).prompt, n)
 
 
 class DPO(Preference):

@@ -17,6 +17,7 @@ from qfine.data.readers import BadRow, read_rows
 from qfine.generation.generate import generate
 from qfine.models.loading import Loaded
 from qfine.objectives.base import Objective, Supports
+from qfine.objectives.common import keeping_adapter_dtypes
 from qfine.objectives.graphed_trainer import QfineSFTTrainer
 from qfine.objectives.multitask import trainer_class
 from qfine.util.errors import QfineError
@@ -40,17 +41,10 @@ class SFT(Objective):
                          shuffle_dataset=not cfg.data.streaming,
                          dataset_num_proc=None,
                          remove_unused_columns=True)
-        dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
         trainer_cls = trainer_class(QfineSFTTrainer) if cfg.data.task_column else QfineSFTTrainer
-        trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                              processing_class=tokenizer, callbacks=callbacks)
-        # TRL casts the adapters of a quantized model to bf16. qfine keeps peft's fp32 adapters: with bf16
-        # weights (and so bf16 AdamW moments) an update under half a bf16 ulp (~0.2% of the weight) rounds
-        # away, so low-learning-rate steps late in a schedule stop moving the adapter. The arithmetic is
-        # bf16 either way (autocast, and the fast path casts per GEMM).
-        for name, p in model.named_parameters():
-            if name in dtypes and p.dtype != dtypes[name]:
-                p.data = p.data.to(dtypes[name])
+        trainer = keeping_adapter_dtypes(model, lambda: trainer_cls(
+            model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+            callbacks=callbacks))
         return trainer
 
     def sample_inputs(self, cfg: RunConfig, source: str, n: int) -> list:

@@ -53,8 +53,9 @@ def read_status(run_dir: str | os.PathLike) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def _held_inodes() -> set[tuple[int, int]] | None:
-    """(device, inode) of every file some process holds an flock on, from /proc/locks; None off Linux."""
+def held_locks() -> set[tuple[int, int]] | None:
+    """(device, inode) of every file some process holds an flock on, from /proc/locks; None off Linux.
+    One read serves many :func:`lock_holder` / :func:`state_of` calls."""
     try:
         text = Path("/proc/locks").read_text()
     except OSError:
@@ -90,14 +91,14 @@ def _probe_held(path: Path) -> bool:
 
 def lock_holder(target: str | os.PathLike, held: set | None = None) -> dict | None:
     """What the process writing ``target`` wrote into its lock file (pid, host, command, since), while
-    it holds the lock; None when no process holds it. ``held``: :func:`_held_inodes`' answer, to share
+    it holds the lock; None when no process holds it. ``held``: :func:`held_locks`' answer, to share
     one read of /proc/locks between many targets."""
     path = lock_path(target)
     try:
         st = path.stat()
     except OSError:
         return None
-    held = _held_inodes() if held is None else held
+    held = held_locks() if held is None else held
     if held is None or (st.st_dev, st.st_ino) not in held:
         # not listed (or no /proc/locks): a lock file outlives only a killed holder, so this is nearly
         # always a dead lock; a file system whose /proc/locks numbers differ from stat's is caught here too
@@ -127,8 +128,3 @@ def state_of(run_dir: str | os.PathLike, held: set | None = None) -> tuple[str, 
     if (run_dir / "adapter").is_dir():
         return "finished", ""
     return "unknown", "no status.json (a run made by an older qfine, or not a run)"
-
-
-def held_locks() -> set | None:
-    """One read of /proc/locks for many :func:`lock_holder` / :func:`state_of` calls."""
-    return _held_inodes()
