@@ -1,8 +1,13 @@
 """Generation on a loaded model (base + adapter, or a plain model): greedy or sampled replies to chat
-prompts, whole or streamed piece by piece."""
+prompts, whole or streamed piece by piece.
+
+Llama-family models go through :mod:`qfine.generation.engine` (static KV cache, CUDA-graphed decode,
+4-bit small-row kernel); any other model, or ``QFINE_GENERATE=transformers``, through transformers'
+``generate``. Greedy output is the same token for token (fp32; ``tests/test_engine.py``)."""
 
 from __future__ import annotations
 
+import os
 from threading import Thread
 from typing import Iterator
 
@@ -11,6 +16,7 @@ from transformers import TextIteratorStreamer
 
 from qfine import config as C
 from qfine.data.pipeline import render
+from qfine.generation import engine
 from qfine.models.loading import Loaded
 from qfine.util.errors import QfineError
 
@@ -47,6 +53,17 @@ def _gen_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p: float
     return kw
 
 
+def uses_engine(model) -> bool:
+    """Whether qfine's engine generates for ``model`` (else transformers' ``generate``)."""
+    return os.environ.get("QFINE_GENERATE", "engine") != "transformers" and engine.unsupported_reason(model) is None
+
+
+def _engine_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p: float) -> dict:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return dict(max_new_tokens=max_new_tokens, stop_ids=[tokenizer.eos_token_id], pad_id=pad,
+                temperature=temperature, top_p=top_p if temperature > 0 else 1.0)
+
+
 @torch.no_grad()
 def generate(loaded: Loaded, prompt: str | list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0) -> str:
@@ -54,6 +71,10 @@ def generate(loaded: Loaded, prompt: str | list[dict], max_new_tokens: int = 128
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     messages = with_system_prompt(messages, loaded.data)
     ids = encode_prompt(loaded.tokenizer, messages, loaded.model, max_new_tokens).to(loaded.device)
+    if uses_engine(loaded.model):
+        got = engine.generate_tokens(loaded.model, [ids[0].tolist()],
+                                     **_engine_kwargs(loaded.tokenizer, max_new_tokens, temperature, top_p))
+        return loaded.tokenizer.decode(got.tokens[0], skip_special_tokens=True)
     out = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                 **_gen_kwargs(loaded.tokenizer, max_new_tokens, temperature, top_p))
     return loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
@@ -77,6 +98,12 @@ def stream(loaded: Loaded, messages: list[dict], max_new_tokens: int = 256, temp
 
     def run():
         try:
+            if uses_engine(loaded.model):
+                streamer.put(ids.cpu())  # the prompt, which the streamer skips
+                engine.generate_tokens(loaded.model, [ids[0].tolist()], on_token=lambda t: streamer.put(t.cpu()),
+                                       **_engine_kwargs(loaded.tokenizer, max_new_tokens, temperature, top_p))
+                streamer.end()
+                return
             with torch.no_grad():
                 loaded.model.generate(**kw)
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
