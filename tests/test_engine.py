@@ -126,7 +126,7 @@ def test_qfine_generate_uses_the_engine_and_matches(tiny_dir, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("rows", [1, 5, 16, 33, 64])
 def test_gpu_4bit_kernel_equals_dequantize_then_matmul(rows):
     """matmul_4bit against bitsandbytes' dequantization then a bf16 matmul, NF4 and FP4, double
     quantization on and off, k a multiple of 64 but not of 128: within bf16 rounding of the output."""

@@ -28,7 +28,10 @@ def test_builtin_rewards_score_what_they_say():
     comps = ["<answer>7</answer>", "It is <answer> 7.0 </answer>.", " <answer>8</answer>\n", "<answer>7", "seven",
              "<answer>1</answer> is <answer>7</answer>", "<answer></answer>"]
     assert rewards.answer_match(None, comps, answer=["7"] * 7) == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    assert rewards.answer_format(None, comps) == [1.0, 0.5, 1.0, 0.25, 0.0, 0.25, 0.25]
+    assert rewards.answer_format(None, comps) == [1.0, pytest.approx(0.25 + 0.5 * 22 / 29), 1.0, 0.1, 0.0, 0.1, 0.1]
+    # less stray text around the one pair scores more
+    assert rewards.answer_format(None, ["<answer>7</answer> and more words"]) < rewards.answer_format(
+        None, ["<answer>7</answer> more"])
     assert rewards.length(None, ["x" * 100, "x" * 2000]) == [0.9, 0.0]
     conversational = [[{"role": "assistant", "content": "<answer>3</answer>"}]]
     assert rewards.answer_match(None, conversational, answer=[3]) == [1.0]

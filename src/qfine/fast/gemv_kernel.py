@@ -1,14 +1,14 @@
 """A 4-bit (bitsandbytes NF4/FP4, double quantization included) matrix product for a few rows: the
-decode step's y = x Wᵀ with x (m ≤ 16, k), W (n, k) packed, read once. CUDA only (Triton).
+decode step's y = x Wᵀ with x (m ≤ 64, k), W (n, k) packed, read once. CUDA only (Triton).
 
-At decode time a projection multiplies 1 to 16 token vectors by a weight read from memory, so its cost
+At decode time a projection multiplies 1 to 64 token vectors (a batch of sequences, one token each) by a weight read from memory, so its cost
 is the bytes of W: 0.5 per weight here against 2 for a dequantized bf16 copy, which bitsandbytes'
 ``matmul_4bit`` writes and reads again for more than one row. Each program reads a (BLOCK_N, BLOCK_K)
 tile of packed codes (two per byte, high nibble first, row-major as bitsandbytes stores them), maps them
 through the 16-entry code book, scales each block of BLOCKSIZE weights by its absmax (with double
 quantization: code8[q8]·absmax2 + offset, in fp32 as bitsandbytes computes it), rounds the weights to the
 activation dtype — the values bitsandbytes' dequantization gives — and accumulates the tile product in
-fp32 (tensor cores, rows padded to 16). The k range is split across programs so that even a 4096-row
+fp32 (tensor cores, rows padded to 16, 32 or 64). The k range is split across programs so that even a 4096-row
 weight keeps every SM streaming; the partial sums (split, m, n) fp32 are added in a fixed order after,
 so the result does not depend on scheduling.
 
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 16
+MAX_ROWS = 64
 _BLOCK_N, _BLOCK_K = 64, 128
 
 
@@ -106,7 +106,8 @@ def matmul_4bit(x: torch.Tensor, weight) -> torch.Tensor:
     blocksize2 = state.state2.blocksize if nested else 256
     _gemv4_kernel[(triton.cdiv(n, _BLOCK_N), splits)](
         x2, weight.data, state.code, absmax_q, code8, absmax2, offset, part, m, n, k, per, x2.stride(0),
-        BLOCKSIZE=state.blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCK_M=MAX_ROWS, BLOCK_N=_BLOCK_N,
+        BLOCKSIZE=state.blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCK_M=max(16, triton.next_power_of_2(m)),
+        BLOCK_N=_BLOCK_N,
         BLOCK_K=_BLOCK_K, num_warps=4)
     y = part[0] if splits == 1 else part.sum(0)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -11,7 +11,7 @@ weights with:
   before j and j is at or before the current slot);
 * on CUDA, the decode step **replayed as a CUDA graph** (one launch per step, no Python per layer), and
   the 4-bit projections through :func:`qfine.fast.gemv_kernel.matmul_4bit` (W read once, 0.5 byte per
-  weight) when a step has at most 16 rows;
+  weight) when a step has at most 64 rows;
 * the adapter **unmerged**: y = base(x) + s·(x Aᵀ)Bᵀ reads the live A and B, so a policy that keeps
   training between rollouts is sampled as it is now, and there is no second copy of the weights.
 

@@ -55,9 +55,10 @@ def answer_match(prompts, completions, answer=None, **columns) -> list[float]:
 
 def answer_format(prompts, completions, **columns) -> list[float]:
     """1 when the completion is exactly one ``<answer>…</answer>`` with content (whitespace around it
-    allowed); 0.5 when it holds one such pair among other text; 0.25 when it opens ``<answer>`` without a
-    well-formed pair, or holds several pairs; else 0. The partial credits give a base model that never
-    writes the format exactly some signal to start from."""
+    allowed). One such pair among other text scores 0.25 + 0.5 · (characters of the pair / characters of
+    the stripped completion), between 0.25 and 0.75: less stray text is worth more, which leads a model
+    that keeps writing after its answer toward stopping there. 0.1 when it opens ``<answer>`` without a
+    well-formed pair, or holds several pairs (several pairs are how this reward gets gamed); else 0."""
     out = []
     for c in completions:
         text = text_of(c)
@@ -65,9 +66,9 @@ def answer_format(prompts, completions, **columns) -> list[float]:
         if len(pairs) == 1 and pairs[0] and ANSWER.fullmatch(text.strip()):
             out.append(1.0)
         elif len(pairs) == 1 and pairs[0]:
-            out.append(0.5)
+            out.append(0.25 + 0.5 * len(ANSWER.search(text).group(0)) / len(text.strip()))
         else:
-            out.append(0.25 if "<answer>" in text else 0.0)
+            out.append(0.1 if "<answer>" in text else 0.0)
     return out
 
 
