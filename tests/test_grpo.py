@@ -107,6 +107,16 @@ def test_a_grpo_run_logs_its_rewards_and_resumes(tiny_dir, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3, 4]
+    # qfine eval on a GRPO run: each reward's mean over greedy replies, and their weighted sum
+    ev = subprocess.run([sys.executable, "-m", "qfine", "eval", str(run), "--data", str(data), "--limit", "4",
+                         "--output", "json"], env=_env(), capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    got = json.loads(ev.stdout)
+    assert got["examples"] == 4 and list(got["results"]) == ["base", "base+adapter", "merged"]
+    for r in got["results"].values():
+        assert r["reward"] == pytest.approx(r["rewards/answer_format"] + 0.1 * r["rewards/length"])
+        assert 0.0 < r["rewards/length"] < 1.0
+    assert got["results"]["merged"]["reward"] == pytest.approx(got["results"]["base+adapter"]["reward"], abs=1e-9)
 
 
 def test_a_broken_reward_function_stops_the_run_with_one_message(tiny_dir, tmp_path):
@@ -125,12 +135,17 @@ def test_a_broken_reward_function_stops_the_run_with_one_message(tiny_dir, tmp_p
 def test_grpo_in_the_python_api(tiny_dir, tmp_path):
     from qfine.training import train
 
+    fixed = tmp_path / "fixed.py"
+    fixed.write_text("def three_quarters(prompts, completions, **kw):\n    return [0.75] * len(completions)\n")
     cfg = tiny_config(tiny_dir, _prompts(tmp_path / "p.jsonl"), tmp_path / "run", objective="grpo",
-                      rewards=["answer_format"], group_size=2, batch_size=2, max_completion_len=4, max_steps=1,
-                      report_samples=0)
+                      rewards=["answer_format", f"{fixed}:three_quarters:2"], group_size=2, batch_size=2,
+                      max_completion_len=4, max_steps=1, report_samples=0)
     train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    means = [r["rewards/answer_format/mean"] for r in rows if "rewards/answer_format/mean" in r]
-    # one step of 2 prompts x 2 completions: a mean of 4 scores, each a multiple of 1/4
-    assert len(means) == 1 and 0.0 <= means[0] <= 1.0 and abs(means[0] * 16 - round(means[0] * 16)) < 1e-9
+    (step,) = [r for r in rows if "rewards/answer_format/mean" in r]
+    # one step of 2 prompts x 2 completions: the fixed reward's mean is its value, and the logged reward
+    # the weighted sum of the two means
+    assert step["rewards/three_quarters/mean"] == pytest.approx(0.75)
+    assert 0.0 <= step["rewards/answer_format/mean"] <= 1.0
+    assert step["reward"] == pytest.approx(step["rewards/answer_format/mean"] + 2 * 0.75)
 

@@ -46,6 +46,9 @@ def cmd_eval(ns) -> None:
                                    max_seq_len=ns.max_seq_len or loaded.data.max_seq_len, task_column="")
         if not head_of(loaded.task).chat:
             return _eval_task_run(ns, loaded, data)
+        train = C.load_yaml(f"{ns.target}/config.yaml").train
+        if train.objective == "grpo":
+            return _eval_rewards(ns, loaded, data, train)
         from qfine.objectives.pref_data import row_kind
 
         if row_kind(ns.data, data) == "pairs":
@@ -94,6 +97,23 @@ def _eval_task_run(ns, loaded, data, kind: str | None = None) -> None:
         print(confusion_table(confusion, loaded.labels))
 
 
+
+
+def _eval_rewards(ns, loaded, data, train) -> None:
+    """qfine eval for a GRPO run: the mean of each of its rewards over greedy replies to the prompts of
+    --data (up to --max-new-tokens, default the run's max_completion_len), base / base+adapter / merged."""
+    from qfine.evaluation.run import format_table
+    from qfine.evaluation.tasks import compare_rewards
+    from qfine.objectives import rewards
+
+    rows, n, _ = compare_rewards(loaded, ns.data, data, rewards.parse(train.rewards),
+                                 ns.max_new_tokens or train.max_completion_len, ns.limit)
+    if ns.output == "json":
+        json.dump({"target": ns.target, "data": ns.data, "examples": n, "results": rows}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    print(f"{ns.target} on {ns.data} ({n} prompts, greedy replies)")
+    print(format_table(rows, "model"))
 
 
 def register(sub) -> None:

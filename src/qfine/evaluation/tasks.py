@@ -5,7 +5,8 @@ one load.
 seq-cls scores accuracy and macro-F1 (0–100) and gives the confusion matrix of base + adapter;
 seq2seq generates with the run's generation settings and scores ROUGE-L / BLEU / chrF; pairs
 (prompt, chosen, rejected) score the preference accuracy (the share of pairs whose chosen reply the
-model gives a higher log-probability than the rejected one, %) and the mean margin of the two (nats).
+model gives a higher log-probability than the rejected one, %) and the mean margin of the two (nats);
+a GRPO run's prompts score the mean of each of its rewards, and their weighted sum, over greedy replies.
 """
 
 from __future__ import annotations
@@ -90,6 +91,60 @@ def compare_preference(loaded: Loaded, spec, data, metrics: list[str], limit: in
         margins = pair_margins(loaded.model, loaded.tokenizer, rows)
         return {"pref_accuracy": 100.0 * sum(m > 0 for m in margins) / len(margins),
                 "margin": sum(margins) / len(margins), "seconds": time.perf_counter() - t0}
+
+    return three_rows(loaded.model, score), len(rows), None
+
+
+def greedy_replies(model, tokenizer, prompt_ids: list[list[int]], max_new: int, batch_size: int = 16) -> list[str]:
+    """The greedy reply text to each prompt (token ids), batched through qfine's engine where it serves
+    the model, else one ``generate`` call per prompt."""
+    from qfine.generation import engine
+    from qfine.generation.generate import uses_engine
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for i in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[i: i + batch_size]
+        if uses_engine(model):
+            tokens = engine.generate_tokens(model, chunk, max_new, [tokenizer.eos_token_id], pad).tokens
+        else:
+            device = next(model.parameters()).device
+            tokens = []
+            for p in chunk:
+                ids = torch.tensor([p], device=device)
+                with torch.no_grad():
+                    got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                         do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                tokens.append(got[0, len(p):].tolist())
+        out += [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    return out
+
+
+def compare_rewards(loaded: Loaded, spec, data, rewards: list, max_new: int, limit: int | None = None):
+    """``(rows, number of prompts, None)``: each reward's mean (``rewards/NAME``) and the weighted sum
+    (``reward``) over greedy replies of up to ``max_new`` tokens to the prompt rows of ``spec``, for
+    base / base + adapter / merged. ``rewards``: :class:`qfine.objectives.rewards.Reward` entries."""
+    from qfine.data.pipeline import DatasetStats
+    from qfine.objectives.grpo import prompt_rows
+
+    rows = prompt_rows(spec, loaded.tokenizer, data, DatasetStats())
+    rows = rows[:limit] if limit else rows
+    if not rows:
+        raise QfineError(f"{spec}: no usable prompt rows")
+    prompts = [r["prompt"] for r in rows]
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("prompt", "prompt_ids")}
+
+    def score():
+        t0 = time.perf_counter()
+        replies = greedy_replies(loaded.model, loaded.tokenizer, [r["prompt_ids"] for r in rows], max_new)
+        completions = [[{"role": "assistant", "content": t}] for t in replies]
+        got, total = {}, [0.0] * len(rows)
+        for r in rewards:
+            values = r.fn(prompts, completions, **columns)
+            scored = [v for v in values if v is not None]
+            got[f"rewards/{r.name}"] = sum(scored) / len(scored) if scored else float("nan")
+            total = [t + r.weight * (v or 0.0) for t, v in zip(total, values)]
+        return {"reward": sum(total) / len(total), **got, "seconds": time.perf_counter() - t0}
 
     return three_rows(loaded.model, score), len(rows), None
 

@@ -58,7 +58,9 @@ def read_prompt(row, data: DataConfig, where: str) -> tuple[list[dict], dict]:
     return messages, extra
 
 
-def _rows(path: str, tokenizer, data: DataConfig, stats: DatasetStats) -> list[dict]:
+def prompt_rows(path: str, tokenizer, data: DataConfig, stats: DatasetStats) -> list[dict]:
+    """The usable prompt rows of ``path``: ``prompt`` (messages), ``prompt_ids`` and the other columns
+    (every row with every column, None where absent); bad rows per ``data.on_bad_rows``."""
     out = []
     for where, row in read_rows(path, data.split):
         try:
@@ -90,12 +92,12 @@ def datasets(tokenizer, cfg: RunConfig):
     if not data.path:
         raise QfineError("data.path: a file of prompts is needed (--data FILE)")
     stats = DatasetStats()
-    train = _rows(data.path, tokenizer, data, stats)
+    train = prompt_rows(data.path, tokenizer, data, stats)
     if not train:
         raise QfineError(f"{data.path}: no usable prompt rows")
     held = []
     if data.eval_path:
-        held = _rows(data.eval_path, tokenizer, data, DatasetStats())
+        held = prompt_rows(data.eval_path, tokenizer, data, DatasetStats())
     elif data.eval_ratio > 0:
         order = list(range(len(train)))
         random.Random(cfg.train.seed).shuffle(order)
