@@ -78,3 +78,17 @@ def test_shutdown_workers_stops_a_persistent_loaders_workers_at_once():
     assert all(w.is_alive() for w in workers)
     torch_compat.shutdown_workers(loader)
     assert not any(w.is_alive() for w in workers) and loader._iterator is None
+
+
+def test_trl_grpo_generation_method_and_metrics():
+    """GRPOTrainer still generates through the method qfine's GRPO trainer overrides, with the parameters
+    it passes on, and still averages its rollout metrics from ``_metrics``."""
+    from trl import GRPOTrainer
+
+    from qfine.compat import trl as trl_compat
+
+    method = getattr(GRPOTrainer, trl_compat.GRPO_GENERATE)
+    assert tuple(inspect.signature(method).parameters)[1:] == trl_compat.GRPO_GENERATE_PARAMS
+    assert f"self.{trl_compat.GRPO_GENERATE}(" in inspect.getsource(GRPOTrainer._generate)
+    assert "self._metrics = {" in inspect.getsource(GRPOTrainer.__init__)
+    assert 'self._metrics[mode]["completions/mean_length"]' in inspect.getsource(GRPOTrainer._generate)

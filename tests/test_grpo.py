@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,11 @@ def test_a_grpo_run_logs_its_rewards_and_resumes(tiny_dir, tmp_path):
                 "clip_ratio/region_mean", "loss"):
         assert all(isinstance(r.get(key), float) and math.isfinite(r[key]) for r in steps), key
     assert all(0.0 <= r["rewards/length/mean"] <= 1.0 for r in steps)
+    assert all(r["rollout_tokens_per_s"] > 0 for r in steps)
+    report = (run / "report.html").read_text()
+    assert "Rewards of the rollouts" in report and "Rollout against training throughput" in report
+    assert "rollout reward first → last" in report
+    assert re.search(r"\[answer_format \d\.\d\d  length 0\.9\d\]", report)  # a sample's reply with its scores
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     again = subprocess.run(_cli(tiny_dir, data, run, "--max-steps", "4", "--resume"), env=_env(),

@@ -95,31 +95,6 @@ def compare_preference(loaded: Loaded, spec, data, metrics: list[str], limit: in
     return three_rows(loaded.model, score), len(rows), None
 
 
-def greedy_replies(model, tokenizer, prompt_ids: list[list[int]], max_new: int, batch_size: int = 16) -> list[str]:
-    """The greedy reply text to each prompt (token ids), batched through qfine's engine where it serves
-    the model, else one ``generate`` call per prompt."""
-    from qfine.generation import engine
-    from qfine.generation.generate import uses_engine
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = []
-    for i in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[i: i + batch_size]
-        if uses_engine(model):
-            tokens = engine.generate_tokens(model, chunk, max_new, [tokenizer.eos_token_id], pad).tokens
-        else:
-            device = next(model.parameters()).device
-            tokens = []
-            for p in chunk:
-                ids = torch.tensor([p], device=device)
-                with torch.no_grad():
-                    got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                         do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-                tokens.append(got[0, len(p):].tolist())
-        out += [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
-    return out
-
-
 def compare_rewards(loaded: Loaded, spec, data, rewards: list, max_new: int, limit: int | None = None):
     """``(rows, number of prompts, None)``: each reward's mean (``rewards/NAME``) and the weighted sum
     (``reward``) over greedy replies of up to ``max_new`` tokens to the prompt rows of ``spec``, for
@@ -136,6 +111,8 @@ def compare_rewards(loaded: Loaded, spec, data, rewards: list, max_new: int, lim
 
     def score():
         t0 = time.perf_counter()
+        from qfine.generation.generate import greedy_replies
+
         replies = greedy_replies(loaded.model, loaded.tokenizer, [r["prompt_ids"] for r in rows], max_new)
         completions = [[{"role": "assistant", "content": t}] for t in replies]
         got, total = {}, [0.0] * len(rows)

@@ -80,6 +80,28 @@ def generate(loaded: Loaded, prompt: str | list[dict], max_new_tokens: int = 128
     return loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def greedy_replies(model, tokenizer, prompt_ids: list[list[int]], max_new: int, batch_size: int = 16) -> list[str]:
+    """The greedy reply text to each prompt (token ids), batched through qfine's engine where it serves
+    the model, else one ``generate`` call per prompt."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for i in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[i: i + batch_size]
+        if uses_engine(model):
+            tokens = engine.generate_tokens(model, chunk, max_new, [tokenizer.eos_token_id], pad).tokens
+        else:
+            device = next(model.parameters()).device
+            tokens = []
+            for p in chunk:
+                ids = torch.tensor([p], device=device)
+                with torch.no_grad():
+                    got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                         do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                tokens.append(got[0, len(p):].tolist())
+        out += [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    return out
+
+
 def stream(loaded: Loaded, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
            top_p: float = 1.0) -> Iterator[str]:
     """Yield the reply to ``messages`` piece by piece as it is generated.

@@ -77,6 +77,57 @@ def _plots(rows: list[dict]) -> list[tuple[str, str]]:
         out.append((caption, _png(fig)))
         plt.close(fig)
     out += _preference_plots(series, plt)
+    out += _grpo_plots(series, plt, rows)
+    return out
+
+
+def _grpo_plots(series, plt, rows: list[dict]) -> list[tuple[str, str]]:
+    """A GRPO run's rewards (the weighted sum with its spread, each reward's mean, eval as dots), completion
+    lengths, KL, clipped fraction, and rollout against training throughput."""
+    if not series("reward")[0]:
+        return []
+    out = []
+
+    def figure(caption, lines, ylabel=""):
+        fig, ax = plt.subplots(figsize=(6.4, 2.6))
+        for key, label, style in lines:
+            x, y = series(key)
+            if x:
+                ax.plot(x, y, style, lw=1.4, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        out.append((caption, _png(fig)))
+        plt.close(fig)
+
+    names = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    x, y = series("reward")
+    spread = dict(zip(*series("reward_std")))
+    ax.plot(x, y, lw=1.8, color="#1f77b4", label="reward (weighted sum)")
+    ax.fill_between(x, [v - spread.get(s, 0.0) for s, v in zip(x, y)], [v + spread.get(s, 0.0) for s, v in zip(x, y)],
+                    color="#1f77b4", alpha=0.15, label="± spread")
+    for name in names:
+        ax.plot(*series(f"rewards/{name}/mean"), lw=1.1, label=name)
+    ex, ey = series("eval_reward")
+    if ex:
+        ax.plot(ex, ey, "o-", lw=1.2, color="#d62728", label="eval reward")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out.append(("Rewards of the rollouts (mean over the step's completions)", _png(fig)))
+    plt.close(fig)
+    figure("Completion length (tokens)", [("completions/mean_length", "mean", "-"),
+                                         ("completions/max_length", "max", "--")], "tokens")
+    figure("Completions cut at max_completion_len (fraction)", [("completions/clipped_ratio", "clipped", "-")])
+    if series("kl")[0]:
+        figure("KL to the reference (adapter off)", [("kl", "kl", "-")], "nats/token")
+    figure("Ratio clipped (fraction of tokens)", [("clip_ratio/region_mean", "region", "-"),
+                                                 ("clip_ratio/low_mean", "low", "--"),
+                                                 ("clip_ratio/high_mean", "high", ":")])
+    figure("Rollout against training throughput (tokens/s)", [("rollout_tokens_per_s", "rollout (generated)", "-"),
+                                                              ("tokens_per_s", "training", "-")], "tokens/s")
     return out
 
 
@@ -141,6 +192,13 @@ def _cards(rows: list[dict], facts: ReportFacts) -> list[tuple[str, str]]:
         cards.append(("eval preference accuracy start → last",
                       f"{100 * accuracy[0]['eval_rewards/accuracies']:.0f} % → "
                       f"{100 * accuracy[-1]['eval_rewards/accuracies']:.0f} %"))
+    rewards = [r for r in train if isinstance(r.get("reward"), (int, float))]
+    if rewards:
+        cards.append(("rollout reward first → last", f"{rewards[0]['reward']:.3f} → {rewards[-1]['reward']:.3f}"))
+    eval_rewards = [r for r in rows if isinstance(r.get("eval_reward"), (int, float))]
+    if eval_rewards:
+        cards.append(("eval reward start → last", f"{eval_rewards[0]['eval_reward']:.3f} → "
+                                                  f"{eval_rewards[-1]['eval_reward']:.3f}"))
     if tps:
         cards.append(("throughput (median)", f"{statistics.median(tps):,.0f} tokens/s"))
     if "train_runtime" in final:
