@@ -100,17 +100,20 @@ def training_arguments(args_cls, cfg: RunConfig, run_dir: Path, device: str, eva
 
 
 def keeping_adapter_dtypes(model, build):
-    """``build()`` (a TRL trainer's constructor) with the trainable parameters' dtypes put back after it.
+    """``build()`` (a TRL trainer's constructor) with the trainable parameters as they were before it:
+    the same tensors, so the same dtype and the same values.
 
     TRL casts the adapters of a quantized model to bf16. qfine keeps peft's fp32 adapters: with bf16
     weights (and so bf16 AdamW moments) an update under half a bf16 ulp (~0.2% of the weight) rounds
-    away, so low-learning-rate steps late in a schedule stop moving the adapter. The arithmetic is
-    bf16 either way (autocast, and the fast path casts per GEMM)."""
-    dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    away, so low-learning-rate steps late in a schedule stop moving the adapter. Putting the original
+    tensors back (not a cast of the bf16 copy) also keeps an adapter loaded before training
+    (``--init-adapter``) bit for bit. The arithmetic is bf16 either way (autocast, and the fast path
+    casts per GEMM)."""
+    before = {name: p.data for name, p in model.named_parameters() if p.requires_grad}
     trainer = build()
     for name, p in model.named_parameters():
-        if name in dtypes and p.dtype != dtypes[name]:
-            p.data = p.data.to(dtypes[name])
+        if name in before and p.data is not before[name]:
+            p.data = before[name]
     return trainer
 
 
