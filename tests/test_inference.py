@@ -68,13 +68,15 @@ def test_sampling_is_seeded_and_differs_from_greedy(tiny_dir):
     assert a != generate(loaded, "Hi", max_new_tokens=12)
 
 
-def test_chat_survives_a_generation_that_raises(tiny_dir):
+def test_chat_survives_a_generation_that_raises(tiny_dir, monkeypatch):
     """Generation runs in a thread feeding a streamer; if it raises, chat must neither hang waiting
     for text nor end the session: the turn reports the error and the next one works."""
     import threading
 
+    from qfine.generation import engine
+
     loaded = load_for_inference(str(tiny_dir))
-    real = loaded.model.generate
+    real = engine.generate_tokens
     calls = []
 
     def flaky(*args, **kwargs):
@@ -83,7 +85,7 @@ def test_chat_survives_a_generation_that_raises(tiny_dir):
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(*args, **kwargs)
 
-    loaded.model.generate = flaky
+    monkeypatch.setattr(engine, "generate_tokens", flaky)
     out = io.StringIO()
     t = threading.Thread(target=chat, args=(loaded, 6), kwargs=dict(stdin=io.StringIO("Hi\nHi\n/exit\n"), stdout=out),
                          daemon=True)
@@ -92,7 +94,7 @@ def test_chat_survives_a_generation_that_raises(tiny_dir):
     assert not t.is_alive(), "chat hung after a failed generation"
     text = out.getvalue()
     assert "[generation failed: RuntimeError: CUDA out of memory (simulated)]" in text
-    del loaded.model.generate
+    assert len(calls) == 2
     assert text.endswith(generate(loaded, "Hi", max_new_tokens=6) + "\n> \n")
 
 
