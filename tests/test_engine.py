@@ -129,7 +129,8 @@ def test_qfine_generate_uses_the_engine_and_matches(tiny_dir, monkeypatch):
 @pytest.mark.parametrize("rows", [1, 5, 16, 33, 64])
 def test_gpu_4bit_kernel_equals_dequantize_then_matmul(rows):
     """matmul_4bit against bitsandbytes' dequantization then a bf16 matmul, NF4 and FP4, double
-    quantization on and off, k a multiple of 64 but not of 128: within bf16 rounding of the output."""
+    quantization on and off, k a multiple of 64 but not of 128, with and without an adapter's product:
+    within bf16 rounding of the output."""
     import bitsandbytes as bnb
 
     from qfine.fast.gemv_kernel import matmul_4bit, usable
@@ -144,6 +145,12 @@ def test_gpu_4bit_kernel_equals_dequantize_then_matmul(rows):
         got = matmul_4bit(x, w).float()
         err = (got - want).abs().max() / want.abs().max()
         assert err < 8e-3, (n, k, qt, nested, err.item())
+        # with an adapter's product (r = 16 and r = 8) added in fp32
+        for r in (16, 8):
+            xa, b = torch.randn(rows, r, device="cuda"), torch.randn(n, r, device="cuda") * 0.5
+            both = matmul_4bit(x, w, (xa, b, 2.0)).float()
+            want_both = want + 2.0 * xa @ b.t()
+            assert ((both - want_both).abs().max() / want_both.abs().max()) < 8e-3
 
 
 @pytest.mark.gpu

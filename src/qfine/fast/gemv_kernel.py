@@ -27,8 +27,9 @@ _BLOCK_N, _BLOCK_K = 64, 128
 
 @triton.jit
 def _gemv4_kernel(x, packed, code4, absmax_q, code8, absmax2, offset, part, m, n, k, k_per_split: tl.constexpr,
-                  stride_xm, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  stride_xm, xa, lora_b, scale, r, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                  NESTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  LORA: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
@@ -54,12 +55,19 @@ def _gemv4_kernel(x, packed, code4, absmax_q, code8, absmax2, offset, part, m, n
         else:
             amax = tl.load(absmax_q + blk, mask=blk_ok, other=0.0)
         w = tl.reshape(w, (BLOCK_N, BLOCK_K // BLOCKSIZE, BLOCKSIZE)) * amax[:, :, None]
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(x.dtype.element_ty)
         rk = k0 + tl.arange(0, BLOCK_K)
+        w = tl.where(rk[None, :] < k_end, tl.reshape(w, (BLOCK_N, BLOCK_K)), 0.0).to(x.dtype.element_ty)
         xs = tl.load(x + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < m) & (rk[None, :] < k_end),
                      other=0.0)
-        w = tl.where(rk[None, :] < k_end, w, 0.0)
         acc += tl.dot(xs, tl.trans(w))
+    if LORA:
+        if pid_k == 0:  # the adapter's s·(x Aᵀ) Bᵀ, in fp32, added once (by the first k split)
+            rr = tl.arange(0, BLOCK_R)
+            xar = tl.load(xa + rm[:, None] * r + rr[None, :], mask=(rm[:, None] < m) & (rr[None, :] < r),
+                          other=0.0).to(tl.float32)
+            br = tl.load(lora_b + rn[:, None] * r + rr[None, :], mask=n_ok[:, None] & (rr[None, :] < r),
+                         other=0.0).to(tl.float32)
+            acc += tl.dot(xar, tl.trans(br), input_precision="ieee") * scale
     out = part + pid_k.to(tl.int64) * m * n + rm[:, None] * n + rn[None, :]
     tl.store(out, acc, mask=(rm[:, None] < m) & n_ok[None, :])
 
@@ -84,8 +92,10 @@ def _splits(n: int, k: int, device: torch.device) -> int:
     return max(1, min(want, k // _BLOCK_K))
 
 
-def matmul_4bit(x: torch.Tensor, weight) -> torch.Tensor:
-    """x (..., k) @ Wᵀ for a bitsandbytes ``Params4bit`` W (n, k): (..., n) in x's dtype.
+def matmul_4bit(x: torch.Tensor, weight, lora: tuple | None = None) -> torch.Tensor:
+    """x (..., k) @ Wᵀ for a bitsandbytes ``Params4bit`` W (n, k): (..., n) in x's dtype; with ``lora`` =
+    (xa (rows, r), B (n, r), s), plus s · xa Bᵀ, accumulated in fp32 with the product before the one
+    rounding to x's dtype (xa = x Aᵀ, computed by the caller in the adapter's dtype).
 
     Requires :func:`usable`. Capturable in a CUDA graph (no host synchronisation, fixed launch shape)."""
     state = weight.quant_state
@@ -104,10 +114,14 @@ def matmul_4bit(x: torch.Tensor, weight) -> torch.Tensor:
     absmax2 = state.state2.absmax if nested else state.absmax
     offset = state.offset if nested else state.absmax
     blocksize2 = state.state2.blocksize if nested else 256
+    xa, lora_b, scale = lora if lora is not None else (x2, x2, 0.0)
+    r = xa.shape[-1] if lora is not None else 1
+    if lora is not None:
+        xa, lora_b = xa.reshape(m, r).contiguous(), lora_b.contiguous()
     _gemv4_kernel[(triton.cdiv(n, _BLOCK_N), splits)](
-        x2, weight.data, state.code, absmax_q, code8, absmax2, offset, part, m, n, k, per, x2.stride(0),
-        BLOCKSIZE=state.blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCK_M=max(16, triton.next_power_of_2(m)),
-        BLOCK_N=_BLOCK_N,
-        BLOCK_K=_BLOCK_K, num_warps=4)
+        x2, weight.data, state.code, absmax_q, code8, absmax2, offset, part, m, n, k, per, x2.stride(0), xa, lora_b,
+        float(scale), r, BLOCKSIZE=state.blocksize, BLOCKSIZE2=blocksize2, NESTED=nested,
+        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, LORA=lora is not None,
+        BLOCK_R=max(16, triton.next_power_of_2(r)), num_warps=4)
     y = part[0] if splits == 1 else part.sum(0)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -13,7 +13,8 @@ weights with:
   the 4-bit projections through :func:`qfine.fast.gemv_kernel.matmul_4bit` (W read once, 0.5 byte per
   weight) when a step has at most 64 rows;
 * the adapter **unmerged**: y = base(x) + s·(x Aᵀ)Bᵀ reads the live A and B, so a policy that keeps
-  training between rollouts is sampled as it is now, and there is no second copy of the weights.
+  training between rollouts is sampled as it is now, and there is no second copy of the weights. In the
+  4-bit kernel the adapter's product is added to the base's in fp32 before the one rounding.
 
 Positions follow transformers' ``generate`` for left padding (a sequence's first real token is at 0),
 so greedy output is token-identical on the CPU in fp32 (``tests/test_engine.py``). A model this engine
@@ -48,6 +49,8 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
         return f"model type {kind!r} is not one of {', '.join(FAMILIES)}"
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return "sliding-window attention"
+    if not isinstance(getattr(lm, "lm_head", None), torch.nn.Module):
+        return "no language-model head (lm_head)"
     inner = getattr(lm, "model", None)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or not hasattr(inner, "rotary_emb"):
@@ -79,20 +82,27 @@ class _Linear:
             w = getattr(self.base, "weight", None)
             self.packed = w if getattr(w, "quant_state", None) is not None else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cast: dict | None = None) -> torch.Tensor:
+        """y (…, out) for x (…, in). ``cast``: x already converted to other dtypes, by dtype, shared by the
+        projections that read the same x (and filled here)."""
         if not self.plain:
             return self.module(x)
+        xa = None
+        if self.a is not None:  # as peft: the LoRA input in the adapter's dtype
+            cast = {} if cast is None else cast
+            xc = cast.get(self.a.dtype)
+            if xc is None:
+                xc = cast[self.a.dtype] = x.to(self.a.dtype)
+            xa = F.linear(xc, self.a)
         if self.packed is not None and _small_rows(x, self.packed):
             from qfine.fast.gemv_kernel import matmul_4bit  # Triton: CUDA only
 
-            y = matmul_4bit(x, self.packed)
-            if self.base.bias is not None:
-                y = y + self.base.bias.to(y.dtype)
-        else:
-            y = self.base(x)
-        if self.a is not None:  # as peft's forward: the LoRA term in the adapter's dtype, cast back, added
-            lora = F.linear(F.linear(x.to(self.a.dtype), self.a), self.b) * self.scale
-            y = y + lora.to(y.dtype)
+            # base and adapter products summed in fp32 inside the kernel, rounded once
+            y = matmul_4bit(x, self.packed, None if xa is None else (xa, self.b, self.scale))
+            return y if self.base.bias is None else y + self.base.bias.to(y.dtype)
+        y = self.base(x)
+        if xa is not None:  # as peft's forward: the LoRA term in the adapter's dtype, cast back, added
+            y = y + (F.linear(xa, self.b) * self.scale).to(y.dtype)
         return y
 
 
@@ -190,9 +200,10 @@ class Decoder:
         h = self.embed(ids)
         for i, layer in enumerate(self.layers):
             x = layer.ln1(h)
-            q = layer.q(x).view(b, t, self.heads, self.head_dim)
-            k = layer.k(x).view(b, t, self.kv_heads, self.head_dim)
-            v = layer.v(x).view(b, t, self.kv_heads, self.head_dim)
+            cast: dict = {}
+            q = layer.q(x, cast).view(b, t, self.heads, self.head_dim)
+            k = layer.k(x, cast).view(b, t, self.kv_heads, self.head_dim)
+            v = layer.v(x, cast).view(b, t, self.kv_heads, self.head_dim)
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -205,7 +216,8 @@ class Decoder:
             out = out.view(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
             h = h + layer.o(out)
             x = layer.ln2(h)
-            h = h + layer.down(layer.act(layer.gate(x)) * layer.up(x))
+            cast = {}
+            h = h + layer.down(layer.act(layer.gate(x, cast)) * layer.up(x, cast))
         return self.head(self.norm(h[:, -1:]))[:, 0].float()
 
     def prefill(self, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
