@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qfine.fast import ops
 from qfine.fast.lora import describe_proj
-from qfine.fast.swap import causal_lm
+from qfine.fast.swap import _eps, causal_lm
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 _PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
@@ -114,10 +115,35 @@ def _small_rows(x: torch.Tensor, weight) -> bool:
     return usable(weight, x)
 
 
+class _Norm:
+    """An RMSNorm module, computed by :func:`qfine.fast.ops.rms_norm` (one compiled kernel on CUDA,
+    rounding as the module does) when it is a plain Llama-style RMSNorm, else by the module."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.eps = module, _eps(module)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if self.eps is None:
+            return self.module(h)
+        return ops.rms_norm(h, self.module.weight, self.eps)[0]
+
+
+@ops.fused
+def _gated(g: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
+    """act(g) · u, as the MLP's ``act_fn(gate) * up`` (one compiled kernel on CUDA)."""
+    return ops._act(g, act) * u
+
+
+@ops.fused
+def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """RoPE of q (b, t, heads, d) and k (b, t, kv heads, d) with cos/sin (b, t, d), as the model applies it."""
+    return ops.rope(q, cos, sin), ops.rope(k, cos, sin)
+
+
 @dataclass
 class _Layer:
-    ln1: torch.nn.Module
-    ln2: torch.nn.Module
+    ln1: _Norm
+    ln2: _Norm
     q: _Linear
     k: _Linear
     v: _Linear
@@ -125,15 +151,10 @@ class _Layer:
     gate: _Linear
     up: _Linear
     down: _Linear
-    act: object
-    q_norm: torch.nn.Module | None
-    k_norm: torch.nn.Module | None
+    act: object  # the MLP's act_fn, or the name of a gated activation ops computes
+    q_norm: _Norm | None
+    k_norm: _Norm | None
     scaling: float
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class Decoder:
@@ -174,13 +195,14 @@ class Decoder:
         self.graph = None
         self.use_graph = graph and self.device.type == "cuda"
 
-    @staticmethod
-    def _layer(layer) -> _Layer:
+    def _layer(self, layer) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
-        return _Layer(layer.input_layernorm, layer.post_attention_layernorm, _Linear(attn.q_proj),
+        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        act = ops.GATED_ACTS.get(getattr(self.lm.config, "hidden_act", ""), mlp.act_fn)
+        return _Layer(_Norm(layer.input_layernorm), _Norm(layer.post_attention_layernorm), _Linear(attn.q_proj),
                       _Linear(attn.k_proj), _Linear(attn.v_proj), _Linear(attn.o_proj), _Linear(mlp.gate_proj),
-                      _Linear(mlp.up_proj), _Linear(mlp.down_proj), mlp.act_fn, getattr(attn, "q_norm", None),
-                      getattr(attn, "k_norm", None), float(attn.scaling))
+                      _Linear(mlp.up_proj), _Linear(mlp.down_proj), act, _Norm(qn) if qn is not None else None, _Norm(kn) if kn is not None else None,
+                      float(attn.scaling))
 
     def _forward(self, ids: torch.Tensor, first_slot: torch.Tensor) -> torch.Tensor:
         """Logits (batch, vocab) fp32 at the last of ``ids`` (batch, t), whose tokens fill cache slots
@@ -188,7 +210,7 @@ class Decoder:
         b, t = ids.shape
         slots = first_slot + torch.arange(t, device=self.device)  # (t,)
         positions = (slots[None, :] - self.pad[:, None]).clamp_min(0)  # (b, t) as generate counts them
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (b, 1, t, d)
+        cos, sin = self.cos[positions], self.sin[positions]  # (b, t, d)
         # key slot j is visible from query slot i of row r iff pad[r] <= j <= i; a padding query sees
         # itself only (its output is never used, but a fully masked row would be NaN)
         keys = self.slots[None, None, :]
@@ -206,9 +228,8 @@ class Decoder:
             v = layer.v(x, cast).view(b, t, self.kv_heads, self.head_dim)
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
+            q, k = _rope(q, k, cos, sin)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
             self.keys[i].index_copy_(2, slots, k)
             self.values[i].index_copy_(2, slots, v)
             q = q.reshape(b, self.kv_heads, group * t, self.head_dim)
@@ -217,7 +238,8 @@ class Decoder:
             h = h + layer.o(out)
             x = layer.ln2(h)
             cast = {}
-            h = h + layer.down(layer.act(layer.gate(x, cast)) * layer.up(x, cast))
+            g, u = layer.gate(x, cast), layer.up(x, cast)
+            h = h + layer.down(_gated(g, u, layer.act) if isinstance(layer.act, str) else layer.act(g) * u)
         return self.head(self.norm(h[:, -1:]))[:, 0].float()
 
     def prefill(self, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
