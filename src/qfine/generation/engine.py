@@ -199,10 +199,10 @@ class Decoder:
         attn, mlp = layer.self_attn, layer.mlp
         qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         act = ops.GATED_ACTS.get(getattr(self.lm.config, "hidden_act", ""), mlp.act_fn)
+        qk = (_Norm(qn), _Norm(kn)) if qn is not None else (None, None)
         return _Layer(_Norm(layer.input_layernorm), _Norm(layer.post_attention_layernorm), _Linear(attn.q_proj),
                       _Linear(attn.k_proj), _Linear(attn.v_proj), _Linear(attn.o_proj), _Linear(mlp.gate_proj),
-                      _Linear(mlp.up_proj), _Linear(mlp.down_proj), act, _Norm(qn) if qn is not None else None, _Norm(kn) if kn is not None else None,
-                      float(attn.scaling))
+                      _Linear(mlp.up_proj), _Linear(mlp.down_proj), act, *qk, float(attn.scaling))
 
     def _forward(self, ids: torch.Tensor, first_slot: torch.Tensor) -> torch.Tensor:
         """Logits (batch, vocab) fp32 at the last of ``ids`` (batch, t), whose tokens fill cache slots
