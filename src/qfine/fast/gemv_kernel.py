@@ -1,18 +1,18 @@
-"""A 4-bit (bitsandbytes NF4/FP4, double quantization included) matrix product for a few rows: the
-decode step's y = x Wᵀ with x (m ≤ 64, k), W (n, k) packed, read once. CUDA only (Triton).
+"""A 4-bit (bitsandbytes NF4/FP4, double quantization included) matrix product for a few rows: the decode
+step's y = x Wᵀ with x (m ≤ 64, k), W (n, k) packed, read once. CUDA only (Triton).
 
 At decode time a projection multiplies 1 to 64 token vectors (a batch of sequences, one token each) by a
-weight read from memory, so its cost is the bytes of W: 0.5 per weight here against 2 for a dequantized bf16 copy, which bitsandbytes'
-``matmul_4bit`` writes and reads again for more than one row. Each program reads a (BLOCK_N, BLOCK_K)
-tile of packed codes (two per byte, high nibble first, row-major as bitsandbytes stores them), maps them
-through the 16-entry code book, scales each block of BLOCKSIZE weights by its absmax (with double
-quantization: code8[q8]·absmax2 + offset, in fp32 as bitsandbytes computes it), rounds the weights to the
-activation dtype — the values bitsandbytes' dequantization gives — and accumulates the tile product in
+weight read from memory, so its cost is the bytes of W: 0.5 per weight here against 2 for a dequantized bf16
+copy, which bitsandbytes' ``matmul_4bit`` writes and reads again for more than one row. Each program reads a
+(BLOCK_N, BLOCK_K) tile of packed codes (two per byte, high nibble first, row-major as bitsandbytes stores
+them), maps them through the 16-entry code book, scales each block of BLOCKSIZE weights by its absmax (with
+double quantization: code8[q8]·absmax2 + offset, in fp32 as bitsandbytes computes it), rounds the weights to
+the activation dtype — the values bitsandbytes' dequantization gives — and accumulates the tile product in
 fp32 (tensor cores, rows padded to 16, 32 or 64). The k range is split across programs so that even a
-4096-row weight keeps every SM streaming; the partial sums (split, m, n) fp32 are added in a fixed order after,
-so the result does not depend on scheduling.
+4096-row weight keeps every SM streaming; the partial sums (split, m, n) fp32 are added in a fixed order
+after, so the result does not depend on scheduling.
 
-The reference is dequantize-then-matmul (``tests/test_gpu_fast.py``).
+The reference is dequantize-then-matmul (``tests/test_engine.py``).
 """
 
 from __future__ import annotations
