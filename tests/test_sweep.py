@@ -170,3 +170,17 @@ def test_sigterm_stops_a_sweep_at_a_step_and_the_same_command_continues_it(tmp_p
     sw.sweep(cfg, str(space), trials=3)
     _, states = _states(tmp_path / "sweep")
     assert states[:2] == ["COMPLETE", "FAIL"] and states.count("COMPLETE") + states.count("PRUNED") == 3, states
+
+
+def test_the_direction_follows_the_metric():
+    """Rewards and scores are maximised, losses minimised: a GRPO sweep on eval_reward (its objective's
+    default metric) or on one reward's mean climbs, and a preference run's rejected reward is not a score."""
+    from qfine.objectives import objective_of
+    from qfine.sweep import maximized
+
+    assert maximized("eval_reward") and maximized("eval_rewards/answer_format/mean")
+    assert maximized("eval_accuracy") and maximized("eval_rewards/accuracies")
+    assert not maximized("eval_loss") and not maximized("eval_rewards/rejected")
+    cfg = C.RunConfig()
+    cfg.train.objective = "grpo"
+    assert objective_of(cfg).metric == "eval_reward"

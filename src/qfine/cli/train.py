@@ -118,7 +118,8 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, default=0.0, help="stop starting trials after this many seconds")
     p.add_argument("--direction", choices=["minimize", "maximize"], default=None,
                    help="default: maximize for accuracy/F1/BLEU/ROUGE metrics, else minimize")
-    p.add_argument("--metric", default="eval_loss", help="what the evaluation reports (eval_loss, eval_accuracy, ...)")
+    p.add_argument("--metric", help="what the evaluation reports (eval_loss, eval_accuracy, eval_reward, ...); default: "
+                   "the objective's own (eval_reward for grpo, else eval_loss)")
     p.add_argument("--pruner", choices=["median", "hyperband"], default="median")
     _add_config_flags(p)
     p.set_defaults(func=cmd_sweep)

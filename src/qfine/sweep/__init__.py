@@ -35,6 +35,7 @@ from optuna.trial import TrialState
 from transformers import TrainerCallback
 
 from qfine import config as C
+from qfine.objectives import objective_of
 from qfine.sweep.report import render
 from qfine.training import train
 from qfine.training.run import BaseCache
@@ -43,6 +44,13 @@ from qfine.util.errors import QfineError
 from qfine.util.files import atomic_write_text
 
 MAXIMIZED = ("accuracy", "accuracies", "margins", "f1", "bleu", "rouge", "chrf", "exact_match")
+
+
+def maximized(metric: str) -> bool:
+    """Whether a larger ``metric`` is better: scores, and a GRPO run's rewards (the weighted sum
+    ``eval_reward`` and each reward's ``eval_rewards/NAME/mean``)."""
+    grpo_reward = metric == "eval_reward" or (metric.startswith("eval_rewards/") and metric.endswith("/mean"))
+    return grpo_reward or any(m in metric for m in MAXIMIZED)
 
 
 def _field_type(section: str, name: str):
@@ -182,7 +190,7 @@ def _settings(sweep_dir: Path, metric: str, direction: str, trials: int, space: 
 
 
 def sweep(cfg: C.RunConfig, space_path: str, trials: int, timeout: float = 0.0, direction: str | None = None,
-          metric: str = "eval_loss", pruner: str = "median") -> Path:
+          metric: str | None = None, pruner: str = "median") -> Path:
     """Run the study in ``cfg.output_dir`` until ``trials`` trials have finished (completed or pruned)
     or ``timeout`` seconds have passed; returns the sweep directory."""
 
@@ -192,8 +200,9 @@ def sweep(cfg: C.RunConfig, space_path: str, trials: int, timeout: float = 0.0, 
         raise QfineError("qfine sweep needs eval data to score trials: pass --eval-data FILE or --eval-ratio 0.1")
     if trials < 1:
         raise QfineError("--trials must be at least 1")
+    metric = metric or objective_of(cfg).metric  # by default the objective's own (GRPO: eval_reward)
     metric = metric if metric.startswith("eval_") else f"eval_{metric}"
-    direction = direction or ("maximize" if any(m in metric for m in MAXIMIZED) else "minimize")
+    direction = direction or ("maximize" if maximized(metric) else "minimize")
     sweep_dir = Path(cfg.output_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     _settings(sweep_dir, metric, direction, trials, space)
