@@ -101,17 +101,17 @@ def main():
                                   "limit_tok_s_copy": round(copy * 1e9 / need, 1),
                                   "limit_tok_s_peak": round(a.peak_gbs * 1e9 / need, 1) if a.peak_gbs else None,
                                   "device": torch.cuda.get_device_name()}), flush=True)
-    for batch in a.batch:
-        g = torch.Generator().manual_seed(batch)
-        prompts = torch.randint(10, vocab - 10, (batch, a.prompt), generator=g).cuda()
-        for impl in a.impl:
+    prompts = {b: torch.randint(10, vocab - 10, (b, a.prompt), generator=torch.Generator().manual_seed(b)).cuda()
+               for b in a.batch}
+    for impl in a.impl:  # every batch size of one implementation before the next (a cut-short call keeps whole rows)
+        for batch in a.batch:
             if impl == "qfine":
-                def run(n, prompts=prompts):
-                    engine.generate_tokens(model, prompts.tolist(), n, stop_ids=[], pad_id=0)
+                def run(n, ids=prompts[batch]):
+                    engine.generate_tokens(model, ids.tolist(), n, stop_ids=[], pad_id=0)
             else:
-                def run(n, prompts=prompts):
+                def run(n, ids=prompts[batch]):
                     with torch.no_grad():
-                        model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
+                        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                        min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
             torch.cuda.reset_peak_memory_stats()
             t_full = timed(lambda: run(a.new), a.repeat)

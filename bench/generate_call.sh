@@ -19,6 +19,6 @@ python3 bench/env_info.py > "$OUT/env.txt" 2>&1
 s=$(date +%s)
 timeout ${BENCH_S:-300} python3 bench/generate_bench.py --model $model --peak-gbs ${PEAK_GBS:-0} ${ARGS:-} > "$OUT/bench.log" 2>&1
 echo "bench rc=$? in $(( $(date +%s) - s )) s"
-grep -h "^RESULT" "$OUT/bench.log" | sed 's/^RESULT //' > "$OUT/generate.jsonl"
+grep -h "^RESULT" "$OUT/bench.log" | sed 's/^RESULT //' > "$OUT/generate.jsonl"  # also in bench.log as it runs
 cat "$OUT/generate.jsonl"; tail -3 "$OUT/bench.log"
 grep -hE "^(FAILED|ERROR)" "$OUT/tests.log" | head
