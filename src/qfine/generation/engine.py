@@ -234,7 +234,8 @@ class Decoder:
             self.values[i].index_copy_(2, slots, v)
             q = q.reshape(b, self.kv_heads, group * t, self.head_dim)
             out = F.scaled_dot_product_attention(q, self.keys[i], self.values[i], attn_mask=mask, scale=layer.scaling)
-            out = out.view(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
+            # SDPA may return any strides (a view would fail on CUDA)
+            out = out.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
             h = h + layer.o(out)
             x = layer.ln2(h)
             cast = {}
