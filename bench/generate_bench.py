@@ -43,9 +43,11 @@ def copy_bandwidth() -> float:
 
 def step_bytes(model) -> int:
     """Bytes one batch-1 decode step reads: parameters and quantization state of everything but the
-    input embedding (of which it reads one row)."""
-    total = 0
-    seen = set()
+    input embedding (of which it reads one row), and the output head (read whole, also when it is tied
+    to the input embedding)."""
+    head = model.get_output_embeddings().weight
+    total = head.numel() * head.element_size()
+    seen = {head.data_ptr()}
     for name, p in model.named_parameters():
         if "embed_tokens" in name or p.data_ptr() in seen:
             continue

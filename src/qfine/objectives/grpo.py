@@ -200,8 +200,14 @@ class GRPO(SFT):
         replies = greedy_replies(model, tokenizer, ids, cfg.train.max_completion_len)
         chosen = rewards.parse(cfg.train.rewards)
         scores = []
-        for i, ((messages, extra), reply) in enumerate(zip(inputs, replies)):
+        for (messages, extra), reply in zip(inputs, replies):
             completion = [[{"role": "assistant", "content": reply}]]
-            got = [(r.name, r.fn([messages], completion, **{k: [v] for k, v in extra.items()})[0]) for r in chosen]
-            scores.append("  ".join(f"{name} {'–' if v is None else f'{v:.2f}'}" for name, v in got))
+            shown = []
+            for r in chosen:
+                try:
+                    v = r.fn([messages], completion, **{k: [v] for k, v in extra.items()})[0]
+                    shown.append(f"{r.name} {'–' if v is None else f'{v:.2f}'}")
+                except QfineError:  # a broken reward stops the run at its first step, with its message
+                    shown.append(f"{r.name} failed")
+            scores.append("  ".join(shown))
         return [f"{reply}\n\n[{score}]" for reply, score in zip(replies, scores)]
