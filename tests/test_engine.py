@@ -99,8 +99,7 @@ def test_the_adapter_is_read_live(save_tiny, tmp_path):
 
 
 def test_unsupported_models_are_named(save_tiny, tmp_path):
-    """A family the engine does not compute, or sliding-window attention, is refused with its reason,
-    and qfine's generate then uses transformers (same text as QFINE_GENERATE=transformers)."""
+    """A family the engine does not compute, or sliding-window attention, is refused with its reason."""
     gemma = lora_model(save_tiny(tmp_path / "g", "gemma", head_dim=16))
     assert "gemma" in engine.unsupported_reason(gemma)
     mistral = lora_model(save_tiny(tmp_path / "s", "mistral", sliding_window=4))

@@ -33,11 +33,9 @@ import torch.nn.functional as F
 
 from qfine.fast import ops
 from qfine.fast.lora import describe_proj
-from qfine.fast.swap import _eps, causal_lm
+from qfine.fast.swap import _PROJ, _eps, causal_lm
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-_PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
-         ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 _LENGTH_STEP = 128  # cache lengths are rounded up to this, so that nearby lengths share one graph
 
 
