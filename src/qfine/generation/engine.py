@@ -25,6 +25,8 @@ use ``generate``.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -36,6 +38,8 @@ from qfine.fast.lora import describe_proj
 from qfine.fast.swap import _PROJ, _eps, causal_lm
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Triton's CPU interpreter runs the 4-bit kernel on CPU tensors (slowly): how the tests check its wiring
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 _LENGTH_STEP = 128  # cache lengths are rounded up to this, so that nearby lengths share one graph
 
 
@@ -76,41 +80,70 @@ class _Linear:
     def __init__(self, module: torch.nn.Module):
         got = describe_proj(module)
         self.module, self.plain = module, not isinstance(got, str)
+        self.a = None
         if self.plain:
             self.base, self.a, self.b, self.scale = got.base, got.lora_a, got.lora_b, got.scale
             w = getattr(self.base, "weight", None)
             self.packed = w if getattr(w, "quant_state", None) is not None else None
 
-    def __call__(self, x: torch.Tensor, cast: dict | None = None) -> torch.Tensor:
-        """y (…, out) for x (…, in). ``cast``: x already converted to other dtypes, by dtype, shared by the
-        projections that read the same x (and filled here)."""
+    def kernel(self, x: torch.Tensor) -> bool:
+        """Whether x goes through the 4-bit small-row kernel."""
+        return self.plain and self.packed is not None and _small_rows(x, self.packed)
+
+    def __call__(self, x: torch.Tensor, xa: torch.Tensor | None, residual: torch.Tensor | None = None):
+        """y (…, out) for x (…, in) and its LoRA down-product ``xa`` (…, r) from :class:`_Group`; with
+        ``residual``, residual + y (in x's dtype, as ``h + proj(x)``)."""
         if not self.plain:
-            return self.module(x)
-        xa = None
-        if self.a is not None:  # as peft: the LoRA input in the adapter's dtype
-            cast = {} if cast is None else cast
-            xc = cast.get(self.a.dtype)
-            if xc is None:
-                xc = cast[self.a.dtype] = x.to(self.a.dtype)
-            xa = F.linear(xc, self.a)
-        if self.packed is not None and _small_rows(x, self.packed):
+            y = self.module(x)
+        elif self.kernel(x):
             from qfine.fast.gemv_kernel import matmul_4bit  # Triton: CUDA only
 
             # base and adapter products summed in fp32 inside the kernel, rounded once
-            y = matmul_4bit(x, self.packed, None if xa is None else (xa, self.b, self.scale))
-            return y if self.base.bias is None else y + self.base.bias.to(y.dtype)
-        y = self.base(x)
-        if xa is not None:  # as peft's forward: the LoRA term in the adapter's dtype, cast back, added
-            y = y + (F.linear(xa, self.b) * self.scale).to(y.dtype)
-        return y
+            lora = None if xa is None else (xa, self.b, self.scale)
+            if self.base.bias is None:
+                return matmul_4bit(x, self.packed, lora, residual=residual)
+            y = matmul_4bit(x, self.packed, lora) + self.base.bias.to(x.dtype)
+        else:
+            y = self.base(x)
+            if xa is not None:  # as peft's forward: the LoRA term in the adapter's dtype, cast back, added
+                y = y + (F.linear(xa, self.b) * self.scale).to(y.dtype)
+        return y if residual is None else residual + y
 
 
 def _small_rows(x: torch.Tensor, weight) -> bool:
-    if not x.is_cuda:
+    if not x.is_cuda and not _INTERPRETED:
         return False
     from qfine.fast.gemv_kernel import usable
 
     return usable(weight, x)
+
+
+class _Group:
+    """Projections that read one input (q, k, v; gate, up; o; down): their LoRA down-products x Aᵀ, in
+    one launch when all go through the 4-bit kernel, else each as peft computes it (x cast to the
+    adapter's dtype once, then lora_A)."""
+
+    def __init__(self, *linears: _Linear):
+        self.linears = linears
+        mats = [lin.a for lin in linears if lin.a is not None]
+        self.fused = (0 < len(mats) == len(linears) <= 3 and len({a.dtype for a in mats}) == 1)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor | None]:
+        if self.fused and all(lin.kernel(x) for lin in self.linears):
+            from qfine.fast.gemv_kernel import lora_down
+
+            return lora_down(x, [lin.a for lin in self.linears])
+        cast: dict = {}
+        out = []
+        for lin in self.linears:
+            if lin.a is None:
+                out.append(None)
+                continue
+            xc = cast.get(lin.a.dtype)
+            if xc is None:
+                xc = cast[lin.a.dtype] = x.to(lin.a.dtype)
+            out.append(F.linear(xc, lin.a))
+        return out
 
 
 class _Norm:
@@ -153,6 +186,10 @@ class _Layer:
     q_norm: _Norm | None
     k_norm: _Norm | None
     scaling: float
+
+    def __post_init__(self):
+        self.qkv, self.gate_up = _Group(self.q, self.k, self.v), _Group(self.gate, self.up)
+        self.o_in, self.down_in = _Group(self.o), _Group(self.down)
 
 
 class Decoder:
@@ -220,10 +257,10 @@ class Decoder:
         h = self.embed(ids)
         for i, layer in enumerate(self.layers):
             x = layer.ln1(h)
-            cast: dict = {}
-            q = layer.q(x, cast).view(b, t, self.heads, self.head_dim)
-            k = layer.k(x, cast).view(b, t, self.kv_heads, self.head_dim)
-            v = layer.v(x, cast).view(b, t, self.kv_heads, self.head_dim)
+            xq, xk, xv = layer.qkv(x)
+            q = layer.q(x, xq).view(b, t, self.heads, self.head_dim)
+            k = layer.k(x, xk).view(b, t, self.kv_heads, self.head_dim)
+            v = layer.v(x, xv).view(b, t, self.kv_heads, self.head_dim)
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
             q, k = _rope(q, k, cos, sin)
@@ -234,11 +271,12 @@ class Decoder:
             out = F.scaled_dot_product_attention(q, self.keys[i], self.values[i], attn_mask=mask, scale=layer.scaling)
             # SDPA may return any strides (a view would fail on CUDA)
             out = out.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
-            h = h + layer.o(out)
+            h = layer.o(out, *layer.o_in(out), residual=h)
             x = layer.ln2(h)
-            cast = {}
-            g, u = layer.gate(x, cast), layer.up(x, cast)
-            h = h + layer.down(_gated(g, u, layer.act) if isinstance(layer.act, str) else layer.act(g) * u)
+            xg, xu = layer.gate_up(x)
+            g, u = layer.gate(x, xg), layer.up(x, xu)
+            gated = _gated(g, u, layer.act) if isinstance(layer.act, str) else layer.act(g) * u
+            h = layer.down(gated, *layer.down_in(gated), residual=h)
         return self.head(self.norm(h[:, -1:]))[:, 0].float()
 
     def prefill(self, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
