@@ -218,3 +218,33 @@ def test_gpu_bf16_kernel_path_logprobs_match_the_forward(save_tiny, tmp_path, mo
             diffs.append((torch.tensor(lps, device="cuda") - want).abs())
     diffs = torch.cat(diffs)
     assert diffs.max() < 0.1 and diffs.mean() < 0.02, diffs.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)])
+@pytest.mark.parametrize("rows", [1, 16])
+def test_gpu_kernels_at_8b_shapes(n, k, rows):
+    """At the Llama-3.1-8B projection shapes (the launch settings a decode step uses there: k splits,
+    column tiles of 16 and 32): the fused LoRA down-products of three adapters equal x Aᵀ (fp32); the
+    4-bit product with the adapter's term read from one of those column views is within bf16 rounding of
+    dequantize-then-matmul; and with a residual it equals round(residual + that product) exactly."""
+    import bitsandbytes as bnb
+
+    from qfine.fast.gemv_kernel import lora_down, matmul_4bit
+
+    torch.manual_seed(0)
+    w = bnb.nn.Params4bit(torch.randn(n, k, dtype=torch.bfloat16) * 0.02, requires_grad=False, quant_type="nf4",
+                          compress_statistics=True).cuda()
+    x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+    mats = [torch.randn(16, k, device="cuda") * 0.02 for _ in range(3)]
+    views = lora_down(x, mats)
+    for a, got in zip(mats, views):
+        want = x.float() @ a.t()
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    b = torch.randn(n, 16, device="cuda") * 0.1
+    y = matmul_4bit(x, w, (views[1], b, 2.0))
+    want = x.float() @ bnb.functional.dequantize_4bit(w.data, w.quant_state).float().t() + 2.0 * views[1] @ b.t()
+    assert ((y.float() - want).abs().max() / want.abs().max()) < 8e-3
+    res = torch.randn(rows, n, dtype=torch.bfloat16, device="cuda")
+    assert torch.equal(matmul_4bit(x, w, (views[1], b, 2.0), residual=res), (res.float() + y.float()).to(res.dtype))

@@ -47,13 +47,15 @@ def _weights(packed, pairs, absmax_q, code8, absmax2, offset, rn, n_ok, k0, k_en
     # (BLOCK_N, BLOCK_K // 2, 2) code values, high nibble first: weights k0 .. k0 + BLOCK_K of each row
     w = tl.load(pairs + byte[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])
     w = tl.reshape(w, (BLOCK_N, BLOCK_K))
-    blk = (rn.to(tl.int64)[:, None] * k + k0 + tl.arange(0, BLOCK_K // BLOCKSIZE)[None, :] * BLOCKSIZE) // BLOCKSIZE
+    kb = k0 + tl.arange(0, BLOCK_K // BLOCKSIZE) * BLOCKSIZE  # first weight of each absmax block
+    blk = (rn.to(tl.int64)[:, None] * k + kb[None, :]) // BLOCKSIZE
+    blk_ok = n_ok[:, None] & (kb[None, :] < k_end)  # a last k split's tiles may run past the row's end
     if NESTED:
-        q8 = tl.load(absmax_q + blk, mask=n_ok[:, None], other=0).to(tl.int32)
-        amax = tl.load(code8 + q8) * tl.load(absmax2 + blk // BLOCKSIZE2, mask=n_ok[:, None], other=0.0)
+        q8 = tl.load(absmax_q + blk, mask=blk_ok, other=0).to(tl.int32)
+        amax = tl.load(code8 + q8) * tl.load(absmax2 + blk // BLOCKSIZE2, mask=blk_ok, other=0.0)
         amax = amax + tl.load(offset)
     else:
-        amax = tl.load(absmax_q + blk, mask=n_ok[:, None], other=0.0)
+        amax = tl.load(absmax_q + blk, mask=blk_ok, other=0.0)
     w = tl.reshape(w, (BLOCK_N, BLOCK_K // BLOCKSIZE, BLOCKSIZE)) * amax[:, :, None]
     rk = k0 + tl.arange(0, BLOCK_K)
     return tl.where(rk[None, :] < k_end, tl.reshape(w, (BLOCK_N, BLOCK_K)), 0.0).to(dtype)
