@@ -5,9 +5,9 @@ usage: python bench/decode_profile.py --model DIR [--rows 1 16] [--length 384] [
 Loads DIR as NF4 (double quant) bf16 with a LoRA adapter (r=16, all seven projections), as
 bench/generate_bench.py does, then:
 
-* ``--tune``: for each distinct projection shape of the first layer and each row count, times
-  :func:`qfine.fast.gemv_kernel.matmul_4bit` under a grid of launch settings (and its own choice), each
-  as the median of 5 replays of a CUDA graph of 50 launches, and the weight bytes it reads per second;
+* ``--tune``: for each distinct projection shape of the first layer and each row count, the times that
+  :func:`qfine.fast.gemv_kernel.matmul_4bit` measured for its candidate launch settings (and
+  bitsandbytes' dequantize + cuBLAS) when it chose one, and the weight bytes each reads per second;
   beside it bitsandbytes' own layer (dequantize + matmul) and the LoRA down-products (one launch against
   a cast and a cuBLAS product per projection);
 * for each row count: the decode step as a replayed CUDA graph (ms per step, median of 5 × 20 replays),
@@ -67,7 +67,6 @@ def tune(model, rows_list):
     for parent, name in [("self_attn", "q_proj"), ("self_attn", "k_proj"), ("mlp", "gate_proj"), ("mlp", "down_proj")]:
         got = describe_proj(getattr(getattr(layer, parent), name))
         seen[name] = got
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for name, got in seen.items():
         w = got.base.weight
         n, k = w.quant_state.shape
@@ -76,34 +75,16 @@ def tune(model, rows_list):
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
             xa = torch.randn(rows, 16, device="cuda")
             lora = (xa, got.lora_b, got.scale)
-            want = G.matmul_4bit(x, w, lora).float()
-            configs = [None]
-            bk = 256 if rows == 1 else 128
-            for bn in (16, 32, 64):
-                for split in (1, 2, 4):
-                    configs.append({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "num_warps": 4})
-            configs += [{"BLOCK_N": 32, "BLOCK_K": 512 if rows == 1 else 256, "SPLIT": 1, "num_warps": 4},
-                        {"BLOCK_N": 64, "BLOCK_K": bk, "SPLIT": 2, "num_warps": 8}]
-            best = None
-            for cfg in configs:
-                try:
-                    got_y = G.matmul_4bit(x, w, lora, config=cfg).float()
-                    err = ((got_y - want).abs().max() / want.abs().max()).item()
-                    t = graph_time(lambda c=cfg: G.matmul_4bit(x, w, lora, config=c))
-                except Exception as e:  # a setting the compiler refuses: recorded, the sweep goes on
-                    print("RESULT " + json.dumps({"what": "tune", "proj": name, "rows": rows, "config": cfg,
-                                                  "error": repr(e)[:200]}), flush=True)
-                    continue
-                chosen = cfg or G.launch_config(rows, n, k, sms)
-                rec = {"what": "tune", "proj": name, "n": n, "k": k, "rows": rows, "config": chosen,
-                       "default": cfg is None, "us": round(t * 1e6, 2), "gbs": round(nbytes / t / 1e9, 1),
-                       "rel_err_vs_default": err}
-                print("RESULT " + json.dumps(rec), flush=True)
-                if best is None or t < best[0]:
-                    best = (t, chosen)
+            G.matmul_4bit(x, w, lora)  # times the candidates for this shape (G.TUNED)
+            key = next(key for key in G.TUNED if key[1:4] == (rows, n, k) and key[-1])
+            for t, cfg in G.TUNED[key]:
+                print("RESULT " + json.dumps({"what": "tune", "proj": name, "n": n, "k": k, "rows": rows,
+                                              "config": cfg, "us": round(t * 1e6, 2),
+                                              "gbs": round(nbytes / t / 1e9, 1)}), flush=True)
+            best_t, best = G.TUNED[key][0]
             print("RESULT " + json.dumps({"what": "tune_best", "proj": name, "n": n, "k": k, "rows": rows,
-                                          "config": best[1], "us": round(best[0] * 1e6, 2),
-                                          "gbs": round(nbytes / best[0] / 1e9, 1)}), flush=True)
+                                          "config": best, "us": round(best_t * 1e6, 2),
+                                          "gbs": round(nbytes / best_t / 1e9, 1)}), flush=True)
             base = got.base
             try:
                 t = graph_time(lambda: base(x))

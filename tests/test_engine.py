@@ -186,32 +186,36 @@ def _counting(monkeypatch):
 
 @pytest.mark.skipif(not engine._INTERPRETED, reason="runs the Triton kernels on the CPU: TRITON_INTERPRET=1 with triton")
 def test_kernel_path_greedy_equals_generate_interpreted(save_tiny, tmp_path, monkeypatch):
-    """Under Triton's CPU interpreter, fp32: the engine's decode through the 4-bit kernel (residual
-    epilogue, fused LoRA down-products) gives transformers' greedy tokens on every row."""
+    """Under Triton's CPU interpreter, fp32: the engine's forward through the 4-bit kernel (residual
+    epilogue; for one row, the fused LoRA down-products) gives transformers' greedy tokens on every row of
+    a batch, and for a single prompt."""
     model = lora_model(save_tiny(tmp_path / "m", intermediate_size=192)).eval()
     with torch.no_grad():
         want = _reference(model, PROMPTS, 12, stop=-1, pad=0)
     calls = _counting(monkeypatch)
     assert engine.generate_tokens(model, PROMPTS, 12, [], 0, graph=False).tokens == want
-    # 7 projections of 2 layers per forward (the prefill's 28 rows and 11 decode steps), with 4 fused
-    # down-product launches per layer
-    assert calls["matmul_4bit"] == 12 * 14 and calls["lora_down"] == 12 * 8
+    # 7 projections of 2 layers per forward: the prefill's 28 rows and 11 decode steps of 4 rows
+    assert calls["matmul_4bit"] == 12 * 14 and calls["lora_down"] == 0
+    assert engine.generate_tokens(model, PROMPTS[:1], 12, [], 0, graph=False).tokens == want[:1]
+    assert calls["lora_down"] == 11 * 2 * 4  # one-row steps: 4 fused launches per layer
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_bf16_kernel_path_logprobs_match_the_forward(save_tiny, tmp_path, monkeypatch):
     """On the GPU in bf16 (where the 4-bit kernel serves the decode step): sampled completions' log-probs
-    from the graphed engine agree with a forward over prompt + completion on the same tokens (bf16: within
-    0.1 nats, mean within 0.02), and the kernel and the fused down-products were used."""
+    from the graphed engine, for a batch of four and for one prompt, agree with a forward over prompt +
+    completion on the same tokens (bf16: within 0.1 nats, mean within 0.02), and the kernel and the fused
+    down-products were used."""
     model = lora_model(save_tiny(tmp_path / "m", intermediate_size=192), device="cuda", compute_dtype="bf16").eval()
     calls = _counting(monkeypatch)
     gen = torch.Generator(device="cuda").manual_seed(0)
     got = engine.generate_tokens(model, PROMPTS, 16, [], 0, temperature=1.0, logprobs=True, generator=gen)
-    assert calls["matmul_4bit"] > 0 and calls["lora_down"] > 0
+    one = engine.generate_tokens(model, PROMPTS[:1], 16, [], 0, temperature=1.0, logprobs=True, generator=gen)
+    assert calls["matmul_4bit"] > 0 and calls["lora_down"] > 0  # one-row steps fuse the down-products
     diffs = []
     with torch.no_grad():
-        for p, toks, lps in zip(PROMPTS, got.tokens, got.logprobs):
+        for p, toks, lps in zip(PROMPTS + PROMPTS[:1], got.tokens + one.tokens, got.logprobs + one.logprobs):
             ids = torch.tensor([p + toks], device="cuda")
             logits = model(input_ids=ids).logits[0, len(p) - 1:-1].float()
             want = logits.log_softmax(-1).gather(1, torch.tensor(toks, device="cuda")[:, None])[:, 0]

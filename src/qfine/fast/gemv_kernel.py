@@ -25,6 +25,7 @@ import os
 import weakref
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -36,14 +37,18 @@ _DTYPES = (torch.float16, torch.bfloat16) + ((torch.float32,) if _INTERPRETED el
 
 
 @triton.jit
-def _weights(packed, pairs, absmax_q, code8, absmax2, offset, rn, n_ok, k0, k_end, k, dtype: tl.constexpr,
+def _weights(packed, pairs, absmax_q, code8, absmax2, offset, rn, n_ok, k0, k_end, k, k_bytes, dtype: tl.constexpr,
              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr):
-    """W[rn, k0 : k0 + BLOCK_K] dequantized, (BLOCK_N, BLOCK_K) in ``dtype``; zero past k_end or n."""
-    rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    row_bytes = (rn.to(tl.int64) * k) // 2
-    byte = tl.load(packed + row_bytes[:, None] + rb[None, :], mask=n_ok[:, None] & (rb[None, :] < k_end // 2),
-                   other=0).to(tl.int32)
+             BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    """W[rn, k0 : k0 + BLOCK_K] dequantized, (BLOCK_N, BLOCK_K) in ``dtype``; zero past k_end or n. With
+    EVEN (every tile inside the row) the packed bytes are read without a k mask, as 16-byte vectors: the
+    row offsets (rn · k_bytes) and tile starts are multiples of 16."""
+    rb = tl.multiple_of(k0 // 2, 16) + tl.arange(0, BLOCK_K // 2)
+    ptr = packed + (rn.to(tl.int64) * k_bytes)[:, None] + rb[None, :]
+    if EVEN:
+        byte = tl.load(ptr, mask=n_ok[:, None], other=0).to(tl.int32)
+    else:
+        byte = tl.load(ptr, mask=n_ok[:, None] & (rb[None, :] < k_end // 2), other=0).to(tl.int32)
     # (BLOCK_N, BLOCK_K // 2, 2) code values, high nibble first: weights k0 .. k0 + BLOCK_K of each row
     w = tl.load(pairs + byte[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])
     w = tl.reshape(w, (BLOCK_N, BLOCK_K))
@@ -56,16 +61,20 @@ def _weights(packed, pairs, absmax_q, code8, absmax2, offset, rn, n_ok, k0, k_en
         amax = amax + tl.load(offset)
     else:
         amax = tl.load(absmax_q + blk, mask=blk_ok, other=0.0)
-    w = tl.reshape(w, (BLOCK_N, BLOCK_K // BLOCKSIZE, BLOCKSIZE)) * amax[:, :, None]
-    rk = k0 + tl.arange(0, BLOCK_K)
-    return tl.where(rk[None, :] < k_end, tl.reshape(w, (BLOCK_N, BLOCK_K)), 0.0).to(dtype)
+    w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_K // BLOCKSIZE, BLOCKSIZE)) * amax[:, :, None], (BLOCK_N, BLOCK_K))
+    if not EVEN:
+        rk = k0 + tl.arange(0, BLOCK_K)
+        w = tl.where(rk[None, :] < k_end, w, 0.0)
+    return w.to(dtype)
 
 
 @triton.jit
-def _gemv4_kernel(x, packed, pairs, absmax_q, code8, absmax2, offset, out, res, m, n, k, k_per_split: tl.constexpr,
+def _gemv4_kernel(x, packed, pairs, absmax_q, code8, absmax2, offset, out, res, m, n, k, k_bytes,
+                  k_per_split: tl.constexpr,
                   stride_xm, xa, stride_xa, lora_b, scale, r, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
                   NESTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  LORA: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, RESIDUAL: tl.constexpr):
+                  LORA: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, RESIDUAL: tl.constexpr,
+                  EVEN: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
@@ -79,15 +88,21 @@ def _gemv4_kernel(x, packed, pairs, absmax_q, code8, absmax2, offset, out, res, 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, k_per_split, BLOCK_K):
         k0 = k_start + kk
-        w = _weights(packed, pairs, absmax_q, code8, absmax2, offset, rn, n_ok, k0, k_end, k, dtype, BLOCKSIZE,
-                     BLOCKSIZE2, NESTED, BLOCK_N, BLOCK_K)
-        rk = k0 + tl.arange(0, BLOCK_K)
+        w = _weights(packed, pairs, absmax_q, code8, absmax2, offset, rn, n_ok, k0, k_end, k, k_bytes, dtype,
+                     BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_N, BLOCK_K, EVEN)
+        rk = tl.multiple_of(k0, 16) + tl.arange(0, BLOCK_K)
         if BLOCK_M == 1:  # one row: exact fp32 products (bf16·bf16 fits fp32), summed at the end
-            xs = tl.load(x + rk, mask=rk < k_end, other=0.0)
+            if EVEN:  # no k mask: the loads stay vectors
+                xs = tl.load(x + rk)
+            else:
+                xs = tl.load(x + rk, mask=rk < k_end, other=0.0)
             wide += w.to(tl.float32) * xs.to(tl.float32)[None, :]
         else:
-            xs = tl.load(x + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < m) & (rk[None, :] < k_end),
-                         other=0.0)
+            xp = x + rm[:, None] * stride_xm + rk[None, :]
+            if EVEN:
+                xs = tl.load(xp, mask=rm[:, None] < m, other=0.0)
+            else:
+                xs = tl.load(xp, mask=(rm[:, None] < m) & (rk[None, :] < k_end), other=0.0)
             acc += tl.dot(xs, tl.trans(w))
     if BLOCK_M == 1:
         acc = tl.reshape(tl.sum(wide, 1), (1, BLOCK_N))
@@ -162,14 +177,70 @@ def _sms(device: torch.device) -> int:
 
 
 def launch_config(m: int, n: int, k: int, sms: int) -> dict:
-    """Tile sizes, k splits and warps for an (m ≤ 64, k) × (n, k)ᵀ product: column tiles of 32 (16 when
-    that alone does not give every SM two programs), k tiles of 256, and k split until there are about
-    4 programs per SM with at least 1,024 weights of k per program."""
+    """Tile sizes, k splits and warps for an (m ≤ 64, k) × (n, k)ᵀ product, without measuring: column tiles
+    of 32 (16 when that alone does not give every SM two programs), k tiles of 256 (128 above 16 rows), and
+    k split (evenly, in whole tiles) until there are about 4 programs per SM with ≥ 1,024 weights of k each."""
     block_n = 32 if triton.cdiv(n, 32) >= 2 * sms else 16
     block_k = 256 if m <= 16 else 128
     tiles = triton.cdiv(n, block_n)
     split = max(1, min(triton.cdiv(4 * sms, tiles), k // 1024))
+    while split > 1 and (k % block_k or (k // block_k) % split):
+        split -= 1
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": split, "num_warps": 4}
+
+
+def candidates(m: int, n: int, k: int) -> list[dict]:
+    """Launch settings worth timing for this shape, and ``{"DEQUANTIZE": True}``: bitsandbytes'
+    dequantization to a 16-bit W then one cuBLAS product (which wins once rows are many)."""
+    out = [{"DEQUANTIZE": True}] if m > 1 else []
+    for bn in ((16, 32, 64) if m == 1 else (32, 64, 128)):
+        for bk in ((256,) if m == 1 else (64, 128)):
+            if k % bk:
+                continue
+            for split in (1, 2, 4, 8):
+                if (k // bk) % split == 0 and triton.cdiv(n, bn) * split <= 8192:
+                    out.append({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "num_warps": 4})
+    return out
+
+
+TUNE_MIN_WEIGHTS = 1 << 22  # weights below this use launch_config: timing would cost more than it saves
+TUNED: dict[tuple, list] = {}  # key -> [(seconds, config), ...] fastest first, as measured
+
+
+def _tuned_config(x2: torch.Tensor, weight, lora, residual) -> dict:
+    """The fastest of :func:`candidates` for this shape on this device, timed once per (device, rows, n, k,
+    dtype, quantization layout) outside any CUDA-graph capture (during a capture, an untimed shape gets
+    :func:`launch_config`)."""
+    state = weight.quant_state
+    (n, k), m = state.shape, x2.shape[0]
+    if n * k < TUNE_MIN_WEIGHTS or _INTERPRETED:
+        return launch_config(m, n, k, _sms(x2.device))
+    key = (x2.device, m, n, k, x2.dtype, state.blocksize, bool(state.nested), lora is not None)
+    got = TUNED.get(key)
+    if got is None:
+        if torch.cuda.is_current_stream_capturing():
+            return launch_config(m, n, k, _sms(x2.device))
+        from triton.testing import do_bench
+
+        timed = []
+        for cfg in candidates(m, n, k):
+            ms = do_bench(lambda c=cfg: matmul_4bit(x2, weight, lora, residual, config=c), warmup=5, rep=20)
+            timed.append((ms / 1000, cfg))
+        got = TUNED[key] = sorted(timed, key=lambda t: t[0])
+    return got[0][1]
+
+
+def _dequantized(x2: torch.Tensor, weight, lora, residual) -> torch.Tensor:
+    """The same product through bitsandbytes' dequantization and cuBLAS, rounded as peft rounds it (the
+    base product and the adapter's term each in x's dtype, then added)."""
+    import bitsandbytes.functional as bnbf
+
+    w = bnbf.dequantize_4bit(weight.data, weight.quant_state).to(x2.dtype)
+    y = F.linear(x2, w)
+    if lora is not None:
+        xa, b, scale = lora
+        y = y + (F.linear(xa.reshape(x2.shape[0], -1), b) * scale).to(y.dtype)
+    return y if residual is None else residual.reshape(y.shape) + y
 
 
 def matmul_4bit(x: torch.Tensor, weight, lora: tuple | None = None, residual: torch.Tensor | None = None,
@@ -177,8 +248,8 @@ def matmul_4bit(x: torch.Tensor, weight, lora: tuple | None = None, residual: to
     """x (..., k) @ Wᵀ for a bitsandbytes ``Params4bit`` W (n, k): (..., n) in x's dtype; with ``lora`` =
     (xa (rows, r), B (n, r), s), plus s · xa Bᵀ, accumulated in fp32 with the product before the one
     rounding to x's dtype (xa = x Aᵀ, computed by the caller in the adapter's dtype); with ``residual``
-    (..., n) in x's dtype, residual + that rounded product, rounded again. ``config``: see
-    :func:`launch_config` (its choice when None).
+    (..., n) in x's dtype, residual + that rounded product, rounded again. ``config``: one of
+    :func:`candidates` or :func:`launch_config`'s; when None, the fastest measured for this shape.
 
     Requires :func:`usable`. Capturable in a CUDA graph (no host synchronisation, fixed launch shape)."""
     state = weight.quant_state
@@ -187,7 +258,9 @@ def matmul_4bit(x: torch.Tensor, weight, lora: tuple | None = None, residual: to
     if x2.stride(1) != 1 or (x2.shape[0] == 1 and not x2.is_contiguous()):
         x2 = x2.contiguous()
     m = x2.shape[0]
-    cfg = config or launch_config(m, n, k, _sms(x.device))
+    cfg = config or _tuned_config(x2, weight, lora, residual)
+    if cfg.get("DEQUANTIZE"):
+        return _dequantized(x2, weight, lora, residual).reshape(*x.shape[:-1], n)
     block_k = cfg["BLOCK_K"]
     per = triton.cdiv(triton.cdiv(k, cfg["SPLIT"]), block_k) * block_k
     split = triton.cdiv(k, per)
@@ -209,11 +282,11 @@ def matmul_4bit(x: torch.Tensor, weight, lora: tuple | None = None, residual: to
         xa, lora_b = (xa if xa.stride(1) == 1 else xa.contiguous()), lora_b.contiguous()
     block_m = 1 if m == 1 else max(16, triton.next_power_of_2(m))
     _gemv4_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
-        x2, weight.data, _pairs(state), state.absmax, code8, absmax2, offset, part, res, m, n, k, per,
+        x2, weight.data, _pairs(state), state.absmax, code8, absmax2, offset, part, res, m, n, k, k // 2, per,
         x2.stride(0), xa, xa.stride(0), lora_b, float(scale), r, BLOCKSIZE=state.blocksize, BLOCKSIZE2=blocksize2,
         NESTED=nested, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, LORA=lora is not None,
         BLOCK_R=max(16, triton.next_power_of_2(r)), SPLIT=split, RESIDUAL=residual is not None,
-        num_warps=cfg["num_warps"])
+        EVEN=k % per == 0, num_warps=cfg["num_warps"])
     if split > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](part, out, res, m * n, SPLIT=split,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -120,8 +121,8 @@ def _small_rows(x: torch.Tensor, weight) -> bool:
 
 class _Group:
     """Projections that read one input (q, k, v; gate, up; o; down): their LoRA down-products x Aᵀ, in
-    one launch when all go through the 4-bit kernel, else each as peft computes it (x cast to the
-    adapter's dtype once, then lora_A)."""
+    one launch for a one-row input whose projections all go through the 4-bit kernel, else each as peft
+    computes it (x cast to the adapter's dtype once, then lora_A)."""
 
     def __init__(self, *linears: _Linear):
         self.linears = linears
@@ -129,7 +130,8 @@ class _Group:
         self.fused = (0 < len(mats) == len(linears) <= 3 and len({a.dtype for a in mats}) == 1)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor | None]:
-        if self.fused and all(lin.kernel(x) for lin in self.linears):
+        one_row = x.numel() == x.shape[-1]  # more rows: cuBLAS's products are faster than the fused kernel
+        if self.fused and one_row and all(lin.kernel(x) for lin in self.linears):
             from qfine.fast.gemv_kernel import lora_down
 
             return lora_down(x, [lin.a for lin in self.linears])
@@ -293,7 +295,12 @@ class Decoder:
         if not self.use_graph:
             return self._forward(self.tokens, self.slot)
         if self.graph is None:
-            self._capture()
+            try:
+                self._capture()
+            except RuntimeError as e:  # an operation that cannot be captured: run the step as it is
+                warnings.warn(f"decode step not captured as a CUDA graph ({e}); running it un-graphed")
+                self.use_graph = False
+                return self._forward(self.tokens, self.slot)
         self.graph.replay()
         return self.logits
 
