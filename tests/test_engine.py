@@ -132,7 +132,7 @@ def test_gpu_4bit_kernel_equals_dequantize_then_matmul(rows):
     within bf16 rounding of the output."""
     import bitsandbytes as bnb
 
-    from qfine.fast.gemv_kernel import matmul_4bit, usable
+    from qfine.fast.gemv_kernel import candidates, launch_config, matmul_4bit, usable
 
     torch.manual_seed(0)
     for n, k, qt, nested in [(4096, 4096, "nf4", True), (1000, 576, "nf4", False), (512, 1536, "fp4", True)]:
@@ -141,15 +141,17 @@ def test_gpu_4bit_kernel_equals_dequantize_then_matmul(rows):
         x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
         assert usable(w, x)
         want = x.float() @ bnb.functional.dequantize_4bit(w.data, w.quant_state).float().t()
-        got = matmul_4bit(x, w).float()
-        err = (got - want).abs().max() / want.abs().max()
-        assert err < 8e-3, (n, k, qt, nested, err.item())
-        # with an adapter's product (r = 16 and r = 8) added in fp32
-        for r in (16, 8):
-            xa, b = torch.randn(rows, r, device="cuda"), torch.randn(n, r, device="cuda") * 0.5
-            both = matmul_4bit(x, w, (xa, b, 2.0)).float()
-            want_both = want + 2.0 * xa @ b.t()
-            assert ((both - want_both).abs().max() / want_both.abs().max()) < 8e-3
+        # every launch setting the kernel may be given or may choose
+        for cfg in candidates(rows, n, k) + [launch_config(rows, n, k, 132), None]:
+            got = matmul_4bit(x, w, config=cfg).float()
+            err = (got - want).abs().max() / want.abs().max()
+            assert err < 8e-3, (n, k, qt, nested, cfg, err.item())
+            # with an adapter's product (r = 16 and r = 8) added in fp32
+            for r in (16, 8):
+                xa, b = torch.randn(rows, r, device="cuda"), torch.randn(n, r, device="cuda") * 0.5
+                both = matmul_4bit(x, w, (xa, b, 2.0), config=cfg).float()
+                want_both = want + 2.0 * xa @ b.t()
+                assert ((both - want_both).abs().max() / want_both.abs().max()) < 8e-3, (n, k, cfg)
 
 
 @pytest.mark.gpu

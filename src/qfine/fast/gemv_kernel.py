@@ -193,13 +193,13 @@ def candidates(m: int, n: int, k: int) -> list[dict]:
     """Launch settings worth timing for this shape, and ``{"DEQUANTIZE": True}``: bitsandbytes'
     dequantization to a 16-bit W then one cuBLAS product (which wins once rows are many)."""
     out = [{"DEQUANTIZE": True}] if m > 1 else []
-    for bn in ((16, 32, 64) if m == 1 else (32, 64, 128)):
-        for bk in ((256,) if m == 1 else (64, 128)):
-            if k % bk:
-                continue
-            for split in (1, 2, 4, 8):
-                if (k // bk) % split == 0 and triton.cdiv(n, bn) * split <= 8192:
-                    out.append({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "num_warps": 4})
+    block_k = 256 if m == 1 else 64
+    if k % block_k:
+        return out + [launch_config(m, n, k, 132)]
+    for bn in ((16, 32) if m == 1 else (32, 64)):
+        for split in (1, 2, 4):
+            if (k // block_k) % split == 0:
+                out.append({"BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT": split, "num_warps": 4})
     return out
 
 
