@@ -37,9 +37,27 @@ _DTYPES = (torch.float16, torch.bfloat16) + ((torch.float32,) if _INTERPRETED el
 
 
 @triton.jit
+def _select(nib, pairs):
+    """code[nib] for 4-bit codes ``nib`` (int32) by a tree of selects on its bits, from the 16 values held
+    in registers (code[i] is pairs[32 i]): arithmetic instead of one gather per byte."""
+    b0, b1, b2, b3 = (nib & 1) != 0, (nib & 2) != 0, (nib & 4) != 0, (nib & 8) != 0
+    s0 = tl.where(b0, tl.load(pairs + 32), tl.load(pairs))
+    s1 = tl.where(b0, tl.load(pairs + 96), tl.load(pairs + 64))
+    s2 = tl.where(b0, tl.load(pairs + 160), tl.load(pairs + 128))
+    s3 = tl.where(b0, tl.load(pairs + 224), tl.load(pairs + 192))
+    s4 = tl.where(b0, tl.load(pairs + 288), tl.load(pairs + 256))
+    s5 = tl.where(b0, tl.load(pairs + 352), tl.load(pairs + 320))
+    s6 = tl.where(b0, tl.load(pairs + 416), tl.load(pairs + 384))
+    s7 = tl.where(b0, tl.load(pairs + 480), tl.load(pairs + 448))
+    t0, t1 = tl.where(b1, s1, s0), tl.where(b1, s3, s2)
+    t2, t3 = tl.where(b1, s5, s4), tl.where(b1, s7, s6)
+    return tl.where(b3, tl.where(b2, t3, t2), tl.where(b2, t1, t0))
+
+
+@triton.jit
 def _weights(packed, pairs, absmax_q, code8, absmax2, offset, rn, n_ok, k0, k_end, k, k_bytes, dtype: tl.constexpr,
              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+             BLOCK_K: tl.constexpr, EVEN: tl.constexpr, SELECT: tl.constexpr):
     """W[rn, k0 : k0 + BLOCK_K] dequantized, (BLOCK_N, BLOCK_K) in ``dtype``; zero past k_end or n. With
     EVEN (every tile inside the row) the packed bytes are read without a k mask, as 16-byte vectors: the
     row offsets (rn · k_bytes) and tile starts are multiples of 16."""
@@ -49,9 +67,10 @@ def _weights(packed, pairs, absmax_q, code8, absmax2, offset, rn, n_ok, k0, k_en
         byte = tl.load(ptr, mask=n_ok[:, None], other=0).to(tl.int32)
     else:
         byte = tl.load(ptr, mask=n_ok[:, None] & (rb[None, :] < k_end // 2), other=0).to(tl.int32)
-    # (BLOCK_N, BLOCK_K // 2, 2) code values, high nibble first: weights k0 .. k0 + BLOCK_K of each row
-    w = tl.load(pairs + byte[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])
-    w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+    if SELECT:  # the code values of the high then the low nibble of each byte
+        w = _select(tl.interleave(byte >> 4, byte & 15), pairs)
+    else:  # (BLOCK_N, BLOCK_K // 2, 2) code values from the pair table, high nibble first
+        w = tl.reshape(tl.load(pairs + byte[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]), (BLOCK_N, BLOCK_K))
     kb = k0 + tl.arange(0, BLOCK_K // BLOCKSIZE) * BLOCKSIZE  # first weight of each absmax block
     blk = (rn.to(tl.int64)[:, None] * k + kb[None, :]) // BLOCKSIZE
     blk_ok = n_ok[:, None] & (kb[None, :] < k_end)  # a last k split's tiles may run past the row's end
@@ -74,7 +93,7 @@ def _gemv4_kernel(x, packed, pairs, absmax_q, code8, absmax2, offset, out, res, 
                   stride_xm, xa, stride_xa, lora_b, scale, r, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
                   NESTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   LORA: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, RESIDUAL: tl.constexpr,
-                  EVEN: tl.constexpr):
+                  EVEN: tl.constexpr, SELECT: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
@@ -89,7 +108,7 @@ def _gemv4_kernel(x, packed, pairs, absmax_q, code8, absmax2, offset, out, res, 
     for kk in range(0, k_per_split, BLOCK_K):
         k0 = k_start + kk
         w = _weights(packed, pairs, absmax_q, code8, absmax2, offset, rn, n_ok, k0, k_end, k, k_bytes, dtype,
-                     BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_N, BLOCK_K, EVEN)
+                     BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_N, BLOCK_K, EVEN, SELECT)
         rk = tl.multiple_of(k0, 16) + tl.arange(0, BLOCK_K)
         if BLOCK_M == 1:  # one row: exact fp32 products (bf16·bf16 fits fp32), summed at the end
             if EVEN:  # no k mask: the loads stay vectors
@@ -190,16 +209,19 @@ def launch_config(m: int, n: int, k: int, sms: int) -> dict:
 
 
 def candidates(m: int, n: int, k: int) -> list[dict]:
-    """Launch settings worth timing for this shape, and ``{"DEQUANTIZE": True}``: bitsandbytes'
-    dequantization to a 16-bit W then one cuBLAS product (which wins once rows are many)."""
-    out = [{"DEQUANTIZE": True}] if m > 1 else []
+    """Launch settings worth timing for this shape: the kernel's tiles and k splits, with the code book read
+    by a gather or by selects (``SELECT``), and bitsandbytes' own path: for one row its 4-bit matrix-vector
+    kernel (``BNB_GEMV``), for more its dequantization to a 16-bit W then one cuBLAS product
+    (``DEQUANTIZE``, which wins once rows are many)."""
+    out = [{"DEQUANTIZE": True}] if m > 1 else [{"BNB_GEMV": True}]
     block_k = 256 if m == 1 else 64
     if k % block_k:
         return out + [launch_config(m, n, k, 132)]
-    for bn in ((16, 32) if m == 1 else (32, 64)):
-        for split in (1, 2, 4):
-            if (k // block_k) % split == 0:
-                out.append({"BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT": split, "num_warps": 4})
+    for select in (False, True):
+        for bn in ((16, 32) if m == 1 else (32, 64)):
+            for split in ((1, 2, 4) if m == 1 else (1, 2)):
+                if (k // block_k) % split == 0:
+                    out.append({"BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT": split, "num_warps": 4, "SELECT": select})
     return out
 
 
@@ -231,12 +253,15 @@ def _tuned_config(x2: torch.Tensor, weight, lora, residual) -> dict:
 
 
 def _dequantized(x2: torch.Tensor, weight, lora, residual) -> torch.Tensor:
-    """The same product through bitsandbytes' dequantization and cuBLAS, rounded as peft rounds it (the
-    base product and the adapter's term each in x's dtype, then added)."""
+    """The same product through bitsandbytes (for one row without autograd its matrix-vector kernel, else
+    dequantization and cuBLAS), rounded as peft rounds it (the base product and the adapter's term each
+    in x's dtype, then added)."""
     import bitsandbytes.functional as bnbf
 
-    w = bnbf.dequantize_4bit(weight.data, weight.quant_state).to(x2.dtype)
-    y = F.linear(x2, w)
+    if x2.shape[0] == 1 and not torch.is_grad_enabled():  # bitsandbytes' matrix-vector kernel
+        y = bnbf.gemv_4bit(x2, weight.data.t(), state=weight.quant_state)
+    else:
+        y = F.linear(x2, bnbf.dequantize_4bit(weight.data, weight.quant_state).to(x2.dtype))
     if lora is not None:
         xa, b, scale = lora
         y = y + (F.linear(xa.reshape(x2.shape[0], -1), b) * scale).to(y.dtype)
@@ -259,7 +284,7 @@ def matmul_4bit(x: torch.Tensor, weight, lora: tuple | None = None, residual: to
         x2 = x2.contiguous()
     m = x2.shape[0]
     cfg = config or _tuned_config(x2, weight, lora, residual)
-    if cfg.get("DEQUANTIZE"):
+    if cfg.get("DEQUANTIZE") or cfg.get("BNB_GEMV"):
         return _dequantized(x2, weight, lora, residual).reshape(*x.shape[:-1], n)
     block_k = cfg["BLOCK_K"]
     per = triton.cdiv(triton.cdiv(k, cfg["SPLIT"]), block_k) * block_k
@@ -286,7 +311,7 @@ def matmul_4bit(x: torch.Tensor, weight, lora: tuple | None = None, residual: to
         x2.stride(0), xa, xa.stride(0), lora_b, float(scale), r, BLOCKSIZE=state.blocksize, BLOCKSIZE2=blocksize2,
         NESTED=nested, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, LORA=lora is not None,
         BLOCK_R=max(16, triton.next_power_of_2(r)), SPLIT=split, RESIDUAL=residual is not None,
-        EVEN=k % per == 0, num_warps=cfg["num_warps"])
+        EVEN=k % per == 0, SELECT=cfg.get("SELECT", False), num_warps=cfg["num_warps"])
     if split > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](part, out, res, m * n, SPLIT=split,
