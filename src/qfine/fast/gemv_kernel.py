@@ -232,7 +232,8 @@ TUNED: dict[tuple, list] = {}  # key -> [(seconds, config), ...] fastest first, 
 def _tuned_config(x2: torch.Tensor, weight, lora, residual) -> dict:
     """The fastest of :func:`candidates` for this shape on this device, timed once per (device, rows, n, k,
     dtype, quantization layout) outside any CUDA-graph capture (during a capture, an untimed shape gets
-    :func:`launch_config`)."""
+    :func:`launch_config`). A candidate whose result is not within bf16 rounding of bitsandbytes' own is
+    left out."""
     state = weight.quant_state
     (n, k), m = state.shape, x2.shape[0]
     if n * k < TUNE_MIN_WEIGHTS or _INTERPRETED:
@@ -245,7 +246,12 @@ def _tuned_config(x2: torch.Tensor, weight, lora, residual) -> dict:
         from triton.testing import do_bench
 
         timed = []
+        want = _dequantized(x2, weight, lora, residual).float()
         for cfg in candidates(m, n, k):
+            # a setting whose result is not within bf16 rounding of bitsandbytes' is never chosen
+            err = (matmul_4bit(x2, weight, lora, residual, config=cfg).float() - want).abs().max()
+            if not err <= 2e-2 * want.abs().max():
+                continue
             ms = do_bench(lambda c=cfg: matmul_4bit(x2, weight, lora, residual, config=c), warmup=5, rep=20)
             timed.append((ms / 1000, cfg))
         got = TUNED[key] = sorted(timed, key=lambda t: t[0])
