@@ -7,7 +7,8 @@ bench/generate_bench.py does, then:
 
 * ``--tune``: for each distinct projection shape of the first layer and each row count, the times that
   :func:`qfine.fast.gemv_kernel.matmul_4bit` measured for its candidate launch settings (and
-  bitsandbytes' dequantize + cuBLAS) when it chose one, and the weight bytes each reads per second;
+  bitsandbytes' own paths) when it chose one, and the weight bytes each reads per second; beside them
+  bitsandbytes' layer alone (no adapter), replayed the same way;
   beside it bitsandbytes' own layer (dequantize + matmul) and the LoRA down-products (one launch against
   a cast and a cuBLAS product per projection);
 * for each row count: the decode step as a replayed CUDA graph (ms per step, median of 5 × 20 replays),
@@ -24,29 +25,6 @@ import statistics
 
 import torch
 from generate_bench import TARGETS, step_bytes
-
-
-def graph_time(fn, launches: int = 50, repeat: int = 5) -> float:
-    """Seconds per call of ``fn`` replayed ``launches`` times in one CUDA graph (median of ``repeat``)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(launches):
-            fn()
-    times = []
-    for _ in range(repeat + 1):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000 / launches)
-    return statistics.median(times[1:])
 
 
 def weight_bytes(w) -> int:
@@ -87,7 +65,7 @@ def tune(model, rows_list):
                                           "gbs": round(nbytes / best_t / 1e9, 1)}), flush=True)
             base = got.base
             try:
-                t = graph_time(lambda: base(x))
+                t = G.graph_seconds(lambda: base(x))
             except Exception as e:  # noqa: BLE001 - bitsandbytes' layer may not capture
                 print("RESULT " + json.dumps({"what": "bnb_layer", "proj": name, "rows": rows, "error": repr(e)[:200]}))
                 continue
@@ -97,7 +75,7 @@ def tune(model, rows_list):
     mats = [describe_proj(getattr(layer.self_attn, f"{p}_proj")).lora_a for p in "qkv"]
     for rows in rows_list:
         x = torch.randn(rows, mats[0].shape[1], dtype=torch.bfloat16, device="cuda")
-        fused = graph_time(lambda: G.lora_down(x, mats))
+        fused = G.graph_seconds(lambda: G.lora_down(x, mats))
 
         def plain():
             xc = x.to(mats[0].dtype)
@@ -106,7 +84,7 @@ def tune(model, rows_list):
         ref = plain()
         err = max((a - b).abs().max().item() for a, b in zip(G.lora_down(x, mats), ref))
         print("RESULT " + json.dumps({"what": "lora_down", "rows": rows, "fused_us": round(fused * 1e6, 2),
-                                      "plain_us": round(graph_time(plain) * 1e6, 2), "max_abs_diff": err}),
+                                      "plain_us": round(G.graph_seconds(plain) * 1e6, 2), "max_abs_diff": err}),
               flush=True)
 
 

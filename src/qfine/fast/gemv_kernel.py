@@ -229,11 +229,36 @@ TUNE_MIN_WEIGHTS = 1 << 22  # weights below this use launch_config: timing would
 TUNED: dict[tuple, list] = {}  # key -> [(seconds, config), ...] fastest first, as measured
 
 
+def graph_seconds(fn, launches: int = 20, repeat: int = 5) -> float:
+    """GPU seconds per call of ``fn`` as a decode step runs it: ``launches`` calls captured in one CUDA
+    graph and replayed (median of ``repeat`` replays after one), so Python and launch overhead, which a
+    replayed step does not pay, are not counted. Raises RuntimeError if ``fn`` cannot be captured."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compilation and allocations outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(launches):
+            fn()
+    times = []
+    for _ in range(repeat + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / launches)
+    del graph
+    return sorted(times[1:])[repeat // 2]
+
+
 def _tuned_config(x2: torch.Tensor, weight, lora, residual) -> dict:
-    """The fastest of :func:`candidates` for this shape on this device, timed once per (device, rows, n, k,
-    dtype, quantization layout) outside any CUDA-graph capture (during a capture, an untimed shape gets
-    :func:`launch_config`). A candidate whose result is not within bf16 rounding of bitsandbytes' own is
-    left out."""
+    """The fastest of :func:`candidates` for this shape on this device (:func:`graph_seconds`), timed once
+    per (device, rows, n, k, dtype, quantization layout) outside any CUDA-graph capture (during a capture,
+    an untimed shape gets :func:`launch_config`). A candidate whose result is not within bf16 rounding of
+    bitsandbytes' own is left out."""
     state = weight.quant_state
     (n, k), m = state.shape, x2.shape[0]
     if n * k < TUNE_MIN_WEIGHTS or _INTERPRETED:
@@ -243,8 +268,6 @@ def _tuned_config(x2: torch.Tensor, weight, lora, residual) -> dict:
     if got is None:
         if torch.cuda.is_current_stream_capturing():
             return launch_config(m, n, k, _sms(x2.device))
-        from triton.testing import do_bench
-
         timed = []
         want = _dequantized(x2, weight, lora, residual).float()
         for cfg in candidates(m, n, k):
@@ -252,8 +275,13 @@ def _tuned_config(x2: torch.Tensor, weight, lora, residual) -> dict:
             err = (matmul_4bit(x2, weight, lora, residual, config=cfg).float() - want).abs().max()
             if not err <= 2e-2 * want.abs().max():
                 continue
-            ms = do_bench(lambda c=cfg: matmul_4bit(x2, weight, lora, residual, config=c), warmup=5, rep=20)
-            timed.append((ms / 1000, cfg))
+            try:
+                seconds = graph_seconds(lambda c=cfg: matmul_4bit(x2, weight, lora, residual, config=c))
+            except RuntimeError:  # a path that cannot be captured is not one a graphed step can use
+                continue
+            timed.append((seconds, cfg))
+        if not timed:
+            return launch_config(m, n, k, _sms(x2.device))
         got = TUNED[key] = sorted(timed, key=lambda t: t[0])
     return got[0][1]
 
