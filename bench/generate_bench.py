@@ -105,8 +105,8 @@ def main():
                                   "device": torch.cuda.get_device_name()}), flush=True)
     prompts = {b: torch.randint(10, vocab - 10, (b, a.prompt), generator=torch.Generator().manual_seed(b)).cuda()
                for b in a.batch}
-    for impl in a.impl:  # every batch size of one implementation before the next (a cut-short call keeps whole rows)
-        for batch in a.batch:
+    for batch in a.batch:  # both implementations at one batch size before the next: a cut-short call keeps ratios
+        for impl in a.impl:
             if impl == "qfine":
                 def run(n, ids=prompts[batch]):
                     engine.generate_tokens(model, ids.tolist(), n, stop_ids=[], pad_id=0)
