@@ -1,22 +1,25 @@
 """A 4-bit (bitsandbytes NF4/FP4, double quantization included) matrix product for a few rows: the decode
-step's y = x Wᵀ with x (m ≤ 64, k), W (n, k) packed, read once. CUDA only (Triton).
+step's y = x Wᵀ with x (m ≤ 64, k), W (n, k) packed, read once. CUDA only (Triton; on the CPU only under
+Triton's interpreter, which the tests use).
 
 At decode time a projection multiplies 1 to 64 token vectors (a batch of sequences, one token each) by a
 weight read from memory, so its cost is the bytes of W: 0.5 per weight here against 2 for a dequantized bf16
 copy, which bitsandbytes' ``matmul_4bit`` writes and reads again for more than one row. Each program reads
 (BLOCK_N, BLOCK_K) tiles of packed codes (two per byte, high nibble first, row-major as bitsandbytes stores
-them), maps each byte through a 256-entry table of its two code-book values (one 8-byte gather per byte), scales
-each block of BLOCKSIZE weights by its absmax (with double quantization: code8[q8]·absmax2 + offset, in fp32
-as bitsandbytes computes it), rounds the weights to the activation dtype — the values bitsandbytes'
-dequantization gives — and accumulates the products in fp32: on tensor cores for 16 to 64 rows (padded to a
-power of two), as fp32 multiply-adds for one row.
+them) and maps them to code-book values: by one 8-byte gather per byte from a 256-entry table of its two
+values, or (``SELECT``) by a tree of selects on the nibble's bits. It scales each block of BLOCKSIZE weights
+by its absmax (with double quantization: code8[q8]·absmax2 + offset, in fp32 as bitsandbytes computes it),
+rounds the weights to the activation dtype — the values bitsandbytes' dequantization gives — and
+accumulates the products in fp32: on tensor cores for 16 to 64 rows (padded to a power of two), as fp32
+multiply-adds for one row.
 
-A weight too narrow to give every SM a few programs splits its k range over programs; their partial sums
+A weight too narrow to give every SM a few programs can split its k range over programs; their partial sums
 (split, m, n) fp32 are added in a fixed order by a second small kernel, so the result never depends on
 scheduling. The epilogue adds, in fp32 before the one rounding, the adapter's s·(x Aᵀ)Bᵀ, and optionally a
 residual after it (``residual + round(y)``, rounded again: what ``h + o(x)`` gives in the activation dtype).
 
-The reference is dequantize-then-matmul (``tests/test_engine.py``).
+Which tiles, splits and decode serve a shape — or bitsandbytes' own kernels — is measured once per shape
+(:func:`matmul_4bit` with no ``config``). The reference is dequantize-then-matmul (``tests/test_engine.py``).
 """
 
 from __future__ import annotations
