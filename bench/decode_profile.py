@@ -54,7 +54,8 @@ def tune(model, rows_list):
             xa = torch.randn(rows, 16, device="cuda")
             lora = (xa, got.lora_b, got.scale)
             G.matmul_4bit(x, w, lora)  # times the candidates for this shape (G.TUNED)
-            key = next(key for key in G.TUNED if key[1:4] == (rows, n, k) and key[-1])
+            tile = 1 if rows == 1 else max(16, 1 << (rows - 1).bit_length())  # the timing's row bucket
+            key = next(key for key in G.TUNED if key[1:4] == (tile, n, k) and key[-1])
             for t, cfg in G.TUNED[key]:
                 print("RESULT " + json.dumps({"what": "tune", "proj": name, "n": n, "k": k, "rows": rows,
                                               "config": cfg, "us": round(t * 1e6, 2),

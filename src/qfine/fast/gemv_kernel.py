@@ -259,14 +259,17 @@ def graph_seconds(fn, launches: int = 20, repeat: int = 5) -> float:
 
 def _tuned_config(x2: torch.Tensor, weight, lora, residual) -> dict:
     """The fastest of :func:`candidates` for this shape on this device (:func:`graph_seconds`), timed once
-    per (device, rows, n, k, dtype, quantization layout) outside any CUDA-graph capture (during a capture,
+    per (device, row tile height, n, k, dtype, quantization layout) outside any CUDA-graph capture (during a capture,
     an untimed shape gets :func:`launch_config`). A candidate whose result is not within bf16 rounding of
     bitsandbytes' own is left out."""
     state = weight.quant_state
     (n, k), m = state.shape, x2.shape[0]
     if n * k < TUNE_MIN_WEIGHTS or _INTERPRETED:
         return launch_config(m, n, k, _sms(x2.device))
-    key = (x2.device, m, n, k, x2.dtype, state.blocksize, bool(state.nested), lora is not None)
+    # rows share a timing with the others of their tile height (1, 16, 32, 64): a prompt of any length up to
+    # 64 tokens does not time its own
+    rows = 1 if m == 1 else max(16, triton.next_power_of_2(m))
+    key = (x2.device, rows, n, k, x2.dtype, state.blocksize, bool(state.nested), lora is not None)
     got = TUNED.get(key)
     if got is None:
         if torch.cuda.is_current_stream_capturing():
