@@ -2,15 +2,13 @@
 
 usage: python bench/decode_profile.py --model DIR [--rows 1 16] [--length 384] [--tune]
 
-Loads DIR as NF4 (double quant) bf16 with a LoRA adapter (r=16, all seven projections), as
-bench/generate_bench.py does, then:
+Loads DIR as bench/generate_bench.py does (``load_bench_model``), then:
 
 * ``--tune``: for each distinct projection shape of the first layer and each row count, the times that
   :func:`qfine.fast.gemv_kernel.matmul_4bit` measured for its candidate launch settings (and
   bitsandbytes' own paths) when it chose one, and the weight bytes each reads per second; beside them
-  bitsandbytes' layer alone (no adapter), replayed the same way;
-  beside it bitsandbytes' own layer (dequantize + matmul) and the LoRA down-products (one launch against
-  a cast and a cuBLAS product per projection);
+  bitsandbytes' layer alone (no adapter), replayed the same way, and the LoRA down-products (one launch
+  against a cast and a cuBLAS product per projection);
 * for each row count: the decode step as a replayed CUDA graph (ms per step, median of 5 × 20 replays),
   and one un-graphed step under torch.profiler: the kernel count and the 25 kernels with the most time.
 
@@ -24,15 +22,7 @@ import json
 import statistics
 
 import torch
-from generate_bench import TARGETS, step_bytes
-
-
-def weight_bytes(w) -> int:
-    state = w.quant_state
-    total = w.numel() * w.element_size() + state.absmax.numel() * state.absmax.element_size()
-    if state.nested:
-        total += state.state2.absmax.numel() * 4
-    return total
+from generate_bench import load_bench_model, param_bytes, step_bytes
 
 
 def tune(model, rows_list):
@@ -48,7 +38,7 @@ def tune(model, rows_list):
     for name, got in seen.items():
         w = got.base.weight
         n, k = w.quant_state.shape
-        nbytes = weight_bytes(w)
+        nbytes = param_bytes(w)
         for rows in rows_list:
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
             xa = torch.randn(rows, 16, device="cuda")
@@ -139,16 +129,7 @@ def main():
     ap.add_argument("--tune", action="store_true")
     a = ap.parse_args()
 
-    from qfine import LoraSettings, ModelConfig, add_lora, load_model
-
-    loaded = load_model(ModelConfig(source=a.model, quantization="nf4", double_quant=True, compute_dtype="bf16",
-                                    device="cuda"))
-    model = add_lora(loaded.model, LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=TARGETS))
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    model.eval()
+    model = load_bench_model(a.model)
     need = step_bytes(model)
     print("RESULT " + json.dumps({"what": "model", "step_bytes": need, "device": torch.cuda.get_device_name(),
                                   "lora_dtype": str(next(p.dtype for n, p in model.named_parameters()

@@ -52,14 +52,35 @@ def step_bytes(model) -> int:
         if "embed_tokens" in name or p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())
-        total += p.numel() * p.element_size()
-        state = getattr(p, "quant_state", None)
-        if state is not None:
-            for t in (state.absmax, getattr(state, "offset", None), state.code,
-                      getattr(getattr(state, "state2", None), "absmax", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
+        total += param_bytes(p)
     return total
+
+
+def param_bytes(p) -> int:
+    """Bytes of a parameter as stored, with its quantization state (absmax, offset, code books) if any."""
+    total = p.numel() * p.element_size()
+    state = getattr(p, "quant_state", None)
+    if state is not None:
+        for t in (state.absmax, getattr(state, "offset", None), state.code,
+                  getattr(getattr(state, "state2", None), "absmax", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def load_bench_model(folder: str):
+    """The folder as NF4 (double quant) bf16 on CUDA through qfine, with a LoRA adapter (r=16, all seven
+    projections) whose B is drawn at random (seed 1) so that it changes the output; in eval mode."""
+    from qfine import LoraSettings, ModelConfig, add_lora, load_model
+
+    loaded = load_model(ModelConfig(source=folder, quantization="nf4", double_quant=True, compute_dtype="bf16",
+                                    device="cuda"))
+    model = add_lora(loaded.model, LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=TARGETS))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.eval()
 
 
 def timed(fn, repeat: int) -> float:
@@ -85,17 +106,9 @@ def main():
     ap.add_argument("--peak-gbs", type=float, default=0.0, help="the device's datasheet memory bandwidth")
     a = ap.parse_args()
 
-    from qfine import LoraSettings, ModelConfig, add_lora, load_model
     from qfine.generation import engine
 
-    loaded = load_model(ModelConfig(source=a.model, quantization="nf4", double_quant=True, compute_dtype="bf16",
-                                    device="cuda"))
-    model = add_lora(loaded.model, LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=TARGETS))
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    model.eval()
+    model = load_bench_model(a.model)
     vocab = model.config.vocab_size
     need = step_bytes(model)
     copy = copy_bandwidth()
