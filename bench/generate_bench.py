@@ -102,6 +102,7 @@ def main():
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--peer-repeat", type=int, default=1, help="--repeat for transformers' generate (slow)")
     ap.add_argument("--impl", nargs="+", default=["qfine", "transformers"])
     ap.add_argument("--peak-gbs", type=float, default=0.0, help="the device's datasheet memory bandwidth")
     a = ap.parse_args()
@@ -129,14 +130,20 @@ def main():
                         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                        min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
             torch.cuda.reset_peak_memory_stats()
-            t_full = timed(lambda: run(a.new), a.repeat)
-            t_one = timed(lambda: run(1), a.repeat)
+            repeat = a.repeat if impl == "qfine" else a.peer_repeat
+            t_full = timed(lambda: run(a.new), repeat)
+            t_one = timed(lambda: run(1), repeat)
             decode = batch * (a.new - 1) / (t_full - t_one)
             print("RESULT " + json.dumps({
                 "what": "decode", "impl": impl, "batch": batch, "new": a.new, "prompt": a.prompt,
                 "decode_tok_s": round(decode, 1), "ms_per_step": round(1000 * (t_full - t_one) / (a.new - 1), 3),
                 "whole_s": round(t_full, 3), "prefill_s": round(t_one, 4),
                 "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}), flush=True)
+    from qfine.fast import gemv_kernel
+    for key, timings in gemv_kernel.TUNED.items():  # what the 4-bit product's tuner chose for each shape
+        (seconds, cfg), others = timings[0], len(timings) - 1
+        print("RESULT " + json.dumps({"what": "tuned", "rows": key[1], "n": key[2], "k": key[3], "config": cfg,
+                                      "us": round(seconds * 1e6, 2), "other_settings": others}), flush=True)
     # greedy agreement on the same prompts (batch 4, 64 tokens)
     prompts = torch.randint(10, vocab - 10, (4, 32), generator=torch.Generator().manual_seed(7)).cuda()
     fast = engine.generate_tokens(model, prompts.tolist(), 64, stop_ids=[], pad_id=0).tokens

@@ -211,12 +211,21 @@ def launch_config(m: int, n: int, k: int, sms: int) -> dict:
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": split, "num_warps": 4}
 
 
-def candidates(m: int, n: int, k: int) -> list[dict]:
-    """Launch settings worth timing for this shape: the kernel's tiles and k splits, with the code book read
-    by a gather or by selects (``SELECT``), and bitsandbytes' own path: for one row its 4-bit matrix-vector
-    kernel (``BNB_GEMV``), for more its dequantization to a 16-bit W then one cuBLAS product
-    (``DEQUANTIZE``, which wins once rows are many)."""
+def candidates(m: int, n: int, k: int, blocksize: int = 64) -> list[dict]:
+    """Launch settings worth timing for this shape: :mod:`qfine.fast.gemv_rows`' kernels (``KERNEL`` "tc"
+    for any row count, "row" for one; code book by byte permutes), this module's tile kernel (its tiles and
+    k splits, code book read by a gather or by selects, ``SELECT``), and bitsandbytes' own path: for one row
+    its 4-bit matrix-vector kernel (``BNB_GEMV``), for more its dequantization to a 16-bit W then one cuBLAS
+    product (``DEQUANTIZE``, which wins once rows are many)."""
+    from qfine.fast.gemv_rows import fits
+
     out = [{"DEQUANTIZE": True}] if m > 1 else [{"BNB_GEMV": True}]
+    new = [{"KERNEL": "tc", "BLOCK_N": bn, "SPLIT": split, "num_warps": 4, "PRMT": True}
+           for bn in (64, 128) for split in (1, 2, 4, 8)]
+    if m == 1:
+        new += [{"KERNEL": "row", "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT": split, "num_warps": 4, "PRMT": True,
+                 "PREFETCH": True} for split in (1, 2, 4)]
+    out += [cfg for cfg in new if fits(cfg, m, k, blocksize)]
     block_k = 256 if m == 1 else 64
     if k % block_k:
         return out + [launch_config(m, n, k, 132)]
@@ -276,7 +285,7 @@ def _tuned_config(x2: torch.Tensor, weight, lora, residual) -> dict:
             return launch_config(m, n, k, _sms(x2.device))
         timed = []
         want = _dequantized(x2, weight, lora, residual).float()
-        for cfg in candidates(m, n, k):
+        for cfg in candidates(m, n, k, state.blocksize):
             # a setting whose result is not within bf16 rounding of bitsandbytes' is never chosen
             err = (matmul_4bit(x2, weight, lora, residual, config=cfg).float() - want).abs().max()
             if not err <= 2e-2 * want.abs().max():
@@ -326,6 +335,10 @@ def matmul_4bit(x: torch.Tensor, weight, lora: tuple | None = None, residual: to
     cfg = config or _tuned_config(x2, weight, lora, residual)
     if cfg.get("DEQUANTIZE") or cfg.get("BNB_GEMV"):
         return _dequantized(x2, weight, lora, residual).reshape(*x.shape[:-1], n)
+    if cfg.get("KERNEL"):
+        from qfine.fast.gemv_rows import matmul_rows
+
+        return matmul_rows(x2, weight, lora, residual, cfg, _INTERPRETED).reshape(*x.shape[:-1], n)
     block_k = cfg["BLOCK_K"]
     per = triton.cdiv(triton.cdiv(k, cfg["SPLIT"]), block_k) * block_k
     split = triton.cdiv(k, per)

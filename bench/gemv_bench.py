@@ -1,0 +1,126 @@
+"""The 4-bit decode product alone, at the Llama-3.1-8B projection shapes: every launch setting of qfine's
+kernels (:func:`qfine.fast.gemv_kernel.candidates`, plus a wider sweep of :mod:`qfine.fast.gemv_rows`'
+tensor-core kernel) against bitsandbytes' own paths, each timed as 20 calls replayed in a CUDA graph
+(:func:`qfine.fast.gemv_kernel.graph_seconds`, the way a decode step runs them), with the weight bytes read
+per second, and a device-to-device copy of the same bytes as the bandwidth reference. Random NF4 weights
+(double quantization), bf16 activations, an r=16 adapter term in the epilogue as the engine runs it. A
+setting whose result is not within 1e-2 (relative to the largest output) of dequantize-then-matmul is
+reported as wrong, not timed.
+
+    python bench/gemv_bench.py [--rows 1 64 16] [--shapes q gate down kv] [--sweep 1 64]
+
+One JSON line per measurement (``RESULT {...}``), then a table of the best of each family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+SHAPES = {"q": (4096, 4096), "kv": (1024, 4096), "gate": (14336, 4096), "down": (4096, 14336)}
+
+
+def weight_bytes(w) -> int:
+    state = w.quant_state
+    total = w.data.numel() * w.data.element_size() + state.absmax.numel() * state.absmax.element_size()
+    if state.nested:
+        total += state.state2.absmax.numel() * 4
+    return total
+
+
+def sweep(m: int, k: int) -> list[dict]:
+    """Tensor-core settings beyond the tuner's own list: tile heights, warps, pipeline stages, the gather
+    decode beside the byte permutes."""
+    from qfine.fast.gemv_rows import fits
+
+    out = [{"KERNEL": "tc", "BLOCK_N": bn, "SPLIT": split, "num_warps": warps, "PRMT": True}
+           for bn in (64, 128) for warps in (4, 8) for split in (1, 2, 4, 8, 16)]
+    out += [{"KERNEL": "tc", "BLOCK_N": 64, "SPLIT": split, "num_warps": 4, "num_stages": stages, "PRMT": True}
+            for stages in (2, 4) for split in (2, 4)]
+    out = [cfg for cfg in out if fits(cfg, m, k, 64)]
+    out += [{"KERNEL": "tc", "BLOCK_N": 64, "SPLIT": s, "num_warps": 4, "PRMT": False} for s in (2, 4)]
+    if m == 1:
+        out += [{"KERNEL": "row", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": s, "num_warps": 4, "PRMT": p,
+                 "PREFETCH": pf} for bn in (8, 16) for bk in (256, 512) for s in (1, 2, 4) for p in (True, False)
+                for pf in (True, False) if p or (bn == 16 and bk == 512 and pf) if fits({"KERNEL": "row", "BLOCK_K": bk,
+                                                                                     "SPLIT": s}, 1, k, 64)]
+    return out
+
+
+def family(cfg: dict) -> str:
+    if cfg.get("BNB_GEMV"):
+        return "bnb_gemv"
+    if cfg.get("DEQUANTIZE"):
+        return "bnb_dequant_cublas"
+    if cfg.get("KERNEL"):
+        return f"{cfg['KERNEL']}_{'prmt' if cfg.get('PRMT') else 'gather'}"
+    return "tile_select" if cfg.get("SELECT") else "tile_pairs"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 64, 16])
+    ap.add_argument("--shapes", nargs="+", default=["q", "gate", "down", "kv"])
+    ap.add_argument("--sweep", type=int, nargs="*", default=[], help="row counts to sweep beyond the tuner's list")
+    a = ap.parse_args()
+    import bitsandbytes as bnb
+
+    from qfine.fast import gemv_kernel as G
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    copy_gbs = 2 * src.numel() / G.graph_seconds(lambda: dst.copy_(src), launches=5) / 1e9  # read + write
+    print("RESULT " + json.dumps({"what": "copy", "GBps": round(copy_gbs, 1)}), flush=True)
+    src = dst = None
+    best = {}
+    for name in a.shapes:
+        n, k = SHAPES[name]
+        w = bnb.nn.Params4bit(torch.randn(n, k, dtype=torch.bfloat16) * 0.02, requires_grad=False,
+                              quant_type="nf4", compress_statistics=True).to(dev)
+        nbytes = weight_bytes(w)
+        deq = bnb.functional.dequantize_4bit(w.data, w.quant_state)
+        b = torch.randn(n, 16, dtype=torch.bfloat16, device=dev) * 0.02
+        for m in a.rows:
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+            xa = torch.randn(m, 16, dtype=torch.bfloat16, device=dev)
+            lora = (xa, b, 2.0)
+            want = (x.float() @ deq.float().t() + 2.0 * xa.float() @ b.float().t())
+            cfgs = G.candidates(m, n, k, 64) + (sweep(m, k) if m in a.sweep else [])
+            seen = set()
+            for cfg in cfgs:
+                key = json.dumps(cfg, sort_keys=True)
+                if key in seen:
+                    continue
+                seen.add(key)
+                rec = {"what": "gemv", "shape": name, "n": n, "k": k, "rows": m, "family": family(cfg), "config": cfg}
+                try:
+                    with torch.no_grad():
+                        got = G.matmul_4bit(x, w, lora, config=cfg).float()
+                    err = ((got - want).abs().max() / want.abs().max()).item()
+                    rec["err"] = round(err, 5)
+                    if not err < 1e-2:
+                        rec["wrong"] = True
+                    else:
+                        with torch.no_grad():
+                            t = G.graph_seconds(lambda c=cfg: G.matmul_4bit(x, w, lora, config=c))
+                        rec.update(us=round(t * 1e6, 2), GBps=round(nbytes / t / 1e9, 1),
+                                   of_copy=round(nbytes / t / 1e9 / copy_gbs, 3))
+                        fam = (name, m, rec["family"])
+                        if fam not in best or best[fam]["us"] > rec["us"]:
+                            best[fam] = rec
+                except Exception as e:  # noqa: BLE001 - a setting that fails to build is a result
+                    rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                print("RESULT " + json.dumps(rec), flush=True)
+    print(f"\ncopy bandwidth {copy_gbs:.0f} GB/s")
+    print(f"{'shape':6} {'rows':>4} {'family':20} {'us':>8} {'GB/s':>7}  config")
+    for (name, m, fam), rec in sorted(best.items(), key=lambda t: (t[0][0], t[0][1], t[1]["us"])):
+        print(f"{name:6} {m:4} {fam:20} {rec['us']:8.2f} {rec['GBps']:7.0f}  {json.dumps(rec['config'])}")
+        print("RESULT " + json.dumps({**rec, "what": "best"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

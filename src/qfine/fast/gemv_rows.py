@@ -1,0 +1,310 @@
+"""Two 4-bit (bitsandbytes NF4/FP4) decode-step products that read one absmax block of each weight row per
+inner step, beside :mod:`qfine.fast.gemv_kernel`'s tile kernel, and chosen per shape by its tuner:
+
+- ``row``: one token row, y (1, n) = x W ᵀ on CUDA cores. Each program owns BLOCK_N weight rows and walks k
+  in BLOCK_K steps, optionally loading the next step's packed bytes before decoding this one's (``PREFETCH``),
+  so a program keeps two loads in flight. Products are summed per absmax block and scaled once per block.
+- ``tc``: 1 to 64 token rows on tensor cores with W as the left operand: acc (BLOCK_N, BLOCK_M) += (W_blk ·
+  x_blkᵀ) · absmax, one absmax block (64 or 128 weights) per step. The scale is applied to the fp32 block
+  product, not to every weight, so a weight is only decoded, never rescaled or re-rounded.
+
+Both read the code book's values rounded to the activation dtype (as bitsandbytes' own matrix-vector kernel
+holds them), either by a 16-entry gather or, on CUDA (``PRMT``), with no memory access at all: the table's 32
+bytes live in eight registers and byte permutes (``prmt``) pick four codes' low and high bytes at once
+(:func:`decode_asm`). Products and sums are fp32; the adapter's s·(x Aᵀ)Bᵀ and the residual are added in the
+epilogue as in :mod:`qfine.fast.gemv_kernel`, whose split-sum kernel adds k splits in a fixed order.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from qfine.fast.gemv_kernel import _sum_splits_kernel
+
+
+def code_words(code: torch.Tensor, dtype: torch.dtype) -> list[int]:
+    """The 16 code values as ``dtype`` (16-bit) bits, split into a low-byte and a high-byte table of four
+    little-endian 32-bit words each: [L0, L1, L2, L3, H0, H1, H2, H3], the tables :func:`decode_program`
+    permutes."""
+    bits = [int(v) & 0xFFFF for v in code.float().to(dtype).view(torch.int16).tolist()]
+    if len(bits) != 16:
+        raise ValueError("a 4-bit code book has 16 values")
+    planes = [b & 0xFF for b in bits], [b >> 8 for b in bits]
+    return [sum(plane[4 * w + i] << (8 * i) for i in range(4)) for plane in planes for w in range(4)]
+
+
+def decode_program(out: str) -> list[tuple]:
+    """The byte-permute decode of one 32-bit word of packed codes (4 bytes, 8 weights, each byte's high nibble
+    first) as a list of (op, dst, src...) on 32-bit registers, for :func:`decode_asm` to print as PTX and for
+    tests to execute. Inputs: ``$8`` the word, ``$9`` … ``$16`` the tables of :func:`code_words`. Outputs
+    ``$0`` … ``$7``: weight i of the word as fp32 (``out`` = "f32": the 16-bit value in the high half, so
+    the value itself for bf16), or (``out`` = "b16") ``$0`` … ``$3`` pairs of 16-bit values (w0, w1) … (w6, w7),
+    the first in the low half."""
+    tables = {f"L{i}": f"${9 + i}" for i in range(4)} | {f"H{i}": f"${13 + i}" for i in range(4)}
+    # prmt reads its selector's four low nibbles, one per output byte: nibble 2i is byte i's low code, 2i+1 its
+    # high code. Bits 0-2 index 8 table bytes (two registers); bit 3 picks the upper 8 codes (selector t)
+    prog = [("and", "s", "$8", 0x77777777), ("shr", "t", "$8", 1), ("and", "t", "t", 0x44444444),
+            ("or", "t", "t", 0x32103210)]
+    for half in range(2):  # bytes 0-1 (weights 0-3), then bytes 2-3 (weights 4-7)
+        if half:
+            prog += [("shr", "s", "s", 16), ("shr", "t", "t", 16)]
+        for plane, reg in (("L", "l"), ("H", "h")):
+            prog += [("prmt", "a", tables[f"{plane}0"], tables[f"{plane}1"], "s"),
+                     ("prmt", "b", tables[f"{plane}2"], tables[f"{plane}3"], "s"), ("prmt", reg, "a", "b", "t")]
+        # l, h: low and high bytes of the values of (lo0, hi0, lo1, hi1); pair them as (hi0, lo0), (hi1, lo1)
+        for pair, sel in enumerate((0x4051, 0x6273)):
+            i = 4 * half + 2 * pair
+            if out == "f32":
+                prog += [("prmt", "p", "l", "h", sel), ("shl", f"${i}", "p", 16), ("and", f"${i + 1}", "p", 0xFFFF0000)]
+            else:
+                prog.append(("prmt", f"${2 * half + pair}", "l", "h", sel))
+    return prog
+
+
+def decode_asm(out: str) -> str:
+    """PTX for ``tl.inline_asm_elementwise`` (pack 1; inputs the word and the eight table words; eight
+    outputs) from :func:`decode_program`: ``=r`` ×8 for "f32"; for "b16" the four pairs are split into eight
+    16-bit registers (``=h``)."""
+    lines = ["{", ".reg .b32 s, t, a, b, l, h, p, p0, p1, p2, p3;"]
+    prog = decode_program(out)
+    if out == "b16":  # the pairs are computed into p0..p3, then split into the 16-bit outputs
+        prog = [(op, {f"${i}": f"p{i}" for i in range(4)}.get(dst, dst), *src) for op, dst, *src in prog]
+    for op, dst, *src in prog:
+        args = ", ".join(f"{v:#x}" if isinstance(v, int) else v for v in src)
+        lines.append(f"{op}.b32 {dst}, {args};")
+    if out == "b16":
+        lines += [f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, p{i};" for i in range(4)]
+    return "\n".join(lines + ["}"])
+
+
+ASM_F32, ASM_B16 = decode_asm("f32"), decode_asm("b16")
+
+
+@triton.jit
+def _decode8(word, code, tab, PRMT: tl.constexpr, ASM: tl.constexpr, F32: tl.constexpr):
+    """The eight weights of each int32 ``word`` of packed codes (weight i sits at k offset i of the word) as
+    eight tensors shaped like ``word``: code values in ``code``'s dtype, or in fp32 with ``F32``. With
+    ``PRMT``, by byte permutes of the eight table words ``tab`` (:func:`code_words`)."""
+    if PRMT:
+        t0, t1, t2, t3 = tl.load(tab), tl.load(tab + 1), tl.load(tab + 2), tl.load(tab + 3)
+        t4, t5, t6, t7 = tl.load(tab + 4), tl.load(tab + 5), tl.load(tab + 6), tl.load(tab + 7)
+        if F32:
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [word, t0, t1, t2, t3, t4, t5, t6, t7],
+                is_pure=True, pack=1,
+                dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32,
+                       tl.float32))
+        else:
+            dt = code.dtype.element_ty
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r", [word, t0, t1, t2, t3, t4, t5, t6, t7],
+                is_pure=True, pack=1, dtype=(dt, dt, dt, dt, dt, dt, dt, dt))
+    else:  # byte j holds weight 2j in its high nibble, 2j + 1 in its low one
+        w0 = tl.load(code + ((word >> 4) & 15))
+        w1 = tl.load(code + (word & 15))
+        w2 = tl.load(code + ((word >> 12) & 15))
+        w3 = tl.load(code + ((word >> 8) & 15))
+        w4 = tl.load(code + ((word >> 20) & 15))
+        w5 = tl.load(code + ((word >> 16) & 15))
+        w6 = tl.load(code + ((word >> 28) & 15))
+        w7 = tl.load(code + ((word >> 24) & 15))
+        if F32:
+            w0, w1, w2, w3 = w0.to(tl.float32), w1.to(tl.float32), w2.to(tl.float32), w3.to(tl.float32)
+            w4, w5, w6, w7 = w4.to(tl.float32), w5.to(tl.float32), w6.to(tl.float32), w7.to(tl.float32)
+    return w0, w1, w2, w3, w4, w5, w6, w7
+
+
+@triton.jit
+def _absmax(absmax_q, code8, absmax2, offset, blk, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr):
+    """The fp32 absmax of blocks ``blk`` (with double quantization: code8[q8]·absmax2 + offset, as
+    bitsandbytes computes it)."""
+    if NESTED:
+        q8 = tl.load(absmax_q + blk).to(tl.int32)
+        amax = tl.load(code8 + q8) * tl.load(absmax2 + blk // BLOCKSIZE2) + tl.load(offset)
+    else:
+        amax = tl.load(absmax_q + blk).to(tl.float32)
+    return amax
+
+
+@triton.jit
+def _row_kernel(x, packed, code, tab, absmax_q, code8, absmax2, offset, out, res, xa, lora_b, scale, n, k, k_words, r,
+                K_SPLIT: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+                SPLIT: tl.constexpr, RESIDUAL: tl.constexpr, PRMT: tl.constexpr, ASM: tl.constexpr,
+                PREFETCH: tl.constexpr):
+    """y (1, n) = x W ᵀ for one token row. ``packed`` is read as int32 words (8 weights each) in tiles of
+    (BLOCK_N rows, NB absmax blocks, WB words); a block's products are summed, then scaled by its absmax."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < n
+    row = tl.where(n_ok, rn, 0).to(tl.int64)  # rows past n read row 0: every load stays unmasked
+    dtype = x.dtype.element_ty
+    WB: tl.constexpr = BLOCKSIZE // 8
+    NB: tl.constexpr = BLOCK_K // BLOCKSIZE
+    k_start = pid_k * K_SPLIT
+    nb, wb = tl.arange(0, NB), tl.arange(0, WB)
+    wptr = packed + (row * k_words + k_start // 8)[:, None, None] + (nb * WB)[None, :, None] + wb[None, None, :]
+    blk = (row * (k // BLOCKSIZE) + k_start // BLOCKSIZE)[:, None] + nb[None, :]
+    xp = x + k_start + (nb * BLOCKSIZE)[:, None] + (wb * 8)[None, :]  # (NB, WB): weight 0 of each word
+    acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
+    if PREFETCH:
+        word = tl.load(wptr)
+    for kk in range(0, K_SPLIT, BLOCK_K):
+        if PREFETCH:  # the next step's words are requested before this step's are decoded
+            nxt = tl.load(wptr + (kk + BLOCK_K) // 8, mask=kk + BLOCK_K < K_SPLIT, other=0)
+        else:
+            word = tl.load(wptr + kk // 8)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _decode8(word, code, tab, PRMT, ASM, True)
+        xk = xp + kk
+        p = w0 * tl.load(xk).to(tl.float32)[None, :, :]
+        p += w1 * tl.load(xk + 1).to(tl.float32)[None, :, :]
+        p += w2 * tl.load(xk + 2).to(tl.float32)[None, :, :]
+        p += w3 * tl.load(xk + 3).to(tl.float32)[None, :, :]
+        p += w4 * tl.load(xk + 4).to(tl.float32)[None, :, :]
+        p += w5 * tl.load(xk + 5).to(tl.float32)[None, :, :]
+        p += w6 * tl.load(xk + 6).to(tl.float32)[None, :, :]
+        p += w7 * tl.load(xk + 7).to(tl.float32)[None, :, :]
+        amax = _absmax(absmax_q, code8, absmax2, offset, blk + kk // BLOCKSIZE, NESTED, BLOCKSIZE2)
+        acc += tl.sum(p, 2) * amax
+        if PREFETCH:
+            word = nxt
+    y = tl.sum(acc, 1)
+    if LORA:
+        if pid_k == 0:  # the adapter's s·(x Aᵀ) Bᵀ in fp32, added once
+            rr = tl.arange(0, BLOCK_R)
+            xar = tl.load(xa + rr, mask=rr < r, other=0.0).to(tl.float32)
+            br = tl.load(lora_b + row[:, None] * r + rr[None, :], mask=rr[None, :] < r, other=0.0).to(tl.float32)
+            y += tl.sum(br * xar[None, :], 1) * scale
+    if SPLIT == 1:
+        yd = y.to(dtype)
+        if RESIDUAL:
+            yd = (tl.load(res + rn, mask=n_ok, other=0.0).to(tl.float32) + yd.to(tl.float32)).to(dtype)
+        tl.store(out + rn, yd, mask=n_ok)
+    else:
+        tl.store(out + pid_k.to(tl.int64) * n + rn, y, mask=n_ok)
+
+
+@triton.jit
+def _tc_kernel(x, packed, code, tab, absmax_q, code8, absmax2, offset, out, res, xa, lora_b, scale, m, n, k, k_words, r,
+               stride_xm, stride_xa, K_SPLIT: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+               NESTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LORA: tl.constexpr,
+               BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, RESIDUAL: tl.constexpr, PRMT: tl.constexpr,
+               ASM: tl.constexpr):
+    """y (m, n) = x W ᵀ, acc (BLOCK_N, BLOCK_M) += (W_blk · x_blkᵀ) · absmax per absmax block: one product
+    per block, its WB words decoded into a (BLOCK_N, BLOCKSIZE) left operand."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    n_ok, m_ok = rn < n, rm < m
+    row = tl.where(n_ok, rn, 0).to(tl.int64)
+    dtype = x.dtype.element_ty
+    WB: tl.constexpr = BLOCKSIZE // 8
+    k_start = pid_k * K_SPLIT
+    wb = tl.arange(0, WB)
+    wptr = packed + (row * k_words + k_start // 8)[:, None] + wb[None, :]
+    blk = row * (k // BLOCKSIZE) + k_start // BLOCKSIZE
+    xp = x + rm[:, None] * stride_xm + k_start + tl.arange(0, BLOCKSIZE)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kk in range(0, K_SPLIT, BLOCKSIZE):
+        w0, w1, w2, w3, w4, w5, w6, w7 = _decode8(tl.load(wptr + kk // 8), code, tab, PRMT, ASM, False)
+        # (BLOCK_N, WB, 2, 2, 2) with weight 4c + 2b + a at [..., a, b, c]: reversed, each word's 8 in order
+        w = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
+        xs = tl.load(xp + kk, mask=m_ok[:, None], other=0.0)
+        d = tl.dot(tl.reshape(tl.permute(w, (0, 1, 4, 3, 2)), (BLOCK_N, BLOCKSIZE)), tl.trans(xs))
+        acc += d * _absmax(absmax_q, code8, absmax2, offset, blk + kk // BLOCKSIZE, NESTED, BLOCKSIZE2)[:, None]
+    if LORA:
+        if pid_k == 0:
+            rr = tl.arange(0, BLOCK_R)
+            xar = tl.load(xa + rm[:, None] * stride_xa + rr[None, :], mask=m_ok[:, None] & (rr[None, :] < r),
+                          other=0.0).to(tl.float32)
+            br = tl.load(lora_b + row[:, None] * r + rr[None, :], mask=rr[None, :] < r, other=0.0).to(tl.float32)
+            acc += tl.dot(br, tl.trans(xar), input_precision="ieee") * scale
+    ok = n_ok[:, None] & m_ok[None, :]
+    where = rm[None, :] * n + rn[:, None]
+    if SPLIT == 1:
+        y = acc.to(dtype)
+        if RESIDUAL:
+            y = (tl.load(res + where, mask=ok, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dtype)
+        tl.store(out + where, y, mask=ok)
+    else:
+        tl.store(out + pid_k.to(tl.int64) * m * n + where, acc, mask=ok)
+
+
+_TABLES: dict[int, tuple] = {}  # id(quant state) -> (weak reference to it, {dtype: (code, words)})
+
+
+def _tables(state, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The code book as a (16,) tensor in ``dtype`` and, for 16-bit dtypes, its :func:`code_words` as an
+    int32 tensor (fp32: the code book again, unused), built once per quant state on its first, uncaptured
+    call."""
+    ref, by_dtype = _TABLES.get(id(state), (None, None))
+    if ref is None or ref() is not state:
+        for key in [key for key, (r, _) in _TABLES.items() if r() is None]:
+            del _TABLES[key]
+        by_dtype = {}
+        _TABLES[id(state)] = (weakref.ref(state), by_dtype)
+    if dtype not in by_dtype:
+        code = state.code.float().to(dtype)
+        words = code
+        if dtype in (torch.float16, torch.bfloat16):
+            words = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in code_words(state.code, dtype)],
+                                 dtype=torch.int32, device=code.device)
+        by_dtype[dtype] = (code, words)
+    return by_dtype[dtype]
+
+
+def fits(cfg: dict, m: int, k: int, blocksize: int) -> bool:
+    """Whether a ``row``/``tc`` setting serves this shape: whole steps in every k split (no masks on k)."""
+    step = cfg["BLOCK_K"] if cfg["KERNEL"] == "row" else blocksize
+    return (cfg["KERNEL"] != "row" or m == 1) and k % (step * cfg["SPLIT"]) == 0 and step % blocksize == 0
+
+
+def matmul_rows(x2: torch.Tensor, weight, lora, residual, cfg: dict, interpreted: bool) -> torch.Tensor:
+    """(m, n) = x2 (m, k) @ Wᵀ (+ adapter, + residual) with the ``row`` or ``tc`` kernel; ``cfg`` as from
+    :func:`qfine.fast.gemv_kernel.candidates` and :func:`fits`. Capturable in a CUDA graph."""
+    state = weight.quant_state
+    (n, k), m = state.shape, x2.shape[0]
+    split = cfg["SPLIT"]
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
+    res = out
+    if residual is not None:
+        res = residual.reshape(m, n)
+        res = res if res.is_contiguous() else res.contiguous()
+    nested = bool(state.nested)
+    code8 = state.state2.code if nested else state.code
+    absmax2 = state.state2.absmax if nested else state.absmax
+    offset = state.offset if nested else state.absmax
+    xa, lora_b, scale = lora if lora is not None else (x2, x2, 0.0)
+    r = xa.shape[-1] if lora is not None else 1
+    if lora is not None:
+        xa = xa.reshape(m, r)
+        xa, lora_b = (xa if xa.stride(1) == 1 else xa.contiguous()), lora_b.contiguous()
+    code, words = _tables(state, x2.dtype)
+    row = cfg["KERNEL"] == "row"
+    # the "f32" decode puts 16 bits in a float's high half: the value itself only for bf16
+    prmt = (bool(cfg.get("PRMT")) and not interpreted
+            and x2.dtype in ((torch.bfloat16,) if row else (torch.bfloat16, torch.float16)))
+    asm = (ASM_F32 if row else ASM_B16) if prmt else ""
+    common = dict(K_SPLIT=k // split, BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if nested else 256,
+                  NESTED=nested, BLOCK_N=cfg["BLOCK_N"], LORA=lora is not None,
+                  BLOCK_R=max(16, triton.next_power_of_2(r)), SPLIT=split, RESIDUAL=residual is not None,
+                  PRMT=prmt, ASM=asm if prmt else "", num_warps=cfg["num_warps"],
+                  num_stages=cfg.get("num_stages", 3))
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+    args = (x2, weight.data.reshape(-1).view(torch.int32), code, words, state.absmax, code8, absmax2, offset, part,
+            res, xa, lora_b, float(scale))
+    if row:
+        _row_kernel[grid](*args, n, k, k // 8, r, BLOCK_K=cfg["BLOCK_K"], PREFETCH=bool(cfg.get("PREFETCH")), **common)
+    else:
+        _tc_kernel[grid](*args, m, n, k, k // 8, r, x2.stride(0), xa.stride(0),
+                         BLOCK_M=max(16, triton.next_power_of_2(m)), **common)
+    if split > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](part, out, res, m * n, SPLIT=split,
+                                                         RESIDUAL=residual is not None, BLOCK=block)
+    return out
