@@ -1,0 +1,103 @@
+"""The byte-permute code-book decode (executed here with PTX's ``prmt`` semantics, on the CPU) and
+:mod:`qfine.fast.gemv_rows`' kernels against dequantize-then-matmul (under Triton's CPU interpreter)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from qfine.fast.prmt_decode import code_words, decode_program
+from qfine.generation import engine
+
+
+def _prmt(a: int, b: int, c: int) -> int:
+    """PTX ``prmt.b32`` default mode: output byte i is byte (c >> 4i) & 7 of b:a, or that byte's sign
+    replicated when bit 3 of the nibble is set."""
+    src = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
+    out = 0
+    for i in range(4):
+        sel = (c >> 4 * i) & 0xF
+        byte = src[sel & 7]
+        if sel & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << 8 * i
+    return out
+
+
+OPS = {"mov": lambda a: a, "and": lambda a, b: a & b, "or": lambda a, b: a | b, "shr": lambda a, b: a >> b,
+       "shl": lambda a, b: a << b, "prmt": _prmt}
+
+
+def _run(prog, word: int, tables: list[int]) -> dict:
+    regs = {"$8": word} | {f"${9 + i}": t for i, t in enumerate(tables)}
+    for op, dst, *src in prog:
+        regs[dst] = OPS[op](*(v if isinstance(v, int) else regs[v] for v in src)) & 0xFFFFFFFF
+    return regs
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_byte_permutes_give_each_weights_code_value(quant_type, dtype):
+    """Every byte value at every position of a word, and random words: the decode's outputs are the 16-bit
+    code values of the word's 8 weights in order (high nibble first), as pairs ("b16"), and as floats
+    ("f32", bf16 only) equal to code[c] rounded to bf16."""
+    import bitsandbytes.functional as bnbf
+
+    code = bnbf.get_4bit_type(quant_type, device="cpu")
+    bits = [int(v) & 0xFFFF for v in code.to(dtype).view(torch.int16).tolist()]
+    assert len(set(bits)) >= 15  # a real book (FP4 holds +0 and -0)
+    rng = random.Random(0)
+    words = [b << 8 * pos | rng.getrandbits(32) & ~(0xFF << 8 * pos) for b in range(256) for pos in range(4)]
+    words += [rng.getrandbits(32) for _ in range(500)] + [0, 0xFFFFFFFF]
+    tables = code_words(code, dtype)
+    for out in ("b16", "f32") if dtype == torch.bfloat16 else ("b16",):
+        prog = decode_program(out)
+        for word in words:
+            regs = _run(prog, word, tables)
+            want = [bits[(word >> 8 * j + shift) & 0xF] for j in range(4) for shift in (4, 0)]
+            if out == "b16":
+                got = [(regs[f"${i // 2}"] >> 16 * (i % 2)) & 0xFFFF for i in range(8)]
+            else:
+                got = [regs[f"${i}"] >> 16 for i in range(8)]
+                assert all(regs[f"${i}"] & 0xFFFF == 0 for i in range(8))
+                floats = torch.tensor([regs[f"${i}"] for i in range(8)], dtype=torch.int64).to(torch.int32)
+                assert floats.view(torch.float32).tolist() == [
+                    code[(word >> 8 * j + shift) & 0xF].to(torch.bfloat16).item() for j in range(4) for shift in (4, 0)]
+            assert got == want, (out, hex(word))
+
+
+@pytest.mark.skipif(not engine._INTERPRETED, reason="runs the Triton kernels on the CPU: TRITON_INTERPRET=1 with triton")
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
+def test_rows_kernels_equal_dequantize_then_matmul_interpreted(quant_type, nested):
+    """Under Triton's interpreter in fp32 (the gather decode): the one-row and tensor-core kernels, with k
+    split or not, equal dequantize-then-matmul (1e-5 relative), and with an adapter's term and a residual
+    equal residual + (x Wᵀ + s·xa Bᵀ) (1e-5)."""
+    import bitsandbytes as bnb
+
+    from qfine.fast.gemv_rows import fits, matmul_rows
+
+    torch.manual_seed(0)
+    n, k = 72, 512
+    w = bnb.nn.Params4bit(torch.randn(n, k) * 0.02, requires_grad=False, quant_type=quant_type,
+                          compress_statistics=nested)._quantize("cpu")
+    deq = bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    settings = [{"KERNEL": "row", "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT": 1, "num_warps": 4, "PREFETCH": True},
+                {"KERNEL": "row", "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT": 2, "num_warps": 4, "PREFETCH": False},
+                {"KERNEL": "tc", "BLOCK_N": 32, "SPLIT": 1, "num_warps": 4},
+                {"KERNEL": "tc", "BLOCK_N": 16, "SPLIT": 4, "num_warps": 4}]
+    ran = 0
+    for m in (1, 3):
+        x, xa = torch.randn(m, k), torch.randn(m, 8)
+        b, res = torch.randn(n, 8), torch.randn(m, n)
+        want = x @ deq.t()
+        for cfg in settings:
+            if not fits(cfg, m, k, w.quant_state.blocksize):
+                continue
+            got = matmul_rows(x, w, None, None, cfg, True)
+            assert ((got - want).abs().max() / want.abs().max()) < 1e-5, (m, cfg)
+            both = matmul_rows(x, w, (xa, b, 2.0), res, cfg, True)
+            assert (both - (res + want + 2.0 * xa @ b.t())).abs().max() < 1e-5 * want.abs().max() * 10, (m, cfg)
+            ran += 1
+    assert ran == 6  # the one-row kernel serves one row only
