@@ -68,7 +68,7 @@ def test_byte_permutes_give_each_weights_code_value(quant_type, dtype):
             assert got == want, (out, hex(word))
 
 
-@pytest.mark.skipif(not engine._INTERPRETED, reason="runs the Triton kernels on the CPU: TRITON_INTERPRET=1 with triton")
+@pytest.mark.skipif(not engine._INTERPRETED, reason="runs Triton kernels on the CPU: TRITON_INTERPRET=1 with triton")
 @pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
 def test_rows_kernels_equal_dequantize_then_matmul_interpreted(quant_type, nested):
     """Under Triton's interpreter in fp32 (the gather decode): the one-row and tensor-core kernels, with k

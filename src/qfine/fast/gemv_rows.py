@@ -11,8 +11,9 @@ inner step, beside :mod:`qfine.fast.gemv_kernel`'s tile kernel, and chosen per s
 Both read the code book's values rounded to the activation dtype (as bitsandbytes' own matrix-vector kernel
 holds them), either by a 16-entry gather or, on CUDA (``PRMT``), with no memory access at all: the table's 32
 bytes live in eight registers and byte permutes (``prmt``) pick four codes' low and high bytes at once
-(:func:`qfine.fast.prmt_decode.decode_asm`). Products and sums are fp32; the adapter's s·(x Aᵀ)Bᵀ and the residual are added in the
-epilogue as in :mod:`qfine.fast.gemv_kernel`, whose split-sum kernel adds k splits in a fixed order.
+(:mod:`qfine.fast.prmt_decode`). Products and sums are fp32; the adapter's s·(x Aᵀ)Bᵀ and the residual
+are added in the epilogue as in :mod:`qfine.fast.gemv_kernel`, whose split-sum kernel adds k splits in a
+fixed order.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import triton.language as tl
 
 from qfine.fast.gemv_kernel import _sum_splits_kernel
 from qfine.fast.prmt_decode import code_words, decode_asm
-
 
 ASM_F32, ASM_B16 = decode_asm("f32"), decode_asm("b16")
 
@@ -184,9 +184,9 @@ _TABLES: dict[int, tuple] = {}  # id(quant state) -> (weak reference to it, {dty
 
 
 def _tables(state, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The code book as a (16,) tensor in ``dtype`` and, for 16-bit dtypes, its :func:`qfine.fast.prmt_decode.code_words` as an
-    int32 tensor (fp32: the code book again, unused), built once per quant state on its first, uncaptured
-    call."""
+    """The code book as a (16,) tensor in ``dtype`` and, for 16-bit dtypes, its
+    :func:`qfine.fast.prmt_decode.code_words` as an int32 tensor (fp32: the code book again, unused), built
+    once per quant state on its first, uncaptured call."""
     ref, by_dtype = _TABLES.get(id(state), (None, None))
     if ref is None or ref() is not state:
         for key in [key for key, (r, _) in _TABLES.items() if r() is None]:
