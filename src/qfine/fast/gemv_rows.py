@@ -153,14 +153,14 @@ def _tc_kernel(x, packed, code, tab, absmax_q, code8, absmax2, offset, out, res,
     wb = tl.arange(0, WB)
     wptr = packed + (row * k_words + k_start // 8)[:, None] + wb[None, :]
     blk = row * (k // BLOCKSIZE) + k_start // BLOCKSIZE
-    xp = x + rm[:, None] * stride_xm + k_start + tl.arange(0, BLOCKSIZE)[None, :]
+    xp = x + rm[None, :] * stride_xm + k_start + tl.arange(0, BLOCKSIZE)[:, None]  # x_blkᵀ (BLOCKSIZE, BLOCK_M)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for kk in range(0, K_SPLIT, BLOCKSIZE):
         w0, w1, w2, w3, w4, w5, w6, w7 = _decode8(tl.load(wptr + kk // 8), code, tab, PRMT, ASM, False)
         # (BLOCK_N, WB, 2, 2, 2) with weight 4c + 2b + a at [..., a, b, c]: reversed, each word's 8 in order
         w = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
-        xs = tl.load(xp + kk, mask=m_ok[:, None], other=0.0)
-        d = tl.dot(tl.reshape(tl.permute(w, (0, 1, 4, 3, 2)), (BLOCK_N, BLOCKSIZE)), tl.trans(xs))
+        xt = tl.load(xp + kk, mask=m_ok[None, :], other=0.0)
+        d = tl.dot(tl.reshape(tl.permute(w, (0, 1, 4, 3, 2)), (BLOCK_N, BLOCKSIZE)), xt)
         acc += d * _absmax(absmax_q, code8, absmax2, offset, blk + kk // BLOCKSIZE, NESTED, BLOCKSIZE2)[:, None]
     if LORA:
         if pid_k == 0:
