@@ -9,7 +9,9 @@ temperature 1 (a random-init model almost never samples its end token, so nearly
 length; the record gives the mean length). The reward is a fixed hash of the completion's text, so groups
 have a spread and the loss a gradient. LoRA r=16 (alpha 32) on all seven projections, bf16, beta 0 (TRL's
 default: no reference pass), gradient checkpointing, lr 1e-6. Step time: the median over steps 2.. of
---steps, synchronised, generation included. One JSON line per run on stdout (``RESULT {...}``).
+--steps, synchronised, generation included; ``rollout_s`` the median of the same steps' completion
+generation alone (timed around the trainer's ``_generate_single_turn``), ``train_part_s`` the rest. One JSON
+line per run on stdout (``RESULT {...}``).
 
     python bench/grpo_bench.py --impl qfine|trl|unsloth --model /tmp/m_8b_nf4
 """
@@ -93,6 +95,26 @@ def peer_trainer(a, ds, timer):
                        peft_config=peft_config, callbacks=[timer])
 
 
+def time_rollouts(trainer) -> list[float]:
+    """Seconds of each call of the trainer's completion generation (TRL's ``_generate_single_turn``, which
+    qfine's trainer overrides), synchronised: filled in as the trainer runs."""
+    import torch
+
+    name = "_generate_single_turn"
+    inner, seconds = getattr(trainer, name), []
+
+    def timed(*args, **kwargs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = inner(*args, **kwargs)
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+        return out
+
+    setattr(trainer, name, timed)
+    return seconds
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--impl", required=True, choices=["qfine", "trl", "unsloth"])
@@ -112,6 +134,7 @@ def main():
            "completion": a.completion_len, "device": torch.cuda.get_device_name(0)}
     try:
         trainer = qfine_trainer(a, ds, timer) if a.impl == "qfine" else peer_trainer(a, ds, timer)
+        rollouts = time_rollouts(trainer)
         serves = getattr(trainer, "engine_serves", None)
         rec["rollouts"] = "qfine engine" if serves and serves(None, {}) else "transformers generate"
         torch.cuda.reset_peak_memory_stats()
@@ -127,7 +150,9 @@ def main():
                    completion_tok_s=round(a.prompts * a.group * (statistics.mean(lengths) if lengths else
                                                                  a.completion_len) / step_s, 1),
                    peak_alloc_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                   first_loss=round(logs[0]["loss"], 5) if logs else None)
+                   first_loss=round(logs[0]["loss"], 5) if logs else None,
+                   rollout_s=round(statistics.median(rollouts[1:] or rollouts), 3) if rollouts else None)
+        rec["train_part_s"] = round(step_s - rec["rollout_s"], 3) if rollouts else None
     except Exception as e:  # noqa: BLE001 - a peer failing is a result to record, not a crash of the bench
         import traceback
         traceback.print_exc()
