@@ -212,9 +212,9 @@ def launch_config(m: int, n: int, k: int, sms: int) -> dict:
 
 
 def candidates(m: int, n: int, k: int, blocksize: int = 64) -> list[dict]:
-    """Launch settings worth timing for this shape: :mod:`qfine.fast.gemv_rows`' kernels (``KERNEL`` "tc"
-    for any row count, "row" for one; code book by byte permutes), this module's tile kernel (its tiles and
-    k splits, code book read by a gather or by selects, ``SELECT``), and bitsandbytes' own path: for one row
+    """Launch settings worth timing for this shape: :mod:`qfine.fast.gemv_rows`' tensor-core kernel (``KERNEL``
+    "tc"; code book by byte permutes), this module's tile kernel (its tiles and k splits, code book read by a
+    gather), and bitsandbytes' own path: for one row
     its 4-bit matrix-vector kernel (``BNB_GEMV``), for more its dequantization to a 16-bit W then one cuBLAS
     product (``DEQUANTIZE``, which wins once rows are many)."""
     from qfine.fast.gemv_rows import fits
@@ -222,14 +222,11 @@ def candidates(m: int, n: int, k: int, blocksize: int = 64) -> list[dict]:
     out = [{"DEQUANTIZE": True}] if m > 1 else [{"BNB_GEMV": True}]
     new = [{"KERNEL": "tc", "BLOCK_N": bn, "SPLIT": split, "num_warps": 4, "PRMT": True}
            for bn in (64, 128) for split in (1, 2, 4, 8)]
-    if m == 1:
-        new += [{"KERNEL": "row", "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT": split, "num_warps": 4, "PRMT": True,
-                 "PREFETCH": True} for split in (1, 2, 4)]
     out += [cfg for cfg in new if fits(cfg, m, k, blocksize)]
     block_k = 256 if m == 1 else 64
     if k % block_k:
         return out + [launch_config(m, n, k, 132)]
-    for select in (False, True):
+    for select in (False,):
         for bn in ((16, 32) if m == 1 else (32, 64)):
             for split in ((1, 2, 4) if m == 1 else (1, 2)):
                 if (k // block_k) % split == 0:
