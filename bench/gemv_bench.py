@@ -35,11 +35,12 @@ def sweep(m: int, k: int) -> list[dict]:
     decode beside the byte permutes."""
     from qfine.fast.gemv_rows import fits
 
-    out = [{"KERNEL": "tc", "BLOCK_N": bn, "SPLIT": split, "num_warps": warps, "PRMT": True}
+    out = [{"KERNEL": "tc", "BLOCK_N": bn, "SPLIT": split, "num_warps": warps, "PRMT": True, "SERIAL": split > 1}
            for bn in (32, 64, 128, 256) for warps in (4, 8) for split in (1, 2, 4, 8, 16)
            if (bn < 256 or m <= 16) and (bn > 32 or warps == 4)]
-    out += [{"KERNEL": "tc", "BLOCK_N": 64, "SPLIT": split, "num_warps": 4, "num_stages": stages, "PRMT": True}
-            for stages in (2, 4) for split in (2, 4)]
+    out += [{"KERNEL": "tc", "BLOCK_N": 64, "SPLIT": split, "num_warps": 4, "num_stages": stages, "PRMT": True,
+             "SERIAL": True} for stages in (2, 4) for split in (2, 4)]
+    out += [{"KERNEL": "tc", "BLOCK_N": 64, "SPLIT": split, "num_warps": 4, "PRMT": True} for split in (2, 4, 8)]
     out = [cfg for cfg in out if fits(cfg, m, k, 64)]
     out += [{"KERNEL": "tc", "BLOCK_N": 64, "SPLIT": s, "num_warps": 4, "PRMT": False} for s in (2, 4)]
     if m == 1:

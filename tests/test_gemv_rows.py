@@ -72,7 +72,8 @@ def test_byte_permutes_give_each_weights_code_value(quant_type, dtype):
 @pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
 def test_rows_kernels_equal_dequantize_then_matmul_interpreted(quant_type, nested):
     """Under Triton's interpreter in fp32 (the gather decode): the one-row and tensor-core kernels, with k
-    split or not, equal dequantize-then-matmul (1e-5 relative), and with an adapter's term and a residual
+    split or not (summed by a second kernel, or by the last program of each column tile, whose counters
+    must be back at zero for the next call to be right), equal dequantize-then-matmul (1e-5 relative), and with an adapter's term and a residual
     equal residual + (x Wᵀ + s·xa Bᵀ) (1e-5)."""
     import bitsandbytes as bnb
 
@@ -86,7 +87,8 @@ def test_rows_kernels_equal_dequantize_then_matmul_interpreted(quant_type, neste
     settings = [{"KERNEL": "row", "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT": 1, "num_warps": 4, "PREFETCH": True},
                 {"KERNEL": "row", "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT": 2, "num_warps": 4, "PREFETCH": False},
                 {"KERNEL": "tc", "BLOCK_N": 32, "SPLIT": 1, "num_warps": 4},
-                {"KERNEL": "tc", "BLOCK_N": 16, "SPLIT": 4, "num_warps": 4}]
+                {"KERNEL": "tc", "BLOCK_N": 16, "SPLIT": 4, "num_warps": 4},
+                {"KERNEL": "tc", "BLOCK_N": 16, "SPLIT": 4, "num_warps": 4, "SERIAL": True}]
     ran = 0
     for m in (1, 3):
         x, xa = torch.randn(m, k), torch.randn(m, 8)
@@ -100,4 +102,4 @@ def test_rows_kernels_equal_dequantize_then_matmul_interpreted(quant_type, neste
             both = matmul_rows(x, w, (xa, b, 2.0), res, cfg, True)
             assert (both - (res + want + 2.0 * xa @ b.t())).abs().max() < 1e-5 * want.abs().max() * 10, (m, cfg)
             ran += 1
-    assert ran == 6  # the one-row kernel serves one row only
+    assert ran == 8  # the one-row kernel serves one row only

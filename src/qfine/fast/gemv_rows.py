@@ -135,13 +135,16 @@ def _row_kernel(x, packed, code, tab, absmax_q, code8, absmax2, offset, out, res
 
 
 @triton.jit
-def _tc_kernel(x, packed, code, tab, absmax_q, code8, absmax2, offset, out, res, xa, lora_b, scale, m, n, k, k_words, r,
-               stride_xm, stride_xa, K_SPLIT: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-               NESTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LORA: tl.constexpr,
-               BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, RESIDUAL: tl.constexpr, PRMT: tl.constexpr,
-               ASM: tl.constexpr):
+def _tc_kernel(x, packed, code, tab, absmax_q, code8, absmax2, offset, out, res, xa, lora_b, scale, final, counter, m,
+               n, k, k_words, r, stride_xm, stride_xa, K_SPLIT: tl.constexpr, BLOCKSIZE: tl.constexpr,
+               BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               LORA: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, RESIDUAL: tl.constexpr,
+               PRMT: tl.constexpr, ASM: tl.constexpr, SERIAL: tl.constexpr):
     """y (m, n) = x W ᵀ, acc (BLOCK_N, BLOCK_M) += (W_blk · x_blkᵀ) · absmax per absmax block: one product
-    per block, its WB words decoded into a (BLOCK_N, BLOCKSIZE) left operand."""
+    per block, its WB words decoded into a (BLOCK_N, BLOCKSIZE) left operand. With k splits, each program
+    writes its fp32 partial to ``out`` (split, m, n); with ``SERIAL`` the last of a column tile's programs
+    to finish (counted in ``counter``, which it resets) adds them in split order into ``final``, so no
+    second kernel is launched and the sum does not depend on which program finished last."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
@@ -178,6 +181,32 @@ def _tc_kernel(x, packed, code, tab, absmax_q, code8, absmax2, offset, out, res,
         tl.store(out + where, y, mask=ok)
     else:
         tl.store(out + pid_k.to(tl.int64) * m * n + where, acc, mask=ok)
+        if SERIAL:
+            # release this program's partial, acquire the others' (read past L1: they were written elsewhere)
+            if tl.atomic_add(counter + pid_n, 1, sem="acq_rel") == SPLIT - 1:
+                total = tl.load(out + where, mask=ok, other=0.0, cache_modifier=".cg")
+                for s in tl.static_range(1, SPLIT):
+                    total += tl.load(out + s * m * n + where, mask=ok, other=0.0, cache_modifier=".cg")
+                y = total.to(dtype)
+                if RESIDUAL:
+                    y = (tl.load(res + where, mask=ok, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dtype)
+                tl.store(final + where, y, mask=ok)
+                tl.atomic_xchg(counter + pid_n, 0)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: zeros, one per column tile, reset by the kernel
+
+
+def _counter(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """A zeroed int32 counter per column tile for a serial split sum, shared by every call on the device (the
+    calls of a decode step run one after another on one stream, and each leaves its counters at zero); None
+    when a larger buffer would have to be allocated during a CUDA-graph capture."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < tiles:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return None
+        _COUNTERS[device] = have = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return have
 
 
 _TABLES: dict[int, tuple] = {}  # id(quant state) -> (weak reference to it, {dtype: (code, words)})
@@ -247,8 +276,12 @@ def matmul_rows(x2: torch.Tensor, weight, lora, residual, cfg: dict, interpreted
     if row:
         _row_kernel[grid](*args, n, k, k // 8, r, BLOCK_K=cfg["BLOCK_K"], PREFETCH=bool(cfg.get("PREFETCH")), **common)
     else:
-        _tc_kernel[grid](*args, m, n, k, k // 8, r, x2.stride(0), xa.stride(0),
-                         BLOCK_M=max(16, triton.next_power_of_2(m)), **common)
+        counter = _counter(x2.device, grid[0]) if split > 1 and cfg.get("SERIAL") else None
+        _tc_kernel[grid](*args, out, counter if counter is not None else part, m, n, k, k // 8, r, x2.stride(0),
+                         xa.stride(0), BLOCK_M=max(16, triton.next_power_of_2(m)), SERIAL=counter is not None,
+                         **common)
+        if counter is not None:
+            return out
     if split > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](part, out, res, m * n, SPLIT=split,
