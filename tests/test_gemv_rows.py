@@ -73,8 +73,8 @@ def test_byte_permutes_give_each_weights_code_value(quant_type, dtype):
 def test_rows_kernels_equal_dequantize_then_matmul_interpreted(quant_type, nested):
     """Under Triton's interpreter in fp32 (the gather decode): the one-row and tensor-core kernels, with k
     split or not (summed by a second kernel, or by the last program of each column tile, whose counters
-    must be back at zero for the next call to be right), equal dequantize-then-matmul (1e-5 relative), and with an adapter's term and a residual
-    equal residual + (x Wᵀ + s·xa Bᵀ) (1e-5)."""
+    must be back at zero for the next call to be right), equal dequantize-then-matmul (1e-5 relative), and
+    with an adapter's term and a residual equal residual + (x Wᵀ + s·xa Bᵀ) (1e-5)."""
     import bitsandbytes as bnb
 
     from qfine.fast.gemv_rows import fits, matmul_rows

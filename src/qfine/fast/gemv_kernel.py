@@ -213,9 +213,9 @@ def launch_config(m: int, n: int, k: int, sms: int) -> dict:
 
 def candidates(m: int, n: int, k: int, blocksize: int = 64) -> list[dict]:
     """Launch settings worth timing for this shape: :mod:`qfine.fast.gemv_rows`' tensor-core kernel (``KERNEL``
-    "tc"; code book by byte permutes; k splits summed by their last program, ``SERIAL``), this module's tile kernel (its tiles and k splits, code book read by a
-    gather), and bitsandbytes' own path: for one row
-    its 4-bit matrix-vector kernel (``BNB_GEMV``), for more its dequantization to a 16-bit W then one cuBLAS
+    "tc"; code book by byte permutes; k splits summed by their last program, ``SERIAL``), this module's tile
+    kernel (its tiles and k splits, code book read by a gather), and bitsandbytes' own path: for one row its
+    4-bit matrix-vector kernel (``BNB_GEMV``), for more its dequantization to a 16-bit W then one cuBLAS
     product (``DEQUANTIZE``, which wins once rows are many)."""
     from qfine.fast.gemv_rows import fits
 
