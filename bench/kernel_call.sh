@@ -17,7 +17,7 @@ grep -h "^RESULT" "$OUT/gemv.log" | sed 's/^RESULT //' > "$OUT/gemv.jsonl"
 sed -n '/^copy bandwidth/,$p' "$OUT/gemv.log" | grep -v "^RESULT" | head -60
 grep -c '"wrong"\|"error"' "$OUT/gemv.jsonl"; grep -h '"wrong"\|"error"' "$OUT/gemv.jsonl" | head -3
 s=$(date +%s)
-( timeout ${TEST_S:-120} python3 -m pytest -q -p no:cacheprovider -rfE -m gpu ${TESTS:-tests/test_engine.py} \
+( timeout ${TEST_S:-120} python3 -m pytest -q -p no:cacheprovider -rfE -m gpu ${TESTS:-tests/test_engine.py tests/test_gemv_rows.py} \
     > "$OUT/tests.log" 2>&1; echo "tests rc=$? in $(( $(date +%s) - s )) s: $(tail -1 "$OUT/tests.log")" ) &
 [ -f $model/config.json ] || python3 bench/make_model.py --shape ${SHAPE:-8b} --nf4 --out $model > "$OUT/make.log" 2>&1
 echo "model ready in $(( $(date +%s) - s )) s"
