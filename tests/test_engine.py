@@ -171,35 +171,39 @@ def test_gpu_graphed_decode_agrees_with_generate(save_tiny, tmp_path):
 
 
 def _counting(monkeypatch):
-    """Counts of calls to the 4-bit kernel and the fused LoRA down-products while the test runs."""
-    from qfine.fast import gemv_kernel
+    """Counts of calls to the 4-bit kernel, the fused LoRA down-products and the grouped 4-bit launch (q, k,
+    v or gate, up in one) while the test runs."""
+    from qfine.fast import gemv_kernel, gemv_rows
 
-    calls = {"matmul_4bit": 0, "lora_down": 0}
-    for name in calls:
-        real = getattr(gemv_kernel, name)
+    calls = {"matmul_4bit": 0, "lora_down": 0, "matmul_group": 0}
+    for module, name in [(gemv_kernel, "matmul_4bit"), (gemv_kernel, "lora_down"), (gemv_rows, "matmul_group")]:
+        real = getattr(module, name)
 
         def counted(*a, _real=real, _name=name, **kw):
             calls[_name] += 1
             return _real(*a, **kw)
 
-        monkeypatch.setattr(gemv_kernel, name, counted)
+        monkeypatch.setattr(module, name, counted)
     return calls
 
 
 @pytest.mark.skipif(not engine._INTERPRETED, reason="runs the Triton kernels on the CPU: TRITON_INTERPRET=1 with triton")
 def test_kernel_path_greedy_equals_generate_interpreted(save_tiny, tmp_path, monkeypatch):
     """Under Triton's CPU interpreter, fp32: the engine's forward through the 4-bit kernel (residual
-    epilogue; for one row, the fused LoRA down-products) gives transformers' greedy tokens on every row of
-    a batch, and for a single prompt."""
+    epilogue; for one row, the fused LoRA down-products and q, k, v and gate, up each in one grouped launch)
+    gives transformers' greedy tokens on every row of a batch, and for a single prompt."""
     model = lora_model(save_tiny(tmp_path / "m", intermediate_size=192)).eval()
     with torch.no_grad():
         want = _reference(model, PROMPTS, 12, stop=-1, pad=0)
     calls = _counting(monkeypatch)
     assert engine.generate_tokens(model, PROMPTS, 12, [], 0, graph=False).tokens == want
     # 7 projections of 2 layers per forward: the prefill's 28 rows and 11 decode steps of 4 rows
-    assert calls["matmul_4bit"] == 12 * 14 and calls["lora_down"] == 0
+    assert calls["matmul_4bit"] == 12 * 14 and calls["lora_down"] == calls["matmul_group"] == 0
     assert engine.generate_tokens(model, PROMPTS[:1], 12, [], 0, graph=False).tokens == want[:1]
-    assert calls["lora_down"] == 11 * 2 * 4  # one-row steps: 4 fused launches per layer
+    # one-row steps: 4 fused down-product launches per layer, and 4 launches of the 4-bit kernel (q, k, v
+    # grouped; o; gate, up grouped; down) instead of 7
+    assert calls["lora_down"] == 11 * 2 * 4 and calls["matmul_group"] == 11 * 2 * 2
+    assert calls["matmul_4bit"] == 12 * 14 + 7 * 2 + 11 * 2 * 2
 
 
 @pytest.mark.gpu

@@ -136,3 +136,39 @@ def test_gpu_byte_permute_decode_equals_the_gather(dtype):
                 plain = matmul_rows(x, w, None, None, cfg | {"PRMT": False}, False)
                 assert torch.equal(fast, plain), (quant_type, rows, cfg)
                 assert ((fast.float() - want).abs().max() / want.abs().max()) < 1e-2, (quant_type, rows, cfg)
+
+
+@pytest.mark.skipif(not engine._INTERPRETED, reason="runs Triton kernels on the CPU: TRITON_INTERPRET=1 with triton")
+def test_grouped_launch_equals_each_product_interpreted():
+    """Three weights of one input (q, k, v shapes: 96, 32, 32 rows) in one tensor-core launch, with their
+    adapters' xa as column views of one buffer (as the fused down-products give them): each output equals
+    x Wᵢᵀ + sᵢ·xaᵢ Bᵢᵀ (1e-5 relative), with k split (serial sum) or not, for 1 and 3 rows; two weights
+    (gate, up) too. Weights of different k are not grouped."""
+    import bitsandbytes as bnb
+
+    from qfine.fast.gemv_rows import groupable, matmul_group
+
+    torch.manual_seed(0)
+    k = 256
+    ws = [bnb.nn.Params4bit(torch.randn(n, k) * 0.02, requires_grad=False, quant_type="nf4",
+                            compress_statistics=True)._quantize("cpu") for n in (96, 32, 32)]
+    deqs = [bnb.functional.dequantize_4bit(w.data, w.quant_state).float() for w in ws]
+    ranks = (8, 4, 8)
+    bs = [torch.randn(w.quant_state.shape[0], r) for w, r in zip(ws, ranks)]
+    for m in (1, 3):
+        x = torch.randn(m, k)
+        xa_all = torch.randn(m, sum(ranks))
+        xas = [xa_all[:, :8], xa_all[:, 8:12], xa_all[:, 12:]]
+        for count in (3, 2):
+            members = [(w, (xa, b, 0.5 * (i + 1))) for i, (w, xa, b) in enumerate(zip(ws, xas, bs))][:count]
+            assert groupable(x, members)
+            for cfg in ({"KERNEL": "tc", "BLOCK_N": 16, "SPLIT": 1, "num_warps": 4},
+                        {"KERNEL": "tc", "BLOCK_N": 32, "SPLIT": 2, "num_warps": 4, "SERIAL": True}):
+                outs = matmul_group(x, members, cfg, True)
+                assert len(outs) == count
+                for i, (out, deq) in enumerate(zip(outs, deqs)):
+                    want = x @ deq.t() + 0.5 * (i + 1) * xas[i] @ bs[i].t()
+                    assert out.shape == want.shape
+                    assert ((out - want).abs().max() / want.abs().max()) < 1e-5, (m, count, cfg, i)
+    other = bnb.nn.Params4bit(torch.randn(32, 512) * 0.02, requires_grad=False)._quantize("cpu")
+    assert not groupable(torch.randn(1, 256), [(ws[0], None), (other, None)])

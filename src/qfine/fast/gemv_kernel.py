@@ -369,6 +369,62 @@ def matmul_4bit(x: torch.Tensor, weight, lora: tuple | None = None, residual: to
     return out.reshape(*x.shape[:-1], n)
 
 
+GROUP_DEFAULT = {"KERNEL": "tc", "BLOCK_N": 64, "SPLIT": 1, "num_warps": 4, "PRMT": True}
+
+
+def matmul_4bit_group(x: torch.Tensor, members: list[tuple]) -> list[torch.Tensor] | None:
+    """[x @ Wᵢᵀ (+ sᵢ·xaᵢ Bᵢᵀ)] for the (weight, lora) pairs of projections that read one input (q, k, v;
+    gate, up) in one launch (:func:`qfine.fast.gemv_rows.matmul_group`), each (..., nᵢ) in x's dtype; or
+    None where one launch does not serve them (:func:`qfine.fast.gemv_rows.groupable`) or, as measured once
+    per shape like :func:`matmul_4bit`'s settings, is not faster than a call per projection. Requires
+    :func:`usable` for each weight."""
+    from qfine.fast.gemv_rows import fits, groupable, matmul_group
+
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1 or (x2.shape[0] == 1 and not x2.is_contiguous()):
+        x2 = x2.contiguous()
+    if not groupable(x2, members):
+        return None
+    m, state = x2.shape[0], members[0][0].quant_state
+    shapes = tuple(w.quant_state.shape[0] for w, _ in members)
+    cfg = GROUP_DEFAULT
+    if sum(shapes) * k >= TUNE_MIN_WEIGHTS and not _INTERPRETED:
+        rows = 1 if m == 1 else max(16, triton.next_power_of_2(m))
+        key = ("group", x2.device, rows, shapes, k, x2.dtype, state.blocksize, bool(state.nested),
+               members[0][1] is not None)
+        got = TUNED.get(key)
+        if got is None:
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            got = TUNED[key] = _time_group(x2, members, m, k, state.blocksize)
+        cfg = got[0][1]
+    if cfg.get("SEPARATE") or not fits(cfg, m, k, state.blocksize):
+        return None
+    return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in matmul_group(x2, members, cfg, _INTERPRETED)]
+
+
+def _time_group(x2: torch.Tensor, members: list[tuple], m: int, k: int, blocksize: int) -> list:
+    """[(seconds, setting)] fastest first: one call per projection (``SEPARATE``, each at its own measured
+    setting) against one grouped launch per tensor-core setting whose outputs are within bf16 rounding of
+    the separate calls'."""
+    from qfine.fast.gemv_rows import fits, matmul_group
+
+    separate = [matmul_4bit(x2, w, lora).float() for w, lora in members]
+    timed = [(graph_seconds(lambda: [matmul_4bit(x2, w, lora) for w, lora in members]), {"SEPARATE": True})]
+    for cfg in candidates(m, sum(w.quant_state.shape[0] for w, _ in members), k, blocksize):
+        if cfg.get("KERNEL") != "tc" or not fits(cfg, m, k, blocksize):
+            continue
+        got = matmul_group(x2, members, cfg, _INTERPRETED)
+        if not all((g.float() - s).abs().max() <= 2e-2 * s.abs().max() for g, s in zip(got, separate)):
+            continue
+        try:
+            timed.append((graph_seconds(lambda c=cfg: matmul_group(x2, members, c, _INTERPRETED)), cfg))
+        except RuntimeError:
+            continue
+    return sorted(timed, key=lambda t: t[0])
+
+
 @triton.jit
 def _lora_down_kernel(x, a0, a1, a2, out, m, k: tl.constexpr, stride_xm, r0, r1, r_all, BLOCK_M: tl.constexpr,
                       BLOCK_K: tl.constexpr):

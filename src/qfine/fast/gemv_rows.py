@@ -135,17 +135,35 @@ def _row_kernel(x, packed, code, tab, absmax_q, code8, absmax2, offset, out, res
 
 
 @triton.jit
-def _tc_kernel(x, packed, code, tab, absmax_q, code8, absmax2, offset, out, res, xa, lora_b, scale, final, counter, m,
-               n, k, k_words, r, stride_xm, stride_xa, K_SPLIT: tl.constexpr, BLOCKSIZE: tl.constexpr,
-               BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               LORA: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, RESIDUAL: tl.constexpr,
-               PRMT: tl.constexpr, ASM: tl.constexpr, SERIAL: tl.constexpr):
+def _tc_kernel(x, code, tab, code8, packed, absmax_q, absmax2, offset, out, final, lora_b, scale, n, xa_col, r,
+               packed1, absmax_q1, absmax2_1, offset1, out1, final1, lora_b1, scale1, n1, xa_col1, r1,
+               packed2, absmax_q2, absmax2_2, offset2, out2, final2, lora_b2, scale2, n2, xa_col2, r2,
+               tiles0, tiles01, res, xa, counter, m, k, k_words, stride_xm, stride_xa, K_SPLIT: tl.constexpr,
+               BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, LORA: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
+               RESIDUAL: tl.constexpr, PRMT: tl.constexpr, ASM: tl.constexpr, SERIAL: tl.constexpr,
+               GROUP: tl.constexpr):
     """y (m, n) = x W ᵀ, acc (BLOCK_N, BLOCK_M) += (W_blk · x_blkᵀ) · absmax per absmax block: one product
-    per block, its WB words decoded into a (BLOCK_N, BLOCKSIZE) left operand. With k splits, each program
-    writes its fp32 partial to ``out`` (split, m, n); with ``SERIAL`` the last of a column tile's programs
-    to finish (counted in ``counter``, which it resets) adds them in split order into ``final``, so no
-    second kernel is launched and the sum does not depend on which program finished last."""
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    per block, its WB words decoded into a (BLOCK_N, BLOCKSIZE) left operand.
+
+    With ``GROUP`` 2 or 3, one launch serves that many weights of one input (q, k, v; gate, up): column
+    tiles [0, tiles0) are the first weight's, [tiles0, tiles01) the second's, the rest the third's; each
+    weight has its own packed codes, absmax, output, adapter B (its columns xa_col.. of ``xa``) and scale.
+    With k splits, each program writes its fp32 partial to ``out`` (split, m, n); with ``SERIAL`` the last of
+    a column tile's programs to finish (counted in ``counter``, which it resets) adds them in split order
+    into ``final``: no second kernel, and a sum that does not depend on which program finished last."""
+    tile, pid_k = tl.program_id(0), tl.program_id(1)
+    pid_n = tile
+    if GROUP > 1:
+        if tile >= tiles0:
+            pid_n = tile - tiles0
+            packed, absmax_q, absmax2, offset, out, final = packed1, absmax_q1, absmax2_1, offset1, out1, final1
+            lora_b, scale, n, xa_col, r = lora_b1, scale1, n1, xa_col1, r1
+            if GROUP > 2:
+                if tile >= tiles01:
+                    pid_n = tile - tiles01
+                    packed, absmax_q, absmax2, offset = packed2, absmax_q2, absmax2_2, offset2
+                    out, final, lora_b, scale, n, xa_col, r = out2, final2, lora_b2, scale2, n2, xa_col2, r2
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     n_ok, m_ok = rn < n, rm < m
@@ -168,8 +186,8 @@ def _tc_kernel(x, packed, code, tab, absmax_q, code8, absmax2, offset, out, res,
     if LORA:
         if pid_k == 0:
             rr = tl.arange(0, BLOCK_R)
-            xar = tl.load(xa + rm[:, None] * stride_xa + rr[None, :], mask=m_ok[:, None] & (rr[None, :] < r),
-                          other=0.0).to(tl.float32)
+            xar = tl.load(xa + xa_col + rm[:, None] * stride_xa + rr[None, :],
+                          mask=m_ok[:, None] & (rr[None, :] < r), other=0.0).to(tl.float32)
             br = tl.load(lora_b + row[:, None] * r + rr[None, :], mask=rr[None, :] < r, other=0.0).to(tl.float32)
             acc += tl.dot(br, tl.trans(xar), input_precision="ieee") * scale
     ok = n_ok[:, None] & m_ok[None, :]
@@ -183,7 +201,7 @@ def _tc_kernel(x, packed, code, tab, absmax_q, code8, absmax2, offset, out, res,
         tl.store(out + pid_k.to(tl.int64) * m * n + where, acc, mask=ok)
         if SERIAL:
             # release this program's partial, acquire the others' (read past L1: they were written elsewhere)
-            if tl.atomic_add(counter + pid_n, 1, sem="acq_rel") == SPLIT - 1:
+            if tl.atomic_add(counter + tile, 1, sem="acq_rel") == SPLIT - 1:
                 total = tl.load(out + where, mask=ok, other=0.0, cache_modifier=".cg")
                 for s in tl.static_range(1, SPLIT):
                     total += tl.load(out + s * m * n + where, mask=ok, other=0.0, cache_modifier=".cg")
@@ -191,7 +209,7 @@ def _tc_kernel(x, packed, code, tab, absmax_q, code8, absmax2, offset, out, res,
                 if RESIDUAL:
                     y = (tl.load(res + where, mask=ok, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dtype)
                 tl.store(final + where, y, mask=ok)
-                tl.atomic_xchg(counter + pid_n, 0)
+                tl.atomic_xchg(counter + tile, 0)
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: zeros, one per column tile, reset by the kernel
@@ -238,52 +256,122 @@ def fits(cfg: dict, m: int, k: int, blocksize: int) -> bool:
     return (cfg["KERNEL"] != "row" or m == 1) and k % (step * cfg["SPLIT"]) == 0 and step % blocksize == 0
 
 
+def _quant_args(weight) -> tuple:
+    """(packed as int32 words, absmax (q8 or fp32), second-level absmax, offset) of a 4-bit weight."""
+    state = weight.quant_state
+    nested = bool(state.nested)
+    return (weight.data.reshape(-1).view(torch.int32), state.absmax, state.state2.absmax if nested else state.absmax,
+            state.offset if nested else state.absmax)
+
+
+def _common(x2: torch.Tensor, state, cfg: dict, lora: bool, r: int, residual: bool, interpreted: bool) -> dict:
+    """The constexpr launch arguments shared by both kernels."""
+    row = cfg["KERNEL"] == "row"
+    # the "f32" decode puts 16 bits in a float's high half: the value itself only for bf16
+    prmt = (bool(cfg.get("PRMT")) and not interpreted
+            and x2.dtype in ((torch.bfloat16,) if row else (torch.bfloat16, torch.float16)))
+    nested = bool(state.nested)
+    return dict(K_SPLIT=state.shape[1] // cfg["SPLIT"], BLOCKSIZE=state.blocksize,
+                BLOCKSIZE2=state.state2.blocksize if nested else 256, NESTED=nested, BLOCK_N=cfg["BLOCK_N"],
+                LORA=lora, BLOCK_R=max(16, triton.next_power_of_2(r)), SPLIT=cfg["SPLIT"], RESIDUAL=residual,
+                PRMT=prmt, ASM=(ASM_F32 if row else ASM_B16) if prmt else "", num_warps=cfg["num_warps"],
+                num_stages=cfg.get("num_stages", 3))
+
+
+def groupable(x2: torch.Tensor, members: list[tuple]) -> bool:
+    """Whether :func:`matmul_group` serves these (weight, lora) pairs: 2 or 3 weights of one k, block size,
+    nesting and code book, every one with an adapter or none, and the adapters' xa column views of one
+    (rows, Σr) tensor (as :func:`qfine.fast.gemv_kernel.lora_down` returns them)."""
+    if not 2 <= len(members) <= 3:
+        return False
+    states = [w.quant_state for w, _ in members]
+    first = states[0]
+    if any(s.shape[1] != first.shape[1] or s.blocksize != first.blocksize or bool(s.nested) != bool(first.nested)
+           or not torch.equal(s.code, first.code) for s in states[1:]):
+        return False
+    loras = [lora for _, lora in members]
+    if all(lora is None for lora in loras):
+        return True
+    if any(lora is None for lora in loras):
+        return False
+    xas = [lora[0].reshape(x2.shape[0], -1) for lora in loras]
+    base = xas[0]
+    return all(xa.untyped_storage().data_ptr() == base.untyped_storage().data_ptr() and xa.dtype == base.dtype
+               and (x2.shape[0] == 1 or xa.stride(0) == base.stride(0)) and xa.stride(1) == 1
+               and xa.data_ptr() >= base.data_ptr()
+               for xa in xas)
+
+
 def matmul_rows(x2: torch.Tensor, weight, lora, residual, cfg: dict, interpreted: bool) -> torch.Tensor:
     """(m, n) = x2 (m, k) @ Wᵀ (+ adapter, + residual) with the ``row`` or ``tc`` kernel; ``cfg`` as from
     :func:`qfine.fast.gemv_kernel.candidates` and :func:`fits`. Capturable in a CUDA graph."""
+    if cfg["KERNEL"] == "tc":
+        return _launch_tc(x2, [(weight, lora)], residual, cfg, interpreted)[0]
     state = weight.quant_state
     (n, k), m = state.shape, x2.shape[0]
     split = cfg["SPLIT"]
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
-    res = out
-    if residual is not None:
-        res = residual.reshape(m, n)
-        res = res if res.is_contiguous() else res.contiguous()
-    nested = bool(state.nested)
-    code8 = state.state2.code if nested else state.code
-    absmax2 = state.state2.absmax if nested else state.absmax
-    offset = state.offset if nested else state.absmax
+    res = out if residual is None else residual.reshape(m, n).contiguous()
     xa, lora_b, scale = lora if lora is not None else (x2, x2, 0.0)
     r = xa.shape[-1] if lora is not None else 1
     if lora is not None:
-        xa = xa.reshape(m, r)
-        xa, lora_b = (xa if xa.stride(1) == 1 else xa.contiguous()), lora_b.contiguous()
+        xa, lora_b = xa.reshape(m, r).contiguous(), lora_b.contiguous()
     code, words = _tables(state, x2.dtype)
-    row = cfg["KERNEL"] == "row"
-    # the "f32" decode puts 16 bits in a float's high half: the value itself only for bf16
-    prmt = (bool(cfg.get("PRMT")) and not interpreted
-            and x2.dtype in ((torch.bfloat16,) if row else (torch.bfloat16, torch.float16)))
-    asm = (ASM_F32 if row else ASM_B16) if prmt else ""
-    common = dict(K_SPLIT=k // split, BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if nested else 256,
-                  NESTED=nested, BLOCK_N=cfg["BLOCK_N"], LORA=lora is not None,
-                  BLOCK_R=max(16, triton.next_power_of_2(r)), SPLIT=split, RESIDUAL=residual is not None,
-                  PRMT=prmt, ASM=asm if prmt else "", num_warps=cfg["num_warps"],
-                  num_stages=cfg.get("num_stages", 3))
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
-    args = (x2, weight.data.reshape(-1).view(torch.int32), code, words, state.absmax, code8, absmax2, offset, part,
-            res, xa, lora_b, float(scale))
-    if row:
-        _row_kernel[grid](*args, n, k, k // 8, r, BLOCK_K=cfg["BLOCK_K"], PREFETCH=bool(cfg.get("PREFETCH")), **common)
-    else:
-        counter = _counter(x2.device, grid[0]) if split > 1 and cfg.get("SERIAL") else None
-        _tc_kernel[grid](*args, out, counter if counter is not None else part, m, n, k, k // 8, r, x2.stride(0),
-                         xa.stride(0), BLOCK_M=max(16, triton.next_power_of_2(m)), SERIAL=counter is not None,
-                         **common)
-        if counter is not None:
-            return out
+    packed, absmax_q, absmax2, offset = _quant_args(weight)
+    code8 = state.state2.code if state.nested else state.code
+    _row_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
+        x2, packed, code, words, absmax_q, code8, absmax2, offset, part, res, xa, lora_b, float(scale), n, k, k // 8,
+        r, BLOCK_K=cfg["BLOCK_K"], PREFETCH=bool(cfg.get("PREFETCH")),
+        **_common(x2, state, cfg, lora is not None, r, residual is not None, interpreted))
     if split > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(m * n, block),)](part, out, res, m * n, SPLIT=split,
-                                                         RESIDUAL=residual is not None, BLOCK=block)
+        _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](part, out, res, m * n, SPLIT=split,
+                                                        RESIDUAL=residual is not None, BLOCK=1024)
     return out
+
+
+def matmul_group(x2: torch.Tensor, members: list[tuple], cfg: dict, interpreted: bool) -> list[torch.Tensor]:
+    """[x2 @ Wᵢᵀ (+ sᵢ·xaᵢ Bᵢᵀ)] for 2 or 3 (weight, lora) pairs of one input (:func:`groupable`), in one
+    launch of the ``tc`` kernel. Capturable in a CUDA graph."""
+    return _launch_tc(x2, members, None, cfg, interpreted)
+
+
+def _launch_tc(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, interpreted: bool) -> list[torch.Tensor]:
+    state = members[0][0].quant_state
+    k, m, split, bn = state.shape[1], x2.shape[0], cfg["SPLIT"], cfg["BLOCK_N"]
+    code, words = _tables(state, x2.dtype)
+    code8 = state.state2.code if state.nested else state.code
+    res = x2 if residual is None else residual.reshape(m, -1).contiguous()
+    lora = members[0][1] is not None
+    xa = members[0][1][0].reshape(m, -1) if lora else x2
+    if lora and len(members) == 1:
+        xa = xa.contiguous()
+    per, outs, tiles = [], [], []
+    for weight, lo in members:
+        n = weight.quant_state.shape[0]
+        out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+        part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
+        b, scale, col, r = x2, 0.0, 0, 1
+        if lo is not None:
+            xai, b, scale = lo
+            r = xai.shape[-1]
+            col = (xai.data_ptr() - xa.data_ptr()) // xa.element_size()
+            b = b.contiguous()
+        per.append((*_quant_args(weight), part, out, b, float(scale), n, col, r))
+        outs.append(out)
+        tiles.append(triton.cdiv(n, bn))
+    while len(per) < 3:
+        per.append(per[0])
+    total = sum(tiles)
+    counter = _counter(x2.device, total) if split > 1 and cfg.get("SERIAL") else None
+    r_max = max(p[-1] for p in per)
+    _tc_kernel[(total, split)](
+        x2, code, words, code8, *per[0], *per[1], *per[2], tiles[0], tiles[0] + (tiles[1] if len(tiles) > 1 else 0),
+        res, xa, counter if counter is not None else x2, m, k, k // 8, x2.stride(0), xa.stride(0),
+        BLOCK_M=max(16, triton.next_power_of_2(m)), SERIAL=counter is not None, GROUP=len(members),
+        **_common(x2, state, cfg, lora, r_max, residual is not None, interpreted))
+    if split > 1 and counter is None:
+        for (*_, part, out, _b, _s, n, _c, _r), _ in zip(per, members):
+            _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](part, out, res, m * n, SPLIT=split,
+                                                            RESIDUAL=residual is not None, BLOCK=1024)
+    return outs

@@ -129,6 +129,19 @@ class _Group:
         mats = [lin.a for lin in linears if lin.a is not None]
         self.fused = (0 < len(mats) == len(linears) <= 3 and len({a.dtype for a in mats}) == 1)
 
+    def project(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each projection's output for x: in one launch of the 4-bit kernel for all of them where it serves
+        them (:func:`qfine.fast.gemv_kernel.matmul_4bit_group`), else one call each."""
+        xas = self(x)
+        if len(self.linears) > 1 and all(lin.kernel(x) and lin.base.bias is None for lin in self.linears):
+            from qfine.fast.gemv_kernel import matmul_4bit_group
+
+            got = matmul_4bit_group(x, [(lin.packed, None if xa is None else (xa, lin.b, lin.scale))
+                                        for lin, xa in zip(self.linears, xas)])
+            if got is not None:
+                return got
+        return [lin(x, xa) for lin, xa in zip(self.linears, xas)]
+
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor | None]:
         one_row = x.numel() == x.shape[-1]  # more rows: cuBLAS's products are faster than the fused kernel
         if self.fused and one_row and all(lin.kernel(x) for lin in self.linears):
@@ -259,10 +272,9 @@ class Decoder:
         h = self.embed(ids)
         for i, layer in enumerate(self.layers):
             x = layer.ln1(h)
-            xq, xk, xv = layer.qkv(x)
-            q = layer.q(x, xq).view(b, t, self.heads, self.head_dim)
-            k = layer.k(x, xk).view(b, t, self.kv_heads, self.head_dim)
-            v = layer.v(x, xv).view(b, t, self.kv_heads, self.head_dim)
+            q, k, v = layer.qkv.project(x)
+            q = q.view(b, t, self.heads, self.head_dim)
+            k, v = k.view(b, t, self.kv_heads, self.head_dim), v.view(b, t, self.kv_heads, self.head_dim)
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
             q, k = _rope(q, k, cos, sin)
@@ -275,8 +287,7 @@ class Decoder:
             out = out.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
             h = layer.o(out, *layer.o_in(out), residual=h)
             x = layer.ln2(h)
-            xg, xu = layer.gate_up(x)
-            g, u = layer.gate(x, xg), layer.up(x, xu)
+            g, u = layer.gate_up.project(x)
             gated = _gated(g, u, layer.act) if isinstance(layer.act, str) else layer.act(g) * u
             h = layer.down(gated, *layer.down_in(gated), residual=h)
         return self.head(self.norm(h[:, -1:]))[:, 0].float()
