@@ -31,13 +31,13 @@ ASM_F32, ASM_B16 = decode_asm("f32"), decode_asm("b16")
 
 
 @triton.jit
-def _decode8(word, code, tab, PRMT: tl.constexpr, ASM: tl.constexpr, F32: tl.constexpr):
+def _decode8(word, code, t0, t1, t2, t3, t4, t5, t6, t7, PRMT: tl.constexpr, ASM: tl.constexpr,
+             F32: tl.constexpr):
     """The eight weights of each int32 ``word`` of packed codes (weight i sits at k offset i of the word) as
     eight tensors shaped like ``word``: code values in ``code``'s dtype, or in fp32 with ``F32``. With
-    ``PRMT``, by byte permutes of the eight table words ``tab`` (:func:`qfine.fast.prmt_decode.code_words`)."""
+    ``PRMT``, by byte permutes of the eight table words t0..t7 (:func:`qfine.fast.prmt_decode.code_words`,
+    read once per program by the caller)."""
     if PRMT:
-        t0, t1, t2, t3 = tl.load(tab), tl.load(tab + 1), tl.load(tab + 2), tl.load(tab + 3)
-        t4, t5, t6, t7 = tl.load(tab + 4), tl.load(tab + 5), tl.load(tab + 6), tl.load(tab + 7)
         if F32:
             w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
                 ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [word, t0, t1, t2, t3, t4, t5, t6, t7],
@@ -97,6 +97,8 @@ def _row_kernel(x, packed, code, tab, absmax_q, code8, absmax2, offset, out, res
     blk = (row * (k // BLOCKSIZE) + k_start // BLOCKSIZE)[:, None] + nb[None, :]
     xp = x + k_start + (nb * BLOCKSIZE)[:, None] + (wb * 8)[None, :]  # (NB, WB): weight 0 of each word
     acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
+    t0, t1, t2, t3 = tl.load(tab), tl.load(tab + 1), tl.load(tab + 2), tl.load(tab + 3)
+    t4, t5, t6, t7 = tl.load(tab + 4), tl.load(tab + 5), tl.load(tab + 6), tl.load(tab + 7)
     if PREFETCH:
         word = tl.load(wptr)
     for kk in range(0, K_SPLIT, BLOCK_K):
@@ -104,7 +106,7 @@ def _row_kernel(x, packed, code, tab, absmax_q, code8, absmax2, offset, out, res
             nxt = tl.load(wptr + (kk + BLOCK_K) // 8, mask=kk + BLOCK_K < K_SPLIT, other=0)
         else:
             word = tl.load(wptr + kk // 8)
-        w0, w1, w2, w3, w4, w5, w6, w7 = _decode8(word, code, tab, PRMT, ASM, True)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _decode8(word, code, t0, t1, t2, t3, t4, t5, t6, t7, PRMT, ASM, True)
         xk = xp + kk
         p = w0 * tl.load(xk).to(tl.float32)[None, :, :]
         p += w1 * tl.load(xk + 1).to(tl.float32)[None, :, :]
@@ -176,8 +178,11 @@ def _tc_kernel(x, code, tab, code8, packed, absmax_q, absmax2, offset, out, fina
     blk = row * (k // BLOCKSIZE) + k_start // BLOCKSIZE
     xp = x + rm[None, :] * stride_xm + k_start + tl.arange(0, BLOCKSIZE)[:, None]  # x_blkᵀ (BLOCKSIZE, BLOCK_M)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    t0, t1, t2, t3 = tl.load(tab), tl.load(tab + 1), tl.load(tab + 2), tl.load(tab + 3)
+    t4, t5, t6, t7 = tl.load(tab + 4), tl.load(tab + 5), tl.load(tab + 6), tl.load(tab + 7)
     for kk in range(0, K_SPLIT, BLOCKSIZE):
-        w0, w1, w2, w3, w4, w5, w6, w7 = _decode8(tl.load(wptr + kk // 8), code, tab, PRMT, ASM, False)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _decode8(tl.load(wptr + kk // 8), code, t0, t1, t2, t3, t4, t5, t6, t7, PRMT,
+                                                  ASM, False)
         # (BLOCK_N, WB, 2, 2, 2) with weight 4c + 2b + a at [..., a, b, c]: reversed, each word's 8 in order
         w = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
         xt = tl.load(xp + kk, mask=m_ok[None, :], other=0.0)
