@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call for the 4-bit decode product: bench/gemv_bench.py (every setting at the 8B projection
 # shapes, against bitsandbytes and a copy's bandwidth), the engine's GPU tests while the Llama-3.1-8B-shape
-# NF4 folder is written, then bench/generate_bench.py (engine and transformers' generate, batch 1 and 16).
+# NF4 folder is written, then bench/generate_bench.py (engine and transformers' generate, batch 1 and 16)
+# unless SKIP_GENERATE, and with GRPO=1 qfine's GRPO step (bench/grpo_bench.py).
 # Needs .device/{common,qfine,qtest,tok}. Results: $OUT/{gemv,generate}.jsonl and logs.
 #
 #   OUT=/tmp/out GEMV_ARGS="--sweep 1 64" bash bench/kernel_call.sh
@@ -23,9 +24,17 @@ s=$(date +%s)
 echo "model ready in $(( $(date +%s) - s )) s"
 wait
 grep -hE "^(FAILED|ERROR)" "$OUT/tests.log" | head -5
-[ -n "${SKIP_GENERATE:-}" ] && exit 0
+if [ -z "${SKIP_GENERATE:-}" ]; then
 s=$(date +%s)
 timeout ${BENCH_S:-220} python3 bench/generate_bench.py --model $model ${GEN_ARGS:---repeat 2} > "$OUT/bench.log" 2>&1
 echo "bench rc=$? in $(( $(date +%s) - s )) s"
 grep -h "^RESULT" "$OUT/bench.log" | sed 's/^RESULT //' > "$OUT/generate.jsonl"
 grep -v tuned "$OUT/generate.jsonl"; grep tuned "$OUT/generate.jsonl" | cut -c1-200; tail -3 "$OUT/bench.log"
+fi
+if [ -n "${GRPO:-}" ]; then  # qfine's GRPO step on the same folder (bench/grpo_bench.py; peers: bench/grpo_call.sh)
+  s=$(date +%s)
+  (cd /tmp && timeout ${GRPO_S:-150} python3 "$OLDPWD/bench/grpo_bench.py" --impl qfine --model $model --steps 3) \
+    > "$OUT/grpo.log" 2>&1
+  echo "grpo rc=$? in $(( $(date +%s) - s )) s"
+  grep -h "^RESULT" "$OUT/grpo.log" | sed 's/^RESULT //' | tee "$OUT/grpo.jsonl"; tail -2 "$OUT/grpo.log"
+fi
