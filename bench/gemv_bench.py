@@ -41,13 +41,13 @@ def sweep(m: int, k: int) -> list[dict]:
     out += [{"KERNEL": "tc", "BLOCK_N": 64, "SPLIT": split, "num_warps": 4, "num_stages": stages, "PRMT": True,
              "SERIAL": True} for stages in (2, 4) for split in (2, 4)]
     out += [{"KERNEL": "tc", "BLOCK_N": 64, "SPLIT": split, "num_warps": 4, "PRMT": True} for split in (2, 4, 8)]
+    out += [{"KERNEL": "tc", "BLOCK_N": bn, "SPLIT": split, "num_warps": 4, "PRMT": True, "SERIAL": split > 1,
+             "SUB": sub} for bn in (64, 128) for split in (1, 2, 4, 8) for sub in (2, 4)]
     out = [cfg for cfg in out if fits(cfg, m, k, 64)]
     out += [{"KERNEL": "tc", "BLOCK_N": 64, "SPLIT": s, "num_warps": 4, "PRMT": False} for s in (2, 4)]
-    if m == 1:
-        out += [{"KERNEL": "row", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": s, "num_warps": 4, "PRMT": p,
-                 "PREFETCH": pf} for bn in (8, 16) for bk in (256, 512) for s in (1, 2, 4) for p in (True, False)
-                for pf in (True, False) if p or (bn == 16 and bk == 512 and pf) if fits({"KERNEL": "row", "BLOCK_K": bk,
-                                                                                     "SPLIT": s}, 1, k, 64)]
+    if m == 1:  # the one-row CUDA-core kernel, whose x loads are per element: a few settings for reference
+        out += [{"KERNEL": "row", "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT": s, "num_warps": 4, "PRMT": True,
+                 "PREFETCH": True} for s in (1, 2, 4) if fits({"KERNEL": "row", "BLOCK_K": 512, "SPLIT": s}, 1, k, 64)]
     return out
 
 

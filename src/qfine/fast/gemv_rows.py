@@ -144,9 +144,9 @@ def _tc_kernel(x, code, tab, code8, packed, absmax_q, absmax2, offset, out, fina
                BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, LORA: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
                RESIDUAL: tl.constexpr, PRMT: tl.constexpr, ASM: tl.constexpr, SERIAL: tl.constexpr,
-               GROUP: tl.constexpr):
+               GROUP: tl.constexpr, SUB: tl.constexpr = 1):
     """y (m, n) = x W ᵀ, acc (BLOCK_N, BLOCK_M) += (W_blk · x_blkᵀ) · absmax per absmax block: one product
-    per block, its WB words decoded into a (BLOCK_N, BLOCKSIZE) left operand.
+    per block, its WB words decoded into a (BLOCK_N, BLOCKSIZE) left operand; SUB blocks per loop step.
 
     With ``GROUP`` 2 or 3, one launch serves that many weights of one input (q, k, v; gate, up): column
     tiles [0, tiles0) are the first weight's, [tiles0, tiles01) the second's, the rest the third's; each
@@ -180,14 +180,16 @@ def _tc_kernel(x, code, tab, code8, packed, absmax_q, absmax2, offset, out, fina
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     t0, t1, t2, t3 = tl.load(tab), tl.load(tab + 1), tl.load(tab + 2), tl.load(tab + 3)
     t4, t5, t6, t7 = tl.load(tab + 4), tl.load(tab + 5), tl.load(tab + 6), tl.load(tab + 7)
-    for kk in range(0, K_SPLIT, BLOCKSIZE):
-        w0, w1, w2, w3, w4, w5, w6, w7 = _decode8(tl.load(wptr + kk // 8), code, t0, t1, t2, t3, t4, t5, t6, t7, PRMT,
-                                                  ASM, False)
-        # (BLOCK_N, WB, 2, 2, 2) with weight 4c + 2b + a at [..., a, b, c]: reversed, each word's 8 in order
-        w = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
-        xt = tl.load(xp + kk, mask=m_ok[None, :], other=0.0)
-        d = tl.dot(tl.reshape(tl.permute(w, (0, 1, 4, 3, 2)), (BLOCK_N, BLOCKSIZE)), xt)
-        acc += d * _absmax(absmax_q, code8, absmax2, offset, blk + kk // BLOCKSIZE, NESTED, BLOCKSIZE2)[:, None]
+    for k0 in range(0, K_SPLIT, BLOCKSIZE * SUB):
+        for sub in tl.static_range(SUB):
+            kk = k0 + sub * BLOCKSIZE
+            w0, w1, w2, w3, w4, w5, w6, w7 = _decode8(tl.load(wptr + kk // 8), code, t0, t1, t2, t3, t4, t5, t6, t7,
+                                                      PRMT, ASM, False)
+            # (BLOCK_N, WB, 2, 2, 2) with weight 4c + 2b + a at [..., a, b, c]: reversed, each word's 8 in order
+            w = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
+            xt = tl.load(xp + kk, mask=m_ok[None, :], other=0.0)
+            d = tl.dot(tl.reshape(tl.permute(w, (0, 1, 4, 3, 2)), (BLOCK_N, BLOCKSIZE)), xt)
+            acc += d * _absmax(absmax_q, code8, absmax2, offset, blk + kk // BLOCKSIZE, NESTED, BLOCKSIZE2)[:, None]
     if LORA:
         if pid_k == 0:
             rr = tl.arange(0, BLOCK_R)
@@ -257,7 +259,7 @@ def _tables(state, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fits(cfg: dict, m: int, k: int, blocksize: int) -> bool:
     """Whether a ``row``/``tc`` setting serves this shape: whole steps in every k split (no masks on k)."""
-    step = cfg["BLOCK_K"] if cfg["KERNEL"] == "row" else blocksize
+    step = cfg["BLOCK_K"] if cfg["KERNEL"] == "row" else blocksize * cfg.get("SUB", 1)
     return (cfg["KERNEL"] != "row" or m == 1) and k % (step * cfg["SPLIT"]) == 0 and step % blocksize == 0
 
 
@@ -374,6 +376,7 @@ def _launch_tc(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, inte
         x2, code, words, code8, *per[0], *per[1], *per[2], tiles[0], tiles[0] + (tiles[1] if len(tiles) > 1 else 0),
         res, xa, counter if counter is not None else x2, m, k, k // 8, x2.stride(0), xa.stride(0),
         BLOCK_M=max(16, triton.next_power_of_2(m)), SERIAL=counter is not None, GROUP=len(members),
+        SUB=cfg.get("SUB", 1),
         **_common(x2, state, cfg, lora, r_max, residual is not None, interpreted))
     if split > 1 and counter is None:
         for (*_, part, out, _b, _s, n, _c, _r), _ in zip(per, members):
