@@ -30,8 +30,8 @@ OPS = {"mov": lambda a: a, "and": lambda a, b: a & b, "or": lambda a, b: a | b, 
        "shl": lambda a, b: a << b, "prmt": _prmt}
 
 
-def _run(prog, word: int, tables: list[int]) -> dict:
-    regs = {"$8": word} | {f"${9 + i}": t for i, t in enumerate(tables)}
+def _run(prog, word: int, tables: list[int], at: int = 8, step: int = 1) -> dict:
+    regs = {f"${at}": word} | {f"${at + step * (1 + i)}": t for i, t in enumerate(tables)}
     for op, dst, *src in prog:
         regs[dst] = OPS[op](*(v if isinstance(v, int) else regs[v] for v in src)) & 0xFFFFFFFF
     return regs
@@ -41,8 +41,9 @@ def _run(prog, word: int, tables: list[int]) -> dict:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_byte_permutes_give_each_weights_code_value(quant_type, dtype):
     """Every byte value at every position of a word, and random words: the decode's outputs are the 16-bit
-    code values of the word's 8 weights in order (high nibble first), as pairs ("b16"), and as floats
-    ("f32", bf16 only) equal to code[c] rounded to bf16."""
+    code values of the word's 8 weights in order (high nibble first), as pairs ("b16", also with the
+    registers of the "pairs" PTX: word at $4, tables every other register), and as floats ("f32", bf16
+    only) equal to code[c] rounded to bf16."""
     import bitsandbytes.functional as bnbf
 
     code = bnbf.get_4bit_type(quant_type, device="cpu")
@@ -52,10 +53,11 @@ def test_byte_permutes_give_each_weights_code_value(quant_type, dtype):
     words = [b << 8 * pos | rng.getrandbits(32) & ~(0xFF << 8 * pos) for b in range(256) for pos in range(4)]
     words += [rng.getrandbits(32) for _ in range(500)] + [0, 0xFFFFFFFF]
     tables = code_words(code, dtype)
-    for out in ("b16", "f32") if dtype == torch.bfloat16 else ("b16",):
-        prog = decode_program(out)
+    forms = [("b16", 8, 1), ("b16", 4, 2)] + ([("f32", 8, 1)] if dtype == torch.bfloat16 else [])
+    for out, at, step in forms:
+        prog = decode_program(out, at, step)
         for word in words:
-            regs = _run(prog, word, tables)
+            regs = _run(prog, word, tables, at, step)
             want = [bits[(word >> 8 * j + shift) & 0xF] for j in range(4) for shift in (4, 0)]
             if out == "b16":
                 got = [(regs[f"${i // 2}"] >> 16 * (i % 2)) & 0xFFFF for i in range(8)]

@@ -27,7 +27,7 @@ import triton.language as tl
 from qfine.fast.gemv_kernel import _sum_splits_kernel
 from qfine.fast.prmt_decode import code_words, decode_asm
 
-ASM_F32, ASM_B16 = decode_asm("f32"), decode_asm("b16")
+ASM_F32, ASM_PAIRS = decode_asm("f32"), decode_asm("pairs")
 
 
 @triton.jit
@@ -62,6 +62,22 @@ def _decode8(word, code, t0, t1, t2, t3, t4, t5, t6, t7, PRMT: tl.constexpr, ASM
             w0, w1, w2, w3 = w0.to(tl.float32), w1.to(tl.float32), w2.to(tl.float32), w3.to(tl.float32)
             w4, w5, w6, w7 = w4.to(tl.float32), w5.to(tl.float32), w6.to(tl.float32), w7.to(tl.float32)
     return w0, w1, w2, w3, w4, w5, w6, w7
+
+
+@triton.jit
+def _decode_pairs(word, code, t0, t1, t2, t3, t4, t5, t6, t7, PRMT: tl.constexpr, ASM: tl.constexpr):
+    """The weights of each int32 ``word`` as four pair tensors (word's shape, 2): pair j holds weights 2j and
+    2j + 1, in the code book's dtype. With ``PRMT`` (:func:`qfine.fast.prmt_decode.decode_asm` "pairs") each
+    pair is one register, filled by byte permutes."""
+    if PRMT:
+        dt = code.dtype.element_ty
+        p0, p1, p2, p3 = tl.inline_asm_elementwise(
+            ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [tl.join(word, word), t0, t1, t2, t3, t4, t5, t6, t7], is_pure=True, pack=2, dtype=(dt, dt, dt, dt))
+    else:
+        w0, w1, w2, w3, w4, w5, w6, w7 = _decode8(word, code, t0, t1, t2, t3, t4, t5, t6, t7, False, "", False)
+        p0, p1, p2, p3 = tl.join(w0, w1), tl.join(w2, w3), tl.join(w4, w5), tl.join(w6, w7)
+    return p0, p1, p2, p3
 
 
 @triton.jit
@@ -183,10 +199,9 @@ def _tc_kernel(x, code, tab, code8, packed, absmax_q, absmax2, offset, out, fina
     for k0 in range(0, K_SPLIT, BLOCKSIZE * SUB):
         for sub in tl.static_range(SUB):
             kk = k0 + sub * BLOCKSIZE
-            w0, w1, w2, w3, w4, w5, w6, w7 = _decode8(tl.load(wptr + kk // 8), code, t0, t1, t2, t3, t4, t5, t6, t7,
-                                                      PRMT, ASM, False)
+            p0, p1, p2, p3 = _decode_pairs(tl.load(wptr + kk // 8), code, t0, t1, t2, t3, t4, t5, t6, t7, PRMT, ASM)
             # (BLOCK_N, WB, 2, 2, 2) with weight 4c + 2b + a at [..., a, b, c]: reversed, each word's 8 in order
-            w = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
+            w = tl.join(tl.join(p0, p1), tl.join(p2, p3))
             xt = tl.load(xp + kk, mask=m_ok[None, :], other=0.0)
             d = tl.dot(tl.reshape(tl.permute(w, (0, 1, 4, 3, 2)), (BLOCK_N, BLOCKSIZE)), xt)
             acc += d * _absmax(absmax_q, code8, absmax2, offset, blk + kk // BLOCKSIZE, NESTED, BLOCKSIZE2)[:, None]
@@ -274,14 +289,14 @@ def _quant_args(weight) -> tuple:
 def _common(x2: torch.Tensor, state, cfg: dict, lora: bool, r: int, residual: bool, interpreted: bool) -> dict:
     """The constexpr launch arguments shared by both kernels."""
     row = cfg["KERNEL"] == "row"
-    # the "f32" decode puts 16 bits in a float's high half: the value itself only for bf16
+    # the row kernel's "f32" decode puts 16 bits in a float's high half: the value itself only for bf16
     prmt = (bool(cfg.get("PRMT")) and not interpreted
             and x2.dtype in ((torch.bfloat16,) if row else (torch.bfloat16, torch.float16)))
     nested = bool(state.nested)
     return dict(K_SPLIT=state.shape[1] // cfg["SPLIT"], BLOCKSIZE=state.blocksize,
                 BLOCKSIZE2=state.state2.blocksize if nested else 256, NESTED=nested, BLOCK_N=cfg["BLOCK_N"],
                 LORA=lora, BLOCK_R=max(16, triton.next_power_of_2(r)), SPLIT=cfg["SPLIT"], RESIDUAL=residual,
-                PRMT=prmt, ASM=(ASM_F32 if row else ASM_B16) if prmt else "", num_warps=cfg["num_warps"],
+                PRMT=prmt, ASM=(ASM_F32 if row else ASM_PAIRS) if prmt else "", num_warps=cfg["num_warps"],
                 num_stages=cfg.get("num_stages", 3))
 
 

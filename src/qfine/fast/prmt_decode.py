@@ -25,17 +25,18 @@ def code_words(code: torch.Tensor, dtype: torch.dtype) -> list[int]:
     return [sum(plane[4 * w + i] << (8 * i) for i in range(4)) for plane in planes for w in range(4)]
 
 
-def decode_program(out: str) -> list[tuple]:
+def decode_program(out: str, word: int = 8, step: int = 1) -> list[tuple]:
     """The byte-permute decode of one 32-bit word of packed codes (4 bytes, 8 weights, each byte's high nibble
     first) as a list of (op, dst, src...) on 32-bit registers, for :func:`decode_asm` to print as PTX and for
-    tests to execute. Inputs: ``$8`` the word, ``$9`` … ``$16`` the tables of :func:`code_words`. Outputs
+    tests to execute. Inputs: ``$word`` the word, then the eight tables of :func:`code_words` every ``step``
+    registers from ``$(word + step)``. Outputs
     ``$0`` … ``$7``: weight i of the word as fp32 (``out`` = "f32": the 16-bit value in the high half, so
     the value itself for bf16), or (``out`` = "b16") ``$0`` … ``$3`` pairs of 16-bit values (w0, w1) … (w6, w7),
     the first in the low half."""
-    tables = {f"L{i}": f"${9 + i}" for i in range(4)} | {f"H{i}": f"${13 + i}" for i in range(4)}
+    tables = {f"{plane}{i}": f"${word + step * (1 + 4 * j + i)}" for j, plane in enumerate("LH") for i in range(4)}
     # prmt reads its selector's four low nibbles, one per output byte: nibble 2i is byte i's low code, 2i+1 its
     # high code. Bits 0-2 index 8 table bytes (two registers); bit 3 picks the upper 8 codes (selector t)
-    prog = [("and", "s", "$8", 0x77777777), ("shr", "t", "$8", 1), ("and", "t", "t", 0x44444444),
+    prog = [("and", "s", f"${word}", 0x77777777), ("shr", "t", f"${word}", 1), ("and", "t", "t", 0x44444444),
             ("or", "t", "t", 0x32103210)]
     for half in range(2):  # bytes 0-1 (weights 0-3), then bytes 2-3 (weights 4-7)
         if half:
@@ -54,16 +55,17 @@ def decode_program(out: str) -> list[tuple]:
 
 
 def decode_asm(out: str) -> str:
-    """PTX for ``tl.inline_asm_elementwise`` (pack 1; inputs the word and the eight table words; eight
-    outputs) from :func:`decode_program`: ``=r`` ×8 for "f32"; for "b16" the four pairs are split into eight
-    16-bit registers (``=h``)."""
-    lines = ["{", ".reg .b32 s, t, a, b, l, h, p, p0, p1, p2, p3;"]
-    prog = decode_program(out)
-    if out == "b16":  # the pairs are computed into p0..p3, then split into the 16-bit outputs
-        prog = [(op, {f"${i}": f"p{i}" for i in range(4)}.get(dst, dst), *src) for op, dst, *src in prog]
+    """PTX for ``tl.inline_asm_elementwise`` from :func:`decode_program`, outputs first:
+
+    - "f32" (pack 1): inputs the word and the eight table words; outputs ``=r`` ×8, weight i as fp32;
+    - "pairs" (pack 2): inputs the word twice (two elements of a tensor joined with itself) and the eight
+      table words, each also given twice (pack 2 passes two registers per 32-bit input); outputs ``=r``
+      ×4, pair j (w2j, w2j+1) as the two 16-bit elements of output j. The caller's tensors then hold each
+      pair in one register, as a 16-bit matrix operand wants them."""
+    # "pairs": $4 and $5 are the same word, the tables $6, $8, … $20
+    prog = decode_program("b16", 4, 2) if out == "pairs" else decode_program(out)
+    lines = ["{", ".reg .b32 s, t, a, b, l, h, p;"]
     for op, dst, *src in prog:
         args = ", ".join(f"{v:#x}" if isinstance(v, int) else v for v in src)
         lines.append(f"{op}.b32 {dst}, {args};")
-    if out == "b16":
-        lines += [f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, p{i};" for i in range(4)]
     return "\n".join(lines + ["}"])
