@@ -375,9 +375,10 @@ GROUP_DEFAULT = {"KERNEL": "tc", "BLOCK_N": 64, "SPLIT": 1, "num_warps": 4, "PRM
 def matmul_4bit_group(x: torch.Tensor, members: list[tuple]) -> list[torch.Tensor] | None:
     """[x @ Wᵢᵀ (+ sᵢ·xaᵢ Bᵢᵀ)] for the (weight, lora) pairs of projections that read one input (q, k, v;
     gate, up) in one launch (:func:`qfine.fast.gemv_rows.matmul_group`), each (..., nᵢ) in x's dtype; or
-    None where one launch does not serve them (:func:`qfine.fast.gemv_rows.groupable`) or, as measured once
-    per shape like :func:`matmul_4bit`'s settings, is not faster than a call per projection. Requires
-    :func:`usable` for each weight."""
+    None where one launch does not serve them (:func:`qfine.fast.gemv_rows.groupable`), where the weights are
+    too small to be worth timing (:data:`TUNE_MIN_WEIGHTS`), or where, as measured once per shape like
+    :func:`matmul_4bit`'s settings, it is not faster than a call per projection. Requires :func:`usable` for
+    each weight."""
     from qfine.fast.gemv_rows import fits, groupable, matmul_group
 
     k = x.shape[-1]
@@ -388,8 +389,10 @@ def matmul_4bit_group(x: torch.Tensor, members: list[tuple]) -> list[torch.Tenso
         return None
     m, state = x2.shape[0], members[0][0].quant_state
     shapes = tuple(w.quant_state.shape[0] for w, _ in members)
-    cfg = GROUP_DEFAULT
-    if sum(shapes) * k >= TUNE_MIN_WEIGHTS and not _INTERPRETED:
+    cfg = GROUP_DEFAULT  # the interpreter's (the CPU tests of the grouped path); on a GPU only when measured
+    if not _INTERPRETED:
+        if sum(shapes) * k < TUNE_MIN_WEIGHTS:
+            return None
         rows = 1 if m == 1 else max(16, triton.next_power_of_2(m))
         key = ("group", x2.device, rows, shapes, k, x2.dtype, state.blocksize, bool(state.nested),
                members[0][1] is not None)
