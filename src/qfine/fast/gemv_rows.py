@@ -308,8 +308,9 @@ def groupable(x2: torch.Tensor, members: list[tuple]) -> bool:
         return False
     states = [w.quant_state for w, _ in members]
     first = states[0]
+    # the code book by its quant type: comparing the tensors would wait for the GPU (not allowed in a capture)
     if any(s.shape[1] != first.shape[1] or s.blocksize != first.blocksize or bool(s.nested) != bool(first.nested)
-           or not torch.equal(s.code, first.code) for s in states[1:]):
+           or s.quant_type != first.quant_type for s in states[1:]):
         return False
     loras = [lora for _, lora in members]
     if all(lora is None for lora in loras):
