@@ -4,22 +4,20 @@ Triton's interpreter, which the tests use).
 
 At decode time a projection multiplies 1 to 64 token vectors (a batch of sequences, one token each) by a
 weight read from memory, so its cost is the bytes of W: 0.5 per weight here against 2 for a dequantized bf16
-copy, which bitsandbytes' ``matmul_4bit`` writes and reads again for more than one row. Each program reads
-(BLOCK_N, BLOCK_K) tiles of packed codes (two per byte, high nibble first, row-major as bitsandbytes stores
-them) and maps them to code-book values: by one 8-byte gather per byte from a 256-entry table of its two
-values, or (``SELECT``) by a tree of selects on the nibble's bits. It scales each block of BLOCKSIZE weights
-by its absmax (with double quantization: code8[q8]·absmax2 + offset, in fp32 as bitsandbytes computes it),
-rounds the weights to the activation dtype — the values bitsandbytes' dequantization gives — and
-accumulates the products in fp32: on tensor cores for 16 to 64 rows (padded to a power of two), as fp32
-multiply-adds for one row.
+copy, which bitsandbytes' ``matmul_4bit`` writes and reads again for more than one row.
 
-A weight too narrow to give every SM a few programs can split its k range over programs; their partial sums
-(split, m, n) fp32 are added in a fixed order by a second small kernel, so the result never depends on
-scheduling. The epilogue adds, in fp32 before the one rounding, the adapter's s·(x Aᵀ)Bᵀ, and optionally a
-residual after it (``residual + round(y)``, rounded again: what ``h + o(x)`` gives in the activation dtype).
-
-Which tiles, splits and decode serve a shape — or bitsandbytes' own kernels — is measured once per shape
-(:func:`matmul_4bit` with no ``config``). The reference is dequantize-then-matmul (``tests/test_engine.py``).
+:func:`matmul_4bit` is the entry point. Which kernel and launch setting serve a shape is measured once per
+shape (:func:`candidates`, timed as replayed CUDA graphs): :mod:`qfine.fast.gemv_rows`' one-row and
+tensor-core kernels, or bitsandbytes' own paths. :func:`matmul_4bit_group` does the same for q, k, v (gate,
+up) in one launch. This module also holds the tile kernel that serves the shapes those do not fit and the
+untimed small ones: (BLOCK_N, BLOCK_K) tiles of packed codes mapped to code-book values by one 8-byte gather
+per byte from a 256-entry table of its two values, each block scaled by its absmax (with double
+quantization: code8[q8]·absmax2 + offset, in fp32 as bitsandbytes computes it) and rounded to the activation
+dtype, products accumulated in fp32 (tensor cores for 16 to 64 rows, fp32 multiply-adds for one). Its k
+splits are added in a fixed order by a second small kernel. The epilogue adds, in fp32 before the one
+rounding, the adapter's s·(x Aᵀ)Bᵀ, and optionally a residual after it (``residual + round(y)``, rounded
+again: what ``h + o(x)`` gives in the activation dtype). The reference is dequantize-then-matmul
+(``tests/test_engine.py``).
 """
 
 from __future__ import annotations
@@ -40,27 +38,9 @@ _DTYPES = (torch.float16, torch.bfloat16) + ((torch.float32,) if _INTERPRETED el
 
 
 @triton.jit
-def _select(nib, pairs):
-    """code[nib] for 4-bit codes ``nib`` (int32) by a tree of selects on its bits, from the 16 values held
-    in registers (code[i] is pairs[32 i]): arithmetic instead of one gather per byte."""
-    b0, b1, b2, b3 = (nib & 1) != 0, (nib & 2) != 0, (nib & 4) != 0, (nib & 8) != 0
-    s0 = tl.where(b0, tl.load(pairs + 32), tl.load(pairs))
-    s1 = tl.where(b0, tl.load(pairs + 96), tl.load(pairs + 64))
-    s2 = tl.where(b0, tl.load(pairs + 160), tl.load(pairs + 128))
-    s3 = tl.where(b0, tl.load(pairs + 224), tl.load(pairs + 192))
-    s4 = tl.where(b0, tl.load(pairs + 288), tl.load(pairs + 256))
-    s5 = tl.where(b0, tl.load(pairs + 352), tl.load(pairs + 320))
-    s6 = tl.where(b0, tl.load(pairs + 416), tl.load(pairs + 384))
-    s7 = tl.where(b0, tl.load(pairs + 480), tl.load(pairs + 448))
-    t0, t1 = tl.where(b1, s1, s0), tl.where(b1, s3, s2)
-    t2, t3 = tl.where(b1, s5, s4), tl.where(b1, s7, s6)
-    return tl.where(b3, tl.where(b2, t3, t2), tl.where(b2, t1, t0))
-
-
-@triton.jit
 def _weights(packed, pairs, absmax_q, code8, absmax2, offset, rn, n_ok, k0, k_end, k, k_bytes, dtype: tl.constexpr,
              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr, EVEN: tl.constexpr, SELECT: tl.constexpr):
+             BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
     """W[rn, k0 : k0 + BLOCK_K] dequantized, (BLOCK_N, BLOCK_K) in ``dtype``; zero past k_end or n. With
     EVEN (every tile inside the row) the packed bytes are read without a k mask, as 16-byte vectors: the
     row offsets (rn · k_bytes) and tile starts are multiples of 16."""
@@ -70,10 +50,8 @@ def _weights(packed, pairs, absmax_q, code8, absmax2, offset, rn, n_ok, k0, k_en
         byte = tl.load(ptr, mask=n_ok[:, None], other=0).to(tl.int32)
     else:
         byte = tl.load(ptr, mask=n_ok[:, None] & (rb[None, :] < k_end // 2), other=0).to(tl.int32)
-    if SELECT:  # the code values of the high then the low nibble of each byte
-        w = _select(tl.interleave(byte >> 4, byte & 15), pairs)
-    else:  # (BLOCK_N, BLOCK_K // 2, 2) code values from the pair table, high nibble first
-        w = tl.reshape(tl.load(pairs + byte[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]), (BLOCK_N, BLOCK_K))
+    # (BLOCK_N, BLOCK_K // 2, 2) code values from the pair table, high nibble first
+    w = tl.reshape(tl.load(pairs + byte[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]), (BLOCK_N, BLOCK_K))
     kb = k0 + tl.arange(0, BLOCK_K // BLOCKSIZE) * BLOCKSIZE  # first weight of each absmax block
     blk = (rn.to(tl.int64)[:, None] * k + kb[None, :]) // BLOCKSIZE
     blk_ok = n_ok[:, None] & (kb[None, :] < k_end)  # a last k split's tiles may run past the row's end
@@ -96,7 +74,7 @@ def _gemv4_kernel(x, packed, pairs, absmax_q, code8, absmax2, offset, out, res, 
                   stride_xm, xa, stride_xa, lora_b, scale, r, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
                   NESTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   LORA: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, RESIDUAL: tl.constexpr,
-                  EVEN: tl.constexpr, SELECT: tl.constexpr):
+                  EVEN: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
@@ -111,7 +89,7 @@ def _gemv4_kernel(x, packed, pairs, absmax_q, code8, absmax2, offset, out, res, 
     for kk in range(0, k_per_split, BLOCK_K):
         k0 = k_start + kk
         w = _weights(packed, pairs, absmax_q, code8, absmax2, offset, rn, n_ok, k0, k_end, k, k_bytes, dtype,
-                     BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_N, BLOCK_K, EVEN, SELECT)
+                     BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_N, BLOCK_K, EVEN)
         rk = tl.multiple_of(k0, 16) + tl.arange(0, BLOCK_K)
         if BLOCK_M == 1:  # one row: exact fp32 products (bf16·bf16 fits fp32), summed at the end
             if EVEN:  # no k mask: the loads stay vectors
@@ -212,26 +190,22 @@ def launch_config(m: int, n: int, k: int, sms: int) -> dict:
 
 
 def candidates(m: int, n: int, k: int, blocksize: int = 64) -> list[dict]:
-    """Launch settings worth timing for this shape: :mod:`qfine.fast.gemv_rows`' tensor-core kernel (``KERNEL``
-    "tc"; code book by byte permutes; k splits summed by their last program, ``SERIAL``), this module's tile
-    kernel (its tiles and k splits, code book read by a gather), and bitsandbytes' own path: for one row its
-    4-bit matrix-vector kernel (``BNB_GEMV``), for more its dequantization to a 16-bit W then one cuBLAS
-    product (``DEQUANTIZE``, which wins once rows are many)."""
+    """Launch settings worth timing for this shape, from :mod:`qfine.fast.gemv_rows` (the code book decoded
+    by byte permutes; k splits summed by their last program, ``SERIAL``): for one row its CUDA-core kernel
+    (``KERNEL`` "row", the fastest at every 8B shape on an H100) and its tensor-core kernel ("tc"), for more
+    rows the tensor-core kernel; beside them bitsandbytes' own path: for one row its 4-bit matrix-vector
+    kernel (``BNB_GEMV``), for more its dequantization to a 16-bit W then one cuBLAS product
+    (``DEQUANTIZE``). This module's tile kernel serves the shapes none of these fits (:func:`launch_config`)."""
     from qfine.fast.gemv_rows import fits
 
     out = [{"DEQUANTIZE": True}] if m > 1 else [{"BNB_GEMV": True}]
     new = [{"KERNEL": "tc", "BLOCK_N": bn, "SPLIT": split, "num_warps": 4, "PRMT": True, "SERIAL": split > 1}
-           for bn in (64, 128) for split in (1, 2, 4, 8)]
+           for bn in (64, 128) for split in (1, 2, 4, 8, 16)]
+    if m == 1:
+        new += [{"KERNEL": "row", "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT": split, "num_warps": 4, "PRMT": True,
+                 "PREFETCH": True} for split in (1, 2, 4)]
     out += [cfg for cfg in new if fits(cfg, m, k, blocksize)]
-    block_k = 256 if m == 1 else 64
-    if k % block_k:
-        return out + [launch_config(m, n, k, 132)]
-    for select in (False,):
-        for bn in ((16, 32) if m == 1 else (32, 64)):
-            for split in ((1, 2, 4) if m == 1 else (1, 2)):
-                if (k // block_k) % split == 0:
-                    out.append({"BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT": split, "num_warps": 4, "SELECT": select})
-    return out
+    return out if len(out) > 1 else out + [launch_config(m, n, k, 132)]
 
 
 TUNE_MIN_WEIGHTS = 1 << 22  # weights below this use launch_config: timing would cost more than it saves
@@ -361,7 +335,7 @@ def matmul_4bit(x: torch.Tensor, weight, lora: tuple | None = None, residual: to
         x2.stride(0), xa, xa.stride(0), lora_b, float(scale), r, BLOCKSIZE=state.blocksize, BLOCKSIZE2=blocksize2,
         NESTED=nested, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, LORA=lora is not None,
         BLOCK_R=max(16, triton.next_power_of_2(r)), SPLIT=split, RESIDUAL=residual is not None,
-        EVEN=k % per == 0, SELECT=cfg.get("SELECT", False), num_warps=cfg["num_warps"])
+        EVEN=k % per == 0, num_warps=cfg["num_warps"])
     if split > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](part, out, res, m * n, SPLIT=split,
