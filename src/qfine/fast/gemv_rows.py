@@ -1,19 +1,21 @@
 """Two 4-bit (bitsandbytes NF4/FP4) decode-step products that read one absmax block of each weight row per
-inner step, beside :mod:`qfine.fast.gemv_kernel`'s tile kernel, and chosen per shape by its tuner:
+inner step, chosen per shape by :mod:`qfine.fast.gemv_kernel`'s tuner:
 
-- ``row``: one token row, y (1, n) = x W ᵀ on CUDA cores. Each program owns BLOCK_N weight rows and walks k
-  in BLOCK_K steps, optionally loading the next step's packed bytes before decoding this one's (``PREFETCH``),
-  so a program keeps two loads in flight. Products are summed per absmax block and scaled once per block.
+- ``row``: one token row, y (1, n) = x Wᵀ on CUDA cores. Each program owns BLOCK_N weight rows and walks k
+  in BLOCK_K steps, loading the next step's packed words before decoding this one's (``PREFETCH``), so a
+  program keeps two loads in flight. Products are summed per absmax block and scaled once per block.
 - ``tc``: 1 to 64 token rows on tensor cores with W as the left operand: acc (BLOCK_N, BLOCK_M) += (W_blk ·
   x_blkᵀ) · absmax, one absmax block (64 or 128 weights) per step. The scale is applied to the fp32 block
-  product, not to every weight, so a weight is only decoded, never rescaled or re-rounded.
+  product, not to every weight, so a weight is only decoded, never rescaled or re-rounded. One launch can
+  serve two or three weights of one input (``GROUP``: q, k, v; gate, up), and k splits can be summed by each
+  column tile's last program (``SERIAL``) instead of a second kernel.
 
-Both read the code book's values rounded to the activation dtype (as bitsandbytes' own matrix-vector kernel
-holds them), either by a 16-entry gather or, on CUDA (``PRMT``), with no memory access at all: the table's 32
-bytes live in eight registers and byte permutes (``prmt``) pick four codes' low and high bytes at once
-(:mod:`qfine.fast.prmt_decode`). Products and sums are fp32; the adapter's s·(x Aᵀ)Bᵀ and the residual
-are added in the epilogue as in :mod:`qfine.fast.gemv_kernel`, whose split-sum kernel adds k splits in a
-fixed order.
+Packed codes are read as int32 words (8 weights). Both kernels take the code book's values rounded to the
+activation dtype (as bitsandbytes' own matrix-vector kernel holds them), either by a 16-entry gather or, on
+CUDA (``PRMT``), with no memory access at all: the table's 32 bytes live in eight registers and byte
+permutes (``prmt``) pick four codes' low and high bytes at once (:mod:`qfine.fast.prmt_decode`). Products
+and sums are fp32; the adapter's s·(x Aᵀ)Bᵀ and the residual are added in the epilogue as in
+:mod:`qfine.fast.gemv_kernel`, whose split-sum kernel adds k splits in a fixed order otherwise.
 """
 
 from __future__ import annotations
