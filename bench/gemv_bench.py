@@ -45,9 +45,10 @@ def sweep(m: int, k: int) -> list[dict]:
              "SUB": sub} for bn in (64, 128) for split in (1, 2, 4, 8) for sub in (2, 4)]
     out = [cfg for cfg in out if fits(cfg, m, k, 64)]
     out += [{"KERNEL": "tc", "BLOCK_N": 64, "SPLIT": s, "num_warps": 4, "PRMT": False} for s in (2, 4)]
-    if m == 1:  # the one-row CUDA-core kernel, whose x loads are per element: a few settings for reference
+    if m == 1:  # the one-row kernel with x read as int32 pairs (half the loads; the tuner's reads bf16)
         out += [{"KERNEL": "row", "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT": s, "num_warps": 4, "PRMT": True,
-                 "PREFETCH": True} for s in (1, 2, 4) if fits({"KERNEL": "row", "BLOCK_K": 512, "SPLIT": s}, 1, k, 64)]
+                 "PREFETCH": True, "XPAIRS": True} for s in (1, 2, 4)
+                if fits({"KERNEL": "row", "BLOCK_K": 512, "SPLIT": s}, 1, k, 64)]
     return out
 
 

@@ -113,7 +113,8 @@ def test_rows_kernels_equal_dequantize_then_matmul_interpreted(quant_type, neste
 def test_gpu_byte_permute_decode_equals_the_gather(dtype):
     """On the GPU: each kernel with the code book decoded by byte permutes (inline PTX) gives exactly the
     output of the same kernel decoding by a 16-entry gather (the same values, so the same sums), NF4 and FP4,
-    for 1 and 16 rows, with k split and summed by the last program; and within 1e-2 of dequantize-then-matmul."""
+    for 1 and 16 rows, with k split and summed by the last program, the one-row kernel with x read as bf16
+    or as int32 pairs; and within 1e-2 of dequantize-then-matmul."""
     import bitsandbytes as bnb
 
     from qfine.fast.gemv_rows import matmul_rows
@@ -126,8 +127,8 @@ def test_gpu_byte_permute_decode_equals_the_gather(dtype):
         settings = [{"KERNEL": "tc", "BLOCK_N": 64, "SPLIT": 1, "num_warps": 4},
                     {"KERNEL": "tc", "BLOCK_N": 128, "SPLIT": 4, "num_warps": 4, "SERIAL": True}]
         if dtype == torch.bfloat16:
-            settings.append({"KERNEL": "row", "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT": 2, "num_warps": 4,
-                             "PREFETCH": True})
+            settings += [{"KERNEL": "row", "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT": 2, "num_warps": 4,
+                          "PREFETCH": True, "XPAIRS": xpairs} for xpairs in (False, True)]
         for rows in (1, 16):
             x = torch.randn(rows, 2048, dtype=dtype, device="cuda")
             want = x.float() @ deq.t()

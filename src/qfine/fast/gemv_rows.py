@@ -3,7 +3,8 @@ inner step, chosen per shape by :mod:`qfine.fast.gemv_kernel`'s tuner:
 
 - ``row``: one token row, y (1, n) = x Wᵀ on CUDA cores. Each program owns BLOCK_N weight rows and walks k
   in BLOCK_K steps, loading the next step's packed words before decoding this one's (``PREFETCH``), so a
-  program keeps two loads in flight. Products are summed per absmax block and scaled once per block.
+  program keeps two loads in flight. Products are summed per absmax block and scaled once per block. A bf16
+  x can be read as int32 pairs (``XPAIRS``: half the loads).
 - ``tc``: 1 to 64 token rows on tensor cores with W as the left operand: acc (BLOCK_N, BLOCK_M) += (W_blk ·
   x_blkᵀ) · absmax, one absmax block (64 or 128 weights) per step. The scale is applied to the fp32 block
   product, not to every weight, so a weight is only decoded, never rescaled or re-rounded. One launch can
@@ -95,11 +96,11 @@ def _absmax(absmax_q, code8, absmax2, offset, blk, NESTED: tl.constexpr, BLOCKSI
 
 
 @triton.jit
-def _row_kernel(x, packed, code, tab, absmax_q, code8, absmax2, offset, out, res, xa, lora_b, scale, n, k, k_words, r,
+def _row_kernel(x, x_pairs, packed, code, tab, absmax_q, code8, absmax2, offset, out, res, xa, lora_b, scale, n, k, k_words, r,
                 K_SPLIT: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LORA: tl.constexpr, BLOCK_R: tl.constexpr,
                 SPLIT: tl.constexpr, RESIDUAL: tl.constexpr, PRMT: tl.constexpr, ASM: tl.constexpr,
-                PREFETCH: tl.constexpr):
+                PREFETCH: tl.constexpr, XPAIRS: tl.constexpr = False):
     """y (1, n) = x W ᵀ for one token row. ``packed`` is read as int32 words (8 weights each) in tiles of
     (BLOCK_N rows, NB absmax blocks, WB words); a block's products are summed, then scaled by its absmax."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -114,6 +115,7 @@ def _row_kernel(x, packed, code, tab, absmax_q, code8, absmax2, offset, out, res
     wptr = packed + (row * k_words + k_start // 8)[:, None, None] + (nb * WB)[None, :, None] + wb[None, None, :]
     blk = (row * (k // BLOCKSIZE) + k_start // BLOCKSIZE)[:, None] + nb[None, :]
     xp = x + k_start + (nb * BLOCKSIZE)[:, None] + (wb * 8)[None, :]  # (NB, WB): weight 0 of each word
+    xpairs = x_pairs + (k_start + (nb * BLOCKSIZE)[:, None] + (wb * 8)[None, :]) // 2
     acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
     t0, t1, t2, t3 = tl.load(tab), tl.load(tab + 1), tl.load(tab + 2), tl.load(tab + 3)
     t4, t5, t6, t7 = tl.load(tab + 4), tl.load(tab + 5), tl.load(tab + 6), tl.load(tab + 7)
@@ -125,15 +127,30 @@ def _row_kernel(x, packed, code, tab, absmax_q, code8, absmax2, offset, out, res
         else:
             word = tl.load(wptr + kk // 8)
         w0, w1, w2, w3, w4, w5, w6, w7 = _decode8(word, code, t0, t1, t2, t3, t4, t5, t6, t7, PRMT, ASM, True)
-        xk = xp + kk
-        p = w0 * tl.load(xk).to(tl.float32)[None, :, :]
-        p += w1 * tl.load(xk + 1).to(tl.float32)[None, :, :]
-        p += w2 * tl.load(xk + 2).to(tl.float32)[None, :, :]
-        p += w3 * tl.load(xk + 3).to(tl.float32)[None, :, :]
-        p += w4 * tl.load(xk + 4).to(tl.float32)[None, :, :]
-        p += w5 * tl.load(xk + 5).to(tl.float32)[None, :, :]
-        p += w6 * tl.load(xk + 6).to(tl.float32)[None, :, :]
-        p += w7 * tl.load(xk + 7).to(tl.float32)[None, :, :]
+        if XPAIRS:  # bf16 x read as int32 pairs: a pair's first value is its low half
+            xk = xpairs + kk // 2
+            v = tl.load(xk)
+            p = w0 * (v << 16).to(tl.float32, bitcast=True)[None, :, :]
+            p += w1 * (v & -65536).to(tl.float32, bitcast=True)[None, :, :]
+            v = tl.load(xk + 1)
+            p += w2 * (v << 16).to(tl.float32, bitcast=True)[None, :, :]
+            p += w3 * (v & -65536).to(tl.float32, bitcast=True)[None, :, :]
+            v = tl.load(xk + 2)
+            p += w4 * (v << 16).to(tl.float32, bitcast=True)[None, :, :]
+            p += w5 * (v & -65536).to(tl.float32, bitcast=True)[None, :, :]
+            v = tl.load(xk + 3)
+            p += w6 * (v << 16).to(tl.float32, bitcast=True)[None, :, :]
+            p += w7 * (v & -65536).to(tl.float32, bitcast=True)[None, :, :]
+        else:
+            xk = xp + kk
+            p = w0 * tl.load(xk).to(tl.float32)[None, :, :]
+            p += w1 * tl.load(xk + 1).to(tl.float32)[None, :, :]
+            p += w2 * tl.load(xk + 2).to(tl.float32)[None, :, :]
+            p += w3 * tl.load(xk + 3).to(tl.float32)[None, :, :]
+            p += w4 * tl.load(xk + 4).to(tl.float32)[None, :, :]
+            p += w5 * tl.load(xk + 5).to(tl.float32)[None, :, :]
+            p += w6 * tl.load(xk + 6).to(tl.float32)[None, :, :]
+            p += w7 * tl.load(xk + 7).to(tl.float32)[None, :, :]
         amax = _absmax(absmax_q, code8, absmax2, offset, blk + kk // BLOCKSIZE, NESTED, BLOCKSIZE2)
         acc += tl.sum(p, 2) * amax
         if PREFETCH:
@@ -345,9 +362,10 @@ def matmul_rows(x2: torch.Tensor, weight, lora, residual, cfg: dict, interpreted
     code, words = _tables(state, x2.dtype)
     packed, absmax_q, absmax2, offset = _quant_args(weight)
     code8 = state.state2.code if state.nested else state.code
+    xpairs = bool(cfg.get("XPAIRS")) and x2.dtype == torch.bfloat16 and x2.is_contiguous()
     _row_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
-        x2, packed, code, words, absmax_q, code8, absmax2, offset, part, res, xa, lora_b, float(scale), n, k, k // 8,
-        r, BLOCK_K=cfg["BLOCK_K"], PREFETCH=bool(cfg.get("PREFETCH")),
+        x2, x2.view(torch.int32) if xpairs else x2, packed, code, words, absmax_q, code8, absmax2, offset, part, res, xa, lora_b, float(scale), n, k, k // 8,
+        r, BLOCK_K=cfg["BLOCK_K"], PREFETCH=bool(cfg.get("PREFETCH")), XPAIRS=xpairs,
         **_common(x2, state, cfg, lora is not None, r, residual is not None, interpreted))
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](part, out, res, m * n, SPLIT=split,
