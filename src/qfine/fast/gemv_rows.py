@@ -366,7 +366,8 @@ def matmul_rows(x2: torch.Tensor, weight, lora, residual, cfg: dict, interpreted
     xpairs = bool(cfg.get("XPAIRS")) and x2.dtype == torch.bfloat16 and x2.is_contiguous()
     _row_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
         x2, x2.view(torch.int32) if xpairs else x2, packed, code, words, absmax_q, code8, absmax2, offset, part,
-        res, xa, lora_b, float(scale), n, k, k // 8, r, BLOCK_K=cfg["BLOCK_K"], PREFETCH=bool(cfg.get("PREFETCH")), XPAIRS=xpairs,
+        res, xa, lora_b, float(scale), n, k, k // 8, r, BLOCK_K=cfg["BLOCK_K"], PREFETCH=bool(cfg.get("PREFETCH")),
+        XPAIRS=xpairs,
         **_common(x2, state, cfg, lora is not None, r, residual is not None, interpreted))
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](part, out, res, m * n, SPLIT=split,
