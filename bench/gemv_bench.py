@@ -18,16 +18,9 @@ import argparse
 import json
 
 import torch
+from generate_bench import param_bytes
 
 SHAPES = {"q": (4096, 4096), "kv": (1024, 4096), "gate": (14336, 4096), "down": (4096, 14336)}
-
-
-def weight_bytes(w) -> int:
-    state = w.quant_state
-    total = w.data.numel() * w.data.element_size() + state.absmax.numel() * state.absmax.element_size()
-    if state.nested:
-        total += state.state2.absmax.numel() * 4
-    return total
 
 
 def sweep(m: int, k: int) -> list[dict]:
@@ -84,7 +77,7 @@ def main():
         n, k = SHAPES[name]
         w = bnb.nn.Params4bit(torch.randn(n, k, dtype=torch.bfloat16) * 0.02, requires_grad=False,
                               quant_type="nf4", compress_statistics=True).to(dev)
-        nbytes = weight_bytes(w)
+        nbytes = param_bytes(w)
         deq = bnb.functional.dequantize_4bit(w.data, w.quant_state)
         b = torch.randn(n, 16, dtype=torch.bfloat16, device=dev) * 0.02
         for m in a.rows:

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from qfine.fast.gemv_rows import _round_out, _sum_splits_kernel, fits, groupable, matmul_group, matmul_rows
+
 MAX_ROWS = 64
 # Triton's CPU interpreter (the tests' way to run these kernels without a GPU) computes fp32 dots exactly;
 # on a GPU they would be TF32, so there only 16-bit activations are taken
@@ -119,27 +121,10 @@ def _gemv4_kernel(x, packed, pairs, absmax_q, code8, absmax2, offset, out, res, 
                 acc += tl.dot(xar, tl.trans(br), input_precision="ieee") * scale
     ok = (rm[:, None] < m) & n_ok[None, :]
     if SPLIT == 1:
-        y = acc.to(dtype)
-        if RESIDUAL:
-            y = (tl.load(res + rm[:, None] * n + rn[None, :], mask=ok, other=0.0).to(tl.float32)
-                 + y.to(tl.float32)).to(dtype)
-        tl.store(out + rm[:, None] * n + rn[None, :], y, mask=ok)
+        where = rm[:, None] * n + rn[None, :]
+        tl.store(out + where, _round_out(acc, res, where, ok, dtype, RESIDUAL), mask=ok)
     else:
         tl.store(out + pid_k.to(tl.int64) * m * n + rm[:, None] * n + rn[None, :], acc, mask=ok)
-
-
-@triton.jit
-def _sum_splits_kernel(part, out, res, size, SPLIT: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    """out = round(Σ_s part[s]) (+ residual, rounded again), the splits added in order 0, 1, …"""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < size
-    total = tl.load(part + i, mask=ok, other=0.0)
-    for s in range(1, SPLIT):
-        total += tl.load(part + s * size + i, mask=ok, other=0.0)
-    y = total.to(out.dtype.element_ty)
-    if RESIDUAL:
-        y = (tl.load(res + i, mask=ok, other=0.0).to(tl.float32) + y.to(tl.float32)).to(out.dtype.element_ty)
-    tl.store(out + i, y, mask=ok)
 
 
 def usable(weight, x: torch.Tensor) -> bool:
@@ -196,8 +181,6 @@ def candidates(m: int, n: int, k: int, blocksize: int = 64) -> list[dict]:
     rows the tensor-core kernel; beside them bitsandbytes' own path: for one row its 4-bit matrix-vector
     kernel (``BNB_GEMV``), for more its dequantization to a 16-bit W then one cuBLAS product
     (``DEQUANTIZE``). This module's tile kernel serves the shapes none of these fits (:func:`launch_config`)."""
-    from qfine.fast.gemv_rows import fits
-
     out = [{"DEQUANTIZE": True}] if m > 1 else [{"BNB_GEMV": True}]
     new = [{"KERNEL": "tc", "BLOCK_N": bn, "SPLIT": split, "num_warps": 4, "PRMT": True, "SERIAL": split > 1}
            for bn in (64, 128) for split in (1, 2, 4, 8, 16)]
@@ -307,8 +290,6 @@ def matmul_4bit(x: torch.Tensor, weight, lora: tuple | None = None, residual: to
     if cfg.get("DEQUANTIZE") or cfg.get("BNB_GEMV"):
         return _dequantized(x2, weight, lora, residual).reshape(*x.shape[:-1], n)
     if cfg.get("KERNEL"):
-        from qfine.fast.gemv_rows import matmul_rows
-
         return matmul_rows(x2, weight, lora, residual, cfg, _INTERPRETED).reshape(*x.shape[:-1], n)
     block_k = cfg["BLOCK_K"]
     per = triton.cdiv(triton.cdiv(k, cfg["SPLIT"]), block_k) * block_k
@@ -353,8 +334,6 @@ def matmul_4bit_group(x: torch.Tensor, members: list[tuple]) -> list[torch.Tenso
     too small to be worth timing (:data:`TUNE_MIN_WEIGHTS`), or where, as measured once per shape like
     :func:`matmul_4bit`'s settings, it is not faster than a call per projection. Requires :func:`usable` for
     each weight."""
-    from qfine.fast.gemv_rows import fits, groupable, matmul_group
-
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(1) != 1 or (x2.shape[0] == 1 and not x2.is_contiguous()):
@@ -385,8 +364,6 @@ def _time_group(x2: torch.Tensor, members: list[tuple], m: int, k: int, blocksiz
     """[(seconds, setting)] fastest first: one call per projection (``SEPARATE``, each at its own measured
     setting) against one grouped launch per tensor-core setting whose outputs are within bf16 rounding of
     the separate calls'."""
-    from qfine.fast.gemv_rows import fits, matmul_group
-
     separate = [matmul_4bit(x2, w, lora).float() for w, lora in members]
     timed = [(graph_seconds(lambda: [matmul_4bit(x2, w, lora) for w, lora in members]), {"SEPARATE": True})]
     for cfg in candidates(m, sum(w.quant_state.shape[0] for w, _ in members), k, blocksize):

@@ -15,8 +15,9 @@ Packed codes are read as int32 words (8 weights). Both kernels take the code boo
 activation dtype (as bitsandbytes' own matrix-vector kernel holds them), either by a 16-entry gather or, on
 CUDA (``PRMT``), with no memory access at all: the table's 32 bytes live in eight registers and byte
 permutes (``prmt``) pick four codes' low and high bytes at once (:mod:`qfine.fast.prmt_decode`). Products
-and sums are fp32; the adapter's s·(x Aᵀ)Bᵀ and the residual are added in the epilogue as in
-:mod:`qfine.fast.gemv_kernel`, whose split-sum kernel adds k splits in a fixed order otherwise.
+and sums are fp32; the adapter's s·(x Aᵀ)Bᵀ and the residual are added in the epilogue
+(:func:`_round_out`, shared with :mod:`qfine.fast.gemv_kernel`'s tile kernel), and k splits not summed
+serially are added in a fixed order by :func:`_sum_splits_kernel`.
 """
 
 from __future__ import annotations
@@ -27,10 +28,30 @@ import torch
 import triton
 import triton.language as tl
 
-from qfine.fast.gemv_kernel import _sum_splits_kernel
 from qfine.fast.prmt_decode import code_words, decode_asm
 
 ASM_F32, ASM_PAIRS = decode_asm("f32"), decode_asm("pairs")
+
+
+@triton.jit
+def _round_out(acc, res, where, ok, dtype: tl.constexpr, RESIDUAL: tl.constexpr):
+    """The fp32 ``acc`` rounded to ``dtype``; with RESIDUAL, res[where] + that, rounded again (what
+    ``h + proj(x)`` gives in the activation dtype)."""
+    y = acc.to(dtype)
+    if RESIDUAL:
+        y = (tl.load(res + where, mask=ok, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dtype)
+    return y
+
+
+@triton.jit
+def _sum_splits_kernel(part, out, res, size, SPLIT: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """out = round(Σ_s part[s]) (+ residual, rounded again), the splits added in order 0, 1, …"""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < size
+    total = tl.load(part + i, mask=ok, other=0.0)
+    for s in range(1, SPLIT):
+        total += tl.load(part + s * size + i, mask=ok, other=0.0)
+    tl.store(out + i, _round_out(total, res, i, ok, out.dtype.element_ty, RESIDUAL), mask=ok)
 
 
 @triton.jit
@@ -164,10 +185,7 @@ def _row_kernel(x, x_pairs, packed, code, tab, absmax_q, code8, absmax2, offset,
             br = tl.load(lora_b + row[:, None] * r + rr[None, :], mask=rr[None, :] < r, other=0.0).to(tl.float32)
             y += tl.sum(br * xar[None, :], 1) * scale
     if SPLIT == 1:
-        yd = y.to(dtype)
-        if RESIDUAL:
-            yd = (tl.load(res + rn, mask=n_ok, other=0.0).to(tl.float32) + yd.to(tl.float32)).to(dtype)
-        tl.store(out + rn, yd, mask=n_ok)
+        tl.store(out + rn, _round_out(y, res, rn, n_ok, dtype, RESIDUAL), mask=n_ok)
     else:
         tl.store(out + pid_k.to(tl.int64) * n + rn, y, mask=n_ok)
 
@@ -235,10 +253,7 @@ def _tc_kernel(x, code, tab, code8, packed, absmax_q, absmax2, offset, out, fina
     ok = n_ok[:, None] & m_ok[None, :]
     where = rm[None, :] * n + rn[:, None]
     if SPLIT == 1:
-        y = acc.to(dtype)
-        if RESIDUAL:
-            y = (tl.load(res + where, mask=ok, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dtype)
-        tl.store(out + where, y, mask=ok)
+        tl.store(out + where, _round_out(acc, res, where, ok, dtype, RESIDUAL), mask=ok)
     else:
         tl.store(out + pid_k.to(tl.int64) * m * n + where, acc, mask=ok)
         if SERIAL:
@@ -247,10 +262,7 @@ def _tc_kernel(x, code, tab, code8, packed, absmax_q, absmax2, offset, out, fina
                 total = tl.load(out + where, mask=ok, other=0.0, cache_modifier=".cg")
                 for s in tl.static_range(1, SPLIT):
                     total += tl.load(out + s * m * n + where, mask=ok, other=0.0, cache_modifier=".cg")
-                y = total.to(dtype)
-                if RESIDUAL:
-                    y = (tl.load(res + where, mask=ok, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dtype)
-                tl.store(final + where, y, mask=ok)
+                tl.store(final + where, _round_out(total, res, where, ok, dtype, RESIDUAL), mask=ok)
                 tl.atomic_xchg(counter + tile, 0)
 
 
