@@ -2,7 +2,7 @@
 # One GPU call for the 4-bit decode product: bench/gemv_bench.py (every setting at the 8B projection
 # shapes, against bitsandbytes and a copy's bandwidth), the engine's GPU tests while the Llama-3.1-8B-shape
 # NF4 folder is written, then bench/generate_bench.py (engine and transformers' generate, batch 1 and 16)
-# unless SKIP_GENERATE, and with GRPO=1 qfine's GRPO step (bench/grpo_bench.py).
+# unless SKIP_GENERATE (SKIP_GEMV skips the first), and with GRPO=1 qfine's GRPO step (bench/grpo_bench.py).
 # Needs .device/{common,qfine,qtest,tok}. Results: $OUT/{gemv,generate}.jsonl and logs.
 #
 #   OUT=/tmp/out GEMV_ARGS="--sweep 1 64" bash bench/kernel_call.sh
@@ -11,12 +11,14 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OF
 export PYTHONPATH=$PWD/src:$PWD/.device/common:$PWD/.device/qfine:$PWD/.device/qtest:$PWD/tests
 export QFINE_TEST_TOKENIZER=$PWD/.device/tok
 model=/tmp/m_${SHAPE:-8b}_nf4
+if [ -z "${SKIP_GEMV:-}" ]; then
 s=$(date +%s)
 (cd bench && timeout ${GEMV_S:-230} python3 gemv_bench.py ${GEMV_ARGS:-}) > "$OUT/gemv.log" 2>&1
 echo "gemv rc=$? in $(( $(date +%s) - s )) s"
 grep -h "^RESULT" "$OUT/gemv.log" | sed 's/^RESULT //' > "$OUT/gemv.jsonl"
 sed -n '/^copy bandwidth/,$p' "$OUT/gemv.log" | grep -v "^RESULT" | head -60
 grep -c '"wrong"\|"error"' "$OUT/gemv.jsonl"; grep -h '"wrong"\|"error"' "$OUT/gemv.jsonl" | head -3
+fi
 s=$(date +%s)
 ( timeout ${TEST_S:-120} python3 -m pytest -q -p no:cacheprovider -rfE -m gpu ${TESTS:-tests/test_engine.py tests/test_gemv_rows.py} \
     > "$OUT/tests.log" 2>&1; echo "tests rc=$? in $(( $(date +%s) - s )) s: $(tail -1 "$OUT/tests.log")" ) &
