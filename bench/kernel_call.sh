@@ -2,7 +2,8 @@
 # One GPU call for the 4-bit decode product: bench/gemv_bench.py (every setting at the 8B projection
 # shapes, against bitsandbytes and a copy's bandwidth), the engine's GPU tests while the Llama-3.1-8B-shape
 # NF4 folder is written, then bench/generate_bench.py (engine and transformers' generate, batch 1 and 16)
-# unless SKIP_GENERATE (SKIP_GEMV skips the first), and with GRPO=1 qfine's GRPO step (bench/grpo_bench.py).
+# unless SKIP_GENERATE, and with GRPO=1 qfine's GRPO step (bench/grpo_bench.py). SKIP_GEMV skips the first
+# part; TESTS_AFTER runs the tests last, so that they do not share the GPU with the timings.
 # Needs .device/{common,qfine,qtest,tok}. Results: $OUT/{gemv,generate}.jsonl and logs.
 #
 #   OUT=/tmp/out GEMV_ARGS="--sweep 1 64" bash bench/kernel_call.sh
@@ -19,13 +20,18 @@ grep -h "^RESULT" "$OUT/gemv.log" | sed 's/^RESULT //' > "$OUT/gemv.jsonl"
 sed -n '/^copy bandwidth/,$p' "$OUT/gemv.log" | grep -v "^RESULT" | head -60
 grep -c '"wrong"\|"error"' "$OUT/gemv.jsonl"; grep -h '"wrong"\|"error"' "$OUT/gemv.jsonl" | head -3
 fi
+run_tests() {
+  local s=$(date +%s)
+  timeout ${TEST_S:-120} python3 -m pytest -q -p no:cacheprovider -rfE -m gpu \
+    ${TESTS:-tests/test_engine.py tests/test_gemv_rows.py tests/test_row_prologue.py} > "$OUT/tests.log" 2>&1
+  echo "tests rc=$? in $(( $(date +%s) - s )) s: $(tail -1 "$OUT/tests.log")"
+  grep -hE "^(FAILED|ERROR)" "$OUT/tests.log" | head -5
+}
 s=$(date +%s)
-( timeout ${TEST_S:-120} python3 -m pytest -q -p no:cacheprovider -rfE -m gpu ${TESTS:-tests/test_engine.py tests/test_gemv_rows.py} \
-    > "$OUT/tests.log" 2>&1; echo "tests rc=$? in $(( $(date +%s) - s )) s: $(tail -1 "$OUT/tests.log")" ) &
+[ -n "${TESTS_AFTER:-}" ] || run_tests &
 [ -f $model/config.json ] || python3 bench/make_model.py --shape ${SHAPE:-8b} --nf4 --out $model > "$OUT/make.log" 2>&1
 echo "model ready in $(( $(date +%s) - s )) s"
 wait
-grep -hE "^(FAILED|ERROR)" "$OUT/tests.log" | head -5
 if [ -z "${SKIP_GENERATE:-}" ]; then
 s=$(date +%s)
 timeout ${BENCH_S:-220} python3 bench/generate_bench.py --model $model ${GEN_ARGS:---repeat 2} > "$OUT/bench.log" 2>&1
@@ -40,3 +46,4 @@ if [ -n "${GRPO:-}" ]; then  # qfine's GRPO step on the same folder (bench/grpo_
   echo "grpo rc=$? in $(( $(date +%s) - s )) s"
   grep -h "^RESULT" "$OUT/grpo.log" | sed 's/^RESULT //' | tee "$OUT/grpo.jsonl"; tail -2 "$OUT/grpo.log"
 fi
+[ -z "${TESTS_AFTER:-}" ] || run_tests  # after the timings, so that they do not share the GPU
