@@ -76,7 +76,7 @@ def test_rows_kernels_equal_dequantize_then_matmul_interpreted(quant_type, neste
     """Under Triton's interpreter in fp32 (the gather decode): the one-row and tensor-core kernels, with k
     split or not (summed by a second kernel, or by the last program of each column tile, whose counters
     must be back at zero for the next call to be right), equal dequantize-then-matmul (1e-5 relative), and
-    with an adapter's term and a residual equal residual + (x Wᵀ + s·xa Bᵀ) (1e-5)."""
+    with an adapter's term (xa a column view) and a residual equal residual + (x Wᵀ + s·xa Bᵀ) (1e-5)."""
     import bitsandbytes as bnb
 
     from qfine.fast.gemv_rows import fits, matmul_rows
@@ -93,7 +93,8 @@ def test_rows_kernels_equal_dequantize_then_matmul_interpreted(quant_type, neste
                 {"KERNEL": "tc", "BLOCK_N": 16, "SPLIT": 4, "num_warps": 4, "SERIAL": True}]
     ran = 0
     for m in (1, 3):
-        x, xa = torch.randn(m, k), torch.randn(m, 8)
+        # xa a column view of wider rows, as the fused down-products return it (row stride 24, not 8)
+        x, xa = torch.randn(m, k), torch.randn(m, 24)[:, 8:16]
         b, res = torch.randn(n, 8), torch.randn(m, n)
         want = x @ deq.t()
         for cfg in settings:

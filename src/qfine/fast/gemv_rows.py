@@ -401,8 +401,11 @@ def _launch_tc(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, inte
     res = x2 if residual is None else residual.reshape(m, -1).contiguous()
     lora = members[0][1] is not None
     xa = members[0][1][0].reshape(m, -1) if lora else x2
-    if lora and len(members) == 1:
+    if lora and len(members) == 1 and xa.stride(1) != 1:
+        # the kernel reads xa's rows at stride_xa with unit column stride; each member's columns start at
+        # its own view's offset from xa, so the copy replaces the member's view
         xa = xa.contiguous()
+        members = [(members[0][0], (xa, *members[0][1][1:]))]
     per, outs, tiles = [], [], []
     for weight, lo in members:
         n = weight.quant_state.shape[0]
