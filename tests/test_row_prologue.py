@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qfine.fast import ops
 from qfine.generation import engine
 
 INTERPRETED = pytest.mark.skipif(not engine._INTERPRETED,
@@ -77,21 +76,26 @@ def test_gated_activation_and_down_products_in_one_launch_interpreted(act):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k", [4096, 14336])
 def test_gpu_prologues_round_as_the_modules(k, dtype, act):
-    """bf16/fp16 at the 8B widths: the normed x and the gated x equal the eager modules' values except for
-    rare one-unit roundings (the sums' order and exp differ): ≥ 99 % of elements identical, none off by more
-    than one unit in the last place; the down-products equal x Aᵢᵀ of the kernel's own x (1e-4)."""
+    """bf16/fp16 at the 8B widths: the normed x and the gated x equal the eager modules' values (rounded after
+    the norm and again after the weight; after the activation and again after the product) except for rare
+    one-unit roundings where the sums' order, sqrt and exp differ: ≥ 99.5 % of elements identical, none off by
+    more than one unit in the last place. (Inductor's compiled norm keeps the first rounding's fp32 value and
+    differs from the module in about a fifth of the elements.) The down-products equal x Aᵢᵀ of the
+    kernel's own x (1e-4)."""
     from qfine.fast.row_prologue import gated_lora_down, norm_lora_down
 
     h, w, mats = _inputs(k, dtype, "cuda")
     ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
-    x, views = norm_lora_down(h, w, 1e-5, mats)
-    for got, want in [(x, _norm(h, w, 1e-5)), (x, ops.rms_norm(h, w, 1e-5)[0])]:
+
+    def same(got, want):
         diff = (got.float() - want.float()).abs()
-        assert (diff == 0).float().mean() >= 0.99 and (diff <= want.float().abs() * ulp).all()
+        assert (diff == 0).float().mean() >= 0.995, (diff == 0).float().mean()
+        assert (diff <= want.float().abs() * ulp * 1.01).all()
+
+    x, views = norm_lora_down(h, w, 1e-5, mats)
+    same(x, _norm(h, w, 1e-5))
     _check_products(x, views, mats, 1e-4)
     u = torch.randn_like(h)
     x, views = gated_lora_down(h * 3, u, act, mats[:1])
-    want = _gated(h * 3, u, act)
-    diff = (x.float() - want.float()).abs()
-    assert (diff == 0).float().mean() >= 0.99 and (diff <= want.float().abs() * ulp * 1.01).all()
+    same(x, _gated(h * 3, u, act))
     _check_products(x, views, mats[:1], 1e-4)
