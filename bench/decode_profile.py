@@ -28,7 +28,6 @@ from generate_bench import load_bench_model, param_bytes, step_bytes
 def tune(model, rows_list):
     from qfine.fast import gemv_kernel as G
     from qfine.fast.lora import describe_proj
-    from qfine.fast.row_prologue import lora_down
     from qfine.fast.swap import causal_lm
 
     layer = causal_lm(model).model.layers[0]
@@ -67,14 +66,14 @@ def tune(model, rows_list):
     mats = [describe_proj(getattr(layer.self_attn, f"{p}_proj")).lora_a for p in "qkv"]
     for rows in rows_list:
         x = torch.randn(rows, mats[0].shape[1], dtype=torch.bfloat16, device="cuda")
-        fused = G.graph_seconds(lambda: lora_down(x, mats))
+        fused = G.graph_seconds(lambda: G.lora_down(x, mats))
 
         def plain():
             xc = x.to(mats[0].dtype)
             return [torch.nn.functional.linear(xc, a) for a in mats]
 
         ref = plain()
-        err = max((a - b).abs().max().item() for a, b in zip(lora_down(x, mats), ref))
+        err = max((a - b).abs().max().item() for a, b in zip(G.lora_down(x, mats), ref))
         print("RESULT " + json.dumps({"what": "lora_down", "rows": rows, "fused_us": round(fused * 1e6, 2),
                                       "plain_us": round(G.graph_seconds(plain) * 1e6, 2), "max_abs_diff": err}),
               flush=True)

@@ -171,22 +171,19 @@ def test_gpu_graphed_decode_agrees_with_generate(save_tiny, tmp_path):
 
 
 def _counting(monkeypatch):
-    """Counts of calls to the 4-bit kernel, the grouped 4-bit launch (q, k, v or gate, up in one) and the
-    fused LoRA down-products (alone, after the norm, after the gated activation) while the test runs."""
-    from qfine.fast import gemv_kernel, row_prologue
+    """Counts of calls to the 4-bit kernel, the fused LoRA down-products and the grouped 4-bit launch (q, k,
+    v or gate, up in one) while the test runs."""
+    from qfine.fast import gemv_kernel
 
-    calls = {}
-    for module, names in [(gemv_kernel, ("matmul_4bit", "matmul_group")),
-                          (row_prologue, ("lora_down", "norm_lora_down", "gated_lora_down"))]:
-        for name in names:
-            calls[name] = 0
-            real = getattr(module, name)
+    calls = {"matmul_4bit": 0, "lora_down": 0, "matmul_group": 0}
+    for name in calls:
+        real = getattr(gemv_kernel, name)
 
-            def counted(*a, _real=real, _name=name, **kw):
-                calls[_name] += 1
-                return _real(*a, **kw)
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
 
-            monkeypatch.setattr(module, name, counted)
+        monkeypatch.setattr(gemv_kernel, name, counted)
     return calls
 
 
@@ -201,14 +198,11 @@ def test_kernel_path_greedy_equals_generate_interpreted(save_tiny, tmp_path, mon
     calls = _counting(monkeypatch)
     assert engine.generate_tokens(model, PROMPTS, 12, [], 0, graph=False).tokens == want
     # 7 projections of 2 layers per forward: the prefill's 28 rows and 11 decode steps of 4 rows
-    assert calls["matmul_4bit"] == 12 * 14 and calls["matmul_group"] == 0
-    assert calls["lora_down"] == calls["norm_lora_down"] == calls["gated_lora_down"] == 0
+    assert calls["matmul_4bit"] == 12 * 14 and calls["lora_down"] == calls["matmul_group"] == 0
     assert engine.generate_tokens(model, PROMPTS[:1], 12, [], 0, graph=False).tokens == want[:1]
-    # one-row steps: 4 fused down-product launches per layer (q, k, v and gate, up each with its norm; o;
-    # down with the gated activation), and 4 launches of the 4-bit kernel (q, k, v grouped; o; gate, up
-    # grouped; down) instead of 7
-    assert calls["norm_lora_down"] == 11 * 2 * 2 and calls["lora_down"] == calls["gated_lora_down"] == 11 * 2
-    assert calls["matmul_group"] == 11 * 2 * 2
+    # one-row steps: 4 fused down-product launches per layer, and 4 launches of the 4-bit kernel (q, k, v
+    # grouped; o; gate, up grouped; down) instead of 7
+    assert calls["lora_down"] == 11 * 2 * 4 and calls["matmul_group"] == 11 * 2 * 2
     assert calls["matmul_4bit"] == 12 * 14 + 7 * 2 + 11 * 2 * 2
 
 
@@ -224,8 +218,7 @@ def test_gpu_bf16_kernel_path_logprobs_match_the_forward(save_tiny, tmp_path, mo
     gen = torch.Generator(device="cuda").manual_seed(0)
     got = engine.generate_tokens(model, PROMPTS, 16, [], 0, temperature=1.0, logprobs=True, generator=gen)
     one = engine.generate_tokens(model, PROMPTS[:1], 16, [], 0, temperature=1.0, logprobs=True, generator=gen)
-    assert calls["matmul_4bit"] > 0 and calls["norm_lora_down"] > 0  # one-row steps fuse the down-products
-    assert calls["lora_down"] > 0 and calls["gated_lora_down"] > 0
+    assert calls["matmul_4bit"] > 0 and calls["lora_down"] > 0  # one-row steps fuse the down-products
     diffs = []
     with torch.no_grad():
         for p, toks, lps in zip(PROMPTS + PROMPTS[:1], got.tokens + one.tokens, got.logprobs + one.logprobs):
@@ -248,8 +241,7 @@ def test_gpu_kernels_at_8b_shapes(n, k, rows):
     dequantize-then-matmul; and with a residual it equals round(residual + that product) exactly."""
     import bitsandbytes as bnb
 
-    from qfine.fast.gemv_kernel import matmul_4bit
-    from qfine.fast.row_prologue import lora_down
+    from qfine.fast.gemv_kernel import lora_down, matmul_4bit
 
     torch.manual_seed(0)
     w = bnb.nn.Params4bit(torch.randn(n, k, dtype=torch.bfloat16) * 0.02, requires_grad=False, quant_type="nf4",

@@ -187,8 +187,7 @@ def test_gpu_grouped_launch_captures_in_a_graph():
     rounding of its own 4-bit product."""
     import bitsandbytes as bnb
 
-    from qfine.fast.gemv_kernel import TUNED, matmul_4bit, matmul_4bit_group
-    from qfine.fast.row_prologue import lora_down
+    from qfine.fast.gemv_kernel import TUNED, lora_down, matmul_4bit, matmul_4bit_group
 
     torch.manual_seed(0)
     ws = [bnb.nn.Params4bit(torch.randn(n, 4096, dtype=torch.bfloat16) * 0.02, requires_grad=False,

@@ -377,3 +377,49 @@ def _time_group(x2: torch.Tensor, members: list[tuple], m: int, k: int, blocksiz
         except Exception:  # noqa: BLE001 - a setting this device cannot build or capture is not a candidate
             continue
     return sorted(timed, key=lambda t: t[0])
+
+
+@triton.jit
+def _lora_down_kernel(x, a0, a1, a2, out, m, k: tl.constexpr, stride_xm, r0, r1, r_all, BLOCK_M: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """Column j of out (m, r_all) = x (m, k) · row j of [A0; A1; A2] (fp32 products and sum)."""
+    j = tl.program_id(0)
+    if j < r0:
+        row = a0 + j * k
+    elif j < r0 + r1:
+        row = a1 + (j - r0) * k
+    else:
+        row = a2 + (j - r0 - r1) * k
+    rm = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(row + rk, mask=rk < k, other=0.0).to(tl.float32)
+        xs = tl.load(x + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < m) & (rk[None, :] < k),
+                     other=0.0).to(tl.float32)
+        acc += xs * a[None, :]
+    tl.store(out + rm * r_all + j, tl.sum(acc, 1).to(out.dtype.element_ty), mask=rm < m)
+
+
+def lora_down(x: torch.Tensor, mats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """x (..., k) @ Aᵢᵀ for up to three adapter matrices Aᵢ (rᵢ, k) of one dtype, in one launch: views
+    (rows, rᵢ) of one (rows, Σrᵢ) output in A's dtype, each x.to(A.dtype) @ Aᵢᵀ computed in fp32 and rounded
+    once (what peft's lora_A gives up to the order of the sum). For at most :data:`MAX_ROWS` rows."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    ranks = [a.shape[0] for a in mats]
+    total = sum(ranks)
+    out = torch.empty(m, total, dtype=mats[0].dtype, device=x.device)
+    a = [t if t.is_contiguous() else t.contiguous() for t in mats] + [mats[0]] * (3 - len(mats))
+    r = ranks + [0] * (3 - len(ranks))
+    block_m = triton.next_power_of_2(max(m, 1))
+    _lora_down_kernel[(total,)](x2, a[0], a[1], a[2], out, m, k, x2.stride(0), r[0], r[1], total, BLOCK_M=block_m,
+                                BLOCK_K=max(32, 2048 // block_m), num_warps=4)
+    views, start = [], 0
+    for rank in ranks:
+        views.append(out[:, start:start + rank])
+        start += rank
+    return views

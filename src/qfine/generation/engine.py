@@ -120,49 +120,19 @@ def _small_rows(x: torch.Tensor, weight) -> bool:
 
 
 class _Group:
-    """Projections that read one input (q, k, v; gate, up; o; down) and their LoRA down-products x Aᵀ.
-
-    For a one-row input whose projections all go through the 4-bit kernel the down-products take one
-    launch (:mod:`qfine.fast.row_prologue`), which also makes the input where it is a norm's or the
-    gated activation's output; else each is computed as peft does (x cast to the adapter's dtype once,
-    then lora_A)."""
+    """Projections that read one input (q, k, v; gate, up; o; down): their LoRA down-products x Aᵀ, in
+    one launch for a one-row input whose projections all go through the 4-bit kernel, else each as peft
+    computes it (x cast to the adapter's dtype once, then lora_A)."""
 
     def __init__(self, *linears: _Linear):
         self.linears = linears
-        self.mats = [lin.a for lin in linears if lin.a is not None]
-        self.fused = (0 < len(self.mats) == len(linears) <= 3 and len({a.dtype for a in self.mats}) == 1)
+        mats = [lin.a for lin in linears if lin.a is not None]
+        self.fused = (0 < len(mats) == len(linears) <= 3 and len({a.dtype for a in mats}) == 1)
 
-    def _one_launch(self, x: torch.Tensor) -> bool:
-        one_row = x.numel() == x.shape[-1]  # more rows: cuBLAS's products are faster than the fused kernel
-        return self.fused and one_row and x.is_contiguous() and all(lin.kernel(x) for lin in self.linears)
-
-    def after_norm(self, norm: _Norm, h: torch.Tensor):
-        """(x, down-products) for x = norm(h)."""
-        w = getattr(norm.module, "weight", None)
-        if norm.eps is not None and w is not None and w.dtype == h.dtype and self._one_launch(h):
-            from qfine.fast.row_prologue import norm_lora_down
-
-            return norm_lora_down(h, w, norm.eps, self.mats)
-        x = norm(h)
-        return x, self(x)
-
-    def after_gate(self, g: torch.Tensor, u: torch.Tensor, act):
-        """(x, down-products) for the gated MLP's x = act(g) · u (``act`` a name of
-        :data:`qfine.fast.ops.GATED_ACTS`' values or the module's act_fn)."""
-        if isinstance(act, str):
-            if g.is_contiguous() and u.is_contiguous() and self._one_launch(g):
-                from qfine.fast.row_prologue import gated_lora_down
-
-                return gated_lora_down(g, u, act, self.mats)
-            x = _gated(g, u, act)
-        else:
-            x = act(g) * u
-        return x, self(x)
-
-    def project(self, x: torch.Tensor, xas: list) -> list[torch.Tensor]:
-        """Each projection's output for x and its down-products ``xas``: in one launch of the 4-bit kernel
-        for all of them where it serves them (:func:`qfine.fast.gemv_kernel.matmul_4bit_group`), else one
-        call each."""
+    def project(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each projection's output for x: in one launch of the 4-bit kernel for all of them where it serves
+        them (:func:`qfine.fast.gemv_kernel.matmul_4bit_group`), else one call each."""
+        xas = self(x)
         if len(self.linears) > 1 and all(lin.kernel(x) and lin.base.bias is None for lin in self.linears):
             from qfine.fast.gemv_kernel import matmul_4bit_group
 
@@ -173,11 +143,11 @@ class _Group:
         return [lin(x, xa) for lin, xa in zip(self.linears, xas)]
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor | None]:
-        """The down-products x Aᵢᵀ (None for a projection without adapter)."""
-        if self._one_launch(x):
-            from qfine.fast.row_prologue import lora_down
+        one_row = x.numel() == x.shape[-1]  # more rows: cuBLAS's products are faster than the fused kernel
+        if self.fused and one_row and all(lin.kernel(x) for lin in self.linears):
+            from qfine.fast.gemv_kernel import lora_down
 
-            return lora_down(x, self.mats)
+            return lora_down(x, [lin.a for lin in self.linears])
         cast: dict = {}
         out = []
         for lin in self.linears:
@@ -303,7 +273,8 @@ class Decoder:
         mask = torch.where(seen, 0.0, float("-inf")).to(self.dtype)
         h = self.embed(ids)
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv.project(*layer.qkv.after_norm(layer.ln1, h))
+            x = layer.ln1(h)
+            q, k, v = layer.qkv.project(x)
             q = q.view(b, t, self.heads, self.head_dim)
             k, v = k.view(b, t, self.kv_heads, self.head_dim), v.view(b, t, self.kv_heads, self.head_dim)
             if layer.q_norm is not None:
@@ -317,9 +288,10 @@ class Decoder:
             # SDPA may return any strides (a view would fail on CUDA)
             out = out.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
             h = layer.o(out, *layer.o_in(out), residual=h)
-            g, u = layer.gate_up.project(*layer.gate_up.after_norm(layer.ln2, h))
-            gated, xas = layer.down_in.after_gate(g, u, layer.act)
-            h = layer.down(gated, *xas, residual=h)
+            x = layer.ln2(h)
+            g, u = layer.gate_up.project(x)
+            gated = _gated(g, u, layer.act) if isinstance(layer.act, str) else layer.act(g) * u
+            h = layer.down(gated, *layer.down_in(gated), residual=h)
         return self.head(self.norm(h[:, -1:]))[:, 0].float()
 
     def prefill(self, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
