@@ -432,18 +432,3 @@ def test_cuda_graph_replays_draw_new_dropout_masks(save_tiny, tmp_path):
     kept = ops.lora_dropout(x, seeds[0], 6, 0.1) != 0  # the compiled kernel's mask = the CPU hash's
     assert torch.equal(kept.cpu(), ops.keep_mask(seeds[0][6].cpu(), 512, 704, 0.1) & (x != 0).cpu())
     assert abs(eager - losses[-1]) <= 1e-3 * abs(losses[-1])
-
-
-def test_compiled_norm_and_activation_round_as_eager_bf16():
-    """On CUDA in bf16, ops' compiled RMSNorm and gated activation round where their eager code casts: at most
-    one element in a thousand differs (rsqrt and exp are computed differently), by at most one unit, where
-    inductor's default leaves about one in five a unit off."""
-    torch.manual_seed(0)
-    h = torch.randn(64, 4096, device="cuda").to(torch.bfloat16)
-    w = (1 + 0.1 * torch.randn(4096, device="cuda")).to(torch.bfloat16)
-    gu = (torch.randn(64, 2 * 4096, device="cuda") * 3).to(torch.bfloat16)
-    for got, want in [(ops.rms_norm(h, w, 1e-5)[0], ops.rms_norm.reference(h, w, 1e-5)[0]),
-                      (ops.gated_act(gu, "silu"), ops.gated_act.reference(gu, "silu"))]:
-        diff = (got.float() - want.float()).abs()
-        assert (diff > 0).float().mean() < 1e-3, (diff > 0).float().mean()
-        assert (diff <= want.float().abs() * 2.0 ** -7).all()
