@@ -47,12 +47,6 @@ def signature(args: tuple) -> tuple:
     return (*key, torch.get_num_threads())
 
 
-# inductor computes a chain of elementwise operations in fp32 and by default skips the roundings that the
-# eager code's casts make in between (as Llama's RMSNorm rounds x̂ to bf16 before the weight multiplies:
-# without this, one element in five differs by a unit from the module's). With it, compiled = eager.
-COMPILE_OPTIONS = {"emulate_precision_casts": True}
-
-
 def _fresh_copy(fn):
     """``fn`` with a code object of its own. dynamo keeps compiled variants per code object and
     falls back to eager code (other rounding, more kernels) once one collects more than
@@ -82,7 +76,7 @@ def fused(fn):
         key = signature(args)
         kernel = compiled.get(key)
         if kernel is None:
-            kernel = compiled[key] = torch.compile(_fresh_copy(fn), fullgraph=True, options=COMPILE_OPTIONS)
+            kernel = compiled[key] = torch.compile(_fresh_copy(fn), fullgraph=True)
         # detached inputs under one fixed autocast state: these functions run inside autograd Functions
         # and upcast explicitly, so requires_grad and autocast would only multiply dynamo's guard variants
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
