@@ -24,8 +24,8 @@ SHAPES = {"q": (4096, 4096), "kv": (1024, 4096), "gate": (14336, 4096), "down": 
 
 
 def sweep(m: int, k: int) -> list[dict]:
-    """Tensor-core settings beyond the tuner's own list: tile heights, warps, pipeline stages, the gather
-    decode beside the byte permutes."""
+    """Settings beyond the tuner's own list: for the tensor-core kernel tile heights, warps, pipeline stages,
+    the gather decode beside the byte permutes; for the one-row kernel its tile, k step, warps, prefetch."""
     from qfine.fast.gemv_rows import fits
 
     out = [{"KERNEL": "tc", "BLOCK_N": bn, "SPLIT": split, "num_warps": warps, "PRMT": True, "SERIAL": split > 1}
@@ -38,10 +38,13 @@ def sweep(m: int, k: int) -> list[dict]:
              "SUB": sub} for bn in (64, 128) for split in (1, 2, 4, 8) for sub in (2, 4)]
     out = [cfg for cfg in out if fits(cfg, m, k, 64)]
     out += [{"KERNEL": "tc", "BLOCK_N": 64, "SPLIT": s, "num_warps": 4, "PRMT": False} for s in (2, 4)]
-    if m == 1:  # the one-row kernel with x read as int32 pairs (half the loads; the tuner's reads bf16)
-        out += [{"KERNEL": "row", "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT": s, "num_warps": 4, "PRMT": True,
-                 "PREFETCH": True, "XPAIRS": True} for s in (1, 2, 4)
-                if fits({"KERNEL": "row", "BLOCK_K": 512, "SPLIT": s}, 1, k, 64)]
+    if m == 1:  # the one-row kernel: x read as int32 pairs (half the loads), and one axis at a time moved
+        # away from the tuner's setting (BLOCK_N 16, BLOCK_K 512, 4 warps, prefetch): rows, k step, warps
+        row = {"KERNEL": "row", "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "PRMT": True, "PREFETCH": True}
+        moved = [{"XPAIRS": True}, {"PREFETCH": False}] + [{"BLOCK_N": bn} for bn in (8, 32)]
+        moved += [{"BLOCK_K": bk} for bk in (256, 1024)] + [{"num_warps": w} for w in (2, 8)]
+        out += [cfg for change in moved for s in (1, 2, 4)
+                if fits(cfg := {**row, **change, "SPLIT": s}, 1, k, 64)]
     return out
 
 
