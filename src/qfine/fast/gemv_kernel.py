@@ -229,30 +229,47 @@ def _tuned_config(x2: torch.Tensor, weight, lora, residual) -> dict:
     (n, k), m = state.shape, x2.shape[0]
     if n * k < TUNE_MIN_WEIGHTS or _INTERPRETED:
         return launch_config(m, n, k, _sms(x2.device))
-    # rows share a timing with the others of their tile height (1, 16, 32, 64): a prompt of any length up to
-    # 64 tokens does not time its own
-    rows = 1 if m == 1 else max(16, triton.next_power_of_2(m))
-    key = (x2.device, rows, n, k, x2.dtype, state.blocksize, bool(state.nested), lora is not None)
+    key = (x2.device, _row_tile(m), n, k, x2.dtype, state.blocksize, bool(state.nested), lora is not None)
     got = TUNED.get(key)
     if got is None:
         if torch.cuda.is_current_stream_capturing():
             return launch_config(m, n, k, _sms(x2.device))
-        timed = []
         want = _dequantized(x2, weight, lora, residual).float()
-        for cfg in candidates(m, n, k, state.blocksize):
-            try:
-                # a setting whose result is not within bf16 rounding of bitsandbytes' is never chosen
-                err = (matmul_4bit(x2, weight, lora, residual, config=cfg).float() - want).abs().max()
-                if not err <= 2e-2 * want.abs().max():
-                    continue
-                seconds = graph_seconds(lambda c=cfg: matmul_4bit(x2, weight, lora, residual, config=c))
-            except Exception:  # noqa: BLE001 - a setting this device cannot build or capture is not a candidate
-                continue
-            timed.append((seconds, cfg))
+        timed = _timed(candidates(m, n, k, state.blocksize),
+                       lambda c: [matmul_4bit(x2, weight, lora, residual, config=c)], [want])
         if not timed:
             return launch_config(m, n, k, _sms(x2.device))
         got = TUNED[key] = sorted(timed, key=lambda t: t[0])
     return got[0][1]
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x (..., k) as the kernels read it: (rows, k) with unit stride along k (one row contiguous)."""
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1 or (x2.shape[0] == 1 and not x2.is_contiguous()):
+        x2 = x2.contiguous()
+    return x2
+
+
+def _row_tile(m: int) -> int:
+    """The row count a timing is kept for: rows share it with the others of their tile height (1, 16, 32,
+    64), so a prompt of any length up to 64 tokens does not time its own."""
+    return 1 if m == 1 else max(16, triton.next_power_of_2(m))
+
+
+def _timed(settings: list[dict], run, want: list[torch.Tensor]) -> list[tuple[float, dict]]:
+    """[(seconds, setting)] (:func:`graph_seconds` of ``run(setting)``) for each setting whose outputs
+    ``run(setting)`` are all within bf16 rounding (2e-2 of the largest value) of the fp32 ``want``: a wrong
+    setting is never chosen, and one this device cannot build or capture is left out."""
+    timed = []
+    for cfg in settings:
+        try:
+            if not all((got.float() - w).abs().max() <= 2e-2 * w.abs().max() for got, w in zip(run(cfg), want)):
+                continue
+            timed.append((graph_seconds(lambda c=cfg: run(c)), cfg))
+        except Exception:  # noqa: BLE001 - a setting this device cannot build or capture is not a candidate
+            continue
+    return timed
 
 
 def _dequantized(x2: torch.Tensor, weight, lora, residual) -> torch.Tensor:
@@ -282,9 +299,7 @@ def matmul_4bit(x: torch.Tensor, weight, lora: tuple | None = None, residual: to
     Requires :func:`usable`. Capturable in a CUDA graph (no host synchronisation, fixed launch shape)."""
     state = weight.quant_state
     n, k = state.shape
-    x2 = x.reshape(-1, k)
-    if x2.stride(1) != 1 or (x2.shape[0] == 1 and not x2.is_contiguous()):
-        x2 = x2.contiguous()
+    x2 = _rows(x, k)
     m = x2.shape[0]
     cfg = config or _tuned_config(x2, weight, lora, residual)
     if cfg.get("DEQUANTIZE") or cfg.get("BNB_GEMV"):
@@ -335,9 +350,7 @@ def matmul_4bit_group(x: torch.Tensor, members: list[tuple]) -> list[torch.Tenso
     :func:`matmul_4bit`'s settings, it is not faster than a call per projection. Requires :func:`usable` for
     each weight."""
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(1) != 1 or (x2.shape[0] == 1 and not x2.is_contiguous()):
-        x2 = x2.contiguous()
+    x2 = _rows(x, k)
     if not groupable(x2, members):
         return None
     m, state = x2.shape[0], members[0][0].quant_state
@@ -346,8 +359,7 @@ def matmul_4bit_group(x: torch.Tensor, members: list[tuple]) -> list[torch.Tenso
     if not _INTERPRETED:
         if sum(shapes) * k < TUNE_MIN_WEIGHTS:
             return None
-        rows = 1 if m == 1 else max(16, triton.next_power_of_2(m))
-        key = ("group", x2.device, rows, shapes, k, x2.dtype, state.blocksize, bool(state.nested),
+        key = ("group", x2.device, _row_tile(m), shapes, k, x2.dtype, state.blocksize, bool(state.nested),
                members[0][1] is not None)
         got = TUNED.get(key)
         if got is None:
@@ -366,16 +378,9 @@ def _time_group(x2: torch.Tensor, members: list[tuple], m: int, k: int, blocksiz
     the separate calls'."""
     separate = [matmul_4bit(x2, w, lora).float() for w, lora in members]
     timed = [(graph_seconds(lambda: [matmul_4bit(x2, w, lora) for w, lora in members]), {"SEPARATE": True})]
-    for cfg in candidates(m, sum(w.quant_state.shape[0] for w, _ in members), k, blocksize):
-        if cfg.get("KERNEL") != "tc" or not fits(cfg, m, k, blocksize):
-            continue
-        try:
-            got = matmul_group(x2, members, cfg, _INTERPRETED)
-            if not all((g.float() - s).abs().max() <= 2e-2 * s.abs().max() for g, s in zip(got, separate)):
-                continue
-            timed.append((graph_seconds(lambda c=cfg: matmul_group(x2, members, c, _INTERPRETED)), cfg))
-        except Exception:  # noqa: BLE001 - a setting this device cannot build or capture is not a candidate
-            continue
+    settings = [cfg for cfg in candidates(m, sum(w.quant_state.shape[0] for w, _ in members), k, blocksize)
+                if cfg.get("KERNEL") == "tc" and fits(cfg, m, k, blocksize)]
+    timed += _timed(settings, lambda c: matmul_group(x2, members, c, _INTERPRETED), separate)
     return sorted(timed, key=lambda t: t[0])
 
 
