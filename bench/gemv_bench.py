@@ -38,6 +38,11 @@ def sweep(m: int, k: int) -> list[dict]:
              "SUB": sub} for bn in (64, 128) for split in (1, 2, 4, 8) for sub in (2, 4)]
     out = [cfg for cfg in out if fits(cfg, m, k, 64)]
     out += [{"KERNEL": "tc", "BLOCK_N": 64, "SPLIT": s, "num_warps": 4, "PRMT": False} for s in (2, 4)]
+    if m <= 16:  # the CUDA tensor-core kernel: 2 and 16 warps, 4 row tiles, 8 k splits beside the tuner's
+        out += [{"KERNEL": "mma", "NT": 1 if m <= 8 else 2, "WARPS": w, "TILES": t, "SPLIT": s}
+                for w in (2, 4, 8, 16) for t in (1, 2, 4) for s in (1, 2, 4, 8)
+                if (w in (2, 16) or t == 4 or s == 8) and fits({"KERNEL": "mma", "NT": 2, "WARPS": w, "TILES": t,
+                                                                  "SPLIT": s}, m, k, 64)]
     if m == 1:  # the one-row kernel: x read as int32 pairs (half the loads), and one axis at a time moved
         # away from the tuner's setting (BLOCK_N 16, BLOCK_K 512, 4 warps, prefetch): rows, k step, warps
         row = {"KERNEL": "row", "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "PRMT": True, "PREFETCH": True}
@@ -53,6 +58,8 @@ def family(cfg: dict) -> str:
         return "bnb_gemv"
     if cfg.get("DEQUANTIZE"):
         return "bnb_dequant_cublas"
+    if cfg.get("KERNEL") == "mma":
+        return "mma"
     if cfg.get("KERNEL"):
         return f"{cfg['KERNEL']}_{'prmt' if cfg.get('PRMT') else 'gather'}"
     return "tile_select" if cfg.get("SELECT") else "tile_pairs"

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from qfine.fast.gemv_rows import _round_out, _sum_splits_kernel, fits, groupable, matmul_group, matmul_rows
+from qfine.fast.mma_kernel import candidates as mma_candidates
 
 MAX_ROWS = 64
 # Triton's CPU interpreter (the tests' way to run these kernels without a GPU) computes fp32 dots exactly;
@@ -184,6 +185,8 @@ def candidates(m: int, n: int, k: int, blocksize: int = 64) -> list[dict]:
     out = [{"DEQUANTIZE": True}] if m > 1 else [{"BNB_GEMV": True}]
     new = [{"KERNEL": "tc", "BLOCK_N": bn, "SPLIT": split, "num_warps": 4, "PRMT": True, "SERIAL": split > 1}
            for bn in (64, 128) for split in (1, 2, 4, 8, 16)]
+    if torch.cuda.is_available() and not _INTERPRETED:  # CUDA C++, compiled by NVRTC: not under the interpreter
+        new += mma_candidates(m)
     if m == 1:
         new += [{"KERNEL": "row", "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT": split, "num_warps": 4, "PRMT": True,
                  "PREFETCH": True} for split in (1, 2, 4)]

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qfine.fast import mma_kernel
 from qfine.fast.prmt_decode import code_words, decode_asm
 
 ASM_F32, ASM_PAIRS = decode_asm("f32"), decode_asm("pairs")
@@ -266,6 +267,11 @@ def _tc_kernel(x, code, tab, code8, packed, absmax_q, absmax2, offset, out, fina
                 tl.atomic_xchg(counter + tile, 0)
 
 
+def _sum_splits(part, out, res, size: int, split: int, residual: bool) -> None:
+    """out = round(Σ part[s]) (+ residual, rounded again): :func:`_sum_splits_kernel` launched."""
+    _sum_splits_kernel[(triton.cdiv(size, 1024),)](part, out, res, size, SPLIT=split, RESIDUAL=residual, BLOCK=1024)
+
+
 _COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: zeros, one per column tile, reset by the kernel
 
 
@@ -305,7 +311,9 @@ def _tables(state, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fits(cfg: dict, m: int, k: int, blocksize: int) -> bool:
-    """Whether a ``row``/``tc`` setting serves this shape: whole steps in every k split (no masks on k)."""
+    """Whether a ``row``/``tc``/``mma`` setting serves this shape: whole steps in every k split (no masks on k)."""
+    if cfg["KERNEL"] == "mma":
+        return mma_kernel.fits(cfg, m, k, blocksize)
     step = cfg["BLOCK_K"] if cfg["KERNEL"] == "row" else blocksize * cfg.get("SUB", 1)
     return (cfg["KERNEL"] != "row" or m == 1) and k % (step * cfg["SPLIT"]) == 0 and step % blocksize == 0
 
@@ -362,6 +370,8 @@ def matmul_rows(x2: torch.Tensor, weight, lora, residual, cfg: dict, interpreted
     :func:`qfine.fast.gemv_kernel.candidates` and :func:`fits`. Capturable in a CUDA graph."""
     if cfg["KERNEL"] == "tc":
         return _launch_tc(x2, [(weight, lora)], residual, cfg, interpreted)[0]
+    if cfg["KERNEL"] == "mma":
+        return mma_kernel.matmul_mma(x2, weight, lora, residual, cfg, _sum_splits)
     state = weight.quant_state
     (n, k), m = state.shape, x2.shape[0]
     split = cfg["SPLIT"]

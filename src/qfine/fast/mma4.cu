@@ -1,0 +1,300 @@
+// y (m <= 16, n) = x (m, k) W^T for a bitsandbytes 4-bit W (n, k): one decode step's projection on tensor
+// cores, compiled at run time by NVRTC (qfine/fast/mma_kernel.py, which prepends the #defines below).
+//
+// Each warp owns 16*TILES rows of W and a run of absmax blocks along k; each step of its loop covers GROUP
+// blocks. Per block, a thread (lane = 4g + t) reads BS/8 packed bytes of rows g and g+8 of each 16-row tile
+// (a quad of lanes reads one row's block as one contiguous piece), turns every byte into the two 16-bit
+// code values it holds with one shared-memory lookup (a 256-entry table of value pairs, one copy per lane
+// so that a warp's 32 lookups never share a bank), and feeds them as the A operand of mma.m16n8k16: W's
+// rows are the mma's rows, the token rows its columns (NT tiles of 8). The k order inside a block is
+// permuted the same way for W and x (thread t's pair p of a row is x's pair p of the same k), so every
+// mma sums over one absmax block only: the block's fp32 product is scaled by its absmax once and added
+// to the fp32 accumulator, as the other 4-bit kernels of qfine do. A weight is decoded, never rescaled.
+//
+// Defines: BS (64 | 128) absmax block size; NESTED, BS2 double quantization and its block size; NT token
+// tiles of 8 (m <= 8 NT); TILES 16-row tiles per warp; WARPS warps per block, each a k range; SPLIT k ranges
+// per grid column (fp32 partials, summed by a second kernel); LORA, RESIDUAL epilogue terms; F16 (fp16
+// activations, else bf16); ADT the adapter's dtype (0 fp32, 1 bf16, 2 fp16).
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#define GROUP 4              // absmax blocks per loop step (their 4 one-byte absmax codes: one 32-bit load)
+#define WORDS (BS / 32)      // 32-bit words a thread reads per row per block (8 weights each)
+#define MMAS (BS / 16)       // mma steps (k = 16) per block
+#define XW (BS / 8)          // 32-bit words (pairs of x) a thread needs per token row per block
+#define LUT_WORDS (256 * 32)
+
+__device__ __forceinline__ float act_to_f32(u16 v) {
+#if F16
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+  return f;
+#else
+  return __uint_as_float(((u32)v) << 16);
+#endif
+}
+
+__device__ __forceinline__ u16 f32_to_act(float f) {  // round to nearest even
+  u16 v;
+#if F16
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
+#else
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
+#endif
+  return v;
+}
+
+__device__ __forceinline__ float adapter_f32(const void* p, long i) {
+#if ADT == 0
+  return ((const float*)p)[i];
+#elif ADT == 1
+  return __uint_as_float(((u32)((const u16*)p)[i]) << 16);
+#else
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(((const u16*)p)[i]));
+  return f;
+#endif
+}
+
+// W is read once per step: no L1 allocation, read-only path; OFF a byte offset known at compile time
+template <int OFF>
+__device__ __forceinline__ void load_block(u32* d, const u8* p) {
+#if BS == 64
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2+%3];" : "=r"(d[0]), "=r"(d[1]) : "l"(p), "n"(OFF));
+#else
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4+%5];"
+      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "l"(p), "n"(OFF));
+#endif
+}
+
+template <int OFF>
+__device__ __forceinline__ void load_group(u32 (*d)[WORDS], const u8* p) {
+  load_block<OFF>(d[0], p);
+  load_block<OFF + BS / 2>(d[1], p);
+  load_block<OFF + BS>(d[2], p);
+  load_block<OFF + 3 * BS / 2>(d[3], p);
+}
+
+__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if F16
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// the code values of byte p (0..3) of a word as a pair, the high nibble's value (the lower k) in the low half:
+// the byte picked out by a byte permute, then one lookup at lane_base + 128 * byte (lane_base: this lane's
+// copy of the table as a shared-memory address)
+template <int P>
+__device__ __forceinline__ u32 pair(u32 word, u32 lane_base) {
+  u32 v;
+  asm("{\n.reg .b32 b;\nprmt.b32 b, %1, 0, %3;\nmad.lo.u32 b, b, 128, %2;\nld.shared.u32 %0, [b];\n}"
+      : "=r"(v) : "r"(word), "r"(lane_base), "n"(0x4440 + P));
+  return v;
+}
+
+// the GROUP absmax values of one row: q the GROUP one-byte codes (NESTED) or values, s the second-level scale
+__device__ __forceinline__ void absmax4(float* a, const void* q, const float* c8, float s, float offset) {
+#if NESTED
+  u32 codes = *(const u32*)q;
+#pragma unroll
+  for (int i = 0; i < GROUP; i++) a[i] = c8[(codes >> (8 * i)) & 0xFF] * s + offset;
+#else
+  float4 v = *(const float4*)q;
+  a[0] = v.x; a[1] = v.y; a[2] = v.z; a[3] = v.w;
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* __restrict__ pairs,
+           const void* __restrict__ absmax_q, const float* __restrict__ code8, const float* __restrict__ absmax2,
+           const float* __restrict__ offset_p, void* __restrict__ out, const u16* __restrict__ res,
+           const void* __restrict__ xa, const void* __restrict__ lora_b, float scale, int m, int n, int k,
+           int stride_x, int stride_xa, int r) {
+  extern __shared__ u32 smem[];
+  u32* lut = smem;                             // [byte][lane]: the byte's pair of code values
+  float* c8 = (float*)(smem + LUT_WORDS);      // the second-level code book (double quantization)
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const u32 nblk = k / BS, per_warp = nblk / (SPLIT * WARPS);
+  const u32 blk0 = blockIdx.y * (nblk / SPLIT) + warp * per_warp;
+  const int row0 = blockIdx.x * 16 * TILES;
+  const u32 lane_base = (u32)__cvta_generic_to_shared(lut) + 4 * lane;
+
+  // this thread's rows (g, g + 8 of each tile; past n: the last row, read but not stored): pointers to its
+  // bytes of the warp's first block, and the index of that block's absmax
+  const u8* wp[TILES][2];
+  u32 ablk[TILES][2];
+#pragma unroll
+  for (int i = 0; i < TILES; i++)
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const u32 row = min(row0 + 16 * i + g + 8 * h, n - 1);
+      wp[i][h] = packed + (size_t)row * (k / 2) + (size_t)blk0 * (BS / 2) + t * (BS / 8);
+      ablk[i][h] = row * nblk + blk0;
+    }
+  const u16* xp[NT];
+#pragma unroll
+  for (int j = 0; j < NT; j++) xp[j] = x + (size_t)min(8 * j + g, m - 1) * stride_x + (size_t)blk0 * BS + t * (BS / 4);
+
+  // the first step's words are requested before the tables are filled: their latency covers the fill
+  u32 w[TILES][2][GROUP][WORDS];
+#pragma unroll
+  for (int i = 0; i < TILES; i++)
+#pragma unroll
+    for (int h = 0; h < 2; h++) load_group<0>(w[i][h], wp[i][h]);
+
+  u32 mine[8];  // pairs[lane + 32 j], handed to the whole warp by shuffles
+#pragma unroll
+  for (int j = 0; j < 8; j++) mine[j] = pairs[lane + 32 * j];
+#pragma unroll
+  for (int j = 0; j < 8; j++)
+    for (int e = warp; e < 32; e += WARPS) lut[((32 * j + e) << 5) | lane] = __shfl_sync(0xffffffffu, mine[j], e);
+#if NESTED
+  for (int i = threadIdx.x; i < 256; i += WARPS * 32) c8[i] = code8[i];
+  const float offset = *offset_p;
+#else
+  const float offset = 0.0f;
+#endif
+  __syncthreads();
+
+  float acc[TILES][NT][4];
+#pragma unroll
+  for (int i = 0; i < TILES; i++)
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+
+  for (u32 s = 0; s < per_warp; s += GROUP) {
+    u32 nxt[TILES][2][GROUP][WORDS];
+    const bool more = s + GROUP < per_warp;
+    if (more) {
+#pragma unroll
+      for (int i = 0; i < TILES; i++)
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+        {
+          wp[i][h] += GROUP * (BS / 2);
+          load_group<0>(nxt[i][h], wp[i][h]);
+        }
+    }
+    float amax[TILES][2][GROUP];
+#pragma unroll
+    for (int i = 0; i < TILES; i++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const u32 blk = ablk[i][h] + s;
+#if NESTED
+        absmax4(amax[i][h], (const u8*)absmax_q + blk, c8, absmax2[blk / BS2], offset);
+#else
+        absmax4(amax[i][h], (const float*)absmax_q + blk, c8, 0.0f, 0.0f);
+#endif
+      }
+#pragma unroll
+    for (int b = 0; b < GROUP; b++) {
+      u32 xv[NT][XW];
+#pragma unroll
+      for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int q = 0; q < XW; q += 4) {
+          const uint4 v = *(const uint4*)(xp[j] + (s + b) * BS + 2 * q);
+          xv[j][q] = v.x; xv[j][q + 1] = v.y; xv[j][q + 2] = v.z; xv[j][q + 3] = v.w;
+        }
+#pragma unroll
+      for (int i = 0; i < TILES; i++) {
+        float c[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) c[j][e] = 0.0f;
+#pragma unroll
+        for (int q = 0; q < MMAS; q++) {  // pairs 2q and 2q + 1 of the thread's bytes (byte p: word p / 4)
+          const u32 lo = w[i][0][b][q / 2], hi = w[i][1][b][q / 2];
+          u32 a0, a1, a2, a3;
+          if (q % 2 == 0) {
+            a0 = pair<0>(lo, lane_base); a2 = pair<1>(lo, lane_base);
+            a1 = pair<0>(hi, lane_base); a3 = pair<1>(hi, lane_base);
+          } else {
+            a0 = pair<2>(lo, lane_base); a2 = pair<3>(lo, lane_base);
+            a1 = pair<2>(hi, lane_base); a3 = pair<3>(hi, lane_base);
+          }
+#pragma unroll
+          for (int j = 0; j < NT; j++) mma(c[j], a0, a1, a2, a3, xv[j][2 * q], xv[j][2 * q + 1]);
+        }
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) acc[i][j][e] += c[j][e] * amax[i][e >> 1][b];
+      }
+    }
+    if (more) {
+#pragma unroll
+      for (int i = 0; i < TILES; i++)
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+          for (int b = 0; b < GROUP; b++)
+#pragma unroll
+            for (int q = 0; q < WORDS; q++) w[i][h][b][q] = nxt[i][h][b][q];
+    }
+  }
+
+#if WARPS > 1  // the warps' k ranges summed in warp order (the table's space is free once all are done)
+  __syncthreads();
+  float* red = (float*)smem;
+  if (warp > 0) {
+#pragma unroll
+    for (int i = 0; i < TILES; i++)
+#pragma unroll
+      for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) red[((warp * TILES * NT + i * NT + j) * 4 + e) * 32 + lane] = acc[i][j][e];
+  }
+  __syncthreads();
+  if (warp > 0) return;
+  for (int v = 1; v < WARPS; v++)
+#pragma unroll
+    for (int i = 0; i < TILES; i++)
+#pragma unroll
+      for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[i][j][e] += red[((v * TILES * NT + i * NT + j) * 4 + e) * 32 + lane];
+#endif
+
+  // c[e]: row g + 8 (e >> 1) of the tile, token row 2t + (e & 1) of the token tile
+#pragma unroll
+  for (int i = 0; i < TILES; i++)
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int row = row0 + 16 * i + g + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
+        if (row >= n || col >= m) continue;
+        float y = acc[i][j][e];
+#if LORA
+        if (blockIdx.y == 0) {  // s * (x A^T) B^T in fp32, added by the first k range
+          float d = 0.0f;
+          for (int q = 0; q < r; q++)
+            d += adapter_f32(xa, (size_t)col * stride_xa + q) * adapter_f32(lora_b, (size_t)row * r + q);
+          y += d * scale;
+        }
+#endif
+        const size_t at = (size_t)col * n + row;
+#if SPLIT == 1
+        u16 o = f32_to_act(y);
+#if RESIDUAL
+        o = f32_to_act(act_to_f32(res[at]) + act_to_f32(o));
+#endif
+        ((u16*)out)[at] = o;
+#else
+        ((float*)out)[(size_t)blockIdx.y * m * n + at] = y;
+#endif
+      }
+}

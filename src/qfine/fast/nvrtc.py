@@ -1,0 +1,94 @@
+"""CUDA C++ kernels compiled at run time: NVRTC (the run-time compiler that CUDA builds of torch ship) turns a
+source into a cubin for the current device, the CUDA driver loads it, and :class:`Kernel` launches it on
+torch's current stream (so a CUDA-graph capture records it). Plain ctypes on the two libraries' public C
+APIs; nothing here runs without a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+
+import torch
+
+_LIBS: dict[str, ctypes.CDLL] = {}
+
+
+def _library(kind: str) -> ctypes.CDLL:
+    """libnvrtc (``kind`` "nvrtc", found by its soname, which torch has usually loaded already, else in a
+    ``nvidia`` wheel on sys.path) or libcuda (the driver)."""
+    if kind in _LIBS:
+        return _LIBS[kind]
+    if kind == "cuda":
+        names = ["libcuda.so.1", "libcuda.so"]
+    else:
+        major = (torch.version.cuda or "12").split(".")[0]
+        names = [f"libnvrtc.so.{major}", "libnvrtc.so"]
+        for root in sys.path:
+            names += sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib", f"libnvrtc.so.{major}*")))
+            names += sorted(glob.glob(os.path.join(root, "nvidia", "cu*", "lib", "libnvrtc.so*")))
+    for name in names:
+        try:
+            _LIBS[kind] = ctypes.CDLL(name)
+            return _LIBS[kind]
+        except OSError:
+            continue
+    raise RuntimeError(f"the CUDA {kind} library was not found (tried {names[:3]})")
+
+
+def _check_cuda(result: int, what: str) -> None:
+    if result != 0:
+        text = ctypes.c_char_p()
+        _library("cuda").cuGetErrorString(result, ctypes.byref(text))
+        raise RuntimeError(f"{what}: {text.value.decode() if text.value else result}")
+
+
+def compile_cubin(source: str, arch: int, name: str = "kernel.cu") -> bytes:
+    """The cubin of ``source`` for sm_``arch`` (e.g. 90). Raises RuntimeError with NVRTC's log on a
+    compile error."""
+    lib = _library("nvrtc")
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None):
+        raise RuntimeError("nvrtcCreateProgram failed")
+    try:
+        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"--std=c++17"]
+        result = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        if result:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC could not compile {name}:\n{log.value.decode(errors='replace')}")
+        size = ctypes.c_size_t()
+        if lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)):
+            raise RuntimeError("nvrtcGetCUBINSize failed")
+        cubin = ctypes.create_string_buffer(size.value)
+        if lib.nvrtcGetCUBIN(prog, cubin):
+            raise RuntimeError("nvrtcGetCUBIN failed")
+        return cubin.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+class Kernel:
+    """One ``extern "C"`` kernel of a cubin, loaded into the current device's context. Arguments are given as
+    ctypes values (c_void_p for pointers, c_int, c_float) in the kernel's order."""
+
+    def __init__(self, cubin: bytes, name: str):
+        cuda = _library("cuda")
+        torch.cuda.current_stream()  # makes torch's context current on this thread
+        self._module, self._func = ctypes.c_void_p(), ctypes.c_void_p()
+        self._cubin = ctypes.create_string_buffer(cubin, len(cubin))
+        _check_cuda(cuda.cuModuleLoadData(ctypes.byref(self._module), self._cubin), "cuModuleLoadData")
+        _check_cuda(cuda.cuModuleGetFunction(ctypes.byref(self._func), self._module, name.encode()),
+                    f"cuModuleGetFunction({name})")
+
+    def __call__(self, grid: tuple[int, int], block: int, shared: int, args: list) -> None:
+        """Launch on torch's current stream: ``grid`` (x, y) blocks of ``block`` threads, ``shared`` bytes of
+        dynamic shared memory (below 48 KiB)."""
+        ptrs = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args])
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        _check_cuda(_library("cuda").cuLaunchKernel(self._func, grid[0], grid[1], 1, block, 1, 1, shared, stream,
+                                                   ptrs, None), "cuLaunchKernel")

@@ -1,0 +1,103 @@
+"""The CUDA C++ tensor-core 4-bit kernel (:mod:`qfine.fast.mma_kernel`, ``mma4.cu``) against the product it
+must equal: the code book's values in the activation dtype times each block's fp32 absmax, times x, in fp32.
+GPU only (NVRTC compiles it for the device)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _weight(n: int, k: int, quant_type: str, nested: bool, blocksize: int, dtype: torch.dtype):
+    import bitsandbytes as bnb
+
+    return bnb.nn.Params4bit(torch.randn(n, k, dtype=dtype) * 0.02, requires_grad=False, quant_type=quant_type,
+                             compress_statistics=nested, blocksize=blocksize).cuda()
+
+
+def _decoded(w, dtype: torch.dtype) -> torch.Tensor:
+    """W (n, k) in fp32 as the kernel multiplies it: code[q] rounded to ``dtype``, times the block's absmax."""
+    import bitsandbytes.functional as bnbf
+
+    state = w.quant_state
+    n, k = state.shape
+    byte = w.data.reshape(-1).to(torch.int64)
+    codes = torch.stack([byte >> 4, byte & 15], 1).reshape(n, k)
+    absmax = state.absmax.float()
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2).float() + state.offset
+    values = state.code.float().to(dtype).float()[codes]
+    return (values.reshape(n, k // state.blocksize, state.blocksize) * absmax.reshape(n, -1, 1)).reshape(n, k)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Within one rounding of the output dtype per element (plus fp32 summation noise)."""
+    ulp = 2.0 ** -8 if got.dtype == torch.bfloat16 else 2.0 ** -11
+    return bool(((got.float() - want).abs() <= ulp * want.abs() + 1e-5 * want.abs().max()).all())
+
+
+@pytest.mark.parametrize("case", [
+    dict(quant_type="nf4", nested=True, blocksize=64, dtype=torch.bfloat16, adapter=torch.float32),
+    dict(quant_type="fp4", nested=False, blocksize=64, dtype=torch.float16, adapter=torch.bfloat16),
+    dict(quant_type="nf4", nested=True, blocksize=128, dtype=torch.bfloat16, adapter=torch.bfloat16),
+], ids=["nf4-nested-64-bf16", "fp4-plain-64-fp16", "nf4-nested-128-bf16"])
+def test_gpu_mma_kernel_equals_decoded_product(case):
+    """Every "mma" setting that fits (warps, 16-row tiles per warp, k splits), for 1, 3 and 16 token rows,
+    n = 1040 (a last tile only half inside W): each output element within one rounding of x Wᵀ + s·xa Bᵀ
+    computed in fp32 from the decoded W; with a residual, exactly round(res + round(y)); and replayed in a
+    CUDA graph, the eager output bit for bit."""
+    from qfine.fast.gemv_rows import _sum_splits
+    from qfine.fast.mma_kernel import candidates, fits, matmul_mma
+
+    torch.manual_seed(0)
+    n, k, dtype = 1040, 4096, case["dtype"]
+    w = _weight(n, k, case["quant_type"], case["nested"], case["blocksize"], dtype)
+    deq = _decoded(w, dtype)
+    b = torch.randn(n, 16, dtype=case["adapter"], device="cuda") * 0.1
+    ran = 0
+    for m in (1, 3, 16):
+        x = torch.randn(m, k, dtype=dtype, device="cuda")
+        xa_all = torch.randn(m, 40, dtype=case["adapter"], device="cuda")
+        xa = xa_all[:, 8:24]  # a column view, as the fused down-products give it
+        want = x.float() @ deq.t() + 2.0 * xa.float() @ b.float().t()
+        res = torch.randn(m, n, dtype=dtype, device="cuda")
+        fitting = [cfg for cfg in candidates(m) if fits(cfg, m, k, case["blocksize"])]
+        for cfg in fitting:
+            got = matmul_mma(x, w, (xa, b, 2.0), None, cfg, _sum_splits)
+            assert got.dtype == dtype and got.shape == (m, n)
+            assert _close(got, want), (m, cfg, ((got.float() - want).abs().max() / want.abs().max()).item())
+            with_res = matmul_mma(x, w, (xa, b, 2.0), res, cfg, _sum_splits)
+            assert torch.equal(with_res, (res.float() + got.float()).to(dtype)), (m, cfg)
+            ran += 1
+        plain = matmul_mma(x, w, None, None, fitting[0], _sum_splits)
+        assert _close(plain, x.float() @ deq.t()), m
+        graph = torch.cuda.CUDAGraph()
+        out = {}
+        with torch.cuda.graph(graph):
+            out["y"] = matmul_mma(x, w, (xa, b, 2.0), res, fitting[-1], _sum_splits)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out["y"], matmul_mma(x, w, (xa, b, 2.0), res, fitting[-1], _sum_splits))
+    assert ran >= 20
+
+
+def test_gpu_tuner_times_the_mma_kernel():
+    """At the Llama-3.1-8B MLP shape (14336 × 4096, NF4, bf16, one row) the tuner times the "mma" settings
+    beside the Triton kernels and bitsandbytes, and its choice agrees with dequantize-then-matmul."""
+    import bitsandbytes as bnb
+
+    from qfine.fast import gemv_kernel as G
+
+    torch.manual_seed(0)
+    w = _weight(14336, 4096, "nf4", True, 64, torch.bfloat16)
+    x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
+    y = G.matmul_4bit(x, w)
+    want = x.float() @ bnb.functional.dequantize_4bit(w.data, w.quant_state).float().t()
+    assert ((y.float() - want).abs().max() / want.abs().max()) < 8e-3
+    timed = next(v for key, v in G.TUNED.items() if key[2:4] == (14336, 4096))
+    kinds = {cfg.get("KERNEL") for _, cfg in timed}
+    assert "mma" in kinds, kinds
+    print("tuned", [(round(s * 1e6, 2), cfg) for s, cfg in timed[:4]])
