@@ -39,7 +39,7 @@ def sweep(m: int, k: int) -> list[dict]:
     out = [cfg for cfg in out if fits(cfg, m, k, 64)]
     out += [{"KERNEL": "tc", "BLOCK_N": 64, "SPLIT": s, "num_warps": 4, "PRMT": False} for s in (2, 4)]
     if m <= 16:  # the CUDA tensor-core kernel: 2 and 16 warps, 4 row tiles, 8 k splits beside the tuner's
-        out += [{"KERNEL": "mma", "NT": 1 if m <= 8 else 2, "WARPS": w, "TILES": t, "SPLIT": s}
+        out += [{"KERNEL": "mma", "NT": 1 if m <= 8 else 2, "WARPS": w, "TILES": t, "SPLIT": s, "WIDE": True}
                 for w in (2, 4, 8, 16) for t in (1, 2, 4) for s in (1, 2, 4, 8)
                 if (w in (2, 16) or t == 4 or s == 8) and fits({"KERNEL": "mma", "NT": 2, "WARPS": w, "TILES": t,
                                                                   "SPLIT": s}, m, k, 64)]

@@ -14,7 +14,8 @@
 // Defines: BS (64 | 128) absmax block size; NESTED, BS2 double quantization and its block size; NT token
 // tiles of 8 (m <= 8 NT); TILES 16-row tiles per warp; WARPS warps per block, each a k range; SPLIT k ranges
 // per grid column (fp32 partials, summed by a second kernel); LORA, RESIDUAL epilogue terms; F16 (fp16
-// activations, else bf16); ADT the adapter's dtype (0 fp32, 1 bf16, 2 fp16).
+// activations, else bf16); ADT the adapter's dtype (0 fp32, 1 bf16, 2 fp16); WIDE the 64 KiB table layout (see
+// pair()).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -24,7 +25,8 @@ typedef unsigned char u8;
 #define WORDS (BS / 32)      // 32-bit words a thread reads per row per block (8 weights each)
 #define MMAS (BS / 16)       // mma steps (k = 16) per block
 #define XW (BS / 8)          // 32-bit words (pairs of x) a thread needs per token row per block
-#define LUT_WORDS (256 * 32)
+#define ROW_SHIFT (WIDE ? 6 : 5)  // log2 of a table row's words: 32 lane copies, or 64 (WIDE: half unused)
+#define LUT_WORDS (256 << ROW_SHIFT)
 
 __device__ __forceinline__ float act_to_f32(u16 v) {
 #if F16
@@ -89,14 +91,20 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
 #endif
 }
 
-// the code values of byte p (0..3) of a word as a pair, the high nibble's value (the lower k) in the low half:
-// the byte picked out by a byte permute, then one lookup at lane_base + 128 * byte (lane_base: this lane's
-// copy of the table as a shared-memory address)
+// the code values of byte p (0..3) of a word as a pair, the high nibble's value (the lower k) in the low half,
+// by one lookup in this lane's copy of the table. lane: 4 * lane; base: the table's shared-memory address.
+// WIDE: one byte permute gives byte p * 256 + 4 * lane, the offset itself (rows of 256 bytes); else the byte
+// is picked out, then multiplied by the row's 128 bytes and added to base + 4 * lane.
 template <int P>
-__device__ __forceinline__ u32 pair(u32 word, u32 lane_base) {
+__device__ __forceinline__ u32 pair(u32 word, u32 lane, u32 base) {
   u32 v;
+#if WIDE
+  asm("{\n.reg .b32 b;\nprmt.b32 b, %1, %2, %4;\nadd.u32 b, b, %3;\nld.shared.u32 %0, [b];\n}"
+      : "=r"(v) : "r"(word), "r"(lane), "r"(base), "n"(0x5504 + 16 * P));
+#else
   asm("{\n.reg .b32 b;\nprmt.b32 b, %1, 0, %3;\nmad.lo.u32 b, b, 128, %2;\nld.shared.u32 %0, [b];\n}"
-      : "=r"(v) : "r"(word), "r"(lane_base), "n"(0x4440 + P));
+      : "=r"(v) : "r"(word), "r"(base + lane), "n"(0x4440 + P));
+#endif
   return v;
 }
 
@@ -125,7 +133,7 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
   const u32 nblk = k / BS, per_warp = nblk / (SPLIT * WARPS);
   const u32 blk0 = blockIdx.y * (nblk / SPLIT) + warp * per_warp;
   const int row0 = blockIdx.x * 16 * TILES;
-  const u32 lane_base = (u32)__cvta_generic_to_shared(lut) + 4 * lane;
+  const u32 base = (u32)__cvta_generic_to_shared(lut), lane4 = 4 * lane;
 
   // this thread's rows (g, g + 8 of each tile; past n: the last row, read but not stored): pointers to its
   // bytes of the warp's first block, and the index of that block's absmax
@@ -155,7 +163,7 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
   for (int j = 0; j < 8; j++) mine[j] = pairs[lane + 32 * j];
 #pragma unroll
   for (int j = 0; j < 8; j++)
-    for (int e = warp; e < 32; e += WARPS) lut[((32 * j + e) << 5) | lane] = __shfl_sync(0xffffffffu, mine[j], e);
+    for (int e = warp; e < 32; e += WARPS) lut[((32 * j + e) << ROW_SHIFT) | lane] = __shfl_sync(0xffffffffu, mine[j], e);
 #if NESTED
   for (int i = threadIdx.x; i < 256; i += WARPS * 32) c8[i] = code8[i];
   const float offset = *offset_p;
@@ -219,11 +227,11 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
           const u32 lo = w[i][0][b][q / 2], hi = w[i][1][b][q / 2];
           u32 a0, a1, a2, a3;
           if (q % 2 == 0) {
-            a0 = pair<0>(lo, lane_base); a2 = pair<1>(lo, lane_base);
-            a1 = pair<0>(hi, lane_base); a3 = pair<1>(hi, lane_base);
+            a0 = pair<0>(lo, lane4, base); a2 = pair<1>(lo, lane4, base);
+            a1 = pair<0>(hi, lane4, base); a3 = pair<1>(hi, lane4, base);
           } else {
-            a0 = pair<2>(lo, lane_base); a2 = pair<3>(lo, lane_base);
-            a1 = pair<2>(hi, lane_base); a3 = pair<3>(hi, lane_base);
+            a0 = pair<2>(lo, lane4, base); a2 = pair<3>(lo, lane4, base);
+            a1 = pair<2>(hi, lane4, base); a3 = pair<3>(hi, lane4, base);
           }
 #pragma unroll
           for (int j = 0; j < NT; j++) mma(c[j], a0, a1, a2, a3, xv[j][2 * q], xv[j][2 * q + 1]);

@@ -25,7 +25,12 @@ GROUP = 4  # absmax blocks per loop step in mma4.cu
 _ADAPTER_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _KERNELS: dict[tuple, nvrtc.Kernel] = {}
 _PAIRS: dict[int, tuple] = {}  # id(quant state) -> (weak reference, {dtype: table})
-SHARED_BYTES = (256 * 32 + 256) * 4  # the per-lane pair table and the second-level code book
+
+
+def shared_bytes(wide: bool) -> int:
+    """Dynamic shared memory of a launch: the per-lane pair table (rows of 32 or, WIDE, 64 words) and the
+    second-level code book."""
+    return (256 * (64 if wide else 32) + 256) * 4
 
 
 def fits(cfg: dict, m: int, k: int, blocksize: int) -> bool:
@@ -36,13 +41,13 @@ def fits(cfg: dict, m: int, k: int, blocksize: int) -> bool:
 
 
 def candidates(m: int) -> list[dict]:
-    """The "mma" settings worth timing for m ≤ 16 rows: warps per block (each a k range), 16-row tiles per
-    warp, k splits across blocks."""
+    """The "mma" settings worth timing for m ≤ 16 rows: the table layout (WIDE: one instruction fewer per
+    lookup, twice the shared memory), warps per block (each a k range), 16-row tiles per warp, k splits."""
     if m > 16:
         return []
     nt = 1 if m <= 8 else 2
-    return [{"KERNEL": "mma", "NT": nt, "WARPS": warps, "TILES": tiles, "SPLIT": split}
-            for warps in (4, 8) for tiles in (1, 2) for split in (1, 2, 4)]
+    return [{"KERNEL": "mma", "NT": nt, "WARPS": warps, "TILES": tiles, "SPLIT": split, "WIDE": wide}
+            for wide in (True, False) for warps in (4, 8) for tiles in (1, 2) for split in (1, 2, 4)]
 
 
 def _kernel(device: torch.device, defines: dict) -> nvrtc.Kernel:
@@ -53,8 +58,9 @@ def _kernel(device: torch.device, defines: dict) -> nvrtc.Kernel:
         source = (importlib.resources.files("qfine.fast") / "mma4.cu").read_text()
         head = "".join(f"#define {name} {int(value)}\n" for name, value in sorted(defines.items()))
         with torch.cuda.device(device):
-            _KERNELS[key] = nvrtc.Kernel(nvrtc.compile_cubin(head + source, 10 * major + minor, "mma4.cu"),
-                                         "qfine_mma4")
+            kernel = nvrtc.Kernel(nvrtc.compile_cubin(head + source, 10 * major + minor, "mma4.cu"), "qfine_mma4")
+            kernel.allow_shared(shared_bytes(bool(defines["WIDE"])))
+            _KERNELS[key] = kernel
     return _KERNELS[key]
 
 
@@ -112,7 +118,7 @@ def matmul_mma(x2: torch.Tensor, weight, lora, residual, cfg: dict, sum_splits) 
         adt = _ADAPTER_DTYPES[xa.dtype]
     defines = dict(BS=state.blocksize, NESTED=nested, BS2=state.state2.blocksize if nested else 256, NT=cfg["NT"],
                    TILES=cfg["TILES"], WARPS=cfg["WARPS"], SPLIT=split, LORA=lora is not None,
-                   RESIDUAL=residual is not None, F16=x2.dtype == torch.float16, ADT=adt)
+                   RESIDUAL=residual is not None, F16=x2.dtype == torch.float16, ADT=adt, WIDE=bool(cfg.get("WIDE")))
     kernel = _kernel(x2.device, defines)
     code8 = state.state2.code if nested else state.code
     absmax2 = state.state2.absmax if nested else absmax
@@ -120,7 +126,7 @@ def matmul_mma(x2: torch.Tensor, weight, lora, residual, cfg: dict, sum_splits) 
     ptr = [ctypes.c_void_p(t.data_ptr()) for t in (x2, packed, pair_table(state, x2.dtype), absmax, code8, absmax2,
                                                   offset, part, res, xa, lora_b)]
     ints = [ctypes.c_int(v) for v in (m, n, k, x2.stride(0), xa.stride(0), r)]
-    kernel((triton.cdiv(n, 16 * cfg["TILES"]), split), 32 * cfg["WARPS"], SHARED_BYTES,
+    kernel((triton.cdiv(n, 16 * cfg["TILES"]), split), 32 * cfg["WARPS"], shared_bytes(bool(cfg.get("WIDE"))),
            ptr + [ctypes.c_float(float(scale))] + ints)
     if split > 1:
         sum_splits(part, out, res, m * n, split, residual is not None)

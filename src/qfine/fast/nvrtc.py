@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import hashlib
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -45,9 +47,32 @@ def _check_cuda(result: int, what: str) -> None:
         raise RuntimeError(f"{what}: {text.value.decode() if text.value else result}")
 
 
+def _version() -> str:
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    _library("nvrtc").nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    return f"{major.value}.{minor.value}"
+
+
 def compile_cubin(source: str, arch: int, name: str = "kernel.cu") -> bytes:
-    """The cubin of ``source`` for sm_``arch`` (e.g. 90). Raises RuntimeError with NVRTC's log on a
-    compile error."""
+    """The cubin of ``source`` for sm_``arch`` (e.g. 90), kept under ~/.cache/qfine/cubin by a hash of the
+    source, the architecture and NVRTC's version (each setting of a kernel is a source). Raises RuntimeError
+    with NVRTC's log on a compile error."""
+    key = hashlib.sha256(f"{arch}\n{_version()}\n{source}".encode()).hexdigest()[:32]
+    path = Path(os.environ.get("QFINE_CACHE", Path.home() / ".cache" / "qfine")) / "cubin" / f"{key}.cubin"
+    if path.is_file():
+        return path.read_bytes()
+    cubin = _compile(source, arch, name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(cubin)
+        os.replace(tmp, path)  # whole or absent: another process may be reading it
+    except OSError:
+        pass  # a read-only home only costs the next process a compile
+    return cubin
+
+
+def _compile(source: str, arch: int, name: str) -> bytes:
     lib = _library("nvrtc")
     prog = ctypes.c_void_p()
     if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None):
@@ -85,9 +110,14 @@ class Kernel:
         _check_cuda(cuda.cuModuleGetFunction(ctypes.byref(self._func), self._module, name.encode()),
                     f"cuModuleGetFunction({name})")
 
+    def allow_shared(self, nbytes: int) -> None:
+        """Let launches take ``nbytes`` of dynamic shared memory (needed above 48 KiB)."""
+        _check_cuda(_library("cuda").cuFuncSetAttribute(self._func, 8, nbytes),  # MAX_DYNAMIC_SHARED_SIZE_BYTES
+                    "cuFuncSetAttribute")
+
     def __call__(self, grid: tuple[int, int], block: int, shared: int, args: list) -> None:
         """Launch on torch's current stream: ``grid`` (x, y) blocks of ``block`` threads, ``shared`` bytes of
-        dynamic shared memory (below 48 KiB)."""
+        dynamic shared memory (above 48 KiB only after :meth:`allow_shared`)."""
         ptrs = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args])
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
         _check_cuda(_library("cuda").cuLaunchKernel(self._func, grid[0], grid[1], 1, block, 1, 1, shared, stream,
