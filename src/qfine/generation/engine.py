@@ -8,7 +8,8 @@ weights with:
 * a **static KV cache** (layers, batch, kv heads, length, head dim) allocated once per shape;
 * **batched prefill** of left-padded prompts, then a **decode step** of one token per sequence whose
   attention reads the cache under a mask (key slot j is seen by a sequence iff its prompt starts at or
-  before j and j is at or before the current slot);
+  before j and j is at or before the current slot): on CUDA by :mod:`qfine.fast.attn_decode`, split along
+  the cache, elsewhere (and in prefill) by torch's SDPA;
 * on CUDA, the decode step **replayed as a CUDA graph** (one launch per step, no Python per layer), and
   the 4-bit projections through :func:`qfine.fast.gemv_kernel.matmul_4bit` (W read once, 0.5 byte per
   weight) when a step has at most 64 rows;
@@ -263,14 +264,17 @@ class Decoder:
         cos, sin = self.cos[positions], self.sin[positions]  # (b, t, d)
         # key slot j is visible from query slot i of row r iff pad[r] <= j <= i; a padding query sees
         # itself only (its output is never used, but a fully masked row would be NaN)
-        keys = self.slots[None, None, :]
-        seen = (keys >= self.pad[:, None, None]) & (keys <= slots[None, :, None])
-        seen = seen | (keys == slots[None, :, None])
         group = self.heads // self.kv_heads
-        # queries of one kv head side by side: (b, kv, group·t, d) against keys (b, kv, length, d)
-        seen = seen[:, None, None].expand(b, 1, group, t, self.length).reshape(b, 1, group * t, self.length)
-        # as the additive bias SDPA would make of a boolean mask in every layer, made once per step
-        mask = torch.where(seen, 0.0, float("-inf")).to(self.dtype)
+        # one token per row on the GPU: the split-cache kernel, which reads pad and slot itself
+        split = t == 1 and (self.device.type == "cuda" or _INTERPRETED) and self.head_dim in (16, 32, 64, 128, 256)
+        if not split:
+            keys = self.slots[None, None, :]
+            seen = (keys >= self.pad[:, None, None]) & (keys <= slots[None, :, None])
+            seen = seen | (keys == slots[None, :, None])
+            # queries of one kv head side by side: (b, kv, group·t, d) against keys (b, kv, length, d)
+            seen = seen[:, None, None].expand(b, 1, group, t, self.length).reshape(b, 1, group * t, self.length)
+            # as the additive bias SDPA would make of a boolean mask in every layer, made once per step
+            mask = torch.where(seen, 0.0, float("-inf")).to(self.dtype)
         h = self.embed(ids)
         for i, layer in enumerate(self.layers):
             x = layer.ln1(h)
@@ -283,8 +287,14 @@ class Decoder:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             self.keys[i].index_copy_(2, slots, k)
             self.values[i].index_copy_(2, slots, v)
-            q = q.reshape(b, self.kv_heads, group * t, self.head_dim)
-            out = F.scaled_dot_product_attention(q, self.keys[i], self.values[i], attn_mask=mask, scale=layer.scaling)
+            if split:
+                from qfine.fast.attn_decode import decode_attention  # Triton: CUDA only
+
+                out = decode_attention(q, self.keys[i], self.values[i], self.pad, first_slot, layer.scaling)
+            else:
+                q = q.reshape(b, self.kv_heads, group * t, self.head_dim)
+                out = F.scaled_dot_product_attention(q, self.keys[i], self.values[i], attn_mask=mask,
+                                                     scale=layer.scaling)
             # SDPA may return any strides (a view would fail on CUDA)
             out = out.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
             h = layer.o(out, *layer.o_in(out), residual=h)

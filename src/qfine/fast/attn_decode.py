@@ -1,0 +1,103 @@
+"""Attention of one new token per sequence over a static KV cache (the decode step), split along the cache:
+the generation engine's replacement for a masked ``scaled_dot_product_attention`` there. CUDA only (Triton;
+on the CPU under Triton's interpreter, which the tests use).
+
+A masked SDPA call at the decode step reads the whole cache and pays for a general kernel (≈ 11 µs per layer
+at 8B shapes on an H200, twenty times the time to read the cache). Here program (b, kv head, split) takes the
+``GROUP`` query heads that share its kv head and one run of BLOCK_L (16) cache slots, skips it when no slot in it is
+visible (key slot j is seen by row b iff pad[b] ≤ j ≤ slot), and writes its softmax partial — the running
+maximum m, the sum l of exp(s − m) and the (GROUP, D) sum of exp(s − m)·v — in fp32; a second kernel adds the
+splits' partials (each rescaled by exp(mᵢ − M)) in split order and divides once. Scores are fp32 products of
+the 16-bit q and k; the probabilities meet v in fp32 (no rounding of p, unlike flash attention's kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _split_kernel(q, keys, values, pad, slot, part, stats, scale, length, stride_kb, stride_kh, stride_kl,
+                  kv_heads, splits, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
+                  BLOCK_L: tl.constexpr):
+    """Partials of program (b·kv_heads + h, split): part (b, kv, splits, GROUP, D), stats (b, kv, splits,
+    GROUP, 2) = (m, l); a split with no visible slot writes m = −inf, l = 0, zeros."""
+    bh, sp = tl.program_id(0), tl.program_id(1)
+    b, h = bh // kv_heads, bh % kv_heads
+    first, last = tl.load(pad + b), tl.load(slot)
+    rg, rd = tl.arange(0, GROUP_P), tl.arange(0, D)
+    rl = sp * BLOCK_L + tl.arange(0, BLOCK_L)
+    g_ok = rg < GROUP
+    out = (bh * splits + sp) * GROUP_P
+    start = sp * BLOCK_L
+    if (start <= last) & (start + BLOCK_L > first):
+        # q (b, kv·GROUP, D): this kv head's GROUP query heads
+        qs = tl.load(q + (bh * GROUP + rg)[:, None] * D + rd[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        base = b.to(tl.int64) * stride_kb + h * stride_kh
+        seen = (rl >= first) & (rl <= last) & (rl < length)  # slots not seen are not read
+        kv_at = base + rl[:, None] * stride_kl + rd[None, :]
+        ks = tl.load(keys + kv_at, mask=seen[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(qs[:, None, :] * ks[None, :, :], 2) * scale  # (GROUP_P, BLOCK_L)
+        s = tl.where(seen[None, :], s, float("-inf"))
+        m = tl.max(s, 1)
+        p = tl.exp(s - m[:, None])
+        p = tl.where(seen[None, :], p, 0.0)
+        vs = tl.load(values + kv_at, mask=seen[:, None], other=0.0).to(tl.float32)
+        acc = tl.sum(p[:, :, None] * vs[None, :, :], 1)  # (GROUP_P, D)
+        tl.store(part + (out + rg)[:, None] * D + rd[None, :], acc)
+        tl.store(stats + (out + rg) * 2, m)
+        tl.store(stats + (out + rg) * 2 + 1, tl.sum(p, 1))
+    else:
+        tl.store(part + (out + rg)[:, None] * D + rd[None, :], tl.zeros((GROUP_P, D), dtype=tl.float32))
+        tl.store(stats + (out + rg) * 2, tl.full((GROUP_P,), float("-inf"), tl.float32))
+        tl.store(stats + (out + rg) * 2 + 1, tl.zeros((GROUP_P,), dtype=tl.float32))
+
+
+@triton.jit
+def _combine_kernel(part, stats, out, splits, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
+                    SPLITS_P: tl.constexpr):
+    """out (b, kv·GROUP, D) in out's dtype: Σᵢ exp(mᵢ − M)·accᵢ / Σᵢ exp(mᵢ − M)·lᵢ over the splits of
+    program (b·kv_heads + h, query head g), added in split order."""
+    bh, g = tl.program_id(0), tl.program_id(1)
+    rs, rd = tl.arange(0, SPLITS_P), tl.arange(0, D)
+    s_ok = rs < splits
+    at = (bh * splits + rs) * GROUP_P + g
+    m = tl.load(stats + at * 2, mask=s_ok, other=float("-inf"))
+    big = tl.max(m, 0)
+    w = tl.where(s_ok & (m > float("-inf")), tl.exp(m - big), 0.0)
+    total = tl.sum(w * tl.load(stats + at * 2 + 1, mask=s_ok, other=0.0), 0)
+    acc = tl.sum(w[:, None] * tl.load(part + at[:, None] * D + rd[None, :], mask=s_ok[:, None], other=0.0), 0)
+    tl.store(out + (bh * GROUP + g) * D + rd, (acc / total).to(out.dtype.element_ty))
+
+
+def usable(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether :func:`decode_attention` serves q (b, heads, 1, d) against a cache (b, kv, length, d): one
+    query per row, a power-of-two head dim of 16..256, the cache contiguous along d."""
+    d = q.shape[-1]
+    return (q.shape[2] == 1 and 16 <= d <= 256 and d & (d - 1) == 0 and keys.stride(-1) == 1
+            and q.shape[1] % keys.shape[1] == 0)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor,
+                     slot: torch.Tensor, scale: float, block_l: int = 16) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v for q (b, heads, 1, d) over cache slots j with pad[b] ≤ j ≤ slot (``slot`` a
+    one-element long tensor, ``pad`` (b,) long; both read on the device, so a CUDA graph replays any step),
+    keys/values (b, kv heads, length, d) with heads = kv heads · group. Returns (b, heads, 1, d) in q's dtype.
+    Capturable in a CUDA graph."""
+    b, heads, _, d = q.shape
+    kv, length = keys.shape[1], keys.shape[2]
+    group = heads // kv
+    group_p = max(1, triton.next_power_of_2(group))
+    splits = triton.cdiv(length, block_l)
+    qc = q.reshape(b, heads, d).contiguous()
+    part = torch.empty(b, kv, splits, group_p, d, dtype=torch.float32, device=q.device)
+    stats = torch.empty(b, kv, splits, group_p, 2, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, heads, 1, d, dtype=q.dtype, device=q.device)
+    _split_kernel[(b * kv, splits)](qc, keys, values, pad, slot, part, stats, float(scale), length, keys.stride(0),
+                                    keys.stride(1), keys.stride(2), kv, splits, GROUP=group, GROUP_P=group_p, D=d,
+                                    BLOCK_L=block_l, num_warps=4)
+    _combine_kernel[(b * kv, group)](part, stats, out, splits, GROUP=group, GROUP_P=group_p, D=d,
+                                     SPLITS_P=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    return out
