@@ -3,7 +3,8 @@
 # shapes, against bitsandbytes and a copy's bandwidth), the engine's GPU tests while the Llama-3.1-8B-shape
 # NF4 folder is written, then bench/generate_bench.py (engine and transformers' generate, batch 1 and 16)
 # unless SKIP_GENERATE, and with GRPO=1 qfine's GRPO step (bench/grpo_bench.py). SKIP_GEMV skips the first
-# part; TESTS_AFTER runs the tests last, so that they do not share the GPU with the timings.
+# part; TESTS_AFTER runs the tests last, so that they do not share the GPU with the timings; PROFILE=1 profiles
+# the decode step at batch 1 (bench/decode_profile.py).
 # Needs .device/{common,qfine,qtest,tok}. Results: $OUT/{gemv,generate}.jsonl and logs.
 #
 #   OUT=/tmp/out GEMV_ARGS="--sweep 1 64" bash bench/kernel_call.sh
@@ -38,6 +39,12 @@ timeout ${BENCH_S:-220} python3 bench/generate_bench.py --model $model ${GEN_ARG
 echo "bench rc=$? in $(( $(date +%s) - s )) s"
 grep -h "^RESULT" "$OUT/bench.log" | sed 's/^RESULT //' > "$OUT/generate.jsonl"
 grep -v tuned "$OUT/generate.jsonl"; grep tuned "$OUT/generate.jsonl" | cut -c1-200; tail -3 "$OUT/bench.log"
+fi
+if [ -n "${PROFILE:-}" ]; then  # the decode step's kernels at batch 1 (bench/decode_profile.py)
+  s=$(date +%s)
+  (cd bench && timeout ${PROFILE_S:-90} python3 decode_profile.py --model $model --rows 1) > "$OUT/profile.log" 2>&1
+  echo "profile rc=$? in $(( $(date +%s) - s )) s"
+  grep -h "^RESULT" "$OUT/profile.log" | cut -c1-300; grep -A32 "Self CUDA" "$OUT/profile.log" | cut -c1-160 | head -34
 fi
 if [ -n "${GRPO:-}" ]; then  # qfine's GRPO step on the same folder (bench/grpo_bench.py; peers: bench/grpo_call.sh)
   s=$(date +%s)
