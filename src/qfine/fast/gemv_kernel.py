@@ -32,6 +32,7 @@ import triton.language as tl
 
 from qfine.fast.gemv_rows import _round_out, _sum_splits_kernel, fits, groupable, matmul_group, matmul_rows
 from qfine.fast.mma_kernel import candidates as mma_candidates
+from qfine.fast.mma_kernel import matmul_mma_silu, pair_candidates
 
 MAX_ROWS = 64
 # Triton's CPU interpreter (the tests' way to run these kernels without a GPU) computes fp32 dots exactly;
@@ -385,6 +386,37 @@ def _time_group(x2: torch.Tensor, members: list[tuple], m: int, k: int, blocksiz
                 if cfg.get("KERNEL") == "tc" and fits(cfg, m, k, blocksize)]
     timed += _timed(settings, lambda c: matmul_group(x2, members, c, _INTERPRETED), separate)
     return sorted(timed, key=lambda t: t[0])
+
+
+def matmul_4bit_silu(x: torch.Tensor, gate: tuple, up: tuple) -> torch.Tensor | None:
+    """silu(x Wgᵀ + sg·xag Bgᵀ) · (x Wuᵀ + su·xau Buᵀ), (..., n) in x's dtype, for the (weight, lora) pairs of
+    a gated MLP's gate and up projections in one launch of :func:`qfine.fast.mma_kernel.matmul_mma_silu`; or
+    None where that does not serve them (not CUDA, more than 16 rows, different shapes, too small to time)
+    or, as measured once per shape, is not faster than the two products and the activation apart."""
+    k = x.shape[-1]
+    x2 = _rows(x, k)
+    m, state = x2.shape[0], gate[0].quant_state
+    n = state.shape[0]
+    if (_INTERPRETED or not x2.is_cuda or m > 16 or up[0].quant_state.shape != state.shape
+            or 2 * n * k < TUNE_MIN_WEIGHTS or (gate[1] is None) != (up[1] is None)):
+        return None
+    key = ("silu", x2.device, _row_tile(m), n, k, x2.dtype, state.blocksize, bool(state.nested), gate[1] is not None)
+    got = TUNED.get(key)
+    if got is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+
+        def apart():
+            return F.silu(matmul_4bit(x2, *gate)) * matmul_4bit(x2, *up)
+
+        timed = [(graph_seconds(apart), {"SEPARATE": True})]
+        settings = [cfg for cfg in pair_candidates(m) if fits(cfg, m, k, state.blocksize)]
+        timed += _timed(settings, lambda c: [matmul_mma_silu(x2, gate, up, c)], [apart().float()])
+        got = TUNED[key] = sorted(timed, key=lambda t: t[0])
+    cfg = got[0][1]
+    if cfg.get("SEPARATE"):
+        return None
+    return matmul_mma_silu(x2, gate, up, cfg).reshape(*x.shape[:-1], n)
 
 
 @triton.jit

@@ -15,7 +15,8 @@
 // tiles of 8 (m <= 8 NT); TILES 16-row tiles per warp; WARPS warps per block, each a k range; SPLIT k ranges
 // per grid column (fp32 partials, summed by a second kernel); LORA, RESIDUAL epilogue terms; F16 (fp16
 // activations, else bf16); ADT the adapter's dtype (0 fp32, 1 bf16, 2 fp16); WIDE the 64 KiB table layout (see
-// pair()).
+// pair()); PAIR: two weights of one shape and input (gate, up), tile 0 from the first and tile 1 the same rows
+// of the second, written as silu(gate) * up (TILES 2, SPLIT 1).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -120,31 +121,43 @@ __device__ __forceinline__ void absmax4(float* a, const void* q, const float* c8
 #endif
 }
 
+// (x A^T)[col] . B[row] in fp32: the adapter's term before its scale
+__device__ __forceinline__ float lora_term(const void* xa, const void* lora_b, int col, int row, int stride_xa,
+                                           int r) {
+  float d = 0.0f;
+  for (int q = 0; q < r; q++)
+    d += adapter_f32(xa, (size_t)col * stride_xa + q) * adapter_f32(lora_b, (size_t)row * r + q);
+  return d;
+}
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* __restrict__ pairs,
            const void* __restrict__ absmax_q, const float* __restrict__ code8, const float* __restrict__ absmax2,
            const float* __restrict__ offset_p, void* __restrict__ out, const u16* __restrict__ res,
            const void* __restrict__ xa, const void* __restrict__ lora_b, float scale, int m, int n, int k,
-           int stride_x, int stride_xa, int r) {
+           int stride_x, int stride_xa, int r, const u8* __restrict__ packed2, const void* __restrict__ absmax_q2,
+           const float* __restrict__ code8_2, const float* __restrict__ absmax2_2, const float* __restrict__ offset2_p,
+           const void* __restrict__ xa2, const void* __restrict__ lora_b2, float scale2) {
   extern __shared__ u32 smem[];
   u32* lut = smem;                             // [byte][lane]: the byte's pair of code values
-  float* c8 = (float*)(smem + LUT_WORDS);      // the second-level code book (double quantization)
+  float* c8 = (float*)(smem + LUT_WORDS);      // the second-level code book(s) (double quantization)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const u32 nblk = k / BS, per_warp = nblk / (SPLIT * WARPS);
   const u32 blk0 = blockIdx.y * (nblk / SPLIT) + warp * per_warp;
-  const int row0 = blockIdx.x * 16 * TILES;
+  const int row0 = blockIdx.x * 16 * (PAIR ? 1 : TILES);
   const u32 base = (u32)__cvta_generic_to_shared(lut), lane4 = 4 * lane;
 
   // this thread's rows (g, g + 8 of each tile; past n: the last row, read but not stored): pointers to its
   // bytes of the warp's first block, and the index of that block's absmax
+  // (PAIR: tile 1 holds the same rows of the second weight)
   const u8* wp[TILES][2];
   u32 ablk[TILES][2];
 #pragma unroll
   for (int i = 0; i < TILES; i++)
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-      const u32 row = min(row0 + 16 * i + g + 8 * h, n - 1);
-      wp[i][h] = packed + (size_t)row * (k / 2) + (size_t)blk0 * (BS / 2) + t * (BS / 8);
+      const u32 row = min(row0 + (PAIR ? 0 : 16 * i) + g + 8 * h, n - 1);
+      wp[i][h] = (PAIR && i ? packed2 : packed) + (size_t)row * (k / 2) + (size_t)blk0 * (BS / 2) + t * (BS / 8);
       ablk[i][h] = row * nblk + blk0;
     }
   const u16* xp[NT];
@@ -166,9 +179,11 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
     for (int e = warp; e < 32; e += WARPS) lut[((32 * j + e) << ROW_SHIFT) | lane] = __shfl_sync(0xffffffffu, mine[j], e);
 #if NESTED
   for (int i = threadIdx.x; i < 256; i += WARPS * 32) c8[i] = code8[i];
-  const float offset = *offset_p;
+  if (PAIR)
+    for (int i = threadIdx.x; i < 256; i += WARPS * 32) c8[256 + i] = code8_2[i];
+  const float offset = *offset_p, offset2 = PAIR ? *offset2_p : 0.0f;
 #else
-  const float offset = 0.0f;
+  const float offset = 0.0f, offset2 = 0.0f;
 #endif
   __syncthreads();
 
@@ -199,10 +214,12 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
 #pragma unroll
       for (int h = 0; h < 2; h++) {
         const u32 blk = ablk[i][h] + s;
+        const bool second = PAIR && i;
 #if NESTED
-        absmax4(amax[i][h], (const u8*)absmax_q + blk, c8, absmax2[blk / BS2], offset);
+        absmax4(amax[i][h], (const u8*)(second ? absmax_q2 : absmax_q) + blk, c8 + (second ? 256 : 0),
+                (second ? absmax2_2 : absmax2)[blk / BS2], second ? offset2 : offset);
 #else
-        absmax4(amax[i][h], (const float*)absmax_q + blk, c8, 0.0f, 0.0f);
+        absmax4(amax[i][h], (const float*)(second ? absmax_q2 : absmax_q) + blk, c8, 0.0f, 0.0f);
 #endif
       }
 #pragma unroll
@@ -277,6 +294,22 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
 #endif
 
   // c[e]: row g + 8 (e >> 1) of the tile, token row 2t + (e & 1) of the token tile
+#if PAIR  // act(round(y1)) * round(y2), rounded: the MLP's act_fn(gate(x)) * up(x) computed in fp32 once
+#pragma unroll
+  for (int j = 0; j < NT; j++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int row = row0 + g + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
+      if (row >= n || col >= m) continue;
+      float y1 = acc[0][j][e], y2 = acc[1][j][e];
+#if LORA
+      y1 += lora_term(xa, lora_b, col, row, stride_xa, r) * scale;
+      y2 += lora_term(xa2, lora_b2, col, row, stride_xa, r) * scale2;
+#endif
+      const float a = act_to_f32(f32_to_act(y1)), u = act_to_f32(f32_to_act(y2));
+      ((u16*)out)[(size_t)col * n + row] = f32_to_act(a / (1.0f + __expf(-a)) * u);
+    }
+#else
 #pragma unroll
   for (int i = 0; i < TILES; i++)
 #pragma unroll
@@ -287,12 +320,7 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
         if (row >= n || col >= m) continue;
         float y = acc[i][j][e];
 #if LORA
-        if (blockIdx.y == 0) {  // s * (x A^T) B^T in fp32, added by the first k range
-          float d = 0.0f;
-          for (int q = 0; q < r; q++)
-            d += adapter_f32(xa, (size_t)col * stride_xa + q) * adapter_f32(lora_b, (size_t)row * r + q);
-          y += d * scale;
-        }
+        if (blockIdx.y == 0) y += lora_term(xa, lora_b, col, row, stride_xa, r) * scale;  // by the first k range
 #endif
         const size_t at = (size_t)col * n + row;
 #if SPLIT == 1
@@ -305,4 +333,5 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
         ((float*)out)[(size_t)blockIdx.y * m * n + at] = y;
 #endif
       }
+#endif
 }

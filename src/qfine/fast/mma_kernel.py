@@ -28,9 +28,9 @@ _PAIRS: dict[int, tuple] = {}  # id(quant state) -> (weak reference, {dtype: tab
 
 
 def shared_bytes(wide: bool) -> int:
-    """Dynamic shared memory of a launch: the per-lane pair table (rows of 32 or, WIDE, 64 words) and the
-    second-level code book."""
-    return (256 * (64 if wide else 32) + 256) * 4
+    """Dynamic shared memory of a launch: the per-lane pair table (rows of 32 or, WIDE, 64 words) and two
+    second-level code books."""
+    return (256 * (64 if wide else 32) + 512) * 4
 
 
 def fits(cfg: dict, m: int, k: int, blocksize: int) -> bool:
@@ -86,48 +86,105 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
+def _weight_args(weight, m: int) -> tuple[list, dict]:
+    """(packed, absmax, code8, absmax2, offset) of a 4-bit weight as the kernel reads them, and its defines."""
+    state = weight.quant_state
+    nested = bool(state.nested)
+    if nested and state.state2.blocksize % GROUP:
+        raise ValueError("the mma kernel reads four absmax blocks of one second-level block at a time")
+    packed, absmax = weight.data, state.absmax
+    if not _aligned(packed, absmax):
+        raise ValueError("the mma kernel reads 16-byte aligned weights")
+    code8 = state.state2.code if nested else state.code
+    absmax2 = state.state2.absmax if nested else absmax
+    offset = state.offset if nested else absmax
+    return [packed, absmax, code8, absmax2, offset], dict(BS=state.blocksize, NESTED=nested,
+                                                          BS2=state.state2.blocksize if nested else 256)
+
+
+def _lora_args(lora, m: int, x2: torch.Tensor) -> tuple:
+    """(xa (m, r) with unit column stride, B (n, r) in xa's dtype, scale, r) of an adapter term, or dummies."""
+    if lora is None:
+        return x2, x2, 0.0, 1
+    xa, lora_b, scale = lora
+    r = xa.shape[-1]
+    xa = xa.reshape(m, r)
+    if xa.stride(1) != 1:
+        xa = xa.contiguous()
+    return xa, lora_b.to(xa.dtype).contiguous(), float(scale), r
+
+
+def _launch(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, out: torch.Tensor, part: torch.Tensor,
+            pair: bool) -> None:
+    """One launch of ``mma4.cu`` for one weight, or (``pair``) two of one shape written as silu(y₁)·y₂."""
+    (n, k), m = members[0][0].quant_state.shape, x2.shape[0]
+    if x2.dtype not in (torch.bfloat16, torch.float16) or not fits(cfg, m, k, members[0][0].quant_state.blocksize):
+        raise ValueError("the mma kernel takes 16-bit activations and whole loop steps of k")
+    weights, defines = zip(*[_weight_args(w, m) for w, _ in members])
+    if any(d != defines[0] for d in defines):
+        raise ValueError("paired weights differ in block size or nesting")
+    loras = [_lora_args(lora, m, x2) for _, lora in members]
+    if len({xa.stride(0) for xa, *_ in loras}) > 1 or len({xa.dtype for xa, *_ in loras}) > 1:
+        raise ValueError("paired adapters differ in dtype or row stride")
+    has_lora = members[0][1] is not None
+    if any((lora is not None) != has_lora for _, lora in members):
+        raise ValueError("either both paired weights have an adapter or neither")
+    xa, lora_b, scale, r = loras[0]
+    xa2, lora_b2, scale2, _ = loras[-1]
+    state = members[0][0].quant_state
+    split = cfg["SPLIT"]
+    kernel = _kernel(x2.device, dict(defines[0], NT=cfg["NT"], TILES=cfg["TILES"], WARPS=cfg["WARPS"], SPLIT=split,
+                                     LORA=has_lora, RESIDUAL=residual is not None, F16=x2.dtype == torch.float16,
+                                     ADT=_ADAPTER_DTYPES[xa.dtype] if has_lora else 0, WIDE=bool(cfg.get("WIDE")),
+                                     PAIR=pair))
+    res = out if residual is None else residual
+    first, second = weights[0], weights[-1]
+    ptr = [ctypes.c_void_p(t.data_ptr()) for t in (x2, first[0], pair_table(state, x2.dtype), *first[1:], part, res,
+                                                  xa, lora_b)]
+    ints = [ctypes.c_int(v) for v in (m, n, k, x2.stride(0), xa.stride(0), r)]
+    more = [ctypes.c_void_p(t.data_ptr()) for t in (*second, xa2, lora_b2)]
+    rows = 16 if pair else 16 * cfg["TILES"]
+    kernel((triton.cdiv(n, rows), split), 32 * cfg["WARPS"], shared_bytes(bool(cfg.get("WIDE"))),
+           ptr + [ctypes.c_float(scale)] + ints + more + [ctypes.c_float(scale2)])
+
+
+def _rows(x2: torch.Tensor) -> torch.Tensor:
+    """x2 as the kernel reads it: unit column stride, rows 16-byte aligned."""
+    if x2.stride(1) != 1 or not _aligned(x2) or x2.stride(0) % 8:
+        x2 = x2.contiguous()
+    return x2
+
+
 def matmul_mma(x2: torch.Tensor, weight, lora, residual, cfg: dict, sum_splits) -> torch.Tensor:
     """(m, n) = x2 (m ≤ 16, k) @ Wᵀ (+ s·xa Bᵀ, + residual) in x2's dtype with ``mma4.cu``; ``cfg`` one of
     :func:`candidates` that :func:`fits`. ``sum_splits(part, out, res, size, split, residual)`` adds k
     splits' fp32 partials (:mod:`qfine.fast.gemv_rows`' kernel). Capturable in a CUDA graph once this
     setting has run outside one (compilation)."""
-    state = weight.quant_state
-    (n, k), m = state.shape, x2.shape[0]
-    if x2.dtype not in (torch.bfloat16, torch.float16) or not fits(cfg, m, k, state.blocksize):
-        raise ValueError("the mma kernel takes 16-bit activations and whole loop steps of k")
-    nested = bool(state.nested)
-    if nested and state.state2.blocksize % GROUP:
-        raise ValueError("the mma kernel reads four absmax blocks of one second-level block at a time")
-    if x2.stride(1) != 1 or not _aligned(x2) or x2.stride(0) % 8:
-        x2 = x2.contiguous()
-    packed, absmax = weight.data, state.absmax
-    if not _aligned(packed, absmax):
-        raise ValueError("the mma kernel reads 16-byte aligned weights")
+    x2 = _rows(x2)
+    (n, _k), m = weight.quant_state.shape, x2.shape[0]
     split = cfg["SPLIT"]
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
-    res = out if residual is None else residual.reshape(m, n).contiguous()
-    xa, lora_b, scale, r, adt = x2, x2, 0.0, 1, 0
-    if lora is not None:
-        xa, lora_b, scale = lora
-        r = xa.shape[-1]
-        xa = xa.reshape(m, r)
-        if xa.stride(1) != 1:
-            xa = xa.contiguous()
-        lora_b = lora_b.to(xa.dtype).contiguous()
-        adt = _ADAPTER_DTYPES[xa.dtype]
-    defines = dict(BS=state.blocksize, NESTED=nested, BS2=state.state2.blocksize if nested else 256, NT=cfg["NT"],
-                   TILES=cfg["TILES"], WARPS=cfg["WARPS"], SPLIT=split, LORA=lora is not None,
-                   RESIDUAL=residual is not None, F16=x2.dtype == torch.float16, ADT=adt, WIDE=bool(cfg.get("WIDE")))
-    kernel = _kernel(x2.device, defines)
-    code8 = state.state2.code if nested else state.code
-    absmax2 = state.state2.absmax if nested else absmax
-    offset = state.offset if nested else absmax
-    ptr = [ctypes.c_void_p(t.data_ptr()) for t in (x2, packed, pair_table(state, x2.dtype), absmax, code8, absmax2,
-                                                  offset, part, res, xa, lora_b)]
-    ints = [ctypes.c_int(v) for v in (m, n, k, x2.stride(0), xa.stride(0), r)]
-    kernel((triton.cdiv(n, 16 * cfg["TILES"]), split), 32 * cfg["WARPS"], shared_bytes(bool(cfg.get("WIDE"))),
-           ptr + [ctypes.c_float(float(scale))] + ints)
+    res = None if residual is None else residual.reshape(m, n).contiguous()
+    _launch(x2, [(weight, lora)], res, cfg, out, part, False)
     if split > 1:
-        sum_splits(part, out, res, m * n, split, residual is not None)
+        sum_splits(part, out, out if res is None else res, m * n, split, res is not None)
+    return out
+
+
+def pair_candidates(m: int) -> list[dict]:
+    """The settings for :func:`matmul_mma_silu`: two 16-row tiles (one per weight), no k split across blocks."""
+    return [cfg | {"TILES": 2} for cfg in candidates(m) if cfg["SPLIT"] == 1 and cfg["TILES"] == 2]
+
+
+def matmul_mma_silu(x2: torch.Tensor, gate: tuple, up: tuple, cfg: dict) -> torch.Tensor:
+    """silu(x2 Wgᵀ + …) · (x2 Wuᵀ + …) (m, n) for (weight, lora) pairs ``gate`` and ``up`` of one shape: each
+    product (adapter term added in fp32) rounded to x2's dtype, then silu(g)·u in fp32, rounded once (the
+    MLP's ``act_fn(gate_proj(x)) * up_proj(x)`` as a compiled kernel computes it), in one launch."""
+    x2 = _rows(x2)
+    n, m = gate[0].quant_state.shape[0], x2.shape[0]
+    if up[0].quant_state.shape != gate[0].quant_state.shape or cfg["SPLIT"] != 1 or cfg["TILES"] != 2:
+        raise ValueError("silu pairs take two weights of one shape, two tiles and no k split")
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    _launch(x2, [gate, up], None, cfg, out, out, True)
     return out

@@ -130,11 +130,29 @@ class _Group:
         mats = [lin.a for lin in linears if lin.a is not None]
         self.fused = (0 < len(mats) == len(linears) <= 3 and len({a.dtype for a in mats}) == 1)
 
-    def project(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Each projection's output for x: in one launch of the 4-bit kernel for all of them where it serves
-        them (:func:`qfine.fast.gemv_kernel.matmul_4bit_group`), else one call each."""
+    def gated(self, x: torch.Tensor, act) -> torch.Tensor:
+        """act(gate(x)) · up(x) for the group (gate, up): in one launch of the 4-bit kernel with SiLU where it
+        serves them (:func:`qfine.fast.gemv_kernel.matmul_4bit_silu`), else the two outputs and then act."""
         xas = self(x)
-        if len(self.linears) > 1 and all(lin.kernel(x) and lin.base.bias is None for lin in self.linears):
+        if act == "silu" and self._kernels(x):
+            from qfine.fast.gemv_kernel import matmul_4bit_silu
+
+            got = matmul_4bit_silu(x, *[(lin.packed, None if xa is None else (xa, lin.b, lin.scale))
+                                        for lin, xa in zip(self.linears, xas)])
+            if got is not None:
+                return got
+        g, u = self.project(x, xas)
+        return _gated(g, u, act) if isinstance(act, str) else act(g) * u
+
+    def _kernels(self, x: torch.Tensor) -> bool:
+        return len(self.linears) > 1 and all(lin.kernel(x) and lin.base.bias is None for lin in self.linears)
+
+    def project(self, x: torch.Tensor, xas: list | None = None) -> list[torch.Tensor]:
+        """Each projection's output for x (``xas``: the down-products, when already computed): in one launch of
+        the 4-bit kernel for all of them where it serves them (:func:`qfine.fast.gemv_kernel.matmul_4bit_group`),
+        else one call each."""
+        xas = self(x) if xas is None else xas
+        if self._kernels(x):
             from qfine.fast.gemv_kernel import matmul_4bit_group
 
             got = matmul_4bit_group(x, [(lin.packed, None if xa is None else (xa, lin.b, lin.scale))
@@ -299,8 +317,7 @@ class Decoder:
             out = out.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
             h = layer.o(out, *layer.o_in(out), residual=h)
             x = layer.ln2(h)
-            g, u = layer.gate_up.project(x)
-            gated = _gated(g, u, layer.act) if isinstance(layer.act, str) else layer.act(g) * u
+            gated = layer.gate_up.gated(x, layer.act)
             h = layer.down(gated, *layer.down_in(gated), residual=h)
         return self.head(self.norm(h[:, -1:]))[:, 0].float()
 
