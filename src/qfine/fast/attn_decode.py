@@ -39,12 +39,12 @@ def _split_kernel(q, keys, values, pad, slot, part, stats, scale, length, stride
         seen = (rl >= first) & (rl <= last) & (rl < length)  # slots not seen are not read
         kv_at = base + rl[:, None] * stride_kl + rd[None, :]
         ks = tl.load(keys + kv_at, mask=seen[:, None], other=0.0).to(tl.float32)
+        vs = tl.load(values + kv_at, mask=seen[:, None], other=0.0).to(tl.float32)  # requested with k
         s = tl.sum(qs[:, None, :] * ks[None, :, :], 2) * scale  # (GROUP_P, BLOCK_L)
         s = tl.where(seen[None, :], s, float("-inf"))
         m = tl.max(s, 1)
         p = tl.exp(s - m[:, None])
         p = tl.where(seen[None, :], p, 0.0)
-        vs = tl.load(values + kv_at, mask=seen[:, None], other=0.0).to(tl.float32)
         acc = tl.sum(p[:, :, None] * vs[None, :, :], 1)  # (GROUP_P, D)
         tl.store(part + (out + rg)[:, None] * D + rd[None, :], acc)
         tl.store(stats + (out + rg) * 2, m)

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from qfine.fast.gemv_rows import _round_out, _sum_splits_kernel, fits, groupable, matmul_group, matmul_rows
 from qfine.fast.mma_kernel import candidates as mma_candidates
-from qfine.fast.mma_kernel import matmul_mma_silu, pair_candidates
+from qfine.fast.mma_kernel import matmul_mma_silu, pair_candidates, precompile
 
 MAX_ROWS = 64
 # Triton's CPU interpreter (the tests' way to run these kernels without a GPU) computes fp32 dots exactly;
@@ -239,7 +239,9 @@ def _tuned_config(x2: torch.Tensor, weight, lora, residual) -> dict:
         if torch.cuda.is_current_stream_capturing():
             return launch_config(m, n, k, _sms(x2.device))
         want = _dequantized(x2, weight, lora, residual).float()
-        timed = _timed(candidates(m, n, k, state.blocksize),
+        settings = candidates(m, n, k, state.blocksize)
+        precompile(x2, [(weight, lora)], residual, [cfg for cfg in settings if cfg.get("KERNEL") == "mma"])
+        timed = _timed(settings,
                        lambda c: [matmul_4bit(x2, weight, lora, residual, config=c)], [want])
         if not timed:
             return launch_config(m, n, k, _sms(x2.device))
@@ -411,6 +413,7 @@ def matmul_4bit_silu(x: torch.Tensor, gate: tuple, up: tuple) -> torch.Tensor | 
 
         timed = [(graph_seconds(apart), {"SEPARATE": True})]
         settings = [cfg for cfg in pair_candidates(m) if fits(cfg, m, k, state.blocksize)]
+        precompile(x2, [gate, up], None, settings, pair=True)
         timed += _timed(settings, lambda c: [matmul_mma_silu(x2, gate, up, c)], [apart().float()])
         got = TUNED[key] = sorted(timed, key=lambda t: t[0])
     cfg = got[0][1]

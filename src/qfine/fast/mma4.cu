@@ -15,7 +15,7 @@
 // tiles of 8 (m <= 8 NT); TILES 16-row tiles per warp; WARPS warps per block, each a k range; SPLIT k ranges
 // per grid column (fp32 partials, summed by a second kernel); LORA, RESIDUAL epilogue terms; F16 (fp16
 // activations, else bf16); ADT the adapter's dtype (0 fp32, 1 bf16, 2 fp16); WIDE the 64 KiB table layout (see
-// pair()); PAIR: two weights of one shape and input (gate, up), tile 0 from the first and tile 1 the same rows
+// pair()); LORA_R the adapter's rank; PAIR: two weights of one shape and input (gate, up), tile 0 from the first and tile 1 the same rows
 // of the second, written as silu(gate) * up (TILES 2, SPLIT 1).
 
 typedef unsigned int u32;
@@ -121,12 +121,13 @@ __device__ __forceinline__ void absmax4(float* a, const void* q, const float* c8
 #endif
 }
 
-// (x A^T)[col] . B[row] in fp32: the adapter's term before its scale
-__device__ __forceinline__ float lora_term(const void* xa, const void* lora_b, int col, int row, int stride_xa,
-                                           int r) {
+// (x A^T)[col] . B[row] in fp32: the adapter's term before its scale (LORA_R, the rank, known at compile
+// time: all 2 LORA_R loads are in flight at once)
+__device__ __forceinline__ float lora_term(const void* xa, const void* lora_b, int col, int row, int stride_xa) {
   float d = 0.0f;
-  for (int q = 0; q < r; q++)
-    d += adapter_f32(xa, (size_t)col * stride_xa + q) * adapter_f32(lora_b, (size_t)row * r + q);
+#pragma unroll
+  for (int q = 0; q < LORA_R; q++)
+    d += adapter_f32(xa, (size_t)col * stride_xa + q) * adapter_f32(lora_b, (size_t)row * LORA_R + q);
   return d;
 }
 
@@ -170,6 +171,31 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
   for (int i = 0; i < TILES; i++)
 #pragma unroll
     for (int h = 0; h < 2; h++) load_group<0>(w[i][h], wp[i][h]);
+
+  // the epilogue's inputs (the adapter's scaled term, the residual) read by the writing warp now, while the
+  // weights are on their way, instead of after the loop with nothing else in flight
+  float pre[TILES][NT][4];
+  u16 pre_res[TILES][NT][4];
+#pragma unroll
+  for (int i = 0; i < TILES; i++)
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        pre[i][j][e] = 0.0f;
+        pre_res[i][j][e] = 0;
+        const int row = row0 + (PAIR ? 0 : 16 * i) + g + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
+        if (warp != 0 || row >= n || col >= m) continue;
+#if LORA
+        if (blockIdx.y == 0) {
+          if (PAIR && i) pre[i][j][e] = lora_term(xa2, lora_b2, col, row, stride_xa) * scale2;
+          else pre[i][j][e] = lora_term(xa, lora_b, col, row, stride_xa) * scale;
+        }
+#endif
+#if RESIDUAL && SPLIT == 1
+        pre_res[i][j][e] = res[(size_t)col * n + row];
+#endif
+      }
 
   u32 mine[8];  // pairs[lane + 32 j], handed to the whole warp by shuffles
 #pragma unroll
@@ -301,11 +327,7 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
     for (int e = 0; e < 4; e++) {
       const int row = row0 + g + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
       if (row >= n || col >= m) continue;
-      float y1 = acc[0][j][e], y2 = acc[1][j][e];
-#if LORA
-      y1 += lora_term(xa, lora_b, col, row, stride_xa, r) * scale;
-      y2 += lora_term(xa2, lora_b2, col, row, stride_xa, r) * scale2;
-#endif
+      const float y1 = acc[0][j][e] + pre[0][j][e], y2 = acc[1][j][e] + pre[1][j][e];
       const float a = act_to_f32(f32_to_act(y1)), u = act_to_f32(f32_to_act(y2));
       ((u16*)out)[(size_t)col * n + row] = f32_to_act(a / (1.0f + __expf(-a)) * u);
     }
@@ -318,15 +340,12 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
       for (int e = 0; e < 4; e++) {
         const int row = row0 + 16 * i + g + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
         if (row >= n || col >= m) continue;
-        float y = acc[i][j][e];
-#if LORA
-        if (blockIdx.y == 0) y += lora_term(xa, lora_b, col, row, stride_xa, r) * scale;  // by the first k range
-#endif
+        const float y = acc[i][j][e] + pre[i][j][e];  // the adapter's term: by the first k range only
         const size_t at = (size_t)col * n + row;
 #if SPLIT == 1
         u16 o = f32_to_act(y);
 #if RESIDUAL
-        o = f32_to_act(act_to_f32(res[at]) + act_to_f32(o));
+        o = f32_to_act(act_to_f32(pre_res[i][j][e]) + act_to_f32(o));
 #endif
         ((u16*)out)[at] = o;
 #else

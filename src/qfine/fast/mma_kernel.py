@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.resources
+import os
 import weakref
 
 import torch
@@ -50,15 +51,22 @@ def candidates(m: int) -> list[dict]:
             for wide in (True, False) for warps in (4, 8) for tiles in (1, 2) for split in (1, 2, 4)]
 
 
+def _source(defines: dict) -> str:
+    head = "".join(f"#define {name} {int(value)}\n" for name, value in sorted(defines.items()))
+    return head + (importlib.resources.files("qfine.fast") / "mma4.cu").read_text()
+
+
+def _arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def _kernel(device: torch.device, defines: dict) -> nvrtc.Kernel:
     """The kernel compiled with these #defines for this device (compiled once per process and device)."""
     key = (device.index, tuple(sorted(defines.items())))
     if key not in _KERNELS:
-        major, minor = torch.cuda.get_device_capability(device)
-        source = (importlib.resources.files("qfine.fast") / "mma4.cu").read_text()
-        head = "".join(f"#define {name} {int(value)}\n" for name, value in sorted(defines.items()))
         with torch.cuda.device(device):
-            kernel = nvrtc.Kernel(nvrtc.compile_cubin(head + source, 10 * major + minor, "mma4.cu"), "qfine_mma4")
+            kernel = nvrtc.Kernel(nvrtc.compile_cubin(_source(defines), _arch(device), "mma4.cu"), "qfine_mma4")
             kernel.allow_shared(shared_bytes(bool(defines["WIDE"])))
             _KERNELS[key] = kernel
     return _KERNELS[key]
@@ -114,29 +122,54 @@ def _lora_args(lora, m: int, x2: torch.Tensor) -> tuple:
     return xa, lora_b.to(xa.dtype).contiguous(), float(scale), r
 
 
-def _launch(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, out: torch.Tensor, part: torch.Tensor,
-            pair: bool) -> None:
-    """One launch of ``mma4.cu`` for one weight, or (``pair``) two of one shape written as silu(y₁)·y₂."""
-    (n, k), m = members[0][0].quant_state.shape, x2.shape[0]
+def precompile(x2: torch.Tensor, members: list[tuple], residual, settings: list[dict], pair: bool = False) -> None:
+    """Compile the kernels that these "mma" settings would launch for these operands, side by side on the
+    CPU's cores (NVRTC releases the GIL; about half a second each), so that a tuner's first timing of each
+    does not wait for its compile. Settings that do not fit are left out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sources = set()
+    for cfg in settings:
+        try:
+            sources.add(_source(_defines(x2, members, residual, cfg, pair)[0]))
+        except ValueError:
+            continue
+    arch = _arch(x2.device)
+    with ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:
+        list(pool.map(lambda src: nvrtc.compile_cubin(src, arch, "mma4.cu"), sorted(sources)))
+
+
+def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: bool) -> tuple[dict, list, list]:
+    """(the kernel's #defines, each weight's arguments, each adapter's arguments) for a launch."""
+    k, m = members[0][0].quant_state.shape[1], x2.shape[0]
     if x2.dtype not in (torch.bfloat16, torch.float16) or not fits(cfg, m, k, members[0][0].quant_state.blocksize):
         raise ValueError("the mma kernel takes 16-bit activations and whole loop steps of k")
     weights, defines = zip(*[_weight_args(w, m) for w, _ in members])
     if any(d != defines[0] for d in defines):
         raise ValueError("paired weights differ in block size or nesting")
     loras = [_lora_args(lora, m, x2) for _, lora in members]
-    if len({xa.stride(0) for xa, *_ in loras}) > 1 or len({xa.dtype for xa, *_ in loras}) > 1:
-        raise ValueError("paired adapters differ in dtype or row stride")
+    if len({(xa.stride(0), xa.dtype, rank) for xa, _b, _s, rank in loras}) > 1:
+        raise ValueError("paired adapters differ in dtype, rank or row stride")
     has_lora = members[0][1] is not None
     if any((lora is not None) != has_lora for _, lora in members):
         raise ValueError("either both paired weights have an adapter or neither")
+    xa, r = loras[0][0], loras[0][3]
+    return dict(defines[0], NT=cfg["NT"], TILES=cfg["TILES"], WARPS=cfg["WARPS"], SPLIT=cfg["SPLIT"], LORA=has_lora,
+                RESIDUAL=residual is not None, F16=x2.dtype == torch.float16,
+                ADT=_ADAPTER_DTYPES[xa.dtype] if has_lora else 0, WIDE=bool(cfg.get("WIDE")), PAIR=pair,
+                LORA_R=r), weights, loras
+
+
+def _launch(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, out: torch.Tensor, part: torch.Tensor,
+            pair: bool) -> None:
+    """One launch of ``mma4.cu`` for one weight, or (``pair``) two of one shape written as silu(y₁)·y₂."""
+    (n, k), m = members[0][0].quant_state.shape, x2.shape[0]
+    defines, weights, loras = _defines(x2, members, residual, cfg, pair)
     xa, lora_b, scale, r = loras[0]
     xa2, lora_b2, scale2, _ = loras[-1]
     state = members[0][0].quant_state
     split = cfg["SPLIT"]
-    kernel = _kernel(x2.device, dict(defines[0], NT=cfg["NT"], TILES=cfg["TILES"], WARPS=cfg["WARPS"], SPLIT=split,
-                                     LORA=has_lora, RESIDUAL=residual is not None, F16=x2.dtype == torch.float16,
-                                     ADT=_ADAPTER_DTYPES[xa.dtype] if has_lora else 0, WIDE=bool(cfg.get("WIDE")),
-                                     PAIR=pair))
+    kernel = _kernel(x2.device, defines)
     res = out if residual is None else residual
     first, second = weights[0], weights[-1]
     ptr = [ctypes.c_void_p(t.data_ptr()) for t in (x2, first[0], pair_table(state, x2.dtype), *first[1:], part, res,

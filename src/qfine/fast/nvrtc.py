@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 _LIBS: dict[str, ctypes.CDLL] = {}
+_CUBINS: dict[str, bytes] = {}  # by the hash of source, architecture and NVRTC version
 
 
 def _library(kind: str) -> ctypes.CDLL:
@@ -58,10 +59,13 @@ def compile_cubin(source: str, arch: int, name: str = "kernel.cu") -> bytes:
     source, the architecture and NVRTC's version (each setting of a kernel is a source). Raises RuntimeError
     with NVRTC's log on a compile error."""
     key = hashlib.sha256(f"{arch}\n{_version()}\n{source}".encode()).hexdigest()[:32]
+    if key in _CUBINS:
+        return _CUBINS[key]
     path = Path(os.environ.get("QFINE_CACHE", Path.home() / ".cache" / "qfine")) / "cubin" / f"{key}.cubin"
     if path.is_file():
-        return path.read_bytes()
-    cubin = _compile(source, arch, name)
+        _CUBINS[key] = path.read_bytes()
+        return _CUBINS[key]
+    cubin = _CUBINS[key] = _compile(source, arch, name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
