@@ -142,10 +142,12 @@ def main():
     from qfine.fast import gemv_kernel
     for key, timings in gemv_kernel.TUNED.items():  # what the 4-bit product's tuner chose for each shape
         (seconds, cfg), others = timings[0], len(timings) - 1
-        group = key[0] == "group"  # ("group", device, rows, (n, ...), k, ...) or (device, rows, n, k, ...)
+        # ("group" | "silu", device, rows, n or (n, ...), k, ...) or (device, rows, n, k, ...)
+        group = key[0] if isinstance(key[0], str) else False
         rows, n, k = key[2:5] if group else key[1:4]
         print("RESULT " + json.dumps({"what": "tuned", "group": group, "rows": rows, "n": n, "k": k, "config": cfg,
-                                      "us": round(seconds * 1e6, 2), "other_settings": others}), flush=True)
+                                      "us": round(seconds * 1e6, 2), "other_settings": others,
+                                      "next": [[round(t * 1e6, 2), c] for t, c in timings[1:4]]}), flush=True)
     # greedy agreement on the same prompts (batch 4, 64 tokens)
     prompts = torch.randint(10, vocab - 10, (4, 32), generator=torch.Generator().manual_seed(7)).cuda()
     fast = engine.generate_tokens(model, prompts.tolist(), 64, stop_ids=[], pad_id=0).tokens
