@@ -135,8 +135,15 @@ def precompile(x2: torch.Tensor, members: list[tuple], residual, settings: list[
         except ValueError:
             continue
     arch = _arch(x2.device)
+
+    def build(src: str) -> None:
+        try:
+            nvrtc.compile_cubin(src, arch, "mma4.cu")
+        except RuntimeError:  # no NVRTC here, or a setting it cannot build: the tuner leaves that setting out
+            pass
+
     with ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:
-        list(pool.map(lambda src: nvrtc.compile_cubin(src, arch, "mma4.cu"), sorted(sources)))
+        list(pool.map(build, sorted(sources)))
 
 
 def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: bool) -> tuple[dict, list, list]:
