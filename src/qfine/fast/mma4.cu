@@ -15,8 +15,8 @@
 // tiles of 8 (m <= 8 NT); TILES 16-row tiles per warp; WARPS warps per block, each a k range; SPLIT k ranges
 // per grid column (fp32 partials, summed by a second kernel); LORA, RESIDUAL epilogue terms; F16 (fp16
 // activations, else bf16); ADT the adapter's dtype (0 fp32, 1 bf16, 2 fp16); WIDE the 64 KiB table layout (see
-// pair()); LORA_R the adapter's rank; PAIR: two weights of one shape and input (gate, up), tile 0 from the first and tile 1 the same rows
-// of the second, written as silu(gate) * up (TILES 2, SPLIT 1).
+// pair()); LORA_R the adapter's rank; PAIR: two weights of one shape and input (gate, up), tile 0 from the
+// first and tile 1 the same rows of the second, written as silu(gate) * up (TILES 2, SPLIT 1).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -202,7 +202,8 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
   for (int j = 0; j < 8; j++) mine[j] = pairs[lane + 32 * j];
 #pragma unroll
   for (int j = 0; j < 8; j++)
-    for (int e = warp; e < 32; e += WARPS) lut[((32 * j + e) << ROW_SHIFT) | lane] = __shfl_sync(0xffffffffu, mine[j], e);
+    for (int e = warp; e < 32; e += WARPS)
+      lut[((32 * j + e) << ROW_SHIFT) | lane] = __shfl_sync(0xffffffffu, mine[j], e);
 #if NESTED
   for (int i = threadIdx.x; i < 256; i += WARPS * 32) c8[i] = code8[i];
   if (PAIR)
