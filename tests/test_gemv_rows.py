@@ -219,3 +219,26 @@ def test_gpu_grouped_launch_captures_in_a_graph():
         xa = (x.reshape(1, -1).float() @ ai.float().t()).to(torch.bfloat16)
         want = matmul_4bit(x, w, (xa, bi, 2.0)).float()
         assert ((y.float() - want).abs().max() / want.abs().max()) < 2e-2
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pair_table_holds_each_bytes_two_weights_in_k_order(quant_type, dtype):
+    """The kernel's 256-entry table (CPU, no GPU needed): for every packed byte, its low half is the weight that
+    bitsandbytes' own dequantization puts first along k and its high half the second, as ``dtype`` bits of the
+    code value (bitsandbytes dequantizes a weight whose 4,096 bytes are 0..255 repeated, absmax 1)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from qfine.fast.mma_kernel import pair_table
+
+    w = bnb.nn.Params4bit(torch.randn(64, 128) * 0.02, requires_grad=False, quant_type=quant_type,
+                          compress_statistics=False)._quantize("cpu")
+    state = w.quant_state
+    data = torch.arange(256, dtype=torch.uint8).repeat(16).reshape(w.data.shape)
+    state.absmax = torch.ones_like(state.absmax)
+    weights = bnbf.dequantize_4bit(data, state).float().reshape(-1, 2)  # (4096 bytes, their 2 weights)
+    table = pair_table(state, dtype).to(torch.int64) & 0xFFFFFFFF
+    bits = torch.stack([table & 0xFFFF, table >> 16], 1).to(torch.int32).to(torch.int16).view(dtype).float()
+    byte = data.reshape(-1).to(torch.int64)
+    assert torch.equal(bits[byte], weights.to(dtype).float())

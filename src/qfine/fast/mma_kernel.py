@@ -18,7 +18,6 @@ import os
 import weakref
 
 import torch
-import triton
 
 from qfine.fast import nvrtc
 
@@ -184,7 +183,7 @@ def _launch(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, out: to
     ints = [ctypes.c_int(v) for v in (m, n, k, x2.stride(0), xa.stride(0), r)]
     more = [ctypes.c_void_p(t.data_ptr()) for t in (*second, xa2, lora_b2)]
     rows = 16 if pair else 16 * cfg["TILES"]
-    kernel((triton.cdiv(n, rows), split), 32 * cfg["WARPS"], shared_bytes(bool(cfg.get("WIDE"))),
+    kernel((-(-n // rows), split), 32 * cfg["WARPS"], shared_bytes(bool(cfg.get("WIDE"))),
            ptr + [ctypes.c_float(scale)] + ints + more + [ctypes.c_float(scale2)])
 
 
