@@ -215,3 +215,36 @@ def test_grpo_loss_through_the_fused_layers_equals_trls(tiny_dir, tmp_path):
         bad = {n.split("layers.")[1]: round((got_grads[n] - g).abs().max().item() / g.abs().max().item(), 6)
                for n, g in want_grads.items() if not torch.allclose(got_grads[n], g, atol=1e-5, rtol=1e-4)}
         assert not bad, bad
+
+
+@pytest.mark.slow
+def test_a_grpo_sweep_maximises_the_eval_reward(tiny_dir, tmp_path):
+    """qfine sweep on a GRPO config (2 trials, 2 steps, eval on held-out prompts at step 2): the study
+    maximises ``eval_reward``, each trial's value is the last eval_reward it logged, the best is the trial
+    with the largest, and best.yaml holds its learning rate."""
+    import optuna
+    import yaml
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from qfine.sweep import sweep
+
+    cfg = tiny_config(tiny_dir, _prompts(tmp_path / "p.jsonl", 12), tmp_path / "sweep", objective="grpo",
+                      rewards=["answer_format", "length:0.5"], group_size=2, batch_size=2, max_completion_len=4,
+                      max_steps=2, eval_steps=2, save_steps=100, report_samples=0)
+    cfg.data.eval_ratio = 0.25
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"train.learning_rate": [1e-4, 3e-2]}))
+    out = sweep(cfg, str(space), trials=2)
+    assert json.loads((out / "sweep.json").read_text())["metric"] == "eval_reward"
+    study = optuna.load_study(study_name="qfine-sweep",
+                              storage=JournalStorage(JournalFileBackend(str(out / "study.journal"))))
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    done = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    assert len(done) == 2
+    for t in done:
+        rows = [json.loads(x) for x in (out / f"trial-{t.number:03d}" / "metrics.jsonl").read_text().splitlines()]
+        assert t.value == [r["eval_reward"] for r in rows if "eval_reward" in r][-1]
+    best = max(done, key=lambda t: t.value)
+    assert study.best_trial.number == best.number
+    assert C.load_yaml(out / "best.yaml").train.learning_rate == best.params["train.learning_rate"]
