@@ -72,14 +72,6 @@ def _combine_kernel(part, stats, out, splits, GROUP: tl.constexpr, GROUP_P: tl.c
     tl.store(out + (bh * GROUP + g) * D + rd, (acc / total).to(out.dtype.element_ty))
 
 
-def usable(q: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether :func:`decode_attention` serves q (b, heads, 1, d) against a cache (b, kv, length, d): one
-    query per row, a power-of-two head dim of 16..256, the cache contiguous along d."""
-    d = q.shape[-1]
-    return (q.shape[2] == 1 and 16 <= d <= 256 and d & (d - 1) == 0 and keys.stride(-1) == 1
-            and q.shape[1] % keys.shape[1] == 0)
-
-
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor,
                      slot: torch.Tensor, scale: float, block_l: int = 16) -> torch.Tensor:
     """softmax(q kᵀ · scale) v for q (b, heads, 1, d) over cache slots j with pad[b] ≤ j ≤ slot (``slot`` a

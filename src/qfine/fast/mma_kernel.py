@@ -213,7 +213,7 @@ def matmul_mma(x2: torch.Tensor, weight, lora, residual, cfg: dict, sum_splits) 
 
 def pair_candidates(m: int) -> list[dict]:
     """The settings for :func:`matmul_mma_silu`: two 16-row tiles (one per weight), no k split across blocks."""
-    return [cfg | {"TILES": 2} for cfg in candidates(m) if cfg["SPLIT"] == 1 and cfg["TILES"] == 2]
+    return [cfg for cfg in candidates(m) if cfg["SPLIT"] == 1 and cfg["TILES"] == 2]
 
 
 def matmul_mma_silu(x2: torch.Tensor, gate: tuple, up: tuple, cfg: dict) -> torch.Tensor:

@@ -137,12 +137,15 @@ class _Group:
         if act == "silu" and self._kernels(x):
             from qfine.fast.gemv_kernel import matmul_4bit_silu
 
-            got = matmul_4bit_silu(x, *[(lin.packed, None if xa is None else (xa, lin.b, lin.scale))
-                                        for lin, xa in zip(self.linears, xas)])
+            got = matmul_4bit_silu(x, *self._members(xas))
             if got is not None:
                 return got
         g, u = self.project(x, xas)
         return _gated(g, u, act) if isinstance(act, str) else act(g) * u
+
+    def _members(self, xas: list) -> list[tuple]:
+        """(packed weight, (xa, B, scale) or None) per projection, as the 4-bit kernels take them."""
+        return [(lin.packed, None if xa is None else (xa, lin.b, lin.scale)) for lin, xa in zip(self.linears, xas)]
 
     def _kernels(self, x: torch.Tensor) -> bool:
         return len(self.linears) > 1 and all(lin.kernel(x) and lin.base.bias is None for lin in self.linears)
@@ -155,8 +158,7 @@ class _Group:
         if self._kernels(x):
             from qfine.fast.gemv_kernel import matmul_4bit_group
 
-            got = matmul_4bit_group(x, [(lin.packed, None if xa is None else (xa, lin.b, lin.scale))
-                                        for lin, xa in zip(self.linears, xas)])
+            got = matmul_4bit_group(x, self._members(xas))
             if got is not None:
                 return got
         return [lin(x, xa) for lin, xa in zip(self.linears, xas)]
