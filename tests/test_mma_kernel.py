@@ -45,8 +45,8 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     dict(quant_type="nf4", nested=True, blocksize=128, dtype=torch.bfloat16, adapter=torch.bfloat16),
 ], ids=["nf4-nested-64-bf16", "fp4-plain-64-fp16", "nf4-nested-128-bf16"])
 def test_gpu_mma_kernel_equals_decoded_product(case):
-    """"mma" settings (both table layouts, 1 and 2 row tiles per warp, k split inside a block and across blocks)
-    for 1, 3 and 16 token rows,
+    """"mma" settings (both table layouts, 1 and 2 row tiles per warp, k split inside a block and across blocks,
+    2 and 4 row groups per block) for 1, 3 and 16 token rows,
     n = 1040 (a last tile only half inside W): each output element within one rounding of x Wᵀ + s·xa Bᵀ
     computed in fp32 from the decoded W; with a residual, exactly round(res + round(y)); and replayed in a
     CUDA graph, the eager output bit for bit."""
@@ -65,9 +65,9 @@ def test_gpu_mma_kernel_equals_decoded_product(case):
         xa = xa_all[:, 8:24]  # a column view, as the fused down-products give it
         want = x.float() @ deq.t() + 2.0 * xa.float() @ b.float().t()
         res = torch.randn(m, n, dtype=dtype, device="cuda")
-        # both table layouts, 1 and 2 row tiles, k split within the block and across blocks
+        # both table layouts, 1 and 2 row tiles, k split within the block and across blocks, row groups
         fitting = [cfg for cfg in candidates(m) if fits(cfg, m, k, case["blocksize"])
-                   and (cfg["WARPS"], cfg["SPLIT"]) in ((4, 1), (8, 2))]
+                   and (cfg["WARPS"], cfg["RW"], cfg["SPLIT"]) in ((4, 1, 1), (8, 1, 2), (2, 2, 1), (1, 4, 1))]
         for cfg in fitting:
             got = matmul_mma(x, w, (xa, b, 2.0), None, cfg, _sum_splits)
             assert got.dtype == dtype and got.shape == (m, n)

@@ -2,7 +2,8 @@
 // cores, compiled at run time by NVRTC (qfine/fast/mma_kernel.py, which prepends the #defines below).
 //
 // Each warp owns 16*TILES rows of W and a run of absmax blocks along k; each step of its loop covers GROUP
-// blocks. Per block, a thread (lane = 4g + t) reads BS/8 packed bytes of rows g and g+8 of each 16-row tile
+// blocks. A block of WARPS * RW warps holds RW row groups of WARPS warps, the WARPS of a group splitting k
+// (RW > 1: fewer k ranges, so longer loops that keep loads in flight, and one table fill serves more rows). Per block, a thread (lane = 4g + t) reads BS/8 packed bytes of rows g and g+8 of each 16-row tile
 // (a quad of lanes reads one row's block as one contiguous piece), turns every byte into the two 16-bit
 // code values it holds with one shared-memory lookup (a 256-entry table of value pairs, one copy per lane
 // so that a warp's 32 lookups never share a bank), and feeds them as the A operand of mma.m16n8k16: W's
@@ -12,7 +13,8 @@
 // to the fp32 accumulator, as the other 4-bit kernels of qfine do. A weight is decoded, never rescaled.
 //
 // Defines: BS (64 | 128) absmax block size; NESTED, BS2 double quantization and its block size; NT token
-// tiles of 8 (m <= 8 NT); TILES 16-row tiles per warp; WARPS warps per block, each a k range; SPLIT k ranges
+// tiles of 8 (m <= 8 NT); TILES 16-row tiles per warp; WARPS warps per row group, each a k range; RW row
+// groups per block; SPLIT k ranges
 // per grid column (fp32 partials, summed by a second kernel); LORA, RESIDUAL epilogue terms; F16 (fp16
 // activations, else bf16); ADT the adapter's dtype (0 fp32, 1 bf16, 2 fp16); WIDE the 64 KiB table layout (see
 // pair()); LORA_R the adapter's rank; PAIR: two weights of one shape and input (gate, up), tile 0 from the
@@ -28,6 +30,9 @@ typedef unsigned char u8;
 #define XW (BS / 8)          // 32-bit words (pairs of x) a thread needs per token row per block
 #define ROW_SHIFT (WIDE ? 6 : 5)  // log2 of a table row's words: 32 lane copies, or 64 (WIDE: half unused)
 #define LUT_WORDS (256 << ROW_SHIFT)
+#ifndef RW
+#define RW 1
+#endif
 
 __device__ __forceinline__ float act_to_f32(u16 v) {
 #if F16
@@ -131,7 +136,7 @@ __device__ __forceinline__ float lora_term(const void* xa, const void* lora_b, i
   return d;
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+extern "C" __global__ void __launch_bounds__(WARPS * RW * 32)
 qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* __restrict__ pairs,
            const void* __restrict__ absmax_q, const float* __restrict__ code8, const float* __restrict__ absmax2,
            const float* __restrict__ offset_p, void* __restrict__ out, const u16* __restrict__ res,
@@ -142,10 +147,12 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
   extern __shared__ u32 smem[];
   u32* lut = smem;                             // [byte][lane]: the byte's pair of code values
   float* c8 = (float*)(smem + LUT_WORDS);      // the second-level code book(s) (double quantization)
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  // warp: this warp's k range within its row group rw
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) % WARPS, rw = (threadIdx.x >> 5) / WARPS;
+  const int g = lane >> 2, t = lane & 3;
   const u32 nblk = k / BS, per_warp = nblk / (SPLIT * WARPS);
   const u32 blk0 = blockIdx.y * (nblk / SPLIT) + warp * per_warp;
-  const int row0 = blockIdx.x * 16 * (PAIR ? 1 : TILES);
+  const int row0 = (blockIdx.x * RW + rw) * 16 * (PAIR ? 1 : TILES);
   const u32 base = (u32)__cvta_generic_to_shared(lut), lane4 = 4 * lane;
 
   // this thread's rows (g, g + 8 of each tile; past n: the last row, read but not stored): pointers to its
@@ -202,12 +209,12 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
   for (int j = 0; j < 8; j++) mine[j] = pairs[lane + 32 * j];
 #pragma unroll
   for (int j = 0; j < 8; j++)
-    for (int e = warp; e < 32; e += WARPS)
+    for (int e = threadIdx.x >> 5; e < 32; e += WARPS * RW)
       lut[((32 * j + e) << ROW_SHIFT) | lane] = __shfl_sync(0xffffffffu, mine[j], e);
 #if NESTED
-  for (int i = threadIdx.x; i < 256; i += WARPS * 32) c8[i] = code8[i];
+  for (int i = threadIdx.x; i < 256; i += WARPS * RW * 32) c8[i] = code8[i];
   if (PAIR)
-    for (int i = threadIdx.x; i < 256; i += WARPS * 32) c8[256 + i] = code8_2[i];
+    for (int i = threadIdx.x; i < 256; i += WARPS * RW * 32) c8[256 + i] = code8_2[i];
   const float offset = *offset_p, offset2 = PAIR ? *offset2_p : 0.0f;
 #else
   const float offset = 0.0f, offset2 = 0.0f;
@@ -298,7 +305,7 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
     }
   }
 
-#if WARPS > 1  // the warps' k ranges summed in warp order (the table's space is free once all are done)
+#if WARPS > 1  // a group's k ranges summed in warp order (the table's space is free once all are done)
   __syncthreads();
   float* red = (float*)smem;
   if (warp > 0) {
@@ -307,7 +314,8 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
 #pragma unroll
       for (int j = 0; j < NT; j++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) red[((warp * TILES * NT + i * NT + j) * 4 + e) * 32 + lane] = acc[i][j][e];
+        for (int e = 0; e < 4; e++)
+          red[((((rw * WARPS + warp) * TILES + i) * NT + j) * 4 + e) * 32 + lane] = acc[i][j][e];
   }
   __syncthreads();
   if (warp > 0) return;
@@ -317,7 +325,8 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
 #pragma unroll
       for (int j = 0; j < NT; j++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) acc[i][j][e] += red[((v * TILES * NT + i * NT + j) * 4 + e) * 32 + lane];
+        for (int e = 0; e < 4; e++)
+          acc[i][j][e] += red[((((rw * WARPS + v) * TILES + i) * NT + j) * 4 + e) * 32 + lane];
 #endif
 
   // c[e]: row g + 8 (e >> 1) of the tile, token row 2t + (e & 1) of the token tile

@@ -42,12 +42,16 @@ def fits(cfg: dict, m: int, k: int, blocksize: int) -> bool:
 
 def candidates(m: int) -> list[dict]:
     """The "mma" settings worth timing for m ≤ 16 rows: the table layout (WIDE: one instruction fewer per
-    lookup, twice the shared memory), warps per block (each a k range), 16-row tiles per warp, k splits."""
+    lookup, twice the shared memory), warps per row group (each a k range), row groups per block (RW),
+    16-row tiles per warp, k splits. Few k ranges (RW > 1) give each warp a long loop: the big MLP
+    products; many suit the small ones, whose rows alone do not fill the GPU."""
     if m > 16:
         return []
     nt = 1 if m <= 8 else 2
-    return [{"KERNEL": "mma", "NT": nt, "WARPS": warps, "TILES": tiles, "SPLIT": split, "WIDE": wide}
-            for wide in (True, False) for warps in (4, 8) for tiles in (1, 2) for split in (1, 2, 4)]
+    by_k = [dict(WARPS=warps, RW=1, TILES=tiles, SPLIT=split)
+            for warps in (4, 8) for tiles in (1, 2) for split in (1, 2, 4)]
+    by_rows = [dict(WARPS=warps, RW=rw, TILES=tiles, SPLIT=1) for warps in (1, 2) for rw in (2, 4) for tiles in (1, 2)]
+    return [{"KERNEL": "mma", "NT": nt, "WIDE": wide, **cfg} for wide in (True, False) for cfg in by_k + by_rows]
 
 
 def _source(defines: dict) -> str:
@@ -160,7 +164,8 @@ def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: 
     if any((lora is not None) != has_lora for _, lora in members):
         raise ValueError("either both paired weights have an adapter or neither")
     xa, r = loras[0][0], loras[0][3]
-    return dict(defines[0], NT=cfg["NT"], TILES=cfg["TILES"], WARPS=cfg["WARPS"], SPLIT=cfg["SPLIT"], LORA=has_lora,
+    return dict(defines[0], NT=cfg["NT"], TILES=cfg["TILES"], WARPS=cfg["WARPS"], RW=cfg.get("RW", 1),
+                SPLIT=cfg["SPLIT"], LORA=has_lora,
                 RESIDUAL=residual is not None, F16=x2.dtype == torch.float16,
                 ADT=_ADAPTER_DTYPES[xa.dtype] if has_lora else 0, WIDE=bool(cfg.get("WIDE")), PAIR=pair,
                 LORA_R=r), weights, loras
@@ -182,8 +187,9 @@ def _launch(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, out: to
                                                   xa, lora_b)]
     ints = [ctypes.c_int(v) for v in (m, n, k, x2.stride(0), xa.stride(0), r)]
     more = [ctypes.c_void_p(t.data_ptr()) for t in (*second, xa2, lora_b2)]
-    rows = 16 if pair else 16 * cfg["TILES"]
-    kernel((-(-n // rows), split), 32 * cfg["WARPS"], shared_bytes(bool(cfg.get("WIDE"))),
+    rw = cfg.get("RW", 1)
+    rows = (16 if pair else 16 * cfg["TILES"]) * rw
+    kernel((-(-n // rows), split), 32 * cfg["WARPS"] * rw, shared_bytes(bool(cfg.get("WIDE"))),
            ptr + [ctypes.c_float(scale)] + ints + more + [ctypes.c_float(scale2)])
 
 
