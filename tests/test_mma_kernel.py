@@ -138,3 +138,40 @@ def test_gpu_mma_silu_pair_equals_the_two_products_then_silu():
             assert err.max() < 3e-2 and err.mean() < 3e-3, (m, cfg, err.max().item(), err.mean().item())
         tuned = matmul_4bit_silu(x, *members)
         assert tuned is None or ((tuned.float() - want).abs().max() / want.abs().max()) < 2e-2
+
+
+def test_gpu_mma_group_equals_each_product():
+    """q, k and v shapes (1040, 272, 272 rows × 4096; NF4, bf16, r = 16 adapters as column views of one xa)
+    in one launch, for 1 and 16 rows and every group setting: each output within one rounding of its own
+    x Wᵢᵀ + sᵢ·xaᵢ Bᵢᵀ (fp32 from the decoded weight), rows of one weight never written from another's;
+    replayed in a CUDA graph, the eager outputs bit for bit; and the tuned grouped entry point agrees."""
+    from qfine.fast.gemv_kernel import matmul_4bit_group
+    from qfine.fast.mma_kernel import fits, group_candidates, matmul_mma_group
+
+    torch.manual_seed(0)
+    k, shapes, scales = 4096, (1040, 272, 272), (2.0, 0.5, 1.0)
+    ws = [_weight(n, k, "nf4", True, 64, torch.bfloat16) for n in shapes]
+    decs = [_decoded(w, torch.bfloat16) for w in ws]
+    bs = [torch.randn(n, 16, dtype=torch.bfloat16, device="cuda") * 0.1 for n in shapes]
+    for m in (1, 16):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        xa_all = torch.randn(m, 48, dtype=torch.bfloat16, device="cuda")
+        xas = [xa_all[:, 16 * i:16 * (i + 1)] for i in range(3)]
+        members = [(w, (xa, b, s)) for w, xa, b, s in zip(ws, xas, bs, scales)]
+        wants = [x.float() @ d.t() + s * xa.float() @ b.float().t() for d, xa, b, s in zip(decs, xas, bs, scales)]
+        settings = [cfg for cfg in group_candidates(m) if fits(cfg, m, k, 64)]
+        assert len(settings) >= 8
+        for cfg in settings:
+            got = matmul_mma_group(x, members, cfg)
+            assert [tuple(y.shape) for y in got] == [(m, n) for n in shapes]
+            for i, (y, want) in enumerate(zip(got, wants)):
+                assert _close(y, want), (m, cfg, i, ((y.float() - want).abs().max() / want.abs().max()).item())
+        graph, out = torch.cuda.CUDAGraph(), {}
+        with torch.cuda.graph(graph):
+            out["y"] = matmul_mma_group(x, members, settings[-1])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(out["y"], matmul_mma_group(x, members, settings[-1])))
+        tuned = matmul_4bit_group(x, members)
+        assert tuned is None or all(((y.float() - want).abs().max() / want.abs().max()) < 8e-3
+                                    for y, want in zip(tuned, wants))

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from qfine.fast.gemv_rows import _round_out, _sum_splits_kernel, fits, groupable, matmul_group, matmul_rows
 from qfine.fast.mma_kernel import candidates as mma_candidates
-from qfine.fast.mma_kernel import matmul_mma_silu, pair_candidates, precompile
+from qfine.fast.mma_kernel import group_candidates, matmul_mma_silu, pair_candidates, precompile
 
 MAX_ROWS = 64
 # Triton's CPU interpreter (the tests' way to run these kernels without a GPU) computes fp32 dots exactly;
@@ -386,6 +386,10 @@ def _time_group(x2: torch.Tensor, members: list[tuple], m: int, k: int, blocksiz
     timed = [(graph_seconds(lambda: [matmul_4bit(x2, w, lora) for w, lora in members]), {"SEPARATE": True})]
     settings = [cfg for cfg in candidates(m, sum(w.quant_state.shape[0] for w, _ in members), k, blocksize)
                 if cfg.get("KERNEL") == "tc" and fits(cfg, m, k, blocksize)]
+    if torch.cuda.is_available() and not _INTERPRETED:
+        grouped = [cfg for cfg in group_candidates(m) if fits(cfg, m, k, blocksize)]
+        precompile(x2, members, None, grouped)
+        settings += grouped
     timed += _timed(settings, lambda c: matmul_group(x2, members, c, _INTERPRETED), separate)
     return sorted(timed, key=lambda t: t[0])
 

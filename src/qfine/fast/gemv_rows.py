@@ -399,7 +399,9 @@ def matmul_rows(x2: torch.Tensor, weight, lora, residual, cfg: dict, interpreted
 
 def matmul_group(x2: torch.Tensor, members: list[tuple], cfg: dict, interpreted: bool) -> list[torch.Tensor]:
     """[x2 @ Wᵢᵀ (+ sᵢ·xaᵢ Bᵢᵀ)] for 2 or 3 (weight, lora) pairs of one input (:func:`groupable`), in one
-    launch of the ``tc`` kernel. Capturable in a CUDA graph."""
+    launch of the ``tc`` or ``mma`` kernel. Capturable in a CUDA graph."""
+    if cfg["KERNEL"] == "mma":
+        return mma_kernel.matmul_mma_group(x2, members, cfg)
     return _launch_tc(x2, members, None, cfg, interpreted)
 
 

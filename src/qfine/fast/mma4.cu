@@ -18,7 +18,8 @@
 // per grid column (fp32 partials, summed by a second kernel); LORA, RESIDUAL epilogue terms; F16 (fp16
 // activations, else bf16); ADT the adapter's dtype (0 fp32, 1 bf16, 2 fp16); WIDE the 64 KiB table layout (see
 // pair()); LORA_R the adapter's rank; PAIR: two weights of one shape and input (gate, up), tile 0 from the
-// first and tile 1 the same rows of the second, written as silu(gate) * up (TILES 2, SPLIT 1).
+// first and tile 1 the same rows of the second, written as silu(gate) * up (TILES 2, SPLIT 1); NG: 1 to 3
+// weights of one k and input, each block's rows from one of them, each written to its own output (SPLIT 1).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -136,14 +137,55 @@ __device__ __forceinline__ float lora_term(const void* xa, const void* lora_b, i
   return d;
 }
 
+// one weight of a launch and where its rows' outputs go (mma_kernel.py's W4 mirrors this layout)
+struct W4 {
+  const u8* packed;       // (n, k / 2) packed codes
+  const void* absmax_q;   // (n k / BS,) one-byte codes (NESTED) or fp32 values
+  const float* code8;     // NESTED: the second-level code book (256,), else the weight's own (unused)
+  const float* absmax2;   // NESTED: (n k / BS / BS2,) second-level scales
+  const float* offset;    // NESTED: the one offset added to every absmax
+  const void* xa;         // LORA: (m, LORA_R) x A^T at row stride stride_xa, ADT
+  const void* lora_b;     // LORA: (n, LORA_R) B, ADT
+  void* out;              // (m, n) in x's dtype, or (SPLIT, m, n) fp32 partials
+  const u16* res;         // RESIDUAL: (m, n)
+  float scale;            // LORA: the adapter's scale
+  int n;                  // W's rows
+  int ctas;               // NG > 1: the blocks along x that take this weight's rows
+};
+
+#ifndef NG
+#define NG 1  // weights whose rows follow one another along the grid's x (q, k, v: one launch, three outputs)
+#endif
+#define PICK(f) (sel == 0 ? w0.f : (NG > 2 && sel == 2) ? w2.f : w1.f)
+
 extern "C" __global__ void __launch_bounds__(WARPS * RW * 32)
-qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* __restrict__ pairs,
-           const void* __restrict__ absmax_q, const float* __restrict__ code8, const float* __restrict__ absmax2,
-           const float* __restrict__ offset_p, void* __restrict__ out, const u16* __restrict__ res,
-           const void* __restrict__ xa, const void* __restrict__ lora_b, float scale, int m, int n, int k,
-           int stride_x, int stride_xa, int r, const u8* __restrict__ packed2, const void* __restrict__ absmax_q2,
-           const float* __restrict__ code8_2, const float* __restrict__ absmax2_2, const float* __restrict__ offset2_p,
-           const void* __restrict__ xa2, const void* __restrict__ lora_b2, float scale2) {
+qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int k, int stride_x, int stride_xa,
+           W4 w0, W4 w1, W4 w2) {
+  // this block's weight (NG > 1: by where blockIdx.x falls among the weights' ranges) and its block along x
+  int sel = 0, bx = blockIdx.x;
+  if (NG > 1 && bx >= w0.ctas) {
+    bx -= w0.ctas;
+    sel = 1;
+    if (NG > 2 && bx >= w1.ctas) {
+      bx -= w1.ctas;
+      sel = 2;
+    }
+  }
+  const u8* __restrict__ packed = PICK(packed);
+  const void* __restrict__ absmax_q = PICK(absmax_q);
+  const float* __restrict__ code8 = PICK(code8);
+  const float* __restrict__ absmax2 = PICK(absmax2);
+  const float* __restrict__ offset_p = PICK(offset);
+  const void* __restrict__ xa = PICK(xa);
+  const void* __restrict__ lora_b = PICK(lora_b);
+  void* __restrict__ out = PICK(out);
+  const u16* __restrict__ res = PICK(res);
+  const float scale = PICK(scale);
+  const int n = PICK(n);
+  // PAIR: the second weight, whose same rows tile 1 holds
+  const u8* __restrict__ packed2 = w1.packed;
+  const void* __restrict__ absmax_q2 = w1.absmax_q;
+  const float* __restrict__ absmax2_2 = w1.absmax2;
   extern __shared__ u32 smem[];
   u32* lut = smem;                             // [byte][lane]: the byte's pair of code values
   float* c8 = (float*)(smem + LUT_WORDS);      // the second-level code book(s) (double quantization)
@@ -152,7 +194,7 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
   const int g = lane >> 2, t = lane & 3;
   const u32 nblk = k / BS, per_warp = nblk / (SPLIT * WARPS);
   const u32 blk0 = blockIdx.y * (nblk / SPLIT) + warp * per_warp;
-  const int row0 = (blockIdx.x * RW + rw) * 16 * (PAIR ? 1 : TILES);
+  const int row0 = (bx * RW + rw) * 16 * (PAIR ? 1 : TILES);
   const u32 base = (u32)__cvta_generic_to_shared(lut), lane4 = 4 * lane;
 
   // this thread's rows (g, g + 8 of each tile; past n: the last row, read but not stored): pointers to its
@@ -195,7 +237,7 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
         if (warp != 0 || row >= n || col >= m) continue;
 #if LORA
         if (blockIdx.y == 0) {
-          if (PAIR && i) pre[i][j][e] = lora_term(xa2, lora_b2, col, row, stride_xa) * scale2;
+          if (PAIR && i) pre[i][j][e] = lora_term(w1.xa, w1.lora_b, col, row, stride_xa) * w1.scale;
           else pre[i][j][e] = lora_term(xa, lora_b, col, row, stride_xa) * scale;
         }
 #endif
@@ -214,8 +256,8 @@ qfine_mma4(const u16* __restrict__ x, const u8* __restrict__ packed, const u32* 
 #if NESTED
   for (int i = threadIdx.x; i < 256; i += WARPS * RW * 32) c8[i] = code8[i];
   if (PAIR)
-    for (int i = threadIdx.x; i < 256; i += WARPS * RW * 32) c8[256 + i] = code8_2[i];
-  const float offset = *offset_p, offset2 = PAIR ? *offset2_p : 0.0f;
+    for (int i = threadIdx.x; i < 256; i += WARPS * RW * 32) c8[256 + i] = w1.code8[i];
+  const float offset = *offset_p, offset2 = PAIR ? *w1.offset : 0.0f;
 #else
   const float offset = 0.0f, offset2 = 0.0f;
 #endif

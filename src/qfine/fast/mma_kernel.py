@@ -155,42 +155,55 @@ def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: 
     if x2.dtype not in (torch.bfloat16, torch.float16) or not fits(cfg, m, k, members[0][0].quant_state.blocksize):
         raise ValueError("the mma kernel takes 16-bit activations and whole loop steps of k")
     weights, defines = zip(*[_weight_args(w, m) for w, _ in members])
-    if any(d != defines[0] for d in defines):
-        raise ValueError("paired weights differ in block size or nesting")
+    if any(d != defines[0] for d in defines) or len({w.quant_state.quant_type for w, _ in members}) > 1:
+        raise ValueError("the weights of one launch differ in code book, block size or nesting")
+    if len(members) > 1 and not pair and (cfg["SPLIT"] != 1 or residual is not None or len(members) > 3):
+        raise ValueError("a group is 2 or 3 weights without k splits across blocks or a residual")
     loras = [_lora_args(lora, m, x2) for _, lora in members]
     if len({(xa.stride(0), xa.dtype, rank) for xa, _b, _s, rank in loras}) > 1:
-        raise ValueError("paired adapters differ in dtype, rank or row stride")
+        raise ValueError("the adapters of one launch differ in dtype, rank or row stride")
     has_lora = members[0][1] is not None
     if any((lora is not None) != has_lora for _, lora in members):
-        raise ValueError("either both paired weights have an adapter or neither")
+        raise ValueError("either every weight of one launch has an adapter or none")
     xa, r = loras[0][0], loras[0][3]
     return dict(defines[0], NT=cfg["NT"], TILES=cfg["TILES"], WARPS=cfg["WARPS"], RW=cfg.get("RW", 1),
                 SPLIT=cfg["SPLIT"], LORA=has_lora,
                 RESIDUAL=residual is not None, F16=x2.dtype == torch.float16,
                 ADT=_ADAPTER_DTYPES[xa.dtype] if has_lora else 0, WIDE=bool(cfg.get("WIDE")), PAIR=pair,
-                LORA_R=r), weights, loras
+                LORA_R=r, NG=1 if pair else len(members)), weights, loras
 
 
-def _launch(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, out: torch.Tensor, part: torch.Tensor,
-            pair: bool) -> None:
-    """One launch of ``mma4.cu`` for one weight, or (``pair``) two of one shape written as silu(y₁)·y₂."""
-    (n, k), m = members[0][0].quant_state.shape, x2.shape[0]
+class W4(ctypes.Structure):
+    """``struct W4`` of ``mma4.cu``: one weight of a launch and where its rows' outputs go."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("packed", "absmax_q", "code8", "absmax2", "offset", "xa",
+                                                      "lora_b", "out", "res")]
+    _fields_ += [("scale", ctypes.c_float), ("n", ctypes.c_int), ("ctas", ctypes.c_int)]
+
+
+def _launch(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, outs: list[torch.Tensor], pair: bool) -> None:
+    """One launch of ``mma4.cu``: for one weight, for two of one shape written as silu(y₁)·y₂ (``pair``,
+    one output), or for 2–3 weights of one k, each rows' block from one of them, into its own output.
+    ``outs``: per output, (m, nᵢ) in x2's dtype, or (SPLIT, m, n) fp32 partials for one weight."""
+    k, m = members[0][0].quant_state.shape[1], x2.shape[0]
     defines, weights, loras = _defines(x2, members, residual, cfg, pair)
-    xa, lora_b, scale, r = loras[0]
-    xa2, lora_b2, scale2, _ = loras[-1]
-    state = members[0][0].quant_state
-    split = cfg["SPLIT"]
-    kernel = _kernel(x2.device, defines)
-    res = out if residual is None else residual
-    first, second = weights[0], weights[-1]
-    ptr = [ctypes.c_void_p(t.data_ptr()) for t in (x2, first[0], pair_table(state, x2.dtype), *first[1:], part, res,
-                                                  xa, lora_b)]
-    ints = [ctypes.c_int(v) for v in (m, n, k, x2.stride(0), xa.stride(0), r)]
-    more = [ctypes.c_void_p(t.data_ptr()) for t in (*second, xa2, lora_b2)]
     rw = cfg.get("RW", 1)
     rows = (16 if pair else 16 * cfg["TILES"]) * rw
-    kernel((-(-n // rows), split), 32 * cfg["WARPS"] * rw, shared_bytes(bool(cfg.get("WIDE"))),
-           ptr + [ctypes.c_float(scale)] + ints + more + [ctypes.c_float(scale2)])
+    structs = []
+    for i, (weight, (xa, lora_b, scale, _r)) in enumerate(zip(weights, loras)):
+        n = members[i][0].quant_state.shape[0]
+        out = outs[0] if pair else outs[i]
+        res = out if residual is None else residual
+        ptrs = [t.data_ptr() for t in (*weight, xa, lora_b, out, res)]
+        structs.append(W4(*ptrs, float(scale), n, -(-n // rows)))
+    structs += [structs[-1]] * (3 - len(structs))
+    kernel = _kernel(x2.device, defines)
+    state = members[0][0].quant_state
+    grid_x = structs[0].ctas if pair else sum(w.ctas for w in structs[:len(members)])
+    stride_xa = loras[0][0].stride(0)
+    kernel((grid_x, cfg["SPLIT"]), 32 * cfg["WARPS"] * rw, shared_bytes(bool(cfg.get("WIDE"))),
+           [ctypes.c_void_p(x2.data_ptr()), ctypes.c_void_p(pair_table(state, x2.dtype).data_ptr()),
+            ctypes.c_int(m), ctypes.c_int(k), ctypes.c_int(x2.stride(0)), ctypes.c_int(stride_xa), *structs])
 
 
 def _rows(x2: torch.Tensor) -> torch.Tensor:
@@ -211,7 +224,7 @@ def matmul_mma(x2: torch.Tensor, weight, lora, residual, cfg: dict, sum_splits) 
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
     res = None if residual is None else residual.reshape(m, n).contiguous()
-    _launch(x2, [(weight, lora)], res, cfg, out, part, False)
+    _launch(x2, [(weight, lora)], res, cfg, [part], False)
     if split > 1:
         sum_splits(part, out, out if res is None else res, m * n, split, res is not None)
     return out
@@ -231,5 +244,23 @@ def matmul_mma_silu(x2: torch.Tensor, gate: tuple, up: tuple, cfg: dict) -> torc
     if up[0].quant_state.shape != gate[0].quant_state.shape or cfg["SPLIT"] != 1 or cfg["TILES"] != 2:
         raise ValueError("silu pairs take two weights of one shape, two tiles and no k split")
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    _launch(x2, [gate, up], None, cfg, out, out, True)
+    _launch(x2, [gate, up], None, cfg, [out], True)
     return out
+
+
+def group_candidates(m: int) -> list[dict]:
+    """The settings for :func:`matmul_mma_group`: those of :func:`candidates` without k splits across blocks."""
+    return [cfg for cfg in candidates(m) if cfg["SPLIT"] == 1]
+
+
+def matmul_mma_group(x2: torch.Tensor, members: list[tuple], cfg: dict) -> list[torch.Tensor]:
+    """[x2 @ Wᵢᵀ (+ sᵢ·xaᵢ Bᵢᵀ)] (m, nᵢ) in x2's dtype for 2 or 3 (weight, lora) pairs of one k, code book and
+    block size (q, k, v) in one launch: each block of the grid takes rows of one weight, so the small ones
+    (k, v) fill the GPU's gaps beside the large one. ``cfg``: one of :func:`group_candidates`. The adapters'
+    xa must share their dtype, rank and row stride (column views of one tensor, as the fused down-products
+    give them). Capturable in a CUDA graph once this setting has run outside one."""
+    x2 = _rows(x2)
+    m = x2.shape[0]
+    outs = [torch.empty(m, w.quant_state.shape[0], dtype=x2.dtype, device=x2.device) for w, _ in members]
+    _launch(x2, members, None, cfg, outs, False)
+    return outs
