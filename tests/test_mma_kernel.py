@@ -51,7 +51,7 @@ def test_gpu_mma_kernel_equals_decoded_product(case):
     computed in fp32 from the decoded W; with a residual, exactly round(res + round(y)); and replayed in a
     CUDA graph, the eager output bit for bit."""
     from qfine.fast.gemv_rows import _sum_splits
-    from qfine.fast.mma_kernel import candidates, fits, matmul_mma
+    from qfine.fast.mma_kernel import candidates, fits, matmul_mma, precompile
 
     torch.manual_seed(0)
     n, k, dtype = 1040, 4096, case["dtype"]
@@ -68,6 +68,8 @@ def test_gpu_mma_kernel_equals_decoded_product(case):
         # both table layouts, 1 and 2 row tiles, k split within the block and across blocks, row groups
         fitting = [cfg for cfg in candidates(m) if fits(cfg, m, k, case["blocksize"])
                    and (cfg["WARPS"], cfg["RW"], cfg["SPLIT"]) in ((4, 1, 1), (8, 1, 2), (2, 2, 1), (1, 4, 1))]
+        for residual in (None, res):  # compiled side by side on the CPU's cores
+            precompile(x, [(w, (xa, b, 2.0))], residual, fitting)
         for cfg in fitting:
             got = matmul_mma(x, w, (xa, b, 2.0), None, cfg, _sum_splits)
             assert got.dtype == dtype and got.shape == (m, n)
@@ -146,7 +148,7 @@ def test_gpu_mma_group_equals_each_product():
     x Wᵢᵀ + sᵢ·xaᵢ Bᵢᵀ (fp32 from the decoded weight), rows of one weight never written from another's;
     replayed in a CUDA graph, the eager outputs bit for bit; and the tuned grouped entry point agrees."""
     from qfine.fast.gemv_kernel import matmul_4bit_group
-    from qfine.fast.mma_kernel import fits, group_candidates, matmul_mma_group
+    from qfine.fast.mma_kernel import fits, group_candidates, matmul_mma_group, precompile
 
     torch.manual_seed(0)
     k, shapes, scales = 4096, (1040, 272, 272), (2.0, 0.5, 1.0)
@@ -161,6 +163,7 @@ def test_gpu_mma_group_equals_each_product():
         wants = [x.float() @ d.t() + s * xa.float() @ b.float().t() for d, xa, b, s in zip(decs, xas, bs, scales)]
         settings = [cfg for cfg in group_candidates(m) if fits(cfg, m, k, 64)]
         assert len(settings) >= 8
+        precompile(x, members, None, settings)  # side by side on the CPU's cores
         for cfg in settings:
             got = matmul_mma_group(x, members, cfg)
             assert [tuple(y.shape) for y in got] == [(m, n) for n in shapes]
