@@ -178,6 +178,25 @@ def test_grouped_launch_equals_each_product_interpreted():
     assert not groupable(torch.randn(1, 256), [(ws[0], None), (other, None)])
 
 
+@pytest.mark.skipif(not engine._INTERPRETED, reason="runs Triton kernels on the CPU: TRITON_INTERPRET=1 with triton")
+def test_lora_down_split_along_k_equals_the_products_interpreted():
+    """The fused adapter down-products x Aᵢᵀ for one row (k split over programs, partials added by the last)
+    and for three rows (a program per output), ranks 8 + 24 and 16 × 3, k 512 and 4096: each within fp32
+    summation noise of the fp64 product, called twice (the counter the last program resets serves again)."""
+    from qfine.fast.gemv_kernel import lora_down
+
+    torch.manual_seed(0)
+    for k, ranks in ((512, (8, 24)), (4096, (16, 16, 16))):
+        mats = [torch.randn(r, k) * 0.02 for r in ranks]
+        for rows in (1, 1, 3):
+            x = torch.randn(rows, k)
+            views = lora_down(x, mats)
+            assert [tuple(v.shape) for v in views] == [(rows, r) for r in ranks]
+            for a, got in zip(mats, views):
+                want = x.double() @ a.double().t()
+                assert (got.double() - want).abs().max() < 1e-5 * want.abs().max() * k ** 0.5, (k, rows)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_grouped_launch_captures_in_a_graph():
