@@ -38,7 +38,8 @@ def _case(device, dtype, b=3, kv=2, group=4, length=80, d=32, seed=0):
 def test_decode_attention_equals_masked_sdpa_interpreted(group):
     """fp32, 3 rows with different prompt starts, GQA groups of 1, 4 and 3 query heads per kv head, a cache
     of 80 slots (the last split partly past it), the current slot at 0, inside a split and at the end: equal
-    to masked SDPA within 1e-5; a slot past every row's view (its splits skipped) changes nothing."""
+    to masked SDPA within 1e-5; given the step's k and v, the same result with NaN in the cache at the slot,
+    which then holds them; a slot past every row's view (its splits skipped) changes nothing."""
     from qfine.fast.attn_decode import decode_attention
 
     q, keys, values = _case("cpu", torch.float32, group=group)
@@ -49,8 +50,14 @@ def test_decode_attention_equals_masked_sdpa_interpreted(group):
         want = _reference(q, keys, values, pad, cur, 0.3)
         assert got.shape == want.shape and got.dtype == q.dtype
         assert (got - want).abs().max() < 1e-5, (group, cur, (got - want).abs().max())
-    # slots past the current one hold other values: they must not be read
+    # the step's own k, v given: written into the cache at the slot, and the result as with them there
     slot = torch.tensor([40])
+    want = decode_attention(q, keys, values, pad, slot, 0.3)
+    new = (keys[:, :, 40:41].clone(), values[:, :, 40:41].clone())
+    keys[:, :, 40], values[:, :, 40] = float("nan"), float("nan")
+    assert torch.equal(decode_attention(q, keys, values, pad, slot, 0.3, new=new), want)
+    assert torch.equal(keys[:, :, 40:41], new[0]) and torch.equal(values[:, :, 40:41], new[1])
+    # slots past the current one hold other values: they must not be read
     before = decode_attention(q, keys, values, pad, slot, 0.3)
     keys[:, :, 41:] = 1e4
     values[:, :, 41:] = float("nan")
@@ -62,7 +69,8 @@ def test_decode_attention_equals_masked_sdpa_interpreted(group):
 def test_gpu_decode_attention_at_8b_shapes():
     """bf16 at the Llama-3.1-8B attention shape (32 query heads over 8 kv heads, d = 128), batch 1 and 16, a
     cache of 512 slots: within 1e-2 of fp32 masked SDPA (one bf16 rounding of the output), and replayed
-    from a CUDA graph with the slot changed on the device, equal to the eager call."""
+    from a CUDA graph with the slot changed on the device, equal to the eager call; given the step's k and v,
+    the same output with the cache's slot written by the launch."""
     from qfine.fast.attn_decode import decode_attention
 
     for b in (1, 16):
@@ -79,3 +87,8 @@ def test_gpu_decode_attention_at_8b_shapes():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, decode_attention(q, keys, values, pad, slot, 128 ** -0.5))
+        # the step's k, v written by the launch itself: the same output, and the cache holds them
+        new = (keys[:, :, 411:412].clone(), values[:, :, 411:412].clone())
+        keys[:, :, 411], values[:, :, 411] = float("nan"), float("nan")
+        assert torch.equal(decode_attention(q, keys, values, pad, slot, 128 ** -0.5, new=new), out)
+        assert torch.equal(keys[:, :, 411:412], new[0]) and torch.equal(values[:, :, 411:412], new[1])

@@ -9,6 +9,9 @@ visible (key slot j is seen by row b iff pad[b] ≤ j ≤ slot), and writes its 
 maximum m, the sum l of exp(s − m) and the (GROUP, D) sum of exp(s − m)·v — in fp32; a second kernel adds the
 splits' partials (each rescaled by exp(mᵢ − M)) in split order and divides once. Scores are fp32 products of
 the 16-bit q and k; the probabilities meet v in fp32 (no rounding of p, unlike flash attention's kernels).
+Given the step's own k and v, the program whose run holds the current slot writes them into the cache there
+(one launch fewer per tensor and layer) and every program takes that slot's k, v from them, never from the
+cache, which another program may be writing.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _split_kernel(q, keys, values, pad, slot, part, stats, scale, length, stride_kb, stride_kh, stride_kl,
-                  kv_heads, splits, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
-                  BLOCK_L: tl.constexpr):
+def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, scale, length, stride_kb, stride_kh,
+                  stride_kl, kv_heads, splits, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
+                  BLOCK_L: tl.constexpr, NEW: tl.constexpr):
     """Partials of program (b·kv_heads + h, split): part (b, kv, splits, GROUP, D), stats (b, kv, splits,
-    GROUP, 2) = (m, l); a split with no visible slot writes m = −inf, l = 0, zeros."""
+    GROUP, 2) = (m, l); a split with no visible slot writes m = −inf, l = 0, zeros. NEW: new_k, new_v (b, kv,
+    D) are the current slot's k and v, written into the cache by the program whose run holds the slot."""
     bh, sp = tl.program_id(0), tl.program_id(1)
     b, h = bh // kv_heads, bh % kv_heads
     first, last = tl.load(pad + b), tl.load(slot)
@@ -38,8 +42,19 @@ def _split_kernel(q, keys, values, pad, slot, part, stats, scale, length, stride
         base = b.to(tl.int64) * stride_kb + h * stride_kh
         seen = (rl >= first) & (rl <= last) & (rl < length)  # slots not seen are not read
         kv_at = base + rl[:, None] * stride_kl + rd[None, :]
-        ks = tl.load(keys + kv_at, mask=seen[:, None], other=0.0).to(tl.float32)
-        vs = tl.load(values + kv_at, mask=seen[:, None], other=0.0).to(tl.float32)  # requested with k
+        from_cache = seen
+        if NEW:
+            from_cache = seen & (rl != last)
+        ks = tl.load(keys + kv_at, mask=from_cache[:, None], other=0.0).to(tl.float32)
+        vs = tl.load(values + kv_at, mask=from_cache[:, None], other=0.0).to(tl.float32)  # requested with k
+        if NEW:
+            kn, vn = tl.load(new_k + bh * D + rd), tl.load(new_v + bh * D + rd)
+            cur = (rl == last)[:, None]
+            ks = tl.where(cur, kn.to(tl.float32)[None, :], ks)
+            vs = tl.where(cur, vn.to(tl.float32)[None, :], vs)
+            if last < start + BLOCK_L:  # this run holds the slot: its program writes the cache there
+                tl.store(keys + base + last * stride_kl + rd, kn)
+                tl.store(values + base + last * stride_kl + rd, vn)
         s = tl.sum(qs[:, None, :] * ks[None, :, :], 2) * scale  # (GROUP_P, BLOCK_L)
         s = tl.where(seen[None, :], s, float("-inf"))
         m = tl.max(s, 1)
@@ -73,11 +88,12 @@ def _combine_kernel(part, stats, out, splits, GROUP: tl.constexpr, GROUP_P: tl.c
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor,
-                     slot: torch.Tensor, scale: float, block_l: int = 16) -> torch.Tensor:
+                     slot: torch.Tensor, scale: float, block_l: int = 16, new: tuple | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale) v for q (b, heads, 1, d) over cache slots j with pad[b] ≤ j ≤ slot (``slot`` a
     one-element long tensor, ``pad`` (b,) long; both read on the device, so a CUDA graph replays any step),
-    keys/values (b, kv heads, length, d) with heads = kv heads · group. Returns (b, heads, 1, d) in q's dtype.
-    Capturable in a CUDA graph."""
+    keys/values (b, kv heads, length, d) with heads = kv heads · group. ``new``: this step's (k, v), each
+    (b, kv heads, 1, d) in the cache's dtype, written into the cache at ``slot`` by the same launch (else
+    the cache must hold them already). Returns (b, heads, 1, d) in q's dtype. Capturable in a CUDA graph."""
     b, heads, _, d = q.shape
     kv, length = keys.shape[1], keys.shape[2]
     group = heads // kv
@@ -87,9 +103,14 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     part = torch.empty(b, kv, splits, group_p, d, dtype=torch.float32, device=q.device)
     stats = torch.empty(b, kv, splits, group_p, 2, dtype=torch.float32, device=q.device)
     out = torch.empty(b, heads, 1, d, dtype=q.dtype, device=q.device)
-    _split_kernel[(b * kv, splits)](qc, keys, values, pad, slot, part, stats, float(scale), length, keys.stride(0),
-                                    keys.stride(1), keys.stride(2), kv, splits, GROUP=group, GROUP_P=group_p, D=d,
-                                    BLOCK_L=block_l, num_warps=4)
+    if keys.stride(3) != 1 or values.stride() != keys.stride():
+        raise ValueError("decode_attention reads keys and values of one layout, d contiguous")
+    new_k, new_v = (qc, qc) if new is None else [t.reshape(b, kv, d).contiguous() for t in new]
+    if new is not None and not (new_k.dtype == new_v.dtype == keys.dtype == values.dtype):
+        raise ValueError("the step's k and v are written into the cache in its dtype")
+    _split_kernel[(b * kv, splits)](qc, keys, values, new_k, new_v, pad, slot, part, stats, float(scale), length,
+                                    keys.stride(0), keys.stride(1), keys.stride(2), kv, splits, GROUP=group,
+                                    GROUP_P=group_p, D=d, BLOCK_L=block_l, NEW=new is not None, num_warps=4)
     _combine_kernel[(b * kv, group)](part, stats, out, splits, GROUP=group, GROUP_P=group_p, D=d,
                                      SPLITS_P=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out

@@ -305,13 +305,14 @@ class Decoder:
                 q, k = layer.q_norm(q), layer.k_norm(k)
             q, k = _rope(q, k, cos, sin)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            self.keys[i].index_copy_(2, slots, k)
-            self.values[i].index_copy_(2, slots, v)
-            if split:
+            if split:  # the attention kernel writes k, v into the cache at the slot itself
                 from qfine.fast.attn_decode import decode_attention  # Triton: CUDA only
 
-                out = decode_attention(q, self.keys[i], self.values[i], self.pad, first_slot, layer.scaling)
+                out = decode_attention(q, self.keys[i], self.values[i], self.pad, first_slot, layer.scaling,
+                                       new=(k, v))
             else:
+                self.keys[i].index_copy_(2, slots, k)
+                self.values[i].index_copy_(2, slots, v)
                 q = q.reshape(b, self.kv_heads, group * t, self.head_dim)
                 out = F.scaled_dot_product_attention(q, self.keys[i], self.values[i], attn_mask=mask,
                                                      scale=layer.scaling)
