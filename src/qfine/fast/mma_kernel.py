@@ -50,7 +50,8 @@ def candidates(m: int) -> list[dict]:
     nt = 1 if m <= 8 else 2
     by_k = [dict(WARPS=warps, RW=1, TILES=tiles, SPLIT=split)
             for warps in (4, 8) for tiles in (1, 2) for split in (1, 2, 4)]
-    by_rows = [dict(WARPS=warps, RW=rw, TILES=tiles, SPLIT=1) for warps in (1, 2) for rw in (2, 4) for tiles in (1, 2)]
+    by_rows = [dict(WARPS=warps, RW=rw, TILES=tiles, SPLIT=1)
+               for warps in (1, 2, 4) for rw in (2, 4) for tiles in (1, 2)]
     return [{"KERNEL": "mma", "NT": nt, "WIDE": wide, **cfg} for wide in (True, False) for cfg in by_k + by_rows]
 
 
