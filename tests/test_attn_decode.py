@@ -35,10 +35,11 @@ def _case(device, dtype, b=3, kv=2, group=4, length=80, d=32, seed=0):
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs Triton kernels on the CPU: TRITON_INTERPRET=1 with triton")
 @pytest.mark.parametrize("group", [1, 4, 3])
-def test_decode_attention_equals_masked_sdpa_interpreted(group):
+def test_decode_attention_equals_masked_sdpa_interpreted(group, monkeypatch):
     """fp32, 3 rows with different prompt starts, GQA groups of 1, 4 and 3 query heads per kv head, a cache
     of 80 slots (the last split partly past it), the current slot at 0, inside a split and at the end: equal
-    to masked SDPA within 1e-5; given the step's k and v, the same result with NaN in the cache at the slot,
+    to masked SDPA within 1e-5, the partials added by the last program or, without a counter, by a second
+    kernel; given the step's k and v, the same result with NaN in the cache at the slot,
     which then holds them; a slot past every row's view (its splits skipped) changes nothing."""
     from qfine.fast.attn_decode import decode_attention
 
@@ -50,6 +51,9 @@ def test_decode_attention_equals_masked_sdpa_interpreted(group):
         want = _reference(q, keys, values, pad, cur, 0.3)
         assert got.shape == want.shape and got.dtype == q.dtype
         assert (got - want).abs().max() < 1e-5, (group, cur, (got - want).abs().max())
+        with monkeypatch.context() as patch:  # no counter to be had: the partials added by a second kernel
+            patch.setattr("qfine.fast.attn_decode._counter", lambda device, n: None)
+            assert (decode_attention(q, keys, values, pad, slot, 0.3) - got).abs().max() < 1e-6
     # the step's own k, v given: written into the cache at the slot, and the result as with them there
     slot = torch.tensor([40])
     want = decode_attention(q, keys, values, pad, slot, 0.3)
@@ -71,7 +75,7 @@ def test_gpu_decode_attention_at_8b_shapes():
     cache of 512 slots: within 1e-2 of fp32 masked SDPA (one bf16 rounding of the output), and replayed
     from a CUDA graph with the slot changed on the device, equal to the eager call; given the step's k and v,
     the same output with the cache's slot written by the launch."""
-    from qfine.fast.attn_decode import decode_attention
+    from qfine.fast.attn_decode import LAST_ADDS, decode_attention
 
     for b in (1, 16):
         q, keys, values = _case("cuda", torch.bfloat16, b=b, kv=8, group=4, length=512, d=128)
@@ -92,3 +96,4 @@ def test_gpu_decode_attention_at_8b_shapes():
         keys[:, :, 411], values[:, :, 411] = float("nan"), float("nan")
         assert torch.equal(decode_attention(q, keys, values, pad, slot, 128 ** -0.5, new=new), out)
         assert torch.equal(keys[:, :, 411:412], new[0]) and torch.equal(values[:, :, 411:412], new[1])
+    assert LAST_ADDS["ok"]  # the partials were added by the split kernel's last program, not a fallback

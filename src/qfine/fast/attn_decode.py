@@ -6,35 +6,44 @@ A masked SDPA call at the decode step reads the whole cache and pays for a gener
 at 8B shapes on an H200, twenty times the time to read the cache). Here program (b, kv head, split) takes the
 ``GROUP`` query heads that share its kv head and one run of BLOCK_L (16) cache slots, skips it when no slot in it is
 visible (key slot j is seen by row b iff pad[b] ≤ j ≤ slot), and writes its softmax partial — the running
-maximum m, the sum l of exp(s − m) and the (GROUP, D) sum of exp(s − m)·v — in fp32; a second kernel adds the
-splits' partials (each rescaled by exp(mᵢ − M)) in split order and divides once. Scores are fp32 products of
-the 16-bit q and k; the probabilities meet v in fp32 (no rounding of p, unlike flash attention's kernels).
-Given the step's own k and v, the program whose run holds the current slot writes them into the cache there
-(one launch fewer per tensor and layer) and every program takes that slot's k, v from them, never from the
-cache, which another program may be writing.
+maximum m, the sum l of exp(s − m) and the (GROUP, D) sum of exp(s − m)·v — in fp32; the last of a
+(b, kv head)'s programs to finish adds the splits' partials (each rescaled by exp(mᵢ − M)) in split order and
+divides once (a second kernel does where no counter can be had: a capture that would have to allocate one).
+Scores are fp32 products of the 16-bit q and k; the probabilities meet v in fp32 (no rounding of p, unlike
+flash attention's kernels). Given the step's own k and v, the program whose run holds the current slot
+writes them into the cache there (one launch fewer per tensor and layer) and every program takes that slot's
+k, v from them, never from the cache, which another program may be writing.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 
+from qfine.fast.gemv_rows import _counter
+
+LAST_ADDS = {"ok": True}  # False once the variant whose last program adds the partials failed to build here
+
 
 @triton.jit
-def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, scale, length, stride_kb, stride_kh,
-                  stride_kl, kv_heads, splits, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
-                  BLOCK_L: tl.constexpr, NEW: tl.constexpr):
-    """Partials of program (b·kv_heads + h, split): part (b, kv, splits, GROUP, D), stats (b, kv, splits,
-    GROUP, 2) = (m, l); a split with no visible slot writes m = −inf, l = 0, zeros. NEW: new_k, new_v (b, kv,
-    D) are the current slot's k and v, written into the cache by the program whose run holds the slot."""
+def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, counter, scale, length, stride_kb,
+                  stride_kh, stride_kl, kv_heads, SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+                  D: tl.constexpr, BLOCK_L: tl.constexpr, NEW: tl.constexpr, LAST_ADDS: tl.constexpr):
+    """Partials of program (b·kv_heads + h, split) of SPLITS: part (b, kv, SPLITS, GROUP, D), stats (b, kv,
+    SPLITS, GROUP, 2) = (m, l); a split with no visible slot writes m = −inf, l = 0, zeros. NEW: new_k, new_v (b, kv,
+    D) are the current slot's k and v, written into the cache by the program whose run holds the slot.
+    LAST_ADDS: the last of a (b, h)'s programs to finish (counted in ``counter``, which it resets) adds their
+    partials into ``out`` (:func:`_add_splits`), instead of a second kernel."""
     bh, sp = tl.program_id(0), tl.program_id(1)
     b, h = bh // kv_heads, bh % kv_heads
     first, last = tl.load(pad + b), tl.load(slot)
     rg, rd = tl.arange(0, GROUP_P), tl.arange(0, D)
     rl = sp * BLOCK_L + tl.arange(0, BLOCK_L)
     g_ok = rg < GROUP
-    out = (bh * splits + sp) * GROUP_P
+    at = (bh * SPLITS + sp) * GROUP_P  # this program's first (split, group) row of part and stats
     start = sp * BLOCK_L
     if (start <= last) & (start + BLOCK_L > first):
         # q (b, kv·GROUP, D): this kv head's GROUP query heads
@@ -61,13 +70,45 @@ def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, scale, 
         p = tl.exp(s - m[:, None])
         p = tl.where(seen[None, :], p, 0.0)
         acc = tl.sum(p[:, :, None] * vs[None, :, :], 1)  # (GROUP_P, D)
-        tl.store(part + (out + rg)[:, None] * D + rd[None, :], acc)
-        tl.store(stats + (out + rg) * 2, m)
-        tl.store(stats + (out + rg) * 2 + 1, tl.sum(p, 1))
+        tl.store(part + (at + rg)[:, None] * D + rd[None, :], acc)
+        tl.store(stats + (at + rg) * 2, m)
+        tl.store(stats + (at + rg) * 2 + 1, tl.sum(p, 1))
     else:
-        tl.store(part + (out + rg)[:, None] * D + rd[None, :], tl.zeros((GROUP_P, D), dtype=tl.float32))
-        tl.store(stats + (out + rg) * 2, tl.full((GROUP_P,), float("-inf"), tl.float32))
-        tl.store(stats + (out + rg) * 2 + 1, tl.zeros((GROUP_P,), dtype=tl.float32))
+        tl.store(part + (at + rg)[:, None] * D + rd[None, :], tl.zeros((GROUP_P, D), dtype=tl.float32))
+        tl.store(stats + (at + rg) * 2, tl.full((GROUP_P,), float("-inf"), tl.float32))
+        tl.store(stats + (at + rg) * 2 + 1, tl.zeros((GROUP_P,), dtype=tl.float32))
+    if LAST_ADDS:
+        # release this program's partial, acquire the others' (read past L1: other programs wrote them)
+        if tl.atomic_add(counter + bh, 1, sem="acq_rel") == SPLITS - 1:
+            for g in tl.static_range(GROUP):
+                _add_splits(part, stats, out, bh, g, SPLITS, GROUP, GROUP_P, D, 16)
+            tl.atomic_xchg(counter + bh, 0)
+
+
+@triton.jit
+def _add_splits(part, stats, out, bh, g, SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+                D: tl.constexpr, CHUNK: tl.constexpr):
+    """out[bh·GROUP + g] (D,) = Σᵢ exp(mᵢ − M)·accᵢ / Σᵢ exp(mᵢ − M)·lᵢ over the SPLITS splits i of (bh, g),
+    read CHUNK splits at a time: the largest m first, then the sums in split order."""
+    rd = tl.arange(0, D)
+    big = tl.full((), float("-inf"), tl.float32)
+    for c0 in range(0, SPLITS, CHUNK):
+        rs = c0 + tl.arange(0, CHUNK)
+        m = tl.load(stats + ((bh * SPLITS + rs) * GROUP_P + g) * 2, mask=rs < SPLITS, other=float("-inf"),
+                    cache_modifier=".cg")
+        big = tl.maximum(big, tl.max(m, 0))
+    total = tl.zeros((), dtype=tl.float32)
+    acc = tl.zeros((D,), dtype=tl.float32)
+    for c0 in range(0, SPLITS, CHUNK):
+        rs = c0 + tl.arange(0, CHUNK)
+        ok = rs < SPLITS
+        at = (bh * SPLITS + rs) * GROUP_P + g
+        m = tl.load(stats + at * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        w = tl.where(ok & (m > float("-inf")), tl.exp(m - big), 0.0)
+        total += tl.sum(w * tl.load(stats + at * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg"), 0)
+        acc += tl.sum(w[:, None] * tl.load(part + at[:, None] * D + rd[None, :], mask=ok[:, None], other=0.0,
+                                           cache_modifier=".cg"), 0)
+    tl.store(out + (bh * GROUP + g) * D + rd, (acc / total).to(out.dtype.element_ty))
 
 
 @triton.jit
@@ -108,9 +149,24 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     new_k, new_v = (qc, qc) if new is None else [t.reshape(b, kv, d).contiguous() for t in new]
     if new is not None and not (new_k.dtype == new_v.dtype == keys.dtype == values.dtype):
         raise ValueError("the step's k and v are written into the cache in its dtype")
-    _split_kernel[(b * kv, splits)](qc, keys, values, new_k, new_v, pad, slot, part, stats, float(scale), length,
-                                    keys.stride(0), keys.stride(1), keys.stride(2), kv, splits, GROUP=group,
-                                    GROUP_P=group_p, D=d, BLOCK_L=block_l, NEW=new is not None, num_warps=4)
-    _combine_kernel[(b * kv, group)](part, stats, out, splits, GROUP=group, GROUP_P=group_p, D=d,
-                                     SPLITS_P=max(2, triton.next_power_of_2(splits)), num_warps=4)
+
+    def launch(counter):
+        _split_kernel[(b * kv, splits)](qc, keys, values, new_k, new_v, pad, slot, part, stats, out,
+                                        qc if counter is None else counter, float(scale), length, keys.stride(0),
+                                        keys.stride(1), keys.stride(2), kv, SPLITS=splits, GROUP=group,
+                                        GROUP_P=group_p, D=d, BLOCK_L=block_l, NEW=new is not None,
+                                        LAST_ADDS=counter is not None, num_warps=4)
+
+    counter = _counter(q.device, b * kv) if LAST_ADDS["ok"] else None
+    try:
+        launch(counter)
+    except Exception as e:  # noqa: BLE001 - compiled on first use: a toolchain that cannot build it is told once
+        if counter is None:
+            raise
+        warnings.warn(f"split attention: the partials are added by a second kernel ({type(e).__name__}: {e})")
+        LAST_ADDS["ok"], counter = False, None
+        launch(None)
+    if counter is None:
+        _combine_kernel[(b * kv, group)](part, stats, out, splits, GROUP=group, GROUP_P=group_p, D=d,
+                                         SPLITS_P=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out
