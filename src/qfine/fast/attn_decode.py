@@ -112,20 +112,11 @@ def _add_splits(part, stats, out, bh, g, SPLITS: tl.constexpr, GROUP: tl.constex
 
 
 @triton.jit
-def _combine_kernel(part, stats, out, splits, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
-                    SPLITS_P: tl.constexpr):
-    """out (b, kv·GROUP, D) in out's dtype: Σᵢ exp(mᵢ − M)·accᵢ / Σᵢ exp(mᵢ − M)·lᵢ over the splits of
-    program (b·kv_heads + h, query head g), added in split order."""
-    bh, g = tl.program_id(0), tl.program_id(1)
-    rs, rd = tl.arange(0, SPLITS_P), tl.arange(0, D)
-    s_ok = rs < splits
-    at = (bh * splits + rs) * GROUP_P + g
-    m = tl.load(stats + at * 2, mask=s_ok, other=float("-inf"))
-    big = tl.max(m, 0)
-    w = tl.where(s_ok & (m > float("-inf")), tl.exp(m - big), 0.0)
-    total = tl.sum(w * tl.load(stats + at * 2 + 1, mask=s_ok, other=0.0), 0)
-    acc = tl.sum(w[:, None] * tl.load(part + at[:, None] * D + rd[None, :], mask=s_ok[:, None], other=0.0), 0)
-    tl.store(out + (bh * GROUP + g) * D + rd, (acc / total).to(out.dtype.element_ty))
+def _combine_kernel(part, stats, out, SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+                    D: tl.constexpr):
+    """out (b, kv·GROUP, D) in out's dtype for program (b·kv_heads + h, query head g): :func:`_add_splits` as
+    a kernel of its own, where the split kernel's last program cannot add them."""
+    _add_splits(part, stats, out, tl.program_id(0), tl.program_id(1), SPLITS, GROUP, GROUP_P, D, 16)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor,
@@ -167,6 +158,6 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         LAST_ADDS["ok"], counter = False, None
         launch(None)
     if counter is None:
-        _combine_kernel[(b * kv, group)](part, stats, out, splits, GROUP=group, GROUP_P=group_p, D=d,
-                                         SPLITS_P=max(2, triton.next_power_of_2(splits)), num_warps=4)
+        _combine_kernel[(b * kv, group)](part, stats, out, SPLITS=splits, GROUP=group, GROUP_P=group_p, D=d,
+                                         num_warps=4)
     return out

@@ -3,7 +3,8 @@
 //
 // Each warp owns 16*TILES rows of W and a run of absmax blocks along k; each step of its loop covers GROUP
 // blocks. A block of WARPS * RW warps holds RW row groups of WARPS warps, the WARPS of a group splitting k
-// (RW > 1: fewer k ranges, so longer loops that keep loads in flight, and one table fill serves more rows). Per block, a thread (lane = 4g + t) reads BS/8 packed bytes of rows g and g+8 of each 16-row tile
+// (RW > 1: fewer k ranges, so longer loops that keep loads in flight, and one table fill serves more rows).
+// Per absmax block, a thread (lane = 4g + t) reads BS/8 packed bytes of rows g and g+8 of each 16-row tile
 // (a quad of lanes reads one row's block as one contiguous piece), turns every byte into the two 16-bit
 // code values it holds with one shared-memory lookup (a 256-entry table of value pairs, one copy per lane
 // so that a warp's 32 lookups never share a bank), and feeds them as the A operand of mma.m16n8k16: W's
@@ -14,12 +15,12 @@
 //
 // Defines: BS (64 | 128) absmax block size; NESTED, BS2 double quantization and its block size; NT token
 // tiles of 8 (m <= 8 NT); TILES 16-row tiles per warp; WARPS warps per row group, each a k range; RW row
-// groups per block; SPLIT k ranges
-// per grid column (fp32 partials, summed by a second kernel); LORA, RESIDUAL epilogue terms; F16 (fp16
-// activations, else bf16); ADT the adapter's dtype (0 fp32, 1 bf16, 2 fp16); WIDE the 64 KiB table layout (see
-// pair()); LORA_R the adapter's rank; PAIR: two weights of one shape and input (gate, up), tile 0 from the
-// first and tile 1 the same rows of the second, written as silu(gate) * up (TILES 2, SPLIT 1); NG: 1 to 3
-// weights of one k and input, each block's rows from one of them, each written to its own output (SPLIT 1).
+// groups per block; SPLIT k ranges per grid column (fp32 partials, summed by a second kernel); LORA,
+// RESIDUAL epilogue terms; F16 (fp16 activations, else bf16); ADT the adapter's dtype (0 fp32, 1 bf16,
+// 2 fp16); WIDE the 64 KiB table layout (see pair()); LORA_R the adapter's rank; PAIR: two weights of one
+// shape and input (gate, up), tile 0 from the first and tile 1 the same rows of the second, written as
+// silu(gate) * up (TILES 2, SPLIT 1); NG: 1 to 3 weights of one k and input, each block's rows from one of
+// them, each written to its own output (SPLIT 1).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -31,9 +32,6 @@ typedef unsigned char u8;
 #define XW (BS / 8)          // 32-bit words (pairs of x) a thread needs per token row per block
 #define ROW_SHIFT (WIDE ? 6 : 5)  // log2 of a table row's words: 32 lane copies, or 64 (WIDE: half unused)
 #define LUT_WORDS (256 << ROW_SHIFT)
-#ifndef RW
-#define RW 1
-#endif
 
 __device__ __forceinline__ float act_to_f32(u16 v) {
 #if F16
@@ -153,9 +151,7 @@ struct W4 {
   int ctas;               // NG > 1: the blocks along x that take this weight's rows
 };
 
-#ifndef NG
-#define NG 1  // weights whose rows follow one another along the grid's x (q, k, v: one launch, three outputs)
-#endif
+// NG: the weights whose rows follow one another along the grid's x (q, k, v: one launch, three outputs)
 #define PICK(f) (sel == 0 ? w0.f : (NG > 2 && sel == 2) ? w2.f : w1.f)
 
 extern "C" __global__ void __launch_bounds__(WARPS * RW * 32)
