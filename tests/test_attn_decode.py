@@ -36,11 +36,12 @@ def _case(device, dtype, b=3, kv=2, group=4, length=80, d=32, seed=0):
 @pytest.mark.skipif(not INTERPRETED, reason="runs Triton kernels on the CPU: TRITON_INTERPRET=1 with triton")
 @pytest.mark.parametrize("group", [1, 4, 3])
 def test_decode_attention_equals_masked_sdpa_interpreted(group, monkeypatch):
-    """fp32, 3 rows with different prompt starts, GQA groups of 1, 4 and 3 query heads per kv head, a cache
-    of 80 slots (the last split partly past it), the current slot at 0, inside a split and at the end: equal
-    to masked SDPA within 1e-5, the partials added by the last program or, without a counter, by a second
-    kernel (the same sums, so the same bits); given the step's k and v, the same result with NaN in the cache
-    at the slot, which then holds them; a slot past every row's view (its splits skipped) changes nothing."""
+    """fp32, 3 rows with different prompt starts, GQA groups of 1, 4 and 3 query heads per kv head, a cache of 80
+    slots (the last split partly past it), the current slot at 0, inside a split and at the end: equal to masked
+    SDPA within 1e-5, the partials added by the last program or, without a counter, by a second kernel (the same
+    sums, so the same bits), and as well 2 splits a load; given the step's k and v, the same result with NaN in
+    the cache at the slot, which then holds them; a slot past every row's view (its splits skipped) changes
+    nothing."""
     from qfine.fast.attn_decode import decode_attention
 
     q, keys, values = _case("cpu", torch.float32, group=group)
@@ -54,6 +55,10 @@ def test_decode_attention_equals_masked_sdpa_interpreted(group, monkeypatch):
         with monkeypatch.context() as patch:  # no counter to be had: the partials added by a second kernel
             patch.setattr("qfine.fast.attn_decode._counter", lambda device, n: None)
             assert torch.equal(decode_attention(q, keys, values, pad, slot, 0.3), got)
+        with monkeypatch.context() as patch:  # 2 of the 5 splits a load: the sums rescaled as the maximum grows
+            patch.setattr("qfine.fast.attn_decode.ADD_TILE", 2 * (1 << (group - 1).bit_length()) * 32)
+            chunked = decode_attention(q, keys, values, pad, slot, 0.3)
+            assert (chunked - want).abs().max() < 1e-5, (group, cur, (chunked - want).abs().max())
     # the step's own k, v given: written into the cache at the slot, and the result as with them there
     slot = torch.tensor([40])
     want = decode_attention(q, keys, values, pad, slot, 0.3)

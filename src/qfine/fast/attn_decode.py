@@ -2,13 +2,14 @@
 the generation engine's replacement for a masked ``scaled_dot_product_attention`` there. CUDA only (Triton;
 on the CPU under Triton's interpreter, which the tests use).
 
-A masked SDPA call at the decode step reads the whole cache and pays for a general kernel (≈ 11 µs per layer
-at 8B shapes on an H200, twenty times the time to read the cache). Here program (b, kv head, split) takes the
-``GROUP`` query heads that share its kv head and one run of BLOCK_L (16) cache slots, skips it when no slot in it is
-visible (key slot j is seen by row b iff pad[b] ≤ j ≤ slot), and writes its softmax partial — the running
-maximum m, the sum l of exp(s − m) and the (GROUP, D) sum of exp(s − m)·v — in fp32; the last of a
-(b, kv head)'s programs to finish adds the splits' partials (each rescaled by exp(mᵢ − M)) in split order and
-divides once (a second kernel does where no counter can be had: a capture that would have to allocate one).
+A masked SDPA call at the decode step reads the whole cache and pays for a general kernel (≈ 11 µs per layer at
+8B shapes on an H200, twenty times the time to read the cache). Here program (b, kv head, split) takes the
+``GROUP`` query heads that share its kv head and one run of BLOCK_L (16) cache slots, skips it when no slot in
+it is visible (key slot j is seen by row b iff pad[b] ≤ j ≤ slot), and writes its softmax partial — the running
+maximum m, the sum l of exp(s − m) and the (GROUP, D) sum of exp(s − m)·v — in fp32; the last of a (b, kv
+head)'s programs to finish adds the splits' partials of all its query heads (each rescaled by exp(mᵢ − M)), a
+chunk of splits per load, and divides once (a second kernel does where no counter can be had: a capture that
+would have to allocate one).
 Scores are fp32 products of the 16-bit q and k; the probabilities meet v in fp32 (no rounding of p, unlike
 flash attention's kernels). Given the step's own k and v, the program whose run holds the current slot
 writes them into the cache there (one launch fewer per tensor and layer) and every program takes that slot's
@@ -25,13 +26,15 @@ import triton.language as tl
 
 from qfine.fast.gemv_rows import _counter
 
+ADD_TILE = 8192  # fp32 values of partials read per load when they are added (64 a thread of 4 warps)
 LAST_ADDS = {"ok": True}  # False once the variant whose last program adds the partials failed to build here
 
 
 @triton.jit
 def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, counter, scale, length, stride_kb,
                   stride_kh, stride_kl, kv_heads, SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
-                  D: tl.constexpr, BLOCK_L: tl.constexpr, NEW: tl.constexpr, LAST_ADDS: tl.constexpr):
+                  D: tl.constexpr, BLOCK_L: tl.constexpr, NEW: tl.constexpr, LAST_ADDS: tl.constexpr,
+                  CHUNK: tl.constexpr):
     """Partials of program (b·kv_heads + h, split) of SPLITS: part (b, kv, SPLITS, GROUP, D), stats (b, kv,
     SPLITS, GROUP, 2) = (m, l); a split with no visible slot writes m = −inf, l = 0, zeros. NEW: new_k, new_v (b, kv,
     D) are the current slot's k and v, written into the cache by the program whose run holds the slot.
@@ -80,43 +83,44 @@ def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, co
     if LAST_ADDS:
         # release this program's partial, acquire the others' (read past L1: other programs wrote them)
         if tl.atomic_add(counter + bh, 1, sem="acq_rel") == SPLITS - 1:
-            for g in tl.static_range(GROUP):
-                _add_splits(part, stats, out, bh, g, SPLITS, GROUP, GROUP_P, D, 16)
+            _add_splits(part, stats, out, bh, SPLITS, GROUP, GROUP_P, D, CHUNK)
             tl.atomic_xchg(counter + bh, 0)
 
 
 @triton.jit
-def _add_splits(part, stats, out, bh, g, SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+def _add_splits(part, stats, out, bh, SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
                 D: tl.constexpr, CHUNK: tl.constexpr):
-    """out[bh·GROUP + g] (D,) = Σᵢ exp(mᵢ − M)·accᵢ / Σᵢ exp(mᵢ − M)·lᵢ over the SPLITS splits i of (bh, g),
-    read CHUNK splits at a time: the largest m first, then the sums in split order."""
-    rd = tl.arange(0, D)
-    big = tl.full((), float("-inf"), tl.float32)
+    """out[bh·GROUP + g] (D,) = Σᵢ exp(mᵢ − M)·accᵢ / Σᵢ exp(mᵢ − M)·lᵢ over the SPLITS splits i of (bh, g), for
+    every query head g of kv head bh at once, CHUNK splits a load: one pass, the sums rescaled whenever a chunk
+    raises the running maximum M (so that the loads of a chunk wait on nothing but the previous chunk's sums)."""
+    rd, rg = tl.arange(0, D), tl.arange(0, GROUP_P)
+    big = tl.full((GROUP_P,), float("-inf"), tl.float32)
+    total = tl.zeros((GROUP_P,), dtype=tl.float32)
+    acc = tl.zeros((GROUP_P, D), dtype=tl.float32)
     for c0 in range(0, SPLITS, CHUNK):
         rs = c0 + tl.arange(0, CHUNK)
-        m = tl.load(stats + ((bh * SPLITS + rs) * GROUP_P + g) * 2, mask=rs < SPLITS, other=float("-inf"),
-                    cache_modifier=".cg")
-        big = tl.maximum(big, tl.max(m, 0))
-    total = tl.zeros((), dtype=tl.float32)
-    acc = tl.zeros((D,), dtype=tl.float32)
-    for c0 in range(0, SPLITS, CHUNK):
-        rs = c0 + tl.arange(0, CHUNK)
-        ok = rs < SPLITS
-        at = (bh * SPLITS + rs) * GROUP_P + g
+        ok = (rs < SPLITS)[:, None]
+        at = (bh * SPLITS + rs)[:, None] * GROUP_P + rg[None, :]  # (CHUNK, GROUP_P)
         m = tl.load(stats + at * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        w = tl.where(ok & (m > float("-inf")), tl.exp(m - big), 0.0)
-        total += tl.sum(w * tl.load(stats + at * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg"), 0)
-        acc += tl.sum(w[:, None] * tl.load(part + at[:, None] * D + rd[None, :], mask=ok[:, None], other=0.0,
-                                           cache_modifier=".cg"), 0)
-    tl.store(out + (bh * GROUP + g) * D + rd, (acc / total).to(out.dtype.element_ty))
+        ls = tl.load(stats + at * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
+        vs = tl.load(part + at[:, :, None] * D + rd[None, None, :], mask=ok[:, :, None], other=0.0,
+                     cache_modifier=".cg")
+        now = tl.maximum(big, tl.max(m, 0))
+        keep = tl.where(big > float("-inf"), tl.exp(big - now), 0.0)  # the earlier sums' rescale
+        w = tl.where(m > float("-inf"), tl.exp(m - now[None, :]), 0.0)
+        total = total * keep + tl.sum(w * ls, 0)
+        acc = acc * keep[:, None] + tl.sum(w[:, :, None] * vs, 0)
+        big = now
+    tl.store(out + (bh * GROUP + rg)[:, None] * D + rd[None, :], (acc / total[:, None]).to(out.dtype.element_ty),
+             mask=(rg < GROUP)[:, None])
 
 
 @triton.jit
 def _combine_kernel(part, stats, out, SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
-                    D: tl.constexpr):
-    """out (b, kv·GROUP, D) in out's dtype for program (b·kv_heads + h, query head g): :func:`_add_splits` as
-    a kernel of its own, where the split kernel's last program cannot add them."""
-    _add_splits(part, stats, out, tl.program_id(0), tl.program_id(1), SPLITS, GROUP, GROUP_P, D, 16)
+                    D: tl.constexpr, CHUNK: tl.constexpr):
+    """out (b, kv·GROUP, D) in out's dtype for program b·kv_heads + h: :func:`_add_splits` as a kernel of its
+    own, where the split kernel's last program cannot add them."""
+    _add_splits(part, stats, out, tl.program_id(0), SPLITS, GROUP, GROUP_P, D, CHUNK)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor,
@@ -131,6 +135,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     group = heads // kv
     group_p = max(1, triton.next_power_of_2(group))
     splits = triton.cdiv(length, block_l)
+    chunk = max(1, min(triton.next_power_of_2(splits), ADD_TILE // (group_p * d)))  # splits added per load
     qc = q.reshape(b, heads, d).contiguous()
     part = torch.empty(b, kv, splits, group_p, d, dtype=torch.float32, device=q.device)
     stats = torch.empty(b, kv, splits, group_p, 2, dtype=torch.float32, device=q.device)
@@ -146,7 +151,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                                         qc if counter is None else counter, float(scale), length, keys.stride(0),
                                         keys.stride(1), keys.stride(2), kv, SPLITS=splits, GROUP=group,
                                         GROUP_P=group_p, D=d, BLOCK_L=block_l, NEW=new is not None,
-                                        LAST_ADDS=counter is not None, num_warps=4)
+                                        LAST_ADDS=counter is not None, CHUNK=chunk, num_warps=4)
 
     counter = _counter(q.device, b * kv) if LAST_ADDS["ok"] else None
     try:
@@ -158,6 +163,6 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         LAST_ADDS["ok"], counter = False, None
         launch(None)
     if counter is None:
-        _combine_kernel[(b * kv, group)](part, stats, out, SPLITS=splits, GROUP=group, GROUP_P=group_p, D=d,
-                                         num_warps=4)
+        _combine_kernel[(b * kv,)](part, stats, out, SPLITS=splits, GROUP=group, GROUP_P=group_p, D=d, CHUNK=chunk,
+                                   num_warps=4)
     return out

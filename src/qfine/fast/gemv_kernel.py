@@ -450,10 +450,11 @@ def _lora_down_kernel(x, a0, a1, a2, out, m, k: tl.constexpr, stride_xm, r0, r1,
 
 @triton.jit
 def _lora_down_row_kernel(x, a0, a1, a2, part, out, counter, k: tl.constexpr, r0, r1, r_all,
-                          CHUNK: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr):
+                          CHUNK: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P: tl.constexpr, BLOCK_R: tl.constexpr):
     """One row: out (r_all,) = [A0; A1; A2] x over k, program s taking k chunk s for every output (so that
     many programs share the reads of A), its fp32 partial written to part[s]; the last program to finish
-    (counted in ``counter``, which it resets) adds the partials in chunk order and rounds once."""
+    (counted in ``counter``, which it resets) reads all SPLIT partials in one (SPLIT_P, BLOCK_R) load (one
+    round trip to L2, not SPLIT dependent ones), adds them and rounds once."""
     s = tl.program_id(0)
     rj = tl.arange(0, BLOCK_R)
     ok = rj < r_all
@@ -464,10 +465,10 @@ def _lora_down_row_kernel(x, a0, a1, a2, part, out, counter, k: tl.constexpr, r0
     tl.store(part + s * r_all + rj, tl.sum(a * xs[None, :], 1), mask=ok)
     # release this partial, acquire the others' (read past L1: other programs wrote them)
     if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
-        total = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for c in range(SPLIT):
-            total += tl.load(part + c * r_all + rj, mask=ok, other=0.0, cache_modifier=".cg")
-        tl.store(out + rj, total.to(out.dtype.element_ty), mask=ok)
+        rs = tl.arange(0, SPLIT_P)
+        parts = tl.load(part + rs[:, None] * r_all + rj[None, :], mask=(rs < SPLIT)[:, None] & ok[None, :],
+                        other=0.0, cache_modifier=".cg")
+        tl.store(out + rj, tl.sum(parts, 0).to(out.dtype.element_ty), mask=ok)
         tl.atomic_xchg(counter, 0)
 
 
@@ -490,12 +491,15 @@ def lora_down(x: torch.Tensor, mats: list[torch.Tensor]) -> list[torch.Tensor]:
     r = ranks + [0] * (3 - len(ranks))
     block_r = max(16, triton.next_power_of_2(total))
     chunk = max(32, min(256 if k > 4096 else 128, 8192 // block_r))  # a (BLOCK_R, CHUNK) tile: 64 fp32 a thread
-    counter = _counter(x.device, 1) if m == 1 and k % chunk == 0 and block_r <= 256 else None
+    # the last program's read of every partial: at most 8192 fp32 (64 a thread)
+    split_k = m == 1 and k % chunk == 0 and triton.next_power_of_2(k // chunk) * block_r <= 8192
+    counter = _counter(x.device, 1) if split_k else None
     if counter is not None:
         split = k // chunk
         part = torch.empty(split, total, dtype=torch.float32, device=x.device)
         _lora_down_row_kernel[(split,)](x2, a[0], a[1], a[2], part, out, counter, k, r[0], r[1], total, CHUNK=chunk,
-                                        SPLIT=split, BLOCK_R=block_r, num_warps=4)
+                                        SPLIT=split, SPLIT_P=triton.next_power_of_2(split), BLOCK_R=block_r,
+                                        num_warps=4)
     else:
         block_m = triton.next_power_of_2(max(m, 1))
         _lora_down_kernel[(total,)](x2, a[0], a[1], a[2], out, m, k, x2.stride(0), r[0], r[1], total,

@@ -113,15 +113,35 @@ __device__ __forceinline__ u32 pair(u32 word, u32 lane, u32 base) {
   return v;
 }
 
-// the GROUP absmax values of one row: q the GROUP one-byte codes (NESTED) or values, s the second-level scale
-__device__ __forceinline__ void absmax4(float* a, const void* q, const float* c8, float s, float offset) {
+// the GROUP absmax values of one row as read from memory: their one-byte codes and the second-level scale
+// (NESTED), or the values; requested a loop step ahead with the weights, so no step waits on their latency
+struct Amax {
 #if NESTED
-  u32 codes = *(const u32*)q;
-#pragma unroll
-  for (int i = 0; i < GROUP; i++) a[i] = c8[(codes >> (8 * i)) & 0xFF] * s + offset;
+  u32 codes;
+  float s;
 #else
-  float4 v = *(const float4*)q;
-  a[0] = v.x; a[1] = v.y; a[2] = v.z; a[3] = v.w;
+  float4 v;
+#endif
+};
+
+__device__ __forceinline__ Amax amax_load(const void* q, const float* absmax2, u32 blk) {
+  Amax r;
+#if NESTED
+  r.codes = *(const u32*)((const u8*)q + blk);
+  r.s = absmax2[blk / BS2];
+#else
+  r.v = *(const float4*)((const float*)q + blk);
+#endif
+  return r;
+}
+
+// the GROUP absmax values of r: c8 the second-level code book, offset the one added to every absmax
+__device__ __forceinline__ void absmax4(float* a, const Amax& r, const float* c8, float offset) {
+#if NESTED
+#pragma unroll
+  for (int i = 0; i < GROUP; i++) a[i] = c8[(r.codes >> (8 * i)) & 0xFF] * r.s + offset;
+#else
+  a[0] = r.v.x; a[1] = r.v.y; a[2] = r.v.z; a[3] = r.v.w;
 #endif
 }
 
@@ -212,10 +232,15 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
 
   // the first step's words are requested before the tables are filled: their latency covers the fill
   u32 w[TILES][2][GROUP][WORDS];
+  Amax am[TILES][2];
 #pragma unroll
   for (int i = 0; i < TILES; i++)
 #pragma unroll
-    for (int h = 0; h < 2; h++) load_group<0>(w[i][h], wp[i][h]);
+    for (int h = 0; h < 2; h++) {
+      load_group<0>(w[i][h], wp[i][h]);
+      am[i][h] = (PAIR && i) ? amax_load(absmax_q2, absmax2_2, ablk[i][h])
+                             : amax_load(absmax_q, absmax2, ablk[i][h]);
+    }
 
   // the epilogue's inputs (the adapter's scaled term, the residual) read by the writing warp now, while the
   // weights are on their way, instead of after the loop with nothing else in flight
@@ -269,15 +294,17 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
 
   for (u32 s = 0; s < per_warp; s += GROUP) {
     u32 nxt[TILES][2][GROUP][WORDS];
+    Amax amn[TILES][2];
     const bool more = s + GROUP < per_warp;
     if (more) {
 #pragma unroll
       for (int i = 0; i < TILES; i++)
 #pragma unroll
-        for (int h = 0; h < 2; h++)
-        {
+        for (int h = 0; h < 2; h++) {
           wp[i][h] += GROUP * (BS / 2);
           load_group<0>(nxt[i][h], wp[i][h]);
+          const u32 blk = ablk[i][h] + s + GROUP;
+          amn[i][h] = (PAIR && i) ? amax_load(absmax_q2, absmax2_2, blk) : amax_load(absmax_q, absmax2, blk);
         }
     }
     float amax[TILES][2][GROUP];
@@ -285,14 +312,8 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
     for (int i = 0; i < TILES; i++)
 #pragma unroll
       for (int h = 0; h < 2; h++) {
-        const u32 blk = ablk[i][h] + s;
         const bool second = PAIR && i;
-#if NESTED
-        absmax4(amax[i][h], (const u8*)(second ? absmax_q2 : absmax_q) + blk, c8 + (second ? 256 : 0),
-                (second ? absmax2_2 : absmax2)[blk / BS2], second ? offset2 : offset);
-#else
-        absmax4(amax[i][h], (const float*)(second ? absmax_q2 : absmax_q) + blk, c8, 0.0f, 0.0f);
-#endif
+        absmax4(amax[i][h], am[i][h], c8 + (second ? 256 : 0), second ? offset2 : offset);
       }
 #pragma unroll
     for (int b = 0; b < GROUP; b++) {
@@ -331,16 +352,17 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
           for (int e = 0; e < 4; e++) acc[i][j][e] += c[j][e] * amax[i][e >> 1][b];
       }
     }
-    if (more) {
+    // past the last step nxt and amn hold nothing, and w and am are not read again: no test needed
 #pragma unroll
-      for (int i = 0; i < TILES; i++)
+    for (int i = 0; i < TILES; i++)
 #pragma unroll
-        for (int h = 0; h < 2; h++)
+      for (int h = 0; h < 2; h++) {
+        am[i][h] = amn[i][h];
 #pragma unroll
-          for (int b = 0; b < GROUP; b++)
+        for (int b = 0; b < GROUP; b++)
 #pragma unroll
-            for (int q = 0; q < WORDS; q++) w[i][h][b][q] = nxt[i][h][b][q];
-    }
+          for (int q = 0; q < WORDS; q++) w[i][h][b][q] = nxt[i][h][b][q];
+      }
   }
 
 #if WARPS > 1  // a group's k ranges summed in warp order (the table's space is free once all are done)
