@@ -23,7 +23,7 @@ grep -c '"wrong"\|"error"' "$OUT/gemv.jsonl"; grep -h '"wrong"\|"error"' "$OUT/g
 fi
 run_tests() {
   local s=$(date +%s)
-  timeout ${TEST_S:-120} python3 -m pytest -q -p no:cacheprovider -rfE -m gpu \
+  timeout ${TEST_S:-120} python3 -m pytest -q -p no:cacheprovider -rfE --durations=12 -m gpu \
     ${TESTS:-tests/test_engine.py tests/test_gemv_rows.py} > "$OUT/tests.log" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - s )) s: $(tail -1 "$OUT/tests.log")"
   grep -hE "^(FAILED|ERROR)" "$OUT/tests.log" | head -5
