@@ -39,9 +39,9 @@ def test_decode_attention_equals_masked_sdpa_interpreted(group, monkeypatch):
     """fp32, 3 rows with different prompt starts, GQA groups of 1, 4 and 3 query heads per kv head, a cache of 80
     slots (the last split partly past it), the current slot at 0, inside a split and at the end: equal to masked
     SDPA within 1e-5, the partials added by the last program or, without a counter, by a second kernel (the same
-    sums, so the same bits), and as well 2 splits a load; given the step's k and v, the same result with NaN in
-    the cache at the slot, which then holds them; a slot past every row's view (its splits skipped) changes
-    nothing."""
+    sums, so the same bits), and as well 2 splits a load; with RoPE applied by the launch, as when applied before;
+    given the step's k and v, the same result with NaN in the cache at the slot, which then holds them; a slot
+    past every row's view (its splits skipped) changes nothing."""
     from qfine.fast.attn_decode import decode_attention
 
     q, keys, values = _case("cpu", torch.float32, group=group)
@@ -66,6 +66,18 @@ def test_decode_attention_equals_masked_sdpa_interpreted(group, monkeypatch):
     keys[:, :, 40], values[:, :, 40] = float("nan"), float("nan")
     assert torch.equal(decode_attention(q, keys, values, pad, slot, 0.3, new=new), want)
     assert torch.equal(keys[:, :, 40:41], new[0]) and torch.equal(values[:, :, 40:41], new[1])
+    # RoPE in the launch: q and the new k before it, each row at its own position slot − pad (0 for the
+    # row whose prompt starts past the slot), as the model's RoPE applied first
+    from qfine.fast.ops import rope
+
+    cos, sin = torch.randn(80, 32), torch.randn(80, 32)
+    pos = (40 - pad).clamp_min(0)[:, None]  # (b, 1)
+    qr = rope(q.transpose(1, 2), cos[pos], sin[pos]).transpose(1, 2)
+    kr = rope(new[0].transpose(1, 2), cos[pos], sin[pos]).transpose(1, 2)
+    want = decode_attention(qr, keys.clone(), values.clone(), pad, slot, 0.3, new=(kr, new[1]))
+    got = decode_attention(q, keys, values, pad, slot, 0.3, new=new, rope=(cos, sin))
+    assert (got - want).abs().max() < 1e-5 and (keys[:, :, 40:41] - kr).abs().max() < 1e-5
+    keys[:, :, 40:41] = new[0]
     # slots past the current one hold other values: they must not be read
     before = decode_attention(q, keys, values, pad, slot, 0.3)
     keys[:, :, 41:] = 1e4

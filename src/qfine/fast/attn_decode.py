@@ -31,15 +31,16 @@ LAST_ADDS = {"ok": True}  # False once the variant whose last program adds the p
 
 
 @triton.jit
-def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, counter, scale, length, stride_kb,
-                  stride_kh, stride_kl, kv_heads, SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
-                  D: tl.constexpr, BLOCK_L: tl.constexpr, NEW: tl.constexpr, LAST_ADDS: tl.constexpr,
-                  CHUNK: tl.constexpr):
+def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, counter, cos, sin, scale, length,
+                  stride_kb, stride_kh, stride_kl, kv_heads, SPLITS: tl.constexpr, GROUP: tl.constexpr,
+                  GROUP_P: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, NEW: tl.constexpr,
+                  LAST_ADDS: tl.constexpr, CHUNK: tl.constexpr, ROPE: tl.constexpr):
     """Partials of program (b·kv_heads + h, split) of SPLITS: part (b, kv, SPLITS, GROUP, D), stats (b, kv,
     SPLITS, GROUP, 2) = (m, l); a split with no visible slot writes m = −inf, l = 0, zeros. NEW: new_k, new_v (b, kv,
     D) are the current slot's k and v, written into the cache by the program whose run holds the slot.
     LAST_ADDS: the last of a (b, h)'s programs to finish (counted in ``counter``, which it resets) adds their
-    partials into ``out`` (:func:`_add_splits`), instead of a second kernel."""
+    partials into ``out`` (:func:`_add_splits`), instead of a second kernel. ROPE: q and new_k come before
+    RoPE, which :func:`_rope` applies with cos, sin (length, D) at position slot − pad[b]."""
     bh, sp = tl.program_id(0), tl.program_id(1)
     b, h = bh // kv_heads, bh % kv_heads
     first, last = tl.load(pad + b), tl.load(slot)
@@ -50,7 +51,11 @@ def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, co
     start = sp * BLOCK_L
     if (start <= last) & (start + BLOCK_L > first):
         # q (b, kv·GROUP, D): this kv head's GROUP query heads
-        qs = tl.load(q + (bh * GROUP + rg)[:, None] * D + rd[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        q_at = q + (bh * GROUP + rg)[:, None] * D
+        qs = tl.load(q_at + rd[None, :], mask=g_ok[:, None], other=0.0)
+        if ROPE:
+            qs = _rope(qs, q_at, rd[None, :], g_ok[:, None], cos, sin, last - first, D)
+        qs = qs.to(tl.float32)
         base = b.to(tl.int64) * stride_kb + h * stride_kh
         seen = (rl >= first) & (rl <= last) & (rl < length)  # slots not seen are not read
         kv_at = base + rl[:, None] * stride_kl + rd[None, :]
@@ -61,6 +66,8 @@ def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, co
         vs = tl.load(values + kv_at, mask=from_cache[:, None], other=0.0).to(tl.float32)  # requested with k
         if NEW:
             kn, vn = tl.load(new_k + bh * D + rd), tl.load(new_v + bh * D + rd)
+            if ROPE:
+                kn = _rope(kn, new_k + bh * D, rd, rd < D, cos, sin, last - first, D)
             cur = (rl == last)[:, None]
             ks = tl.where(cur, kn.to(tl.float32)[None, :], ks)
             vs = tl.where(cur, vn.to(tl.float32)[None, :], vs)
@@ -85,6 +92,19 @@ def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, co
         if tl.atomic_add(counter + bh, 1, sem="acq_rel") == SPLITS - 1:
             _add_splits(part, stats, out, bh, SPLITS, GROUP, GROUP_P, D, CHUNK)
             tl.atomic_xchg(counter + bh, 0)
+
+
+@triton.jit
+def _rope(x, x_at, rd, ok, cos, sin, pos, D: tl.constexpr):
+    """x·cos + rotate_half(x)·sin at position pos (0 where negative: a padding row), in fp32 and rounded to
+    x's dtype once, as the model's compiled RoPE: x (…, D) loaded from x_at + rd, rotate_half(x)[i] =
+    −x[i + D/2] for i < D/2, else x[i − D/2]."""
+    pos = tl.maximum(pos, 0)
+    half = rd < D // 2
+    other = tl.load(x_at + tl.where(half, rd + D // 2, rd - D // 2), mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(cos + pos * D + rd).to(tl.float32)
+    s = tl.load(sin + pos * D + rd).to(tl.float32)
+    return (x.to(tl.float32) * c + tl.where(half, -other, other) * s).to(x.dtype)
 
 
 @triton.jit
@@ -124,12 +144,15 @@ def _combine_kernel(part, stats, out, SPLITS: tl.constexpr, GROUP: tl.constexpr,
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor,
-                     slot: torch.Tensor, scale: float, block_l: int = 16, new: tuple | None = None) -> torch.Tensor:
+                     slot: torch.Tensor, scale: float, block_l: int = 16, new: tuple | None = None,
+                     rope: tuple | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale) v for q (b, heads, 1, d) over cache slots j with pad[b] ≤ j ≤ slot (``slot`` a
     one-element long tensor, ``pad`` (b,) long; both read on the device, so a CUDA graph replays any step),
     keys/values (b, kv heads, length, d) with heads = kv heads · group. ``new``: this step's (k, v), each
     (b, kv heads, 1, d) in the cache's dtype, written into the cache at ``slot`` by the same launch (else
-    the cache must hold them already). Returns (b, heads, 1, d) in q's dtype. Capturable in a CUDA graph."""
+    the cache must hold them already). ``rope``: (cos, sin), each (length, d), when q and the new k come
+    before RoPE, which the launch applies at position slot − pad[b] (k as the cache then holds it). Returns
+    (b, heads, 1, d) in q's dtype. Capturable in a CUDA graph."""
     b, heads, _, d = q.shape
     kv, length = keys.shape[1], keys.shape[2]
     group = heads // kv
@@ -145,13 +168,17 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     new_k, new_v = (qc, qc) if new is None else [t.reshape(b, kv, d).contiguous() for t in new]
     if new is not None and not (new_k.dtype == new_v.dtype == keys.dtype == values.dtype):
         raise ValueError("the step's k and v are written into the cache in its dtype")
+    if rope is not None and (new is None or any(t.shape != (length, d) or t.stride(1) != 1 for t in rope)):
+        raise ValueError("RoPE in the launch needs the step's k, v and cos, sin tables (length, d)")
+    cos, sin = rope if rope is not None else (qc, qc)
 
     def launch(counter):
         _split_kernel[(b * kv, splits)](qc, keys, values, new_k, new_v, pad, slot, part, stats, out,
-                                        qc if counter is None else counter, float(scale), length, keys.stride(0),
-                                        keys.stride(1), keys.stride(2), kv, SPLITS=splits, GROUP=group,
+                                        qc if counter is None else counter, cos, sin, float(scale), length,
+                                        keys.stride(0), keys.stride(1), keys.stride(2), kv, SPLITS=splits, GROUP=group,
                                         GROUP_P=group_p, D=d, BLOCK_L=block_l, NEW=new is not None,
-                                        LAST_ADDS=counter is not None, CHUNK=chunk, num_warps=4)
+                                        LAST_ADDS=counter is not None, CHUNK=chunk, ROPE=rope is not None,
+                                        num_warps=4)
 
     counter = _counter(q.device, b * kv) if LAST_ADDS["ok"] else None
     try:

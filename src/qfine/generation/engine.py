@@ -280,14 +280,14 @@ class Decoder:
         first_slot .. first_slot + t − 1 (``first_slot``: a one-element tensor)."""
         b, t = ids.shape
         slots = first_slot + torch.arange(t, device=self.device)  # (t,)
-        positions = (slots[None, :] - self.pad[:, None]).clamp_min(0)  # (b, t) as generate counts them
-        cos, sin = self.cos[positions], self.sin[positions]  # (b, t, d)
         # key slot j is visible from query slot i of row r iff pad[r] <= j <= i; a padding query sees
         # itself only (its output is never used, but a fully masked row would be NaN)
         group = self.heads // self.kv_heads
         # one token per row on the GPU: the split-cache kernel, which reads pad and slot itself
         split = t == 1 and (self.device.type == "cuda" or _INTERPRETED) and self.head_dim in (16, 32, 64, 128, 256)
-        if not split:
+        if not split:  # (else the attention kernel reads cos, sin at its rows' positions)
+            positions = (slots[None, :] - self.pad[:, None]).clamp_min(0)  # (b, t) as generate counts them
+            cos, sin = self.cos[positions], self.sin[positions]  # (b, t, d)
             keys = self.slots[None, None, :]
             seen = (keys >= self.pad[:, None, None]) & (keys <= slots[None, :, None])
             seen = seen | (keys == slots[None, :, None])
@@ -303,13 +303,14 @@ class Decoder:
             k, v = k.view(b, t, self.kv_heads, self.head_dim), v.view(b, t, self.kv_heads, self.head_dim)
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
-            q, k = _rope(q, k, cos, sin)
+            if not split:
+                q, k = _rope(q, k, cos, sin)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            if split:  # the attention kernel writes k, v into the cache at the slot itself
+            if split:  # the attention kernel applies RoPE and writes k, v into the cache at the slot itself
                 from qfine.fast.attn_decode import decode_attention  # Triton: CUDA only
 
                 out = decode_attention(q, self.keys[i], self.values[i], self.pad, first_slot, layer.scaling,
-                                       new=(k, v))
+                                       new=(k, v), rope=(self.cos, self.sin))
             else:
                 self.keys[i].index_copy_(2, slots, k)
                 self.values[i].index_copy_(2, slots, v)
