@@ -241,7 +241,8 @@ def test_gpu_kernels_at_8b_shapes(n, k, rows):
     dequantize-then-matmul; and with a residual it equals round(residual + that product) exactly."""
     import bitsandbytes as bnb
 
-    from qfine.fast.gemv_kernel import lora_down, matmul_4bit
+    from qfine.fast.gemv_kernel import matmul_4bit
+    from qfine.fast.lora_down import lora_down
 
     torch.manual_seed(0)
     w = bnb.nn.Params4bit(torch.randn(n, k, dtype=torch.bfloat16) * 0.02, requires_grad=False, quant_type="nf4",

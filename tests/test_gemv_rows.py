@@ -183,7 +183,7 @@ def test_lora_down_split_along_k_equals_the_products_interpreted():
     """The fused adapter down-products x Aᵢᵀ for one row (k split over programs, partials added by the last)
     and for three rows (a program per output), ranks 8 + 24 and 16 × 3, k 512 and 4096: each within fp32
     summation noise of the fp64 product, called twice (the counter the last program resets serves again)."""
-    from qfine.fast.gemv_kernel import lora_down
+    from qfine.fast.lora_down import lora_down
 
     torch.manual_seed(0)
     for k, ranks in ((512, (8, 24)), (4096, (16, 16, 16))):
@@ -197,6 +197,27 @@ def test_lora_down_split_along_k_equals_the_products_interpreted():
                 assert (got.double() - want).abs().max() < 1e-5 * want.abs().max() * k ** 0.5, (k, rows)
 
 
+@pytest.mark.skipif(not engine._INTERPRETED, reason="runs Triton kernels on the CPU: TRITON_INTERPRET=1 with triton")
+def test_lora_down_with_the_norm_equals_norm_then_products_interpreted():
+    """The RMSNorm in the down-products' launch (one row, k 512 split over 4 programs, ranks 16 × 3): the
+    normalised row equals ops.rms_norm's within fp32 rounding of the statistics, and each product is that
+    row's, within fp32 summation noise; three rows are not served (None: the caller runs the norm)."""
+    from qfine.fast.lora_down import lora_down
+    from qfine.fast.ops import rms_norm
+
+    torch.manual_seed(0)
+    k = 512
+    mats = [torch.randn(16, k) * 0.02 for _ in range(3)]
+    h, weight = torch.randn(1, 1, k) * 3, torch.rand(k) + 0.5
+    views, x = lora_down(h, mats, norm=(weight, 1e-5))
+    want = rms_norm(h, weight, 1e-5)[0]
+    assert x.shape == h.shape and (x - want).abs().max() < 1e-5 * want.abs().max()
+    for a, got in zip(mats, views):
+        ref = want.reshape(1, k).double() @ a.double().t()
+        assert (got.double() - ref).abs().max() < 1e-5 * ref.abs().max() * k ** 0.5
+    assert lora_down(torch.randn(3, k), mats, norm=(weight, 1e-5)) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_grouped_launch_captures_in_a_graph():
@@ -206,7 +227,8 @@ def test_gpu_grouped_launch_captures_in_a_graph():
     rounding of its own 4-bit product."""
     import bitsandbytes as bnb
 
-    from qfine.fast.gemv_kernel import TUNED, lora_down, matmul_4bit, matmul_4bit_group
+    from qfine.fast.gemv_kernel import TUNED, matmul_4bit, matmul_4bit_group
+    from qfine.fast.lora_down import lora_down
 
     torch.manual_seed(0)
     ws = [bnb.nn.Params4bit(torch.randn(n, 4096, dtype=torch.bfloat16) * 0.02, requires_grad=False,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from qfine.fast.gemv_rows import _counter, _round_out, _sum_splits_kernel, fits, groupable, matmul_group, matmul_rows
+from qfine.fast.gemv_rows import _round_out, _sum_splits_kernel, fits, groupable, matmul_group, matmul_rows
 from qfine.fast.mma_kernel import candidates as mma_candidates
 from qfine.fast.mma_kernel import group_candidates, matmul_mma_silu, pair_candidates, precompile
 
@@ -424,88 +424,3 @@ def matmul_4bit_silu(x: torch.Tensor, gate: tuple, up: tuple) -> torch.Tensor | 
     if cfg.get("SEPARATE"):
         return None
     return matmul_mma_silu(x2, gate, up, cfg).reshape(*x.shape[:-1], n)
-
-
-@triton.jit
-def _lora_down_kernel(x, a0, a1, a2, out, m, k: tl.constexpr, stride_xm, r0, r1, r_all, BLOCK_M: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-    """Column j of out (m, r_all) = x (m, k) · row j of [A0; A1; A2] (fp32 products and sum)."""
-    j = tl.program_id(0)
-    if j < r0:
-        row = a0 + j * k
-    elif j < r0 + r1:
-        row = a1 + (j - r0) * k
-    else:
-        row = a2 + (j - r0 - r1) * k
-    rm = tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, k, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(row + rk, mask=rk < k, other=0.0).to(tl.float32)
-        xs = tl.load(x + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < m) & (rk[None, :] < k),
-                     other=0.0).to(tl.float32)
-        acc += xs * a[None, :]
-    tl.store(out + rm * r_all + j, tl.sum(acc, 1).to(out.dtype.element_ty), mask=rm < m)
-
-
-@triton.jit
-def _lora_down_row_kernel(x, a0, a1, a2, part, out, counter, k: tl.constexpr, r0, r1, r_all,
-                          CHUNK: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One row: out (r_all,) = [A0; A1; A2] x over k, program s taking k chunk s for every output (so that
-    many programs share the reads of A), its fp32 partial written to part[s]; the last program to finish
-    (counted in ``counter``, which it resets) reads all SPLIT partials in one (SPLIT_P, BLOCK_R) load (one
-    round trip to L2, not SPLIT dependent ones), adds them and rounds once."""
-    s = tl.program_id(0)
-    rj = tl.arange(0, BLOCK_R)
-    ok = rj < r_all
-    row = tl.where(rj < r0, a0 + rj * k, tl.where(rj < r0 + r1, a1 + (rj - r0) * k, a2 + (rj - r0 - r1) * k))
-    rk = s * CHUNK + tl.arange(0, CHUNK)
-    a = tl.load(row[:, None] + rk[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    xs = tl.load(x + rk).to(tl.float32)
-    tl.store(part + s * r_all + rj, tl.sum(a * xs[None, :], 1), mask=ok)
-    # release this partial, acquire the others' (read past L1: other programs wrote them)
-    if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
-        rs = tl.arange(0, SPLIT_P)
-        parts = tl.load(part + rs[:, None] * r_all + rj[None, :], mask=(rs < SPLIT)[:, None] & ok[None, :],
-                        other=0.0, cache_modifier=".cg")
-        tl.store(out + rj, tl.sum(parts, 0).to(out.dtype.element_ty), mask=ok)
-        tl.atomic_xchg(counter, 0)
-
-
-def lora_down(x: torch.Tensor, mats: list[torch.Tensor]) -> list[torch.Tensor]:
-    """x (..., k) @ Aᵢᵀ for up to three adapter matrices Aᵢ (rᵢ, k) of one dtype, in one launch: views
-    (rows, rᵢ) of one (rows, Σrᵢ) output in A's dtype, each x.to(A.dtype) @ Aᵢᵀ computed in fp32 and rounded
-    once (what peft's lora_A gives up to the order of the sum). For at most :data:`MAX_ROWS` rows. One row
-    (a decode step at batch 1) is split along k over many programs (:func:`_lora_down_row_kernel`): the
-    product is a few hundred KiB of A, which a program per output would read with a handful of the GPU's
-    processors."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    ranks = [a.shape[0] for a in mats]
-    total = sum(ranks)
-    out = torch.empty(m, total, dtype=mats[0].dtype, device=x.device)
-    a = [t if t.is_contiguous() else t.contiguous() for t in mats] + [mats[0]] * (3 - len(mats))
-    r = ranks + [0] * (3 - len(ranks))
-    block_r = max(16, triton.next_power_of_2(total))
-    chunk = max(32, min(256 if k > 4096 else 128, 8192 // block_r))  # a (BLOCK_R, CHUNK) tile: 64 fp32 a thread
-    # the last program's read of every partial: at most 8192 fp32 (64 a thread)
-    split_k = m == 1 and k % chunk == 0 and triton.next_power_of_2(k // chunk) * block_r <= 8192
-    counter = _counter(x.device, 1) if split_k else None
-    if counter is not None:
-        split = k // chunk
-        part = torch.empty(split, total, dtype=torch.float32, device=x.device)
-        _lora_down_row_kernel[(split,)](x2, a[0], a[1], a[2], part, out, counter, k, r[0], r[1], total, CHUNK=chunk,
-                                        SPLIT=split, SPLIT_P=triton.next_power_of_2(split), BLOCK_R=block_r,
-                                        num_warps=4)
-    else:
-        block_m = triton.next_power_of_2(max(m, 1))
-        _lora_down_kernel[(total,)](x2, a[0], a[1], a[2], out, m, k, x2.stride(0), r[0], r[1], total,
-                                    BLOCK_M=block_m, BLOCK_K=max(32, 2048 // block_m), num_warps=4)
-    views, start = [], 0
-    for rank in ranks:
-        views.append(out[:, start:start + rank])
-        start += rank
-    return views

@@ -343,7 +343,7 @@ def _common(x2: torch.Tensor, state, cfg: dict, lora: bool, r: int, residual: bo
 def groupable(x2: torch.Tensor, members: list[tuple]) -> bool:
     """Whether :func:`matmul_group` serves these (weight, lora) pairs: 2 or 3 weights of one k, block size,
     nesting and code book, every one with an adapter or none, and the adapters' xa column views of one
-    (rows, Σr) tensor (as :func:`qfine.fast.gemv_kernel.lora_down` returns them)."""
+    (rows, Σr) tensor (as :func:`qfine.fast.lora_down.lora_down` returns them)."""
     if not 2 <= len(members) <= 3:
         return False
     states = [w.quant_state for w, _ in members]

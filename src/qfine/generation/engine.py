@@ -130,10 +130,24 @@ class _Group:
         mats = [lin.a for lin in linears if lin.a is not None]
         self.fused = (0 < len(mats) == len(linears) <= 3 and len({a.dtype for a in mats}) == 1)
 
-    def gated(self, x: torch.Tensor, act) -> torch.Tensor:
+    def normed(self, h: torch.Tensor, norm: _Norm) -> tuple[torch.Tensor, list]:
+        """(norm(h), the down-products of it): in one launch for a one-row input of a Llama-style norm where the
+        projections all go through the 4-bit kernel (:func:`qfine.fast.lora_down.lora_down`), else the norm and
+        then :meth:`__call__`."""
+        if norm.eps is not None and self._down_fused(h):
+            from qfine.fast.lora_down import lora_down
+
+            got = lora_down(h, [lin.a for lin in self.linears], norm=(norm.module.weight, norm.eps))
+            if got is not None:
+                return got[1], got[0]
+        x = norm(h)
+        return x, self(x)
+
+    def gated(self, x: torch.Tensor, act, xas: list | None = None) -> torch.Tensor:
         """act(gate(x)) · up(x) for the group (gate, up): in one launch of the 4-bit kernel with SiLU where it
-        serves them (:func:`qfine.fast.gemv_kernel.matmul_4bit_silu`), else the two outputs and then act."""
-        xas = self(x)
+        serves them (:func:`qfine.fast.gemv_kernel.matmul_4bit_silu`), else the two outputs and then act.
+        ``xas``: the down-products, when already computed."""
+        xas = self(x) if xas is None else xas
         if act == "silu" and self._kernels(x):
             from qfine.fast.gemv_kernel import matmul_4bit_silu
 
@@ -163,10 +177,14 @@ class _Group:
                 return got
         return [lin(x, xa) for lin, xa in zip(self.linears, xas)]
 
+    def _down_fused(self, x: torch.Tensor) -> bool:
+        """Whether the down-products of x take one launch: one row (more: cuBLAS's products are faster), every
+        projection through the 4-bit kernel."""
+        return self.fused and x.numel() == x.shape[-1] and all(lin.kernel(x) for lin in self.linears)
+
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor | None]:
-        one_row = x.numel() == x.shape[-1]  # more rows: cuBLAS's products are faster than the fused kernel
-        if self.fused and one_row and all(lin.kernel(x) for lin in self.linears):
-            from qfine.fast.gemv_kernel import lora_down
+        if self._down_fused(x):
+            from qfine.fast.lora_down import lora_down
 
             return lora_down(x, [lin.a for lin in self.linears])
         cast: dict = {}
@@ -297,8 +315,8 @@ class Decoder:
             mask = torch.where(seen, 0.0, float("-inf")).to(self.dtype)
         h = self.embed(ids)
         for i, layer in enumerate(self.layers):
-            x = layer.ln1(h)
-            q, k, v = layer.qkv.project(x)
+            x, xas = layer.qkv.normed(h, layer.ln1)
+            q, k, v = layer.qkv.project(x, xas)
             q = q.view(b, t, self.heads, self.head_dim)
             k, v = k.view(b, t, self.kv_heads, self.head_dim), v.view(b, t, self.kv_heads, self.head_dim)
             if layer.q_norm is not None:
@@ -320,8 +338,8 @@ class Decoder:
             # SDPA may return any strides (a view would fail on CUDA)
             out = out.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
             h = layer.o(out, *layer.o_in(out), residual=h)
-            x = layer.ln2(h)
-            gated = layer.gate_up.gated(x, layer.act)
+            x, xas = layer.gate_up.normed(h, layer.ln2)
+            gated = layer.gate_up.gated(x, layer.act, xas)
             h = layer.down(gated, *layer.down_in(gated), residual=h)
         return self.head(self.norm(h[:, -1:]))[:, 0].float()
 
