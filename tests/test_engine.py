@@ -171,19 +171,21 @@ def test_gpu_graphed_decode_agrees_with_generate(save_tiny, tmp_path):
 
 
 def _counting(monkeypatch):
-    """Counts of calls to the 4-bit kernel, the fused LoRA down-products and the grouped 4-bit launch (q, k,
-    v or gate, up in one) while the test runs."""
+    """Counts of calls to the 4-bit kernel, the fused LoRA down-products (``normed``: those with the RMSNorm in
+    their launch) and the grouped 4-bit launch (q, k, v or gate, up in one) while the test runs."""
     from qfine.fast import gemv_kernel
+    from qfine.fast import lora_down as down
 
-    calls = {"matmul_4bit": 0, "lora_down": 0, "matmul_group": 0}
-    for name in calls:
-        real = getattr(gemv_kernel, name)
+    calls = {"matmul_4bit": 0, "lora_down": 0, "matmul_group": 0, "normed": 0}
+    for module, name in ((gemv_kernel, "matmul_4bit"), (down, "lora_down"), (gemv_kernel, "matmul_group")):
+        real = getattr(module, name)
 
         def counted(*a, _real=real, _name=name, **kw):
             calls[_name] += 1
+            calls["normed"] += kw.get("norm") is not None
             return _real(*a, **kw)
 
-        monkeypatch.setattr(gemv_kernel, name, counted)
+        monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -200,9 +202,10 @@ def test_kernel_path_greedy_equals_generate_interpreted(save_tiny, tmp_path, mon
     # 7 projections of 2 layers per forward: the prefill's 28 rows and 11 decode steps of 4 rows
     assert calls["matmul_4bit"] == 12 * 14 and calls["lora_down"] == calls["matmul_group"] == 0
     assert engine.generate_tokens(model, PROMPTS[:1], 12, [], 0, graph=False).tokens == want[:1]
-    # one-row steps: 4 fused down-product launches per layer, and 4 launches of the 4-bit kernel (q, k, v
-    # grouped; o; gate, up grouped; down) instead of 7
+    # one-row steps: 4 fused down-product launches per layer (2 with the norm before them), and 4 launches of
+    # the 4-bit kernel (q, k, v grouped; o; gate, up grouped; down) instead of 7
     assert calls["lora_down"] == 11 * 2 * 4 and calls["matmul_group"] == 11 * 2 * 2
+    assert calls["normed"] == 11 * 2 * 2
     assert calls["matmul_4bit"] == 12 * 14 + 7 * 2 + 11 * 2 * 2
 
 

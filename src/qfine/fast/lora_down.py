@@ -78,7 +78,8 @@ def _row_kernel(x, norm_w, x_out, eps, a0, a1, a2, part, out, counter, k: tl.con
 def _split(m: int, k: int, block_r: int) -> int | None:
     """The chunk of k a program of :func:`_row_kernel` takes for this product, or None where that kernel does
     not serve it (more than one row, k not whole chunks, or more partials than one load holds)."""
-    chunk = max(32, min(256 if k > 4096 else 128, TILE // block_r))  # a (BLOCK_R, CHUNK) tile of A
+    # a (BLOCK_R, CHUNK) tile of A, and no more than k
+    chunk = min(max(32, min(256 if k > 4096 else 128, TILE // block_r)), triton.next_power_of_2(k))
     if m != 1 or k % chunk or triton.next_power_of_2(k // chunk) * block_r > TILE:
         return None
     return chunk
