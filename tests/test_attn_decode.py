@@ -39,9 +39,9 @@ def test_decode_attention_equals_masked_sdpa_interpreted(group, monkeypatch):
     """fp32, 3 rows with different prompt starts, GQA groups of 1, 4 and 3 query heads per kv head, a cache of 80
     slots (the last split partly past it), the current slot at 0, inside a split and at the end: equal to masked
     SDPA within 1e-5, the partials added by the last program or, without a counter, by a second kernel (the same
-    sums, so the same bits), and as well 2 splits a load; with RoPE applied by the launch, as when applied before;
-    given the step's k and v, the same result with NaN in the cache at the slot, which then holds them; a slot
-    past every row's view (its splits skipped) changes nothing."""
+    sums, so the same bits), and as well 2 splits a load or 2 and 4 runs of 16 slots a program; with RoPE applied
+    by the launch, as when applied before; given the step's k and v, the same result with NaN in the cache at the
+    slot, which then holds them; a slot past every row's view (its splits skipped) changes nothing."""
     from qfine.fast.attn_decode import decode_attention
 
     q, keys, values = _case("cpu", torch.float32, group=group)
@@ -55,6 +55,9 @@ def test_decode_attention_equals_masked_sdpa_interpreted(group, monkeypatch):
         with monkeypatch.context() as patch:  # no counter to be had: the partials added by a second kernel
             patch.setattr("qfine.fast.attn_decode._counter", lambda device, n: None)
             assert torch.equal(decode_attention(q, keys, values, pad, slot, 0.3), got)
+        for cfg in ({"steps": 2, "last_adds": True}, {"steps": 4, "last_adds": False}):  # runs of 32, 64 slots
+            longer = decode_attention(q, keys, values, pad, slot, 0.3, config=cfg)
+            assert (longer - want).abs().max() < 1e-5, (group, cur, cfg, (longer - want).abs().max())
         with monkeypatch.context() as patch:  # 2 of the 5 splits a load: the sums rescaled as the maximum grows
             patch.setattr("qfine.fast.attn_decode.ADD_TILE", 2 * (1 << (group - 1).bit_length()) * 32)
             chunked = decode_attention(q, keys, values, pad, slot, 0.3)
@@ -89,28 +92,31 @@ def test_decode_attention_equals_masked_sdpa_interpreted(group, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_decode_attention_at_8b_shapes():
     """bf16 at the Llama-3.1-8B attention shape (32 query heads over 8 kv heads, d = 128), batch 1 and 16, a
-    cache of 512 slots: within 1e-2 of fp32 masked SDPA (one bf16 rounding of the output), and replayed
-    from a CUDA graph with the slot changed on the device, equal to the eager call; given the step's k and v,
-    the same output with the cache's slot written by the launch."""
-    from qfine.fast.attn_decode import LAST_ADDS, decode_attention
+    cache of 512 slots, every launch setting and the tuned one: within 1e-2 of fp32 masked SDPA (one bf16
+    rounding of the output), and replayed from a CUDA graph with the slot changed on the device, equal to the
+    eager call; given the step's k and v, the same output with the cache's slot written by the launch."""
+    from qfine.fast.attn_decode import LAST_ADDS, TUNED, decode_attention, settings
 
     for b in (1, 16):
         q, keys, values = _case("cuda", torch.bfloat16, b=b, kv=8, group=4, length=512, d=128)
         pad = torch.randint(0, 30, (b,), device="cuda")
-        slot = torch.tensor([300], device="cuda")
-        got = decode_attention(q, keys, values, pad, slot, 128 ** -0.5)
         want = _reference(q, keys, values, pad, 300, 128 ** -0.5)
-        assert ((got.float() - want).abs().max() / want.abs().max()) < 1e-2
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = decode_attention(q, keys, values, pad, slot, 128 ** -0.5)
-        slot.fill_(411)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, decode_attention(q, keys, values, pad, slot, 128 ** -0.5))
-        # the step's k, v written by the launch itself: the same output, and the cache holds them
-        new = (keys[:, :, 411:412].clone(), values[:, :, 411:412].clone())
-        keys[:, :, 411], values[:, :, 411] = float("nan"), float("nan")
-        assert torch.equal(decode_attention(q, keys, values, pad, slot, 128 ** -0.5, new=new), out)
-        assert torch.equal(keys[:, :, 411:412], new[0]) and torch.equal(values[:, :, 411:412], new[1])
-    assert LAST_ADDS["ok"]  # the partials were added by the split kernel's last program, not a fallback
+        for cfg in settings(512) + [None]:
+            slot = torch.tensor([300], device="cuda")
+            got = decode_attention(q, keys, values, pad, slot, 128 ** -0.5, config=cfg)
+            assert ((got.float() - want).abs().max() / want.abs().max()) < 1e-2, cfg
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = decode_attention(q, keys, values, pad, slot, 128 ** -0.5, config=cfg)
+            slot.fill_(411)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, decode_attention(q, keys, values, pad, slot, 128 ** -0.5, config=cfg)), cfg
+            # the step's k, v written by the launch itself: the same output, and the cache holds them
+            # the tuned setting (its key: q's shape, no k, v given), for the call with k, v
+            fixed = cfg or next(v[0][1] for key, v in TUNED.items() if key[1] == q.shape and key[6])
+            new = (keys[:, :, 411:412].clone(), values[:, :, 411:412].clone())
+            keys[:, :, 411], values[:, :, 411] = float("nan"), float("nan")
+            assert torch.equal(decode_attention(q, keys, values, pad, slot, 128 ** -0.5, new=new, config=fixed), out)
+            assert torch.equal(keys[:, :, 411:412], new[0]) and torch.equal(values[:, :, 411:412], new[1])
+    assert len(settings(512)) == 8 and LAST_ADDS["ok"]  # the last-program variant built: it is among them

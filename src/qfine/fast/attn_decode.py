@@ -4,16 +4,20 @@ on the CPU under Triton's interpreter, which the tests use).
 
 A masked SDPA call at the decode step reads the whole cache and pays for a general kernel (≈ 11 µs per layer at
 8B shapes on an H200, twenty times the time to read the cache). Here program (b, kv head, split) takes the
-``GROUP`` query heads that share its kv head and one run of BLOCK_L (16) cache slots, skips it when no slot in
-it is visible (key slot j is seen by row b iff pad[b] ≤ j ≤ slot), and writes its softmax partial — the running
-maximum m, the sum l of exp(s − m) and the (GROUP, D) sum of exp(s − m)·v — in fp32; the last of a (b, kv
-head)'s programs to finish adds the splits' partials of all its query heads (each rescaled by exp(mᵢ − M)), a
-chunk of splits per load, and divides once (a second kernel does where no counter can be had: a capture that
-would have to allocate one).
+``GROUP`` query heads that share its kv head and STEPS runs of BLOCK_L (16) cache slots, skips it when no slot
+in it is visible (key slot j is seen by row b iff pad[b] ≤ j ≤ slot), and writes its softmax partial — the
+running maximum m, the sum l of exp(s − m) and the (GROUP, D) sum of exp(s − m)·v — in fp32; the last of a (b,
+kv head)'s programs to finish adds the splits' partials of all its query heads (each rescaled by exp(mᵢ − M)),
+a chunk of splits per load, and divides once (or a second kernel does: where no counter can be had, a capture
+that would have to allocate one, or where that is faster). How many runs a program takes and who adds the
+partials is timed once per shape on the GPU (:func:`tuned`): more runs a program mean fewer partials to add
+but longer programs.
+
 Scores are fp32 products of the 16-bit q and k; the probabilities meet v in fp32 (no rounding of p, unlike
 flash attention's kernels). Given the step's own k and v, the program whose run holds the current slot
 writes them into the cache there (one launch fewer per tensor and layer) and every program takes that slot's
-k, v from them, never from the cache, which another program may be writing.
+k, v from them, never from the cache, which another program may be writing. Given cos and sin, the launch
+applies RoPE to q and the new k itself (the model's compiled RoPE kernels fewer).
 """
 
 from __future__ import annotations
@@ -33,23 +37,23 @@ LAST_ADDS = {"ok": True}  # False once the variant whose last program adds the p
 @triton.jit
 def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, counter, cos, sin, scale, length,
                   stride_kb, stride_kh, stride_kl, kv_heads, SPLITS: tl.constexpr, GROUP: tl.constexpr,
-                  GROUP_P: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, NEW: tl.constexpr,
-                  LAST_ADDS: tl.constexpr, CHUNK: tl.constexpr, ROPE: tl.constexpr):
-    """Partials of program (b·kv_heads + h, split) of SPLITS: part (b, kv, SPLITS, GROUP, D), stats (b, kv,
-    SPLITS, GROUP, 2) = (m, l); a split with no visible slot writes m = −inf, l = 0, zeros. NEW: new_k, new_v (b, kv,
-    D) are the current slot's k and v, written into the cache by the program whose run holds the slot.
-    LAST_ADDS: the last of a (b, h)'s programs to finish (counted in ``counter``, which it resets) adds their
-    partials into ``out`` (:func:`_add_splits`), instead of a second kernel. ROPE: q and new_k come before
-    RoPE, which :func:`_rope` applies with cos, sin (length, D) at position slot − pad[b]."""
+                  GROUP_P: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, STEPS: tl.constexpr,
+                  NEW: tl.constexpr, LAST_ADDS: tl.constexpr, CHUNK: tl.constexpr, ROPE: tl.constexpr):
+    """Partials of program (b·kv_heads + h, split) of SPLITS, a split being STEPS runs of BLOCK_L slots (a
+    running maximum across them): part (b, kv, SPLITS, GROUP, D), stats (b, kv, SPLITS, GROUP, 2) = (m, l); a
+    split with no visible slot writes m = −inf, l = 0, zeros. NEW: new_k, new_v (b, kv, D) are the current
+    slot's k and v, written into the cache by the program whose run holds the slot. LAST_ADDS: the last of a
+    (b, h)'s programs to finish (counted in ``counter``, which it resets) adds their partials into ``out``
+    (:func:`_add_splits`), instead of a second kernel. ROPE: q and new_k come before RoPE, which
+    :func:`_rope` applies with cos, sin (length, D) at position slot − pad[b]."""
     bh, sp = tl.program_id(0), tl.program_id(1)
     b, h = bh // kv_heads, bh % kv_heads
     first, last = tl.load(pad + b), tl.load(slot)
     rg, rd = tl.arange(0, GROUP_P), tl.arange(0, D)
-    rl = sp * BLOCK_L + tl.arange(0, BLOCK_L)
     g_ok = rg < GROUP
     at = (bh * SPLITS + sp) * GROUP_P  # this program's first (split, group) row of part and stats
-    start = sp * BLOCK_L
-    if (start <= last) & (start + BLOCK_L > first):
+    start = sp * BLOCK_L * STEPS
+    if (start <= last) & (start + BLOCK_L * STEPS > first):
         # q (b, kv·GROUP, D): this kv head's GROUP query heads
         q_at = q + (bh * GROUP + rg)[:, None] * D
         qs = tl.load(q_at + rd[None, :], mask=g_ok[:, None], other=0.0)
@@ -57,32 +61,42 @@ def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, co
             qs = _rope(qs, q_at, rd[None, :], g_ok[:, None], cos, sin, last - first, D)
         qs = qs.to(tl.float32)
         base = b.to(tl.int64) * stride_kb + h * stride_kh
-        seen = (rl >= first) & (rl <= last) & (rl < length)  # slots not seen are not read
-        kv_at = base + rl[:, None] * stride_kl + rd[None, :]
-        from_cache = seen
-        if NEW:
-            from_cache = seen & (rl != last)
-        ks = tl.load(keys + kv_at, mask=from_cache[:, None], other=0.0).to(tl.float32)
-        vs = tl.load(values + kv_at, mask=from_cache[:, None], other=0.0).to(tl.float32)  # requested with k
         if NEW:
             kn, vn = tl.load(new_k + bh * D + rd), tl.load(new_v + bh * D + rd)
             if ROPE:
                 kn = _rope(kn, new_k + bh * D, rd, rd < D, cos, sin, last - first, D)
-            cur = (rl == last)[:, None]
-            ks = tl.where(cur, kn.to(tl.float32)[None, :], ks)
-            vs = tl.where(cur, vn.to(tl.float32)[None, :], vs)
-            if last < start + BLOCK_L:  # this run holds the slot: its program writes the cache there
-                tl.store(keys + base + last * stride_kl + rd, kn)
-                tl.store(values + base + last * stride_kl + rd, vn)
-        s = tl.sum(qs[:, None, :] * ks[None, :, :], 2) * scale  # (GROUP_P, BLOCK_L)
-        s = tl.where(seen[None, :], s, float("-inf"))
-        m = tl.max(s, 1)
-        p = tl.exp(s - m[:, None])
-        p = tl.where(seen[None, :], p, 0.0)
-        acc = tl.sum(p[:, :, None] * vs[None, :, :], 1)  # (GROUP_P, D)
+        m = tl.full((GROUP_P,), float("-inf"), tl.float32)
+        total = tl.zeros((GROUP_P,), dtype=tl.float32)
+        acc = tl.zeros((GROUP_P, D), dtype=tl.float32)
+        for step in tl.static_range(STEPS):
+            run = start + step * BLOCK_L
+            rl = run + tl.arange(0, BLOCK_L)
+            seen = (rl >= first) & (rl <= last) & (rl < length)  # slots not seen are not read
+            kv_at = base + rl[:, None] * stride_kl + rd[None, :]
+            from_cache = seen
+            if NEW:
+                from_cache = seen & (rl != last)
+            ks = tl.load(keys + kv_at, mask=from_cache[:, None], other=0.0).to(tl.float32)
+            vs = tl.load(values + kv_at, mask=from_cache[:, None], other=0.0).to(tl.float32)  # requested with k
+            if NEW:
+                cur = (rl == last)[:, None]
+                ks = tl.where(cur, kn.to(tl.float32)[None, :], ks)
+                vs = tl.where(cur, vn.to(tl.float32)[None, :], vs)
+                if (run <= last) & (last < run + BLOCK_L):  # this run holds the slot: it writes the cache there
+                    tl.store(keys + base + last * stride_kl + rd, kn)
+                    tl.store(values + base + last * stride_kl + rd, vn)
+            s = tl.sum(qs[:, None, :] * ks[None, :, :], 2) * scale  # (GROUP_P, BLOCK_L)
+            s = tl.where(seen[None, :], s, float("-inf"))
+            now = tl.maximum(m, tl.max(s, 1))
+            ref = tl.where(now > float("-inf"), now, 0.0)  # nothing seen yet: any finite reference
+            keep = tl.exp(m - ref)  # 0 while nothing was summed (m = −inf)
+            p = tl.where(seen[None, :], tl.exp(s - ref[:, None]), 0.0)
+            total = total * keep + tl.sum(p, 1)
+            acc = acc * keep[:, None] + tl.sum(p[:, :, None] * vs[None, :, :], 1)  # (GROUP_P, D)
+            m = now
         tl.store(part + (at + rg)[:, None] * D + rd[None, :], acc)
         tl.store(stats + (at + rg) * 2, m)
-        tl.store(stats + (at + rg) * 2 + 1, tl.sum(p, 1))
+        tl.store(stats + (at + rg) * 2 + 1, total)
     else:
         tl.store(part + (at + rg)[:, None] * D + rd[None, :], tl.zeros((GROUP_P, D), dtype=tl.float32))
         tl.store(stats + (at + rg) * 2, tl.full((GROUP_P,), float("-inf"), tl.float32))
@@ -126,8 +140,9 @@ def _add_splits(part, stats, out, bh, SPLITS: tl.constexpr, GROUP: tl.constexpr,
         vs = tl.load(part + at[:, :, None] * D + rd[None, None, :], mask=ok[:, :, None], other=0.0,
                      cache_modifier=".cg")
         now = tl.maximum(big, tl.max(m, 0))
-        keep = tl.where(big > float("-inf"), tl.exp(big - now), 0.0)  # the earlier sums' rescale
-        w = tl.where(m > float("-inf"), tl.exp(m - now[None, :]), 0.0)
+        ref = tl.where(now > float("-inf"), now, 0.0)  # no split seen yet: any finite reference
+        keep = tl.exp(big - ref)  # the earlier sums' rescale (0 while there are none)
+        w = tl.exp(m - ref[None, :])  # 0 for a split that saw nothing (m = −inf)
         total = total * keep + tl.sum(w * ls, 0)
         acc = acc * keep[:, None] + tl.sum(w[:, :, None] * vs, 0)
         big = now
@@ -145,42 +160,87 @@ def _combine_kernel(part, stats, out, SPLITS: tl.constexpr, GROUP: tl.constexpr,
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor,
                      slot: torch.Tensor, scale: float, block_l: int = 16, new: tuple | None = None,
-                     rope: tuple | None = None) -> torch.Tensor:
+                     rope: tuple | None = None, config: dict | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale) v for q (b, heads, 1, d) over cache slots j with pad[b] ≤ j ≤ slot (``slot`` a
     one-element long tensor, ``pad`` (b,) long; both read on the device, so a CUDA graph replays any step),
     keys/values (b, kv heads, length, d) with heads = kv heads · group. ``new``: this step's (k, v), each
     (b, kv heads, 1, d) in the cache's dtype, written into the cache at ``slot`` by the same launch (else
     the cache must hold them already). ``rope``: (cos, sin), each (length, d), when q and the new k come
-    before RoPE, which the launch applies at position slot − pad[b] (k as the cache then holds it). Returns
-    (b, heads, 1, d) in q's dtype. Capturable in a CUDA graph."""
+    before RoPE, which the launch applies at position slot − pad[b] (k as the cache then holds it).
+    ``config``: {"steps": runs of ``block_l`` slots a program takes, "last_adds": whether the split kernel's
+    last program adds the partials}; by default the fastest of :func:`settings` for this shape, timed once
+    on the GPU outside a capture (:func:`tuned`). Returns (b, heads, 1, d) in q's dtype. Capturable in a
+    CUDA graph."""
+    d, length = q.shape[-1], keys.shape[2]
+    if keys.stride(3) != 1 or values.stride() != keys.stride():
+        raise ValueError("decode_attention reads keys and values of one layout, d contiguous")
+    if new is not None and not (new[0].dtype == new[1].dtype == keys.dtype == values.dtype):
+        raise ValueError("the step's k and v are written into the cache in its dtype")
+    if rope is not None and (new is None or any(t.shape != (length, d) or t.stride(1) != 1 for t in rope)):
+        raise ValueError("RoPE in the launch needs the step's k, v and cos, sin tables (length, d)")
+    args = (q, keys, values, pad, slot, scale, block_l, new, rope)
+    return _run(*args, config if config is not None else tuned(*args))
+
+
+def settings(length: int, block_l: int = 16) -> list[dict]:
+    """The launch settings :func:`tuned` times: 1, 2, 4 or 8 runs a program (leaving at least 2 splits), the
+    partials added by the last program (where that variant builds here) or by a second kernel."""
+    runs = triton.cdiv(length, block_l)
+    adds = (True, False) if LAST_ADDS["ok"] else (False,)
+    return [{"steps": n, "last_adds": la} for n in (1, 2, 4, 8) if n == 1 or 2 * n <= runs for la in adds]
+
+
+TUNED: dict[tuple, list] = {}  # shape key -> [(seconds, setting)], fastest first
+
+
+def tuned(q, keys, values, pad, slot, scale, block_l, new, rope) -> dict:
+    """The fastest of :func:`settings` for this call's shape on its device, timed once as replayed CUDA graphs
+    (:func:`qfine.fast.gemv_kernel.graph_seconds`) by the first call outside a capture; before that, and off
+    the GPU, one run a program with the last program adding."""
+    key = (q.device, q.shape, keys.shape, q.dtype, keys.dtype, block_l, new is None, rope is None)
+    if key in TUNED:
+        return TUNED[key][0][1]
+    default = {"steps": 1, "last_adds": LAST_ADDS["ok"]}
+    if not q.is_cuda or torch.cuda.is_current_stream_capturing():
+        return default
+    from qfine.fast.gemv_kernel import graph_seconds
+
+    args = (q, keys, values, pad, slot, scale, block_l, new, rope)
+    timed = []
+    for cfg in settings(keys.shape[2], block_l):
+        try:
+            timed.append((graph_seconds(lambda cfg=cfg: _run(*args, cfg)), cfg))
+        except RuntimeError:  # a setting that cannot be captured is not chosen
+            continue
+    TUNED[key] = sorted(timed, key=lambda t: t[0]) or [(0.0, default)]
+    return TUNED[key][0][1]
+
+
+def _run(q, keys, values, pad, slot, scale, block_l, new, rope, config) -> torch.Tensor:
+    """:func:`decode_attention` with the launch setting ``config``."""
     b, heads, _, d = q.shape
     kv, length = keys.shape[1], keys.shape[2]
     group = heads // kv
     group_p = max(1, triton.next_power_of_2(group))
-    splits = triton.cdiv(length, block_l)
+    steps = config["steps"]
+    splits = triton.cdiv(length, block_l * steps)
     chunk = max(1, min(triton.next_power_of_2(splits), ADD_TILE // (group_p * d)))  # splits added per load
     qc = q.reshape(b, heads, d).contiguous()
     part = torch.empty(b, kv, splits, group_p, d, dtype=torch.float32, device=q.device)
     stats = torch.empty(b, kv, splits, group_p, 2, dtype=torch.float32, device=q.device)
     out = torch.empty(b, heads, 1, d, dtype=q.dtype, device=q.device)
-    if keys.stride(3) != 1 or values.stride() != keys.stride():
-        raise ValueError("decode_attention reads keys and values of one layout, d contiguous")
     new_k, new_v = (qc, qc) if new is None else [t.reshape(b, kv, d).contiguous() for t in new]
-    if new is not None and not (new_k.dtype == new_v.dtype == keys.dtype == values.dtype):
-        raise ValueError("the step's k and v are written into the cache in its dtype")
-    if rope is not None and (new is None or any(t.shape != (length, d) or t.stride(1) != 1 for t in rope)):
-        raise ValueError("RoPE in the launch needs the step's k, v and cos, sin tables (length, d)")
     cos, sin = rope if rope is not None else (qc, qc)
 
     def launch(counter):
         _split_kernel[(b * kv, splits)](qc, keys, values, new_k, new_v, pad, slot, part, stats, out,
                                         qc if counter is None else counter, cos, sin, float(scale), length,
-                                        keys.stride(0), keys.stride(1), keys.stride(2), kv, SPLITS=splits, GROUP=group,
-                                        GROUP_P=group_p, D=d, BLOCK_L=block_l, NEW=new is not None,
-                                        LAST_ADDS=counter is not None, CHUNK=chunk, ROPE=rope is not None,
-                                        num_warps=4)
+                                        keys.stride(0), keys.stride(1), keys.stride(2), kv, SPLITS=splits,
+                                        GROUP=group, GROUP_P=group_p, D=d, BLOCK_L=block_l, STEPS=steps,
+                                        NEW=new is not None, LAST_ADDS=counter is not None, CHUNK=chunk,
+                                        ROPE=rope is not None, num_warps=4)
 
-    counter = _counter(q.device, b * kv) if LAST_ADDS["ok"] else None
+    counter = _counter(q.device, b * kv) if config["last_adds"] and LAST_ADDS["ok"] else None
     try:
         launch(counter)
     except Exception as e:  # noqa: BLE001 - compiled on first use: a toolchain that cannot build it is told once
