@@ -4,7 +4,8 @@
 # NF4 folder is written, then bench/generate_bench.py (engine and transformers' generate, batch 1 and 16)
 # unless SKIP_GENERATE, and with GRPO=1 qfine's GRPO step (bench/grpo_bench.py). SKIP_GEMV skips the first
 # part; TESTS_AFTER runs the tests last, so that they do not share the GPU with the timings; PROFILE=1 profiles
-# the decode step at batch 1 (bench/decode_profile.py).
+# the decode step at batch 1 (bench/decode_profile.py); PDL_AB=1 runs the engine again with programmatic
+# dependent launches (QFINE_PDL=1) after the first bench.
 # Needs .device/{common,qfine,qtest,tok}. Results: $OUT/{gemv,generate}.jsonl and logs.
 #
 #   OUT=/tmp/out GEMV_ARGS="--sweep 1 64" bash bench/kernel_call.sh
@@ -39,6 +40,14 @@ timeout ${BENCH_S:-220} python3 bench/generate_bench.py --model $model ${GEN_ARG
 echo "bench rc=$? in $(( $(date +%s) - s )) s"
 grep -h "^RESULT" "$OUT/bench.log" | sed 's/^RESULT //' > "$OUT/generate.jsonl"
 grep -v tuned "$OUT/generate.jsonl"; grep tuned "$OUT/generate.jsonl" | cut -c1-200; tail -3 "$OUT/bench.log"
+fi
+if [ -n "${PDL_AB:-}" ]; then  # the engine again with programmatic dependent launches (QFINE_PDL=1)
+s=$(date +%s)
+QFINE_PDL=1 timeout ${PDL_S:-150} python3 bench/generate_bench.py --model $model --impl qfine --batch 1 --repeat 2 \
+  > "$OUT/bench-pdl.log" 2>&1
+echo "bench with PDL rc=$? in $(( $(date +%s) - s )) s"
+grep -h "^RESULT" "$OUT/bench-pdl.log" | sed 's/^RESULT //' > "$OUT/generate-pdl.jsonl"
+grep -v tuned "$OUT/generate-pdl.jsonl"; tail -3 "$OUT/bench-pdl.log"
 fi
 if [ -n "${PROFILE:-}" ]; then  # the decode step's kernels at batch 1 (bench/decode_profile.py)
   s=$(date +%s)

@@ -178,3 +178,46 @@ def test_gpu_mma_group_equals_each_product():
         tuned = matmul_4bit_group(x, members)
         assert tuned is None or all(((y.float() - want).abs().max() / want.abs().max()) < 8e-3
                                     for y, want in zip(tuned, wants))
+
+
+def test_gpu_early_launch_equals_the_plain_one(monkeypatch):
+    """Programmatic dependent launches (sm_90 on): the down-product kernel with the norm in its launch lets
+    the 4-bit kernel that reads its outputs start early, and that kernel waits before reading x, xa and the
+    residual. Eager and replayed from a CUDA graph with a new input before each replay, the outputs equal the
+    plain launches' bit for bit (a read before the wait would see the previous input)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    from qfine.fast import mma_kernel
+    from qfine.fast.gemv_rows import _sum_splits
+    from qfine.fast.lora_down import lora_down
+
+    torch.manual_seed(0)
+    w = _weight(4096, 4096, "nf4", True, 64, torch.bfloat16)
+    a = torch.randn(16, 4096, device="cuda") * 0.02
+    b = torch.randn(4096, 16, device="cuda") * 0.1
+    norm = (torch.rand(4096, dtype=torch.bfloat16, device="cuda") + 0.5, 1e-5)
+    h = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
+    cfg = next(c for c in mma_kernel.candidates(1) if mma_kernel.fits(c, 1, 4096, 64) and c["SPLIT"] == 1)
+
+    def step():
+        (xa,), x = lora_down(h, [a], norm=norm)
+        return mma_kernel.matmul_mma(x, w, (xa, b, 2.0), h, cfg, _sum_splits)
+
+    inputs = [torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda") * 3 for _ in range(4)]
+    plain = []
+    for x in inputs:
+        h.copy_(x)
+        plain.append(step().clone())
+    monkeypatch.setitem(mma_kernel.EARLY, "on", True)
+    assert mma_kernel.early(h.device)
+    for x, want in zip(inputs, plain):
+        h.copy_(x)
+        assert torch.equal(step(), want)
+    graph, out = torch.cuda.CUDAGraph(), {}
+    with torch.cuda.graph(graph):
+        out["y"] = step()
+    for x, want in zip(inputs, plain):
+        h.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out["y"], want)

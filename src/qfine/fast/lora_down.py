@@ -16,14 +16,18 @@ import triton
 import triton.language as tl
 
 from qfine.fast.gemv_rows import _counter
+from qfine.fast.mma_kernel import early
 
 TILE = 8192  # fp32 values a program holds at once (64 a thread of 4 warps)
 
 
 @triton.jit
 def _kernel(x, a0, a1, a2, out, m, k: tl.constexpr, stride_xm, r0, r1, r_all, BLOCK_M: tl.constexpr,
-            BLOCK_K: tl.constexpr):
-    """Column j of out (m, r_all) = x (m, k) · row j of [A0; A1; A2] (fp32 products and sum)."""
+            BLOCK_K: tl.constexpr, EARLY: tl.constexpr):
+    """Column j of out (m, r_all) = x (m, k) · row j of [A0; A1; A2] (fp32 products and sum). EARLY: let the
+    4-bit kernel that reads out start now (:data:`qfine.fast.mma_kernel.EARLY`)."""
+    if EARLY:
+        tl.extra.cuda.gdc_launch_dependents()
     j = tl.program_id(0)
     if j < r0:
         row = a0 + j * k
@@ -45,12 +49,14 @@ def _kernel(x, a0, a1, a2, out, m, k: tl.constexpr, stride_xm, r0, r1, r_all, BL
 @triton.jit
 def _row_kernel(x, norm_w, x_out, eps, a0, a1, a2, part, out, counter, k: tl.constexpr, r0, r1, r_all,
                 CHUNK: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P: tl.constexpr, BLOCK_R: tl.constexpr,
-                NORM: tl.constexpr, K_P: tl.constexpr):
+                NORM: tl.constexpr, K_P: tl.constexpr, EARLY: tl.constexpr):
     """One row: out (r_all,) = [A0; A1; A2] xₙ over k, program s taking k chunk s for every output, its fp32
     partial written to part[s]; the last program to finish (counted in ``counter``, which it resets) reads
     all SPLIT partials in one (SPLIT_P, BLOCK_R) load, adds them and rounds once. NORM: xₙ = norm_w ·
     round(x · rstd), rstd = 1/√(mean(x²) + eps) over the whole row in fp32 (Llama's RMSNorm, rounded as its
-    module rounds), each program writing its chunk of xₙ to x_out; else xₙ = x."""
+    module rounds), each program writing its chunk of xₙ to x_out; else xₙ = x. EARLY: as for :func:`_kernel`."""
+    if EARLY:
+        tl.extra.cuda.gdc_launch_dependents()
     s = tl.program_id(0)
     rj = tl.arange(0, BLOCK_R)
     ok = rj < r_all
@@ -117,11 +123,12 @@ def lora_down(x: torch.Tensor, mats: list[torch.Tensor], norm: tuple | None = No
         weight, eps = norm if norm is not None else (x2, 0.0)
         _row_kernel[(split,)](x2, weight, x_out, float(eps), a[0], a[1], a[2], part, out, counter, k, r[0], r[1],
                               total, CHUNK=chunk, SPLIT=split, SPLIT_P=triton.next_power_of_2(split),
-                              BLOCK_R=block_r, NORM=norm is not None, K_P=triton.next_power_of_2(k), num_warps=4)
+                              BLOCK_R=block_r, NORM=norm is not None, K_P=triton.next_power_of_2(k),
+                              EARLY=early(x.device), num_warps=4)
     else:
         block_m = triton.next_power_of_2(max(m, 1))
         _kernel[(total,)](x2, a[0], a[1], a[2], out, m, k, x2.stride(0), r[0], r[1], total, BLOCK_M=block_m,
-                          BLOCK_K=max(32, 2048 // block_m), num_warps=4)
+                          BLOCK_K=max(32, 2048 // block_m), EARLY=early(x.device), num_warps=4)
     views, start = [], 0
     for rank in ranks:
         views.append(out[:, start:start + rank])

@@ -20,7 +20,8 @@
 // 2 fp16); WIDE the 64 KiB table layout (see pair()); LORA_R the adapter's rank; PAIR: two weights of one
 // shape and input (gate, up), tile 0 from the first and tile 1 the same rows of the second, written as
 // silu(gate) * up (TILES 2, SPLIT 1); NG: 1 to 3 weights of one k and input, each block's rows from one of
-// them, each written to its own output (SPLIT 1).
+// them, each written to its own output (SPLIT 1); PDL: launched as a programmatic dependent launch, waiting
+// for the previous kernel only before the first read of x, xa or the residual.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -242,30 +243,35 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
                              : amax_load(absmax_q, absmax2, ablk[i][h]);
     }
 
-  // the epilogue's inputs (the adapter's scaled term, the residual) read by the writing warp now, while the
-  // weights are on their way, instead of after the loop with nothing else in flight
+  // the epilogue's inputs (the adapter's scaled term, the residual), read by the writing warp while the
+  // weights are on their way, instead of after the loop with nothing else in flight; PDL: after the wait below
   float pre[TILES][NT][4];
   u16 pre_res[TILES][NT][4];
+  auto read_epilogue = [&]() {
 #pragma unroll
-  for (int i = 0; i < TILES; i++)
+    for (int i = 0; i < TILES; i++)
 #pragma unroll
-    for (int j = 0; j < NT; j++)
+      for (int j = 0; j < NT; j++)
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        pre[i][j][e] = 0.0f;
-        pre_res[i][j][e] = 0;
-        const int row = row0 + (PAIR ? 0 : 16 * i) + g + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
-        if (warp != 0 || row >= n || col >= m) continue;
+        for (int e = 0; e < 4; e++) {
+          pre[i][j][e] = 0.0f;
+          pre_res[i][j][e] = 0;
+          const int row = row0 + (PAIR ? 0 : 16 * i) + g + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
+          if (warp != 0 || row >= n || col >= m) continue;
 #if LORA
-        if (blockIdx.y == 0) {
-          if (PAIR && i) pre[i][j][e] = lora_term(w1.xa, w1.lora_b, col, row, stride_xa) * w1.scale;
-          else pre[i][j][e] = lora_term(xa, lora_b, col, row, stride_xa) * scale;
-        }
+          if (blockIdx.y == 0) {
+            if (PAIR && i) pre[i][j][e] = lora_term(w1.xa, w1.lora_b, col, row, stride_xa) * w1.scale;
+            else pre[i][j][e] = lora_term(xa, lora_b, col, row, stride_xa) * scale;
+          }
 #endif
 #if RESIDUAL && SPLIT == 1
-        pre_res[i][j][e] = res[(size_t)col * n + row];
+          pre_res[i][j][e] = res[(size_t)col * n + row];
 #endif
-      }
+        }
+  };
+#if !PDL
+  read_epilogue();
+#endif
 
   u32 mine[8];  // pairs[lane + 32 j], handed to the whole warp by shuffles
 #pragma unroll
@@ -283,6 +289,10 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
   const float offset = 0.0f, offset2 = 0.0f;
 #endif
   __syncthreads();
+#if PDL  // x, xa and the residual may come from the kernel before this one: read only once it has finished
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  read_epilogue();
+#endif
 
   float acc[TILES][NT][4];
 #pragma unroll

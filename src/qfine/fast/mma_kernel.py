@@ -27,6 +27,17 @@ _KERNELS: dict[tuple, nvrtc.Kernel] = {}
 _PAIRS: dict[int, tuple] = {}  # id(quant state) -> (weak reference, {dtype: table})
 
 
+# Programmatic dependent launch (QFINE_PDL=1, sm_90 on): the kernel may start while the down-products' kernel
+# before it runs, filling its table and requesting its first weights, and waits for that kernel only before
+# reading x, the adapter's xa and the residual. Off by default until measured against the plain launch.
+EARLY = {"on": os.environ.get("QFINE_PDL") == "1"}
+
+
+def early(device: torch.device) -> bool:
+    """Whether launches on ``device`` are programmatic dependent launches (see :data:`EARLY`)."""
+    return EARLY["on"] and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def shared_bytes(wide: bool) -> int:
     """Dynamic shared memory of a launch: the per-lane pair table (rows of 32 or, WIDE, 64 words) and two
     second-level code books."""
@@ -171,7 +182,7 @@ def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: 
                 SPLIT=cfg["SPLIT"], LORA=has_lora,
                 RESIDUAL=residual is not None, F16=x2.dtype == torch.float16,
                 ADT=_ADAPTER_DTYPES[xa.dtype] if has_lora else 0, WIDE=bool(cfg.get("WIDE")), PAIR=pair,
-                LORA_R=r, NG=1 if pair else len(members)), weights, loras
+                LORA_R=r, NG=1 if pair else len(members), PDL=early(x2.device)), weights, loras
 
 
 class W4(ctypes.Structure):
@@ -204,7 +215,8 @@ def _launch(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, outs: l
     stride_xa = loras[0][0].stride(0)
     kernel((grid_x, cfg["SPLIT"]), 32 * cfg["WARPS"] * rw, shared_bytes(bool(cfg.get("WIDE"))),
            [ctypes.c_void_p(x2.data_ptr()), ctypes.c_void_p(pair_table(state, x2.dtype).data_ptr()),
-            ctypes.c_int(m), ctypes.c_int(k), ctypes.c_int(x2.stride(0)), ctypes.c_int(stride_xa), *structs])
+            ctypes.c_int(m), ctypes.c_int(k), ctypes.c_int(x2.stride(0)), ctypes.c_int(stride_xa), *structs],
+           early=bool(defines["PDL"]))
 
 
 def _rows(x2: torch.Tensor) -> torch.Tensor:

@@ -119,10 +119,35 @@ class Kernel:
         _check_cuda(_library("cuda").cuFuncSetAttribute(self._func, 8, nbytes),  # MAX_DYNAMIC_SHARED_SIZE_BYTES
                     "cuFuncSetAttribute")
 
-    def __call__(self, grid: tuple[int, int], block: int, shared: int, args: list) -> None:
+    def __call__(self, grid: tuple[int, int], block: int, shared: int, args: list, early: bool = False) -> None:
         """Launch on torch's current stream: ``grid`` (x, y) blocks of ``block`` threads, ``shared`` bytes of
-        dynamic shared memory (above 48 KiB only after :meth:`allow_shared`)."""
+        dynamic shared memory (above 48 KiB only after :meth:`allow_shared`). ``early``: as a programmatic
+        dependent launch (sm_90 on), which may start once every block of the previous kernel has run
+        ``griddepcontrol.launch_dependents``; the kernel must then run ``griddepcontrol.wait`` before it reads
+        what that kernel wrote."""
         ptrs = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args])
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        _check_cuda(_library("cuda").cuLaunchKernel(self._func, grid[0], grid[1], 1, block, 1, 1, shared, stream,
-                                                   ptrs, None), "cuLaunchKernel")
+        if not early:
+            _check_cuda(_library("cuda").cuLaunchKernel(self._func, grid[0], grid[1], 1, block, 1, 1, shared,
+                                                       stream, ptrs, None), "cuLaunchKernel")
+            return
+        attr = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION)
+        attr.value[0] = 1
+        config = _LaunchConfig(grid[0], grid[1], 1, block, 1, 1, shared, stream, ctypes.pointer(attr), 1)
+        _check_cuda(_library("cuda").cuLaunchKernelEx(ctypes.byref(config), self._func, ptrs, None),
+                    "cuLaunchKernelEx")
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+
+
+class _LaunchAttribute(ctypes.Structure):
+    """CUlaunchAttribute: the id, padding to 8 bytes, a 64-byte value union."""
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_int), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig of cuLaunchKernelEx."""
+    _fields_ = [(name, ctypes.c_uint) for name in ("grid_x", "grid_y", "grid_z", "block_x", "block_y", "block_z",
+                                                    "shared")]
+    _fields_ += [("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("count", ctypes.c_uint)]
