@@ -148,6 +148,10 @@ def main():
         print("RESULT " + json.dumps({"what": "tuned", "group": group, "rows": rows, "n": n, "k": k, "config": cfg,
                                       "us": round(seconds * 1e6, 2), "other_settings": others,
                                       "next": [[round(t * 1e6, 2), c] for t, c in timings[1:4]]}), flush=True)
+    from qfine.fast import attn_decode
+    for key, timings in attn_decode.TUNED.items():  # what the attention's tuner chose for each shape
+        print("RESULT " + json.dumps({"what": "tuned_attention", "q": list(key[1]), "cache": list(key[2]),
+                                      "timed": [[round(t * 1e6, 2), c] for t, c in timings]}), flush=True)
     # greedy agreement on the same prompts (batch 4, 64 tokens)
     prompts = torch.randint(10, vocab - 10, (4, 32), generator=torch.Generator().manual_seed(7)).cuda()
     fast = engine.generate_tokens(model, prompts.tolist(), 64, stop_ids=[], pad_id=0).tokens

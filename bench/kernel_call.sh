@@ -39,7 +39,7 @@ s=$(date +%s)
 timeout ${BENCH_S:-220} python3 bench/generate_bench.py --model $model ${GEN_ARGS:---repeat 2} > "$OUT/bench.log" 2>&1
 echo "bench rc=$? in $(( $(date +%s) - s )) s"
 grep -h "^RESULT" "$OUT/bench.log" | sed 's/^RESULT //' > "$OUT/generate.jsonl"
-grep -v tuned "$OUT/generate.jsonl"; grep tuned "$OUT/generate.jsonl" | cut -c1-200; tail -3 "$OUT/bench.log"
+grep -v tuned "$OUT/generate.jsonl"; grep tuned "$OUT/generate.jsonl" | cut -c1-300; tail -3 "$OUT/bench.log"
 fi
 if [ -n "${PDL_AB:-}" ]; then  # the engine again with programmatic dependent launches (QFINE_PDL=1)
 s=$(date +%s)
