@@ -5,7 +5,8 @@
 # unless SKIP_GENERATE, and with GRPO=1 qfine's GRPO step (bench/grpo_bench.py). SKIP_GEMV skips the first
 # part; TESTS_AFTER runs the tests last, so that they do not share the GPU with the timings; PROFILE=1 profiles
 # the decode step at batch 1 (bench/decode_profile.py); PDL_AB=1 runs the engine again with programmatic
-# dependent launches (QFINE_PDL=1) after the first bench.
+# dependent launches (QFINE_PDL=1) after the first bench. The tests stop at the first failure and print it
+# (TEST_ARGS, default "-x --tb=short").
 # Needs .device/{common,qfine,qtest,tok}. Results: $OUT/{gemv,generate}.jsonl and logs.
 #
 #   OUT=/tmp/out GEMV_ARGS="--sweep 1 64" bash bench/kernel_call.sh
@@ -24,10 +25,10 @@ grep -c '"wrong"\|"error"' "$OUT/gemv.jsonl"; grep -h '"wrong"\|"error"' "$OUT/g
 fi
 run_tests() {
   local s=$(date +%s)
-  timeout ${TEST_S:-120} python3 -m pytest -q -p no:cacheprovider -rfE --durations=12 -m gpu \
+  timeout ${TEST_S:-120} python3 -m pytest -q -p no:cacheprovider -rfE --durations=12 ${TEST_ARGS:--x --tb=short} -m gpu \
     ${TESTS:-tests/test_engine.py tests/test_gemv_rows.py} > "$OUT/tests.log" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - s )) s: $(tail -1 "$OUT/tests.log")"
-  grep -hE "^(FAILED|ERROR)" "$OUT/tests.log" | head -5
+  grep -hE "^(FAILED|ERROR)" "$OUT/tests.log" | head -5; grep -B2 -A25 "^_____" "$OUT/tests.log" | head -60
 }
 s=$(date +%s)
 [ -n "${TESTS_AFTER:-}" ] || run_tests &
