@@ -181,10 +181,11 @@ def test_gpu_mma_group_equals_each_product():
 
 
 def test_gpu_early_launch_equals_the_plain_one(monkeypatch):
-    """Programmatic dependent launches (sm_90 on): the down-product kernel with the norm in its launch lets
-    the 4-bit kernel that reads its outputs start early, and that kernel waits before reading x, xa and the
-    residual. Eager and replayed from a CUDA graph with a new input before each replay, the outputs equal the
-    plain launches' bit for bit (a read before the wait would see the previous input)."""
+    """Programmatic dependent launches (sm_90 on), two rounds of a layer's chain: the down-product kernel
+    with the norm in its launch, then the 4-bit kernel reading its outputs and the residual, then again on that
+    output; each kernel may start while the one before runs and waits before reading what it wrote. Eager and
+    replayed from a CUDA graph with a new input before each replay, the outputs equal the plain launches' bit
+    for bit (a read before the wait would see the previous input)."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90")
     from qfine.fast import mma_kernel
@@ -200,8 +201,11 @@ def test_gpu_early_launch_equals_the_plain_one(monkeypatch):
     cfg = next(c for c in mma_kernel.candidates(1) if mma_kernel.fits(c, 1, 4096, 64) and c["SPLIT"] == 1)
 
     def step():
-        (xa,), x = lora_down(h, [a], norm=norm)
-        return mma_kernel.matmul_mma(x, w, (xa, b, 2.0), h, cfg, _sum_splits)
+        y = h
+        for _ in range(2):
+            (xa,), x = lora_down(y, [a], norm=norm)
+            y = mma_kernel.matmul_mma(x, w, (xa, b, 2.0), y, cfg, _sum_splits)
+        return y
 
     inputs = [torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda") * 3 for _ in range(4)]
     plain = []

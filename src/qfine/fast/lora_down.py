@@ -24,10 +24,12 @@ TILE = 8192  # fp32 values a program holds at once (64 a thread of 4 warps)
 @triton.jit
 def _kernel(x, a0, a1, a2, out, m, k: tl.constexpr, stride_xm, r0, r1, r_all, BLOCK_M: tl.constexpr,
             BLOCK_K: tl.constexpr, EARLY: tl.constexpr):
-    """Column j of out (m, r_all) = x (m, k) · row j of [A0; A1; A2] (fp32 products and sum). EARLY: let the
-    4-bit kernel that reads out start now (:data:`qfine.fast.mma_kernel.EARLY`)."""
+    """Column j of out (m, r_all) = x (m, k) · row j of [A0; A1; A2] (fp32 products and sum). EARLY: launched
+    as a programmatic dependent launch (:data:`qfine.fast.mma_kernel.EARLY`): it lets the 4-bit kernel after
+    it start now, and waits for the kernel before it before reading x or writing."""
     if EARLY:
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     j = tl.program_id(0)
     if j < r0:
         row = a0 + j * k
@@ -54,7 +56,8 @@ def _row_kernel(x, norm_w, x_out, eps, a0, a1, a2, part, out, counter, k: tl.con
     partial written to part[s]; the last program to finish (counted in ``counter``, which it resets) reads
     all SPLIT partials in one (SPLIT_P, BLOCK_R) load, adds them and rounds once. NORM: xₙ = norm_w ·
     round(x · rstd), rstd = 1/√(mean(x²) + eps) over the whole row in fp32 (Llama's RMSNorm, rounded as its
-    module rounds), each program writing its chunk of xₙ to x_out; else xₙ = x. EARLY: as for :func:`_kernel`."""
+    module rounds), each program writing its chunk of xₙ to x_out; else xₙ = x. EARLY: as for :func:`_kernel`,
+    the chunk of A (the bulk of the program's reads) requested before the wait."""
     if EARLY:
         tl.extra.cuda.gdc_launch_dependents()
     s = tl.program_id(0)
@@ -63,6 +66,8 @@ def _row_kernel(x, norm_w, x_out, eps, a0, a1, a2, part, out, counter, k: tl.con
     row = tl.where(rj < r0, a0 + rj * k, tl.where(rj < r0 + r1, a1 + (rj - r0) * k, a2 + (rj - r0 - r1) * k))
     rk = s * CHUNK + tl.arange(0, CHUNK)
     a = tl.load(row[:, None] + rk[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    if EARLY:
+        tl.extra.cuda.gdc_wait()
     xs = tl.load(x + rk)
     if NORM:
         rf = tl.arange(0, K_P)
@@ -117,18 +122,20 @@ def lora_down(x: torch.Tensor, mats: list[torch.Tensor], norm: tuple | None = No
     a = [t if t.is_contiguous() else t.contiguous() for t in mats] + [mats[0]] * (3 - len(mats))
     r = ranks + [0] * (3 - len(ranks))
     x_out = torch.empty_like(x2) if norm is not None else x2
+    launch = {"EARLY": early(x.device), "num_warps": 4}
+    if launch["EARLY"]:
+        launch["launch_pdl"] = True
     if counter is not None:
         split = k // chunk
         part = torch.empty(split, total, dtype=torch.float32, device=x.device)
         weight, eps = norm if norm is not None else (x2, 0.0)
         _row_kernel[(split,)](x2, weight, x_out, float(eps), a[0], a[1], a[2], part, out, counter, k, r[0], r[1],
                               total, CHUNK=chunk, SPLIT=split, SPLIT_P=triton.next_power_of_2(split),
-                              BLOCK_R=block_r, NORM=norm is not None, K_P=triton.next_power_of_2(k),
-                              EARLY=early(x.device), num_warps=4)
+                              BLOCK_R=block_r, NORM=norm is not None, K_P=triton.next_power_of_2(k), **launch)
     else:
         block_m = triton.next_power_of_2(max(m, 1))
         _kernel[(total,)](x2, a[0], a[1], a[2], out, m, k, x2.stride(0), r[0], r[1], total, BLOCK_M=block_m,
-                          BLOCK_K=max(32, 2048 // block_m), EARLY=early(x.device), num_warps=4)
+                          BLOCK_K=max(32, 2048 // block_m), **launch)
     views, start = [], 0
     for rank in ranks:
         views.append(out[:, start:start + rank])

@@ -21,7 +21,7 @@
 // shape and input (gate, up), tile 0 from the first and tile 1 the same rows of the second, written as
 // silu(gate) * up (TILES 2, SPLIT 1); NG: 1 to 3 weights of one k and input, each block's rows from one of
 // them, each written to its own output (SPLIT 1); PDL: launched as a programmatic dependent launch, waiting
-// for the previous kernel only before the first read of x, xa or the residual.
+// for the previous kernel only before the first read of x, xa or the residual, and letting the next start.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -188,6 +188,9 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
       sel = 2;
     }
   }
+#if PDL  // the down-products' kernel after this one may start: it only reads its A until this one is done
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
   const u8* __restrict__ packed = PICK(packed);
   const void* __restrict__ absmax_q = PICK(absmax_q);
   const float* __restrict__ code8 = PICK(code8);

@@ -29,7 +29,9 @@ _PAIRS: dict[int, tuple] = {}  # id(quant state) -> (weak reference, {dtype: tab
 
 # Programmatic dependent launch (QFINE_PDL=1, sm_90 on): the kernel may start while the down-products' kernel
 # before it runs, filling its table and requesting its first weights, and waits for that kernel only before
-# reading x, the adapter's xa and the residual. Off by default until measured against the plain launch.
+# reading x, the adapter's xa and the residual; the down-products' kernel after it may likewise start and
+# request its A. Every such kernel waits before it writes, so each waits, through the one before, on all
+# earlier ones. Off by default until measured against the plain launch.
 EARLY = {"on": os.environ.get("QFINE_PDL") == "1"}
 
 
