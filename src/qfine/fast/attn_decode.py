@@ -154,7 +154,7 @@ def _add_splits(part, stats, out, bh, SPLITS: tl.constexpr, GROUP: tl.constexpr,
 def _combine_kernel(part, stats, out, SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
                     D: tl.constexpr, CHUNK: tl.constexpr):
     """out (b, kv·GROUP, D) in out's dtype for program b·kv_heads + h: :func:`_add_splits` as a kernel of its
-    own, where the split kernel's last program cannot add them."""
+    own: where the split kernel's last program cannot add them, or where the tuner found this faster."""
     _add_splits(part, stats, out, tl.program_id(0), SPLITS, GROUP, GROUP_P, D, CHUNK)
 
 
