@@ -95,7 +95,7 @@ def test_gpu_decode_attention_at_8b_shapes():
     cache of 512 slots, every launch setting and the tuned one: within 1e-2 of fp32 masked SDPA (one bf16
     rounding of the output), and replayed from a CUDA graph with the slot changed on the device, equal to the
     eager call; given the step's k and v, the same output with the cache's slot written by the launch."""
-    from qfine.fast.attn_decode import LAST_ADDS, TUNED, decode_attention, settings
+    from qfine.fast.attn_decode import LAST_ADDS, decode_attention, settings, tuned
 
     for b in (1, 16):
         q, keys, values = _case("cuda", torch.bfloat16, b=b, kv=8, group=4, length=512, d=128)
@@ -113,8 +113,8 @@ def test_gpu_decode_attention_at_8b_shapes():
             torch.cuda.synchronize()
             assert torch.equal(out, decode_attention(q, keys, values, pad, slot, 128 ** -0.5, config=cfg)), cfg
             # the step's k, v written by the launch itself: the same output, and the cache holds them
-            # the tuned setting (its key: q's shape, no k, v given), for the call with k, v
-            fixed = cfg or next(v[0][1] for key, v in TUNED.items() if key[1] == q.shape and key[6])
+            # the setting tuned for the call without k, v, for the call with them
+            fixed = cfg or tuned(q, keys, values, pad, slot, 128 ** -0.5, 16, None, None)
             new = (keys[:, :, 411:412].clone(), values[:, :, 411:412].clone())
             keys[:, :, 411], values[:, :, 411] = float("nan"), float("nan")
             assert torch.equal(decode_attention(q, keys, values, pad, slot, 128 ** -0.5, new=new, config=fixed), out)

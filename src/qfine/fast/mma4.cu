@@ -235,6 +235,10 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
   for (int j = 0; j < NT; j++) xp[j] = x + (size_t)min(8 * j + g, m - 1) * stride_x + (size_t)blk0 * BS + t * (BS / 4);
 
   // the first step's words are requested before the tables are filled: their latency covers the fill
+  // tile i's absmax at block blk (PAIR: tile 1 from the second weight)
+  auto tile_amax = [&](int i, u32 blk) {
+    return (PAIR && i) ? amax_load(absmax_q2, absmax2_2, blk) : amax_load(absmax_q, absmax2, blk);
+  };
   u32 w[TILES][2][GROUP][WORDS];
   Amax am[TILES][2];
 #pragma unroll
@@ -242,8 +246,7 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
 #pragma unroll
     for (int h = 0; h < 2; h++) {
       load_group<0>(w[i][h], wp[i][h]);
-      am[i][h] = (PAIR && i) ? amax_load(absmax_q2, absmax2_2, ablk[i][h])
-                             : amax_load(absmax_q, absmax2, ablk[i][h]);
+      am[i][h] = tile_amax(i, ablk[i][h]);
     }
 
   // the epilogue's inputs (the adapter's scaled term, the residual), read by the writing warp while the
@@ -316,8 +319,7 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
         for (int h = 0; h < 2; h++) {
           wp[i][h] += GROUP * (BS / 2);
           load_group<0>(nxt[i][h], wp[i][h]);
-          const u32 blk = ablk[i][h] + s + GROUP;
-          amn[i][h] = (PAIR && i) ? amax_load(absmax_q2, absmax2_2, blk) : amax_load(absmax_q, absmax2, blk);
+          amn[i][h] = tile_amax(i, ablk[i][h] + s + GROUP);
         }
     }
     float amax[TILES][2][GROUP];
