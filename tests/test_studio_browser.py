@@ -140,8 +140,9 @@ def test_launch_watch_stop_resume_chat_export_in_a_browser(studios, tmp_path):
         # the runs page lists it, finished, with its steps
         d.get(studios.now.url + "/#/runs")
         browser.wait(loaded("runs"), 30, "the runs page")
-        row = d.find_element("css selector", "#runs-table tr[data-run='fact']").text
-        assert "finished" in row and "30 / 30" in row, row
+        row = lambda name: d.find_element("css selector", f"#runs-table tr[data-run='{name}']")  # noqa: E731
+        text = browser.wait(lambda: row("fact").text, 10, "the run's row")
+        assert "finished" in text and "30 / 30" in text, text
         d.save_screenshot(str(shots / "studio-runs.png"))
 
         # two runs' curves overlaid: a copy of this run's folder with its losses doubled
@@ -154,10 +155,17 @@ def test_launch_watch_stop_resume_chat_export_in_a_browser(studios, tmp_path):
         d.refresh()
         browser.wait(loaded("runs"), 30, "the runs page with two runs")
         for name in ("fact", "other"):
-            d.find_element("css selector", f"#runs-table tr[data-run='{name}'] .pick").click()
+            browser.wait(lambda: row(name).find_element("css selector", ".pick").click() or True, 10, "a tick")
+        # the table is rebuilt when a run changes (polled every 3 s): the ticks must survive it
+        with open(other / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({**rows[-1], "step": 31, "loss": 1.0}) + "\n")
+        steps = lambda: row("other").find_elements("tag name", "td")[5].text  # noqa: E731
+        browser.wait(lambda: steps().startswith("31"), 30, "the table rebuilt with the new step")
+        picked = d.execute_script("return [...document.querySelectorAll('.pick:checked')].map((c) => c.value)")
+        assert sorted(picked) == ["fact", "other"], picked
         el("btn-compare").click()
         browser.wait(loaded("compare"), 30, "the compare page")
-        assert int(el("compare-loss").get_attribute("data-points")) == 30
+        assert int(el("compare-loss").get_attribute("data-points")) == 31  # the union of both runs' steps
         legend = el("compare-loss").text
         assert "fact:loss" in legend and "other:loss" in legend, legend
         d.save_screenshot(str(shots / "studio-compare.png"))

@@ -258,9 +258,10 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _row_tile(m: int) -> int:
-    """The row count a timing is kept for: rows share it with the others of their tile height (1, 16, 32,
-    64), so a prompt of any length up to 64 tokens does not time its own."""
-    return 1 if m == 1 else max(16, triton.next_power_of_2(m))
+    """The row count a timing is kept for: rows share it with the others of their tile height (1, 8, 16,
+    32, 64), so a prompt of any length up to 64 tokens does not time its own. 8 and 16 differ because the
+    "mma" settings for up to 8 rows hold one token tile of 8 (``NT`` 1), which does not serve 9 to 16."""
+    return 1 if m == 1 else max(8, triton.next_power_of_2(m))
 
 
 def _timed(settings: list[dict], run, want: list[torch.Tensor]) -> list[tuple[float, dict]]:

@@ -3,6 +3,9 @@
 const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 let META = null, LIVE = null, RUNS = [], SORT = {key: "started", dir: -1};
+// runs ticked for comparison: kept across the table's periodic re-render
+const PICKED = new Set();
+let RUNS_HTML = "";
 
 async function api(path, body, raw) {
   const opts = body === undefined ? {} : {method: "POST", body: raw ? body : JSON.stringify(body),
@@ -85,7 +88,9 @@ function renderRuns() {
   const cell = (r, k) => (k === "best" ? (r.best ? r.best.value : null) : r[k]);
   const rows = RUNS.filter((r) => !q || [r.name, r.model, r.objective, r.state].join(" ").toLowerCase().includes(q))
     .sort((a, b) => { const x = cell(a, SORT.key), y = cell(b, SORT.key); return (x > y ? 1 : x < y ? -1 : 0) * SORT.dir; });
-  $("runs-table").tBodies[0].innerHTML = rows.map((r) => `<tr data-run="${esc(r.name)}">
+  const names = new Set(RUNS.map((r) => r.name));
+  [...PICKED].filter((n) => !names.has(n)).forEach((n) => PICKED.delete(n));
+  const html = rows.map((r) => `<tr data-run="${esc(r.name)}">
     <td><input type="checkbox" class="pick" value="${esc(r.name)}"></td>
     <td><a href="#/run/${encodeURIComponent(r.name)}">${esc(r.name)}</a></td>
     <td><span class="state ${esc(r.state)}" title="${esc(r.detail)}">${esc(r.state)}</span></td>
@@ -94,8 +99,17 @@ function renderRuns() {
     <td>${r.best ? esc(r.best.metric) + " " + Number(r.best.value).toPrecision(4) : ""}</td>
     <td>${fmtSeconds(r.seconds)}</td><td>${r.started ? new Date(r.started * 1000).toLocaleString() : ""}</td></tr>`).join("");
   $("runs-count").textContent = `${rows.length} of ${RUNS.length} runs`;
-  document.querySelectorAll(".pick").forEach((c) => c.addEventListener("change", () => {
-    $("btn-compare").disabled = document.querySelectorAll(".pick:checked").length < 2; }));
+  $("btn-compare").disabled = PICKED.size < 2;
+  // an unchanged table is left alone, so a row being read or clicked is not replaced under the pointer
+  if (html === RUNS_HTML) return;
+  RUNS_HTML = html;
+  $("runs-table").tBodies[0].innerHTML = html;
+  document.querySelectorAll(".pick").forEach((c) => {
+    c.checked = PICKED.has(c.value);
+    c.addEventListener("change", () => {
+      if (c.checked) PICKED.add(c.value); else PICKED.delete(c.value);
+      $("btn-compare").disabled = PICKED.size < 2; });
+  });
 }
 
 async function pageRuns() {
@@ -361,7 +375,7 @@ async function init() {
   document.querySelectorAll("th[data-key]").forEach((th) => th.addEventListener("click", () => {
     SORT = {key: th.dataset.key, dir: SORT.key === th.dataset.key ? -SORT.dir : 1}; renderRuns(); }));
   $("btn-compare").addEventListener("click", () => { location.hash = "#/compare/" +
-    [...document.querySelectorAll(".pick:checked")].map((c) => encodeURIComponent(c.value)).join(","); });
+    [...PICKED].map((n) => encodeURIComponent(n)).join(","); });
   const runName = () => $("run-name").textContent;
   const act = async (what, body) => { try { await api(`/api/runs/${encodeURIComponent(runName())}/${what}`, body || {}); await refreshRun(runName()); } catch (e) { fail(e); } };
   $("btn-stop").addEventListener("click", () => act("stop"));
