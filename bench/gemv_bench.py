@@ -7,7 +7,10 @@ per second, and a device-to-device copy of the same bytes as the bandwidth refer
 setting whose result is not within 1e-2 (relative to the largest output) of dequantize-then-matmul is
 reported as wrong, not timed.
 
-    python bench/gemv_bench.py [--rows 1 64 16] [--shapes q gate down kv] [--sweep 1 64]
+    python bench/gemv_bench.py [--rows 1 64 16] [--shapes q gate down kv] [--sweep 1 64] [--fetch 1]
+
+``--fetch ROWS``: at those row counts every "mma" setting is timed again with each way of requesting the
+weights from memory in :data:`FETCH` (``mma4.cu``'s L2B and AHEAD), each its own family in the table.
 
 One JSON line per measurement (``RESULT {...}``), then a table of the best of each family.
 """
@@ -21,6 +24,7 @@ import torch
 from generate_bench import param_bytes
 
 SHAPES = {"q": (4096, 4096), "kv": (1024, 4096), "gate": (14336, 4096), "down": (4096, 14336)}
+FETCH = [{"L2B": 128}, {"L2B": 256}, {"AHEAD": 2}, {"AHEAD": 4}, {"AHEAD": 8}, {"L2B": 256, "AHEAD": 4}]
 
 
 def sweep(m: int, k: int) -> list[dict]:
@@ -59,7 +63,7 @@ def family(cfg: dict) -> str:
     if cfg.get("DEQUANTIZE"):
         return "bnb_dequant_cublas"
     if cfg.get("KERNEL") == "mma":
-        return "mma"
+        return "mma" + "".join(f"_{key.lower()}{cfg[key]}" for key in ("L2B", "AHEAD") if cfg.get(key))
     if cfg.get("KERNEL"):
         return f"{cfg['KERNEL']}_{'prmt' if cfg.get('PRMT') else 'gather'}"
     return "tile_select" if cfg.get("SELECT") else "tile_pairs"
@@ -70,6 +74,8 @@ def main():
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 64, 16])
     ap.add_argument("--shapes", nargs="+", default=["q", "gate", "down", "kv"])
     ap.add_argument("--sweep", type=int, nargs="*", default=[], help="row counts to sweep beyond the tuner's list")
+    ap.add_argument("--fetch", type=int, nargs="*", default=[],
+                    help="row counts at which the mma settings are timed with each way of requesting the weights")
     a = ap.parse_args()
     import bitsandbytes as bnb
 
@@ -96,6 +102,9 @@ def main():
             lora = (xa, b, 2.0)
             want = (x.float() @ deq.float().t() + 2.0 * xa.float() @ b.float().t())
             cfgs = G.candidates(m, n, k, 64) + (sweep(m, k) if m in a.sweep else [])
+            if m in a.fetch:
+                cfgs += [{**cfg, **fetch} for fetch in FETCH for cfg in cfgs if cfg.get("KERNEL") == "mma"]
+                G.precompile(x, [(w, lora)], None, [cfg for cfg in cfgs if cfg.get("KERNEL") == "mma"])
             seen = set()
             for cfg in cfgs:
                 key = json.dumps(cfg, sort_keys=True)

@@ -308,3 +308,29 @@ def test_a_tuned_setting_serves_every_row_count_that_shares_its_timing(k):
                 assert fits(cfg, other, k, 64), (m, other, cfg)
                 checked += 1
     assert checked > 1000
+
+
+def test_fetch_variants_reach_the_kernels_defines(monkeypatch):
+    """QFINE_MMA_FETCH's ways of requesting the weights are parsed (an unknown name is refused, naming it),
+    each comes as a copy of every "mma" setting, and a setting's L2B and AHEAD become the kernel's #defines."""
+    import bitsandbytes as bnb
+
+    from qfine.fast import mma_kernel
+
+    assert mma_kernel._fetch_variants("L2B=256; AHEAD=4;L2B=128,AHEAD=2;") == [
+        {"L2B": 256}, {"AHEAD": 4}, {"L2B": 128, "AHEAD": 2}]
+    with pytest.raises(ValueError, match="DEPTH"):
+        mma_kernel._fetch_variants("DEPTH=2")
+    plain = mma_kernel.candidates(1)
+    monkeypatch.setattr(mma_kernel, "FETCH", [{"AHEAD": 4}, {"L2B": 256}])
+    offered = mma_kernel.candidates(1)
+    assert len(offered) == 3 * len(plain) and offered[:len(plain)] == plain
+    assert offered[len(plain)] == {**plain[0], "AHEAD": 4} and offered[-1] == {**plain[-1], "L2B": 256}
+    w = bnb.nn.Params4bit(torch.randn(64, 1024) * 0.02, requires_grad=False, quant_type="nf4",
+                          compress_statistics=True)._quantize("cpu")
+    x = torch.randn(1, 1024, dtype=torch.bfloat16)
+    cfg = next(c for c in offered if c.get("AHEAD") and mma_kernel.fits(c, 1, 1024, 64))
+    defines = mma_kernel._defines(x, [(w, None)], None, cfg, False)[0]
+    assert (defines["AHEAD"], defines["L2B"]) == (4, 0)
+    defines = mma_kernel._defines(x, [(w, None)], None, {**cfg, "AHEAD": 0, "L2B": 256}, False)[0]
+    assert (defines["AHEAD"], defines["L2B"]) == (0, 256)

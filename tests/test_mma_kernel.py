@@ -11,6 +11,11 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+# ways of requesting the weights (mma4.cu's L2B, AHEAD); AHEAD 8 is more loop steps than a warp has here
+# (k = 4096: 1 to 16), so the guard on the last steps is exercised
+FETCH = [{"L2B": 256}, {"AHEAD": 2}, {"L2B": 128, "AHEAD": 8}]
+
+
 def _weight(n: int, k: int, quant_type: str, nested: bool, blocksize: int, dtype: torch.dtype):
     import bitsandbytes as bnb
 
@@ -46,7 +51,8 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
 ], ids=["nf4-nested-64-bf16", "fp4-plain-64-fp16", "nf4-nested-128-bf16"])
 def test_gpu_mma_kernel_equals_decoded_product(case):
     """"mma" settings (both table layouts, 1 and 2 row tiles per warp, k split inside a block and across blocks,
-    2 and 4 row groups per block) for 1, 3 and 16 token rows,
+    2 and 4 row groups per block) for 1, 3 and 16 token rows, each also with the weights requested with an
+    L2 fetch size or prefetched steps ahead (:data:`FETCH`: the same bits),
     n = 1040 (a last tile only half inside W): each output element within one rounding of x Wᵀ + s·xa Bᵀ
     computed in fp32 from the decoded W; with a residual, exactly round(res + round(y)); and replayed in a
     CUDA graph, the eager output bit for bit."""
@@ -68,12 +74,15 @@ def test_gpu_mma_kernel_equals_decoded_product(case):
         # both table layouts, 1 and 2 row tiles, k split within the block and across blocks, row groups
         fitting = [cfg for cfg in candidates(m) if fits(cfg, m, k, case["blocksize"])
                    and (cfg["WARPS"], cfg["RW"], cfg["SPLIT"]) in ((4, 1, 1), (8, 1, 2), (2, 2, 1), (1, 4, 1))]
+        fetched = [{**cfg, **fetch} for cfg in fitting for fetch in FETCH]
         for residual in (None, res):  # compiled side by side on the CPU's cores
-            precompile(x, [(w, (xa, b, 2.0))], residual, fitting)
+            precompile(x, [(w, (xa, b, 2.0))], residual, fitting + (fetched if residual is None else []))
         for cfg in fitting:
             got = matmul_mma(x, w, (xa, b, 2.0), None, cfg, _sum_splits)
             assert got.dtype == dtype and got.shape == (m, n)
             assert _close(got, want), (m, cfg, ((got.float() - want).abs().max() / want.abs().max()).item())
+            for fetch in FETCH:  # the weights requested another way: the same arithmetic, the same bits
+                assert torch.equal(matmul_mma(x, w, (xa, b, 2.0), None, {**cfg, **fetch}, _sum_splits), got), fetch
             with_res = matmul_mma(x, w, (xa, b, 2.0), res, cfg, _sum_splits)
             assert torch.equal(with_res, (res.float() + got.float()).to(dtype)), (m, cfg)
             ran += 1

@@ -21,7 +21,8 @@
 // shape and input (gate, up), tile 0 from the first and tile 1 the same rows of the second, written as
 // silu(gate) * up (TILES 2, SPLIT 1); NG: 1 to 3 weights of one k and input, each block's rows from one of
 // them, each written to its own output (SPLIT 1); PDL: launched as a programmatic dependent launch, waiting
-// for the previous kernel only before the first read of x, xa or the residual, and letting the next start.
+// for the previous kernel only before the first read of x, xa or the residual, and letting the next start;
+// L2B, AHEAD: how the weights are requested from memory (see load_block and ahead_l2).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -66,15 +67,36 @@ __device__ __forceinline__ float adapter_f32(const void* p, long i) {
 #endif
 }
 
+// L2B: how many bytes the L2 fetches from memory around each weight load (0: its own choice). One load
+// instruction reads 32 bytes (BS 64) of each of 8 rows, so the 128 or 256 bytes of a row that the next
+// loads want arrive with the first request instead of as separate ones
+#if L2B == 256
+#define L2Q ".L2::256B"
+#elif L2B == 128
+#define L2Q ".L2::128B"
+#else
+#define L2Q ""
+#endif
+
 // W is read once per step: no L1 allocation, read-only path; OFF a byte offset known at compile time
 template <int OFF>
 __device__ __forceinline__ void load_block(u32* d, const u8* p) {
 #if BS == 64
-  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2+%3];" : "=r"(d[0]), "=r"(d[1]) : "l"(p), "n"(OFF));
+  asm("ld.global.nc.L1::no_allocate" L2Q ".v2.u32 {%0, %1}, [%2+%3];"
+      : "=r"(d[0]), "=r"(d[1]) : "l"(p), "n"(OFF));
 #else
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4+%5];"
+  asm("ld.global.nc.L1::no_allocate" L2Q ".v4.u32 {%0, %1, %2, %3}, [%4+%5];"
       : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "l"(p), "n"(OFF));
 #endif
+}
+
+// AHEAD: loop steps ahead whose weights are requested into L2 (0: none), so a warp's loads find them there
+// instead of waiting on memory, with no registers held for them. A step's bytes of one row (GROUP * BS / 2:
+// 128 or 256, 128-byte aligned) are one or two lines; p is the thread's pointer into the row's step
+// (offset t * BS / 8 < 128), so lanes t = 1, 3 take the second line when there is one
+#define STEP_BYTES (GROUP * BS / 2)
+__device__ __forceinline__ void ahead_l2(const u8* p, int t) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p + (STEP_BYTES > 128 ? (t & 1) * 128 : 0)));
 }
 
 template <int OFF>
@@ -247,6 +269,11 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
     for (int h = 0; h < 2; h++) {
       load_group<0>(w[i][h], wp[i][h]);
       am[i][h] = tile_amax(i, ablk[i][h]);
+#if AHEAD
+#pragma unroll
+      for (int d = 1; d <= AHEAD; d++)
+        if (d * GROUP < per_warp) ahead_l2(wp[i][h] + d * STEP_BYTES, t);
+#endif
     }
 
   // the epilogue's inputs (the adapter's scaled term, the residual), read by the writing warp while the
@@ -320,6 +347,9 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
           wp[i][h] += GROUP * (BS / 2);
           load_group<0>(nxt[i][h], wp[i][h]);
           amn[i][h] = tile_amax(i, ablk[i][h] + s + GROUP);
+#if AHEAD  // the step AHEAD past the one just requested (wp now points at step s / GROUP + 1)
+          if (s + (AHEAD + 1) * GROUP < per_warp) ahead_l2(wp[i][h] + AHEAD * STEP_BYTES, t);
+#endif
         }
     }
     float amax[TILES][2][GROUP];

@@ -40,6 +40,22 @@ def early(device: torch.device) -> bool:
     return EARLY["on"] and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+def _fetch_variants(spec: str) -> list[dict]:
+    """``QFINE_MMA_FETCH`` ("L2B=256;AHEAD=4;L2B=256,AHEAD=4"): ways of requesting the weights from memory
+    that :func:`candidates` offers beside each setting's plain one, for the tuner to time (see ``mma4.cu``'s
+    L2B and AHEAD). Empty: the plain loads only."""
+    out = []
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        pairs = dict(kv.split("=", 1) for kv in item.split(","))
+        if not set(pairs) <= {"L2B", "AHEAD"}:
+            raise ValueError(f"QFINE_MMA_FETCH: {item!r} names neither L2B nor AHEAD")
+        out.append({key: int(value) for key, value in pairs.items()})
+    return out
+
+
+FETCH = _fetch_variants(os.environ.get("QFINE_MMA_FETCH", ""))
+
+
 def shared_bytes(wide: bool) -> int:
     """Dynamic shared memory of a launch: the per-lane pair table (rows of 32 or, WIDE, 64 words) and two
     second-level code books."""
@@ -57,7 +73,8 @@ def candidates(m: int) -> list[dict]:
     """The "mma" settings worth timing for m ≤ 16 rows: the table layout (WIDE: one instruction fewer per
     lookup, twice the shared memory), warps per row group (each a k range), row groups per block (RW),
     16-row tiles per warp, k splits. Few k ranges (RW > 1) give each warp a long loop: the big MLP
-    products; many suit the small ones, whose rows alone do not fill the GPU."""
+    products; many suit the small ones, whose rows alone do not fill the GPU. Each comes again with every
+    way of requesting the weights in :data:`FETCH`."""
     if m > 16:
         return []
     nt = 1 if m <= 8 else 2
@@ -65,7 +82,8 @@ def candidates(m: int) -> list[dict]:
             for warps in (4, 8) for tiles in (1, 2) for split in (1, 2, 4)]
     by_rows = [dict(WARPS=warps, RW=rw, TILES=tiles, SPLIT=1)
                for warps in (1, 2, 4) for rw in (2, 4) for tiles in (1, 2)]
-    return [{"KERNEL": "mma", "NT": nt, "WIDE": wide, **cfg} for wide in (True, False) for cfg in by_k + by_rows]
+    plain = [{"KERNEL": "mma", "NT": nt, "WIDE": wide, **cfg} for wide in (True, False) for cfg in by_k + by_rows]
+    return plain + [{**cfg, **fetch} for fetch in FETCH for cfg in plain]
 
 
 def _source(defines: dict) -> str:
@@ -184,7 +202,8 @@ def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: 
                 SPLIT=cfg["SPLIT"], LORA=has_lora,
                 RESIDUAL=residual is not None, F16=x2.dtype == torch.float16,
                 ADT=_ADAPTER_DTYPES[xa.dtype] if has_lora else 0, WIDE=bool(cfg.get("WIDE")), PAIR=pair,
-                LORA_R=r, NG=1 if pair else len(members), PDL=early(x2.device)), weights, loras
+                LORA_R=r, NG=1 if pair else len(members), PDL=early(x2.device),
+                L2B=cfg.get("L2B", 0), AHEAD=cfg.get("AHEAD", 0)), weights, loras
 
 
 class W4(ctypes.Structure):
