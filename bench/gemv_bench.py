@@ -10,7 +10,7 @@ reported as wrong, not timed.
     python bench/gemv_bench.py [--rows 1 64 16] [--shapes q gate down kv] [--sweep 1 64] [--fetch 1]
 
 ``--fetch ROWS``: at those row counts every "mma" setting is timed again with each way of requesting the
-weights from memory in :data:`FETCH` (``mma4.cu``'s L2B and AHEAD), each its own family in the table.
+weights from memory in :data:`FETCH` (``mma4.cu``'s L2B, AHEAD and BULK), each its own family in the table.
 
 One JSON line per measurement (``RESULT {...}``), then a table of the best of each family.
 """
@@ -24,7 +24,7 @@ import torch
 from generate_bench import param_bytes
 
 SHAPES = {"q": (4096, 4096), "kv": (1024, 4096), "gate": (14336, 4096), "down": (4096, 14336)}
-FETCH = [{"L2B": 128}, {"L2B": 256}, {"AHEAD": 2}, {"AHEAD": 4}, {"AHEAD": 8}, {"L2B": 256, "AHEAD": 4}]
+FETCH = [{"L2B": 128}, {"L2B": 256}, {"AHEAD": 4}, {"BULK": 4}, {"BULK": 8}, {"BULK": 4, "L2B": 256}]
 
 
 def sweep(m: int, k: int) -> list[dict]:
@@ -63,7 +63,7 @@ def family(cfg: dict) -> str:
     if cfg.get("DEQUANTIZE"):
         return "bnb_dequant_cublas"
     if cfg.get("KERNEL") == "mma":
-        return "mma" + "".join(f"_{key.lower()}{cfg[key]}" for key in ("L2B", "AHEAD") if cfg.get(key))
+        return "mma" + "".join(f"_{key.lower()}{cfg[key]}" for key in ("L2B", "AHEAD", "BULK") if cfg.get(key))
     if cfg.get("KERNEL"):
         return f"{cfg['KERNEL']}_{'prmt' if cfg.get('PRMT') else 'gather'}"
     return "tile_select" if cfg.get("SELECT") else "tile_pairs"

@@ -317,8 +317,8 @@ def test_fetch_variants_reach_the_kernels_defines(monkeypatch):
 
     from qfine.fast import mma_kernel
 
-    assert mma_kernel._fetch_variants("L2B=256; AHEAD=4;L2B=128,AHEAD=2;") == [
-        {"L2B": 256}, {"AHEAD": 4}, {"L2B": 128, "AHEAD": 2}]
+    assert mma_kernel._fetch_variants("L2B=256; AHEAD=4;L2B=128,AHEAD=2;BULK=8") == [
+        {"L2B": 256}, {"AHEAD": 4}, {"L2B": 128, "AHEAD": 2}, {"BULK": 8}]
     with pytest.raises(ValueError, match="DEPTH"):
         mma_kernel._fetch_variants("DEPTH=2")
     plain = mma_kernel.candidates(1)
@@ -331,6 +331,6 @@ def test_fetch_variants_reach_the_kernels_defines(monkeypatch):
     x = torch.randn(1, 1024, dtype=torch.bfloat16)
     cfg = next(c for c in offered if c.get("AHEAD") and mma_kernel.fits(c, 1, 1024, 64))
     defines = mma_kernel._defines(x, [(w, None)], None, cfg, False)[0]
-    assert (defines["AHEAD"], defines["L2B"]) == (4, 0)
-    defines = mma_kernel._defines(x, [(w, None)], None, {**cfg, "AHEAD": 0, "L2B": 256}, False)[0]
-    assert (defines["AHEAD"], defines["L2B"]) == (0, 256)
+    assert (defines["AHEAD"], defines["L2B"], defines["BULK"]) == (4, 0, 0)
+    defines = mma_kernel._defines(x, [(w, None)], None, {**cfg, "AHEAD": 0, "L2B": 256, "BULK": 4}, False)[0]
+    assert (defines["AHEAD"], defines["L2B"], defines["BULK"]) == (0, 256, 4)

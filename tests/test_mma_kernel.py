@@ -11,9 +11,9 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-# ways of requesting the weights (mma4.cu's L2B, AHEAD); AHEAD 8 is more loop steps than a warp has here
-# (k = 4096: 1 to 16), so the guard on the last steps is exercised
-FETCH = [{"L2B": 256}, {"AHEAD": 2}, {"L2B": 128, "AHEAD": 8}]
+# ways of requesting the weights (mma4.cu's L2B, AHEAD, BULK); AHEAD 8 and BULK 8 are more loop steps than
+# a warp has here (k = 4096: 1 to 16), BULK 2 requests its pieces inside the loop
+FETCH = [{"L2B": 256}, {"AHEAD": 2}, {"L2B": 128, "AHEAD": 8}, {"BULK": 2}, {"BULK": 8, "L2B": 256}]
 
 
 def _weight(n: int, k: int, quant_type: str, nested: bool, blocksize: int, dtype: torch.dtype):

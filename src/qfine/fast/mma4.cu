@@ -22,7 +22,7 @@
 // silu(gate) * up (TILES 2, SPLIT 1); NG: 1 to 3 weights of one k and input, each block's rows from one of
 // them, each written to its own output (SPLIT 1); PDL: launched as a programmatic dependent launch, waiting
 // for the previous kernel only before the first read of x, xa or the residual, and letting the next start;
-// L2B, AHEAD: how the weights are requested from memory (see load_block and ahead_l2).
+// L2B, AHEAD, BULK: how the weights are requested from memory (see load_block, ahead_l2 and piece_l2).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -97,6 +97,16 @@ __device__ __forceinline__ void load_block(u32* d, const u8* p) {
 #define STEP_BYTES (GROUP * BS / 2)
 __device__ __forceinline__ void ahead_l2(const u8* p, int t) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p + (STEP_BYTES > 128 ? (t & 1) * 128 : 0)));
+}
+
+// BULK: a row's next BULK loop steps (BULK * STEP_BYTES contiguous bytes) requested into L2 together, a
+// piece ahead of the loads (0: none), so that memory serves the row's bytes in one run instead of a 128-byte
+// line per step from rows 2 KiB or more apart. The row's four lanes (t) take every fourth line of the piece.
+// p: this thread's pointer into the piece's first step (t * BS / 8 past the row's byte); steps: the piece's
+__device__ __forceinline__ void piece_l2(const u8* p, int t, u32 steps) {
+  const u8* row = p - t * (BS / 8);
+  for (u32 line = t; line < steps * (STEP_BYTES / 128); line += 4)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(row + 128 * line));
 }
 
 template <int OFF>
@@ -274,6 +284,13 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
       for (int d = 1; d <= AHEAD; d++)
         if (d * GROUP < per_warp) ahead_l2(wp[i][h] + d * STEP_BYTES, t);
 #endif
+#if BULK  // the first two pieces
+      {
+        const u32 steps = per_warp / GROUP;
+        piece_l2(wp[i][h], t, min((u32)BULK, steps));
+        if (steps > BULK) piece_l2(wp[i][h] + BULK * STEP_BYTES, t, min((u32)BULK, steps - BULK));
+      }
+#endif
     }
 
   // the epilogue's inputs (the adapter's scaled term, the residual), read by the writing warp while the
@@ -349,6 +366,13 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
           amn[i][h] = tile_amax(i, ablk[i][h] + s + GROUP);
 #if AHEAD  // the step AHEAD past the one just requested (wp now points at step s / GROUP + 1)
           if (s + (AHEAD + 1) * GROUP < per_warp) ahead_l2(wp[i][h] + AHEAD * STEP_BYTES, t);
+#endif
+#if BULK  // at the start of piece c >= 1, piece c + 1 (from step s / GROUP + BULK, BULK - 1 past wp's)
+          {
+            const u32 st = s / GROUP, steps = per_warp / GROUP;
+            if (st > 0 && st % BULK == 0 && st + BULK < steps)
+              piece_l2(wp[i][h] + (BULK - 1) * STEP_BYTES, t, min((u32)BULK, steps - st - BULK));
+          }
 #endif
         }
     }

@@ -41,14 +41,14 @@ def early(device: torch.device) -> bool:
 
 
 def _fetch_variants(spec: str) -> list[dict]:
-    """``QFINE_MMA_FETCH`` ("L2B=256;AHEAD=4;L2B=256,AHEAD=4"): ways of requesting the weights from memory
+    """``QFINE_MMA_FETCH`` ("L2B=256;AHEAD=4;BULK=4,L2B=256"): ways of requesting the weights from memory
     that :func:`candidates` offers beside each setting's plain one, for the tuner to time (see ``mma4.cu``'s
-    L2B and AHEAD). Empty: the plain loads only."""
+    L2B, AHEAD and BULK). Empty: the plain loads only."""
     out = []
     for item in filter(None, (part.strip() for part in spec.split(";"))):
         pairs = dict(kv.split("=", 1) for kv in item.split(","))
-        if not set(pairs) <= {"L2B", "AHEAD"}:
-            raise ValueError(f"QFINE_MMA_FETCH: {item!r} names neither L2B nor AHEAD")
+        if not set(pairs) <= {"L2B", "AHEAD", "BULK"}:
+            raise ValueError(f"QFINE_MMA_FETCH: {item!r} names other than L2B, AHEAD and BULK")
         out.append({key: int(value) for key, value in pairs.items()})
     return out
 
@@ -203,7 +203,7 @@ def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: 
                 RESIDUAL=residual is not None, F16=x2.dtype == torch.float16,
                 ADT=_ADAPTER_DTYPES[xa.dtype] if has_lora else 0, WIDE=bool(cfg.get("WIDE")), PAIR=pair,
                 LORA_R=r, NG=1 if pair else len(members), PDL=early(x2.device),
-                L2B=cfg.get("L2B", 0), AHEAD=cfg.get("AHEAD", 0)), weights, loras
+                L2B=cfg.get("L2B", 0), AHEAD=cfg.get("AHEAD", 0), BULK=cfg.get("BULK", 0)), weights, loras
 
 
 class W4(ctypes.Structure):
