@@ -287,27 +287,35 @@ def test_pair_table_holds_each_bytes_two_weights_in_k_order(quant_type, dtype):
 
 @pytest.mark.parametrize("k", [576, 4096, 14336])
 def test_a_tuned_setting_serves_every_row_count_that_shares_its_timing(k):
-    """The tuner keeps one timing per row tile, so a setting chosen at one row
-    count is reused for every other count of its tile: each setting any candidate list offers for m rows
-    must serve every m' of m's tile (an "mma" setting of one 8-row token tile does not serve 9 rows)."""
+    """The tuner keeps one timing per row tile, so a setting chosen at one row count is reused for every
+    other count of its tile: each setting any candidate list offers for m rows must serve every m' of m's
+    tile (an "mma" setting of one 8-row token tile does not serve 9 rows). The Triton kernels' settings
+    are checked where Triton is installed."""
     from qfine.fast import mma_kernel
-    from qfine.fast.gemv_kernel import _row_tile, candidates
-    from qfine.fast.gemv_rows import fits
 
     by_tile: dict[int, list[int]] = {}
     for m in range(1, 65):
-        by_tile.setdefault(_row_tile(m), []).append(m)
+        by_tile.setdefault(mma_kernel.row_tile(m), []).append(m)
+    try:
+        from qfine.fast.gemv_kernel import candidates
+        from qfine.fast.gemv_rows import fits
+        triton = True
+    except ImportError:  # no Triton here: the "mma" settings alone
+        triton = False
+        if k % 256:
+            pytest.skip("no mma setting serves this k, and the Triton kernels need Triton")
     checked = 0
     for m in range(1, 65):
-        offered = candidates(m, 4096, k) + mma_kernel.candidates(m) + mma_kernel.group_candidates(m)
-        offered += mma_kernel.pair_candidates(m)
+        offered = mma_kernel.candidates(m) + mma_kernel.group_candidates(m) + mma_kernel.pair_candidates(m)
+        offered += [cfg for cfg in candidates(m, 4096, k) if "KERNEL" in cfg] if triton else []
         for cfg in offered:
-            if "KERNEL" not in cfg or not fits(cfg, m, k, 64):
+            serves = fits if cfg["KERNEL"] != "mma" else lambda c, rows, kk, bs: mma_kernel.fits(c, rows, kk, bs)
+            if not serves(cfg, m, k, 64):
                 continue
-            for other in by_tile[_row_tile(m)]:
-                assert fits(cfg, other, k, 64), (m, other, cfg)
+            for other in by_tile[mma_kernel.row_tile(m)]:
+                assert serves(cfg, other, k, 64), (m, other, cfg)
                 checked += 1
-    assert checked > 1000
+    assert checked > (1000 if triton else 500)
 
 
 def test_fetch_variants_reach_the_kernels_defines(monkeypatch):

@@ -33,6 +33,7 @@ import triton.language as tl
 from qfine.fast.gemv_rows import _round_out, _sum_splits_kernel, fits, groupable, matmul_group, matmul_rows
 from qfine.fast.mma_kernel import candidates as mma_candidates
 from qfine.fast.mma_kernel import group_candidates, matmul_mma_silu, pair_candidates, precompile
+from qfine.fast.mma_kernel import row_tile as _row_tile
 
 MAX_ROWS = 64
 # Triton's CPU interpreter (the tests' way to run these kernels without a GPU) computes fp32 dots exactly;
@@ -255,13 +256,6 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
     if x2.stride(1) != 1 or (x2.shape[0] == 1 and not x2.is_contiguous()):
         x2 = x2.contiguous()
     return x2
-
-
-def _row_tile(m: int) -> int:
-    """The row count a timing is kept for: rows share it with the others of their tile height (1, 8, 16,
-    32, 64), so a prompt of any length up to 64 tokens does not time its own. 8 and 16 differ because the
-    "mma" settings for up to 8 rows hold one token tile of 8 (``NT`` 1), which does not serve 9 to 16."""
-    return 1 if m == 1 else max(8, triton.next_power_of_2(m))
 
 
 def _timed(settings: list[dict], run, want: list[torch.Tensor]) -> list[tuple[float, dict]]:

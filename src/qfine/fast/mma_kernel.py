@@ -86,6 +86,14 @@ def candidates(m: int) -> list[dict]:
     return plain + [{**cfg, **fetch} for fetch in FETCH for cfg in plain]
 
 
+def row_tile(m: int) -> int:
+    """The row count a 4-bit tuner's timing is kept for (:mod:`qfine.fast.gemv_kernel`): rows share it with
+    the others of their tile height (1, 8, 16, 32, 64), so a prompt of any length up to 64 tokens does not
+    time its own. 8 and 16 differ because the settings here for up to 8 rows hold one token tile of 8
+    (``NT`` 1), which does not serve 9 to 16."""
+    return 1 if m == 1 else max(8, 1 << (m - 1).bit_length())
+
+
 def _source(defines: dict) -> str:
     head = "".join(f"#define {name} {int(value)}\n" for name, value in sorted(defines.items()))
     return head + (importlib.resources.files("qfine.fast") / "mma4.cu").read_text()
