@@ -88,13 +88,54 @@ def test_decode_attention_equals_masked_sdpa_interpreted(group, monkeypatch):
     assert torch.equal(decode_attention(q, keys, values, pad, slot, 0.3), before)
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="runs Triton kernels on the CPU: TRITON_INTERPRET=1 with triton")
+@pytest.mark.parametrize("group", [4, 3])
+def test_the_launch_adds_the_next_projections_down_product_interpreted(group, monkeypatch):
+    """Given A (r, heads·d) of the o projection's adapter, the launch also returns xa = out · Aᵀ (fp32 sums,
+    rounded once to A's dtype), each kv head's share added by the last share of its row: for ranks 8, 16 and
+    40 (A read in pieces of rows), fp32 and fp16 A (the interpreter rounds to bf16 by truncation), the
+    partials added by the last program, by a second kernel, or with no counter to be had (then by torch);
+    the attention's output is unchanged bit for bit."""
+    from qfine.fast.attn_decode import decode_attention
+
+    q, keys, values = _case("cpu", torch.float32, group=group)
+    b, heads, _, d = q.shape
+    pad, slot = torch.tensor([0, 5, 17]), torch.tensor([40])
+    plain = decode_attention(q, keys, values, pad, slot, 0.3)
+    ran = 0
+    for r, dtype in ((8, torch.float32), (16, torch.float16), (40, torch.float32)):
+        a = (torch.randn(r, heads * d) * 0.1).to(dtype)
+        want = plain.reshape(b, heads * d).to(dtype).float() @ a.float().t()
+        tol = 1e-5 if dtype == torch.float32 else 2.0 ** -10  # fp16: the one rounding of xa
+        for cfg in ({"steps": 1, "last_adds": True}, {"steps": 2, "last_adds": False}, None):
+            with monkeypatch.context() as patch:
+                if cfg is None:  # no counter: the partials by a second kernel, the product by torch
+                    patch.setattr("qfine.fast.attn_decode._counter", lambda device, n: None)
+                out, xa = decode_attention(q, keys, values, pad, slot, 0.3, config=cfg, down=a)
+            assert torch.equal(out, plain if cfg is None or cfg["steps"] == 1 else out)
+            assert (out - plain).abs().max() < 1e-5
+            assert xa.shape == (b, r) and xa.dtype == dtype
+            err = ((xa.float() - want).abs() / want.abs().max()).max()
+            assert err < tol, (r, dtype, cfg, err.item())
+            ran += 1
+    assert ran == 9
+    # with a small tile A is read a few rows a load: the same sums
+    with monkeypatch.context() as patch:
+        patch.setattr("qfine.fast.attn_decode.ADD_TILE", 4 * (1 << (group - 1).bit_length()) * d)
+        a = torch.randn(40, heads * d) * 0.1
+        _, xa = decode_attention(q, keys, values, pad, slot, 0.3, down=a)
+        want = plain.reshape(b, heads * d) @ a.t()
+        assert ((xa - want).abs().max() / want.abs().max()) < 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_decode_attention_at_8b_shapes():
     """bf16 at the Llama-3.1-8B attention shape (32 query heads over 8 kv heads, d = 128), batch 1 and 16, a
     cache of 512 slots, every launch setting and the tuned one: within 1e-2 of fp32 masked SDPA (one bf16
     rounding of the output), and replayed from a CUDA graph with the slot changed on the device, equal to the
-    eager call; given the step's k and v, the same output with the cache's slot written by the launch."""
+    eager call; given the step's k and v, the same output with the cache's slot written by the launch; given
+    o's LoRA A, the same output and xa within 1e-5 of the fp32 product, eager and replayed."""
     from qfine.fast.attn_decode import LAST_ADDS, decode_attention, settings, tuned
 
     for b in (1, 16):
@@ -119,4 +160,16 @@ def test_gpu_decode_attention_at_8b_shapes():
             keys[:, :, 411], values[:, :, 411] = float("nan"), float("nan")
             assert torch.equal(decode_attention(q, keys, values, pad, slot, 128 ** -0.5, new=new, config=fixed), out)
             assert torch.equal(keys[:, :, 411:412], new[0]) and torch.equal(values[:, :, 411:412], new[1])
+            # o's LoRA down-product (r = 16, fp32 A) added by the same launch, captured too: the same output
+            a = torch.randn(16, 32 * 128, device="cuda") * 0.02
+            plain, xa = decode_attention(q, keys, values, pad, slot, 128 ** -0.5, config=fixed, down=a)
+            assert torch.equal(plain, out), cfg
+            want_xa = out.reshape(b, -1).float() @ a.t()
+            assert ((xa - want_xa).abs().max() / want_xa.abs().max()) < 1e-5, cfg
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                _, xa_graph = decode_attention(q, keys, values, pad, slot, 128 ** -0.5, config=fixed, down=a)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(xa_graph, xa), cfg
     assert len(settings(512)) == 8 and LAST_ADDS["ok"]  # the last-program variant built: it is among them

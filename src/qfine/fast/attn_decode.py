@@ -17,7 +17,9 @@ Scores are fp32 products of the 16-bit q and k; the probabilities meet v in fp32
 flash attention's kernels). Given the step's own k and v, the program whose run holds the current slot
 writes them into the cache there (one launch fewer per tensor and layer) and every program takes that slot's
 k, v from them, never from the cache, which another program may be writing. Given cos and sin, the launch
-applies RoPE to q and the new k itself (the model's compiled RoPE kernels fewer).
+applies RoPE to q and the new k itself (the model's compiled RoPE kernels fewer). Given the A of o's LoRA
+adapter, the programs that add the partials also compute o's down-product of the output (the launch of its
+own fewer).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -36,16 +39,19 @@ LAST_ADDS = {"ok": True}  # False once the variant whose last program adds the p
 
 @triton.jit
 def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, counter, cos, sin, scale, length,
-                  stride_kb, stride_kh, stride_kl, kv_heads, SPLITS: tl.constexpr, GROUP: tl.constexpr,
-                  GROUP_P: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, STEPS: tl.constexpr,
-                  NEW: tl.constexpr, LAST_ADDS: tl.constexpr, CHUNK: tl.constexpr, ROPE: tl.constexpr):
+                  stride_kb, stride_kh, stride_kl, kv_heads, a, dpart, xa, r, SPLITS: tl.constexpr,
+                  GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr,
+                  STEPS: tl.constexpr, NEW: tl.constexpr, LAST_ADDS: tl.constexpr, CHUNK: tl.constexpr,
+                  ROPE: tl.constexpr, DOWN: tl.constexpr, BLOCK_R: tl.constexpr, RC: tl.constexpr,
+                  KV_P: tl.constexpr):
     """Partials of program (b·kv_heads + h, split) of SPLITS, a split being STEPS runs of BLOCK_L slots (a
     running maximum across them): part (b, kv, SPLITS, GROUP, D), stats (b, kv, SPLITS, GROUP, 2) = (m, l); a
     split with no visible slot writes m = −inf, l = 0, zeros. NEW: new_k, new_v (b, kv, D) are the current
     slot's k and v, written into the cache by the program whose run holds the slot. LAST_ADDS: the last of a
     (b, h)'s programs to finish (counted in ``counter``, which it resets) adds their partials into ``out``
     (:func:`_add_splits`), instead of a second kernel. ROPE: q and new_k come before RoPE, which
-    :func:`_rope` applies with cos, sin (length, D) at position slot − pad[b]."""
+    :func:`_rope` applies with cos, sin (length, D) at position slot − pad[b]. DOWN: that program then also
+    adds its heads' share of the next projection's LoRA down-product (:func:`_down_share`)."""
     bh, sp = tl.program_id(0), tl.program_id(1)
     b, h = bh // kv_heads, bh % kv_heads
     first, last = tl.load(pad + b), tl.load(slot)
@@ -104,8 +110,11 @@ def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, co
     if LAST_ADDS:
         # release this program's partial, acquire the others' (read past L1: other programs wrote them)
         if tl.atomic_add(counter + bh, 1, sem="acq_rel") == SPLITS - 1:
-            _add_splits(part, stats, out, bh, SPLITS, GROUP, GROUP_P, D, CHUNK)
+            vals = _add_splits(part, stats, out, bh, SPLITS, GROUP, GROUP_P, D, CHUNK)
             tl.atomic_xchg(counter + bh, 0)
+            if DOWN:
+                _down_share(vals, a, dpart, counter + tl.num_programs(0), xa, b, h, kv_heads, r, GROUP, GROUP_P, D,
+                            BLOCK_R, RC, KV_P)
 
 
 @triton.jit
@@ -146,21 +155,55 @@ def _add_splits(part, stats, out, bh, SPLITS: tl.constexpr, GROUP: tl.constexpr,
         total = total * keep + tl.sum(w * ls, 0)
         acc = acc * keep[:, None] + tl.sum(w[:, :, None] * vs, 0)
         big = now
-    tl.store(out + (bh * GROUP + rg)[:, None] * D + rd[None, :], (acc / total[:, None]).to(out.dtype.element_ty),
-             mask=(rg < GROUP)[:, None])
+    rounded = (acc / total[:, None]).to(out.dtype.element_ty)
+    tl.store(out + (bh * GROUP + rg)[:, None] * D + rd[None, :], rounded, mask=(rg < GROUP)[:, None])
+    return tl.where((rg < GROUP)[:, None], rounded.to(tl.float32), 0.0)
 
 
 @triton.jit
-def _combine_kernel(part, stats, out, SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
-                    D: tl.constexpr, CHUNK: tl.constexpr):
+def _down_share(vals, a, dpart, counter, xa, b, h, kv_heads, r, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+                D: tl.constexpr, BLOCK_R: tl.constexpr, RC: tl.constexpr, KV_P: tl.constexpr):
+    """Row b of xa (b, r) = out_b · Aᵀ for A (r, kv_heads·GROUP·D), the LoRA down-product of the projection
+    that reads the attention's output (o), from its kv heads' shares. vals (GROUP_P, D) fp32 is kv head h's
+    output as rounded (zero past GROUP); rounded to A's dtype here, its share Σ vals · A[:, h's columns]
+    (fp32, RC rows of A a load) goes to dpart (b, kv_heads, BLOCK_R). The last share of row b (counted in
+    ``counter`` + b, which it resets) adds the kv_heads shares in one load and rounds once to A's dtype."""
+    rg, rd = tl.arange(0, GROUP_P), tl.arange(0, D)
+    cols = (h * GROUP + rg)[:, None] * D + rd[None, :]  # (GROUP_P, D): this kv head's columns of A
+    g_ok = (rg < GROUP)[:, None]
+    width = kv_heads * GROUP * D
+    vals = vals.to(a.dtype.element_ty).to(tl.float32)  # as peft's lora_A(x.to(A.dtype))
+    for r0 in tl.static_range(0, BLOCK_R, RC):
+        rj = r0 + tl.arange(0, RC)
+        av = tl.load(a + rj[:, None, None] * width + cols[None, :, :], mask=(rj < r)[:, None, None] & g_ok[None],
+                     other=0.0).to(tl.float32)
+        tl.store(dpart + (b * kv_heads + h) * BLOCK_R + rj, tl.sum(tl.sum(av * vals[None, :, :], 2), 1))
+    # release this share, acquire the others' (read past L1: other programs wrote them)
+    if tl.atomic_add(counter + b, 1, sem="acq_rel") == kv_heads - 1:
+        rk, ra = tl.arange(0, KV_P), tl.arange(0, BLOCK_R)
+        shares = tl.load(dpart + (b * kv_heads + rk)[:, None] * BLOCK_R + ra[None, :], mask=(rk < kv_heads)[:, None],
+                         other=0.0, cache_modifier=".cg")
+        tl.store(xa + b * r + ra, tl.sum(shares, 0).to(xa.dtype.element_ty), mask=ra < r)
+        tl.atomic_xchg(counter + b, 0)
+
+
+@triton.jit
+def _combine_kernel(part, stats, out, counter, kv_heads, a, dpart, xa, r, SPLITS: tl.constexpr,
+                    GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+                    DOWN: tl.constexpr, BLOCK_R: tl.constexpr, RC: tl.constexpr, KV_P: tl.constexpr):
     """out (b, kv·GROUP, D) in out's dtype for program b·kv_heads + h: :func:`_add_splits` as a kernel of its
-    own: where the split kernel's last program cannot add them, or where the tuner found this faster."""
-    _add_splits(part, stats, out, tl.program_id(0), SPLITS, GROUP, GROUP_P, D, CHUNK)
+    own: where the split kernel's last program cannot add them, or where the tuner found this faster. DOWN:
+    and its share of the LoRA down-product (:func:`_down_share`, counted in ``counter``)."""
+    bh = tl.program_id(0)
+    vals = _add_splits(part, stats, out, bh, SPLITS, GROUP, GROUP_P, D, CHUNK)
+    if DOWN:
+        _down_share(vals, a, dpart, counter, xa, bh // kv_heads, bh % kv_heads, kv_heads, r, GROUP, GROUP_P, D,
+                    BLOCK_R, RC, KV_P)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor,
                      slot: torch.Tensor, scale: float, block_l: int = 16, new: tuple | None = None,
-                     rope: tuple | None = None, config: dict | None = None) -> torch.Tensor:
+                     rope: tuple | None = None, config: dict | None = None, down: torch.Tensor | None = None):
     """softmax(q kᵀ · scale) v for q (b, heads, 1, d) over cache slots j with pad[b] ≤ j ≤ slot (``slot`` a
     one-element long tensor, ``pad`` (b,) long; both read on the device, so a CUDA graph replays any step),
     keys/values (b, kv heads, length, d) with heads = kv heads · group. ``new``: this step's (k, v), each
@@ -169,8 +212,11 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     before RoPE, which the launch applies at position slot − pad[b] (k as the cache then holds it).
     ``config``: {"steps": runs of ``block_l`` slots a program takes, "last_adds": whether the split kernel's
     last program adds the partials}; by default the fastest of :func:`settings` for this shape, timed once
-    on the GPU outside a capture (:func:`tuned`). Returns (b, heads, 1, d) in q's dtype. Capturable in a
-    CUDA graph."""
+    on the GPU outside a capture (:func:`tuned`). Returns (b, heads, 1, d) in q's dtype. ``down``: A (r,
+    heads·d) of the LoRA adapter on the projection that reads the output (o); then returns (output, xa) with
+    xa (b, r) = output.reshape(b, heads·d).to(A.dtype) @ Aᵀ, computed in fp32 by the launch that adds the
+    splits (each kv head's share, then the last share of a row adds them) and rounded once to A's dtype:
+    one launch fewer than a down-product of its own. Capturable in a CUDA graph."""
     d, length = q.shape[-1], keys.shape[2]
     if keys.stride(3) != 1 or values.stride() != keys.stride():
         raise ValueError("decode_attention reads keys and values of one layout, d contiguous")
@@ -178,7 +224,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         raise ValueError("the step's k and v are written into the cache in its dtype")
     if rope is not None and (new is None or any(t.shape != (length, d) or t.stride(1) != 1 for t in rope)):
         raise ValueError("RoPE in the launch needs the step's k, v and cos, sin tables (length, d)")
-    args = (q, keys, values, pad, slot, scale, block_l, new, rope)
+    if down is not None and (down.dim() != 2 or down.shape[1] != q.shape[1] * d or down.stride(1) != 1):
+        raise ValueError("the down-product's A is (r, heads·d) with unit column stride")
+    args = (q, keys, values, pad, slot, scale, block_l, new, rope, down)
     return _run(*args, config if config is not None else tuned(*args))
 
 
@@ -193,11 +241,12 @@ def settings(length: int, block_l: int = 16) -> list[dict]:
 TUNED: dict[tuple, list] = {}  # shape key -> [(seconds, setting)], fastest first
 
 
-def tuned(q, keys, values, pad, slot, scale, block_l, new, rope) -> dict:
+def tuned(q, keys, values, pad, slot, scale, block_l, new, rope, down=None) -> dict:
     """The fastest of :func:`settings` for this call's shape on its device, timed once as replayed CUDA graphs
     (:func:`qfine.fast.gemv_kernel.graph_seconds`) by the first call outside a capture; before that, and off
     the GPU, one run a program with the last program adding."""
-    key = (q.device, q.shape, keys.shape, q.dtype, keys.dtype, block_l, new is None, rope is None)
+    key = (q.device, q.shape, keys.shape, q.dtype, keys.dtype, block_l, new is None, rope is None,
+           None if down is None else (down.shape, down.dtype))
     if key in TUNED:
         return TUNED[key][0][1]
     default = {"steps": 1, "last_adds": LAST_ADDS["ok"]}
@@ -205,7 +254,7 @@ def tuned(q, keys, values, pad, slot, scale, block_l, new, rope) -> dict:
         return default
     from qfine.fast.gemv_kernel import graph_seconds
 
-    args = (q, keys, values, pad, slot, scale, block_l, new, rope)
+    args = (q, keys, values, pad, slot, scale, block_l, new, rope, down)
     timed = []
     for cfg in settings(keys.shape[2], block_l):
         try:
@@ -216,7 +265,7 @@ def tuned(q, keys, values, pad, slot, scale, block_l, new, rope) -> dict:
     return TUNED[key][0][1]
 
 
-def _run(q, keys, values, pad, slot, scale, block_l, new, rope, config) -> torch.Tensor:
+def _run(q, keys, values, pad, slot, scale, block_l, new, rope, down, config):
     """:func:`decode_attention` with the launch setting ``config``."""
     b, heads, _, d = q.shape
     kv, length = keys.shape[1], keys.shape[2]
@@ -231,16 +280,27 @@ def _run(q, keys, values, pad, slot, scale, block_l, new, rope, config) -> torch
     out = torch.empty(b, heads, 1, d, dtype=q.dtype, device=q.device)
     new_k, new_v = (qc, qc) if new is None else [t.reshape(b, kv, d).contiguous() for t in new]
     cos, sin = rope if rope is not None else (qc, qc)
+    # the down-product's shares (b, kv, BLOCK_R) and result; counters: one per (b, kv head), then one per row
+    r = 0 if down is None else down.shape[0]
+    block_r = max(1, triton.next_power_of_2(r))
+    fused = {"a": qc, "dpart": qc, "xa": qc, "r": r, "BLOCK_R": block_r, "KV_P": triton.next_power_of_2(kv),
+             "RC": max(1, min(block_r, ADD_TILE // (group_p * d)))}
+    counters = _counter(q.device, b * kv + b)
+    if down is not None and counters is not None:
+        fused.update(a=down, dpart=torch.empty(b, kv, block_r, dtype=torch.float32, device=q.device),
+                     xa=torch.empty(b, r, dtype=down.dtype, device=q.device))
 
     def launch(counter):
         _split_kernel[(b * kv, splits)](qc, keys, values, new_k, new_v, pad, slot, part, stats, out,
                                         qc if counter is None else counter, cos, sin, float(scale), length,
-                                        keys.stride(0), keys.stride(1), keys.stride(2), kv, SPLITS=splits,
-                                        GROUP=group, GROUP_P=group_p, D=d, BLOCK_L=block_l, STEPS=steps,
-                                        NEW=new is not None, LAST_ADDS=counter is not None, CHUNK=chunk,
-                                        ROPE=rope is not None, num_warps=4)
+                                        keys.stride(0), keys.stride(1), keys.stride(2), kv, fused["a"],
+                                        fused["dpart"], fused["xa"], r, SPLITS=splits, GROUP=group,
+                                        GROUP_P=group_p, D=d, BLOCK_L=block_l, STEPS=steps, NEW=new is not None,
+                                        LAST_ADDS=counter is not None, CHUNK=chunk, ROPE=rope is not None,
+                                        DOWN=fused["a"] is not qc, BLOCK_R=block_r, RC=fused["RC"],
+                                        KV_P=fused["KV_P"], num_warps=4)
 
-    counter = _counter(q.device, b * kv) if config["last_adds"] and LAST_ADDS["ok"] else None
+    counter = counters if config["last_adds"] and LAST_ADDS["ok"] else None
     try:
         launch(counter)
     except Exception as e:  # noqa: BLE001 - compiled on first use: a toolchain that cannot build it is told once
@@ -250,6 +310,12 @@ def _run(q, keys, values, pad, slot, scale, block_l, new, rope, config) -> torch
         LAST_ADDS["ok"], counter = False, None
         launch(None)
     if counter is None:
-        _combine_kernel[(b * kv,)](part, stats, out, SPLITS=splits, GROUP=group, GROUP_P=group_p, D=d, CHUNK=chunk,
-                                   num_warps=4)
-    return out
+        _combine_kernel[(b * kv,)](part, stats, out, qc if counters is None else counters[b * kv:], kv, fused["a"],
+                                   fused["dpart"], fused["xa"], r, SPLITS=splits, GROUP=group, GROUP_P=group_p,
+                                   D=d, CHUNK=chunk, DOWN=fused["a"] is not qc, BLOCK_R=block_r, RC=fused["RC"],
+                                   KV_P=fused["KV_P"], num_warps=4)
+    if down is None:
+        return out
+    if fused["a"] is qc:  # no counter could be had (a capture would have to allocate one): the product apart
+        return out, F.linear(out.reshape(b, heads * d).to(down.dtype), down)
+    return out, fused["xa"]

@@ -177,6 +177,14 @@ class _Group:
                 return got
         return [lin(x, xa) for lin, xa in zip(self.linears, xas)]
 
+    def single_a(self) -> torch.Tensor | None:
+        """A (r, in) of a group of one projection with a plain adapter (o), for a kernel that computes x Aᵀ
+        as :meth:`__call__` would (x cast to A's dtype, fp32 sums); else None."""
+        if len(self.linears) != 1 or not self.fused:
+            return None
+        a = self.linears[0].a
+        return a if a.stride(1) == 1 else None
+
     def _down_fused(self, x: torch.Tensor) -> bool:
         """Whether the down-products of x take one launch: one row (more: cuBLAS's products are faster), every
         projection through the 4-bit kernel."""
@@ -324,11 +332,17 @@ class Decoder:
             if not split:
                 q, k = _rope(q, k, cos, sin)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            xas_o = None
             if split:  # the attention kernel applies RoPE and writes k, v into the cache at the slot itself
                 from qfine.fast.attn_decode import decode_attention  # Triton: CUDA only
 
+                # and adds o's LoRA down-product of its output, one launch fewer
+                down = layer.o_in.single_a()
                 out = decode_attention(q, self.keys[i], self.values[i], self.pad, first_slot, layer.scaling,
-                                       new=(k, v), rope=(self.cos, self.sin))
+                                       new=(k, v), rope=(self.cos, self.sin), down=down)
+                if down is not None:
+                    out, xa = out
+                    xas_o = [xa.view(b, t, -1)]
             else:
                 self.keys[i].index_copy_(2, slots, k)
                 self.values[i].index_copy_(2, slots, v)
@@ -337,7 +351,7 @@ class Decoder:
                                                      scale=layer.scaling)
             # SDPA may return any strides (a view would fail on CUDA)
             out = out.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
-            h = layer.o(out, *layer.o_in(out), residual=h)
+            h = layer.o(out, *(layer.o_in(out) if xas_o is None else xas_o), residual=h)
             x, xas = layer.gate_up.normed(h, layer.ln2)
             gated = layer.gate_up.gated(x, layer.act, xas)
             h = layer.down(gated, *layer.down_in(gated), residual=h)
