@@ -327,8 +327,9 @@ def test_fetch_variants_reach_the_kernels_defines(monkeypatch):
 
     assert mma_kernel._fetch_variants("L2B=256; AHEAD=4;L2B=128,AHEAD=2;BULK=8") == [
         {"L2B": 256}, {"AHEAD": 4}, {"L2B": 128, "AHEAD": 2}, {"BULK": 8}]
-    with pytest.raises(ValueError, match="DEPTH"):
-        mma_kernel._fetch_variants("DEPTH=2")
+    for bad in ("DEPTH=2", "L2B", "BULK=four"):
+        with pytest.raises(ValueError, match=bad):
+            mma_kernel._fetch_variants(bad)
     plain = mma_kernel.candidates(1)
     monkeypatch.setattr(mma_kernel, "FETCH", [{"AHEAD": 4}, {"L2B": 256}])
     offered = mma_kernel.candidates(1)

@@ -46,10 +46,10 @@ def _fetch_variants(spec: str) -> list[dict]:
     L2B, AHEAD and BULK). Empty: the plain loads only."""
     out = []
     for item in filter(None, (part.strip() for part in spec.split(";"))):
-        pairs = dict(kv.split("=", 1) for kv in item.split(","))
-        if not set(pairs) <= {"L2B", "AHEAD", "BULK"}:
-            raise ValueError(f"QFINE_MMA_FETCH: {item!r} names other than L2B, AHEAD and BULK")
-        out.append({key: int(value) for key, value in pairs.items()})
+        pairs = [kv.strip().split("=", 1) for kv in item.split(",")]
+        if any(len(kv) != 2 or kv[0] not in ("L2B", "AHEAD", "BULK") or not kv[1].isdigit() for kv in pairs):
+            raise ValueError(f"QFINE_MMA_FETCH: {item!r} is not NAME=N[,NAME=N] with NAME one of L2B, AHEAD, BULK")
+        out.append({key: int(value) for key, value in pairs})
     return out
 
 
