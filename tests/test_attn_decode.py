@@ -173,3 +173,58 @@ def test_gpu_decode_attention_at_8b_shapes():
             torch.cuda.synchronize()
             assert torch.equal(xa_graph, xa), cfg
     assert len(settings(512)) == 8 and LAST_ADDS["ok"]  # the last-program variant built: it is among them
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_early_launch_chain_through_the_attention(monkeypatch):
+    """Programmatic dependent launches (sm_90 on) through a layer's attention: the 4-bit kernel makes q, the
+    attention (which requests its first run of the cache before waiting, and adds o's down-product) reads
+    it, and the 4-bit kernel for o reads the attention's output, xa and the residual. Eager and replayed from
+    a CUDA graph with a new input before each replay, for both ways of adding the partials, the outputs equal
+    the plain launches' bit for bit (a read of q before the wait would see the previous input)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    import bitsandbytes as bnb
+
+    from qfine.fast import mma_kernel
+    from qfine.fast.attn_decode import decode_attention
+    from qfine.fast.gemv_rows import _sum_splits
+
+    torch.manual_seed(0)
+    weights = [bnb.nn.Params4bit(torch.randn(4096, 4096, dtype=torch.bfloat16) * 0.02, requires_grad=False,
+                                 quant_type="nf4", compress_statistics=True).cuda() for _ in range(2)]
+    a = torch.randn(16, 4096, device="cuda") * 0.02
+    b = torch.randn(4096, 16, device="cuda") * 0.1
+    _, keys, values = _case("cuda", torch.bfloat16, b=1, kv=8, group=4, length=512, d=128)
+    new = (torch.randn(1, 8, 1, 128, dtype=torch.bfloat16, device="cuda"),
+           torch.randn(1, 8, 1, 128, dtype=torch.bfloat16, device="cuda"))
+    pad, slot = torch.zeros(1, dtype=torch.long, device="cuda"), torch.tensor([300], device="cuda")
+    h = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
+    cfg = next(c for c in mma_kernel.candidates(1) if mma_kernel.fits(c, 1, 4096, 64) and c["SPLIT"] == 1)
+    inputs = [torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda") for _ in range(3)]
+    for adds in ({"steps": 1, "last_adds": True}, {"steps": 2, "last_adds": False}):
+        def step(adds=adds):
+            q = mma_kernel.matmul_mma(h, weights[0], None, None, cfg, _sum_splits)
+            out, xa = decode_attention(q.view(1, 32, 1, 128), keys, values, pad, slot, 128 ** -0.5, new=new,
+                                       config=adds, down=a)
+            return mma_kernel.matmul_mma(out.reshape(1, 4096), weights[1], (xa, b, 2.0), h, cfg, _sum_splits)
+
+        monkeypatch.setitem(mma_kernel.EARLY, "on", False)
+        plain = []
+        for x in inputs:
+            h.copy_(x)
+            plain.append(step().clone())
+        monkeypatch.setitem(mma_kernel.EARLY, "on", True)
+        assert mma_kernel.early(h.device)
+        for x, want in zip(inputs, plain):
+            h.copy_(x)
+            assert torch.equal(step(), want), adds
+        graph, out = torch.cuda.CUDAGraph(), {}
+        with torch.cuda.graph(graph):
+            out["y"] = step()
+        for x, want in zip(inputs, plain):
+            h.copy_(x)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out["y"], want), adds

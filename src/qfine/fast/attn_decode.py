@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from qfine.fast.gemv_rows import _counter
+from qfine.fast.mma_kernel import early
 
 ADD_TILE = 8192  # fp32 values of partials read per load when they are added (64 a thread of 4 warps)
 LAST_ADDS = {"ok": True}  # False once the variant whose last program adds the partials failed to build here
@@ -43,7 +44,7 @@ def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, co
                   GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr,
                   STEPS: tl.constexpr, NEW: tl.constexpr, LAST_ADDS: tl.constexpr, CHUNK: tl.constexpr,
                   ROPE: tl.constexpr, DOWN: tl.constexpr, BLOCK_R: tl.constexpr, RC: tl.constexpr,
-                  KV_P: tl.constexpr):
+                  KV_P: tl.constexpr, EARLY: tl.constexpr):
     """Partials of program (b·kv_heads + h, split) of SPLITS, a split being STEPS runs of BLOCK_L slots (a
     running maximum across them): part (b, kv, SPLITS, GROUP, D), stats (b, kv, SPLITS, GROUP, 2) = (m, l); a
     split with no visible slot writes m = −inf, l = 0, zeros. NEW: new_k, new_v (b, kv, D) are the current
@@ -51,22 +52,38 @@ def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, co
     (b, h)'s programs to finish (counted in ``counter``, which it resets) adds their partials into ``out``
     (:func:`_add_splits`), instead of a second kernel. ROPE: q and new_k come before RoPE, which
     :func:`_rope` applies with cos, sin (length, D) at position slot − pad[b]. DOWN: that program then also
-    adds its heads' share of the next projection's LoRA down-product (:func:`_down_share`)."""
+    adds its heads' share of the next projection's LoRA down-product (:func:`_down_share`). EARLY: launched
+    as a programmatic dependent launch (:data:`qfine.fast.mma_kernel.EARLY`): it lets the next kernel start
+    at once, requests its first run of the cache, then waits for the kernel before."""
+    if EARLY:  # the next kernel (o's 4-bit product) may start: it reads nothing of ours before its own wait
+        tl.extra.cuda.gdc_launch_dependents()
     bh, sp = tl.program_id(0), tl.program_id(1)
     b, h = bh // kv_heads, bh % kv_heads
-    first, last = tl.load(pad + b), tl.load(slot)
+    first, last = tl.load(pad + b), tl.load(slot)  # written before the step's first kernel
     rg, rd = tl.arange(0, GROUP_P), tl.arange(0, D)
     g_ok = rg < GROUP
     at = (bh * SPLITS + sp) * GROUP_P  # this program's first (split, group) row of part and stats
     start = sp * BLOCK_L * STEPS
-    if (start <= last) & (start + BLOCK_L * STEPS > first):
+    visible = (start <= last) & (start + BLOCK_L * STEPS > first)
+    base = b.to(tl.int64) * stride_kb + h * stride_kh
+    # the first run's cached k and v, requested before the wait: no kernel of this step writes the cache's
+    # earlier slots (the current one is taken from new_k, new_v)
+    rl0 = start + tl.arange(0, BLOCK_L)
+    cached0 = (rl0 >= first) & (rl0 <= last) & (rl0 < length) & visible
+    if NEW:
+        cached0 = cached0 & (rl0 != last)
+    kv0 = base + rl0[:, None] * stride_kl + rd[None, :]
+    ks0 = tl.load(keys + kv0, mask=cached0[:, None], other=0.0)
+    vs0 = tl.load(values + kv0, mask=cached0[:, None], other=0.0)
+    if EARLY:  # q, the step's k, v and every write wait for the kernel before (q, k, v's 4-bit product)
+        tl.extra.cuda.gdc_wait()
+    if visible:
         # q (b, kv·GROUP, D): this kv head's GROUP query heads
         q_at = q + (bh * GROUP + rg)[:, None] * D
         qs = tl.load(q_at + rd[None, :], mask=g_ok[:, None], other=0.0)
         if ROPE:
             qs = _rope(qs, q_at, rd[None, :], g_ok[:, None], cos, sin, last - first, D)
         qs = qs.to(tl.float32)
-        base = b.to(tl.int64) * stride_kb + h * stride_kh
         if NEW:
             kn, vn = tl.load(new_k + bh * D + rd), tl.load(new_v + bh * D + rd)
             if ROPE:
@@ -79,11 +96,14 @@ def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, co
             rl = run + tl.arange(0, BLOCK_L)
             seen = (rl >= first) & (rl <= last) & (rl < length)  # slots not seen are not read
             kv_at = base + rl[:, None] * stride_kl + rd[None, :]
-            from_cache = seen
-            if NEW:
-                from_cache = seen & (rl != last)
-            ks = tl.load(keys + kv_at, mask=from_cache[:, None], other=0.0).to(tl.float32)
-            vs = tl.load(values + kv_at, mask=from_cache[:, None], other=0.0).to(tl.float32)  # requested with k
+            if step == 0:
+                ks, vs = ks0.to(tl.float32), vs0.to(tl.float32)
+            else:
+                from_cache = seen
+                if NEW:
+                    from_cache = seen & (rl != last)
+                ks = tl.load(keys + kv_at, mask=from_cache[:, None], other=0.0).to(tl.float32)
+                vs = tl.load(values + kv_at, mask=from_cache[:, None], other=0.0).to(tl.float32)  # with k
             if NEW:
                 cur = (rl == last)[:, None]
                 ks = tl.where(cur, kn.to(tl.float32)[None, :], ks)
@@ -190,10 +210,15 @@ def _down_share(vals, a, dpart, counter, xa, b, h, kv_heads, r, GROUP: tl.conste
 @triton.jit
 def _combine_kernel(part, stats, out, counter, kv_heads, a, dpart, xa, r, SPLITS: tl.constexpr,
                     GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-                    DOWN: tl.constexpr, BLOCK_R: tl.constexpr, RC: tl.constexpr, KV_P: tl.constexpr):
+                    DOWN: tl.constexpr, BLOCK_R: tl.constexpr, RC: tl.constexpr, KV_P: tl.constexpr,
+                    EARLY: tl.constexpr):
     """out (b, kv·GROUP, D) in out's dtype for program b·kv_heads + h: :func:`_add_splits` as a kernel of its
     own: where the split kernel's last program cannot add them, or where the tuner found this faster. DOWN:
-    and its share of the LoRA down-product (:func:`_down_share`, counted in ``counter``)."""
+    and its share of the LoRA down-product (:func:`_down_share`, counted in ``counter``). EARLY: as the split
+    kernel's, waiting at once (everything it reads, the split kernel wrote)."""
+    if EARLY:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     bh = tl.program_id(0)
     vals = _add_splits(part, stats, out, bh, SPLITS, GROUP, GROUP_P, D, CHUNK)
     if DOWN:
@@ -290,7 +315,11 @@ def _run(q, keys, values, pad, slot, scale, block_l, new, rope, down, config):
         fused.update(a=down, dpart=torch.empty(b, kv, block_r, dtype=torch.float32, device=q.device),
                      xa=torch.empty(b, r, dtype=down.dtype, device=q.device))
 
-    def launch(counter):
+    launch = {"EARLY": early(q.device), "num_warps": 4}
+    if launch["EARLY"]:
+        launch["launch_pdl"] = True
+
+    def split(counter):
         _split_kernel[(b * kv, splits)](qc, keys, values, new_k, new_v, pad, slot, part, stats, out,
                                         qc if counter is None else counter, cos, sin, float(scale), length,
                                         keys.stride(0), keys.stride(1), keys.stride(2), kv, fused["a"],
@@ -298,22 +327,22 @@ def _run(q, keys, values, pad, slot, scale, block_l, new, rope, down, config):
                                         GROUP_P=group_p, D=d, BLOCK_L=block_l, STEPS=steps, NEW=new is not None,
                                         LAST_ADDS=counter is not None, CHUNK=chunk, ROPE=rope is not None,
                                         DOWN=fused["a"] is not qc, BLOCK_R=block_r, RC=fused["RC"],
-                                        KV_P=fused["KV_P"], num_warps=4)
+                                        KV_P=fused["KV_P"], **launch)
 
     counter = counters if config["last_adds"] and LAST_ADDS["ok"] else None
     try:
-        launch(counter)
+        split(counter)
     except Exception as e:  # noqa: BLE001 - compiled on first use: a toolchain that cannot build it is told once
         if counter is None:
             raise
         warnings.warn(f"split attention: the partials are added by a second kernel ({type(e).__name__}: {e})")
         LAST_ADDS["ok"], counter = False, None
-        launch(None)
+        split(None)
     if counter is None:
         _combine_kernel[(b * kv,)](part, stats, out, qc if counters is None else counters[b * kv:], kv, fused["a"],
                                    fused["dpart"], fused["xa"], r, SPLITS=splits, GROUP=group, GROUP_P=group_p,
                                    D=d, CHUNK=chunk, DOWN=fused["a"] is not qc, BLOCK_R=block_r, RC=fused["RC"],
-                                   KV_P=fused["KV_P"], num_warps=4)
+                                   KV_P=fused["KV_P"], **launch)
     if down is None:
         return out
     if fused["a"] is qc:  # no counter could be had (a capture would have to allocate one): the product apart
