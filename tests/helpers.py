@@ -70,3 +70,32 @@ def tiny_config(tiny_dir: Path, data: Path, out: Path, **train_kw):
     for k, v in train_kw.items():
         setattr(cfg.train, k, v)
     return cfg
+
+
+def assert_early_launch_equals_plain(monkeypatch, step, h, inputs, what=None) -> None:
+    """For each input copied into ``h``, ``step()`` (a chain of the decode step's kernels reading ``h``) with
+    programmatic dependent launches (sm_90 on) gives the plain launches' output bit for bit, eager and
+    replayed from one CUDA graph with a new input before each replay: a kernel that read before its wait
+    would see the previous input."""
+    import torch
+
+    from qfine.fast import mma_kernel
+
+    monkeypatch.setitem(mma_kernel.EARLY, "on", False)
+    plain = []
+    for x in inputs:
+        h.copy_(x)
+        plain.append(step().clone())
+    monkeypatch.setitem(mma_kernel.EARLY, "on", True)
+    assert mma_kernel.early(h.device)
+    for x, want in zip(inputs, plain):
+        h.copy_(x)
+        assert torch.equal(step(), want), what
+    graph, out = torch.cuda.CUDAGraph(), {}
+    with torch.cuda.graph(graph):
+        out["y"] = step()
+    for x, want in zip(inputs, plain):
+        h.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out["y"], want), what

@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import assert_early_launch_equals_plain
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 
 
@@ -210,21 +212,4 @@ def test_gpu_early_launch_chain_through_the_attention(monkeypatch):
                                        config=adds, down=a)
             return mma_kernel.matmul_mma(out.reshape(1, 4096), weights[1], (xa, b, 2.0), h, cfg, _sum_splits)
 
-        monkeypatch.setitem(mma_kernel.EARLY, "on", False)
-        plain = []
-        for x in inputs:
-            h.copy_(x)
-            plain.append(step().clone())
-        monkeypatch.setitem(mma_kernel.EARLY, "on", True)
-        assert mma_kernel.early(h.device)
-        for x, want in zip(inputs, plain):
-            h.copy_(x)
-            assert torch.equal(step(), want), adds
-        graph, out = torch.cuda.CUDAGraph(), {}
-        with torch.cuda.graph(graph):
-            out["y"] = step()
-        for x, want in zip(inputs, plain):
-            h.copy_(x)
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out["y"], want), adds
+        assert_early_launch_equals_plain(monkeypatch, step, h, inputs, adds)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import assert_early_launch_equals_plain
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -217,20 +219,4 @@ def test_gpu_early_launch_equals_the_plain_one(monkeypatch):
         return y
 
     inputs = [torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda") * 3 for _ in range(4)]
-    plain = []
-    for x in inputs:
-        h.copy_(x)
-        plain.append(step().clone())
-    monkeypatch.setitem(mma_kernel.EARLY, "on", True)
-    assert mma_kernel.early(h.device)
-    for x, want in zip(inputs, plain):
-        h.copy_(x)
-        assert torch.equal(step(), want)
-    graph, out = torch.cuda.CUDAGraph(), {}
-    with torch.cuda.graph(graph):
-        out["y"] = step()
-    for x, want in zip(inputs, plain):
-        h.copy_(x)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out["y"], want)
+    assert_early_launch_equals_plain(monkeypatch, step, h, inputs)

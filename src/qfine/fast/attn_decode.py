@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from qfine.fast.gemv_rows import _counter
-from qfine.fast.mma_kernel import early
+from qfine.fast.mma_kernel import triton_launch
 
 ADD_TILE = 8192  # fp32 values of partials read per load when they are added (64 a thread of 4 warps)
 LAST_ADDS = {"ok": True}  # False once the variant whose last program adds the partials failed to build here
@@ -308,26 +308,23 @@ def _run(q, keys, values, pad, slot, scale, block_l, new, rope, down, config):
     # the down-product's shares (b, kv, BLOCK_R) and result; counters: one per (b, kv head), then one per row
     r = 0 if down is None else down.shape[0]
     block_r = max(1, triton.next_power_of_2(r))
-    fused = {"a": qc, "dpart": qc, "xa": qc, "r": r, "BLOCK_R": block_r, "KV_P": triton.next_power_of_2(kv),
-             "RC": max(1, min(block_r, ADD_TILE // (group_p * d)))}
     counters = _counter(q.device, b * kv + b)
-    if down is not None and counters is not None:
-        fused.update(a=down, dpart=torch.empty(b, kv, block_r, dtype=torch.float32, device=q.device),
-                     xa=torch.empty(b, r, dtype=down.dtype, device=q.device))
-
-    launch = {"EARLY": early(q.device), "num_warps": 4}
-    if launch["EARLY"]:
-        launch["launch_pdl"] = True
+    fused = down is not None and counters is not None
+    a, dpart, xa = qc, qc, qc
+    if fused:
+        a, dpart = down, torch.empty(b, kv, block_r, dtype=torch.float32, device=q.device)
+        xa = torch.empty(b, r, dtype=down.dtype, device=q.device)
+    # the constexprs both kernels take, and the launch options (programmatic dependent launch or not)
+    common = dict(SPLITS=splits, GROUP=group, GROUP_P=group_p, D=d, CHUNK=chunk, DOWN=fused, BLOCK_R=block_r,
+                  RC=max(1, min(block_r, ADD_TILE // (group_p * d))), KV_P=triton.next_power_of_2(kv),
+                  **triton_launch(q.device))
 
     def split(counter):
         _split_kernel[(b * kv, splits)](qc, keys, values, new_k, new_v, pad, slot, part, stats, out,
                                         qc if counter is None else counter, cos, sin, float(scale), length,
-                                        keys.stride(0), keys.stride(1), keys.stride(2), kv, fused["a"],
-                                        fused["dpart"], fused["xa"], r, SPLITS=splits, GROUP=group,
-                                        GROUP_P=group_p, D=d, BLOCK_L=block_l, STEPS=steps, NEW=new is not None,
-                                        LAST_ADDS=counter is not None, CHUNK=chunk, ROPE=rope is not None,
-                                        DOWN=fused["a"] is not qc, BLOCK_R=block_r, RC=fused["RC"],
-                                        KV_P=fused["KV_P"], **launch)
+                                        keys.stride(0), keys.stride(1), keys.stride(2), kv, a, dpart, xa, r,
+                                        BLOCK_L=block_l, STEPS=steps, NEW=new is not None,
+                                        LAST_ADDS=counter is not None, ROPE=rope is not None, **common)
 
     counter = counters if config["last_adds"] and LAST_ADDS["ok"] else None
     try:
@@ -339,12 +336,10 @@ def _run(q, keys, values, pad, slot, scale, block_l, new, rope, down, config):
         LAST_ADDS["ok"], counter = False, None
         split(None)
     if counter is None:
-        _combine_kernel[(b * kv,)](part, stats, out, qc if counters is None else counters[b * kv:], kv, fused["a"],
-                                   fused["dpart"], fused["xa"], r, SPLITS=splits, GROUP=group, GROUP_P=group_p,
-                                   D=d, CHUNK=chunk, DOWN=fused["a"] is not qc, BLOCK_R=block_r, RC=fused["RC"],
-                                   KV_P=fused["KV_P"], **launch)
+        _combine_kernel[(b * kv,)](part, stats, out, qc if counters is None else counters[b * kv:], kv, a, dpart, xa,
+                                   r, **common)
     if down is None:
         return out
-    if fused["a"] is qc:  # no counter could be had (a capture would have to allocate one): the product apart
+    if not fused:  # no counter could be had (a capture would have to allocate one): the product apart
         return out, F.linear(out.reshape(b, heads * d).to(down.dtype), down)
-    return out, fused["xa"]
+    return out, xa

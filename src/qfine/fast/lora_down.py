@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from qfine.fast.gemv_rows import _counter
-from qfine.fast.mma_kernel import early
+from qfine.fast.mma_kernel import triton_launch
 
 TILE = 8192  # fp32 values a program holds at once (64 a thread of 4 warps)
 
@@ -122,9 +122,7 @@ def lora_down(x: torch.Tensor, mats: list[torch.Tensor], norm: tuple | None = No
     a = [t if t.is_contiguous() else t.contiguous() for t in mats] + [mats[0]] * (3 - len(mats))
     r = ranks + [0] * (3 - len(ranks))
     x_out = torch.empty_like(x2) if norm is not None else x2
-    launch = {"EARLY": early(x.device), "num_warps": 4}
-    if launch["EARLY"]:
-        launch["launch_pdl"] = True
+    launch = triton_launch(x.device)
     if counter is not None:
         split = k // chunk
         part = torch.empty(split, total, dtype=torch.float32, device=x.device)

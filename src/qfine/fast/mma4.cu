@@ -361,7 +361,7 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
       for (int i = 0; i < TILES; i++)
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-          wp[i][h] += GROUP * (BS / 2);
+          wp[i][h] += STEP_BYTES;
           load_group<0>(nxt[i][h], wp[i][h]);
           amn[i][h] = tile_amax(i, ablk[i][h] + s + GROUP);
 #if AHEAD  // the step AHEAD past the one just requested (wp now points at step s / GROUP + 1)

@@ -40,6 +40,13 @@ def early(device: torch.device) -> bool:
     return EARLY["on"] and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+def triton_launch(device: torch.device) -> dict:
+    """Launch options of the decode step's Triton kernels that take ``EARLY`` (4 warps): as programmatic
+    dependent launches where :func:`early` says so."""
+    on = early(device)
+    return {"EARLY": on, "num_warps": 4, **({"launch_pdl": True} if on else {})}
+
+
 def _fetch_variants(spec: str) -> list[dict]:
     """``QFINE_MMA_FETCH`` ("L2B=256;AHEAD=4;BULK=4,L2B=256"): ways of requesting the weights from memory
     that :func:`candidates` offers beside each setting's plain one, for the tuner to time (see ``mma4.cu``'s
