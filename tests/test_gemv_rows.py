@@ -309,7 +309,7 @@ def test_a_tuned_setting_serves_every_row_count_that_shares_its_timing(k):
         offered = mma_kernel.candidates(m) + mma_kernel.group_candidates(m) + mma_kernel.pair_candidates(m)
         offered += [cfg for cfg in candidates(m, 4096, k) if "KERNEL" in cfg] if triton else []
         for cfg in offered:
-            serves = fits if cfg["KERNEL"] != "mma" else lambda c, rows, kk, bs: mma_kernel.fits(c, rows, kk, bs)
+            serves = mma_kernel.fits if cfg["KERNEL"] == "mma" else fits
             if not serves(cfg, m, k, 64):
                 continue
             for other in by_tile[mma_kernel.row_tile(m)]:
