@@ -13,10 +13,11 @@ export TOKENIZERS_PARALLELISM=false TORCHINDUCTOR_CACHE_DIR=/tmp/inductor OMP_NU
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/suite.env" 2>&1
 python3 -c "import torch, transformers, peft, triton; print(torch.__version__, transformers.__version__, peft.__version__, triton.__version__)" >> "$OUT/suite.env" 2>&1
 cat "$OUT/suite.env"
-A="test_fast_path test_gpu_fast test_gpu test_graphs test_dropout_kernel test_resident test_graphed_training"
+A="test_fast_path test_gpu_fast test_gpu test_graphs test_dropout_kernel test_resident test_graphed_training
+   test_attn_decode"
 E="test_stream test_prequantized test_config test_plan test_compat test_cli_startup test_python_api test_preference
    test_engine test_mma_kernel"
-B="test_sweep test_training test_resume test_monitoring test_distributed test_studio test_grpo"
+B="test_sweep test_training test_resume test_monitoring test_distributed test_studio test_grpo test_gemv_rows"
 D="test_multitask test_inference test_eval test_cli_errors test_fsutil test_data test_packing test_chitchat
    test_acceptance test_storage test_safe_stops test_studio_browser"
 C="test_tasks test_export test_gguf_tokenizers test_gguf_sentencepiece test_modelfile test_gguf_lora test_deploy_llamacpp test_merge test_loading test_lora_variants test_qalora test_longlora test_adaptive
