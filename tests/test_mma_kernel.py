@@ -220,3 +220,47 @@ def test_gpu_early_launch_equals_the_plain_one(monkeypatch):
 
     inputs = [torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda") * 3 for _ in range(4)]
     assert_early_launch_equals_plain(monkeypatch, step, h, inputs)
+
+
+def test_gpu_persistent_warps_take_every_row_group_in_turn():
+    """``PERSIST`` settings (a grid of 1 to 3 blocks per SM whose warps walk the row groups, each requesting
+    the next group's first step during its last): at n = 2 · (3 · SMs · 4 · 32) + 40 rows every warp takes
+    two or more row groups and the last group is half inside W. k = 256 (a warp's loop is one step, so the
+    next group is requested in its first) and 1,024 (four steps); 1 and 16 rows; NF4 with an fp32 adapter:
+    each output within one rounding of the decoded product, the residual added exactly; the silu pair
+    within a few roundings of silu(round(g))·round(u), as in the pair test."""
+    import torch.nn.functional as F
+
+    from qfine.fast.gemv_rows import _sum_splits
+    from qfine.fast.mma_kernel import candidates, fits, matmul_mma, matmul_mma_silu, pair_candidates, precompile
+
+    torch.manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n = 2 * 3 * sms * 4 * 32 + 40
+    for k in (256, 1024):
+        ws = [_weight(n, k, "nf4", True, 64, torch.bfloat16) for _ in range(2)]
+        decs = [_decoded(w, torch.bfloat16) for w in ws]
+        bs = [torch.randn(n, 16, device="cuda") * 0.1 for _ in ws]
+        for m in (1, 16):
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            xas = [torch.randn(m, 16, device="cuda") for _ in ws]
+            lora = [(xa, b, s) for xa, b, s in zip(xas, bs, (2.0, 0.5))]
+            wants = [x.float() @ d.t() + s * xa @ b.t() for d, xa, b, s in zip(decs, xas, bs, (2.0, 0.5))]
+            res = torch.randn(m, n, dtype=torch.bfloat16, device="cuda")
+            settings = [c for c in candidates(m) if c.get("PERSIST") and fits(c, m, k, 64)]
+            pairs = [c for c in pair_candidates(m) if c.get("PERSIST") and fits(c, m, k, 64)]
+            assert len(settings) == 24 and len(pairs) == 12
+            for residual in (res, None):
+                precompile(x, [(ws[0], lora[0])], residual, settings)
+            precompile(x, [(ws[0], lora[0]), (ws[1], lora[1])], None, pairs, pair=True)
+            for cfg in settings:
+                got = matmul_mma(x, ws[0], lora[0], res, cfg, _sum_splits)
+                alone = matmul_mma(x, ws[0], lora[0], None, cfg, _sum_splits)
+                assert _close(alone, wants[0]), (k, m, cfg)
+                assert torch.equal(got, (res.float() + alone.float()).to(torch.bfloat16)), (k, m, cfg)
+            g, u = [want.to(torch.bfloat16).float() for want in wants]
+            want = F.silu(g) * u
+            for cfg in pairs:
+                got = matmul_mma_silu(x, (ws[0], lora[0]), (ws[1], lora[1]), cfg)
+                err = (got.float() - want).abs() / (want.abs() + 1e-3 * want.abs().max())
+                assert err.max() < 3e-2 and err.mean() < 3e-3, (k, m, cfg, err.max().item(), err.mean().item())
