@@ -3,7 +3,9 @@
 # TRL and Unsloth, each in its own process (the peers with .device/peers, never mixed with qfine's packages).
 # Needs .device/{common,qfine,peers}. Results: $OUT/grpo.jsonl.
 #
-#   OUT=/tmp/out EACH=150 JOBS="qfine trl unsloth" bash bench/grpo_call.sh
+# EACH: seconds per job; UNSLOTH_S: Unsloth's instead (its start-up patches and compiles for minutes).
+#
+#   OUT=/tmp/out EACH=150 UNSLOTH_S=330 JOBS="qfine trl unsloth" bash bench/grpo_call.sh
 OUT=${OUT:-/tmp/qfine_grpo}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
 export TOKENIZERS_PARALLELISM=false
@@ -16,8 +18,9 @@ echo "model ready in $(( $(date +%s) - start )) s"
 PYTHONPATH=$QPATH python3 bench/env_info.py > "$OUT/env.txt" 2>&1
 for job in ${JOBS:-qfine trl unsloth}; do
   path=$QPATH; [ $job = qfine ] || path=$PPATH
+  limit=$each; [ $job = unsloth ] && limit=${UNSLOTH_S:-$each}
   s=$(date +%s)
-  (cd /tmp && PYTHONPATH=$path timeout "$each" python3 "$OLDPWD/bench/grpo_bench.py" --impl $job --model $model ${ARGS:-}) \
+  (cd /tmp && PYTHONPATH=$path timeout "$limit" python3 "$OLDPWD/bench/grpo_bench.py" --impl $job --model $model ${ARGS:-}) \
     > "$OUT/$job.log" 2>&1
   grep -h "^RESULT" "$OUT/$job.log" | sed 's/^RESULT //' >> "$OUT/grpo.jsonl"
   echo "$job ($(( $(date +%s) - s )) s): $(grep -h '^RESULT' "$OUT/$job.log" | cut -c1-500 || tail -3 "$OUT/$job.log")"
