@@ -22,10 +22,7 @@
 // silu(gate) * up (TILES 2, SPLIT 1); NG: 1 to 3 weights of one k and input, each block's rows from one of
 // them, each written to its own output (SPLIT 1); PDL: launched as a programmatic dependent launch, waiting
 // for the previous kernel only before the first read of x, xa or the residual, and letting the next start;
-// L2B, AHEAD, BULK: how the weights are requested from memory (see load_block, ahead_l2 and piece_l2);
-// PERSIST (WARPS 1, SPLIT 1, NG 1): a grid smaller than the row groups, each warp taking every
-// (gridDim.x * RW)-th row group in turn and requesting the next one's first step during its last, so that
-// every SM streams about the same number of rows without a gap between them.
+// L2B, AHEAD, BULK: how the weights are requested from memory (see load_block, ahead_l2 and piece_l2).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -249,33 +246,22 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
   const int g = lane >> 2, t = lane & 3;
   const u32 nblk = k / BS, per_warp = nblk / (SPLIT * WARPS);
   const u32 blk0 = blockIdx.y * (nblk / SPLIT) + warp * per_warp;
-#define GROUP_ROWS (16 * (PAIR ? 1 : TILES))
-#if PERSIST  // row groups rw * gridDim.x + blockIdx.x, then every gstride-th: consecutive blocks, consecutive rows
-  static_assert(WARPS == 1 && SPLIT == 1 && NG == 1, "PERSIST: one k range per row group, one weight");
-  const int groups = (n + GROUP_ROWS - 1) / GROUP_ROWS, gstride = gridDim.x * RW;
-  int rg = rw * gridDim.x + blockIdx.x;
-#else
-  int rg = bx * RW + rw;
-#endif
-  int row0 = rg * GROUP_ROWS;
+  const int row0 = (bx * RW + rw) * 16 * (PAIR ? 1 : TILES);
   const u32 base = (u32)__cvta_generic_to_shared(lut), lane4 = 4 * lane;
 
-  // this thread's rows of row group r (g, g + 8 of each tile; past n: the last row, read but not stored):
-  // pointers to its bytes of the warp's first block, and the index of that block's absmax
+  // this thread's rows (g, g + 8 of each tile; past n: the last row, read but not stored): pointers to its
+  // bytes of the warp's first block, and the index of that block's absmax
   // (PAIR: tile 1 holds the same rows of the second weight)
   const u8* wp[TILES][2];
   u32 ablk[TILES][2];
-  auto point = [&](int r) {
 #pragma unroll
-    for (int i = 0; i < TILES; i++)
+  for (int i = 0; i < TILES; i++)
 #pragma unroll
-      for (int h = 0; h < 2; h++) {
-        const u32 row = min(r * GROUP_ROWS + (PAIR ? 0 : 16 * i) + g + 8 * h, n - 1);
-        wp[i][h] = (PAIR && i ? packed2 : packed) + (size_t)row * (k / 2) + (size_t)blk0 * (BS / 2) + t * (BS / 8);
-        ablk[i][h] = row * nblk + blk0;
-      }
-  };
-  point(rg);
+    for (int h = 0; h < 2; h++) {
+      const u32 row = min(row0 + (PAIR ? 0 : 16 * i) + g + 8 * h, n - 1);
+      wp[i][h] = (PAIR && i ? packed2 : packed) + (size_t)row * (k / 2) + (size_t)blk0 * (BS / 2) + t * (BS / 8);
+      ablk[i][h] = row * nblk + blk0;
+    }
   const u16* xp[NT];
 #pragma unroll
   for (int j = 0; j < NT; j++) xp[j] = x + (size_t)min(8 * j + g, m - 1) * stride_x + (size_t)blk0 * BS + t * (BS / 4);
@@ -358,177 +344,152 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
   read_epilogue();
 #endif
 
-  // PERSIST: one pass per row group of this warp, w and am holding its first step (requested in the last
-  // step of the one before); else one pass
-  for (bool first = true;; first = false) {
-    if (!first) read_epilogue();
-    float acc[TILES][NT][4];
+  float acc[TILES][NT][4];
+#pragma unroll
+  for (int i = 0; i < TILES; i++)
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+
+  for (u32 s = 0; s < per_warp; s += GROUP) {
+    u32 nxt[TILES][2][GROUP][WORDS];
+    Amax amn[TILES][2];
+    const bool more = s + GROUP < per_warp;
+    if (more) {
+#pragma unroll
+      for (int i = 0; i < TILES; i++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          wp[i][h] += STEP_BYTES;
+          load_group<0>(nxt[i][h], wp[i][h]);
+          amn[i][h] = tile_amax(i, ablk[i][h] + s + GROUP);
+#if AHEAD  // the step AHEAD past the one just requested (wp now points at step s / GROUP + 1)
+          if (s + (AHEAD + 1) * GROUP < per_warp) ahead_l2(wp[i][h] + AHEAD * STEP_BYTES, t);
+#endif
+#if BULK  // at the start of piece c >= 1, piece c + 1 (from step s / GROUP + BULK, BULK - 1 past wp's)
+          {
+            const u32 st = s / GROUP, steps = per_warp / GROUP;
+            if (st > 0 && st % BULK == 0 && st + BULK < steps)
+              piece_l2(wp[i][h] + (BULK - 1) * STEP_BYTES, t, min((u32)BULK, steps - st - BULK));
+          }
+#endif
+        }
+    }
+    float amax[TILES][2][GROUP];
+#pragma unroll
+    for (int i = 0; i < TILES; i++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const bool second = PAIR && i;
+        absmax4(amax[i][h], am[i][h], c8 + (second ? 256 : 0), second ? offset2 : offset);
+      }
+#pragma unroll
+    for (int b = 0; b < GROUP; b++) {
+      u32 xv[NT][XW];
+#pragma unroll
+      for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int q = 0; q < XW; q += 4) {
+          const uint4 v = *(const uint4*)(xp[j] + (s + b) * BS + 2 * q);
+          xv[j][q] = v.x; xv[j][q + 1] = v.y; xv[j][q + 2] = v.z; xv[j][q + 3] = v.w;
+        }
+#pragma unroll
+      for (int i = 0; i < TILES; i++) {
+        float c[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) c[j][e] = 0.0f;
+#pragma unroll
+        for (int q = 0; q < MMAS; q++) {  // pairs 2q and 2q + 1 of the thread's bytes (byte p: word p / 4)
+          const u32 lo = w[i][0][b][q / 2], hi = w[i][1][b][q / 2];
+          u32 a0, a1, a2, a3;
+          if (q % 2 == 0) {
+            a0 = pair<0>(lo, lane4, base); a2 = pair<1>(lo, lane4, base);
+            a1 = pair<0>(hi, lane4, base); a3 = pair<1>(hi, lane4, base);
+          } else {
+            a0 = pair<2>(lo, lane4, base); a2 = pair<3>(lo, lane4, base);
+            a1 = pair<2>(hi, lane4, base); a3 = pair<3>(hi, lane4, base);
+          }
+#pragma unroll
+          for (int j = 0; j < NT; j++) mma(c[j], a0, a1, a2, a3, xv[j][2 * q], xv[j][2 * q + 1]);
+        }
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) acc[i][j][e] += c[j][e] * amax[i][e >> 1][b];
+      }
+    }
+    // past the last step nxt and amn hold nothing, and w and am are not read again: no test needed
+#pragma unroll
+    for (int i = 0; i < TILES; i++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        am[i][h] = amn[i][h];
+#pragma unroll
+        for (int b = 0; b < GROUP; b++)
+#pragma unroll
+          for (int q = 0; q < WORDS; q++) w[i][h][b][q] = nxt[i][h][b][q];
+      }
+  }
+
+#if WARPS > 1  // a group's k ranges summed in warp order (the table's space is free once all are done)
+  __syncthreads();
+  float* red = (float*)smem;
+  if (warp > 0) {
 #pragma unroll
     for (int i = 0; i < TILES; i++)
 #pragma unroll
       for (int j = 0; j < NT; j++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
-
-    for (u32 s = 0; s < per_warp; s += GROUP) {
-      u32 nxt[TILES][2][GROUP][WORDS];
-      Amax amn[TILES][2];
-      const bool more = s + GROUP < per_warp;
-      if (more) {
+        for (int e = 0; e < 4; e++)
+          red[((((rw * WARPS + warp) * TILES + i) * NT + j) * 4 + e) * 32 + lane] = acc[i][j][e];
+  }
+  __syncthreads();
+  if (warp > 0) return;
+  for (int v = 1; v < WARPS; v++)
 #pragma unroll
-        for (int i = 0; i < TILES; i++)
+    for (int i = 0; i < TILES; i++)
 #pragma unroll
-          for (int h = 0; h < 2; h++) {
-            wp[i][h] += STEP_BYTES;
-            load_group<0>(nxt[i][h], wp[i][h]);
-            amn[i][h] = tile_amax(i, ablk[i][h] + s + GROUP);
-#if AHEAD  // the step AHEAD past the one just requested (wp now points at step s / GROUP + 1)
-            if (s + (AHEAD + 1) * GROUP < per_warp) ahead_l2(wp[i][h] + AHEAD * STEP_BYTES, t);
-#endif
-#if BULK  // at the start of piece c >= 1, piece c + 1 (from step s / GROUP + BULK, BULK - 1 past wp's)
-            {
-              const u32 st = s / GROUP, steps = per_warp / GROUP;
-              if (st > 0 && st % BULK == 0 && st + BULK < steps)
-                piece_l2(wp[i][h] + (BULK - 1) * STEP_BYTES, t, min((u32)BULK, steps - st - BULK));
-            }
-#endif
-          }
-      }
-#if PERSIST  // the last step: the next row group's first step, in flight while this one ends
-      else if (rg + gstride < groups) {
-        point(rg + gstride);
+      for (int j = 0; j < NT; j++)
 #pragma unroll
-        for (int i = 0; i < TILES; i++)
-#pragma unroll
-          for (int h = 0; h < 2; h++) {
-            load_group<0>(nxt[i][h], wp[i][h]);
-            amn[i][h] = tile_amax(i, ablk[i][h]);
-          }
-      }
-#endif
-      float amax[TILES][2][GROUP];
-#pragma unroll
-      for (int i = 0; i < TILES; i++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-          const bool second = PAIR && i;
-          absmax4(amax[i][h], am[i][h], c8 + (second ? 256 : 0), second ? offset2 : offset);
-        }
-#pragma unroll
-      for (int b = 0; b < GROUP; b++) {
-        u32 xv[NT][XW];
-#pragma unroll
-        for (int j = 0; j < NT; j++)
-#pragma unroll
-          for (int q = 0; q < XW; q += 4) {
-            const uint4 v = *(const uint4*)(xp[j] + (s + b) * BS + 2 * q);
-            xv[j][q] = v.x; xv[j][q + 1] = v.y; xv[j][q + 2] = v.z; xv[j][q + 3] = v.w;
-          }
-#pragma unroll
-        for (int i = 0; i < TILES; i++) {
-          float c[NT][4];
-#pragma unroll
-          for (int j = 0; j < NT; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) c[j][e] = 0.0f;
-#pragma unroll
-          for (int q = 0; q < MMAS; q++) {  // pairs 2q and 2q + 1 of the thread's bytes (byte p: word p / 4)
-            const u32 lo = w[i][0][b][q / 2], hi = w[i][1][b][q / 2];
-            u32 a0, a1, a2, a3;
-            if (q % 2 == 0) {
-              a0 = pair<0>(lo, lane4, base); a2 = pair<1>(lo, lane4, base);
-              a1 = pair<0>(hi, lane4, base); a3 = pair<1>(hi, lane4, base);
-            } else {
-              a0 = pair<2>(lo, lane4, base); a2 = pair<3>(lo, lane4, base);
-              a1 = pair<2>(hi, lane4, base); a3 = pair<3>(hi, lane4, base);
-            }
-#pragma unroll
-            for (int j = 0; j < NT; j++) mma(c[j], a0, a1, a2, a3, xv[j][2 * q], xv[j][2 * q + 1]);
-          }
-#pragma unroll
-          for (int j = 0; j < NT; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[i][j][e] += c[j][e] * amax[i][e >> 1][b];
-        }
-      }
-      // past the last step nxt and amn hold nothing (PERSIST: the next row group's first step, if any), and
-      // w and am are not read again in this pass: no test needed
-#pragma unroll
-      for (int i = 0; i < TILES; i++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-          am[i][h] = amn[i][h];
-#pragma unroll
-          for (int b = 0; b < GROUP; b++)
-#pragma unroll
-            for (int q = 0; q < WORDS; q++) w[i][h][b][q] = nxt[i][h][b][q];
-        }
-    }
-
-#if WARPS > 1  // a group's k ranges summed in warp order (the table's space is free once all are done)
-    __syncthreads();
-    float* red = (float*)smem;
-    if (warp > 0) {
-#pragma unroll
-      for (int i = 0; i < TILES; i++)
-#pragma unroll
-        for (int j = 0; j < NT; j++)
-#pragma unroll
-          for (int e = 0; e < 4; e++)
-            red[((((rw * WARPS + warp) * TILES + i) * NT + j) * 4 + e) * 32 + lane] = acc[i][j][e];
-    }
-    __syncthreads();
-    if (warp > 0) return;
-    for (int v = 1; v < WARPS; v++)
-#pragma unroll
-      for (int i = 0; i < TILES; i++)
-#pragma unroll
-        for (int j = 0; j < NT; j++)
-#pragma unroll
-          for (int e = 0; e < 4; e++)
-            acc[i][j][e] += red[((((rw * WARPS + v) * TILES + i) * NT + j) * 4 + e) * 32 + lane];
+        for (int e = 0; e < 4; e++)
+          acc[i][j][e] += red[((((rw * WARPS + v) * TILES + i) * NT + j) * 4 + e) * 32 + lane];
 #endif
 
-    // c[e]: row g + 8 (e >> 1) of the tile, token row 2t + (e & 1) of the token tile
+  // c[e]: row g + 8 (e >> 1) of the tile, token row 2t + (e & 1) of the token tile
 #if PAIR  // act(round(y1)) * round(y2), rounded: the MLP's act_fn(gate(x)) * up(x) computed in fp32 once
+#pragma unroll
+  for (int j = 0; j < NT; j++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int row = row0 + g + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
+      if (row >= n || col >= m) continue;
+      const float y1 = acc[0][j][e] + pre[0][j][e], y2 = acc[1][j][e] + pre[1][j][e];
+      const float a = act_to_f32(f32_to_act(y1)), u = act_to_f32(f32_to_act(y2));
+      ((u16*)out)[(size_t)col * n + row] = f32_to_act(a / (1.0f + __expf(-a)) * u);
+    }
+#else
+#pragma unroll
+  for (int i = 0; i < TILES; i++)
 #pragma unroll
     for (int j = 0; j < NT; j++)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
-        const int row = row0 + g + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
+        const int row = row0 + 16 * i + g + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
         if (row >= n || col >= m) continue;
-        const float y1 = acc[0][j][e] + pre[0][j][e], y2 = acc[1][j][e] + pre[1][j][e];
-        const float a = act_to_f32(f32_to_act(y1)), u = act_to_f32(f32_to_act(y2));
-        ((u16*)out)[(size_t)col * n + row] = f32_to_act(a / (1.0f + __expf(-a)) * u);
-      }
-#else
-#pragma unroll
-    for (int i = 0; i < TILES; i++)
-#pragma unroll
-      for (int j = 0; j < NT; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int row = row0 + 16 * i + g + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
-          if (row >= n || col >= m) continue;
-          const float y = acc[i][j][e] + pre[i][j][e];  // the adapter's term: by the first k range only
-          const size_t at = (size_t)col * n + row;
+        const float y = acc[i][j][e] + pre[i][j][e];  // the adapter's term: by the first k range only
+        const size_t at = (size_t)col * n + row;
 #if SPLIT == 1
-          u16 o = f32_to_act(y);
+        u16 o = f32_to_act(y);
 #if RESIDUAL
-          o = f32_to_act(act_to_f32(pre_res[i][j][e]) + act_to_f32(o));
+        o = f32_to_act(act_to_f32(pre_res[i][j][e]) + act_to_f32(o));
 #endif
-          ((u16*)out)[at] = o;
+        ((u16*)out)[at] = o;
 #else
-          ((float*)out)[(size_t)blockIdx.y * m * n + at] = y;
+        ((float*)out)[(size_t)blockIdx.y * m * n + at] = y;
 #endif
-        }
+      }
 #endif
-#if PERSIST
-    rg += gstride;
-    row0 = rg * GROUP_ROWS;
-    if (rg >= groups) break;
-#else
-    break;
-#endif
-  }
 }

@@ -73,17 +73,15 @@ def fits(cfg: dict, m: int, k: int, blocksize: int) -> bool:
     """Whether an "mma" setting serves m token rows of k: m ≤ 8·NT, and every warp's k range a whole number
     of loop steps."""
     per = blocksize * GROUP * cfg["WARPS"] * cfg["SPLIT"]
-    persist_ok = not cfg.get("PERSIST") or (cfg["WARPS"] == 1 and cfg["SPLIT"] == 1)
-    return m <= 8 * cfg["NT"] and blocksize in (64, 128) and k % per == 0 and persist_ok
+    return m <= 8 * cfg["NT"] and blocksize in (64, 128) and k % per == 0
 
 
 def candidates(m: int) -> list[dict]:
     """The "mma" settings worth timing for m ≤ 16 rows: the table layout (WIDE: one instruction fewer per
     lookup, twice the shared memory), warps per row group (each a k range), row groups per block (RW),
     16-row tiles per warp, k splits. Few k ranges (RW > 1) give each warp a long loop: the big MLP
-    products; many suit the small ones, whose rows alone do not fill the GPU. ``PERSIST`` p: a grid of p
-    blocks per SM whose warps take the row groups in turn (one k range each), so that no SM streams a
-    block more than another. Each comes again with every way of requesting the weights in :data:`FETCH`."""
+    products; many suit the small ones, whose rows alone do not fill the GPU. Each comes again with every
+    way of requesting the weights in :data:`FETCH`."""
     if m > 16:
         return []
     nt = 1 if m <= 8 else 2
@@ -91,11 +89,7 @@ def candidates(m: int) -> list[dict]:
             for warps in (4, 8) for tiles in (1, 2) for split in (1, 2, 4)]
     by_rows = [dict(WARPS=warps, RW=rw, TILES=tiles, SPLIT=1)
                for warps in (1, 2, 4) for rw in (2, 4) for tiles in (1, 2)]
-    # PERSIST: p blocks per SM, each warp streaming every (p·SMs·RW)-th row group
-    persist = [dict(WARPS=1, RW=rw, TILES=tiles, SPLIT=1, PERSIST=p) for rw in (2, 4) for tiles in (1, 2)
-               for p in (1, 2, 3)]
-    plain = [{"KERNEL": "mma", "NT": nt, "WIDE": wide, **cfg} for wide in (True, False)
-             for cfg in by_k + by_rows + persist]
+    plain = [{"KERNEL": "mma", "NT": nt, "WIDE": wide, **cfg} for wide in (True, False) for cfg in by_k + by_rows]
     return plain + [{**cfg, **fetch} for fetch in FETCH for cfg in plain]
 
 
@@ -210,9 +204,8 @@ def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: 
     weights, defines = zip(*[_weight_args(w, m) for w, _ in members])
     if any(d != defines[0] for d in defines) or len({w.quant_state.quant_type for w, _ in members}) > 1:
         raise ValueError("the weights of one launch differ in code book, block size or nesting")
-    if len(members) > 1 and not pair and (cfg["SPLIT"] != 1 or residual is not None or len(members) > 3
-                                          or cfg.get("PERSIST")):
-        raise ValueError("a group is 2 or 3 weights without k splits across blocks, a residual or PERSIST")
+    if len(members) > 1 and not pair and (cfg["SPLIT"] != 1 or residual is not None or len(members) > 3):
+        raise ValueError("a group is 2 or 3 weights without k splits across blocks or a residual")
     loras = [_lora_args(lora, m, x2) for _, lora in members]
     if len({(xa.stride(0), xa.dtype, rank) for xa, _b, _s, rank in loras}) > 1:
         raise ValueError("the adapters of one launch differ in dtype, rank or row stride")
@@ -225,8 +218,7 @@ def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: 
                 RESIDUAL=residual is not None, F16=x2.dtype == torch.float16,
                 ADT=_ADAPTER_DTYPES[xa.dtype] if has_lora else 0, WIDE=bool(cfg.get("WIDE")), PAIR=pair,
                 LORA_R=r, NG=1 if pair else len(members), PDL=early(x2.device),
-                L2B=cfg.get("L2B", 0), AHEAD=cfg.get("AHEAD", 0), BULK=cfg.get("BULK", 0),
-                PERSIST=bool(cfg.get("PERSIST"))), weights, loras
+                L2B=cfg.get("L2B", 0), AHEAD=cfg.get("AHEAD", 0), BULK=cfg.get("BULK", 0)), weights, loras
 
 
 class W4(ctypes.Structure):
@@ -256,8 +248,6 @@ def _launch(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, outs: l
     kernel = _kernel(x2.device, defines)
     state = members[0][0].quant_state
     grid_x = structs[0].ctas if pair else sum(w.ctas for w in structs[:len(members)])
-    if cfg.get("PERSIST"):
-        grid_x = min(grid_x, cfg["PERSIST"] * torch.cuda.get_device_properties(x2.device).multi_processor_count)
     stride_xa = loras[0][0].stride(0)
     kernel((grid_x, cfg["SPLIT"]), 32 * cfg["WARPS"] * rw, shared_bytes(bool(cfg.get("WIDE"))),
            [ctypes.c_void_p(x2.data_ptr()), ctypes.c_void_p(pair_table(state, x2.dtype).data_ptr()),
@@ -308,9 +298,8 @@ def matmul_mma_silu(x2: torch.Tensor, gate: tuple, up: tuple, cfg: dict) -> torc
 
 
 def group_candidates(m: int) -> list[dict]:
-    """The settings for :func:`matmul_mma_group`: those of :func:`candidates` without k splits across blocks
-    (nor ``PERSIST``, whose warps walk one weight's rows)."""
-    return [cfg for cfg in candidates(m) if cfg["SPLIT"] == 1 and not cfg.get("PERSIST")]
+    """The settings for :func:`matmul_mma_group`: those of :func:`candidates` without k splits across blocks."""
+    return [cfg for cfg in candidates(m) if cfg["SPLIT"] == 1]
 
 
 def matmul_mma_group(x2: torch.Tensor, members: list[tuple], cfg: dict) -> list[torch.Tensor]:
