@@ -11,6 +11,9 @@ import torch
 from helpers import FACT, TINY_VOCAB, write_jsonl
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the kernels' tuners time every shape afresh in tests (and in the processes tests start), never reading the
+# settings an earlier run stored (qfine.fast.tune_cache); the cache's own tests switch this off
+os.environ.setdefault("QFINE_RETUNE", "1")
 
 
 @pytest.fixture(scope="session")

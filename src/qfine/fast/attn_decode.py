@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from qfine.fast import tune_cache
 from qfine.fast.gemv_rows import _counter
 from qfine.fast.mma_kernel import triton_launch
 
@@ -268,14 +269,21 @@ TUNED: dict[tuple, list] = {}  # shape key -> [(seconds, setting)], fastest firs
 
 def tuned(q, keys, values, pad, slot, scale, block_l, new, rope, down=None) -> dict:
     """The fastest of :func:`settings` for this call's shape on its device, timed once as replayed CUDA graphs
-    (:func:`qfine.fast.gemv_kernel.graph_seconds`) by the first call outside a capture; before that, and off
-    the GPU, one run a program with the last program adding."""
+    (:func:`qfine.fast.gemv_kernel.graph_seconds`) by the first call outside a capture, or read from an
+    earlier process's timings (:mod:`qfine.fast.tune_cache`); before that, and off the GPU, one run a program
+    with the last program adding."""
     key = (q.device, q.shape, keys.shape, q.dtype, keys.dtype, block_l, new is None, rope is None,
            None if down is None else (down.shape, down.dtype))
     if key in TUNED:
         return TUNED[key][0][1]
     default = {"steps": 1, "last_adds": LAST_ADDS["ok"]}
-    if not q.is_cuda or torch.cuda.is_current_stream_capturing():
+    if not q.is_cuda:
+        return default
+    stored = tune_cache.remembered(key, q.device)  # an earlier process's timings of this shape
+    if stored is not None:
+        TUNED[key] = stored
+        return stored[0][1]
+    if torch.cuda.is_current_stream_capturing():
         return default
     from qfine.fast.gemv_kernel import graph_seconds
 
@@ -287,6 +295,8 @@ def tuned(q, keys, values, pad, slot, scale, block_l, new, rope, down=None) -> d
         except Exception:  # noqa: BLE001 - a setting that does not build or cannot be captured is not chosen
             continue
     TUNED[key] = sorted(timed, key=lambda t: t[0]) or [(0.0, default)]
+    if timed:
+        tune_cache.remember(key, q.device, TUNED[key])
     return TUNED[key][0][1]
 
 
