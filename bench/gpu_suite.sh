@@ -16,7 +16,7 @@ cat "$OUT/suite.env"
 A="test_fast_path test_gpu_fast test_gpu test_graphs test_dropout_kernel test_resident test_graphed_training
    test_attn_decode"
 E="test_stream test_prequantized test_config test_plan test_compat test_cli_startup test_python_api test_preference
-   test_engine test_mma_kernel"
+   test_engine test_mma_kernel test_tune_cache"
 B="test_sweep test_training test_resume test_monitoring test_distributed test_studio test_grpo test_gemv_rows"
 D="test_multitask test_inference test_eval test_cli_errors test_fsutil test_data test_packing test_chitchat
    test_acceptance test_storage test_safe_stops test_studio_browser"
