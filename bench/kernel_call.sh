@@ -27,7 +27,8 @@ fi
 run_tests() {
   local s=$(date +%s)
   timeout ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider -rfE --durations=12 ${TEST_ARGS:--x --tb=short} -m gpu \
-    ${TESTS:-tests/test_engine.py tests/test_gemv_rows.py tests/test_mma_kernel.py tests/test_attn_decode.py} > "$OUT/tests.log" 2>&1
+    ${TESTS:-tests/test_engine.py tests/test_gemv_rows.py tests/test_mma_kernel.py tests/test_attn_decode.py \
+    tests/test_tune_cache.py} > "$OUT/tests.log" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - s )) s: $(tail -1 "$OUT/tests.log")"
   grep -hE "^(FAILED|ERROR)" "$OUT/tests.log" | head -5; grep -B2 -A25 "^_____" "$OUT/tests.log" | head -60
 }
