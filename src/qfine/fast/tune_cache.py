@@ -3,7 +3,7 @@ or GRPO run) reuses the timings an earlier one made instead of timing every cand
 
 One JSON file per fingerprint under ``$QFINE_CACHE`` (default ``~/.cache/qfine``) ``/tuned/``. The fingerprint
 covers what a timing depends on: the device's name, compute capability and SM count; torch, CUDA, Triton and
-qfine versions; the source of every kernel module of :mod:`qfine.fast`; and the environment switches that
+qfine versions; the source of every module of :mod:`qfine.fast`; and the environment switches that
 change which settings exist or how they launch (``QFINE_PDL``, ``QFINE_MMA_FETCH``, ``QFINE_TRITON_NF4``).
 Any change gives another file, so a stale choice is never read. ``QFINE_RETUNE=1`` ignores what is stored
 and replaces it with new timings. A file that cannot be read or written only costs the timing.
@@ -24,8 +24,6 @@ import torch
 
 KEEP = 8  # fastest settings stored per key: the first is used, the rest are what a reader compares it with
 SWITCHES = ("QFINE_PDL", "QFINE_MMA_FETCH", "QFINE_TRITON_NF4")
-_SOURCES = ("mma4.cu", "mma_kernel.py", "gemv_rows.py", "gemv_kernel.py", "attn_decode.py", "lora_down.py",
-            "prmt_decode.py", "nvrtc.py", "nf4_kernel.py")
 _LOADED: dict[Path, dict] = {}  # file -> its entries as read once by this process
 
 
@@ -47,9 +45,10 @@ def fingerprint(device: torch.device) -> str:
         where = [device.type]
     parts = [*where, torch.__version__, _version("triton"), __version__]
     parts += [f"{name}={os.environ.get(name, '')}" for name in SWITCHES]
-    fast = importlib.resources.files("qfine.fast")
-    for name in _SOURCES:
-        parts.append(hashlib.sha256(fast.joinpath(name).read_bytes()).hexdigest())
+    # every module of the package, not a list kept by hand: a new kernel file cannot be left out
+    for path in sorted(importlib.resources.files("qfine.fast").iterdir(), key=lambda p: p.name):
+        if path.name.endswith((".py", ".cu")):
+            parts.append(f"{path.name}={hashlib.sha256(path.read_bytes()).hexdigest()}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
