@@ -133,6 +133,7 @@ def test_gpu_4bit_kernel_equals_dequantize_then_matmul(rows):
     import bitsandbytes as bnb
 
     from qfine.fast.gemv_kernel import candidates, launch_config, matmul_4bit, usable
+    from qfine.fast.mma_kernel import precompile
 
     torch.manual_seed(0)
     for n, k, qt, nested in [(4096, 4096, "nf4", True), (1000, 576, "nf4", False), (512, 1536, "fp4", True)]:
@@ -141,14 +142,23 @@ def test_gpu_4bit_kernel_equals_dequantize_then_matmul(rows):
         x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
         assert usable(w, x)
         want = x.float() @ bnb.functional.dequantize_4bit(w.data, w.quant_state).float().t()
-        # every launch setting the kernel may be given or may choose
-        for cfg in candidates(rows, n, k) + [launch_config(rows, n, k, 132), None]:
+        settings = candidates(rows, n, k) + [launch_config(rows, n, k, 132), None]
+        # with an adapter's product (r = 16 and r = 8) added in fp32
+        adapters = {r: (torch.randn(rows, r, device="cuda"), torch.randn(n, r, device="cuda") * 0.5) for r in (16, 8)}
+        mma = [cfg for cfg in settings if cfg and cfg.get("KERNEL") == "mma"]
+        for lora in (None, (*adapters[16], 2.0)):  # compiled on the CPU's cores, side by side
+            precompile(x, [(w, lora)], None, mma)
+        kinds = set()
+        # every launch setting the kernel may be given or may choose; r = 8 (another compile of each) with
+        # the first setting of each kernel
+        for cfg in settings:
             got = matmul_4bit(x, w, config=cfg).float()
             err = (got - want).abs().max() / want.abs().max()
             assert err < 8e-3, (n, k, qt, nested, cfg, err.item())
-            # with an adapter's product (r = 16 and r = 8) added in fp32
-            for r in (16, 8):
-                xa, b = torch.randn(rows, r, device="cuda"), torch.randn(n, r, device="cuda") * 0.5
+            kind = None if cfg is None else cfg.get("KERNEL", tuple(sorted(cfg)))
+            for r in (16, 8) if kind not in kinds else (16,):
+                kinds.add(kind)
+                xa, b = adapters[r]
                 both = matmul_4bit(x, w, (xa, b, 2.0), config=cfg).float()
                 want_both = want + 2.0 * xa @ b.t()
                 assert ((both - want_both).abs().max() / want_both.abs().max()) < 8e-3, (n, k, cfg)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -319,8 +320,9 @@ def test_a_tuned_setting_serves_every_row_count_that_shares_its_timing(k):
 
 
 def test_fetch_variants_reach_the_kernels_defines(monkeypatch):
-    """QFINE_MMA_FETCH's ways of requesting the weights are parsed (an unknown name is refused, naming it),
-    each comes as a copy of every "mma" setting, and a setting's L2B and AHEAD become the kernel's #defines."""
+    """QFINE_MMA_FETCH's ways of requesting the weights are parsed (an unknown name is refused, naming it;
+    unset, two ways are offered), each comes as a copy of every "mma" setting, and a setting's L2B and AHEAD
+    become the kernel's #defines."""
     import bitsandbytes as bnb
 
     from qfine.fast import mma_kernel
@@ -330,7 +332,11 @@ def test_fetch_variants_reach_the_kernels_defines(monkeypatch):
     for bad in ("DEPTH=2", "L2B", "BULK=four"):
         with pytest.raises(ValueError, match=bad):
             mma_kernel._fetch_variants(bad)
+    if "QFINE_MMA_FETCH" not in os.environ:  # by default: the plain loads and the two ways that won (H100)
+        assert mma_kernel.FETCH == [{"L2B": 256}, {"BULK": 4, "L2B": 256}]
+    monkeypatch.setattr(mma_kernel, "FETCH", [])
     plain = mma_kernel.candidates(1)
+    assert not any(key in cfg for cfg in plain for key in ("L2B", "AHEAD", "BULK"))
     monkeypatch.setattr(mma_kernel, "FETCH", [{"AHEAD": 4}, {"L2B": 256}])
     offered = mma_kernel.candidates(1)
     assert len(offered) == 3 * len(plain) and offered[:len(plain)] == plain

@@ -126,7 +126,7 @@ def test_gpu_mma_silu_pair_equals_the_two_products_then_silu():
     import torch.nn.functional as F
 
     from qfine.fast.gemv_kernel import matmul_4bit_silu
-    from qfine.fast.mma_kernel import fits, matmul_mma_silu, pair_candidates
+    from qfine.fast.mma_kernel import fits, matmul_mma_silu, pair_candidates, precompile
 
     torch.manual_seed(0)
     n, k = 1040, 4096
@@ -143,6 +143,7 @@ def test_gpu_mma_silu_pair_equals_the_two_products_then_silu():
         members = [(w, (xa, b, s)) for w, xa, b, s in zip(ws, xas, bs, (2.0, 0.5))]
         settings = [cfg for cfg in pair_candidates(m) if fits(cfg, m, k, 64)]
         assert settings
+        precompile(x, members, None, settings, pair=True)  # side by side on the CPU's cores
         for cfg in settings:
             got = matmul_mma_silu(x, *members, cfg)
             assert got.shape == (m, n) and got.dtype == torch.bfloat16

@@ -27,12 +27,12 @@ _KERNELS: dict[tuple, nvrtc.Kernel] = {}
 _PAIRS: dict[int, tuple] = {}  # id(quant state) -> (weak reference, {dtype: table})
 
 
-# Programmatic dependent launch (QFINE_PDL=1, sm_90 on): the kernel may start while the down-products' kernel
-# before it runs, filling its table and requesting its first weights, and waits for that kernel only before
-# reading x, the adapter's xa and the residual; the down-products' kernel after it may likewise start and
-# request its A. Every such kernel waits before it writes, so each waits, through the one before, on all
-# earlier ones. Off by default until measured against the plain launch.
-EARLY = {"on": os.environ.get("QFINE_PDL") == "1"}
+# Programmatic dependent launch (sm_90 on; QFINE_PDL=0 turns it off): the kernel may start while the
+# down-products' kernel before it runs, filling its table and requesting its first weights, and waits for that
+# kernel only before reading x, the adapter's xa and the residual; the down-products' kernel after it may
+# likewise start and request its A. Every such kernel waits before it writes, so each waits, through the one
+# before, on all earlier ones.
+EARLY = {"on": os.environ.get("QFINE_PDL", "1") != "0"}
 
 
 def early(device: torch.device) -> bool:
@@ -60,7 +60,10 @@ def _fetch_variants(spec: str) -> list[dict]:
     return out
 
 
-FETCH = _fetch_variants(os.environ.get("QFINE_MMA_FETCH", ""))
+# the ways that won at the 8B shapes on an H100 (L2B=256 for gate/up, BULK=4,L2B=256 for the rest);
+# QFINE_MMA_FETCH="" offers the plain loads only
+DEFAULT_FETCH = "L2B=256;BULK=4,L2B=256"
+FETCH = _fetch_variants(os.environ.get("QFINE_MMA_FETCH", DEFAULT_FETCH))
 
 
 def shared_bytes(wide: bool) -> int:
