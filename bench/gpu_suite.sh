@@ -2,12 +2,14 @@
 # The whole test suite (-m "not slow") on the GPU machine in one call: seven pytest processes side by
 # side on the one GPU (16 cores: 2 threads each), each over a fixed group of test files, each under
 # TIMEOUT_S. Logs: $OUT/suite-{a..g}.log (with --durations), device and versions in $OUT/suite.env.
-# Needs .device/{common,qfine,qtest,tok} (../shared/device/stage.sh qtest; a tokenizer folder in .device/tok).
+# Needs .device/{common,qfine,qtest,tok} (../shared/device/stage.sh qtest; a tokenizer folder in .device/tok)
+# and .device/studio, the studio's server (the machine has neither starlette nor uvicorn):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d W starlette uvicorn; unzip W/* there
 #
 #   bash bench/gpu_suite.sh [TIMEOUT_S]
 t=${1:-540}
 OUT=${OUT:-/tmp/qfine_gpu_suite}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD/src:$PWD/.device/common:$PWD/.device/qfine:$PWD/.device/qtest:$PWD/tests
+export PYTHONPATH=$PWD/src:$PWD/.device/common:$PWD/.device/qfine:$PWD/.device/qtest:$PWD/.device/studio:$PWD/tests
 export QFINE_TEST_TOKENIZER=$PWD/.device/tok HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false TORCHINDUCTOR_CACHE_DIR=/tmp/inductor OMP_NUM_THREADS=2
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/suite.env" 2>&1
