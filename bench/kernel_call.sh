@@ -4,9 +4,9 @@
 # NF4 folder is written, then bench/generate_bench.py (engine and transformers' generate, batch 1 and 16)
 # unless SKIP_GENERATE, and with GRPO=1 qfine's GRPO step (bench/grpo_bench.py). SKIP_GEMV skips the first
 # part; TESTS_AFTER runs the tests last, so that they do not share the GPU with the timings; PROFILE=1 profiles
-# the decode step at batch 1 (bench/decode_profile.py); PDL_AB=1 runs the engine again with programmatic
-# dependent launches (QFINE_PDL=1) after the first bench; FETCH_AB="L2B=256;AHEAD=4" runs it again with those
-# ways of requesting the weights offered to the tuner (QFINE_MMA_FETCH; FETCH_PDL=1: with QFINE_PDL=1 too).
+# the decode step at batch 1 (bench/decode_profile.py); PDL_AB=1 runs the engine again without programmatic
+# dependent launches (QFINE_PDL=0) after the first bench; FETCH_AB="L2B=256;AHEAD=4" runs it again with those
+# ways of requesting the weights offered to the tuner (QFINE_MMA_FETCH; FETCH_PDL=0: without early launches).
 # The tests stop at the first failure and print it (TEST_ARGS, default "-x --tb=short").
 # Needs .device/{common,qfine,qtest,tok}. Results: $OUT/{gemv,generate}.jsonl and logs.
 #
@@ -44,19 +44,19 @@ echo "bench rc=$? in $(( $(date +%s) - s )) s"
 grep -h "^RESULT" "$OUT/bench.log" | sed 's/^RESULT //' > "$OUT/generate.jsonl"
 grep -v tuned "$OUT/generate.jsonl"; grep tuned "$OUT/generate.jsonl" | cut -c1-300; tail -3 "$OUT/bench.log"
 fi
-if [ -n "${PDL_AB:-}" ]; then  # the engine again with programmatic dependent launches (QFINE_PDL=1)
+if [ -n "${PDL_AB:-}" ]; then  # the engine again without programmatic dependent launches (QFINE_PDL=0)
 s=$(date +%s)
-QFINE_PDL=1 timeout ${PDL_S:-150} python3 bench/generate_bench.py --model $model --impl qfine --batch 1 --repeat 2 \
+QFINE_PDL=0 timeout ${PDL_S:-150} python3 bench/generate_bench.py --model $model --impl qfine --batch 1 --repeat 2 \
   > "$OUT/bench-pdl.log" 2>&1
-echo "bench with PDL rc=$? in $(( $(date +%s) - s )) s"
+echo "bench without PDL rc=$? in $(( $(date +%s) - s )) s"
 grep -h "^RESULT" "$OUT/bench-pdl.log" | sed 's/^RESULT //' > "$OUT/generate-pdl.jsonl"
 grep -v tuned "$OUT/generate-pdl.jsonl"; tail -3 "$OUT/bench-pdl.log"
 fi
 if [ -n "${FETCH_AB:-}" ]; then  # the engine again, the tuner also timing each way of requesting the weights
 s=$(date +%s)
-QFINE_PDL=${FETCH_PDL:-0} QFINE_MMA_FETCH="$FETCH_AB" timeout ${FETCH_S:-200} python3 bench/generate_bench.py --model $model --impl qfine \
+QFINE_PDL=${FETCH_PDL:-1} QFINE_MMA_FETCH="$FETCH_AB" timeout ${FETCH_S:-200} python3 bench/generate_bench.py --model $model --impl qfine \
   --batch 1 --repeat 2 > "$OUT/bench-fetch.log" 2>&1
-echo "bench with QFINE_MMA_FETCH=$FETCH_AB QFINE_PDL=${FETCH_PDL:-0} rc=$? in $(( $(date +%s) - s )) s"
+echo "bench with QFINE_MMA_FETCH=$FETCH_AB QFINE_PDL=${FETCH_PDL:-1} rc=$? in $(( $(date +%s) - s )) s"
 grep -h "^RESULT" "$OUT/bench-fetch.log" | sed 's/^RESULT //' > "$OUT/generate-fetch.jsonl"
 grep -v tuned "$OUT/generate-fetch.jsonl"; grep tuned "$OUT/generate-fetch.jsonl" | cut -c1-300; tail -3 "$OUT/bench-fetch.log"
 fi

@@ -11,9 +11,10 @@ import torch
 from helpers import FACT, TINY_VOCAB, write_jsonl
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# the kernels' tuners time every shape afresh in tests (and in the processes tests start), never reading the
-# settings an earlier run stored (qfine.fast.tune_cache); the cache's own tests switch this off
-os.environ.setdefault("QFINE_RETUNE", "1")
+# the kernels' tuners time every shape afresh in tests (and in the processes tests start): they neither read
+# the settings a user's runs stored (qfine.fast.tune_cache) nor store timings taken beside other tests;
+# the cache's own tests give it a folder of their own
+os.environ["QFINE_TUNE_CACHE"] = "off"
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ TIMED = [(1.6e-5, {"KERNEL": "mma", "NT": 1, "WIDE": True, "WARPS": 8, "RW": 1, 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("QFINE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("QFINE_TUNE_CACHE", raising=False)  # conftest's "off": here the default folder under QFINE_CACHE
     monkeypatch.delenv("QFINE_RETUNE", raising=False)
     monkeypatch.setattr(tune_cache, "_LOADED", {})
     return tmp_path / "cache" / "tuned"
@@ -113,6 +114,25 @@ def test_retune_and_a_broken_file_are_never_read(cache, monkeypatch):
     assert not list(cache.glob("*.tmp"))
 
 
+def test_off_neither_reads_nor_stores_and_a_folder_of_its_own_is_used(cache, monkeypatch, tmp_path):
+    """QFINE_TUNE_CACHE=off (the tests' setting) reads nothing and leaves the stored file as it was; a folder
+    named there is the only one read and written."""
+    cpu = torch.device("cpu")
+    tune_cache.remember(KEY, cpu, TIMED)
+    (path,) = cache.glob("*.json")
+    stored = path.read_text()
+    monkeypatch.setenv("QFINE_TUNE_CACHE", "off")
+    monkeypatch.setattr(tune_cache, "_LOADED", {})
+    assert tune_cache.remembered(KEY, cpu) is None
+    tune_cache.remember(("other",), cpu, TIMED)
+    assert path.read_text() == stored and list(cache.iterdir()) == [path]
+    monkeypatch.setenv("QFINE_TUNE_CACHE", str(tmp_path / "mine"))
+    assert tune_cache.remembered(KEY, cpu) is None
+    tune_cache.remember(KEY, cpu, TIMED[:1])
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == [path.name]
+    assert tune_cache.remembered(KEY, cpu) == [TIMED[0]] and path.read_text() == stored
+
+
 def test_two_processes_storing_other_shapes_keep_both(cache):
     """Each store merges with the file as another process left it, keeping the fastest KEEP settings."""
     for n in (1024, 4096):
@@ -133,7 +153,7 @@ def test_two_processes_storing_other_shapes_keep_both(cache):
 def test_gpu_a_new_process_decodes_with_the_stored_settings_without_timing(tmp_path):
     """Through the 4-bit tuner (an 8B q shape, NF4, one row): a first process times and stores; a second,
     whose timing function raises, gets the same setting from the file and the same output bits."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "QFINE_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "QFINE_TUNE_CACHE": str(tmp_path / "tuned")}
     env.pop("QFINE_RETUNE", None)
     code = textwrap.dedent("""
         import sys, torch, bitsandbytes as bnb

@@ -1,7 +1,9 @@
 """The decode kernels' tuned settings kept on disk, so that a new process (the next ``qfine generate``, ``chat``
 or GRPO run) reuses the timings an earlier one made instead of timing every candidate again.
 
-One JSON file per fingerprint under ``$QFINE_CACHE`` (default ``~/.cache/qfine``) ``/tuned/``. The fingerprint
+One JSON file per fingerprint under ``$QFINE_TUNE_CACHE``, else ``$QFINE_CACHE/tuned/`` (default
+``~/.cache/qfine/tuned/``); ``QFINE_TUNE_CACHE=off`` neither reads nor stores (the tests: timings taken
+beside other test processes must not become a user's choice). The fingerprint
 covers what a timing depends on: the device's name, compute capability and SM count; torch, CUDA, Triton and
 qfine versions; the source of every module of :mod:`qfine.fast`; and the environment switches that
 change which settings exist or how they launch (``QFINE_PDL``, ``QFINE_MMA_FETCH``, ``QFINE_TRITON_NF4``).
@@ -67,9 +69,14 @@ def key_text(key: tuple) -> str:
     return json.dumps(_plain(key), separators=(",", ":"))
 
 
-def _path(device: torch.device) -> Path:
-    root = Path(os.environ.get("QFINE_CACHE", Path.home() / ".cache" / "qfine"))
-    return root / "tuned" / f"{fingerprint(device)}.json"
+def _path(device: torch.device) -> Path | None:
+    """The file for ``device``'s fingerprint, or None where the cache is off (``QFINE_TUNE_CACHE=off``)."""
+    folder = os.environ.get("QFINE_TUNE_CACHE", "")
+    if folder == "off":
+        return None
+    if not folder:
+        folder = Path(os.environ.get("QFINE_CACHE", Path.home() / ".cache" / "qfine")) / "tuned"
+    return Path(folder) / f"{fingerprint(device)}.json"
 
 
 def _valid(timed) -> bool:
@@ -90,10 +97,10 @@ def _read(path: Path) -> dict:
 
 def remembered(key: tuple, device: torch.device) -> list | None:
     """[(seconds, setting)] fastest first as stored for this key and device's fingerprint, or None (nothing
-    stored, an unreadable file, or ``QFINE_RETUNE=1``)."""
-    if os.environ.get("QFINE_RETUNE") == "1":
-        return None
+    stored, an unreadable file, the cache off, or ``QFINE_RETUNE=1``)."""
     path = _path(device)
+    if os.environ.get("QFINE_RETUNE") == "1" or path is None:
+        return None
     if path not in _LOADED:
         _LOADED[path] = _read(path)
     got = _LOADED[path].get(key_text(key))
@@ -104,6 +111,8 @@ def remember(key: tuple, device: torch.device, timed: list) -> None:
     """Store the fastest :data:`KEEP` of ``timed`` ([(seconds, setting)], fastest first; settings of JSON
     values) for this key, merged with what other processes stored meanwhile, written whole or not at all."""
     path = _path(device)
+    if path is None:
+        return
     entries = _read(path)
     entries[key_text(key)] = [[seconds, setting] for seconds, setting in timed[:KEEP]]
     _LOADED[path] = entries
