@@ -15,6 +15,9 @@ from helpers import assert_early_launch_equals_plain
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 
 
+DOT = {"steps": 1, "last_adds": True, "block": 32, "dot": True}  # one run of 32 slots, matrix products
+
+
 def _reference(q, keys, values, pad, slot, scale):
     """Masked SDPA in fp32: key slot j seen by row b iff pad[b] <= j <= slot."""
     b, heads, _, d = q.shape
@@ -41,7 +44,8 @@ def test_decode_attention_equals_masked_sdpa_interpreted(group, monkeypatch):
     """fp32, 3 rows with different prompt starts, GQA groups of 1, 4 and 3 query heads per kv head, a cache of 80
     slots (the last split partly past it), the current slot at 0, inside a split and at the end: equal to masked
     SDPA within 1e-5, the partials added by the last program or, without a counter, by a second kernel (the same
-    sums, so the same bits), and as well 2 splits a load or 2 and 4 runs of 16 slots a program; with RoPE applied
+    sums, so the same bits), and as well 2 splits a load or 2 and 4 runs of 16 slots a program, or 1 and 2 runs
+    of 32 slots with matrix products (which also write the step's k, v and apply RoPE); with RoPE applied
     by the launch, as when applied before; given the step's k and v, the same result with NaN in the cache at the
     slot, which then holds them; a slot past every row's view (its splits skipped) changes nothing."""
     from qfine.fast.attn_decode import decode_attention
@@ -57,7 +61,8 @@ def test_decode_attention_equals_masked_sdpa_interpreted(group, monkeypatch):
         with monkeypatch.context() as patch:  # no counter to be had: the partials added by a second kernel
             patch.setattr("qfine.fast.attn_decode._counter", lambda device, n: None)
             assert torch.equal(decode_attention(q, keys, values, pad, slot, 0.3), got)
-        for cfg in ({"steps": 2, "last_adds": True}, {"steps": 4, "last_adds": False}):  # runs of 32, 64 slots
+        for cfg in ({"steps": 2, "last_adds": True}, {"steps": 4, "last_adds": False},  # runs of 32, 64 slots
+                    DOT, {"steps": 2, "last_adds": False, "block": 32, "dot": True}):  # matrix products
             longer = decode_attention(q, keys, values, pad, slot, 0.3, config=cfg)
             assert (longer - want).abs().max() < 1e-5, (group, cur, cfg, (longer - want).abs().max())
         with monkeypatch.context() as patch:  # 2 of the 5 splits a load: the sums rescaled as the maximum grows
@@ -67,8 +72,11 @@ def test_decode_attention_equals_masked_sdpa_interpreted(group, monkeypatch):
     # the step's own k, v given: written into the cache at the slot, and the result as with them there
     slot = torch.tensor([40])
     want = decode_attention(q, keys, values, pad, slot, 0.3)
+    want_dot = decode_attention(q, keys, values, pad, slot, 0.3, config=DOT)
     new = (keys[:, :, 40:41].clone(), values[:, :, 40:41].clone())
     keys[:, :, 40], values[:, :, 40] = float("nan"), float("nan")
+    assert torch.equal(decode_attention(q, keys.clone(), values.clone(), pad, slot, 0.3, new=new, config=DOT),
+                       want_dot)
     assert torch.equal(decode_attention(q, keys, values, pad, slot, 0.3, new=new), want)
     assert torch.equal(keys[:, :, 40:41], new[0]) and torch.equal(values[:, :, 40:41], new[1])
     # RoPE in the launch: q and the new k before it, each row at its own position slot − pad (0 for the
@@ -80,8 +88,10 @@ def test_decode_attention_equals_masked_sdpa_interpreted(group, monkeypatch):
     qr = rope(q.transpose(1, 2), cos[pos], sin[pos]).transpose(1, 2)
     kr = rope(new[0].transpose(1, 2), cos[pos], sin[pos]).transpose(1, 2)
     want = decode_attention(qr, keys.clone(), values.clone(), pad, slot, 0.3, new=(kr, new[1]))
+    got_dot = decode_attention(q, keys.clone(), values.clone(), pad, slot, 0.3, new=new, rope=(cos, sin), config=DOT)
     got = decode_attention(q, keys, values, pad, slot, 0.3, new=new, rope=(cos, sin))
     assert (got - want).abs().max() < 1e-5 and (keys[:, :, 40:41] - kr).abs().max() < 1e-5
+    assert (got_dot - want).abs().max() < 1e-5
     keys[:, :, 40:41] = new[0]
     # slots past the current one hold other values: they must not be read
     before = decode_attention(q, keys, values, pad, slot, 0.3)
@@ -109,7 +119,7 @@ def test_the_launch_adds_the_next_projections_down_product_interpreted(group, mo
         a = (torch.randn(r, heads * d) * 0.1).to(dtype)
         want = plain.reshape(b, heads * d).to(dtype).float() @ a.float().t()
         tol = 1e-5 if dtype == torch.float32 else 2.0 ** -10  # fp16: the one rounding of xa
-        for cfg in ({"steps": 1, "last_adds": True}, {"steps": 2, "last_adds": False}, None):
+        for cfg in ({"steps": 1, "last_adds": True}, {"steps": 2, "last_adds": False}, DOT, None):
             with monkeypatch.context() as patch:
                 if cfg is None:  # no counter: the partials by a second kernel, the product by torch
                     patch.setattr("qfine.fast.attn_decode._counter", lambda device, n: None)
@@ -120,7 +130,7 @@ def test_the_launch_adds_the_next_projections_down_product_interpreted(group, mo
             err = ((xa.float() - want).abs() / want.abs().max()).max()
             assert err < tol, (r, dtype, cfg, err.item())
             ran += 1
-    assert ran == 9
+    assert ran == 12
     # with a small tile A is read a few rows a load: the same sums
     with monkeypatch.context() as patch:
         patch.setattr("qfine.fast.attn_decode.ADD_TILE", 4 * (1 << (group - 1).bit_length()) * d)
@@ -174,7 +184,8 @@ def test_gpu_decode_attention_at_8b_shapes():
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(xa_graph, xa), cfg
-    assert len(settings(512)) == 8 and LAST_ADDS["ok"]  # the last-program variant built: it is among them
+    # the last-program variant built: it is among them; and the matrix products' runs of 32 and 64 slots
+    assert len(settings(512)) == 12 and LAST_ADDS["ok"]
 
 
 @pytest.mark.gpu

@@ -45,7 +45,7 @@ def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, co
                   GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr,
                   STEPS: tl.constexpr, NEW: tl.constexpr, LAST_ADDS: tl.constexpr, CHUNK: tl.constexpr,
                   ROPE: tl.constexpr, DOWN: tl.constexpr, BLOCK_R: tl.constexpr, RC: tl.constexpr,
-                  KV_P: tl.constexpr, EARLY: tl.constexpr):
+                  KV_P: tl.constexpr, EARLY: tl.constexpr, DOT: tl.constexpr, GROUP_M: tl.constexpr):
     """Partials of program (b·kv_heads + h, split) of SPLITS, a split being STEPS runs of BLOCK_L slots (a
     running maximum across them): part (b, kv, SPLITS, GROUP, D), stats (b, kv, SPLITS, GROUP, 2) = (m, l); a
     split with no visible slot writes m = −inf, l = 0, zeros. NEW: new_k, new_v (b, kv, D) are the current
@@ -55,14 +55,16 @@ def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, co
     :func:`_rope` applies with cos, sin (length, D) at position slot − pad[b]. DOWN: that program then also
     adds its heads' share of the next projection's LoRA down-product (:func:`_down_share`). EARLY: launched
     as a programmatic dependent launch (:data:`qfine.fast.mma_kernel.EARLY`): it lets the next kernel start
-    at once, requests its first run of the cache, then waits for the kernel before."""
+    at once, requests its first run of the cache, then waits for the kernel before. DOT: both products as
+    matrix products of GROUP_M (≥ 16) query rows, the rows past GROUP zero: q·kᵀ of the 16-bit values with
+    fp32 sums, p·v of fp32 p and v (runs of 32 or 64 slots, whose products as broadcasts would not fit in
+    registers); else GROUP_M = GROUP_P and the products are broadcasts summed in fp32."""
     if EARLY:  # the next kernel (o's 4-bit product) may start: it reads nothing of ours before its own wait
         tl.extra.cuda.gdc_launch_dependents()
     bh, sp = tl.program_id(0), tl.program_id(1)
     b, h = bh // kv_heads, bh % kv_heads
     first, last = tl.load(pad + b), tl.load(slot)  # written before the step's first kernel
     rg, rd = tl.arange(0, GROUP_P), tl.arange(0, D)
-    g_ok = rg < GROUP
     at = (bh * SPLITS + sp) * GROUP_P  # this program's first (split, group) row of part and stats
     start = sp * BLOCK_L * STEPS
     visible = (start <= last) & (start + BLOCK_L * STEPS > first)
@@ -79,51 +81,62 @@ def _split_kernel(q, keys, values, new_k, new_v, pad, slot, part, stats, out, co
     if EARLY:  # q, the step's k, v and every write wait for the kernel before (q, k, v's 4-bit product)
         tl.extra.cuda.gdc_wait()
     if visible:
-        # q (b, kv·GROUP, D): this kv head's GROUP query heads
-        q_at = q + (bh * GROUP + rg)[:, None] * D
-        qs = tl.load(q_at + rd[None, :], mask=g_ok[:, None], other=0.0)
+        # q (b, kv·GROUP, D): this kv head's GROUP query heads, as GROUP_M rows
+        rm = tl.arange(0, GROUP_M)
+        m_ok = rm < GROUP
+        q_at = q + (bh * GROUP + rm)[:, None] * D
+        qs = tl.load(q_at + rd[None, :], mask=m_ok[:, None], other=0.0)
         if ROPE:
-            qs = _rope(qs, q_at, rd[None, :], g_ok[:, None], cos, sin, last - first, D)
-        qs = qs.to(tl.float32)
+            qs = _rope(qs, q_at, rd[None, :], m_ok[:, None], cos, sin, last - first, D)
+        if not DOT:  # DOT: the products of the 16-bit values are exact, their sums fp32
+            qs = qs.to(tl.float32)
         if NEW:
             kn, vn = tl.load(new_k + bh * D + rd), tl.load(new_v + bh * D + rd)
             if ROPE:
                 kn = _rope(kn, new_k + bh * D, rd, rd < D, cos, sin, last - first, D)
-        m = tl.full((GROUP_P,), float("-inf"), tl.float32)
-        total = tl.zeros((GROUP_P,), dtype=tl.float32)
-        acc = tl.zeros((GROUP_P, D), dtype=tl.float32)
+        m = tl.full((GROUP_M,), float("-inf"), tl.float32)
+        total = tl.zeros((GROUP_M,), dtype=tl.float32)
+        acc = tl.zeros((GROUP_M, D), dtype=tl.float32)
         for step in tl.static_range(STEPS):
             run = start + step * BLOCK_L
             rl = run + tl.arange(0, BLOCK_L)
             seen = (rl >= first) & (rl <= last) & (rl < length)  # slots not seen are not read
             kv_at = base + rl[:, None] * stride_kl + rd[None, :]
             if step == 0:
-                ks, vs = ks0.to(tl.float32), vs0.to(tl.float32)
+                ks, vs = ks0, vs0
             else:
                 from_cache = seen
                 if NEW:
                     from_cache = seen & (rl != last)
-                ks = tl.load(keys + kv_at, mask=from_cache[:, None], other=0.0).to(tl.float32)
-                vs = tl.load(values + kv_at, mask=from_cache[:, None], other=0.0).to(tl.float32)  # with k
+                ks = tl.load(keys + kv_at, mask=from_cache[:, None], other=0.0)
+                vs = tl.load(values + kv_at, mask=from_cache[:, None], other=0.0)  # with k
             if NEW:
                 cur = (rl == last)[:, None]
-                ks = tl.where(cur, kn.to(tl.float32)[None, :], ks)
-                vs = tl.where(cur, vn.to(tl.float32)[None, :], vs)
+                ks = tl.where(cur, kn[None, :], ks)
+                vs = tl.where(cur, vn[None, :], vs)
                 if (run <= last) & (last < run + BLOCK_L):  # this run holds the slot: it writes the cache there
                     tl.store(keys + base + last * stride_kl + rd, kn)
                     tl.store(values + base + last * stride_kl + rd, vn)
-            s = tl.sum(qs[:, None, :] * ks[None, :, :], 2) * scale  # (GROUP_P, BLOCK_L)
+            vs = vs.to(tl.float32)
+            if DOT:
+                s = tl.dot(qs, tl.trans(ks), input_precision="ieee") * scale  # (GROUP_M, BLOCK_L)
+            else:
+                s = tl.sum(qs[:, None, :] * ks.to(tl.float32)[None, :, :], 2) * scale
             s = tl.where(seen[None, :], s, float("-inf"))
             now = tl.maximum(m, tl.max(s, 1))
             ref = tl.where(now > float("-inf"), now, 0.0)  # nothing seen yet: any finite reference
             keep = tl.exp(m - ref)  # 0 while nothing was summed (m = −inf)
             p = tl.where(seen[None, :], tl.exp(s - ref[:, None]), 0.0)
             total = total * keep + tl.sum(p, 1)
-            acc = acc * keep[:, None] + tl.sum(p[:, :, None] * vs[None, :, :], 1)  # (GROUP_P, D)
+            if DOT:
+                acc = acc * keep[:, None] + tl.dot(p, vs, input_precision="ieee")  # (GROUP_M, D)
+            else:
+                acc = acc * keep[:, None] + tl.sum(p[:, :, None] * vs[None, :, :], 1)
             m = now
-        tl.store(part + (at + rg)[:, None] * D + rd[None, :], acc)
-        tl.store(stats + (at + rg) * 2, m)
-        tl.store(stats + (at + rg) * 2 + 1, total)
+        kept = rm < GROUP_P  # the partials' rows (GROUP_P a split)
+        tl.store(part + (at + rm)[:, None] * D + rd[None, :], acc, mask=kept[:, None])
+        tl.store(stats + (at + rm) * 2, m, mask=kept)
+        tl.store(stats + (at + rm) * 2 + 1, total, mask=kept)
     else:
         tl.store(part + (at + rg)[:, None] * D + rd[None, :], tl.zeros((GROUP_P, D), dtype=tl.float32))
         tl.store(stats + (at + rg) * 2, tl.full((GROUP_P,), float("-inf"), tl.float32))
@@ -237,7 +250,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     the cache must hold them already). ``rope``: (cos, sin), each (length, d), when q and the new k come
     before RoPE, which the launch applies at position slot − pad[b] (k as the cache then holds it).
     ``config``: {"steps": runs of ``block_l`` slots a program takes, "last_adds": whether the split kernel's
-    last program adds the partials}; by default the fastest of :func:`settings` for this shape, timed once
+    last program adds the partials, optionally "block": slots a run instead of ``block_l`` and "dot": the
+    products as matrix products}; by default the fastest of :func:`settings` for this shape, timed once
     on the GPU outside a capture (:func:`tuned`). Returns (b, heads, 1, d) in q's dtype. ``down``: A (r,
     heads·d) of the LoRA adapter on the projection that reads the output (o); then returns (output, xa) with
     xa (b, r) = output.reshape(b, heads·d).to(A.dtype) @ Aᵀ, computed in fp32 by the launch that adds the
@@ -257,11 +271,14 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 
 def settings(length: int, block_l: int = 16) -> list[dict]:
-    """The launch settings :func:`tuned` times: 1, 2, 4 or 8 runs a program (leaving at least 2 splits), the
-    partials added by the last program (where that variant builds here) or by a second kernel."""
+    """The launch settings :func:`tuned` times: 1, 2, 4 or 8 runs a program (leaving at least 2 splits), and
+    one run of 32 or 64 slots with matrix products (``block``, ``dot``; leaving at least 2 splits); each with
+    the partials added by the last program (where that variant builds here) or by a second kernel."""
     runs = triton.cdiv(length, block_l)
     adds = (True, False) if LAST_ADDS["ok"] else (False,)
-    return [{"steps": n, "last_adds": la} for n in (1, 2, 4, 8) if n == 1 or 2 * n <= runs for la in adds]
+    out = [{"steps": n, "last_adds": la} for n in (1, 2, 4, 8) if n == 1 or 2 * n <= runs for la in adds]
+    return out + [{"steps": 1, "last_adds": la, "block": size, "dot": True}
+                  for size in (32, 64) if 2 * size <= length for la in adds]
 
 
 TUNED: dict[tuple, list] = {}  # shape key -> [(seconds, setting)], fastest first
@@ -306,7 +323,8 @@ def _run(q, keys, values, pad, slot, scale, block_l, new, rope, down, config):
     kv, length = keys.shape[1], keys.shape[2]
     group = heads // kv
     group_p = max(1, triton.next_power_of_2(group))
-    steps = config["steps"]
+    steps, dot = config["steps"], bool(config.get("dot"))
+    block_l = config.get("block", block_l)
     splits = triton.cdiv(length, block_l * steps)
     chunk = max(1, min(triton.next_power_of_2(splits), ADD_TILE // (group_p * d)))  # splits added per load
     qc = q.reshape(b, heads, d).contiguous()
@@ -334,7 +352,8 @@ def _run(q, keys, values, pad, slot, scale, block_l, new, rope, down, config):
                                         qc if counter is None else counter, cos, sin, float(scale), length,
                                         keys.stride(0), keys.stride(1), keys.stride(2), kv, a, dpart, xa, r,
                                         BLOCK_L=block_l, STEPS=steps, NEW=new is not None,
-                                        LAST_ADDS=counter is not None, ROPE=rope is not None, **common)
+                                        LAST_ADDS=counter is not None, ROPE=rope is not None, DOT=dot,
+                                        GROUP_M=max(16, group_p) if dot else group_p, **common)
 
     counter = counters if config["last_adds"] and LAST_ADDS["ok"] else None
     try:
