@@ -142,14 +142,15 @@ def test_the_launch_adds_the_next_projections_down_product_interpreted(group, mo
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_decode_attention_at_8b_shapes():
+def test_gpu_decode_attention_at_8b_shapes(monkeypatch):
     """bf16 at the Llama-3.1-8B attention shape (32 query heads over 8 kv heads, d = 128), batch 1 and 16, a
     cache of 512 slots, every launch setting and the tuned one: within 1e-2 of fp32 masked SDPA (one bf16
     rounding of the output), and replayed from a CUDA graph with the slot changed on the device, equal to the
     eager call; given the step's k and v, the same output with the cache's slot written by the launch; given
     o's LoRA A, the same output and xa within 1e-5 of the fp32 product, eager and replayed."""
-    from qfine.fast.attn_decode import LAST_ADDS, decode_attention, settings, tuned
+    from qfine.fast.attn_decode import DOT, LAST_ADDS, decode_attention, settings, tuned
 
+    monkeypatch.setitem(DOT, "on", True)  # every setting, the matrix products' runs among them
     for b in (1, 16):
         q, keys, values = _case("cuda", torch.bfloat16, b=b, kv=8, group=4, length=512, d=128)
         pad = torch.randint(0, 30, (b,), device="cuda")

@@ -24,6 +24,7 @@ own fewer).
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -37,6 +38,9 @@ from qfine.fast.mma_kernel import triton_launch
 
 ADD_TILE = 8192  # fp32 values of partials read per load when they are added (64 a thread of 4 warps)
 LAST_ADDS = {"ok": True}  # False once the variant whose last program adds the partials failed to build here
+# the runs of 32 and 64 slots with matrix products, offered to the tuner with QFINE_ATTN_DOT=1: off until
+# their GPU test has passed on a GPU
+DOT = {"on": os.environ.get("QFINE_ATTN_DOT") == "1"}
 
 
 @triton.jit
@@ -272,13 +276,14 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 def settings(length: int, block_l: int = 16) -> list[dict]:
     """The launch settings :func:`tuned` times: 1, 2, 4 or 8 runs a program (leaving at least 2 splits), and
-    one run of 32 or 64 slots with matrix products (``block``, ``dot``; leaving at least 2 splits); each with
-    the partials added by the last program (where that variant builds here) or by a second kernel."""
+    where :data:`DOT` is on, one run of 32 or 64 slots with matrix products (``block``, ``dot``; leaving at
+    least 2 splits); each with the partials added by the last program (where that variant builds here) or by
+    a second kernel."""
     runs = triton.cdiv(length, block_l)
     adds = (True, False) if LAST_ADDS["ok"] else (False,)
     out = [{"steps": n, "last_adds": la} for n in (1, 2, 4, 8) if n == 1 or 2 * n <= runs for la in adds]
     return out + [{"steps": 1, "last_adds": la, "block": size, "dot": True}
-                  for size in (32, 64) if 2 * size <= length for la in adds]
+                  for size in (32, 64) if DOT["on"] and 2 * size <= length for la in adds]
 
 
 TUNED: dict[tuple, list] = {}  # shape key -> [(seconds, setting)], fastest first
