@@ -4,7 +4,8 @@
 # NF4 folder is written, then bench/generate_bench.py (engine and transformers' generate, batch 1 and 16)
 # unless SKIP_GENERATE, and with GRPO=1 qfine's GRPO step (bench/grpo_bench.py). SKIP_GEMV skips the first
 # part; TESTS_AFTER runs the tests last, so that they do not share the GPU with the timings; PROFILE=1 profiles
-# the decode step at batch 1 (bench/decode_profile.py); PDL_AB=1 runs the engine again without programmatic
+# the decode step at batch 1 (bench/decode_profile.py) with plain launches (an early launch's kernel time
+# would include its wait for the kernel before; PROFILE_PDL=1 keeps them); PDL_AB=1 runs the engine again without programmatic
 # dependent launches (QFINE_PDL=0) after the first bench; FETCH_AB="L2B=256;AHEAD=4" runs it again with those
 # ways of requesting the weights offered to the tuner (QFINE_MMA_FETCH; FETCH_PDL=0: without early launches).
 # The tests stop at the first failure and print it (TEST_ARGS, default "-x --tb=short").
@@ -62,7 +63,8 @@ grep -v tuned "$OUT/generate-fetch.jsonl"; grep tuned "$OUT/generate-fetch.jsonl
 fi
 if [ -n "${PROFILE:-}" ]; then  # the decode step's kernels at batch 1 (bench/decode_profile.py)
   s=$(date +%s)
-  (cd bench && timeout ${PROFILE_S:-90} python3 decode_profile.py --model $model --rows 1) > "$OUT/profile.log" 2>&1
+  (cd bench && QFINE_PDL=${PROFILE_PDL:-0} timeout ${PROFILE_S:-90} python3 decode_profile.py --model $model --rows 1) \
+    > "$OUT/profile.log" 2>&1
   echo "profile rc=$? in $(( $(date +%s) - s )) s"
   grep -h "^RESULT" "$OUT/profile.log" | cut -c1-300; grep -A32 "Self CUDA" "$OUT/profile.log" | cut -c1-160 | head -34
 fi
