@@ -3,11 +3,12 @@
 # shapes, against bitsandbytes and a copy's bandwidth), the engine's GPU tests while the Llama-3.1-8B-shape
 # NF4 folder is written, then bench/generate_bench.py (engine and transformers' generate, batch 1 and 16)
 # unless SKIP_GENERATE, and with GRPO=1 qfine's GRPO step (bench/grpo_bench.py). SKIP_GEMV skips the first
-# part; TESTS_AFTER runs the tests last, so that they do not share the GPU with the timings; PROFILE=1 profiles
-# the decode step at batch 1 (bench/decode_profile.py) with plain launches (an early launch's kernel time
-# would include its wait for the kernel before; PROFILE_PDL=1 keeps them); PDL_AB=1 runs the engine again without programmatic
-# dependent launches (QFINE_PDL=0) after the first bench; FETCH_AB="L2B=256;AHEAD=4" runs it again with those
-# ways of requesting the weights offered to the tuner (QFINE_MMA_FETCH; FETCH_PDL=0: without early launches).
+# part; TESTS_AFTER runs the tests last, so that they do not share the GPU with the timings; PROFILE=1
+# profiles the decode step at batch 1 (bench/decode_profile.py) with plain launches (an early launch's
+# kernel time would include its wait for the kernel before; PROFILE_PDL=1 keeps them); PDL_AB=1 runs the
+# engine again without programmatic dependent launches (QFINE_PDL=0) after the first bench;
+# FETCH_AB="L2B=256;AHEAD=4" runs it again with those ways of requesting the weights offered to the tuner
+# (QFINE_MMA_FETCH; FETCH_PDL=0: without early launches).
 # The tests stop at the first failure and print it (TEST_ARGS, default "-x --tb=short").
 # Needs .device/{common,qfine,qtest,tok}. Results: $OUT/{gemv,generate}.jsonl and logs.
 #
