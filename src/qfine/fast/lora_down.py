@@ -57,7 +57,7 @@ def _row_kernel(x, norm_w, x_out, eps, a0, a1, a2, part, out, counter, k: tl.con
     all SPLIT partials in one (SPLIT_P, BLOCK_R) load, adds them and rounds once. NORM: xₙ = norm_w ·
     round(x · rstd), rstd = 1/√(mean(x²) + eps) over the whole row in fp32 (Llama's RMSNorm, rounded as its
     module rounds), each program writing its chunk of xₙ to x_out; else xₙ = x. EARLY: as for :func:`_kernel`,
-    the chunk of A (the bulk of the program's reads) requested before the wait."""
+    the chunk of A (the bulk of the program's reads) and of norm_w requested before the wait."""
     if EARLY:
         tl.extra.cuda.gdc_launch_dependents()
     s = tl.program_id(0)
@@ -66,6 +66,8 @@ def _row_kernel(x, norm_w, x_out, eps, a0, a1, a2, part, out, counter, k: tl.con
     row = tl.where(rj < r0, a0 + rj * k, tl.where(rj < r0 + r1, a1 + (rj - r0) * k, a2 + (rj - r0 - r1) * k))
     rk = s * CHUNK + tl.arange(0, CHUNK)
     a = tl.load(row[:, None] + rk[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    if NORM:  # the norm's weights too: no kernel of the step writes them
+        nw = tl.load(norm_w + rk).to(tl.float32)
     if EARLY:
         tl.extra.cuda.gdc_wait()
     xs = tl.load(x + rk)
@@ -74,7 +76,7 @@ def _row_kernel(x, norm_w, x_out, eps, a0, a1, a2, part, out, counter, k: tl.con
         whole = tl.load(x + rf, mask=rf < k, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(whole * whole, 0) / k + eps)
         normed = (xs.to(tl.float32) * rstd).to(x.dtype.element_ty)
-        xs = (tl.load(norm_w + rk).to(tl.float32) * normed.to(tl.float32)).to(x.dtype.element_ty)
+        xs = (nw * normed.to(tl.float32)).to(x.dtype.element_ty)
         tl.store(x_out + rk, xs)
     tl.store(part + s * r_all + rj, tl.sum(a * xs.to(tl.float32)[None, :], 1), mask=ok)
     # release this partial, acquire the others' (read past L1: other programs wrote them)
