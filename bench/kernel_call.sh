@@ -8,7 +8,8 @@
 # kernel time would include its wait for the kernel before; PROFILE_PDL=1 keeps them); PDL_AB=1 runs the
 # engine again without programmatic dependent launches (QFINE_PDL=0) after the first bench;
 # FETCH_AB="L2B=256;AHEAD=4" runs it again with those ways of requesting the weights offered to the tuner
-# (QFINE_MMA_FETCH; FETCH_PDL=0: without early launches).
+# (QFINE_MMA_FETCH; FETCH_PDL=0: without early launches); AB_ENV="QFINE_ATTN_DOT=1" runs it again with
+# those switches; ATTN=1 times every attention setting alone (bench/attn_bench.py).
 # The tests stop at the first failure and print it (TEST_ARGS, default "-x --tb=short").
 # Needs .device/{common,qfine,qtest,tok}. Results: $OUT/{gemv,generate}.jsonl and logs.
 #
@@ -61,6 +62,20 @@ QFINE_PDL=${FETCH_PDL:-1} QFINE_MMA_FETCH="$FETCH_AB" timeout ${FETCH_S:-200} py
 echo "bench with QFINE_MMA_FETCH=$FETCH_AB QFINE_PDL=${FETCH_PDL:-1} rc=$? in $(( $(date +%s) - s )) s"
 grep -h "^RESULT" "$OUT/bench-fetch.log" | sed 's/^RESULT //' > "$OUT/generate-fetch.jsonl"
 grep -v tuned "$OUT/generate-fetch.jsonl"; grep tuned "$OUT/generate-fetch.jsonl" | cut -c1-300; tail -3 "$OUT/bench-fetch.log"
+fi
+if [ -n "${AB_ENV:-}" ]; then  # the engine again with these switches, e.g. AB_ENV="QFINE_ATTN_DOT=1"
+s=$(date +%s)
+env $AB_ENV timeout ${AB_S:-150} python3 bench/generate_bench.py --model $model --impl qfine --batch 1 --repeat 2 \
+  > "$OUT/bench-ab.log" 2>&1
+echo "bench with $AB_ENV rc=$? in $(( $(date +%s) - s )) s"
+grep -h "^RESULT" "$OUT/bench-ab.log" | sed 's/^RESULT //' > "$OUT/generate-ab.jsonl"
+grep -v tuned "$OUT/generate-ab.jsonl"; grep tuned "$OUT/generate-ab.jsonl" | cut -c1-300; tail -3 "$OUT/bench-ab.log"
+fi
+if [ -n "${ATTN:-}" ]; then  # every attention setting alone (bench/attn_bench.py)
+  s=$(date +%s)
+  timeout ${ATTN_S:-90} python3 bench/attn_bench.py ${ATTN_ARGS:-} > "$OUT/attn.log" 2>&1
+  echo "attention bench rc=$? in $(( $(date +%s) - s )) s"
+  grep -h "^RESULT" "$OUT/attn.log" | sed 's/^RESULT //' > "$OUT/attn.jsonl"; grep -v "^RESULT" "$OUT/attn.log" | tail -8
 fi
 if [ -n "${PROFILE:-}" ]; then  # the decode step's kernels at batch 1 (bench/decode_profile.py)
   s=$(date +%s)
