@@ -126,15 +126,16 @@ def test_qfine_generate_uses_the_engine_and_matches(tiny_dir, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rows", [1, 5, 16, 33, 64])
-def test_gpu_4bit_kernel_equals_dequantize_then_matmul(rows):
+def test_gpu_4bit_kernel_equals_dequantize_then_matmul(rows, monkeypatch):
     """matmul_4bit against bitsandbytes' dequantization then a bf16 matmul, NF4 and FP4, double
     quantization on and off, k a multiple of 64 but not of 128, with and without an adapter's product:
-    within bf16 rounding of the output."""
+    within bf16 rounding of the output; the "mma" settings up to 64 rows (QFINE_MMA_ROWS=64) among them."""
     import bitsandbytes as bnb
 
     from qfine.fast.gemv_kernel import candidates, launch_config, matmul_4bit, usable
-    from qfine.fast.mma_kernel import precompile
+    from qfine.fast.mma_kernel import ROWS, precompile
 
+    monkeypatch.setitem(ROWS, "max", 64)
     torch.manual_seed(0)
     for n, k, qt, nested in [(4096, 4096, "nf4", True), (1000, 576, "nf4", False), (512, 1536, "fp4", True)]:
         w = bnb.nn.Params4bit(torch.randn(n, k, dtype=torch.bfloat16) * 0.02, requires_grad=False, quant_type=qt,
@@ -199,7 +200,8 @@ def _counting(monkeypatch):
     return calls
 
 
-@pytest.mark.skipif(not engine._INTERPRETED, reason="runs the Triton kernels on the CPU: TRITON_INTERPRET=1 with triton")
+@pytest.mark.skipif(not engine._INTERPRETED,
+                    reason="runs the Triton kernels on the CPU: TRITON_INTERPRET=1 with triton")
 def test_kernel_path_greedy_equals_generate_interpreted(save_tiny, tmp_path, monkeypatch):
     """Under Triton's CPU interpreter, fp32: the engine's forward through the 4-bit kernel (residual
     epilogue; for one row, the fused LoRA down-products and q, k, v and gate, up each in one grouped launch)

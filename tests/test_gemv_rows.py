@@ -286,13 +286,17 @@ def test_pair_table_holds_each_bytes_two_weights_in_k_order(quant_type, dtype):
     assert torch.equal(bits[byte], weights.to(dtype).float())
 
 
+@pytest.mark.parametrize("rows", [16, 64])
 @pytest.mark.parametrize("k", [576, 4096, 14336])
-def test_a_tuned_setting_serves_every_row_count_that_shares_its_timing(k):
+def test_a_tuned_setting_serves_every_row_count_that_shares_its_timing(k, rows, monkeypatch):
     """The tuner keeps one timing per row tile, so a setting chosen at one row count is reused for every
     other count of its tile: each setting any candidate list offers for m rows must serve every m' of m's
-    tile (an "mma" setting of one 8-row token tile does not serve 9 rows). The Triton kernels' settings
-    are checked where Triton is installed."""
+    tile (an "mma" setting of one 8-row token tile does not serve 9 rows), with the "mma" settings offered
+    up to 16 rows (the default) or 64 (QFINE_MMA_ROWS=64). The Triton kernels' settings are checked where
+    Triton is installed."""
     from qfine.fast import mma_kernel
+
+    monkeypatch.setitem(mma_kernel.ROWS, "max", rows)
 
     by_tile: dict[int, list[int]] = {}
     for m in range(1, 65):
@@ -317,6 +321,30 @@ def test_a_tuned_setting_serves_every_row_count_that_shares_its_timing(k):
                 assert serves(cfg, other, k, 64), (m, other, cfg)
                 checked += 1
     assert checked > (1000 if triton else 500)
+
+
+def test_more_token_tiles_are_offered_only_where_their_sums_fit(monkeypatch):
+    """Up to 16 rows by default; with QFINE_MMA_ROWS=64, 17–32 rows get 4 token tiles and 33–64 get 8. A
+    setting whose warps meet in shared memory (WARPS > 1) is offered only where the buffer mma4.cu indexes,
+    red[((((rw·WARPS + warp)·TILES + i)·NT + j)·4 + e)·32 + lane], fits in the launch's shared memory; the
+    largest of them (4 row groups of 4 warps, 2 tiles) does at 2 token tiles and does not at 8."""
+    from qfine.fast import mma_kernel as M
+
+    assert M.candidates(17) == [] and {c["NT"] for c in M.candidates(16)} == {2}
+    monkeypatch.setitem(M.ROWS, "max", 64)
+    assert {c["NT"] for c in M.candidates(20)} == {4} and {c["NT"] for c in M.candidates(64)} == {8}
+    assert M.candidates(65) == []
+    for m in (1, 16, 32, 64):
+        offered = M.candidates(m)
+        for cfg in offered:
+            if 4096 % (64 * 4 * cfg["WARPS"] * cfg["SPLIT"]):  # k ranges of whole loop steps: the other rule
+                continue
+            last = ((((cfg["RW"] * cfg["WARPS"] - 1) * cfg["TILES"] + cfg["TILES"] - 1) * cfg["NT"] + cfg["NT"] - 1)
+                    * 4 + 3) * 32 + 31
+            fits_red = cfg["WARPS"] == 1 or 4 * (last + 1) <= M.shared_bytes(cfg["WIDE"])
+            assert M.fits(cfg, m, 4096, 64) == fits_red, (m, cfg)
+    big = {"KERNEL": "mma", "WIDE": False, "WARPS": 4, "RW": 4, "TILES": 2, "SPLIT": 1}
+    assert M.fits({**big, "NT": 2}, 16, 4096, 64) and not M.fits({**big, "NT": 8}, 64, 4096, 64)
 
 
 def test_fetch_variants_reach_the_kernels_defines(monkeypatch):

@@ -51,23 +51,25 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     dict(quant_type="fp4", nested=False, blocksize=64, dtype=torch.float16, adapter=torch.bfloat16),
     dict(quant_type="nf4", nested=True, blocksize=128, dtype=torch.bfloat16, adapter=torch.bfloat16),
 ], ids=["nf4-nested-64-bf16", "fp4-plain-64-fp16", "nf4-nested-128-bf16"])
-def test_gpu_mma_kernel_equals_decoded_product(case):
+def test_gpu_mma_kernel_equals_decoded_product(case, monkeypatch):
     """"mma" settings (both table layouts, 1 and 2 row tiles per warp, k split inside a block and across blocks,
-    2 and 4 row groups per block) for 1, 3 and 16 token rows, each also with the weights requested with an
+    2 and 4 row groups per block) for 1, 3 and 16 token rows and (QFINE_MMA_ROWS=64: 4 and 8 token tiles,
+    the epilogue's inputs read after the loop) 33 and 64, each also with the weights requested with an
     L2 fetch size or prefetched steps ahead (:data:`FETCH`: the same bits),
     n = 1040 (a last tile only half inside W): each output element within one rounding of x Wᵀ + s·xa Bᵀ
     computed in fp32 from the decoded W; with a residual, exactly round(res + round(y)); and replayed in a
     CUDA graph, the eager output bit for bit."""
     from qfine.fast.gemv_rows import _sum_splits
-    from qfine.fast.mma_kernel import candidates, fits, matmul_mma, precompile
+    from qfine.fast.mma_kernel import ROWS, candidates, fits, matmul_mma, precompile
 
+    monkeypatch.setitem(ROWS, "max", 64)
     torch.manual_seed(0)
     n, k, dtype = 1040, 4096, case["dtype"]
     w = _weight(n, k, case["quant_type"], case["nested"], case["blocksize"], dtype)
     deq = _decoded(w, dtype)
     b = torch.randn(n, 16, dtype=case["adapter"], device="cuda") * 0.1
-    ran = 0
-    for m in (1, 3, 16):
+    ran, expected = 0, 0
+    for m in (1, 3, 16, 33, 64):
         x = torch.randn(m, k, dtype=dtype, device="cuda")
         xa_all = torch.randn(m, 40, dtype=case["adapter"], device="cuda")
         xa = xa_all[:, 8:24]  # a column view, as the fused down-products give it
@@ -76,6 +78,8 @@ def test_gpu_mma_kernel_equals_decoded_product(case):
         # both table layouts, 1 and 2 row tiles, k split within the block and across blocks, row groups
         fitting = [cfg for cfg in candidates(m) if fits(cfg, m, k, case["blocksize"])
                    and (cfg["WARPS"], cfg["RW"], cfg["SPLIT"]) in ((4, 1, 1), (8, 1, 2), (2, 2, 1), (1, 4, 1))]
+        assert len(fitting) >= 4, m
+        expected += len(fitting)
         fetched = [{**cfg, **fetch} for cfg in fitting for fetch in FETCH]
         for residual in (None, res):  # compiled side by side on the CPU's cores
             precompile(x, [(w, (xa, b, 2.0))], residual, fitting + (fetched if residual is None else []))
@@ -97,7 +101,7 @@ def test_gpu_mma_kernel_equals_decoded_product(case):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out["y"], matmul_mma(x, w, (xa, b, 2.0), res, fitting[-1], _sum_splits))
-    assert len(fitting) >= 4 and ran == 3 * len(fitting)
+    assert ran == expected
 
 
 def test_gpu_tuner_times_the_mma_kernel():
@@ -119,21 +123,23 @@ def test_gpu_tuner_times_the_mma_kernel():
     print("tuned", [(round(s * 1e6, 2), cfg) for s, cfg in timed[:4]])
 
 
-def test_gpu_mma_silu_pair_equals_the_two_products_then_silu():
-    """gate and up (1040 × 4096, NF4, bf16) with their adapters in one launch, for 1 and 16 rows, every pair
+def test_gpu_mma_silu_pair_equals_the_two_products_then_silu(monkeypatch):
+    """gate and up (1040 × 4096, NF4, bf16) with their adapters in one launch, for 1, 16 and 64 rows (64:
+    QFINE_MMA_ROWS=64), every pair
     setting: within one bf16 rounding of silu(round(g))·round(u) from the decoded products (fp32); and the
     tuned entry point returns the same tensor as the kernel it chose, or None where the two launches are faster."""
     import torch.nn.functional as F
 
     from qfine.fast.gemv_kernel import matmul_4bit_silu
-    from qfine.fast.mma_kernel import fits, matmul_mma_silu, pair_candidates, precompile
+    from qfine.fast.mma_kernel import ROWS, fits, matmul_mma_silu, pair_candidates, precompile
 
+    monkeypatch.setitem(ROWS, "max", 64)
     torch.manual_seed(0)
     n, k = 1040, 4096
     ws = [_weight(n, k, "nf4", True, 64, torch.bfloat16) for _ in range(2)]
     decs = [_decoded(w, torch.bfloat16) for w in ws]
     bs = [torch.randn(n, 16, dtype=torch.bfloat16, device="cuda") * 0.1 for _ in ws]
-    for m in (1, 16):
+    for m in (1, 16, 64):
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         xa_all = torch.randn(m, 32, dtype=torch.bfloat16, device="cuda")
         xas = [xa_all[:, :16], xa_all[:, 16:]]
@@ -154,20 +160,22 @@ def test_gpu_mma_silu_pair_equals_the_two_products_then_silu():
         assert tuned is None or ((tuned.float() - want).abs().max() / want.abs().max()) < 2e-2
 
 
-def test_gpu_mma_group_equals_each_product():
+def test_gpu_mma_group_equals_each_product(monkeypatch):
     """q, k and v shapes (1040, 272, 272 rows × 4096; NF4, bf16, r = 16 adapters as column views of one xa)
-    in one launch, for 1 and 16 rows and every group setting: each output within one rounding of its own
+    in one launch, for 1, 16 and 64 rows (64: QFINE_MMA_ROWS=64) and every group setting: each output within
+    one rounding of its own
     x Wᵢᵀ + sᵢ·xaᵢ Bᵢᵀ (fp32 from the decoded weight), rows of one weight never written from another's;
     replayed in a CUDA graph, the eager outputs bit for bit; and the tuned grouped entry point agrees."""
     from qfine.fast.gemv_kernel import matmul_4bit_group
-    from qfine.fast.mma_kernel import fits, group_candidates, matmul_mma_group, precompile
+    from qfine.fast.mma_kernel import ROWS, fits, group_candidates, matmul_mma_group, precompile
 
+    monkeypatch.setitem(ROWS, "max", 64)
     torch.manual_seed(0)
     k, shapes, scales = 4096, (1040, 272, 272), (2.0, 0.5, 1.0)
     ws = [_weight(n, k, "nf4", True, 64, torch.bfloat16) for n in shapes]
     decs = [_decoded(w, torch.bfloat16) for w in ws]
     bs = [torch.randn(n, 16, dtype=torch.bfloat16, device="cuda") * 0.1 for n in shapes]
-    for m in (1, 16):
+    for m in (1, 16, 64):
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         xa_all = torch.randn(m, 48, dtype=torch.bfloat16, device="cuda")
         xas = [xa_all[:, 16 * i:16 * (i + 1)] for i in range(3)]

@@ -29,6 +29,7 @@ typedef unsigned short u16;
 typedef unsigned char u8;
 
 #define GROUP 4              // absmax blocks per loop step (their 4 one-byte absmax codes: one 32-bit load)
+#define EPI_LATE (NT > 2)    // many token tiles: the epilogue's inputs read after the loop, not held through it
 #define WORDS (BS / 32)      // 32-bit words a thread reads per row per block (8 weights each)
 #define MMAS (BS / 16)       // mma steps (k = 16) per block
 #define XW (BS / 8)          // 32-bit words (pairs of x) a thread needs per token row per block
@@ -319,7 +320,7 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
 #endif
         }
   };
-#if !PDL
+#if !PDL && !EPI_LATE
   read_epilogue();
 #endif
 
@@ -341,7 +342,9 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
   __syncthreads();
 #if PDL  // x, xa and the residual may come from the kernel before this one: read only once it has finished
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#if !EPI_LATE
   read_epilogue();
+#endif
 #endif
 
   float acc[TILES][NT][4];
@@ -456,6 +459,10 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
 #pragma unroll
         for (int e = 0; e < 4; e++)
           acc[i][j][e] += red[((((rw * WARPS + v) * TILES + i) * NT + j) * 4 + e) * 32 + lane];
+#endif
+
+#if EPI_LATE
+  read_epilogue();
 #endif
 
   // c[e]: row g + 8 (e >> 1) of the tile, token row 2t + (e & 1) of the token tile

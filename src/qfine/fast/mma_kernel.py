@@ -1,6 +1,6 @@
-"""A 4-bit (bitsandbytes NF4/FP4) product for 1 to 16 token rows on tensor cores, written in CUDA C++
-(``mma4.cu``, compiled by NVRTC through :mod:`qfine.fast.nvrtc`): :mod:`qfine.fast.gemv_kernel`'s tuner times
-it beside the Triton kernels as ``KERNEL`` "mma".
+"""A 4-bit (bitsandbytes NF4/FP4) product for 1 to 16 token rows (64 with ``QFINE_MMA_ROWS=64``) on tensor
+cores, written in CUDA C++ (``mma4.cu``, compiled by NVRTC through :mod:`qfine.fast.nvrtc`):
+:mod:`qfine.fast.gemv_kernel`'s tuner times it beside the Triton kernels as ``KERNEL`` "mma".
 
 Why CUDA here: a decode step at batch 1 reads each weight once, so the kernel must spend about two
 instructions per weight to keep up with memory. The code book's values are found by one shared-memory lookup
@@ -66,6 +66,17 @@ DEFAULT_FETCH = "L2B=256;BULK=4,L2B=256"
 FETCH = _fetch_variants(os.environ.get("QFINE_MMA_FETCH", DEFAULT_FETCH))
 
 
+# the most token rows the "mma" settings are offered for: 16 (1 or 2 tiles of 8); QFINE_MMA_ROWS=64 offers 4
+# and 8 tiles too (up to 64 rows, a GRPO rollout's batch; the epilogue's inputs are then read after the
+# loop, so that 8 tiles fit in registers), off until their GPU test has run on a GPU
+ROWS = {"max": 64 if os.environ.get("QFINE_MMA_ROWS") == "64" else 16}
+
+
+def token_tiles(m: int) -> int:
+    """Tiles of 8 token rows (``NT``) a launch for m rows holds: 1, 2, 4 or 8."""
+    return 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+
+
 def shared_bytes(wide: bool) -> int:
     """Dynamic shared memory of a launch: the per-lane pair table (rows of 32 or, WIDE, 64 words) and two
     second-level code books."""
@@ -73,21 +84,24 @@ def shared_bytes(wide: bool) -> int:
 
 
 def fits(cfg: dict, m: int, k: int, blocksize: int) -> bool:
-    """Whether an "mma" setting serves m token rows of k: m ≤ 8·NT, and every warp's k range a whole number
-    of loop steps."""
+    """Whether an "mma" setting serves m token rows of k: m ≤ 8·NT, every warp's k range a whole number of
+    loop steps, and (several warps a row group) their fp32 sums of every row and token fitting in the
+    table's shared memory, where they meet."""
     per = blocksize * GROUP * cfg["WARPS"] * cfg["SPLIT"]
-    return m <= 8 * cfg["NT"] and blocksize in (64, 128) and k % per == 0
+    sums = cfg.get("RW", 1) * cfg["WARPS"] * cfg["TILES"] * cfg["NT"] * 4 * 32 * 4
+    return (m <= 8 * cfg["NT"] and blocksize in (64, 128) and k % per == 0
+            and (cfg["WARPS"] == 1 or sums <= shared_bytes(bool(cfg.get("WIDE")))))
 
 
 def candidates(m: int) -> list[dict]:
-    """The "mma" settings worth timing for m ≤ 16 rows: the table layout (WIDE: one instruction fewer per
+    """The "mma" settings worth timing for m ≤ ``ROWS["max"]`` rows: the table layout (WIDE: one instruction fewer per
     lookup, twice the shared memory), warps per row group (each a k range), row groups per block (RW),
     16-row tiles per warp, k splits. Few k ranges (RW > 1) give each warp a long loop: the big MLP
     products; many suit the small ones, whose rows alone do not fill the GPU. Each comes again with every
     way of requesting the weights in :data:`FETCH`."""
-    if m > 16:
+    if m > ROWS["max"]:
         return []
-    nt = 1 if m <= 8 else 2
+    nt = token_tiles(m)
     by_k = [dict(WARPS=warps, RW=1, TILES=tiles, SPLIT=split)
             for warps in (4, 8) for tiles in (1, 2) for split in (1, 2, 4)]
     by_rows = [dict(WARPS=warps, RW=rw, TILES=tiles, SPLIT=1)
@@ -266,7 +280,7 @@ def _rows(x2: torch.Tensor) -> torch.Tensor:
 
 
 def matmul_mma(x2: torch.Tensor, weight, lora, residual, cfg: dict, sum_splits) -> torch.Tensor:
-    """(m, n) = x2 (m ≤ 16, k) @ Wᵀ (+ s·xa Bᵀ, + residual) in x2's dtype with ``mma4.cu``; ``cfg`` one of
+    """(m, n) = x2 (m ≤ 8·NT, k) @ Wᵀ (+ s·xa Bᵀ, + residual) in x2's dtype with ``mma4.cu``; ``cfg`` one of
     :func:`candidates` that :func:`fits`. ``sum_splits(part, out, res, size, split, residual)`` adds k
     splits' fp32 partials (:mod:`qfine.fast.gemv_rows`' kernel). Capturable in a CUDA graph once this
     setting has run outside one (compilation)."""

@@ -7,7 +7,7 @@ beside other test processes must not become a user's choice). The fingerprint
 covers what a timing depends on: the device's name, compute capability and SM count; torch, CUDA, Triton and
 qfine versions; the source of every module of :mod:`qfine.fast`; and the environment switches that
 change which settings exist or how they launch (``QFINE_PDL``, ``QFINE_MMA_FETCH``, ``QFINE_TRITON_NF4``,
-``QFINE_ATTN_DOT``).
+``QFINE_ATTN_DOT``, ``QFINE_MMA_ROWS``).
 Any change gives another file, so a stale choice is never read. ``QFINE_RETUNE=1`` ignores what is stored
 and replaces it with new timings. A file that cannot be read or written only costs the timing.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 KEEP = 8  # fastest settings stored per key: the first is used, the rest are what a reader compares it with
-SWITCHES = ("QFINE_PDL", "QFINE_MMA_FETCH", "QFINE_TRITON_NF4", "QFINE_ATTN_DOT")
+SWITCHES = ("QFINE_PDL", "QFINE_MMA_FETCH", "QFINE_TRITON_NF4", "QFINE_ATTN_DOT", "QFINE_MMA_ROWS")
 _LOADED: dict[Path, dict] = {}  # file -> its entries as read once by this process
 
 
