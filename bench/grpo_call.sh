@@ -4,6 +4,7 @@
 # Needs .device/{common,qfine,peers}. Results: $OUT/grpo.jsonl.
 #
 # EACH: seconds per job; UNSLOTH_S: Unsloth's instead (its start-up patches and compiles for minutes).
+# A job may carry switches for its process: "qfine:QFINE_MMA_ROWS=64" (several: comma-separated).
 #
 #   OUT=/tmp/out EACH=150 UNSLOTH_S=330 JOBS="qfine trl unsloth" bash bench/grpo_call.sh
 OUT=${OUT:-/tmp/qfine_grpo}; mkdir -p "$OUT"
@@ -16,12 +17,14 @@ start=$(date +%s)
 [ -f $model/config.json ] || PYTHONPATH=$QPATH python3 bench/make_model.py --shape ${SHAPE:-8b} --nf4 --out $model > "$OUT/make.log" 2>&1
 echo "model ready in $(( $(date +%s) - start )) s"
 PYTHONPATH=$QPATH python3 bench/env_info.py > "$OUT/env.txt" 2>&1
-for job in ${JOBS:-qfine trl unsloth}; do
+for entry in ${JOBS:-qfine trl unsloth}; do
+  job=${entry%%:*}; switches=; [ "$job" = "$entry" ] || switches=$(echo "${entry#*:}" | tr ',' ' ')
+  log="$OUT/$(echo "$entry" | tr ':,=' '___').log"
   path=$QPATH; [ $job = qfine ] || path=$PPATH
   limit=$each; [ $job = unsloth ] && limit=${UNSLOTH_S:-$each}
   s=$(date +%s)
-  (cd /tmp && PYTHONPATH=$path timeout "$limit" python3 "$OLDPWD/bench/grpo_bench.py" --impl $job --model $model ${ARGS:-}) \
-    > "$OUT/$job.log" 2>&1
-  grep -h "^RESULT" "$OUT/$job.log" | sed 's/^RESULT //' >> "$OUT/grpo.jsonl"
-  echo "$job ($(( $(date +%s) - s )) s): $(grep -h '^RESULT' "$OUT/$job.log" | cut -c1-500 || tail -3 "$OUT/$job.log")"
+  (cd /tmp && env $switches PYTHONPATH=$path timeout "$limit" python3 "$OLDPWD/bench/grpo_bench.py" --impl $job \
+    --model $model ${ARGS:-}) > "$log" 2>&1
+  grep -h "^RESULT" "$log" | sed 's/^RESULT //' | sed "s/^{/{\"switches\": \"$switches\", /" >> "$OUT/grpo.jsonl"
+  echo "$entry ($(( $(date +%s) - s )) s): $(grep -h '^RESULT' "$log" | cut -c1-500 || tail -3 "$log")"
 done
