@@ -10,7 +10,8 @@
 # FETCH_AB="L2B=256;AHEAD=4" runs it again with those ways of requesting the weights offered to the tuner
 # (QFINE_MMA_FETCH; FETCH_PDL=0: without early launches); AB_ENV="QFINE_ATTN_DOT=1" runs it again with
 # those switches; ATTN=1 times every attention setting alone (bench/attn_bench.py).
-# The tests stop at the first failure and print it (TEST_ARGS, default "-x --tb=short").
+# The tests stop at the first failure and print it (TEST_ARGS, default "-x --tb=short"), in TEST_WORKERS (6)
+# pytest-xdist processes.
 # Needs .device/{common,qfine,qtest,tok}. Results: $OUT/{gemv,generate}.jsonl and logs.
 #
 #   OUT=/tmp/out GEMV_ARGS="--sweep 1 64" bash bench/kernel_call.sh
@@ -29,7 +30,9 @@ grep -c '"wrong"\|"error"' "$OUT/gemv.jsonl"; grep -h '"wrong"\|"error"' "$OUT/g
 fi
 run_tests() {
   local s=$(date +%s)
-  timeout ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider -rfE --durations=12 ${TEST_ARGS:--x --tb=short} -m gpu \
+  # pytest-xdist (on the GPU machine): TEST_WORKERS processes side by side, their compiles on the 16 cores
+  timeout -s INT -k 20 ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider -rfE --durations=12 \
+    -n ${TEST_WORKERS:-6} ${TEST_ARGS:--x --tb=short} -m gpu \
     ${TESTS:-tests/test_engine.py tests/test_gemv_rows.py tests/test_mma_kernel.py tests/test_attn_decode.py \
     tests/test_tune_cache.py} > "$OUT/tests.log" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - s )) s: $(tail -1 "$OUT/tests.log")"
