@@ -133,6 +133,19 @@ def test_off_neither_reads_nor_stores_and_a_folder_of_its_own_is_used(cache, mon
     assert tune_cache.remembered(KEY, cpu) == [TIMED[0]] and path.read_text() == stored
 
 
+def test_a_tuners_table_is_filled_from_this_process_then_from_the_file(cache, monkeypatch):
+    """What the tuners call: ``measured`` keeps timings in the tuner's table and the file; ``known`` answers
+    from the table, and for a table of a new process from the file (then holding it in the table)."""
+    cpu = torch.device("cpu")
+    table: dict = {}
+    assert tune_cache.known(table, KEY, cpu) is None and table == {}
+    assert tune_cache.measured(table, KEY, cpu, TIMED) == TIMED and table == {KEY: TIMED}
+    assert tune_cache.known(table, KEY, cpu) is TIMED  # this process's own list, not a reread
+    monkeypatch.setattr(tune_cache, "_LOADED", {})  # as a new process
+    fresh: dict = {}
+    assert tune_cache.known(fresh, KEY, cpu) == TIMED and fresh == {KEY: TIMED}
+
+
 def test_two_processes_storing_other_shapes_keep_both(cache):
     """Each store merges with the file as another process left it, keeping the fastest KEEP settings."""
     for n in (1024, 4096):

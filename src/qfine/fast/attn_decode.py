@@ -296,15 +296,12 @@ def tuned(q, keys, values, pad, slot, scale, block_l, new, rope, down=None) -> d
     with the last program adding."""
     key = (q.device, q.shape, keys.shape, q.dtype, keys.dtype, block_l, new is None, rope is None,
            None if down is None else (down.shape, down.dtype))
-    if key in TUNED:
-        return TUNED[key][0][1]
     default = {"steps": 1, "last_adds": LAST_ADDS["ok"]}
     if not q.is_cuda:
         return default
-    stored = tune_cache.remembered(key, q.device)  # an earlier process's timings of this shape
-    if stored is not None:
-        TUNED[key] = stored
-        return stored[0][1]
+    got = tune_cache.known(TUNED, key, q.device)
+    if got is not None:
+        return got[0][1]
     if torch.cuda.is_current_stream_capturing():
         return default
     from qfine.fast.gemv_kernel import graph_seconds
@@ -316,10 +313,10 @@ def tuned(q, keys, values, pad, slot, scale, block_l, new, rope, down=None) -> d
             timed.append((graph_seconds(lambda cfg=cfg: _run(*args, cfg)), cfg))
         except Exception:  # noqa: BLE001 - a setting that does not build or cannot be captured is not chosen
             continue
-    TUNED[key] = sorted(timed, key=lambda t: t[0]) or [(0.0, default)]
-    if timed:
-        tune_cache.remember(key, q.device, TUNED[key])
-    return TUNED[key][0][1]
+    if not timed:
+        TUNED[key] = [(0.0, default)]
+        return default
+    return tune_cache.measured(TUNED, key, q.device, sorted(timed, key=lambda t: t[0]))[0][1]
 
 
 def _run(q, keys, values, pad, slot, scale, block_l, new, rope, down, config):

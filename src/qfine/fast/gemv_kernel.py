@@ -201,23 +201,6 @@ TUNE_MIN_WEIGHTS = 1 << 22  # weights below this use launch_config: timing would
 TUNED: dict[tuple, list] = {}  # key -> [(seconds, config), ...] fastest first, as measured
 
 
-def _known(key: tuple, device: torch.device) -> list | None:
-    """The timings of this key: this process's, else an earlier process's (:mod:`qfine.fast.tune_cache`)."""
-    got = TUNED.get(key)
-    if got is None:
-        got = tune_cache.remembered(key, device)
-        if got is not None:
-            TUNED[key] = got
-    return got
-
-
-def _measured(key: tuple, device: torch.device, timed: list) -> list:
-    """Keep new timings (fastest first) for this process and the next."""
-    TUNED[key] = timed
-    tune_cache.remember(key, device, timed)
-    return timed
-
-
 def graph_seconds(fn, launches: int = 20, repeat: int = 5) -> float:
     """GPU seconds per call of ``fn`` as a decode step runs it: ``launches`` calls captured in one CUDA
     graph and replayed (median of ``repeat`` replays after one), so Python and launch overhead, which a
@@ -246,14 +229,15 @@ def graph_seconds(fn, launches: int = 20, repeat: int = 5) -> float:
 def _tuned_config(x2: torch.Tensor, weight, lora, residual) -> dict:
     """The fastest of :func:`candidates` for this shape on this device (:func:`graph_seconds`), timed once
     per (device, row tile height, n, k, dtype, quantization layout) outside any CUDA-graph capture (during a
-    capture, an untimed shape gets :func:`launch_config`) and kept for later processes (:func:`_known`). A
-    candidate whose result is not within bf16 rounding of bitsandbytes' own is left out."""
+    capture, an untimed shape gets :func:`launch_config`) and kept for later processes
+    (:func:`qfine.fast.tune_cache.known`). A candidate whose result is not within bf16 rounding of
+    bitsandbytes' own is left out."""
     state = weight.quant_state
     (n, k), m = state.shape, x2.shape[0]
     if n * k < TUNE_MIN_WEIGHTS or _INTERPRETED:
         return launch_config(m, n, k, _sms(x2.device))
     key = (x2.device, _row_tile(m), n, k, x2.dtype, state.blocksize, bool(state.nested), lora is not None)
-    got = _known(key, x2.device)
+    got = tune_cache.known(TUNED, key, x2.device)
     if got is None:
         if torch.cuda.is_current_stream_capturing():
             return launch_config(m, n, k, _sms(x2.device))
@@ -264,7 +248,7 @@ def _tuned_config(x2: torch.Tensor, weight, lora, residual) -> dict:
                        lambda c: [matmul_4bit(x2, weight, lora, residual, config=c)], [want])
         if not timed:
             return launch_config(m, n, k, _sms(x2.device))
-        got = _measured(key, x2.device, sorted(timed, key=lambda t: t[0]))
+        got = tune_cache.measured(TUNED, key, x2.device, sorted(timed, key=lambda t: t[0]))
     return got[0][1]
 
 
@@ -380,11 +364,11 @@ def matmul_4bit_group(x: torch.Tensor, members: list[tuple]) -> list[torch.Tenso
             return None
         key = ("group", x2.device, _row_tile(m), shapes, k, x2.dtype, state.blocksize, bool(state.nested),
                members[0][1] is not None)
-        got = _known(key, x2.device)
+        got = tune_cache.known(TUNED, key, x2.device)
         if got is None:
             if torch.cuda.is_current_stream_capturing():
                 return None
-            got = _measured(key, x2.device, _time_group(x2, members, m, k, state.blocksize))
+            got = tune_cache.measured(TUNED, key, x2.device, _time_group(x2, members, m, k, state.blocksize))
         cfg = got[0][1]
     if cfg.get("SEPARATE") or not fits(cfg, m, k, state.blocksize):
         return None
@@ -420,7 +404,7 @@ def matmul_4bit_silu(x: torch.Tensor, gate: tuple, up: tuple) -> torch.Tensor | 
             or 2 * n * k < TUNE_MIN_WEIGHTS or (gate[1] is None) != (up[1] is None)):
         return None
     key = ("silu", x2.device, _row_tile(m), n, k, x2.dtype, state.blocksize, bool(state.nested), gate[1] is not None)
-    got = _known(key, x2.device)
+    got = tune_cache.known(TUNED, key, x2.device)
     if got is None:
         if torch.cuda.is_current_stream_capturing():
             return None
@@ -432,7 +416,7 @@ def matmul_4bit_silu(x: torch.Tensor, gate: tuple, up: tuple) -> torch.Tensor | 
         settings = [cfg for cfg in pair_candidates(m) if fits(cfg, m, k, state.blocksize)]
         precompile(x2, [gate, up], None, settings, pair=True)
         timed += _timed(settings, lambda c: [matmul_mma_silu(x2, gate, up, c)], [apart().float()])
-        got = _measured(key, x2.device, sorted(timed, key=lambda t: t[0]))
+        got = tune_cache.measured(TUNED, key, x2.device, sorted(timed, key=lambda t: t[0]))
     cfg = got[0][1]
     if cfg.get("SEPARATE"):
         return None

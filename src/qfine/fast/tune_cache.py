@@ -124,3 +124,22 @@ def remember(key: tuple, device: torch.device, timed: list) -> None:
         os.replace(tmp, path)  # another process may be reading it
     except (OSError, TypeError, ValueError):
         pass  # a read-only home only costs the next process the timing
+
+
+def known(table: dict, key: tuple, device: torch.device) -> list | None:
+    """A tuner's timings of ``key``: this process's (``table``), else an earlier process's (read once into
+    ``table``), else None."""
+    got = table.get(key)
+    if got is None:
+        got = remembered(key, device)
+        if got is not None:
+            table[key] = got
+    return got
+
+
+def measured(table: dict, key: tuple, device: torch.device, timed: list) -> list:
+    """Keep new timings ``timed`` (fastest first) of ``key`` in ``table`` for this process and on disk for
+    the next; returns them."""
+    table[key] = timed
+    remember(key, device, timed)
+    return timed
