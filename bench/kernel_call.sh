@@ -8,8 +8,8 @@
 # kernel time would include its wait for the kernel before; PROFILE_PDL=1 keeps them); PDL_AB=1 runs the
 # engine again without programmatic dependent launches (QFINE_PDL=0) after the first bench;
 # FETCH_AB="L2B=256;AHEAD=4" runs it again with those ways of requesting the weights offered to the tuner
-# (QFINE_MMA_FETCH; FETCH_PDL=0: without early launches); AB_ENV="QFINE_ATTN_DOT=1" runs it again with
-# those switches; ATTN=1 times every attention setting alone (bench/attn_bench.py).
+# (QFINE_MMA_FETCH; FETCH_PDL=0: without early launches); AB_ENV="QFINE_ATTN_DOT=1;X=1 Y=2" runs it again
+# under each ";"-separated set of switches (AB_REPEAT timings each); ATTN=1 times every attention setting alone (bench/attn_bench.py).
 # The tests stop at the first failure and print it (TEST_ARGS, default "-x --tb=short"), in TEST_WORKERS (6)
 # pytest-xdist processes.
 # Needs .device/{common,qfine,qtest,tok}. Results: $OUT/{gemv,generate}.jsonl and logs.
@@ -66,13 +66,17 @@ echo "bench with QFINE_MMA_FETCH=$FETCH_AB QFINE_PDL=${FETCH_PDL:-1} rc=$? in $(
 grep -h "^RESULT" "$OUT/bench-fetch.log" | sed 's/^RESULT //' > "$OUT/generate-fetch.jsonl"
 grep -v tuned "$OUT/generate-fetch.jsonl"; grep tuned "$OUT/generate-fetch.jsonl" | cut -c1-300; tail -3 "$OUT/bench-fetch.log"
 fi
-if [ -n "${AB_ENV:-}" ]; then  # the engine again with these switches, e.g. AB_ENV="QFINE_ATTN_DOT=1"
+if [ -n "${AB_ENV:-}" ]; then  # the engine again with each set of switches, e.g. AB_ENV="QFINE_ATTN_DOT=1;A=1 B=2"
+IFS=';' read -ra sets <<< "$AB_ENV"
+for i in "${!sets[@]}"; do
 s=$(date +%s)
-env $AB_ENV timeout ${AB_S:-150} python3 bench/generate_bench.py --model $model --impl qfine --batch 1 --repeat 2 \
-  > "$OUT/bench-ab.log" 2>&1
-echo "bench with $AB_ENV rc=$? in $(( $(date +%s) - s )) s"
-grep -h "^RESULT" "$OUT/bench-ab.log" | sed 's/^RESULT //' > "$OUT/generate-ab.jsonl"
-grep -v tuned "$OUT/generate-ab.jsonl"; grep tuned "$OUT/generate-ab.jsonl" | cut -c1-300; tail -3 "$OUT/bench-ab.log"
+env ${sets[$i]} timeout ${AB_S:-150} python3 bench/generate_bench.py --model $model --impl qfine --batch 1 \
+  --repeat ${AB_REPEAT:-2} > "$OUT/bench-ab$i.log" 2>&1
+echo "bench with ${sets[$i]} rc=$? in $(( $(date +%s) - s )) s"
+grep -h "^RESULT" "$OUT/bench-ab$i.log" | sed 's/^RESULT //' | sed "s/^{/{\"switches\": \"${sets[$i]}\", /" \
+  >> "$OUT/generate-ab.jsonl"
+grep -h "^RESULT" "$OUT/bench-ab$i.log" | grep -v tuned | cut -c1-400; tail -2 "$OUT/bench-ab$i.log"
+done
 fi
 if [ -n "${ATTN:-}" ]; then  # every attention setting alone (bench/attn_bench.py)
   s=$(date +%s)

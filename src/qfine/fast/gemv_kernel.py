@@ -236,7 +236,7 @@ def _tuned_config(x2: torch.Tensor, weight, lora, residual) -> dict:
     (n, k), m = state.shape, x2.shape[0]
     if n * k < TUNE_MIN_WEIGHTS or _INTERPRETED:
         return launch_config(m, n, k, _sms(x2.device))
-    key = (x2.device, _row_tile(m), n, k, x2.dtype, state.blocksize, bool(state.nested), lora is not None)
+    key = single_key(x2, weight, lora is not None)
     got = tune_cache.known(TUNED, key, x2.device)
     if got is None:
         if torch.cuda.is_current_stream_capturing():
@@ -250,6 +250,28 @@ def _tuned_config(x2: torch.Tensor, weight, lora, residual) -> dict:
             return launch_config(m, n, k, _sms(x2.device))
         got = tune_cache.measured(TUNED, key, x2.device, sorted(timed, key=lambda t: t[0]))
     return got[0][1]
+
+
+def single_key(x2: torch.Tensor, weight, lora: bool) -> tuple:
+    """The key :func:`matmul_4bit`'s measured setting for x2 (rows, k) and this weight is kept under."""
+    state = weight.quant_state
+    n, k = state.shape
+    return (x2.device, _row_tile(x2.shape[0]), n, k, x2.dtype, state.blocksize, bool(state.nested), lora)
+
+
+def group_key(x2: torch.Tensor, members: list[tuple]) -> tuple:
+    """The key :func:`matmul_4bit_group`'s measured setting for x2 and these (weight, lora) pairs is kept under."""
+    state = members[0][0].quant_state
+    shapes = tuple(w.quant_state.shape[0] for w, _ in members)
+    return ("group", x2.device, _row_tile(x2.shape[0]), shapes, x2.shape[1], x2.dtype, state.blocksize,
+            bool(state.nested), members[0][1] is not None)
+
+
+def silu_key(x2: torch.Tensor, gate: tuple) -> tuple:
+    """The key :func:`matmul_4bit_silu`'s measured setting for x2 and this gate (weight, lora) is kept under."""
+    state = gate[0].quant_state
+    return ("silu", x2.device, _row_tile(x2.shape[0]), state.shape[0], x2.shape[1], x2.dtype, state.blocksize,
+            bool(state.nested), gate[1] is not None)
 
 
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -362,8 +384,7 @@ def matmul_4bit_group(x: torch.Tensor, members: list[tuple]) -> list[torch.Tenso
     if not _INTERPRETED:
         if sum(shapes) * k < TUNE_MIN_WEIGHTS:
             return None
-        key = ("group", x2.device, _row_tile(m), shapes, k, x2.dtype, state.blocksize, bool(state.nested),
-               members[0][1] is not None)
+        key = group_key(x2, members)
         got = tune_cache.known(TUNED, key, x2.device)
         if got is None:
             if torch.cuda.is_current_stream_capturing():
@@ -403,7 +424,7 @@ def matmul_4bit_silu(x: torch.Tensor, gate: tuple, up: tuple) -> torch.Tensor | 
     if (_INTERPRETED or not x2.is_cuda or m > 16 or up[0].quant_state.shape != state.shape
             or 2 * n * k < TUNE_MIN_WEIGHTS or (gate[1] is None) != (up[1] is None)):
         return None
-    key = ("silu", x2.device, _row_tile(m), n, k, x2.dtype, state.blocksize, bool(state.nested), gate[1] is not None)
+    key = silu_key(x2, gate)
     got = tune_cache.known(TUNED, key, x2.device)
     if got is None:
         if torch.cuda.is_current_stream_capturing():

@@ -22,14 +22,19 @@
 // silu(gate) * up (TILES 2, SPLIT 1); NG: 1 to 3 weights of one k and input, each block's rows from one of
 // them, each written to its own output (SPLIT 1); PDL: launched as a programmatic dependent launch, waiting
 // for the previous kernel only before the first read of x, xa or the residual, and letting the next start;
-// L2B, AHEAD, BULK: how the weights are requested from memory (see load_block, ahead_l2 and piece_l2).
+// L2B, AHEAD, BULK: how the weights are requested from memory (see load_block, ahead_l2 and piece_l2);
+// FD: one token row whose adapters' down-products x A^T this launch computes itself (struct Down), with
+// NORM: of the RMSNorm of x, which it also computes (NW32: its weight in fp32, else in x's dtype); NA: the
+// adapters whose down-products it computes.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
 
 #define GROUP 4              // absmax blocks per loop step (their 4 one-byte absmax codes: one 32-bit load)
-#define EPI_LATE (NT > 2)    // many token tiles: the epilogue's inputs read after the loop, not held through it
+// many token tiles: the epilogue's inputs read after the loop, not held through it; FD: the adapter's x A^T
+// is only known once the loop is done
+#define EPI_LATE (NT > 2 || FD)
 #define WORDS (BS / 32)      // 32-bit words a thread reads per row per block (8 weights each)
 #define MMAS (BS / 16)       // mma steps (k = 16) per block
 #define XW (BS / 8)          // 32-bit words (pairs of x) a thread needs per token row per block
@@ -205,12 +210,149 @@ struct W4 {
   int ctas;               // NG > 1: the blocks along x that take this weight's rows
 };
 
+// FD: the launch's own adapter down-products for one token row (mma_kernel.py's Down mirrors this layout).
+// Blocks 0 .. parts - 1 (the first the GPU schedules) each take k / parts of k and write the fp32 partial
+// products of every adapter's rows there; every block waits for them all after its loop (by then long
+// posted) and adds them in a fixed order, so no second launch and no kernel boundary sits between x and
+// the products that read it. sync: two counters, zero between launches (the last block out resets them)
+struct Down {
+  const void* a0;         // (LORA_R, k) A of weight 0, ADT
+  const void* a1;         // of weight 1 (PAIR: up; NG > 1)
+  const void* a2;         // of weight 2 (NG 3)
+  const void* norm_w;     // NORM: (k,) the RMSNorm's weight, fp32 (NW32) or x's dtype
+  float* part;            // (parts, NA * LORA_R) fp32 partials
+  u32* sync;              // [0]: blocks whose partials are posted, [1]: blocks done reading them
+  float eps;              // NORM: the RMSNorm's epsilon
+  int parts;              // blocks that write partials; divides k
+};
+
+__device__ __forceinline__ const void* down_a(const Down& d, int i) { return i == 0 ? d.a0 : i == 1 ? d.a1 : d.a2; }
+
+// an fp32 sum rounded to the adapter's dtype, as x A^T is when computed in that dtype (peft's lora_A)
+__device__ __forceinline__ float adt_round(float f) {
+#if ADT == 0
+  return f;
+#elif ADT == 1
+  u16 v;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
+  return __uint_as_float(((u32)v) << 16);
+#else
+  u16 v;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
+  float r;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(v));
+  return r;
+#endif
+}
+
+__device__ __forceinline__ float warp_sum(float v) {  // lanes' values added in a fixed tree order
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// (xa_s . B)[row]: the adapter's term before its scale, from the down-product this launch summed (fp32)
+__device__ __forceinline__ float lora_term_s(const float* xa_s, const void* lora_b, int row) {
+  float d = 0.0f;
+#pragma unroll
+  for (int q = 0; q < LORA_R; q++) d += xa_s[q] * adapter_f32(lora_b, (size_t)row * LORA_R + q);
+  return d;
+}
+
+#define NTHR (WARPS * RW * 32)
+
+__device__ __forceinline__ float norm_weight(const void* w, int i) {
+#if NW32
+  return ((const float*)w)[i];
+#else
+  return act_to_f32(((const u16*)w)[i]);
+#endif
+}
+
+// FD, after the wait for the kernel before: NORM: x's row (one token) normalised into xs as Llama's RMSNorm
+// rounds it, w * round(x * rstd) with rstd = 1 / sqrt(mean(x^2) + eps) in fp32 (every block computes it
+// alike); then, in blocks 0 .. parts - 1, the fp32 partial products of their k / parts of the row with every
+// adapter's rows (warps taking rows in turn, lanes along k), posted to dn.part and counted in dn.sync[0]
+__device__ __forceinline__ void down_prologue(const u16* x, int k, const Down& dn, u16* xs, float* scratch,
+                                              int lane) {
+  const int tid = threadIdx.x;
+#if NORM
+  float ss = 0.0f;
+  for (int i = tid; i < k; i += NTHR) {
+    const float v = act_to_f32(x[i]);
+    ss += v * v;
+  }
+  ss = warp_sum(ss);
+  if (lane == 0) scratch[tid >> 5] = ss;
+  __syncthreads();
+  float total = 0.0f;
+  for (int v = 0; v < NTHR / 32; v++) total += scratch[v];
+  const float rstd = rsqrtf(total / k + dn.eps);
+  for (int i = tid; i < k; i += NTHR)
+    xs[i] = f32_to_act(norm_weight(dn.norm_w, i) * act_to_f32(f32_to_act(act_to_f32(x[i]) * rstd)));
+  __syncthreads();
+  const u16* src = xs;
+#else
+  const u16* src = x;
+#endif
+  const int flat = blockIdx.y * gridDim.x + blockIdx.x;
+  if (flat >= dn.parts) return;
+  const int chunk = k / dn.parts, k0 = flat * chunk;
+  for (int item = tid >> 5; item < NA * LORA_R; item += NTHR / 32) {
+    const void* a = down_a(dn, item / LORA_R);
+    const size_t at = (size_t)(item % LORA_R) * k + k0;
+    float d = 0.0f;
+    for (int i = lane; i < chunk; i += 32) d += adapter_f32(a, at + i) * act_to_f32(src[k0 + i]);
+    d = warp_sum(d);
+    if (lane == 0) dn.part[(size_t)flat * (NA * LORA_R) + item] = d;
+  }
+  __threadfence();  // each writer's partials visible GPU-wide before the block counts itself
+  __syncthreads();
+  if (tid == 0) atomicAdd(dn.sync, 1u);
+}
+
+// FD, after the loop: waits until every partial is posted, then xa_s[0 .. items) = the sums over the parts
+// of items first .. first + items of the partials (PAIR: both adapters; else this block's weight's), in a
+// fixed order (a strided run per thread, then the runs in order), rounded to the adapter's dtype. The last
+// block to finish reading resets dn.sync for the next launch
+__device__ __forceinline__ void down_sum(const Down& dn, float* xa_s, float* scratch, int first) {
+  const int tid = threadIdx.x, items = PAIR ? 2 * LORA_R : LORA_R;
+  const int runs = NTHR >= items ? NTHR / items : 1;
+  if (tid == 0) {  // bounded: a launch that never posts (a fault) ends in an error, not a hung GPU
+    u32 seen, tries = 0;
+    for (;;) {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(dn.sync) : "memory");
+      if (seen >= (u32)dn.parts) break;
+      if (++tries == (1u << 24)) asm volatile("trap;");
+      __nanosleep(32);
+    }
+  }
+  __syncthreads();
+  for (int u = tid; u < items * runs; u += NTHR) {
+    const int item = u % items, run = u / items;
+    float s = 0.0f;
+    for (int p = run; p < dn.parts; p += runs) s += __ldcg(dn.part + (size_t)p * (NA * LORA_R) + first + item);
+    scratch[u] = s;
+  }
+  __syncthreads();
+  for (int item = tid; item < items; item += NTHR) {
+    float s = 0.0f;
+    for (int run = 0; run < runs; run++) s += scratch[run * items + item];
+    xa_s[item] = adt_round(s);
+  }
+  __syncthreads();
+  if (tid == 0 && atomicAdd(dn.sync + 1, 1u) == gridDim.x * gridDim.y - 1) {
+    dn.sync[0] = 0;
+    dn.sync[1] = 0;
+  }
+}
+
 // NG: the weights whose rows follow one another along the grid's x (q, k, v: one launch, three outputs)
 #define PICK(f) (sel == 0 ? w0.f : (NG > 2 && sel == 2) ? w2.f : w1.f)
 
 extern "C" __global__ void __launch_bounds__(WARPS * RW * 32)
 qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int k, int stride_x, int stride_xa,
-           W4 w0, W4 w1, W4 w2) {
+           W4 w0, W4 w1, W4 w2, Down dn) {
   // this block's weight (NG > 1: by where blockIdx.x falls among the weights' ranges) and its block along x
   int sel = 0, bx = blockIdx.x;
   if (NG > 1 && bx >= w0.ctas) {
@@ -242,6 +384,11 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
   extern __shared__ u32 smem[];
   u32* lut = smem;                             // [byte][lane]: the byte's pair of code values
   float* c8 = (float*)(smem + LUT_WORDS);      // the second-level code book(s) (double quantization)
+  // FD: past the code books, the normalised row (NORM: k values of x's dtype), this block's adapters'
+  // summed down-products (xa_s) and room for their partial sums (scratch)
+  u16* xs = (u16*)(smem + LUT_WORDS + 512);
+  float* xa_s = (float*)(smem + LUT_WORDS + 512 + (NORM ? k / 2 : 0));
+  float* scratch = xa_s + NA * LORA_R;
   // warp: this warp's k range within its row group rw
   const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) % WARPS, rw = (threadIdx.x >> 5) / WARPS;
   const int g = lane >> 2, t = lane & 3;
@@ -265,7 +412,8 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
     }
   const u16* xp[NT];
 #pragma unroll
-  for (int j = 0; j < NT; j++) xp[j] = x + (size_t)min(8 * j + g, m - 1) * stride_x + (size_t)blk0 * BS + t * (BS / 4);
+  for (int j = 0; j < NT; j++)  // NORM: the row this block normalises into shared memory (one token row)
+    xp[j] = (NORM ? xs : x) + (size_t)min(8 * j + g, m - 1) * stride_x + (size_t)blk0 * BS + t * (BS / 4);
 
   // the first step's words are requested before the tables are filled: their latency covers the fill
   // tile i's absmax at block blk (PAIR: tile 1 from the second weight)
@@ -309,7 +457,12 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
           pre_res[i][j][e] = 0;
           const int row = row0 + (PAIR ? 0 : 16 * i) + g + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
           if (warp != 0 || row >= n || col >= m) continue;
-#if LORA
+#if LORA && FD
+          if (blockIdx.y == 0) {
+            if (PAIR && i) pre[i][j][e] = lora_term_s(xa_s + LORA_R, w1.lora_b, row) * w1.scale;
+            else pre[i][j][e] = lora_term_s(xa_s, lora_b, row) * scale;
+          }
+#elif LORA
           if (blockIdx.y == 0) {
             if (PAIR && i) pre[i][j][e] = lora_term(w1.xa, w1.lora_b, col, row, stride_xa) * w1.scale;
             else pre[i][j][e] = lora_term(xa, lora_b, col, row, stride_xa) * scale;
@@ -345,6 +498,9 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
 #if !EPI_LATE
   read_epilogue();
 #endif
+#endif
+#if FD
+  down_prologue(x, k, dn, xs, scratch, lane);
 #endif
 
   float acc[TILES][NT][4];
@@ -436,6 +592,10 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
           for (int q = 0; q < WORDS; q++) w[i][h][b][q] = nxt[i][h][b][q];
       }
   }
+
+#if FD
+  down_sum(dn, xa_s, scratch, PAIR ? 0 : sel * LORA_R);
+#endif
 
 #if WARPS > 1  // a group's k ranges summed in warp order (the table's space is free once all are done)
   __syncthreads();

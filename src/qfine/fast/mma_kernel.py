@@ -134,7 +134,9 @@ def _kernel(device: torch.device, defines: dict) -> nvrtc.Kernel:
     if key not in _KERNELS:
         with torch.cuda.device(device):
             kernel = nvrtc.Kernel(nvrtc.compile_cubin(_source(defines), _arch(device), "mma4.cu"), "qfine_mma4")
-            kernel.allow_shared(shared_bytes(bool(defines["WIDE"])))
+            # in-launch down-products: the normalised row and the sums past the table, as k needs
+            most = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+            kernel.allow_shared(most if defines["FD"] else shared_bytes(bool(defines["WIDE"])))
             _KERNELS[key] = kernel
     return _KERNELS[key]
 
@@ -213,8 +215,10 @@ def precompile(x2: torch.Tensor, members: list[tuple], residual, settings: list[
         list(pool.map(build, sorted(sources)))
 
 
-def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: bool) -> tuple[dict, list, list]:
-    """(the kernel's #defines, each weight's arguments, each adapter's arguments) for a launch."""
+def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: bool,
+             down: "DownProducts | None" = None) -> tuple[dict, list, list]:
+    """(the kernel's #defines, each weight's arguments, each adapter's arguments) for a launch; ``down``: the
+    adapters' down-products computed in the launch (:class:`DownProducts`)."""
     k, m = members[0][0].quant_state.shape[1], x2.shape[0]
     if x2.dtype not in (torch.bfloat16, torch.float16) or not fits(cfg, m, k, members[0][0].quant_state.blocksize):
         raise ValueError("the mma kernel takes 16-bit activations and whole loop steps of k")
@@ -230,12 +234,17 @@ def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: 
     if any((lora is not None) != has_lora for _, lora in members):
         raise ValueError("either every weight of one launch has an adapter or none")
     xa, r = loras[0][0], loras[0][3]
+    if down is not None:
+        down.check(x2, members, r)
     return dict(defines[0], NT=cfg["NT"], TILES=cfg["TILES"], WARPS=cfg["WARPS"], RW=cfg.get("RW", 1),
                 SPLIT=cfg["SPLIT"], LORA=has_lora,
                 RESIDUAL=residual is not None, F16=x2.dtype == torch.float16,
                 ADT=_ADAPTER_DTYPES[xa.dtype] if has_lora else 0, WIDE=bool(cfg.get("WIDE")), PAIR=pair,
                 LORA_R=r, NG=1 if pair else len(members), PDL=early(x2.device),
-                L2B=cfg.get("L2B", 0), AHEAD=cfg.get("AHEAD", 0), BULK=cfg.get("BULK", 0)), weights, loras
+                L2B=cfg.get("L2B", 0), AHEAD=cfg.get("AHEAD", 0), BULK=cfg.get("BULK", 0),
+                FD=down is not None, NORM=down is not None and down.norm is not None,
+                NA=len(down.mats) if down is not None else 1,
+                NW32=down is not None and down.norm is not None and down.norm[0].dtype == torch.float32), weights, loras
 
 
 class W4(ctypes.Structure):
@@ -246,12 +255,65 @@ class W4(ctypes.Structure):
     _fields_ += [("scale", ctypes.c_float), ("n", ctypes.c_int), ("ctas", ctypes.c_int)]
 
 
-def _launch(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, outs: list[torch.Tensor], pair: bool) -> None:
+class Down(ctypes.Structure):
+    """``struct Down`` of ``mma4.cu``: the adapters' down-products a launch computes itself."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("a0", "a1", "a2", "norm_w", "part", "sync")]
+    _fields_ += [("eps", ctypes.c_float), ("parts", ctypes.c_int)]
+
+
+MAX_PARTS = 64  # blocks that write partial down-products: fewer than any GPU's SMs, so all start at once
+
+
+class DownProducts:
+    """The LoRA down-products x·Aᵢᵀ (and, with ``norm`` = (weight (k,), eps), the Llama-style RMSNorm of x
+    before them) computed inside the 4-bit launch that reads x, for one token row: the work of
+    :func:`qfine.fast.lora_down.lora_down` without a launch of its own. ``mats``: each weight's A (r, k), in
+    the launch's weight order, fp32 or x's dtype; ``sync``: two int32 counters (zero; the launch leaves them
+    zero), one pair per call site, so that no two launches in flight share them."""
+
+    def __init__(self, mats: list[torch.Tensor], norm: tuple | None, sync: torch.Tensor):
+        self.mats, self.norm, self.sync = [a if a.is_contiguous() else a.contiguous() for a in mats], norm, sync
+
+    def check(self, x2: torch.Tensor, members: list[tuple], r: int) -> None:
+        k = x2.shape[1]
+        if x2.shape[0] != 1 or len(self.mats) != len(members) or any(a.shape != (r, k) for a in self.mats):
+            raise ValueError("in-launch down-products take one token row and each weight's A (r, k)")
+        if any(a.dtype not in (torch.float32, x2.dtype) for a in self.mats) or self.parts(k) == 0:
+            raise ValueError("in-launch down-products take A in fp32 or x's dtype, k a multiple of 32")
+        norm_w = self.norm[0] if self.norm is not None else None
+        if norm_w is not None and (norm_w.dtype not in (torch.float32, x2.dtype) or norm_w.shape != (k,)
+                                   or not norm_w.is_contiguous()):
+            raise ValueError("the in-launch RMSNorm takes a contiguous (k,) weight in fp32 or x's dtype")
+
+    @staticmethod
+    def parts(k: int) -> int:
+        """Blocks that write partials: the most, up to :data:`MAX_PARTS`, whose k ranges are whole runs of 32."""
+        parts = MAX_PARTS
+        while parts and k % (32 * parts):
+            parts //= 2
+        return parts
+
+    def args(self, k: int, r: int) -> tuple[Down, int]:
+        """(the struct for the launch, the shared-memory bytes it adds)."""
+        parts = self.parts(k)
+        part = torch.empty(parts, len(self.mats) * r, dtype=torch.float32, device=self.sync.device)
+        self._part = part  # kept alive until the next launch (a graph keeps its own pool's copy)
+        a = [t.data_ptr() for t in self.mats] + [self.mats[0].data_ptr()] * (3 - len(self.mats))
+        weight, eps = self.norm if self.norm is not None else (self.mats[0], 0.0)
+        struct = Down(*a, weight.data_ptr(), part.data_ptr(), self.sync.data_ptr(), float(eps), parts)
+        extra = (2 * k if self.norm is not None else 0) + 4 * (len(self.mats) * r + 512)
+        return struct, extra
+
+
+def _launch(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, outs: list[torch.Tensor], pair: bool,
+            down: DownProducts | None = None) -> None:
     """One launch of ``mma4.cu``: for one weight, for two of one shape written as silu(y₁)·y₂ (``pair``,
     one output), or for 2–3 weights of one k, each rows' block from one of them, into its own output.
-    ``outs``: per output, (m, nᵢ) in x2's dtype, or (SPLIT, m, n) fp32 partials for one weight."""
+    ``outs``: per output, (m, nᵢ) in x2's dtype, or (SPLIT, m, n) fp32 partials for one weight. ``down``:
+    the adapters' down-products (and norm) computed in the launch; each lora's xa is then not read."""
     k, m = members[0][0].quant_state.shape[1], x2.shape[0]
-    defines, weights, loras = _defines(x2, members, residual, cfg, pair)
+    defines, weights, loras = _defines(x2, members, residual, cfg, pair, down)
     rw = cfg.get("RW", 1)
     rows = (16 if pair else 16 * cfg["TILES"]) * rw
     structs = []
@@ -266,9 +328,12 @@ def _launch(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, outs: l
     state = members[0][0].quant_state
     grid_x = structs[0].ctas if pair else sum(w.ctas for w in structs[:len(members)])
     stride_xa = loras[0][0].stride(0)
-    kernel((grid_x, cfg["SPLIT"]), 32 * cfg["WARPS"] * rw, shared_bytes(bool(cfg.get("WIDE"))),
+    dn, extra = down.args(k, loras[0][3]) if down is not None else (Down(), 0)
+    if down is not None and grid_x * cfg["SPLIT"] < dn.parts:
+        raise ValueError("in-launch down-products need at least as many blocks as partials")
+    kernel((grid_x, cfg["SPLIT"]), 32 * cfg["WARPS"] * rw, shared_bytes(bool(cfg.get("WIDE"))) + extra,
            [ctypes.c_void_p(x2.data_ptr()), ctypes.c_void_p(pair_table(state, x2.dtype).data_ptr()),
-            ctypes.c_int(m), ctypes.c_int(k), ctypes.c_int(x2.stride(0)), ctypes.c_int(stride_xa), *structs],
+            ctypes.c_int(m), ctypes.c_int(k), ctypes.c_int(x2.stride(0)), ctypes.c_int(stride_xa), *structs, dn],
            early=bool(defines["PDL"]))
 
 
@@ -279,7 +344,8 @@ def _rows(x2: torch.Tensor) -> torch.Tensor:
     return x2
 
 
-def matmul_mma(x2: torch.Tensor, weight, lora, residual, cfg: dict, sum_splits) -> torch.Tensor:
+def matmul_mma(x2: torch.Tensor, weight, lora, residual, cfg: dict, sum_splits,
+               down: DownProducts | None = None) -> torch.Tensor:
     """(m, n) = x2 (m ≤ 8·NT, k) @ Wᵀ (+ s·xa Bᵀ, + residual) in x2's dtype with ``mma4.cu``; ``cfg`` one of
     :func:`candidates` that :func:`fits`. ``sum_splits(part, out, res, size, split, residual)`` adds k
     splits' fp32 partials (:mod:`qfine.fast.gemv_rows`' kernel). Capturable in a CUDA graph once this
@@ -290,7 +356,7 @@ def matmul_mma(x2: torch.Tensor, weight, lora, residual, cfg: dict, sum_splits) 
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
     res = None if residual is None else residual.reshape(m, n).contiguous()
-    _launch(x2, [(weight, lora)], res, cfg, [part], False)
+    _launch(x2, [(weight, lora)], res, cfg, [part], False, down)
     if split > 1:
         sum_splits(part, out, out if res is None else res, m * n, split, res is not None)
     return out
@@ -301,7 +367,8 @@ def pair_candidates(m: int) -> list[dict]:
     return [cfg for cfg in candidates(m) if cfg["SPLIT"] == 1 and cfg["TILES"] == 2]
 
 
-def matmul_mma_silu(x2: torch.Tensor, gate: tuple, up: tuple, cfg: dict) -> torch.Tensor:
+def matmul_mma_silu(x2: torch.Tensor, gate: tuple, up: tuple, cfg: dict,
+                    down: DownProducts | None = None) -> torch.Tensor:
     """silu(x2 Wgᵀ + …) · (x2 Wuᵀ + …) (m, n) for (weight, lora) pairs ``gate`` and ``up`` of one shape: each
     product (adapter term added in fp32) rounded to x2's dtype, then silu(g)·u in fp32, rounded once (the
     MLP's ``act_fn(gate_proj(x)) * up_proj(x)`` as a compiled kernel computes it), in one launch."""
@@ -310,7 +377,7 @@ def matmul_mma_silu(x2: torch.Tensor, gate: tuple, up: tuple, cfg: dict) -> torc
     if up[0].quant_state.shape != gate[0].quant_state.shape or cfg["SPLIT"] != 1 or cfg["TILES"] != 2:
         raise ValueError("silu pairs take two weights of one shape, two tiles and no k split")
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    _launch(x2, [gate, up], None, cfg, [out], True)
+    _launch(x2, [gate, up], None, cfg, [out], True, down)
     return out
 
 
@@ -319,7 +386,8 @@ def group_candidates(m: int) -> list[dict]:
     return [cfg for cfg in candidates(m) if cfg["SPLIT"] == 1]
 
 
-def matmul_mma_group(x2: torch.Tensor, members: list[tuple], cfg: dict) -> list[torch.Tensor]:
+def matmul_mma_group(x2: torch.Tensor, members: list[tuple], cfg: dict,
+                     down: DownProducts | None = None) -> list[torch.Tensor]:
     """[x2 @ Wᵢᵀ (+ sᵢ·xaᵢ Bᵢᵀ)] (m, nᵢ) in x2's dtype for 2 or 3 (weight, lora) pairs of one k, code book and
     block size (q, k, v) in one launch: each block of the grid takes rows of one weight, so the small ones
     (k, v) fill the GPU's gaps beside the large one. ``cfg``: one of :func:`group_candidates`. The adapters'
@@ -328,5 +396,5 @@ def matmul_mma_group(x2: torch.Tensor, members: list[tuple], cfg: dict) -> list[
     x2 = _rows(x2)
     m = x2.shape[0]
     outs = [torch.empty(m, w.quant_state.shape[0], dtype=x2.dtype, device=x2.device) for w, _ in members]
-    _launch(x2, members, None, cfg, outs, False)
+    _launch(x2, members, None, cfg, outs, False, down)
     return outs
