@@ -13,10 +13,12 @@ from helpers import assert_early_launch_equals_plain, lora_model
 PROMPT = [5, 17, 99, 3, 250, 41, 7]
 
 def test_parts_are_whole_runs_of_32():
-    """Blocks that post partials: the most up to 64 whose k slices are whole runs of 32, else none."""
+    """Blocks that post partials: a power of two up to 64 and the launch's blocks, the most whose k slices are
+    whole runs of 32, else none."""
     from qfine.fast.mma_kernel import DownProducts
 
-    assert [DownProducts.parts(k) for k in (4096, 14336, 3072, 96, 48)] == [64, 64, 32, 1, 0]
+    assert [DownProducts.parts(k, 224) for k in (4096, 14336, 3072, 96, 48)] == [64, 64, 32, 1, 0]
+    assert [DownProducts.parts(4096, blocks) for blocks in (48, 33, 16, 1, 0)] == [32, 32, 16, 1, 0]
 
 
 def test_engine_group_refuses_what_one_launch_cannot_serve(monkeypatch):
@@ -48,12 +50,13 @@ def _weight(n: int, k: int):
                              compress_statistics=True).cuda()
 
 
-def _agree(got: torch.Tensor, want: torch.Tensor, what) -> None:
-    """The same bf16 output but where an fp32 sum in another order rounds the other way: within 2 units of
-    bf16 rounding everywhere, bit-equal in at least 99 % of the elements."""
+def _agree(got: torch.Tensor, want: torch.Tensor, what, equal: float) -> None:
+    """The same bf16 output but where a sum in another order rounds the other way: within 2 units of bf16
+    rounding everywhere, bit-equal in at least ``equal`` of the elements (an fp32 x Aᵀ differs in its last
+    bits; one rounded to bf16 may differ by a unit, which moves every output of that adapter a little)."""
     err = (got.float() - want.float()).abs()
     assert (err <= 2 ** -7 * want.float().abs() + 1e-6).all(), (what, err.max().item())
-    assert (got == want).float().mean() > 0.99, what
+    assert (got == want).float().mean() >= equal, (what, (got == want).float().mean().item())
 
 
 @pytest.mark.gpu
@@ -122,15 +125,12 @@ def test_gpu_in_launch_equals_the_separate_launches(adapter):
             separate = (matmul_mma_group(xn, members(ws, xas), cfg) if name == "qkv"
                         else [matmul_mma_silu(xn, *members(ws, xas), cfg)] if name == "mlp"
                         else [matmul_mma(xn, ws[0][0], members(ws, xas)[0][1], res, cfg, _sum_splits)])
-            try:
-                got = run(cfg, dn, placeholders(ws))
-            except ValueError:  # fewer blocks than partials: the launch refuses, the caller goes apart
-                continue
+            got = run(cfg, dn, placeholders(ws))
             for i, (y, want) in enumerate(zip(got, separate)):
-                _agree(y, want, (name, cfg, i))
+                _agree(y, want, (name, cfg, i), 0.99 if adapter == torch.float32 else 0.5)
             assert sync.tolist() == [0, 0], (name, cfg)
             ran += 1
-    assert ran >= 40
+    assert ran >= 90, ran
 
     def step():
         x = torch.empty_like(h)

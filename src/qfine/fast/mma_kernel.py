@@ -279,7 +279,7 @@ class DownProducts:
         k = x2.shape[1]
         if x2.shape[0] != 1 or len(self.mats) != len(members) or any(a.shape != (r, k) for a in self.mats):
             raise ValueError("in-launch down-products take one token row and each weight's A (r, k)")
-        if any(a.dtype not in (torch.float32, x2.dtype) for a in self.mats) or self.parts(k) == 0:
+        if any(a.dtype not in (torch.float32, x2.dtype) for a in self.mats) or k % 32:
             raise ValueError("in-launch down-products take A in fp32 or x's dtype, k a multiple of 32")
         norm_w = self.norm[0] if self.norm is not None else None
         if norm_w is not None and (norm_w.dtype not in (torch.float32, x2.dtype) or norm_w.shape != (k,)
@@ -287,16 +287,19 @@ class DownProducts:
             raise ValueError("the in-launch RMSNorm takes a contiguous (k,) weight in fp32 or x's dtype")
 
     @staticmethod
-    def parts(k: int) -> int:
-        """Blocks that write partials: the most, up to :data:`MAX_PARTS`, whose k ranges are whole runs of 32."""
-        parts = MAX_PARTS
+    def parts(k: int, blocks: int) -> int:
+        """Blocks that write partials: a power of two up to :data:`MAX_PARTS` and the launch's ``blocks``, the
+        most whose k ranges are whole runs of 32 (0: none)."""
+        parts = 1 << (min(MAX_PARTS, blocks).bit_length() - 1) if blocks > 0 else 0
         while parts and k % (32 * parts):
             parts //= 2
         return parts
 
-    def args(self, k: int, r: int) -> tuple[Down, int]:
-        """(the struct for the launch, the shared-memory bytes it adds)."""
-        parts = self.parts(k)
+    def args(self, k: int, r: int, blocks: int) -> tuple[Down, int]:
+        """(the struct for a launch of ``blocks`` blocks, the shared-memory bytes it adds)."""
+        parts = self.parts(k, blocks)
+        if parts == 0:
+            raise ValueError("in-launch down-products need k a multiple of 32")
         part = torch.empty(parts, len(self.mats) * r, dtype=torch.float32, device=self.sync.device)
         self._part = part  # kept alive until the next launch (a graph keeps its own pool's copy)
         a = [t.data_ptr() for t in self.mats] + [self.mats[0].data_ptr()] * (3 - len(self.mats))
@@ -328,9 +331,7 @@ def _launch(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, outs: l
     state = members[0][0].quant_state
     grid_x = structs[0].ctas if pair else sum(w.ctas for w in structs[:len(members)])
     stride_xa = loras[0][0].stride(0)
-    dn, extra = down.args(k, loras[0][3]) if down is not None else (Down(), 0)
-    if down is not None and grid_x * cfg["SPLIT"] < dn.parts:
-        raise ValueError("in-launch down-products need at least as many blocks as partials")
+    dn, extra = down.args(k, loras[0][3], grid_x * cfg["SPLIT"]) if down is not None else (Down(), 0)
     kernel((grid_x, cfg["SPLIT"]), 32 * cfg["WARPS"] * rw, shared_bytes(bool(cfg.get("WIDE"))) + extra,
            [ctypes.c_void_p(x2.data_ptr()), ctypes.c_void_p(pair_table(state, x2.dtype).data_ptr()),
             ctypes.c_int(m), ctypes.c_int(k), ctypes.c_int(x2.stride(0)), ctypes.c_int(stride_xa), *structs, dn],
