@@ -61,13 +61,14 @@ def _agree(got: torch.Tensor, want: torch.Tensor, what, equal: float) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("adapter", [torch.float32, torch.bfloat16], ids=["fp32-adapter", "bf16-adapter"])
-def test_gpu_in_launch_equals_the_separate_launches(adapter):
+@pytest.mark.parametrize("adapter,mid", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
+                         ids=["fp32-adapter", "bf16-adapter", "fp32-adapter-sums-half-way"])
+def test_gpu_in_launch_equals_the_separate_launches(adapter, mid, monkeypatch):
     """q, k, v (1040, 272, 272 × 4096) with the RMSNorm; gate and up (1040 × 4096, SiLU) with the RMSNorm;
     down (1040 × 6144, a residual, k split across blocks among the settings): every "mma" setting for one row
     with the down-products (and norm) in its launch gives the outputs of lora_down then the plain launch (see
     :func:`_agree`); the counters are zero after each launch; and a CUDA graph of the three launches replays
-    the eager outputs bit for bit with new inputs."""
+    the eager outputs bit for bit with new inputs. ``mid``: the partials added half-way through the loop."""
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("the mma kernel needs sm_80")
     from qfine.fast.gemv_rows import _sum_splits

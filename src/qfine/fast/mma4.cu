@@ -25,7 +25,7 @@
 // L2B, AHEAD, BULK: how the weights are requested from memory (see load_block, ahead_l2 and piece_l2);
 // FD: one token row whose adapters' down-products x A^T this launch computes itself (struct Down), with
 // NORM: of the RMSNorm of x, which it also computes (NW32: its weight in fp32, else in x's dtype); NA: the
-// adapters whose down-products it computes.
+// adapters whose down-products it computes; FD_MID: their sums read half-way through the loop, not after it.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -33,8 +33,8 @@ typedef unsigned char u8;
 
 #define GROUP 4              // absmax blocks per loop step (their 4 one-byte absmax codes: one 32-bit load)
 // many token tiles: the epilogue's inputs read after the loop, not held through it; FD: the adapter's x A^T
-// is only known once the loop is done
-#define EPI_LATE (NT > 2 || FD)
+// is known once the loop is done, or (FD_MID) half-way through it
+#define EPI_LATE (NT > 2 || (FD && !FD_MID))
 #define WORDS (BS / 32)      // 32-bit words a thread reads per row per block (8 weights each)
 #define MMAS (BS / 16)       // mma steps (k = 16) per block
 #define XW (BS / 8)          // 32-bit words (pairs of x) a thread needs per token row per block
@@ -473,7 +473,7 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
 #endif
         }
   };
-#if !PDL && !EPI_LATE
+#if !PDL && !EPI_LATE && !FD
   read_epilogue();
 #endif
 
@@ -495,7 +495,7 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
   __syncthreads();
 #if PDL  // x, xa and the residual may come from the kernel before this one: read only once it has finished
   asm volatile("griddepcontrol.wait;" ::: "memory");
-#if !EPI_LATE
+#if !EPI_LATE && !FD
   read_epilogue();
 #endif
 #endif
@@ -512,6 +512,14 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
       for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
 
   for (u32 s = 0; s < per_warp; s += GROUP) {
+#if FD && FD_MID  // half-way: the partials are long posted; their sum and the epilogue's inputs load meanwhile
+    if (s == per_warp / GROUP / 2 * GROUP) {
+      down_sum(dn, xa_s, scratch, PAIR ? 0 : sel * LORA_R);
+#if !EPI_LATE
+      read_epilogue();
+#endif
+    }
+#endif
     u32 nxt[TILES][2][GROUP][WORDS];
     Amax amn[TILES][2];
     const bool more = s + GROUP < per_warp;
@@ -593,7 +601,7 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
       }
   }
 
-#if FD
+#if FD && !FD_MID
   down_sum(dn, xa_s, scratch, PAIR ? 0 : sel * LORA_R);
 #endif
 

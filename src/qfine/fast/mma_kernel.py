@@ -243,7 +243,7 @@ def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: 
                 LORA_R=r, NG=1 if pair else len(members), PDL=early(x2.device),
                 L2B=cfg.get("L2B", 0), AHEAD=cfg.get("AHEAD", 0), BULK=cfg.get("BULK", 0),
                 FD=down is not None, NORM=down is not None and down.norm is not None,
-                NA=len(down.mats) if down is not None else 1,
+                NA=len(down.mats) if down is not None else 1, FD_MID=down is not None and down.mid,
                 NW32=down is not None and down.norm is not None and down.norm[0].dtype == torch.float32), weights, loras
 
 
@@ -262,6 +262,9 @@ class Down(ctypes.Structure):
     _fields_ += [("eps", ctypes.c_float), ("parts", ctypes.c_int)]
 
 
+# where the launch's blocks add the posted partials: after their loop, or (QFINE_DOWN_MID=1) half-way through
+# it, so that those loads and the epilogue's overlap the weights' instead of ending the launch
+DOWN_MID = {"on": os.environ.get("QFINE_DOWN_MID") == "1"}
 MAX_PARTS = 64  # blocks that write partial down-products: fewer than any GPU's SMs, so all start at once
 
 
@@ -270,10 +273,12 @@ class DownProducts:
     before them) computed inside the 4-bit launch that reads x, for one token row: the work of
     :func:`qfine.fast.lora_down.lora_down` without a launch of its own. ``mats``: each weight's A (r, k), in
     the launch's weight order, fp32 or x's dtype; ``sync``: two int32 counters (zero; the launch leaves them
-    zero), one pair per call site, so that no two launches in flight share them."""
+    zero), one pair per call site, so that no two launches in flight share them; ``mid``: where the blocks
+    add the partials (:data:`DOWN_MID` when None)."""
 
-    def __init__(self, mats: list[torch.Tensor], norm: tuple | None, sync: torch.Tensor):
+    def __init__(self, mats: list[torch.Tensor], norm: tuple | None, sync: torch.Tensor, mid: bool | None = None):
         self.mats, self.norm, self.sync = [a if a.is_contiguous() else a.contiguous() for a in mats], norm, sync
+        self.mid = DOWN_MID["on"] if mid is None else mid
 
     def check(self, x2: torch.Tensor, members: list[tuple], r: int) -> None:
         k = x2.shape[1]
