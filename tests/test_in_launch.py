@@ -24,7 +24,7 @@ def test_parts_are_whole_runs_of_32():
 def test_engine_group_refuses_what_one_launch_cannot_serve(monkeypatch):
     """Off by default; on, a CPU input, more than one row, or an activation other than SiLU take the separate
     launches (None), before any kernel is asked."""
-    from qfine.fast import in_launch
+    from qfine.fast.mma_kernel import DOWN_IN_LAUNCH
     from qfine.generation import engine
 
     class Lin:
@@ -37,7 +37,7 @@ def test_engine_group_refuses_what_one_launch_cannot_serve(monkeypatch):
     group = engine._Group(Lin(), Lin())
     x = torch.zeros(1, 8)
     assert group.in_launch(x, act="silu") is None  # off
-    monkeypatch.setitem(in_launch.ON, "on", True)
+    monkeypatch.setitem(DOWN_IN_LAUNCH, "on", True)
     assert group.in_launch(x, act="silu") is None  # a CPU tensor
     assert group.in_launch(torch.zeros(2, 8), act="silu") is None
     assert group.in_launch(x, act=torch.nn.GELU()) is None
@@ -195,7 +195,7 @@ def test_gpu_engine_with_in_launch_down_products(save_tiny, tmp_path, monkeypatc
     norm and down-products (3 a layer, none apart), and sampled log-probs from the graphed engine agree
     with a forward over prompt + completion (bf16: within 0.1 nats, mean within 0.02)."""
     from qfine.fast import gemv_kernel, in_launch, lora_down
-    from qfine.fast.mma_kernel import candidates, pair_candidates
+    from qfine.fast.mma_kernel import DOWN_IN_LAUNCH, candidates, pair_candidates
     from qfine.generation import engine
 
     model = lora_model(save_tiny(tmp_path / "m", hidden_size=1024, intermediate_size=2048, num_attention_heads=8,
@@ -209,7 +209,7 @@ def test_gpu_engine_with_in_launch_down_products(save_tiny, tmp_path, monkeypatc
         return got if got is not None else [(0.0, pair if key[0] == "silu" else mma)]
 
     monkeypatch.setattr(in_launch.tune_cache, "known", known)
-    monkeypatch.setitem(in_launch.ON, "on", True)
+    monkeypatch.setitem(DOWN_IN_LAUNCH, "on", True)
     calls = {"served": 0, "apart": 0}
     for name in ("project", "project_group", "gated"):
         fn = getattr(in_launch, name)

@@ -10,13 +10,12 @@ so the norm and the down-products cost no launch of their own.
 
 Only where the shape's measured setting (:mod:`qfine.fast.gemv_kernel`'s tuner) is an "mma" one: the
 functions return None otherwise (other kernels, a shape not yet measured, a launch too small), and the
-caller takes the separate launches. Off unless ``QFINE_DOWN_IN_LAUNCH=1`` until its GPU tests have run on a
-GPU. The sums differ from the separate launch's only in the order of fp32 additions.
+caller takes the separate launches. Off unless ``QFINE_DOWN_IN_LAUNCH=1``
+(:data:`qfine.fast.mma_kernel.DOWN_IN_LAUNCH`) until its GPU tests have run on a GPU. The sums differ from
+the separate launch's only in the order of fp32 additions.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -24,8 +23,6 @@ from qfine.fast import tune_cache
 from qfine.fast.gemv_kernel import TUNED, _rows, group_key, silu_key, single_key
 from qfine.fast.gemv_rows import _sum_splits
 from qfine.fast.mma_kernel import DownProducts, fits, matmul_mma, matmul_mma_group, matmul_mma_silu
-
-ON = {"on": os.environ.get("QFINE_DOWN_IN_LAUNCH") == "1"}
 
 
 def _setting(key: tuple, device: torch.device, m: int, k: int, blocksize: int) -> dict | None:

@@ -262,6 +262,9 @@ class Down(ctypes.Structure):
     _fields_ += [("eps", ctypes.c_float), ("parts", ctypes.c_int)]
 
 
+# the 4-bit launches of a one-row decode step compute their adapters' down-products and norm themselves
+# (:mod:`qfine.fast.in_launch`; QFINE_DOWN_IN_LAUNCH=1), off until their GPU tests have run on a GPU
+DOWN_IN_LAUNCH = {"on": os.environ.get("QFINE_DOWN_IN_LAUNCH") == "1"}
 # where the launch's blocks add the posted partials: after their loop, or (QFINE_DOWN_MID=1) half-way through
 # it, so that those loads and the epilogue's overlap the weights' instead of ending the launch
 DOWN_MID = {"on": os.environ.get("QFINE_DOWN_MID") == "1"}

@@ -137,14 +137,16 @@ class _Group:
         its one 4-bit launch (:mod:`qfine.fast.in_launch`, ``QFINE_DOWN_IN_LAUNCH=1``): [q, k, v]; with
         ``act`` "silu", act(gate)·up; for one projection, its output (+ ``residual``). None where that
         launch does not serve them: the caller then runs the norm and down-products apart."""
-        from qfine.fast import in_launch
+        from qfine.fast.mma_kernel import DOWN_IN_LAUNCH  # no Triton: CPU installs have none
 
-        if not (in_launch.ON["on"] and x.is_cuda and self._down_fused(x)) or act not in (None, "silu"):
+        if not (DOWN_IN_LAUNCH["on"] and x.is_cuda and self._down_fused(x)) or act not in (None, "silu"):
             return None
         if any(lin.base.bias is not None for lin in self.linears) or (act is None) != (len(self.linears) != 2):
             return None
         if norm is not None and (norm.eps is None or norm.module.weight.dtype not in (torch.float32, x.dtype)):
             return None
+        from qfine.fast import in_launch  # Triton (the tuner's table): CUDA only
+
         if self._sync is None:
             self._sync = torch.zeros(2, dtype=torch.int32, device=x.device)
         weights = [(lin.packed, lin.a, lin.b, lin.scale) for lin in self.linears]
