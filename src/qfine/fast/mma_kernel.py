@@ -135,7 +135,8 @@ def _kernel(device: torch.device, defines: dict) -> nvrtc.Kernel:
         with torch.cuda.device(device):
             kernel = nvrtc.Kernel(nvrtc.compile_cubin(_source(defines), _arch(device), "mma4.cu"), "qfine_mma4")
             # in-launch down-products: the normalised row and the sums past the table, as k needs
-            most = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+            # (99 KiB where torch does not say: the least of the GPUs with tensor-core mma since sm_80)
+            most = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 101376)
             kernel.allow_shared(most if defines["FD"] else shared_bytes(bool(defines["WIDE"])))
             _KERNELS[key] = kernel
     return _KERNELS[key]
