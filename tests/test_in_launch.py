@@ -94,7 +94,7 @@ def test_gpu_in_launch_equals_the_separate_launches(adapter, mid, monkeypatch):
     down = (_weight(1040, 6144), torch.randn(r, 6144, device="cuda", dtype=adapter) * 0.02,
             torch.randn(1040, r, device="cuda", dtype=adapter) * 0.1, 2.0)
     norm = (torch.rand(k, dtype=torch.bfloat16, device="cuda") + 0.5, 1e-5)
-    sync = torch.zeros(2, dtype=torch.int32, device="cuda")
+    sync = torch.zeros(3, dtype=torch.int32, device="cuda")
     h = torch.randn(1, k, dtype=torch.bfloat16, device="cuda") * 3
     g = torch.randn(1, 6144, dtype=torch.bfloat16, device="cuda")
     res = torch.randn(1, 1040, dtype=torch.bfloat16, device="cuda")
@@ -130,7 +130,7 @@ def test_gpu_in_launch_equals_the_separate_launches(adapter, mid, monkeypatch):
             got = run(cfg, dn, placeholders(ws))
             for i, (y, want) in enumerate(zip(got, separate)):
                 _agree(y, want, (name, cfg, i), 0.99 if adapter == torch.float32 else 0.5)
-            assert sync.tolist() == [0, 0], (name, cfg)
+            assert sync.tolist() == [0, 0, 0], (name, cfg)
             ran += 1
     assert ran == expected >= 80, (ran, expected)
 
@@ -171,7 +171,7 @@ def test_gpu_in_launch_early_equals_plain(monkeypatch):
     a = torch.randn(16, 4096, device="cuda") * 0.02
     b = torch.randn(4096, 16, device="cuda") * 0.1
     norm = (torch.rand(4096, dtype=torch.bfloat16, device="cuda") + 0.5, 1e-5)
-    syncs = [torch.zeros(2, dtype=torch.int32, device="cuda") for _ in range(2)]
+    syncs = [torch.zeros(3, dtype=torch.int32, device="cuda") for _ in range(2)]
     h = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
     cfg = next(c for c in mma_kernel.candidates(1) if mma_kernel.fits(c, 1, 4096, 64) and c["SPLIT"] == 1)
     xa = torch.empty(1, 16, device="cuda")

@@ -46,7 +46,7 @@ def project(x: torch.Tensor, weight: tuple, sync: torch.Tensor, residual: torch.
             norm: tuple | None = None) -> torch.Tensor | None:
     """x (…, k) (one row) @ Wᵀ + s·(x Aᵀ)Bᵀ (+ residual) as :func:`qfine.fast.gemv_kernel.matmul_4bit`
     computes it with xa = x Aᵀ, x Aᵀ computed in the launch. ``weight``: (packed, A (r, k), B (n, r), s);
-    ``norm``: (weight (k,), eps) of an RMSNorm applied to x first; ``sync``: the call site's two int32
+    ``norm``: (weight (k,), eps) of an RMSNorm applied to x first; ``sync``: the call site's three int32
     counters (zero). None where the launch does not serve it."""
     packed = weight[0]
     x2 = _rows(x, x.shape[-1])

@@ -211,17 +211,18 @@ struct W4 {
 };
 
 // FD: the launch's own adapter down-products for one token row (mma_kernel.py's Down mirrors this layout).
-// Blocks 0 .. parts - 1 (the first the GPU schedules) each take k / parts of k and write the fp32 partial
-// products of every adapter's rows there; every block waits for them all after its loop (by then long
-// posted) and adds them in a fixed order, so no second launch and no kernel boundary sits between x and
-// the products that read it. sync: two counters, zero between launches (the last block out resets them)
+// The first parts blocks to start (by a ticket: never a block still waiting for a free SM) each take k / parts
+// of k and write the fp32 partial products of every adapter's rows there; every block waits for them all
+// after (or half-way through) its loop, by then long posted, and adds them in a fixed order, so no second
+// launch and no kernel boundary sits between x and the products that read it. sync: three counters, zero
+// between launches (the last block out resets them)
 struct Down {
   const void* a0;         // (LORA_R, k) A of weight 0, ADT
   const void* a1;         // of weight 1 (PAIR: up; NG > 1)
   const void* a2;         // of weight 2 (NG 3)
   const void* norm_w;     // NORM: (k,) the RMSNorm's weight, fp32 (NW32) or x's dtype
   float* part;            // (parts, NA * LORA_R) fp32 partials
-  u32* sync;              // [0]: blocks whose partials are posted, [1]: blocks done reading them
+  u32* sync;              // [0]: partials posted, [1]: blocks done reading them, [2]: tickets taken
   float eps;              // NORM: the RMSNorm's epsilon
   int parts;              // blocks that write partials; divides k
 };
@@ -271,11 +272,13 @@ __device__ __forceinline__ float norm_weight(const void* w, int i) {
 
 // FD, after the wait for the kernel before: NORM: x's row (one token) normalised into xs as Llama's RMSNorm
 // rounds it, w * round(x * rstd) with rstd = 1 / sqrt(mean(x^2) + eps) in fp32 (every block computes it
-// alike); then, in blocks 0 .. parts - 1, the fp32 partial products of their k / parts of the row with every
-// adapter's rows (warps taking rows in turn, lanes along k), posted to dn.part and counted in dn.sync[0]
+// alike); then, in the blocks with tickets 0 .. parts - 1, the fp32 partial products of k slice <ticket> of
+// the row with every adapter's rows (warps taking rows in turn, lanes along k), posted to dn.part and
+// counted in dn.sync[0]. slot: a shared int for the ticket
 __device__ __forceinline__ void down_prologue(const u16* x, int k, const Down& dn, u16* xs, float* scratch,
-                                              int lane) {
+                                              int* slot, int lane) {
   const int tid = threadIdx.x;
+  if (tid == 0) *slot = (int)atomicAdd(dn.sync + 2, 1u);  // its latency is covered by the norm's loads
 #if NORM
   float ss = 0.0f;
   for (int i = tid; i < k; i += NTHR) {
@@ -295,16 +298,17 @@ __device__ __forceinline__ void down_prologue(const u16* x, int k, const Down& d
 #else
   const u16* src = x;
 #endif
-  const int flat = blockIdx.y * gridDim.x + blockIdx.x;
-  if (flat >= dn.parts) return;
-  const int chunk = k / dn.parts, k0 = flat * chunk;
+  __syncthreads();
+  const int ticket = *slot;
+  if (ticket >= dn.parts) return;
+  const int chunk = k / dn.parts, k0 = ticket * chunk;
   for (int item = tid >> 5; item < NA * LORA_R; item += NTHR / 32) {
     const void* a = down_a(dn, item / LORA_R);
     const size_t at = (size_t)(item % LORA_R) * k + k0;
     float d = 0.0f;
     for (int i = lane; i < chunk; i += 32) d += adapter_f32(a, at + i) * act_to_f32(src[k0 + i]);
     d = warp_sum(d);
-    if (lane == 0) dn.part[(size_t)flat * (NA * LORA_R) + item] = d;
+    if (lane == 0) dn.part[(size_t)ticket * (NA * LORA_R) + item] = d;
   }
   __threadfence();  // each writer's partials visible GPU-wide before the block counts itself
   __syncthreads();
@@ -344,6 +348,7 @@ __device__ __forceinline__ void down_sum(const Down& dn, float* xa_s, float* scr
   if (tid == 0 && atomicAdd(dn.sync + 1, 1u) == gridDim.x * gridDim.y - 1) {
     dn.sync[0] = 0;
     dn.sync[1] = 0;
+    dn.sync[2] = 0;
   }
 }
 
@@ -500,7 +505,7 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
 #endif
 #endif
 #if FD
-  down_prologue(x, k, dn, xs, scratch, lane);
+  down_prologue(x, k, dn, xs, scratch, (int*)xa_s, lane);  // xa_s is free until the partials are added
 #endif
 
   float acc[TILES][NT][4];

@@ -276,8 +276,8 @@ class DownProducts:
     """The LoRA down-products x·Aᵢᵀ (and, with ``norm`` = (weight (k,), eps), the Llama-style RMSNorm of x
     before them) computed inside the 4-bit launch that reads x, for one token row: the work of
     :func:`qfine.fast.lora_down.lora_down` without a launch of its own. ``mats``: each weight's A (r, k), in
-    the launch's weight order, fp32 or x's dtype; ``sync``: two int32 counters (zero; the launch leaves them
-    zero), one pair per call site, so that no two launches in flight share them; ``mid``: where the blocks
+    the launch's weight order, fp32 or x's dtype; ``sync``: three int32 counters (zero; the launch leaves them
+    zero), one set per call site, so that no two launches in flight share them; ``mid``: where the blocks
     add the partials (:data:`DOWN_MID` when None)."""
 
     def __init__(self, mats: list[torch.Tensor], norm: tuple | None, sync: torch.Tensor, mid: bool | None = None):

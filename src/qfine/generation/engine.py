@@ -148,7 +148,7 @@ class _Group:
         from qfine.fast import in_launch  # Triton (the tuner's table): CUDA only
 
         if self._sync is None:
-            self._sync = torch.zeros(2, dtype=torch.int32, device=x.device)
+            self._sync = torch.zeros(3, dtype=torch.int32, device=x.device)
         weights = [(lin.packed, lin.a, lin.b, lin.scale) for lin in self.linears]
         rms = None if norm is None else (norm.module.weight, norm.eps)
         if len(weights) == 1:
