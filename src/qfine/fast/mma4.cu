@@ -506,6 +506,21 @@ qfine_mma4(const u16* __restrict__ x, const u32* __restrict__ pairs, int m, int 
 #endif
 #if FD
   down_prologue(x, k, dn, xs, scratch, (int*)xa_s, lane);  // xa_s is free until the partials are added
+#if !FD_MID  // the epilogue reads B's rows (and the residual) after the loop: have them waiting in L2
+  if (warp == 0 && blockIdx.y == 0) {
+#pragma unroll
+    for (int i = 0; i < TILES; i++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int row = min(row0 + (PAIR ? 0 : 16 * i) + g + 8 * h, n - 1);
+        const void* b = (PAIR && i) ? w1.lora_b : lora_b;
+        asm volatile("prefetch.global.L2 [%0];" ::"l"((const u8*)b + (size_t)row * LORA_R * (ADT ? 2 : 4)));
+#if RESIDUAL && SPLIT == 1
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(res + row));
+#endif
+      }
+  }
+#endif
 #endif
 
   float acc[TILES][NT][4];
