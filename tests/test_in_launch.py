@@ -117,7 +117,8 @@ def test_gpu_in_launch_equals_the_separate_launches(adapter, mid, monkeypatch):
         settings = [cfg for cfg in settings if fits(cfg, 1, x.shape[1], 64) and not set(cfg) & {"L2B", "BULK"}]
         expected += len(settings)
         dn = DownProducts([a for _w, a, _b, _s in ws], rms, sync)
-        precompile(x, placeholders(ws), res if name == "down" else None, settings, pair=name == "mlp")
+        for with_down in (None, dn):  # side by side on the CPU's cores, with and without the down-products
+            precompile(x, placeholders(ws), res if name == "down" else None, settings, name == "mlp", with_down)
         if rms is None:
             xas = lora_down(x, [a for _w, a, _b, _s in ws])
             xn = x

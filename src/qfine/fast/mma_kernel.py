@@ -192,16 +192,18 @@ def _lora_args(lora, m: int, x2: torch.Tensor) -> tuple:
     return xa, lora_b.to(xa.dtype).contiguous(), float(scale), r
 
 
-def precompile(x2: torch.Tensor, members: list[tuple], residual, settings: list[dict], pair: bool = False) -> None:
-    """Compile the kernels that these "mma" settings would launch for these operands, side by side on the
-    CPU's cores (NVRTC releases the GIL; about half a second each), so that a tuner's first timing of each
-    does not wait for its compile. Settings that do not fit are left out."""
+def precompile(x2: torch.Tensor, members: list[tuple], residual, settings: list[dict], pair: bool = False,
+               down: "DownProducts | None" = None) -> None:
+    """Compile the kernels that these "mma" settings would launch for these operands (``down``: with those
+    down-products in the launch), side by side on the CPU's cores (NVRTC releases the GIL; about half a
+    second each), so that a tuner's first timing of each does not wait for its compile. Settings that do not
+    fit are left out."""
     from concurrent.futures import ThreadPoolExecutor
 
     sources = set()
     for cfg in settings:
         try:
-            sources.add(_source(_defines(x2, members, residual, cfg, pair)[0]))
+            sources.add(_source(_defines(x2, members, residual, cfg, pair, down)[0]))
         except ValueError:
             continue
     arch = _arch(x2.device)
