@@ -33,7 +33,7 @@ run_tests() {
   # pytest-xdist (on the GPU machine): TEST_WORKERS processes side by side, their compiles on the 16 cores
   timeout -s INT -k 20 ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider -rfE --durations=12 \
     -n ${TEST_WORKERS:-6} ${TEST_ARGS:--x --tb=short} -m gpu \
-    ${TESTS:-tests/test_engine.py tests/test_gemv_rows.py tests/test_mma_kernel.py tests/test_attn_decode.py \
+    ${TESTS:-tests/test_engine.py tests/test_gemv_rows.py tests/test_mma_kernel.py tests/test_attn_decode.py tests/test_in_launch.py \
     tests/test_tune_cache.py} > "$OUT/tests.log" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - s )) s: $(tail -1 "$OUT/tests.log")"
   grep -hE "^(FAILED|ERROR)" "$OUT/tests.log" | head -5; grep -B2 -A25 "^_____" "$OUT/tests.log" | head -60
