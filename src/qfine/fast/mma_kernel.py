@@ -120,7 +120,9 @@ def row_tile(m: int) -> int:
 
 def _source(defines: dict) -> str:
     head = "".join(f"#define {name} {int(value)}\n" for name, value in sorted(defines.items()))
-    return head + (importlib.resources.files("qfine.fast") / "mma4.cu").read_text()
+    files = importlib.resources.files("qfine.fast")
+    # the helpers, the down-products' steps, then the kernel (mma4.cu), one source for NVRTC and the cache
+    return head + "".join((files / name).read_text() for name in ("mma4_base.cu", "mma4_down.cu", "mma4.cu"))
 
 
 def _arch(device: torch.device) -> int:
@@ -251,7 +253,7 @@ def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: 
 
 
 class W4(ctypes.Structure):
-    """``struct W4`` of ``mma4.cu``: one weight of a launch and where its rows' outputs go."""
+    """``struct W4`` of ``mma4_base.cu``: one weight of a launch and where its rows' outputs go."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in ("packed", "absmax_q", "code8", "absmax2", "offset", "xa",
                                                       "lora_b", "out", "res")]
@@ -259,7 +261,7 @@ class W4(ctypes.Structure):
 
 
 class Down(ctypes.Structure):
-    """``struct Down`` of ``mma4.cu``: the adapters' down-products a launch computes itself."""
+    """``struct Down`` of ``mma4_down.cu``: the adapters' down-products a launch computes itself."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in ("a0", "a1", "a2", "norm_w", "part", "sync")]
     _fields_ += [("eps", ctypes.c_float), ("parts", ctypes.c_int)]
