@@ -70,11 +70,17 @@ __device__ __forceinline__ void down_prologue(const u16* x, int k, const Down& d
                                               int* slot, int lane) {
   const int tid = threadIdx.x;
   if (tid == 0) *slot = (int)atomicAdd(dn.sync + 2, 1u);  // its latency is covered by the norm's loads
-#if NORM
+#if NORM  // 8 values a load (rows are 16-byte aligned, k a multiple of 32): all of a thread's loads in flight
+  const uint4* xv = (const uint4*)x;
   float ss = 0.0f;
-  for (int i = tid; i < k; i += NTHR) {
-    const float v = act_to_f32(x[i]);
-    ss += v * v;
+  for (int i = tid; i < k / 8; i += NTHR) {
+    const uint4 v = xv[i];
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const float f = act_to_f32((u16)(w[j / 2] >> (16 * (j % 2))));
+      ss += f * f;
+    }
   }
   ss = warp_sum(ss);
   if (lane == 0) scratch[tid >> 5] = ss;
@@ -82,8 +88,19 @@ __device__ __forceinline__ void down_prologue(const u16* x, int k, const Down& d
   float total = 0.0f;
   for (int v = 0; v < NTHR / 32; v++) total += scratch[v];
   const float rstd = rsqrtf(total / k + dn.eps);
-  for (int i = tid; i < k; i += NTHR)
-    xs[i] = f32_to_act(norm_weight(dn.norm_w, i) * act_to_f32(f32_to_act(act_to_f32(x[i]) * rstd)));
+  for (int i = tid; i < k / 8; i += NTHR) {
+    const uint4 v = xv[i];
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+    u32 o[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const float lo = act_to_f32((u16)(w[j] & 0xFFFF)), hi = act_to_f32((u16)(w[j] >> 16));
+      const u16 a = f32_to_act(norm_weight(dn.norm_w, 8 * i + 2 * j) * act_to_f32(f32_to_act(lo * rstd)));
+      const u16 b = f32_to_act(norm_weight(dn.norm_w, 8 * i + 2 * j + 1) * act_to_f32(f32_to_act(hi * rstd)));
+      o[j] = (u32)a | ((u32)b << 16);
+    }
+    ((uint4*)xs)[i] = make_uint4(o[0], o[1], o[2], o[3]);
+  }
   __syncthreads();
   const u16* src = xs;
 #else
