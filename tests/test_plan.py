@@ -14,6 +14,13 @@ from qfine.memory import estimate as memory
 from qfine.memory.plan import trainable_params, weight_bytes
 
 
+@pytest.fixture(autouse=True)
+def roomy_disk(monkeypatch):
+    """The plans here size 70B runs (checkpoints of ~9 GiB): this machine's free disk, which `qfine plan`
+    also checks (tests/test_storage.py), must not decide whether their tables print."""
+    monkeypatch.setattr("qfine.memory.disk.free_bytes", lambda path: 1 << 50)
+
+
 @pytest.fixture(scope="module")
 def mid_dir(tmp_path_factory, tokenizer_dir):
     """A 3-layer Llama, hidden 256 (large enough that bitsandbytes' per-layer tables do not matter)."""
