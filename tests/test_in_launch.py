@@ -22,25 +22,33 @@ def test_parts_are_whole_runs_of_32():
 
 
 def test_engine_group_refuses_what_one_launch_cannot_serve(monkeypatch):
-    """Off by default; on, a CPU input, more than one row, or an activation other than SiLU take the separate
-    launches (None), before any kernel is asked."""
+    """Which groups one launch serves: a one-row (gate, up) pair with SiLU and a bf16 or fp32 norm, q/k/v and
+    down without an activation; not two rows, another activation, an activation on q/k/v or none on the pair,
+    a bias, a norm in another dtype. And nothing is served with the switch off or on a CPU tensor."""
     from qfine.fast.mma_kernel import DOWN_IN_LAUNCH
     from qfine.generation import engine
 
     class Lin:
         a, b, scale, packed, plain = torch.zeros(2, 8), torch.zeros(8, 2), 1.0, None, True
-        base = torch.nn.Linear(8, 8, bias=False)
+
+        def __init__(self, bias=False):
+            self.base = torch.nn.Linear(8, 8, bias=bias)
 
         def kernel(self, x):
             return True
 
-    group = engine._Group(Lin(), Lin())
-    x = torch.zeros(1, 8)
-    assert group.in_launch(x, act="silu") is None  # off
+    rms = engine._Norm(torch.nn.RMSNorm(8, eps=1e-5, dtype=torch.bfloat16))
+    x = torch.zeros(1, 8, dtype=torch.bfloat16)
+    pair, three, one = engine._Group(Lin(), Lin()), engine._Group(Lin(), Lin(), Lin()), engine._Group(Lin())
+    assert pair.in_launch_fits(x, rms, "silu") and three.in_launch_fits(x, rms) and one.in_launch_fits(x)
+    assert not pair.in_launch_fits(torch.zeros(2, 8, dtype=torch.bfloat16), rms, "silu")
+    assert not pair.in_launch_fits(x, rms, torch.nn.GELU()) and not pair.in_launch_fits(x, rms, "gelu")
+    assert not pair.in_launch_fits(x, rms) and not three.in_launch_fits(x, rms, "silu")
+    assert not engine._Group(Lin(bias=True)).in_launch_fits(x)
+    assert not pair.in_launch_fits(x, engine._Norm(torch.nn.RMSNorm(8, dtype=torch.float16)), "silu")
+    assert pair.in_launch(x, rms, act="silu") is None  # the switch off
     monkeypatch.setitem(DOWN_IN_LAUNCH, "on", True)
-    assert group.in_launch(x, act="silu") is None  # a CPU tensor
-    assert group.in_launch(torch.zeros(2, 8), act="silu") is None
-    assert group.in_launch(x, act=torch.nn.GELU()) is None
+    assert pair.in_launch(x, rms, act="silu") is None  # a CPU tensor
 
 
 def _weight(n: int, k: int):

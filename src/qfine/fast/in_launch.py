@@ -25,11 +25,11 @@ from qfine.fast.gemv_rows import _sum_splits
 from qfine.fast.mma_kernel import DownProducts, fits, matmul_mma, matmul_mma_group, matmul_mma_silu
 
 
-def _setting(key: tuple, device: torch.device, m: int, k: int, blocksize: int) -> dict | None:
-    """The measured setting under ``key`` if it is an "mma" one that serves (m, k); never measures."""
-    got = tune_cache.known(TUNED, key, device)
+def _setting(key: tuple, x2: torch.Tensor, blocksize: int) -> dict | None:
+    """The measured setting under ``key`` if it is an "mma" one that serves x2 (rows, k); never measures."""
+    got = tune_cache.known(TUNED, key, x2.device)
     cfg = None if got is None else got[0][1]
-    if cfg is None or cfg.get("KERNEL") != "mma" or not fits(cfg, m, k, blocksize):
+    if cfg is None or cfg.get("KERNEL") != "mma" or not fits(cfg, x2.shape[0], x2.shape[1], blocksize):
         return None
     return cfg
 
@@ -42,56 +42,43 @@ def _members(weights: list[tuple]) -> list[tuple]:
     return [(packed, (xa[:, i * r:(i + 1) * r], b, scale)) for i, (packed, _a, b, scale) in enumerate(weights)]
 
 
+def _served(x: torch.Tensor, weights: list[tuple], sync: torch.Tensor, norm: tuple | None, key_of, launch):
+    """``launch(x2, members, setting, down-products)`` at the setting the tuner measured under
+    ``key_of(x2, members)``, or None where that is no "mma" setting or the launch refuses the operands."""
+    x2 = _rows(x, x.shape[-1])
+    members = _members(weights)
+    cfg = _setting(key_of(x2, members), x2, weights[0][0].quant_state.blocksize)
+    if cfg is None:
+        return None
+    try:
+        return launch(x2, members, cfg, DownProducts([w[1] for w in weights], norm, sync))
+    except ValueError:
+        return None
+
+
 def project(x: torch.Tensor, weight: tuple, sync: torch.Tensor, residual: torch.Tensor | None = None,
             norm: tuple | None = None) -> torch.Tensor | None:
     """x (…, k) (one row) @ Wᵀ + s·(x Aᵀ)Bᵀ (+ residual) as :func:`qfine.fast.gemv_kernel.matmul_4bit`
     computes it with xa = x Aᵀ, x Aᵀ computed in the launch. ``weight``: (packed, A (r, k), B (n, r), s);
     ``norm``: (weight (k,), eps) of an RMSNorm applied to x first; ``sync``: the call site's three int32
     counters (zero). None where the launch does not serve it."""
-    packed = weight[0]
-    x2 = _rows(x, x.shape[-1])
-    state = packed.quant_state
-    cfg = _setting(single_key(x2, packed, True), x2.device, x2.shape[0], x2.shape[1], state.blocksize)
-    if cfg is None:
-        return None
-    (member,) = _members([weight])
-    try:
-        y = matmul_mma(x2, packed, member[1], residual, cfg, _sum_splits,
-                       DownProducts([weight[1]], norm, sync))
-    except ValueError:
-        return None
-    return y.reshape(*x.shape[:-1], state.shape[0])
+    y = _served(x, [weight], sync, norm, lambda x2, ms: single_key(x2, ms[0][0], True),
+                lambda x2, ms, cfg, down: matmul_mma(x2, ms[0][0], ms[0][1], residual, cfg, _sum_splits, down))
+    return None if y is None else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def project_group(x: torch.Tensor, weights: list[tuple], sync: torch.Tensor,
                   norm: tuple | None = None) -> list[torch.Tensor] | None:
     """[norm(x) @ Wᵢᵀ + sᵢ·(norm(x) Aᵢᵀ)Bᵢᵀ] for 2–3 projections of one input (q, k, v) in one launch, as
     :func:`qfine.fast.gemv_kernel.matmul_4bit_group` computes them; see :func:`project`."""
-    x2 = _rows(x, x.shape[-1])
-    members = _members(weights)
-    state = weights[0][0].quant_state
-    cfg = _setting(group_key(x2, members), x2.device, x2.shape[0], x2.shape[1], state.blocksize)
-    if cfg is None or cfg.get("SEPARATE"):
-        return None
-    try:
-        ys = matmul_mma_group(x2, members, cfg, DownProducts([w[1] for w in weights], norm, sync))
-    except ValueError:
-        return None
-    return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
+    ys = _served(x, weights, sync, norm, group_key, matmul_mma_group)
+    return None if ys is None else [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
 def gated(x: torch.Tensor, gate: tuple, up: tuple, sync: torch.Tensor,
           norm: tuple | None = None) -> torch.Tensor | None:
     """silu(g)·u for a gated MLP's gate and up projections of norm(x) in one launch, as
     :func:`qfine.fast.gemv_kernel.matmul_4bit_silu` computes it; see :func:`project`."""
-    x2 = _rows(x, x.shape[-1])
-    members = _members([gate, up])
-    state = gate[0].quant_state
-    cfg = _setting(silu_key(x2, members[0]), x2.device, x2.shape[0], x2.shape[1], state.blocksize)
-    if cfg is None:
-        return None
-    try:
-        y = matmul_mma_silu(x2, members[0], members[1], cfg, DownProducts([gate[1], up[1]], norm, sync))
-    except ValueError:
-        return None
-    return y.reshape(*x.shape[:-1], state.shape[0])
+    y = _served(x, [gate, up], sync, norm, lambda x2, ms: silu_key(x2, ms[0]),
+                lambda x2, ms, cfg, down: matmul_mma_silu(x2, ms[0], ms[1], cfg, down))
+    return None if y is None else y.reshape(*x.shape[:-1], y.shape[-1])

@@ -241,15 +241,16 @@ def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: 
     xa, r = loras[0][0], loras[0][3]
     if down is not None:
         down.check(x2, members, r)
+    norm = down.norm if down is not None else None
+    nw32 = norm is not None and norm[0].dtype == torch.float32
     return dict(defines[0], NT=cfg["NT"], TILES=cfg["TILES"], WARPS=cfg["WARPS"], RW=cfg.get("RW", 1),
                 SPLIT=cfg["SPLIT"], LORA=has_lora,
                 RESIDUAL=residual is not None, F16=x2.dtype == torch.float16,
                 ADT=_ADAPTER_DTYPES[xa.dtype] if has_lora else 0, WIDE=bool(cfg.get("WIDE")), PAIR=pair,
                 LORA_R=r, NG=1 if pair else len(members), PDL=early(x2.device),
                 L2B=cfg.get("L2B", 0), AHEAD=cfg.get("AHEAD", 0), BULK=cfg.get("BULK", 0),
-                FD=down is not None, NORM=down is not None and down.norm is not None,
-                NA=len(down.mats) if down is not None else 1, FD_MID=down is not None and down.mid,
-                NW32=down is not None and down.norm is not None and down.norm[0].dtype == torch.float32), weights, loras
+                FD=down is not None, NORM=norm is not None, NA=len(down.mats) if down is not None else 1,
+                FD_MID=down is not None and down.mid, NW32=nw32), weights, loras
 
 
 class W4(ctypes.Structure):
@@ -313,8 +314,8 @@ class DownProducts:
         parts = self.parts(k, blocks)
         if parts == 0:
             raise ValueError("in-launch down-products need k a multiple of 32")
+        # freed after the launch is queued: the allocator reuses it only for work ordered after it
         part = torch.empty(parts, len(self.mats) * r, dtype=torch.float32, device=self.sync.device)
-        self._part = part  # kept alive until the next launch (a graph keeps its own pool's copy)
         a = [t.data_ptr() for t in self.mats] + [self.mats[0].data_ptr()] * (3 - len(self.mats))
         weight, eps = self.norm if self.norm is not None else (self.mats[0], 0.0)
         struct = Down(*a, weight.data_ptr(), part.data_ptr(), self.sync.data_ptr(), float(eps), parts)

@@ -139,11 +139,7 @@ class _Group:
         launch does not serve them: the caller then runs the norm and down-products apart."""
         from qfine.fast.mma_kernel import DOWN_IN_LAUNCH  # no Triton: CPU installs have none
 
-        if not (DOWN_IN_LAUNCH["on"] and x.is_cuda and self._down_fused(x)) or act not in (None, "silu"):
-            return None
-        if any(lin.base.bias is not None for lin in self.linears) or (act is None) != (len(self.linears) != 2):
-            return None
-        if norm is not None and (norm.eps is None or norm.module.weight.dtype not in (torch.float32, x.dtype)):
+        if not (DOWN_IN_LAUNCH["on"] and x.is_cuda and self.in_launch_fits(x, norm, act)):
             return None
         from qfine.fast import in_launch  # Triton (the tuner's table): CUDA only
 
@@ -156,6 +152,15 @@ class _Group:
         if act == "silu":
             return in_launch.gated(x, weights[0], weights[1], self._sync, rms)
         return in_launch.project_group(x, weights, self._sync, rms)
+
+    def in_launch_fits(self, x: torch.Tensor, norm: _Norm | None = None, act=None) -> bool:
+        """Whether :meth:`in_launch` may serve x on a GPU: one row, every projection through the 4-bit kernel
+        without a bias, an activation only for a pair and only SiLU, a Llama-style norm in fp32 or x's dtype."""
+        if not self._down_fused(x) or any(lin.base.bias is not None for lin in self.linears):
+            return False
+        if (act is not None or len(self.linears) == 2) and (act != "silu" or len(self.linears) != 2):
+            return False
+        return norm is None or (norm.eps is not None and norm.module.weight.dtype in (torch.float32, x.dtype))
 
     def normed(self, h: torch.Tensor, norm: _Norm) -> tuple[torch.Tensor, list]:
         """(norm(h), the down-products of it): in one launch for a one-row input of a Llama-style norm where the
