@@ -82,6 +82,7 @@ def test_gpu_in_launch_equals_the_separate_launches(adapter, mid, monkeypatch):
     from qfine.fast.gemv_rows import _sum_splits
     from qfine.fast.lora_down import lora_down
     from qfine.fast.mma_kernel import (
+        DOWN_MID,
         DownProducts,
         candidates,
         fits,
@@ -93,6 +94,7 @@ def test_gpu_in_launch_equals_the_separate_launches(adapter, mid, monkeypatch):
         precompile,
     )
 
+    monkeypatch.setitem(DOWN_MID, "on", mid)  # every DownProducts below takes it
     torch.manual_seed(0)
     k, r = 4096, 16
     qkv = [(_weight(n, k), torch.randn(r, k, device="cuda", dtype=adapter) * 0.02,
