@@ -24,7 +24,7 @@ D="test_multitask test_inference test_eval test_cli_errors test_fsutil test_data
 # the decode kernels' tests: each compiles many settings (NVRTC side by side on the cores, Triton one by one)
 F="test_engine"
 G="test_mma_kernel"
-H="test_attn_decode test_tune_cache test_gemv_rows test_in_launch"
+H="test_attn_decode test_tune_cache test_gemv_rows"
 C="test_tasks test_export test_gguf_tokenizers test_gguf_sentencepiece test_modelfile test_gguf_lora test_deploy_llamacpp test_merge test_loading test_lora_variants test_qalora test_longlora test_adaptive
    test_adapter_management"
 listed=$(echo $A $B $C $D $E $F $G $H | tr ' ' '\n' | sort)

@@ -12,7 +12,7 @@
 # under each ";"-separated set of switches (AB_REPEAT timings each); ATTN=1 times every attention setting alone (bench/attn_bench.py).
 # The tests stop at the first failure and print it (TEST_ARGS, default "-x --tb=short"), in TEST_WORKERS (6)
 # pytest-xdist processes.
-# Needs .device/{common,qfine,qtest,tok}. Results: $OUT/{gemv,generate}.jsonl and logs.
+# Needs .device/{common,qfine,qtest,tok}. Results: $OUT/{gemv,generate}.jsonl, logs, $OUT/env.txt.
 #
 #   OUT=/tmp/out GEMV_ARGS="--sweep 1 64" bash bench/kernel_call.sh
 OUT=${OUT:-/tmp/qfine_kernel}; mkdir -p "$OUT"
@@ -20,6 +20,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OF
 export PYTHONPATH=$PWD/src:$PWD/.device/common:$PWD/.device/qfine:$PWD/.device/qtest:$PWD/tests
 export QFINE_TEST_TOKENIZER=$PWD/.device/tok
 model=/tmp/m_${SHAPE:-8b}_nf4
+python3 bench/env_info.py > "$OUT/env.txt" 2>&1  # device and versions, beside the results
 if [ -z "${SKIP_GEMV:-}" ]; then
 s=$(date +%s)
 (cd bench && timeout ${GEMV_S:-230} python3 gemv_bench.py ${GEMV_ARGS:-}) > "$OUT/gemv.log" 2>&1
@@ -33,7 +34,7 @@ run_tests() {
   # pytest-xdist (on the GPU machine): TEST_WORKERS processes side by side, their compiles on the 16 cores
   timeout -s INT -k 20 ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider -rfE --durations=12 \
     -n ${TEST_WORKERS:-6} ${TEST_ARGS:--x --tb=short} -m gpu \
-    ${TESTS:-tests/test_engine.py tests/test_gemv_rows.py tests/test_mma_kernel.py tests/test_attn_decode.py tests/test_in_launch.py \
+    ${TESTS:-tests/test_engine.py tests/test_gemv_rows.py tests/test_mma_kernel.py tests/test_attn_decode.py \
     tests/test_tune_cache.py} > "$OUT/tests.log" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - s )) s: $(tail -1 "$OUT/tests.log")"
   grep -hE "^(FAILED|ERROR)" "$OUT/tests.log" | head -5; grep -B2 -A25 "^_____" "$OUT/tests.log" | head -60

@@ -120,9 +120,7 @@ def row_tile(m: int) -> int:
 
 def _source(defines: dict) -> str:
     head = "".join(f"#define {name} {int(value)}\n" for name, value in sorted(defines.items()))
-    files = importlib.resources.files("qfine.fast")
-    # the helpers, the down-products' steps, then the kernel (mma4.cu), one source for NVRTC and the cache
-    return head + "".join((files / name).read_text() for name in ("mma4_base.cu", "mma4_down.cu", "mma4.cu"))
+    return head + (importlib.resources.files("qfine.fast") / "mma4.cu").read_text()
 
 
 def _arch(device: torch.device) -> int:
@@ -136,10 +134,7 @@ def _kernel(device: torch.device, defines: dict) -> nvrtc.Kernel:
     if key not in _KERNELS:
         with torch.cuda.device(device):
             kernel = nvrtc.Kernel(nvrtc.compile_cubin(_source(defines), _arch(device), "mma4.cu"), "qfine_mma4")
-            # in-launch down-products: the normalised row and the sums past the table, as k needs
-            # (99 KiB where torch does not say: the least of the GPUs with tensor-core mma since sm_80)
-            most = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 101376)
-            kernel.allow_shared(most if defines["FD"] else shared_bytes(bool(defines["WIDE"])))
+            kernel.allow_shared(shared_bytes(bool(defines["WIDE"])))
             _KERNELS[key] = kernel
     return _KERNELS[key]
 
@@ -194,18 +189,16 @@ def _lora_args(lora, m: int, x2: torch.Tensor) -> tuple:
     return xa, lora_b.to(xa.dtype).contiguous(), float(scale), r
 
 
-def precompile(x2: torch.Tensor, members: list[tuple], residual, settings: list[dict], pair: bool = False,
-               down: "DownProducts | None" = None) -> None:
-    """Compile the kernels that these "mma" settings would launch for these operands (``down``: with those
-    down-products in the launch), side by side on the CPU's cores (NVRTC releases the GIL; about half a
-    second each), so that a tuner's first timing of each does not wait for its compile. Settings that do not
-    fit are left out."""
+def precompile(x2: torch.Tensor, members: list[tuple], residual, settings: list[dict], pair: bool = False) -> None:
+    """Compile the kernels that these "mma" settings would launch for these operands, side by side on the
+    CPU's cores (NVRTC releases the GIL; about half a second each), so that a tuner's first timing of each
+    does not wait for its compile. Settings that do not fit are left out."""
     from concurrent.futures import ThreadPoolExecutor
 
     sources = set()
     for cfg in settings:
         try:
-            sources.add(_source(_defines(x2, members, residual, cfg, pair, down)[0]))
+            sources.add(_source(_defines(x2, members, residual, cfg, pair)[0]))
         except ValueError:
             continue
     arch = _arch(x2.device)
@@ -220,10 +213,8 @@ def precompile(x2: torch.Tensor, members: list[tuple], residual, settings: list[
         list(pool.map(build, sorted(sources)))
 
 
-def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: bool,
-             down: "DownProducts | None" = None) -> tuple[dict, list, list]:
-    """(the kernel's #defines, each weight's arguments, each adapter's arguments) for a launch; ``down``: the
-    adapters' down-products computed in the launch (:class:`DownProducts`)."""
+def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: bool) -> tuple[dict, list, list]:
+    """(the kernel's #defines, each weight's arguments, each adapter's arguments) for a launch."""
     k, m = members[0][0].quant_state.shape[1], x2.shape[0]
     if x2.dtype not in (torch.bfloat16, torch.float16) or not fits(cfg, m, k, members[0][0].quant_state.blocksize):
         raise ValueError("the mma kernel takes 16-bit activations and whole loop steps of k")
@@ -239,98 +230,28 @@ def _defines(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, pair: 
     if any((lora is not None) != has_lora for _, lora in members):
         raise ValueError("either every weight of one launch has an adapter or none")
     xa, r = loras[0][0], loras[0][3]
-    if down is not None:
-        down.check(x2, members, r)
-    norm = down.norm if down is not None else None
-    nw32 = norm is not None and norm[0].dtype == torch.float32
     return dict(defines[0], NT=cfg["NT"], TILES=cfg["TILES"], WARPS=cfg["WARPS"], RW=cfg.get("RW", 1),
                 SPLIT=cfg["SPLIT"], LORA=has_lora,
                 RESIDUAL=residual is not None, F16=x2.dtype == torch.float16,
                 ADT=_ADAPTER_DTYPES[xa.dtype] if has_lora else 0, WIDE=bool(cfg.get("WIDE")), PAIR=pair,
                 LORA_R=r, NG=1 if pair else len(members), PDL=early(x2.device),
-                L2B=cfg.get("L2B", 0), AHEAD=cfg.get("AHEAD", 0), BULK=cfg.get("BULK", 0),
-                FD=down is not None, NORM=norm is not None, NA=len(down.mats) if down is not None else 1,
-                FD_MID=down is not None and down.mid, NW32=nw32), weights, loras
+                L2B=cfg.get("L2B", 0), AHEAD=cfg.get("AHEAD", 0), BULK=cfg.get("BULK", 0)), weights, loras
 
 
 class W4(ctypes.Structure):
-    """``struct W4`` of ``mma4_base.cu``: one weight of a launch and where its rows' outputs go."""
+    """``struct W4`` of ``mma4.cu``: one weight of a launch and where its rows' outputs go."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in ("packed", "absmax_q", "code8", "absmax2", "offset", "xa",
                                                       "lora_b", "out", "res")]
     _fields_ += [("scale", ctypes.c_float), ("n", ctypes.c_int), ("ctas", ctypes.c_int)]
 
 
-class Down(ctypes.Structure):
-    """``struct Down`` of ``mma4_down.cu``: the adapters' down-products a launch computes itself."""
-
-    _fields_ = [(name, ctypes.c_void_p) for name in ("a0", "a1", "a2", "norm_w", "part", "sync")]
-    _fields_ += [("eps", ctypes.c_float), ("parts", ctypes.c_int)]
-
-
-# the 4-bit launches of a one-row decode step compute their adapters' down-products and norm themselves
-# (:mod:`qfine.fast.in_launch`; QFINE_DOWN_IN_LAUNCH=1), off until their GPU tests have run on a GPU
-DOWN_IN_LAUNCH = {"on": os.environ.get("QFINE_DOWN_IN_LAUNCH") == "1"}
-# where the launch's blocks add the posted partials: after their loop, or (QFINE_DOWN_MID=1) half-way through
-# it, so that those loads and the epilogue's overlap the weights' instead of ending the launch
-DOWN_MID = {"on": os.environ.get("QFINE_DOWN_MID") == "1"}
-MAX_PARTS = 64  # blocks that write partial down-products: fewer than any GPU's SMs, so all start at once
-
-
-class DownProducts:
-    """The LoRA down-products x·Aᵢᵀ (and, with ``norm`` = (weight (k,), eps), the Llama-style RMSNorm of x
-    before them) computed inside the 4-bit launch that reads x, for one token row: the work of
-    :func:`qfine.fast.lora_down.lora_down` without a launch of its own. ``mats``: each weight's A (r, k), in
-    the launch's weight order, fp32 or x's dtype; ``sync``: three int32 counters (zero; the launch leaves them
-    zero), one set per call site, so that no two launches in flight share them; ``mid``: where the blocks
-    add the partials (:data:`DOWN_MID` when None)."""
-
-    def __init__(self, mats: list[torch.Tensor], norm: tuple | None, sync: torch.Tensor, mid: bool | None = None):
-        self.mats, self.norm, self.sync = [a if a.is_contiguous() else a.contiguous() for a in mats], norm, sync
-        self.mid = DOWN_MID["on"] if mid is None else mid
-
-    def check(self, x2: torch.Tensor, members: list[tuple], r: int) -> None:
-        k = x2.shape[1]
-        if x2.shape[0] != 1 or len(self.mats) != len(members) or any(a.shape != (r, k) for a in self.mats):
-            raise ValueError("in-launch down-products take one token row and each weight's A (r, k)")
-        if any(a.dtype not in (torch.float32, x2.dtype) for a in self.mats) or k % 32:
-            raise ValueError("in-launch down-products take A in fp32 or x's dtype, k a multiple of 32")
-        norm_w = self.norm[0] if self.norm is not None else None
-        if norm_w is not None and (norm_w.dtype not in (torch.float32, x2.dtype) or norm_w.shape != (k,)
-                                   or not norm_w.is_contiguous()):
-            raise ValueError("the in-launch RMSNorm takes a contiguous (k,) weight in fp32 or x's dtype")
-
-    @staticmethod
-    def parts(k: int, blocks: int) -> int:
-        """Blocks that write partials: a power of two up to :data:`MAX_PARTS` and the launch's ``blocks``, the
-        most whose k ranges are whole runs of 32 (0: none)."""
-        parts = 1 << (min(MAX_PARTS, blocks).bit_length() - 1) if blocks > 0 else 0
-        while parts and k % (32 * parts):
-            parts //= 2
-        return parts
-
-    def args(self, k: int, r: int, blocks: int) -> tuple[Down, int]:
-        """(the struct for a launch of ``blocks`` blocks, the shared-memory bytes it adds)."""
-        parts = self.parts(k, blocks)
-        if parts == 0:
-            raise ValueError("in-launch down-products need k a multiple of 32")
-        # freed after the launch is queued: the allocator reuses it only for work ordered after it
-        part = torch.empty(parts, len(self.mats) * r, dtype=torch.float32, device=self.sync.device)
-        a = [t.data_ptr() for t in self.mats] + [self.mats[0].data_ptr()] * (3 - len(self.mats))
-        weight, eps = self.norm if self.norm is not None else (self.mats[0], 0.0)
-        struct = Down(*a, weight.data_ptr(), part.data_ptr(), self.sync.data_ptr(), float(eps), parts)
-        extra = (2 * k if self.norm is not None else 0) + 4 * (len(self.mats) * r + 512)
-        return struct, extra
-
-
-def _launch(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, outs: list[torch.Tensor], pair: bool,
-            down: DownProducts | None = None) -> None:
+def _launch(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, outs: list[torch.Tensor], pair: bool) -> None:
     """One launch of ``mma4.cu``: for one weight, for two of one shape written as silu(y₁)·y₂ (``pair``,
     one output), or for 2–3 weights of one k, each rows' block from one of them, into its own output.
-    ``outs``: per output, (m, nᵢ) in x2's dtype, or (SPLIT, m, n) fp32 partials for one weight. ``down``:
-    the adapters' down-products (and norm) computed in the launch; each lora's xa is then not read."""
+    ``outs``: per output, (m, nᵢ) in x2's dtype, or (SPLIT, m, n) fp32 partials for one weight."""
     k, m = members[0][0].quant_state.shape[1], x2.shape[0]
-    defines, weights, loras = _defines(x2, members, residual, cfg, pair, down)
+    defines, weights, loras = _defines(x2, members, residual, cfg, pair)
     rw = cfg.get("RW", 1)
     rows = (16 if pair else 16 * cfg["TILES"]) * rw
     structs = []
@@ -345,10 +266,9 @@ def _launch(x2: torch.Tensor, members: list[tuple], residual, cfg: dict, outs: l
     state = members[0][0].quant_state
     grid_x = structs[0].ctas if pair else sum(w.ctas for w in structs[:len(members)])
     stride_xa = loras[0][0].stride(0)
-    dn, extra = down.args(k, loras[0][3], grid_x * cfg["SPLIT"]) if down is not None else (Down(), 0)
-    kernel((grid_x, cfg["SPLIT"]), 32 * cfg["WARPS"] * rw, shared_bytes(bool(cfg.get("WIDE"))) + extra,
+    kernel((grid_x, cfg["SPLIT"]), 32 * cfg["WARPS"] * rw, shared_bytes(bool(cfg.get("WIDE"))),
            [ctypes.c_void_p(x2.data_ptr()), ctypes.c_void_p(pair_table(state, x2.dtype).data_ptr()),
-            ctypes.c_int(m), ctypes.c_int(k), ctypes.c_int(x2.stride(0)), ctypes.c_int(stride_xa), *structs, dn],
+            ctypes.c_int(m), ctypes.c_int(k), ctypes.c_int(x2.stride(0)), ctypes.c_int(stride_xa), *structs],
            early=bool(defines["PDL"]))
 
 
@@ -359,8 +279,7 @@ def _rows(x2: torch.Tensor) -> torch.Tensor:
     return x2
 
 
-def matmul_mma(x2: torch.Tensor, weight, lora, residual, cfg: dict, sum_splits,
-               down: DownProducts | None = None) -> torch.Tensor:
+def matmul_mma(x2: torch.Tensor, weight, lora, residual, cfg: dict, sum_splits) -> torch.Tensor:
     """(m, n) = x2 (m ≤ 8·NT, k) @ Wᵀ (+ s·xa Bᵀ, + residual) in x2's dtype with ``mma4.cu``; ``cfg`` one of
     :func:`candidates` that :func:`fits`. ``sum_splits(part, out, res, size, split, residual)`` adds k
     splits' fp32 partials (:mod:`qfine.fast.gemv_rows`' kernel). Capturable in a CUDA graph once this
@@ -371,7 +290,7 @@ def matmul_mma(x2: torch.Tensor, weight, lora, residual, cfg: dict, sum_splits,
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
     res = None if residual is None else residual.reshape(m, n).contiguous()
-    _launch(x2, [(weight, lora)], res, cfg, [part], False, down)
+    _launch(x2, [(weight, lora)], res, cfg, [part], False)
     if split > 1:
         sum_splits(part, out, out if res is None else res, m * n, split, res is not None)
     return out
@@ -382,8 +301,7 @@ def pair_candidates(m: int) -> list[dict]:
     return [cfg for cfg in candidates(m) if cfg["SPLIT"] == 1 and cfg["TILES"] == 2]
 
 
-def matmul_mma_silu(x2: torch.Tensor, gate: tuple, up: tuple, cfg: dict,
-                    down: DownProducts | None = None) -> torch.Tensor:
+def matmul_mma_silu(x2: torch.Tensor, gate: tuple, up: tuple, cfg: dict) -> torch.Tensor:
     """silu(x2 Wgᵀ + …) · (x2 Wuᵀ + …) (m, n) for (weight, lora) pairs ``gate`` and ``up`` of one shape: each
     product (adapter term added in fp32) rounded to x2's dtype, then silu(g)·u in fp32, rounded once (the
     MLP's ``act_fn(gate_proj(x)) * up_proj(x)`` as a compiled kernel computes it), in one launch."""
@@ -392,7 +310,7 @@ def matmul_mma_silu(x2: torch.Tensor, gate: tuple, up: tuple, cfg: dict,
     if up[0].quant_state.shape != gate[0].quant_state.shape or cfg["SPLIT"] != 1 or cfg["TILES"] != 2:
         raise ValueError("silu pairs take two weights of one shape, two tiles and no k split")
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    _launch(x2, [gate, up], None, cfg, [out], True, down)
+    _launch(x2, [gate, up], None, cfg, [out], True)
     return out
 
 
@@ -401,8 +319,7 @@ def group_candidates(m: int) -> list[dict]:
     return [cfg for cfg in candidates(m) if cfg["SPLIT"] == 1]
 
 
-def matmul_mma_group(x2: torch.Tensor, members: list[tuple], cfg: dict,
-                     down: DownProducts | None = None) -> list[torch.Tensor]:
+def matmul_mma_group(x2: torch.Tensor, members: list[tuple], cfg: dict) -> list[torch.Tensor]:
     """[x2 @ Wᵢᵀ (+ sᵢ·xaᵢ Bᵢᵀ)] (m, nᵢ) in x2's dtype for 2 or 3 (weight, lora) pairs of one k, code book and
     block size (q, k, v) in one launch: each block of the grid takes rows of one weight, so the small ones
     (k, v) fill the GPU's gaps beside the large one. ``cfg``: one of :func:`group_candidates`. The adapters'
@@ -411,5 +328,5 @@ def matmul_mma_group(x2: torch.Tensor, members: list[tuple], cfg: dict,
     x2 = _rows(x2)
     m = x2.shape[0]
     outs = [torch.empty(m, w.quant_state.shape[0], dtype=x2.dtype, device=x2.device) for w, _ in members]
-    _launch(x2, members, None, cfg, outs, False, down)
+    _launch(x2, members, None, cfg, outs, False)
     return outs

@@ -129,38 +129,6 @@ class _Group:
         self.linears = linears
         mats = [lin.a for lin in linears if lin.a is not None]
         self.fused = (0 < len(mats) == len(linears) <= 3 and len({a.dtype for a in mats}) == 1)
-        self._sync: torch.Tensor | None = None  # the in-launch down-products' counters (this call site's)
-
-    def in_launch(self, x: torch.Tensor, norm: _Norm | None = None, residual: torch.Tensor | None = None,
-                  act=None):
-        """The group's outputs for one row with its norm (``norm``) and LoRA down-products computed inside
-        its one 4-bit launch (:mod:`qfine.fast.in_launch`, ``QFINE_DOWN_IN_LAUNCH=1``): [q, k, v]; with
-        ``act`` "silu", act(gate)·up; for one projection, its output (+ ``residual``). None where that
-        launch does not serve them: the caller then runs the norm and down-products apart."""
-        from qfine.fast.mma_kernel import DOWN_IN_LAUNCH  # no Triton: CPU installs have none
-
-        if not (DOWN_IN_LAUNCH["on"] and x.is_cuda and self.in_launch_fits(x, norm, act)):
-            return None
-        from qfine.fast import in_launch  # Triton (the tuner's table): CUDA only
-
-        if self._sync is None:
-            self._sync = torch.zeros(3, dtype=torch.int32, device=x.device)
-        weights = [(lin.packed, lin.a, lin.b, lin.scale) for lin in self.linears]
-        rms = None if norm is None else (norm.module.weight, norm.eps)
-        if len(weights) == 1:
-            return in_launch.project(x, weights[0], self._sync, residual, rms)
-        if act == "silu":
-            return in_launch.gated(x, weights[0], weights[1], self._sync, rms)
-        return in_launch.project_group(x, weights, self._sync, rms)
-
-    def in_launch_fits(self, x: torch.Tensor, norm: _Norm | None = None, act=None) -> bool:
-        """Whether :meth:`in_launch` may serve x on a GPU: one row, every projection through the 4-bit kernel
-        without a bias, an activation only for a pair and only SiLU, a Llama-style norm in fp32 or x's dtype."""
-        if not self._down_fused(x) or any(lin.base.bias is not None for lin in self.linears):
-            return False
-        if (act is not None or len(self.linears) == 2) and (act != "silu" or len(self.linears) != 2):
-            return False
-        return norm is None or (norm.eps is not None and norm.module.weight.dtype in (torch.float32, x.dtype))
 
     def normed(self, h: torch.Tensor, norm: _Norm) -> tuple[torch.Tensor, list]:
         """(norm(h), the down-products of it): in one launch for a one-row input of a Llama-style norm where the
@@ -355,11 +323,8 @@ class Decoder:
             mask = torch.where(seen, 0.0, float("-inf")).to(self.dtype)
         h = self.embed(ids)
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv.in_launch(h, layer.ln1)
-            if qkv is None:
-                x, xas = layer.qkv.normed(h, layer.ln1)
-                qkv = layer.qkv.project(x, xas)
-            q, k, v = qkv
+            x, xas = layer.qkv.normed(h, layer.ln1)
+            q, k, v = layer.qkv.project(x, xas)
             q = q.view(b, t, self.heads, self.head_dim)
             k, v = k.view(b, t, self.kv_heads, self.head_dim), v.view(b, t, self.kv_heads, self.head_dim)
             if layer.q_norm is not None:
@@ -387,12 +352,9 @@ class Decoder:
             # SDPA may return any strides (a view would fail on CUDA)
             out = out.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
             h = layer.o(out, *(layer.o_in(out) if xas_o is None else xas_o), residual=h)
-            gated = layer.gate_up.in_launch(h, layer.ln2, act=layer.act)
-            if gated is None:
-                x, xas = layer.gate_up.normed(h, layer.ln2)
-                gated = layer.gate_up.gated(x, layer.act, xas)
-            got = layer.down_in.in_launch(gated, residual=h)
-            h = layer.down(gated, *layer.down_in(gated), residual=h) if got is None else got
+            x, xas = layer.gate_up.normed(h, layer.ln2)
+            gated = layer.gate_up.gated(x, layer.act, xas)
+            h = layer.down(gated, *layer.down_in(gated), residual=h)
         return self.head(self.norm(h[:, -1:]))[:, 0].float()
 
     def prefill(self, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
